@@ -1,0 +1,126 @@
+"""`ShapesWorldDataModule`: ShapesWorld datasets for every workflow behind one LightningDataModule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from xclip.data.shapes.datasets import (
+    ShapesCaptions,
+    ShapesCIR,
+    ShapesClassification,
+    ShapesFaithfulness,
+    ShapesMultimodal,
+    ShapesPretrain,
+    SpuriousShapes,
+)
+
+TASKS: dict[str, type[Dataset]] = {
+    "retrieval": ShapesCaptions,
+    "classification": ShapesClassification,
+    "spurious": SpuriousShapes,
+    "cir": ShapesCIR,
+    "faithfulness": ShapesFaithfulness,
+    "multimodal": ShapesMultimodal,
+    "pretrain": ShapesPretrain,
+}
+
+
+def collate_captions(items: list[dict]) -> dict:
+    """Images [B,3,S,S]; every caption flattened into ``texts`` [T] with ``text_to_image`` [T]
+    (the caption's image position in the batch); ``index`` [B] dataset indices."""
+    texts, owner = [], []
+    for b, item in enumerate(items):
+        texts.extend(item["captions"])
+        owner.extend([b] * len(item["captions"]))
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "texts": texts,
+        "text_to_image": torch.tensor(owner, dtype=torch.long),
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+    }
+
+
+def collate_pretrain(items: list[dict]) -> dict:
+    """Flatten each item's (scene, hard negative) pair into one batch of 2B images and captions."""
+    return {
+        "image": torch.cat([it["image"] for it in items]),
+        "texts": [c for it in items for c in it["captions"]],
+    }
+
+
+def collate_faithfulness(items: list[dict]) -> dict:
+    """Stack tensors; keep prompts and per-rendering error names as lists."""
+    out = default_collate([{k: v for k, v in it.items() if k not in ("prompt", "errors")} for it in items])
+    out["prompt"] = [it["prompt"] for it in items]
+    out["errors"] = [it["errors"] for it in items]
+    return out
+
+
+_COLLATES = {"retrieval": collate_captions, "pretrain": collate_pretrain, "faithfulness": collate_faithfulness}
+
+
+class _Tagged:
+    """Collate wrapper adding ``batch["task"]`` so one module can serve several val loaders."""
+
+    def __init__(self, task: str):
+        self.task, self.fn = task, _COLLATES.get(task, default_collate)
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = self.fn(items)
+        batch["task"] = self.task
+        return batch
+
+
+class ShapesWorldDataModule(pl.LightningDataModule):
+    """ShapesWorld for any workflow.
+
+    Args:
+        val_tasks: datasets for validate/test, one dataloader each, in order
+            (``retrieval``, ``classification``, ``spurious``, ``cir``, ``faithfulness``, ``multimodal``).
+        train_task: the dataset for fit (``pretrain`` for the tiny CLIP), or None.
+        image_size: render resolution (any size; 64 is the tiny checkpoint's).
+        seed: training seed; held-out sets use ``seed + 1000`` so they never share a sample stream.
+        n_train, n_val: dataset sizes.
+        task_options: extra constructor arguments per task, e.g. ``{"spurious": {"ood": "background"}}``.
+    """
+
+    def __init__(self, val_tasks: list[str] | None = None, train_task: str | None = None, image_size: int = 64,
+                 seed: int = 0, n_train: int = 100_000, n_val: int = 1000, batch_size: int = 128,
+                 num_workers: int = 0, task_options: dict[str, dict[str, Any]] | None = None):
+        super().__init__()
+        self.val_tasks = list(val_tasks if val_tasks is not None else ["classification", "retrieval"])
+        for task in self.val_tasks + ([train_task] if train_task else []):
+            if task not in TASKS:
+                raise ValueError(f"unknown ShapesWorld task {task!r}; choose from {sorted(TASKS)}")
+        self.train_task, self.image_size, self.seed = train_task, image_size, seed
+        self.n_train, self.n_val, self.batch_size, self.num_workers = n_train, n_val, batch_size, num_workers
+        self.task_options = task_options or {}
+
+    def dataset(self, task: str, train: bool = False) -> Dataset:
+        """The dataset of `task` (training or held-out)."""
+        n, seed = (self.n_train, self.seed) if train else (self.n_val, self.seed + 1000)
+        return TASKS[task](n=n, seed=seed, image_size=self.image_size, **self.task_options.get(task, {}))
+
+    def _loader(self, task: str, train: bool) -> DataLoader:
+        # Pretraining pairs are flattened two per item, so halve the item count per batch.
+        batch = self.batch_size // 2 if task == "pretrain" else self.batch_size
+        return DataLoader(self.dataset(task, train), batch_size=batch, shuffle=train, num_workers=self.num_workers,
+                          collate_fn=_Tagged(task), persistent_workers=self.num_workers > 0, drop_last=train)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_task is None:
+            raise ValueError("ShapesWorldDataModule.train_task is not set: name the dataset to fit on (e.g. pretrain)")
+        return self._loader(self.train_task, train=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._loader(t, train=False) for t in self.val_tasks]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()

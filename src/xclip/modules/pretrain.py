@@ -1,0 +1,101 @@
+"""`ClipPretrainModule`: contrastive training of an open_clip CLIP from scratch (the tiny
+ShapesWorld checkpoint is made with it)."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from torch import Tensor
+
+from xclip.models.contrastive import clip_contrastive_loss
+from xclip.modules.zeroshot import ZeroShotEvaluation, normalized
+
+
+class ClipPretrainModule(ZeroShotEvaluation):
+    """Train ``open_clip.model.CLIP(**model_cfg)`` with the symmetric InfoNCE loss.
+
+    Batches are ``{"image": [B,3,S,S] in [0,1], "texts": list[str]}``; validation reuses the
+    zero-shot evaluation (shape/colour accuracy, Recall@K). With `export_dir` set, the final
+    weights are written there in xclip's checkpoint format (config.json + model.safetensors).
+
+    Args:
+        model_cfg: open_clip CLIP kwargs (embed_dim, vision_cfg, text_cfg, quick_gelu).
+        context_length: tokenizer context (captions are short; fewer positions = faster text tower).
+        lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay to 0.
+        export_dir: where to export the trained weights at the end of fit (None: do not).
+    """
+
+    def __init__(self, model_cfg: dict[str, Any], context_length: int = 32, lr: float = 1e-3,
+                 weight_decay: float = 0.1, warmup_steps: int = 200, image_mean: tuple[float, ...] = OPENAI_DATASET_MEAN,
+                 image_std: tuple[float, ...] = OPENAI_DATASET_STD, export_dir: str | None = None,
+                 classes: dict[str, list[str]] | None = None, prompts: dict[str, list[str]] | None = None):
+        super().__init__(classes=classes, prompts=prompts)
+        self.save_hyperparameters()
+        text_cfg = dict(model_cfg.get("text_cfg", {}))
+        if text_cfg.get("context_length", context_length) != context_length:
+            raise ValueError("model_cfg.text_cfg.context_length must equal context_length")
+        text_cfg["context_length"] = context_length
+        self.model_cfg = {**model_cfg, "text_cfg": text_cfg}
+        self.model = open_clip.model.CLIP(**self.model_cfg)
+        self.register_buffer("mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
+        self._tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+
+    @lru_cache(maxsize=200_000)
+    def _tokens(self, text: str) -> Tensor:
+        return self._tokenizer([text])[0]
+
+    def tokenize(self, texts: list[str]) -> Tensor:
+        """[K, context_length] token ids (cached per string: captions repeat a lot)."""
+        return torch.stack([self._tokens(t) for t in texts]).to(self.device)
+
+    def embed_images(self, images: Tensor) -> Tensor:
+        return normalized(self.model.encode_image((images - self.mean) / self.std))
+
+    def embed_texts(self, texts: list[str]) -> Tensor:
+        return normalized(self.model.encode_text(self.tokenize(texts)))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        img = self.embed_images(batch["image"])
+        txt = self.embed_texts(batch["texts"])
+        scale = self.model.logit_scale.exp().clamp(max=100.0)
+        loss, acc = clip_contrastive_loss(img, txt, scale)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", acc, prog_bar=True)
+        self.log("train/logit_scale", scale)
+        return loss
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            # norms, biases, embeddings and the temperature are not weight-decayed (CLIP recipe)
+            (no_decay if p.ndim < 2 or "embedding" in name or "logit_scale" in name else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr, betas=(0.9, 0.98))
+        total = max(self.trainer.estimated_stepping_batches, 1)
+        warm = min(self.hparams.warmup_steps, total // 2)
+
+        def schedule(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(total - warm, 1))))
+
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+                                                    "interval": "step"}}
+
+    def on_fit_end(self) -> None:
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            from xclip.backbones import save_checkpoint
+
+            save_checkpoint(self.model, self.model_cfg,
+                            {"image_size": self.model_cfg["vision_cfg"]["image_size"],
+                             "mean": list(self.hparams.image_mean), "std": list(self.hparams.image_std)},
+                            self.hparams.context_length, Path(self.hparams.export_dir))
+            print(f"exported the trained model to {self.hparams.export_dir}")

@@ -1,0 +1,138 @@
+"""Zero-shot evaluation on ShapesWorld-style batches: attribute classification and retrieval.
+
+`ZeroShotEvaluation` holds the validate/test wiring; subclasses say how to embed images and
+texts (`ZeroShotModule` through a backbone, `ClipPretrainModule` through the model it trains).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy
+
+from xclip.data.shapes import COLOURS, SHAPES
+from xclip.metrics.retrieval_metric import RetrievalRecall
+from xclip.models.zeroshot import zero_shot_weights
+
+DEFAULT_PROMPTS: dict[str, list[str]] = {
+    "shape": ["a photo of a {}.", "a {}."],
+    # colour prompts ensemble over shapes, so no shape is favoured
+    "colour": [f"a photo of a {{}} {s}." for s in SHAPES],
+}
+DEFAULT_CLASSES: dict[str, list[str]] = {"shape": list(SHAPES), "colour": list(COLOURS)}
+
+
+class ZeroShotEvaluation(pl.LightningModule):
+    """Validate/test: zero-shot accuracy per attribute on ``classification`` batches and
+    Recall@K both ways on ``retrieval`` batches. Subclasses implement `embed_images`/`embed_texts`.
+
+    Args:
+        classes: attribute -> class names; each attribute must be a label key of the batch.
+        prompts: attribute -> prompt templates with ``{}`` for the class name.
+        recall_ks: the K of Recall@K.
+    """
+
+    def __init__(self, classes: dict[str, list[str]] | None = None, prompts: dict[str, list[str]] | None = None,
+                 recall_ks: tuple[int, ...] = (1, 5, 10)):
+        super().__init__()
+        self.classes = dict(classes if classes is not None else DEFAULT_CLASSES)
+        self.prompts = dict(prompts if prompts is not None else DEFAULT_PROMPTS)
+        missing = sorted(set(self.classes) - set(self.prompts))
+        if missing:
+            raise ValueError(f"no prompt templates for attribute(s) {missing}: add them under `prompts`")
+        self.accuracy = torch.nn.ModuleDict(
+            {a: MulticlassAccuracy(num_classes=len(c), average="micro") for a, c in self.classes.items()})
+        self.recall = RetrievalRecall(recall_ks)
+        self._heads: dict[str, Tensor] = {}
+
+    def embed_images(self, images: Tensor) -> Tensor:
+        """[N,3,H,W] in [0,1] -> [N, D] L2-normalised."""
+        raise NotImplementedError
+
+    def embed_texts(self, texts: list[str]) -> Tensor:
+        """K strings -> [K, D] L2-normalised."""
+        raise NotImplementedError
+
+    def _build_heads(self) -> None:
+        self._heads = {a: zero_shot_weights(self.embed_texts, c, self.prompts[a]) for a, c in self.classes.items()}
+
+    def on_validation_epoch_start(self) -> None:
+        self._build_heads()
+
+    def on_test_epoch_start(self) -> None:
+        self._build_heads()
+
+    def _eval_step(self, batch: dict[str, Any]) -> None:
+        task = batch.get("task")
+        if task == "classification":
+            emb = self.embed_images(batch["image"])
+            for attr, head in self._heads.items():
+                if attr not in batch:
+                    raise KeyError(f"classification batches carry no labels for attribute {attr!r}")
+                self.accuracy[attr].update((emb @ head.T).argmax(-1), batch[attr])
+        elif task == "retrieval":
+            img = self.embed_images(batch["image"])
+            txt = self.embed_texts(batch["texts"])
+            self.recall.update(img, batch["index"], txt, batch["index"][batch["text_to_image"]])
+        else:
+            raise ValueError(f"{type(self).__name__} evaluates 'classification' and 'retrieval' batches, got {task!r}")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch)
+
+    def _log_epoch(self, stage: str) -> None:
+        for attr, metric in self.accuracy.items():
+            if metric.update_called:
+                self.log(f"{stage}/zeroshot_{attr}_acc", metric.compute(), sync_dist=False)
+            metric.reset()
+        if self.recall.update_called:
+            for name, value in self.recall.compute().items():
+                self.log(f"{stage}/{name}", value)
+        self.recall.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+
+def normalized(x: Tensor) -> Tensor:
+    return F.normalize(x.float(), dim=-1)
+
+
+class ZeroShotModule(ZeroShotEvaluation):
+    """Eval-only zero-shot classification + retrieval with any backbone spec.
+
+    Args:
+        backbone: a `load_backbone` spec (``xclip:tiny-shapes``, ``openclip:ViT-B-32``, a path...).
+        text_batch_size: texts embedded per forward (prompt sets can be large).
+    """
+
+    def __init__(self, backbone: str = "xclip:tiny-shapes", classes: dict[str, list[str]] | None = None,
+                 prompts: dict[str, list[str]] | None = None, recall_ks: tuple[int, ...] = (1, 5, 10),
+                 text_batch_size: int = 256):
+        super().__init__(classes=classes, prompts=prompts, recall_ks=recall_ks)
+        from xclip.backbones import load_backbone
+
+        self.backbone_spec = backbone
+        self.backbone = load_backbone(backbone)
+        self.backbone.eval().requires_grad_(False)
+        self.text_batch_size = text_batch_size
+
+    def embed_images(self, images: Tensor) -> Tensor:
+        return self.backbone.encode_image(self.backbone.normalize(images), normalize=True)
+
+    def embed_texts(self, texts: list[str]) -> Tensor:
+        chunks = [texts[i : i + self.text_batch_size] for i in range(0, len(texts), self.text_batch_size)]
+        return torch.cat([self.backbone.encode_text(c, normalize=True) for c in chunks])
+
+    def extra_results(self) -> dict[str, Any]:
+        return {"backbone": self.backbone_spec}
