@@ -75,8 +75,8 @@ def retrieval_recall_at_k(image_emb: Tensor, text_emb: Tensor, text_to_image: Te
     t2i, i2t = retrieval_ranks(image_emb, text_emb, text_to_image)
     i2t = i2t[i2t >= 0]
     out = {}
-    for k in ks:
-        out[f"t2i_R@{k}"] = (t2i < k).float().mean().item()
-    for k in ks:
-        out[f"i2t_R@{k}"] = (i2t < k).float().mean().item()
+    for direction, ranks in (("t2i", t2i), ("i2t", i2t)):
+        for k in ks:
+            # counted in integers, divided in float64: exact fractions, no float32 mean drift
+            out[f"{direction}_R@{k}"] = (ranks < k).sum().item() / ranks.numel() if ranks.numel() else float("nan")
     return out

@@ -35,7 +35,7 @@ from xclip.data.shapes.scene import (
 
 
 class _Sized(Dataset):
-    def __init__(self, n: int, seed: int, image_size: int):
+    def __init__(self, n: int = 1000, seed: int = 0, image_size: int = 64):
         if n <= 0:
             raise ValueError(f"a ShapesWorld dataset needs n > 0 samples, got n={n}")
         self.n, self.seed, self.image_size = int(n), int(seed), int(image_size)
@@ -114,10 +114,13 @@ class ShapesPretrain(_Sized):
         n_obj = int(rng.choice([1, 2, 3][: self.max_objects], p=_object_count_probs(self.max_objects)))
         scene = sample_scene(rng, n_objects=n_obj)
         twin = counterfactual(scene, rng)
-        style, variant, prefix = rng.random(), int(rng.integers(2)), bool(rng.random() < 0.3)
-        captions = [training_caption(sc, rng, style, variant, prefix) for sc in (scene, twin)]
+        # 70% full captions, 30% short ones; both twins get the same style, so the captions
+        # differ exactly where the images do
+        style = -1 if rng.random() >= 0.3 else int(rng.integers(3))
+        variant, prefix = int(rng.integers(2)), bool(rng.random() < 0.3)
+        captions = [training_caption(sc, style, variant, prefix) for sc in (scene, twin)]
         if captions[0] == captions[1]:  # a shape-only caption cannot tell a colour change apart
-            captions = [training_caption(sc, rng, 1.0, variant, prefix) for sc in (scene, twin)]
+            captions = [training_caption(sc, -1, variant, prefix) for sc in (scene, twin)]
         images = [render(sc, self.image_size, rng)[0] for sc in (scene, twin)]
         return {"image": image_tensor(np.stack(images)), "captions": captions}
 
@@ -150,7 +153,11 @@ class SpuriousShapes(_Sized):
     def __getitem__(self, index: int) -> dict:
         rng = self._rng("spurious", index)
         y = int(rng.integers(len(self.classes)))
-        place_idx = y if rng.random() < self.correlation else int(rng.integers(len(self.places)))
+        if rng.random() < self.correlation:
+            place_idx = y
+        else:  # one of the other places, so agreement is exactly `correlation` in expectation
+            others = [p for p in range(len(self.places)) if p != y]
+            place_idx = others[int(rng.integers(len(others)))]
         place = self.places[place_idx]
         if self.ood == "background":
             scene, label = Scene(place, ()), -1
@@ -177,10 +184,11 @@ class ShapesCIR(_Sized):
         rng = self._rng("cir", index)
         ref = sample_scene(rng, max_objects=2)
         kind = CIR_KINDS[int(rng.integers(len(CIR_KINDS)))]
-        if kind == "remove" and len(ref.objects) < 2:
-            kind = "add"
         i = int(rng.integers(len(ref.objects)))
         obj = ref.objects[i]
+        twins = sum(o.noun == obj.noun for o in ref.objects)
+        if kind == "remove" and (len(ref.objects) < 2 or twins > 1):  # "has no X" must be true
+            kind = "add"
         if kind == "colour":
             new = _other(rng, tuple(COLOURS), obj.colour)
             return ref, f"is {new} instead of {obj.colour}", ref.with_object(i, colour=new), kind, rng

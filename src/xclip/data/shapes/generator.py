@@ -92,10 +92,10 @@ def counterfactual(scene: Scene, rng: np.random.Generator) -> Scene:
     return scene.with_object(i, colour=others[rng.integers(len(others))])
 
 
-def training_caption(scene: Scene, rng: np.random.Generator, style: float, variant: int, prefix: bool) -> str:
-    """A pretraining caption: the full caption (style >= 0.3) or a short one that still names
-    every shape; optionally behind 'a photo of'."""
-    text = caption(scene, variant) if style >= 0.3 else short_caption(scene, rng)
+def training_caption(scene: Scene, style: int, variant: int, prefix: bool) -> str:
+    """A pretraining caption: the full caption (`style` -1, paraphrase `variant`) or a short one
+    of `SHORT_STYLES[style]` that still names every shape; optionally behind 'a photo of'."""
+    text = caption(scene, variant) if style < 0 else short_caption(scene, style)
     return f"a photo of {text}." if prefix else text
 
 

@@ -53,8 +53,7 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndar
         return np.maximum(np.abs(dx), np.abs(dy)) <= 0.82 * r
     if shape == "triangle":  # equilateral, pointing up, inscribed in the circle of radius r
         rt = 1.15 * r  # a triangle covers less area than a circle: enlarge it a little
-        y = dy + 0.15 * rt  # centre the triangle's mass
-        return (y <= 0.5 * rt) & (np.sqrt(3.0) * np.abs(dx) <= y + rt)
+        return (dy <= 0.5 * rt) & (np.sqrt(3.0) * np.abs(dx) <= dy + rt)
     if shape == "cross":
         ax, ay = np.abs(dx), np.abs(dy)
         return ((ax <= 0.3 * r) & (ay <= r)) | ((ay <= 0.3 * r) & (ax <= r))
@@ -78,8 +77,9 @@ def object_mask(obj: ShapeObject, size: int) -> np.ndarray:
 
 def _paint_mask(obj: ShapeObject, size: int, out: np.ndarray) -> tuple[slice, slice, np.ndarray]:
     cx, cy, r = obj.cx * size - 0.5, obj.cy * size - 0.5, obj.radius * size
-    x0, x1 = max(int(cx - r) - 1, 0), min(int(cx + r) + 2, size)
-    y0, y1 = max(int(cy - r) - 1, 0), min(int(cy + r) + 2, size)
+    e = obj.extent * size  # corners and tips reach beyond the nominal radius
+    x0, x1 = max(int(cx - e) - 1, 0), min(int(cx + e) + 2, size)
+    y0, y1 = max(int(cy - e) - 1, 0), min(int(cy + e) + 2, size)
     dy, dx = np.ogrid[y0 - cy : y1 - cy, x0 - cx : x1 - cx]
     local = _shape_mask(obj.shape, dx, dy, r)
     out[y0:y1, x0:x1] |= local

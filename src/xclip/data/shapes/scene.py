@@ -21,6 +21,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 125, 20),
 }
 SIZES: dict[str, float] = {"small": 0.13, "large": 0.21}  # radius as a fraction of the image side
+# How far each shape reaches from its centre, in radii (square corners, triangle tips poke out).
+EXTENTS: dict[str, float] = {"circle": 1.0, "square": 1.17, "triangle": 1.16, "star": 1.0, "cross": 1.05,
+                             "heart": 1.1}
 BACKGROUNDS: tuple[str, ...] = ("plain", "water", "land", "sky", "sand")
 BACKGROUND_PHRASES: dict[str, str] = {
     "plain": "on a plain background",
@@ -46,6 +49,13 @@ class ShapeObject:
     @property
     def radius(self) -> float:
         return SIZES[self.size]
+
+    @property
+    def extent(self) -> float:
+        """Distance from the centre to the farthest pixel, as a fraction of the image side."""
+        if self.shape not in EXTENTS:
+            raise ValueError(f"unknown shape {self.shape!r}; ShapesWorld shapes are {SHAPES}")
+        return EXTENTS[self.shape] * self.radius
 
     @property
     def noun(self) -> str:
@@ -107,7 +117,7 @@ def position_phrase(obj: ShapeObject) -> str:
 
 def _fits(objects: list[ShapeObject], cand: ShapeObject, margin: float) -> bool:
     return all(
-        np.hypot(o.cx - cand.cx, o.cy - cand.cy) >= o.radius + cand.radius + margin
+        np.hypot(o.cx - cand.cx, o.cy - cand.cy) >= o.extent + cand.extent + margin
         for o in objects
     )
 
@@ -118,7 +128,7 @@ def sample_object(
     shapes: tuple[str, ...] = SHAPES,
     colours: tuple[str, ...] = tuple(COLOURS),
     sizes: tuple[str, ...] = tuple(SIZES),
-    margin: float = 0.04,
+    margin: float = 0.02,
     tries: int = 30,
 ) -> ShapeObject | None:
     """A random object that does not overlap `placed`, or None after `tries` attempts."""
@@ -142,7 +152,7 @@ def place_like(
     for _ in range(tries):
         cx, cy = rng.uniform(r + 0.02, 1 - r - 0.02, size=2)
         cand = replace(template, cx=float(cx), cy=float(cy))
-        if _fits(placed, cand, 0.04):
+        if _fits(placed, cand, 0.02):
             return cand
     return None
 
@@ -214,7 +224,7 @@ def caption(scene: Scene, variant: int = 0) -> str:
         if len(g) == 1:
             where = position_phrase(scene.objects[g[0]])
             return f"{phrase} {where} {bg}" if variant % 2 == 0 else f"{phrase} {bg}, {where}"
-        return f"{phrase} {bg}"
+        return f"{phrase} {bg}" if variant % 2 == 0 else f"there are {phrase} {bg}"
     if len(groups) == 2:
         a, b = (_group_centre(scene, g) for g in groups)
         rel = relation(a, b)
@@ -227,10 +237,15 @@ def caption(scene: Scene, variant: int = 0) -> str:
     return f"{', '.join(names[:-1])} and {names[-1]}, {direction}, {bg}"
 
 
-def short_caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A shorter training caption that always names every shape: 'a red circle and a star'."""
+SHORT_STYLES = ("colour_shape", "shape", "colour_shape_background")
+
+
+def short_caption(scene: Scene, style: int) -> str:
+    """A shorter training caption that always names every shape: 'a red circle and a star'.
+
+    `style` indexes `SHORT_STYLES`: colour + shape, shape only, colour + shape + background.
+    """
     groups = _groups(scene)
-    style = int(rng.integers(3))  # 0: colour + shape, 1: shape only, 2: colour + shape + background
     parts = []
     for g in groups:
         o = scene.objects[g[0]]

@@ -1,0 +1,48 @@
+"""One interface over open_clip and HF CLIP models (see :class:`Backbone`)."""
+from .base import (
+    PLACEHOLDER_TOKEN_ID,
+    Backbone,
+    BlockTrace,
+    BlockView,
+    ImageTrace,
+    PreprocessCfg,
+    TextTokenizer,
+    TextTrace,
+)
+from .loading import (
+    OfflineWeightsError,
+    checkpoints_dir,
+    load_backbone,
+    load_checkpoint,
+    save_checkpoint,
+    wrap_model,
+)
+from .openclip import ClipBPETokenizer, OpenCLIPBackbone
+
+__all__ = [
+    "PLACEHOLDER_TOKEN_ID",
+    "Backbone",
+    "BlockTrace",
+    "BlockView",
+    "ClipBPETokenizer",
+    "ImageTrace",
+    "OfflineWeightsError",
+    "OpenCLIPBackbone",
+    "PreprocessCfg",
+    "TextTokenizer",
+    "TextTrace",
+    "checkpoints_dir",
+    "load_backbone",
+    "load_checkpoint",
+    "save_checkpoint",
+    "wrap_model",
+]
+
+
+def __getattr__(name: str):
+    # HFCLIPBackbone imports transformers (slow); load it only when asked for.
+    if name == "HFCLIPBackbone":
+        from .hf import HFCLIPBackbone
+
+        return HFCLIPBackbone
+    raise AttributeError(name)

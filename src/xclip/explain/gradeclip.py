@@ -1,0 +1,255 @@
+"""Grad-ECLIP (Zhao et al., ICML 2024): gradient-based visual and textual explanations for CLIP.
+
+For a scalar target c (default: the cosine of the normalised embeddings) and the last block's
+attention output o (before ``out_proj``) at the pooled row (CLS for images, EOT for text):
+
+    g = dc/do_pooled,   lambda_j = minmax_j cos(q_pooled, k_j),   H_j = ReLU(sum_c g_c lambda_j v_jc)
+
+Two modes:
+- ``mode="model"`` (default) explains the stock multi-head model: lambda is computed per head on
+  that head's channels, and the target is the model's own output (unchanged by the explainer).
+- ``mode="reference"`` reproduces the official implementation: the block(s) are recomputed as one
+  head over the full width (so the target is computed on that modified forward), and q and k are
+  passed through ``out_proj`` (with bias) before the cosine. Use it for cross-checking.
+
+Speed: an image's embedding depends on the last block's attention output only through the CLS
+row, and everything after it is per-token. So image maps need one forward up to the last block
+(no graph) and a batched vector-Jacobian product through the CLS-row tail for all K texts:
+no backward pass through the network.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from xclip.backbones import Backbone
+from xclip.backbones.base import BlockTrace, BlockView, trace_block
+from xclip.explain.base import Explainer, Texts, explaining, minmax, per_text_gradients
+from xclip.explain.targets import Target, cosine, resolve_target
+
+MODES = ("model", "reference")
+
+
+def qk_weights(q_pooled: Tensor, k: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    """lambda: cosine of the pooled query with every key, min-max normalised over the keys.
+
+    q_pooled [..., H, dh], k [..., H, J, dh], key_mask [..., J] bool (the keys the min-max runs
+    over; others get 0) -> [..., H, J].
+    """
+    lam = F.cosine_similarity(q_pooled[..., None, :], k, dim=-1)
+    mask = None if key_mask is None else key_mask[..., None, :].expand_as(lam)
+    return minmax(lam, dim=-1, mask=mask)
+
+
+def grad_eclip_scores(grad: Tensor, q_pooled: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The Grad-ECLIP relevance of every patch token of every image, for K targets.
+
+    Args:
+        grad: [N, K, W] gradient of each target w.r.t. the pooled (CLS) attention output.
+        q_pooled: [N, H, dh] the pooled token's query per head (W = H * dh).
+        k, v: [N, H, J, dh] keys and values of the J explained tokens per head.
+    Returns:
+        [N, K, J] non-negative: ReLU(sum_h sum_c g_hc lambda_hj v_hjc).
+    """
+    n, kk, _ = grad.shape
+    heads, dh = q_pooled.shape[-2:]
+    weighted_v = qk_weights(q_pooled, k)[..., None] * v  # [N, H, J, dh]
+    return torch.einsum("nkhd,nhjd->nkj", grad.reshape(n, kk, heads, dh), weighted_v).clamp_min(0)
+
+
+def text_layer_scores(grad: Tensor, q_pooled: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
+    """One text block's Grad-ECLIP scores before the ReLU (text maps sum layers, then ReLU).
+
+    grad [N, K, W] (at each text's EOT row); q_pooled [K, H, dh]; k, v [K, H, L, dh];
+    key_mask [K, L] -> [N, K, L].
+    """
+    n, kk, _ = grad.shape
+    heads, dh = q_pooled.shape[-2:]
+    weighted_v = qk_weights(q_pooled, k, key_mask)[..., None] * v  # [K, H, L, dh]
+    return torch.einsum("nkhd,khld->nkl", grad.reshape(n, kk, heads, dh), weighted_v)
+
+
+def _single_head(view: BlockView) -> BlockView:
+    return replace(view, num_heads=1)
+
+
+def _head_view(t: Tensor, heads: int) -> Tensor:
+    """[N, L, W] -> [N, H, L, W/H]."""
+    n, length, width = t.shape
+    return t.view(n, length, heads, width // heads).transpose(1, 2)
+
+
+@dataclass
+class TextMaps:
+    """Per-token Grad-ECLIP scores for N images x K texts.
+
+    ``tokens[k]``: text k's tokens 1..eot-1 decoded; ``token_scores`` [N, K, T] (zero-padded to the
+    longest text; each row sums to 1, or is all zero when ReLU removed everything); ``words[k]`` and
+    ``word_scores`` [N, K, Wd]: the same merged into words (sub-word scores add up).
+    """
+
+    texts: list[str]
+    tokens: list[list[str]]
+    token_scores: Tensor
+    words: list[list[str]]
+    word_scores: Tensor
+
+    def word_pairs(self, n: int, k: int) -> list[tuple[str, float]]:
+        """(word, score) pairs of image n and text k."""
+        return [(w, float(s)) for w, s in zip(self.words[k], self.word_scores[n, k])]
+
+
+_WORD = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]+", re.IGNORECASE)
+
+
+class GradECLIP(Explainer):
+    """Grad-ECLIP image and text explanations for any xclip backbone.
+
+    ``image_maps(images [N,3,S,S], texts) -> [N, K, gh, gw]`` raw non-negative maps;
+    ``text_maps(images, texts) -> TextMaps``. `texts` are K strings or (image maps only) K text
+    embeddings [K, D]; `target` is ``"cosine"``, ``"softmax"`` or a callable (see `targets`).
+
+    Args:
+        backbone: an xclip backbone (open_clip or HF).
+        mode: ``"model"`` (default) or ``"reference"`` (see the module docstring).
+        text_blocks: how many of the last text blocks the text maps sum over (8 as in the paper).
+    """
+
+    name = "grad_eclip"
+
+    def __init__(self, backbone: Backbone, mode: str = "model", text_blocks: int = 8):
+        super().__init__(backbone)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode, self.text_blocks = mode, text_blocks
+
+    # ---- images ------------------------------------------------------------------------------
+    def image_maps(self, images: Tensor, texts: Texts, target: str | Target = "cosine") -> Tensor:
+        target_fn = resolve_target(target)
+        text_emb = self.text_embeddings(texts)
+        images = images.to(self.backbone.device)
+        view = self.backbone.vision_blocks()[-1]
+        gh, gw = self.backbone.grid_size
+        with explaining(self.backbone.model):
+            with torch.no_grad():
+                last = self.backbone.trace_image(images, n_blocks=1).blocks[-1]
+                if self.mode == "reference":
+                    last = trace_block(_single_head(view), last.x_in, None)
+            cls_out = last.attn_out[:, 0].detach().requires_grad_(True)
+            with torch.enable_grad():
+                emb = self._cls_tail(view, last.x_in[:, 0], cls_out)
+                (grad,) = per_text_gradients(target_fn(emb, text_emb), [cls_out])  # [K, N, W]
+            q, k, v = self._qkv_heads(view, last)
+            scores = grad_eclip_scores(grad.transpose(0, 1), q[:, :, 0], k[:, :, 1:], v[:, :, 1:])
+        return scores.reshape(images.shape[0], -1, gh, gw)
+
+    def _cls_tail(self, view: BlockView, x_cls: Tensor, attn_cls: Tensor) -> Tensor:
+        """The rest of the last block and the head, on the CLS row only: [N, W] -> [N, D]."""
+        x = x_cls + view.ls_1(view.out_proj(attn_cls))
+        x = x + view.ls_2(view.mlp(view.ln_2(x)))
+        return self.backbone.image_head(x)
+
+    def _qkv_heads(self, view: BlockView, trace: BlockTrace) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-head q, k, v [N, H, L, dh]; in reference mode q and k through out_proj, one head."""
+        if self.mode == "model":
+            return trace.q_heads, trace.k_heads, trace.v_heads
+        with torch.no_grad():
+            q, k = view.out_proj(trace.q), view.out_proj(trace.k)
+        return q[:, None], k[:, None], trace.v[:, None]
+
+    # ---- texts -------------------------------------------------------------------------------
+    def text_maps(self, images: Tensor, texts: Sequence[str], target: str | Target = "cosine") -> TextMaps:
+        """Per-token and per-word scores for every (image, text) pair (see `TextMaps`)."""
+        target_fn = resolve_target(target)
+        texts = list(texts)
+        if not texts:
+            raise ValueError("text_maps needs at least one text")
+        tokens = self.backbone.tokenize(texts)
+        images = images.to(self.backbone.device)
+        with explaining(self.backbone.model):
+            with torch.no_grad():
+                img_emb = self.backbone.encode_image(images).float()
+            with torch.enable_grad():
+                blocks, txt_emb, eot = self._trace_text(tokens)
+                raw = self._text_scores(blocks, target_fn, img_emb, txt_emb, eot)  # [N, K, L]
+        return self._package(texts, tokens, raw, eot)
+
+    def _trace_text(self, tokens: Tensor) -> tuple[list[BlockTrace], Tensor, Tensor]:
+        trace = self.backbone.trace_text(tokens, n_blocks=self.text_blocks)
+        if self.mode == "model":
+            return trace.blocks, trace.embedding, trace.eot_index
+        x = trace.blocks[0].x_in
+        mask = self.backbone.causal_mask(x.shape[1], x)
+        views = self.backbone.text_blocks()[-len(trace.blocks):]
+        blocks = []
+        for view in views:
+            blocks.append(trace_block(_single_head(view), x, mask))
+            x = blocks[-1].x_out
+        return blocks, self.backbone.text_head(x, trace.eot_index), trace.eot_index
+
+    def _text_scores(self, blocks: list[BlockTrace], target_fn: Target, img_emb: Tensor, txt_emb: Tensor,
+                     eot: Tensor) -> Tensor:
+        """Summed per-layer Grad-ECLIP scores of every token, ReLU after the sum: [N, K, L]."""
+        n, kk = img_emb.shape[0], txt_emb.shape[0]
+        outs = [b.attn_out for b in blocks]
+        scores = target_fn(img_emb, txt_emb)  # [N, K]
+        if target_fn is cosine:
+            # column k depends on text k only: one batched backward per image is exact
+            eye = torch.eye(n, dtype=scores.dtype, device=scores.device)
+            go = eye[:, :, None].expand(n, n, kk)
+            grads = torch.autograd.grad(scores, outs, grad_outputs=go, is_grads_batched=True)  # [N, K, L, W]
+        else:  # a target may mix texts (softmax over prompts): one batched backward per pair
+            eye = torch.eye(n * kk, dtype=scores.dtype, device=scores.device).view(n * kk, n, kk)
+            grads = [g.view(n, kk, kk, *g.shape[2:]).diagonal(dim1=1, dim2=2).movedim(-1, 1)
+                     for g in torch.autograd.grad(scores, outs, grad_outputs=eye, is_grads_batched=True)]
+        rows = torch.arange(kk, device=eot.device)
+        length = blocks[0].x_in.shape[1]
+        causal = torch.arange(length, device=eot.device)[None, :] <= eot[:, None]  # [K, L]
+        key_mask = causal if self.mode == "model" else None  # the reference min-maxes over all positions
+        total = 0.0
+        for view, block, grad in zip(self.backbone.text_blocks()[-len(blocks):], blocks, grads):
+            q, k, v = self._qkv_heads(view, block)  # [K, H, L, dh]
+            total = total + text_layer_scores(grad[:, rows, eot], q[rows, :, eot], k, v, key_mask)
+        return F.relu(total.detach())
+
+    def _package(self, texts: list[str], tokens: Tensor, raw: Tensor, eot: Tensor) -> TextMaps:
+        n, kk, _ = raw.shape
+        lengths = (eot - 1).clamp_min(0).tolist()
+        t_max = max(lengths) if lengths else 0
+        pos = torch.arange(1, 1 + t_max, device=raw.device)
+        keep = pos[None, :] < eot[:, None]  # [K, T]: tokens 1..eot-1
+        token_scores = raw[:, :, 1 : 1 + t_max] * keep
+        token_scores = token_scores / token_scores.sum(-1, keepdim=True).clamp_min(1e-12)
+        token_strs = [self.backbone.decode_tokens(tokens[j, 1 : 1 + lengths[j]]) for j in range(kk)]
+        words, groups = zip(*[self._word_groups(t, token_strs[j]) for j, t in enumerate(texts)])
+        w_max = max((len(g) for g in groups), default=0)
+        word_scores = raw.new_zeros(n, kk, w_max)
+        for j, group in enumerate(groups):  # bookkeeping over spans, no model calls
+            for w, (a, b) in enumerate(group):
+                word_scores[:, j, w] = token_scores[:, j, a:b].sum(-1)
+        return TextMaps(texts, token_strs, token_scores, list(words), word_scores)
+
+    def _word_groups(self, text: str, token_strs: list[str]) -> tuple[list[str], list[tuple[int, int]]]:
+        """Words of `text` and each word's token span, found by tokenising every word alone."""
+        words = _WORD.findall(text)
+        counts = [self._token_count(w) for w in words]
+        if sum(counts) != len(token_strs):  # truncated text or an unusual tokenizer: a word per token
+            return list(token_strs), [(i, i + 1) for i in range(len(token_strs))]
+        spans, start = [], 0
+        for c in counts:
+            spans.append((start, start + c))
+            start += c
+        return words, spans
+
+    @lru_cache(maxsize=4096)
+    def _token_count(self, word: str) -> int:
+        ids = self.backbone.tokenize([word])[0]
+        return int(self.backbone.eot_index(ids[None])[0]) - 1
+

@@ -1,0 +1,25 @@
+"""A random-map baseline with the explainers' calling convention (the floor every method must beat)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from xclip.explain.base import Explainer, Texts
+from xclip.explain.targets import Target
+
+
+class RandomMap(Explainer):
+    """Uniform [0, 1) maps ``[N, K, gh, gw]`` from a seeded, device-independent generator; each
+    call draws new maps, and the same seed replays the same sequence."""
+
+    name = "random"
+
+    def __init__(self, backbone, seed: int = 0):
+        super().__init__(backbone)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def image_maps(self, images: Tensor, texts: Texts, target: str | Target = "cosine") -> Tensor:
+        k = texts.shape[0] if isinstance(texts, Tensor) else len(list(texts))
+        gh, gw = self.backbone.grid_size
+        return torch.rand(images.shape[0], k, gh, gw, generator=self.generator).to(images.device)

@@ -1,0 +1,93 @@
+"""Recall@K against a brute-force stable-sort reference, ties, chunking and the Metric wrapper."""
+
+import torch
+import torch.nn.functional as F
+
+from xclip.metrics import RetrievalRecall, retrieval_ranks, retrieval_recall_at_k
+
+
+def brute_force(image_emb, text_emb, text_to_image, ks):
+    scores = text_emb @ image_emb.T  # [T, I]
+    out = {}
+    # stable descending sort: equal scores keep index order
+    t2i_order = torch.sort(-scores, dim=1, stable=True).indices
+    i2t_order = torch.sort(-scores.T, dim=1, stable=True).indices
+    for k in ks:
+        hits = [text_to_image[t].item() in t2i_order[t, :k].tolist() for t in range(scores.shape[0])]
+        out[f"t2i_R@{k}"] = sum(hits) / len(hits)
+    for k in ks:
+        hits = []
+        for i in range(scores.shape[1]):
+            own = set(torch.nonzero(text_to_image == i)[:, 0].tolist())
+            hits.append(bool(own & set(i2t_order[i, :k].tolist())))
+        out[f"i2t_R@{k}"] = sum(hits) / len(hits)
+    return out
+
+
+def random_problem(n_img=40, caps=3, dim=8, seed=0, quantise=False):
+    g = torch.Generator().manual_seed(seed)
+    img = F.normalize(torch.randn(n_img, dim, generator=g), dim=-1)
+    # captions near their image so recall is neither 0 nor 1
+    owner = torch.arange(n_img).repeat_interleave(caps)
+    txt = F.normalize(img[owner] + 0.9 * torch.randn(len(owner), dim, generator=g), dim=-1)
+    if quantise:  # coarse values create many exact ties
+        img, txt = torch.round(img * 2) / 2, torch.round(txt * 2) / 2
+    perm = torch.randperm(len(owner), generator=g)
+    return img, txt[perm], owner[perm]
+
+
+def test_recall_matches_brute_force_multi_caption():
+    img, txt, owner = random_problem()
+    ks = (1, 5, 10)
+    got = retrieval_recall_at_k(img, txt, owner, ks)
+    want = brute_force(img, txt, owner, ks)
+    assert got == want
+    assert 0.05 < got["t2i_R@1"] < 0.95  # a non-trivial problem
+
+
+def test_recall_ties_are_broken_by_index_like_a_stable_sort():
+    img, txt, owner = random_problem(n_img=30, caps=2, dim=4, seed=3, quantise=True)
+    scores = txt @ img.T
+    assert (scores.unsqueeze(2) == scores.unsqueeze(1)).sum() > scores.numel() * 2  # many ties exist
+    ks = (1, 2, 5)
+    assert retrieval_recall_at_k(img, txt, owner, ks) == brute_force(img, txt, owner, ks)
+
+
+def test_chunked_ranks_equal_one_shot_ranks():
+    img, txt, owner = random_problem(n_img=50, caps=2, seed=5)
+    full = retrieval_ranks(img, txt, owner, chunk_elements=1 << 30)
+    tiny = retrieval_ranks(img, txt, owner, chunk_elements=7)  # 1 row per chunk
+    assert torch.equal(full[0], tiny[0]) and torch.equal(full[1], tiny[1])
+
+
+def test_perfect_and_reversed_retrieval():
+    img = torch.eye(5)
+    assert retrieval_recall_at_k(img, img.clone(), torch.arange(5), ks=(1,)) == {"t2i_R@1": 1.0, "i2t_R@1": 1.0}
+    # every caption points at the next image: recall@1 is 0 both ways
+    owner = (torch.arange(5) + 1) % 5
+    assert retrieval_recall_at_k(img, img.clone(), owner, ks=(1,)) == {"t2i_R@1": 0.0, "i2t_R@1": 0.0}
+
+
+def test_bad_text_to_image_is_rejected():
+    img, txt, owner = random_problem(n_img=4, caps=1)
+    try:
+        retrieval_recall_at_k(img, txt, owner + 10)
+    except ValueError as e:
+        assert "outside" in str(e)
+    else:
+        raise AssertionError("out-of-range text_to_image accepted")
+
+
+def test_metric_accumulates_shards_and_drops_sampler_repeats():
+    img, txt, owner = random_problem(n_img=20, caps=2, seed=7)
+    order = torch.argsort(owner, stable=True)  # group captions by image, as batches deliver them
+    txt, owner = txt[order], owner[order]
+    want = retrieval_recall_at_k(img, txt, owner)
+    metric = RetrievalRecall()
+    # two "processes" in interleaved order, the second padding with a repeat of image 0
+    shards = [list(range(0, 20, 2)), list(range(1, 20, 2)) + [0]]
+    for shard in shards:
+        for i in shard:
+            sel = owner == i
+            metric.update(img[i : i + 1], torch.tensor([i]), txt[sel], owner[sel])
+    assert metric.compute() == want
