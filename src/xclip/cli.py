@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -86,7 +85,7 @@ def main(args: list[str] | None = None) -> None:
     XClipCLI(
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"default_env": False},
-        args=args if args is not None else sys.argv[1:],
+        args=args,
     )
 
 

@@ -31,6 +31,16 @@ def explaining(module: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def as_text_list(texts: Sequence[str]) -> list[str]:
+    """`texts` as a non-empty list of strings (a bare string is an error, not K characters)."""
+    if isinstance(texts, str):
+        raise TypeError(f"texts must be a list of strings, got the single string {texts!r}: wrap it in a list")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("no texts to explain: pass at least one string or a [K, D] embedding tensor")
+    return texts
+
+
 class Explainer:
     """Base of the image explainers: ``image_maps(images [N,3,S,S], texts) -> [N, K, gh, gw]``.
 
@@ -49,9 +59,7 @@ class Explainer:
             if texts.ndim != 2 or texts.shape[1] != self.backbone.embed_dim:
                 raise ValueError(f"text embeddings must be [K, {self.backbone.embed_dim}], got {tuple(texts.shape)}")
             return texts.to(self.backbone.device).float()
-        texts = list(texts)
-        if not texts:
-            raise ValueError("no texts to explain: pass at least one string or a [K, D] embedding tensor")
+        texts = as_text_list(texts)
         with torch.no_grad():
             return self.backbone.encode_text(texts).float()
 

@@ -44,13 +44,13 @@ class GAME(Explainer):
 
     def image_maps(self, images: Tensor, texts: Texts, target: str | Target = "cosine") -> Tensor:
         target_fn = resolve_target(target)
-        text_emb = self.text_embeddings(texts)
         depth = len(self.backbone.vision_blocks())
         start = self.start_layer + depth if self.start_layer < 0 else self.start_layer
         if not 0 <= start < depth:
             raise ValueError(f"start_layer {self.start_layer} is outside the {depth} vision blocks")
         gh, gw = self.backbone.grid_size
         with explaining(self.backbone.model), torch.enable_grad():
+            text_emb = self.text_embeddings(texts)
             trace = self.backbone.trace_image(images.to(self.backbone.device), n_blocks=depth - start)
             attentions = [b.attn_weights for b in trace.blocks]
             grads = per_text_gradients(target_fn(trace.embedding, text_emb), attentions)  # each [K, N, H, L, L]

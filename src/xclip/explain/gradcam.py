@@ -46,10 +46,10 @@ class GradCAM(Explainer):
 
     def image_maps(self, images: Tensor, texts: Texts, target: str | Target = "cosine") -> Tensor:
         target_fn = resolve_target(target)
-        text_emb = self.text_embeddings(texts)
         view = self.backbone.vision_blocks()[-1]
         gh, gw = self.backbone.grid_size
         with explaining(self.backbone.model):
+            text_emb = self.text_embeddings(texts)
             with torch.no_grad():
                 x_in = self.backbone.trace_image(images.to(self.backbone.device), n_blocks=1).blocks[-1].x_in
             with torch.enable_grad():

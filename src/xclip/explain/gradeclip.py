@@ -23,7 +23,6 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +30,7 @@ from torch import Tensor
 
 from xclip.backbones import Backbone
 from xclip.backbones.base import BlockTrace, BlockView, trace_block
-from xclip.explain.base import Explainer, Texts, explaining, minmax, per_text_gradients
+from xclip.explain.base import Explainer, Texts, as_text_list, explaining, minmax, per_text_gradients
 from xclip.explain.targets import Target, cosine, resolve_target
 
 MODES = ("model", "reference")
@@ -129,15 +128,16 @@ class GradECLIP(Explainer):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode, self.text_blocks = mode, text_blocks
+        self._token_counts: dict[str, int] = {}
 
     # ---- images ------------------------------------------------------------------------------
     def image_maps(self, images: Tensor, texts: Texts, target: str | Target = "cosine") -> Tensor:
         target_fn = resolve_target(target)
-        text_emb = self.text_embeddings(texts)
         images = images.to(self.backbone.device)
         view = self.backbone.vision_blocks()[-1]
         gh, gw = self.backbone.grid_size
         with explaining(self.backbone.model):
+            text_emb = self.text_embeddings(texts)
             with torch.no_grad():
                 last = self.backbone.trace_image(images, n_blocks=1).blocks[-1]
                 if self.mode == "reference":
@@ -168,9 +168,7 @@ class GradECLIP(Explainer):
     def text_maps(self, images: Tensor, texts: Sequence[str], target: str | Target = "cosine") -> TextMaps:
         """Per-token and per-word scores for every (image, text) pair (see `TextMaps`)."""
         target_fn = resolve_target(target)
-        texts = list(texts)
-        if not texts:
-            raise ValueError("text_maps needs at least one text")
+        texts = as_text_list(texts)
         tokens = self.backbone.tokenize(texts)
         images = images.to(self.backbone.device)
         with explaining(self.backbone.model):
@@ -226,7 +224,9 @@ class GradECLIP(Explainer):
         pos = torch.arange(1, 1 + t_max, device=raw.device)
         keep = pos[None, :] < eot[:, None]  # [K, T]: tokens 1..eot-1
         token_scores = raw[:, :, 1 : 1 + t_max] * keep
-        token_scores = token_scores / token_scores.sum(-1, keepdim=True).clamp_min(1e-12)
+        total = token_scores.sum(-1, keepdim=True)
+        # rows sum to 1, or stay all zero when the ReLU removed everything (never a partial sum)
+        token_scores = torch.where(total > 0, token_scores / torch.where(total > 0, total, 1.0), 0.0)
         token_strs = [self.backbone.decode_tokens(tokens[j, 1 : 1 + lengths[j]]) for j in range(kk)]
         words, groups = zip(*[self._word_groups(t, token_strs[j]) for j, t in enumerate(texts)])
         w_max = max((len(g) for g in groups), default=0)
@@ -248,8 +248,10 @@ class GradECLIP(Explainer):
             start += c
         return words, spans
 
-    @lru_cache(maxsize=4096)
     def _token_count(self, word: str) -> int:
-        ids = self.backbone.tokenize([word])[0]
-        return int(self.backbone.eot_index(ids[None])[0]) - 1
+        # a per-explainer cache (an lru_cache on the method would keep every explainer alive)
+        if word not in self._token_counts:
+            ids = self.backbone.tokenize([word])[0]
+            self._token_counts[word] = int(self.backbone.eot_index(ids[None])[0]) - 1
+        return self._token_counts[word]
 

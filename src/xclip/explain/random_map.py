@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from xclip.explain.base import Explainer, Texts
+from xclip.explain.base import Explainer, Texts, as_text_list
 from xclip.explain.targets import Target
 
 
@@ -20,6 +20,6 @@ class RandomMap(Explainer):
         self.generator = torch.Generator().manual_seed(seed)
 
     def image_maps(self, images: Tensor, texts: Texts, target: str | Target = "cosine") -> Tensor:
-        k = texts.shape[0] if isinstance(texts, Tensor) else len(list(texts))
+        k = texts.shape[0] if isinstance(texts, Tensor) else len(as_text_list(texts))
         gh, gw = self.backbone.grid_size
         return torch.rand(images.shape[0], k, gh, gw, generator=self.generator).to(images.device)

@@ -1,0 +1,102 @@
+"""Explainer speed as ratios against plain inference, measured in one process.
+
+    python scripts/bench_explain.py --out outputs/bench_explain.json
+
+Rows, for a ViT-B/32-size open_clip model (random init: weights do not change the cost) and for
+the shipped tiny model, at `--batch` images:
+- Grad-ECLIP image maps for 1 text / `encode_image` of the same batch (target <= 1.2)
+- Grad-ECLIP for 10 texts / 1 text (target <= 1.1)
+- Grad-CAM (last block ln_1) / `encode_image` (target <= 1.5)
+- a one-image-at-a-time loop with one gradient call per text (the reference code's way) /
+  batched Grad-ECLIP, per image, 10 texts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from xclip.backbones import Backbone, load_backbone
+from xclip.explain import GradCAM, GradECLIP
+from xclip.io import atomic_write_text
+
+TEXTS = [f"a photo of a {c} {s}" for c, s in zip(["red", "green", "blue", "yellow", "purple", "orange", "red",
+                                                    "green", "blue", "yellow"],
+                                                   ["circle", "square", "star", "heart", "cross", "triangle", "star",
+                                                    "circle", "heart", "square"])]
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench(backbone: Backbone, batch: int, repeats: int, loop_images: int) -> dict[str, float]:
+    s = backbone.image_size
+    images = torch.randn(batch, 3, s, s)
+    ge, cam = GradECLIP(backbone), GradCAM(backbone)
+    text1 = backbone.encode_text(TEXTS[:1]).detach()
+    text10 = backbone.encode_text(TEXTS).detach()
+
+    def encode():
+        with torch.no_grad():
+            backbone.encode_image(images)
+
+    t_enc = median_time(encode, repeats)
+    t_ge1 = median_time(lambda: ge.image_maps(images, text1), repeats)
+    t_ge10 = median_time(lambda: ge.image_maps(images, text10), repeats)
+    t_cam = median_time(lambda: cam.image_maps(images, text1), repeats)
+
+    def loop():  # the reference way: one image, one text, one gradient call at a time
+        for i in range(loop_images):
+            for k in range(text10.shape[0]):
+                ge.image_maps(images[i : i + 1], text10[k : k + 1])
+
+    t_loop_per_image = median_time(loop, 1) / loop_images
+    return {
+        "encode_image_s": t_enc,
+        "grad_eclip_1_text_s": t_ge1,
+        "grad_eclip_10_texts_s": t_ge10,
+        "grad_cam_1_text_s": t_cam,
+        "ratio_grad_eclip_1_vs_encode": t_ge1 / t_enc,
+        "ratio_grad_eclip_10_vs_1": t_ge10 / t_ge1,
+        "ratio_grad_cam_vs_encode": t_cam / t_enc,
+        "ratio_loop_vs_batched_10_texts": t_loop_per_image / (t_ge10 / batch),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--loop-images", type=int, default=4, help="images timed in the one-at-a-time loop")
+    parser.add_argument("--models", nargs="+", default=["openclip:ViT-B-32", "xclip:tiny-shapes"])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    rows = {}
+    for spec in args.models:
+        print(f"benchmarking {spec} at batch {args.batch} on {torch.get_num_threads()} threads ...", flush=True)
+        rows[spec] = bench(load_backbone(spec), args.batch, args.repeats, args.loop_images)
+    keys = [k for k in next(iter(rows.values())) if k.startswith("ratio")]
+    print("| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
+    for spec, row in rows.items():
+        print(f"| {spec} | " + " | ".join(f"{row[k]:.2f}" for k in keys) + " |")
+    if args.out:
+        atomic_write_text(args.out, json.dumps({"batch": args.batch, "threads": torch.get_num_threads(),
+                                                "device": "cpu", "results": rows}, indent=2))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Explanation callbacks: explain items during validate/test, log overlays and token charts to
+TensorBoard and write PNG / NPY / JSON next to the run's metrics.
+
+Which items and texts: a module may define ``explanation_inputs(batch) -> (images01 [n,3,H,W],
+texts [n], ids [n]) | None`` (e.g. only its failures); otherwise the callback takes the batch's
+``image`` with its ``caption`` (or each image's first caption in ``texts``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor
+
+from xclip.cli import run_directory
+from xclip.explain import EXPLAINERS, Explainer, GradECLIP
+from xclip.explain.render import overlay, save_map_npy, save_png, token_bar_chart, figure_to_array
+from xclip.io import atomic_write_text
+
+
+def default_explanation_inputs(batch: dict[str, Any]) -> tuple[Tensor, list[str], list[str]] | None:
+    """(images, one text per image, ids) from a ShapesWorld-style batch, or None."""
+    images = batch.get("image")
+    if images is None:
+        return None
+    if "caption" in batch:
+        texts = list(batch["caption"])
+    elif "texts" in batch and "text_to_image" in batch:
+        owner = batch["text_to_image"].tolist()
+        first = {}
+        for t, i in enumerate(owner):
+            first.setdefault(i, batch["texts"][t])
+        texts = [first[i] for i in range(images.shape[0])]
+    else:
+        return None
+    index = batch.get("index")
+    ids = [str(int(i)) for i in index] if index is not None else [str(i) for i in range(images.shape[0])]
+    return images, texts, ids
+
+
+class ExplanationCallback(pl.Callback):
+    """Explain the first `max_samples` items of validate/test with any explainer.
+
+    Args:
+        explainer: a name in ``xclip.explain.EXPLAINERS`` (``grad_eclip``, ``grad_cam``, ``game``, ``random``).
+        explainer_kwargs: constructor arguments of the explainer (e.g. ``{"mode": "reference"}``).
+        max_samples: items explained per stage (across all dataloaders).
+        text_maps: also explain the texts (Grad-ECLIP only): token bar charts and word scores.
+        dataloader_idx: only this dataloader (None: any).
+        alpha: overlay opacity.
+        display_scale: integer upscaling of the PNG / TensorBoard images (small images are hard
+            to read); the NPY maps stay at patch-grid resolution.
+        subdir: folder under the log directory.
+    """
+
+    def __init__(self, explainer: str = "grad_eclip", explainer_kwargs: dict[str, Any] | None = None,
+                 max_samples: int = 8, text_maps: bool = True, dataloader_idx: int | None = None,
+                 alpha: float = 0.5, display_scale: int = 4, subdir: str = "explanations"):
+        if explainer not in EXPLAINERS:
+            raise ValueError(f"unknown explainer {explainer!r}; choose from {sorted(EXPLAINERS)}")
+        if max_samples < 0:
+            raise ValueError("max_samples must be >= 0")
+        self.explainer_name, self.explainer_kwargs = explainer, dict(explainer_kwargs or {})
+        self.max_samples, self.text_maps, self.dataloader_idx = max_samples, text_maps, dataloader_idx
+        self.alpha, self.display_scale, self.subdir = alpha, max(1, int(display_scale)), subdir
+        self._explainer: Explainer | None = None
+        self._records: list[dict[str, Any]] = []
+
+    # ---- Lightning hooks -----------------------------------------------------------------------
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._records = []
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._explain_batch(trainer, pl_module, batch, dataloader_idx, "val")
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._explain_batch(trainer, pl_module, batch, dataloader_idx, "test")
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._write_index(trainer, "val")
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._write_index(trainer, "test")
+
+    # ---- work ----------------------------------------------------------------------------------
+    def _explain_batch(self, trainer, pl_module, batch, dataloader_idx: int, stage: str) -> None:
+        remaining = self.max_samples - len(self._records)
+        if remaining <= 0 or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        if self.dataloader_idx is not None and dataloader_idx != self.dataloader_idx:
+            return
+        picker = getattr(pl_module, "explanation_inputs", None)
+        picked = picker(batch) if picker is not None else default_explanation_inputs(batch)
+        if picked is None:
+            return
+        images, texts, ids = picked
+        images, texts, ids = images[:remaining], list(texts[:remaining]), list(ids[:remaining])
+        if not len(texts):
+            return
+        backbone = getattr(pl_module, "backbone", None)
+        if backbone is None:
+            raise AttributeError(f"{type(pl_module).__name__} has no `backbone`: the explanation callbacks "
+                                 "need a module that wraps an xclip backbone")
+        if self._explainer is None or self._explainer.backbone is not backbone:
+            self._explainer = EXPLAINERS[self.explainer_name](backbone, **self.explainer_kwargs)
+        # validate/test run under inference_mode; explanations need autograd on fresh tensors
+        with torch.inference_mode(False), torch.enable_grad():
+            images01 = images.detach().clone()
+            model_in = backbone.normalize(images01.to(backbone.device))
+            maps = self._explainer.image_maps(model_in, texts)  # [n, n, gh, gw]: image i with text i
+            maps = maps.diagonal(dim1=0, dim2=1).permute(2, 0, 1).cpu()  # [n, gh, gw]
+            words = None
+            if self.text_maps and isinstance(self._explainer, GradECLIP):
+                tm = self._explainer.text_maps(model_in, texts)
+                words = [tm.word_pairs(i, i) for i in range(len(texts))]
+        self._emit(trainer, stage, dataloader_idx, images01.cpu(), texts, ids, maps, words)
+
+    def _emit(self, trainer, stage, dataloader_idx, images01, texts, ids, maps, words) -> None:
+        out_dir = run_directory(trainer) / self.subdir / self._explainer.name
+        experiments = [lg.experiment for lg in trainer.loggers if hasattr(getattr(lg, "experiment", None), "add_image")]
+        for i, (text, item_id) in enumerate(zip(texts, ids)):
+            stem = f"{stage}_dl{dataloader_idx}_{item_id}"
+            image = (images01[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            npy, _ = save_map_npy(maps[i].numpy(), out_dir / f"{stem}.npy", image_size=image.shape[:2])
+            image = image.repeat(self.display_scale, 0).repeat(self.display_scale, 1)
+            heat = overlay(image, maps[i].numpy(), alpha=self.alpha)
+            png = save_png(np.concatenate([image, heat], axis=1), out_dir / f"{stem}.png")
+            record = {"id": item_id, "stage": stage, "dataloader_idx": dataloader_idx, "text": text,
+                      "png": str(png.relative_to(out_dir)), "npy": str(npy.relative_to(out_dir)),
+                      "map_max": float(maps[i].max()), "all_zero": bool(maps[i].max() <= 0)}
+            chart = None
+            if words is not None:
+                record["words"] = words[i]
+                fig = token_bar_chart([w for w, _ in words[i]], [s for _, s in words[i]], title=text)
+                chart = figure_to_array(fig)
+                record["token_png"] = str(save_png(chart, out_dir / f"{stem}_tokens.png").relative_to(out_dir))
+            for exp in experiments:
+                tag = f"explain/{self._explainer.name}/{stage}/{item_id}"
+                exp.add_image(tag, np.concatenate([image, heat], axis=1), trainer.global_step, dataformats="HWC")
+                if chart is not None:
+                    exp.add_image(f"{tag}/tokens", chart, trainer.global_step, dataformats="HWC")
+            self._records.append(record)
+
+    def _write_index(self, trainer, stage: str) -> None:
+        if not self._records or not trainer.is_global_zero:
+            return
+        out_dir = run_directory(trainer) / self.subdir / self._explainer.name
+        payload = {"explainer": self._explainer.name, "stage": stage, "items": self._records,
+                   "all_zero_maps": sum(r["all_zero"] for r in self._records)}
+        atomic_write_text(out_dir / f"{stage}_index.json", json.dumps(payload, indent=2))
+
+
+class GradECLIPCallback(ExplanationCallback):
+    """Grad-ECLIP image maps and word scores (see `ExplanationCallback`)."""
+
+    def __init__(self, max_samples: int = 8, mode: str = "model", text_maps: bool = True, **kwargs):
+        super().__init__(explainer="grad_eclip", explainer_kwargs={"mode": mode}, max_samples=max_samples,
+                         text_maps=text_maps, **kwargs)
+
+
+class CAMCallback(ExplanationCallback):
+    """Grad-CAM maps on the last block's ln_1 (or `layer="block_input"`), see `ExplanationCallback`."""
+
+    def __init__(self, max_samples: int = 8, layer: str = "ln_1", **kwargs):
+        super().__init__(explainer="grad_cam", explainer_kwargs={"layer": layer}, max_samples=max_samples,
+                         text_maps=False, **kwargs)
