@@ -105,18 +105,19 @@ class ShapesPretrain(_Sized):
     Item: ``{"image": [2,3,S,S], "captions": [2 str]}``; the collate flattens twins into the batch.
     """
 
-    def __init__(self, n: int = 100_000, seed: int = 0, image_size: int = 64, max_objects: int = 3):
+    def __init__(self, n: int = 100_000, seed: int = 0, image_size: int = 64, max_objects: int = 3,
+                 short_caption_p: float = 0.5):
         super().__init__(n, seed, image_size)
-        self.max_objects = max_objects
+        self.max_objects, self.short_caption_p = max_objects, short_caption_p
 
     def __getitem__(self, index: int) -> dict:
         rng = self._rng("pretrain", index)
         n_obj = int(rng.choice([1, 2, 3][: self.max_objects], p=_object_count_probs(self.max_objects)))
         scene = sample_scene(rng, n_objects=n_obj)
         twin = counterfactual(scene, rng)
-        # 70% full captions, 30% short ones; both twins get the same style, so the captions
-        # differ exactly where the images do
-        style = -1 if rng.random() >= 0.3 else int(rng.integers(3))
+        # full captions or short ones that always name the shape (`short_caption_p`); both twins
+        # get the same style, so the captions differ exactly where the images do
+        style = -1 if rng.random() >= self.short_caption_p else int(rng.integers(3))
         variant, prefix = int(rng.integers(2)), bool(rng.random() < 0.3)
         captions = [training_caption(sc, style, variant, prefix) for sc in (scene, twin)]
         if captions[0] == captions[1]:  # a shape-only caption cannot tell a colour change apart
