@@ -312,8 +312,10 @@ def test_save_load_checkpoint_roundtrip(oc_model, images, tmp_path, monkeypatch)
     path = tmp_path / "tiny-shapes"
     preprocess = {"image_size": 32, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
     save_checkpoint(oc_model, MODEL_CFG, preprocess, 16, path)
+    (path / "README.md").write_text("model card")
     save_checkpoint(oc_model, MODEL_CFG, preprocess, 16, path)  # overwriting an existing checkpoint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-shapes"]  # no temp dirs left behind
+    assert (path / "README.md").read_text() == "model card"  # a re-export keeps the model card
     config = json.loads((path / "config.json").read_text())
     assert config == {"architecture": "openclip", "model_cfg": json.loads(json.dumps(MODEL_CFG)),
                       "preprocess": preprocess, "tokenizer": {"context_length": 16}}

@@ -126,7 +126,12 @@ def save_checkpoint(
     try:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(config_text)
+        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint directory is for everyone
         if path.exists():
+            # keep what else lives there (the model card README.md, notes) across a re-export
+            for extra in path.iterdir():
+                if extra.is_file() and extra.name not in (CONFIG_NAME, WEIGHTS_NAME):
+                    shutil.copy2(extra, tmp / extra.name)
             # A directory cannot be atomically replaced by rename: move the old one aside first.
             old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
             path.rename(old)
