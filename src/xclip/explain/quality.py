@@ -135,6 +135,18 @@ def _dilate(masks: Tensor, tolerance: int) -> Tensor:
     return out.squeeze(1) > 0.5
 
 
+def _maps_and_masks(maps, masks) -> tuple[Tensor, Tensor]:
+    """Float maps [..., gh, gw] and bool masks [..., H, W] on the maps' device, leading dims checked."""
+    maps = _as_float(maps)
+    masks = _as_bool(masks).to(maps.device)
+    if maps.ndim < 3 or masks.ndim != maps.ndim or masks.shape[:-2] != maps.shape[:-2]:
+        raise ValueError(
+            f"maps [..., gh, gw] and masks [..., H, W] need the same leading dims, got "
+            f"{tuple(maps.shape)} and {tuple(masks.shape)}"
+        )
+    return maps, masks
+
+
 def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 0) -> PointingResult:
     """Pointing game (Zhang et al. 2018) on patch-grid maps.
 
@@ -156,13 +168,7 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 0) -> PointingRe
         :class:`PointingResult`; its tensors have the leading shape of ``maps`` and live on the
         device of ``maps``.
     """
-    maps = _as_float(maps)
-    masks = _as_bool(masks).to(maps.device)
-    if maps.ndim < 3 or masks.ndim != maps.ndim or masks.shape[:-2] != maps.shape[:-2]:
-        raise ValueError(
-            f"maps [..., gh, gw] and masks [..., H, W] need the same leading dims, got "
-            f"{tuple(maps.shape)} and {tuple(masks.shape)}"
-        )
+    maps, masks = _maps_and_masks(maps, masks)
     lead = maps.shape[:-2]
     H, W = masks.shape[-2:]
     flat_maps = torch.nan_to_num(maps.reshape(-1, *maps.shape[-2:]), nan=0.0, posinf=0.0, neginf=0.0)
@@ -220,13 +226,7 @@ def energy_pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
         no positive mass (all zero) or the mask is empty. Use :func:`nan_mean` (or
         :func:`energy_pointing_mean`) to average.
     """
-    maps = _as_float(maps)
-    masks = _as_bool(masks).to(maps.device)
-    if maps.ndim < 3 or masks.ndim != maps.ndim or masks.shape[:-2] != maps.shape[:-2]:
-        raise ValueError(
-            f"maps [..., gh, gw] and masks [..., H, W] need the same leading dims, got "
-            f"{tuple(maps.shape)} and {tuple(masks.shape)}"
-        )
+    maps, masks = _maps_and_masks(maps, masks)
     up = upsample_maps(maps, masks.shape[-2:]).clamp(min=0).flatten(-2)
     m = masks.flatten(-2)
     total = up.sum(-1)

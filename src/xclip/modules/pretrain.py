@@ -30,12 +30,15 @@ class ClipPretrainModule(ZeroShotEvaluation):
         context_length: tokenizer context (captions are short; fewer positions = faster text tower).
         lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay to 0.
         export_dir: where to export the trained weights at the end of fit (None: do not).
+        init_checkpoint: an xclip checkpoint directory to start from (a warm restart of an
+            earlier stage); its architecture must equal `model_cfg`.
     """
 
     def __init__(self, model_cfg: dict[str, Any], context_length: int = 32, lr: float = 1e-3,
                  weight_decay: float = 0.1, warmup_steps: int = 200, image_mean: tuple[float, ...] = OPENAI_DATASET_MEAN,
                  image_std: tuple[float, ...] = OPENAI_DATASET_STD, export_dir: str | None = None,
-                 classes: dict[str, list[str]] | None = None, prompts: dict[str, list[str]] | None = None):
+                 init_checkpoint: str | None = None, classes: dict[str, list[str]] | None = None,
+                 prompts: dict[str, list[str]] | None = None):
         super().__init__(classes=classes, prompts=prompts)
         self.save_hyperparameters()
         text_cfg = dict(model_cfg.get("text_cfg", {}))
@@ -44,9 +47,19 @@ class ClipPretrainModule(ZeroShotEvaluation):
         text_cfg["context_length"] = context_length
         self.model_cfg = {**model_cfg, "text_cfg": text_cfg}
         self.model = open_clip.model.CLIP(**self.model_cfg)
+        if init_checkpoint:
+            self._load_initial_weights(Path(init_checkpoint))
         self.register_buffer("mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
         self._tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+
+    def _load_initial_weights(self, path: Path) -> None:
+        from xclip.backbones import load_checkpoint
+
+        start = load_checkpoint(path)
+        if start.model_cfg != self.model_cfg:
+            raise ValueError(f"init_checkpoint {path} has model_cfg {start.model_cfg}, expected {self.model_cfg}")
+        self.model.load_state_dict(start.model.state_dict())
 
     @lru_cache(maxsize=200_000)
     def _tokens(self, text: str) -> Tensor:
