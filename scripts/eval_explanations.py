@@ -27,7 +27,6 @@ EXPLAINERS = {
     "Grad-ECLIP (reference mode)": lambda bb: GradECLIP(bb, mode="reference"),
     "Grad-CAM (ln_1)": lambda bb: GradCAM(bb),
     "GAME (last block)": lambda bb: GAME(bb),
-    "GAME (all blocks)": lambda bb: GAME(bb, start_layer=0),
     "random map": lambda bb: RandomMap(bb, seed=0),
 }
 COLUMNS = [("pointing_single", "PG 1-obj"), ("pointing_named_two", "named 2-obj"), ("pointing_other_two", "other 2-obj"),

