@@ -73,9 +73,10 @@ def test_malformed_config_is_rejected_with_the_key(tmp_path, capsys):
     assert "bakcbone" in capsys.readouterr().err
 
 
-def test_missing_checkpoint_path_is_named(tmp_path):
+def test_missing_checkpoint_path_is_named(tmp_path, capsys):
     missing = tmp_path / "no_such_checkpoint"
     with pytest.raises((FileNotFoundError, SystemExit, ValueError)) as exc:
         main(["validate", "--config", DEMO, "--model.init_args.backbone", str(missing),
               "--trainer.logger.init_args.save_dir", str(tmp_path)])
-    assert str(missing) in str(exc.value) or exc.type is SystemExit
+    shown = str(exc.value) + capsys.readouterr().err  # jsonargparse reports on stderr
+    assert f"{missing}': no such file or directory" in shown
