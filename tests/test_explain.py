@@ -391,6 +391,22 @@ def test_batch_equals_single(name, bb, images):
     assert (full[:, 0] - full[:, 1]).abs().max() > 1e-5
 
 
+@pytest.mark.parametrize("name", list(EXPLAINERS))
+@pytest.mark.parametrize("target", ["cosine", SOFTMAX], ids=["cosine", "softmax"])
+def test_pair_maps_are_the_diagonal(name, target, bb, images):
+    explainer = EXPLAINERS[name](bb)
+    pairs = explainer.pair_maps(images, TEXTS, target=target)
+    assert pairs.shape == (3, 4, 4)
+    assert_nontrivial(pairs)
+    full = explainer.image_maps(images, TEXTS, target=target)
+    torch.testing.assert_close(pairs, full.diagonal(dim1=0, dim2=1).permute(2, 0, 1), atol=ATOL, rtol=0)
+
+
+def test_pair_maps_need_one_text_per_image(bb, images):
+    with pytest.raises(ValueError, match="3 images and 2 texts"):
+        GradECLIP(bb).pair_maps(images, TEXTS[:2])
+
+
 def test_batch_equals_single_softmax_target(bb, images):
     explainer = GradECLIP(bb)
     full = explainer.image_maps(images, TEXTS, target=SOFTMAX)

@@ -113,8 +113,7 @@ class ExplanationCallback(pl.Callback):
         with torch.inference_mode(False), torch.enable_grad():
             images01 = images.detach().clone()
             model_in = backbone.normalize(images01.to(backbone.device))
-            maps = self._explainer.image_maps(model_in, texts)  # [n, n, gh, gw]: image i with text i
-            maps = maps.diagonal(dim1=0, dim2=1).permute(2, 0, 1).cpu()  # [n, gh, gw]
+            maps = self._explainer.pair_maps(model_in, texts).cpu()  # [n, gh, gw]: image i with text i
             words = None
             if self.text_maps and isinstance(self._explainer, GradECLIP):
                 tm = self._explainer.text_maps(model_in, texts)

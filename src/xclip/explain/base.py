@@ -64,18 +64,34 @@ class Explainer:
             return self.backbone.encode_text(texts).float()
 
     def image_maps(self, images: Tensor, texts: Texts, target: str | Target = "cosine") -> Tensor:
+        """Every image with every text: [N, K, gh, gw]."""
+        return self._maps(images, texts, target, pairs=False)
+
+    def pair_maps(self, images: Tensor, texts: Texts, target: str | Target = "cosine") -> Tensor:
+        """Image n with text n only: [N, gh, gw], the diagonal of `image_maps` without computing
+        the rest (the gradient explainers take one backward instead of N)."""
+        k = texts.shape[0] if isinstance(texts, Tensor) else len(as_text_list(texts))
+        if k != images.shape[0]:
+            raise ValueError(f"pair_maps pairs image n with text n: got {images.shape[0]} images and {k} texts")
+        return self._maps(images, texts, target, pairs=True)[:, 0]
+
+    def _maps(self, images: Tensor, texts: Texts, target: str | Target, pairs: bool) -> Tensor:
+        """[N, K, gh, gw], or [N, 1, gh, gw] with image n explained for text n when `pairs`."""
         raise NotImplementedError
 
     def __call__(self, images: Tensor, texts: Texts, target: str | Target = "cosine") -> Tensor:
         return self.image_maps(images, texts, target)
 
 
-def per_text_gradients(scores: Tensor, inputs: Sequence[Tensor]) -> list[Tensor]:
+def per_text_gradients(scores: Tensor, inputs: Sequence[Tensor], pairs: bool = False) -> list[Tensor]:
     """d scores[n, k] / d inputs for every k, in one batched backward.
 
     `scores` [N, K] must have row n depend on image n only (true in eval mode), so summing over n
-    separates the images exactly. Returns one tensor per input, shaped [K, *input.shape].
+    separates the images exactly. Returns one tensor per input, shaped [K, *input.shape]; with
+    `pairs` (K == N) only d scores[n, n], shaped [1, *input.shape], from one plain backward.
     """
+    if pairs:
+        return [g[None] for g in torch.autograd.grad(scores.diagonal().sum(), list(inputs))]
     k = scores.shape[1]
     eye = torch.eye(k, dtype=scores.dtype, device=scores.device)
     grad_outputs = eye[:, None, :].expand(k, *scores.shape)  # [K, N, K]: select column k

@@ -42,7 +42,7 @@ class GAME(Explainer):
         super().__init__(backbone)
         self.start_layer = start_layer
 
-    def image_maps(self, images: Tensor, texts: Texts, target: str | Target = "cosine") -> Tensor:
+    def _maps(self, images: Tensor, texts: Texts, target: str | Target, pairs: bool) -> Tensor:
         target_fn = resolve_target(target)
         depth = len(self.backbone.vision_blocks())
         start = self.start_layer + depth if self.start_layer < 0 else self.start_layer
@@ -53,6 +53,6 @@ class GAME(Explainer):
             text_emb = self.text_embeddings(texts)
             trace = self.backbone.trace_image(images.to(self.backbone.device), n_blocks=depth - start)
             attentions = [b.attn_weights for b in trace.blocks]
-            grads = per_text_gradients(target_fn(trace.embedding, text_emb), attentions)  # each [K, N, H, L, L]
+            grads = per_text_gradients(target_fn(trace.embedding, text_emb), attentions, pairs)  # each [K, N, H, L, L]
             relevance = rollout([a.detach() for a in attentions], [g.transpose(0, 1) for g in grads])
         return relevance[:, :, 0, 1:].reshape(images.shape[0], -1, gh, gw)

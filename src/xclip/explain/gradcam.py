@@ -44,24 +44,33 @@ class GradCAM(Explainer):
             raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
         self.layer = layer
 
-    def image_maps(self, images: Tensor, texts: Texts, target: str | Target = "cosine") -> Tensor:
+    def _maps(self, images: Tensor, texts: Texts, target: str | Target, pairs: bool) -> Tensor:
+        with explaining(self.backbone.model), torch.no_grad():
+            x_in = self.backbone.trace_image(images.to(self.backbone.device), n_blocks=1).blocks[-1].x_in
+        return self.maps_from_block_input(x_in, texts, target, pairs)
+
+    def maps_from_block_input(self, x_in: Tensor, texts: Texts, target: str | Target = "cosine",
+                              pairs: bool = False) -> Tensor:
+        """Maps from the last block's input x_in [N, 1 + gh*gw, W] of a forward already run
+        (``trace_image(images, 1).blocks[-1].x_in``): [N, K, gh, gw], or [N, 1, gh, gw] with image n
+        explained for text n when `pairs`. Only the last block's CLS row is recomputed, so a caller
+        that also needs the forward's patch tokens or embedding runs the vision tower once."""
         target_fn = resolve_target(target)
         view = self.backbone.vision_blocks()[-1]
         gh, gw = self.backbone.grid_size
+        x_in = x_in.detach()
         with explaining(self.backbone.model):
             text_emb = self.text_embeddings(texts)
-            with torch.no_grad():
-                x_in = self.backbone.trace_image(images.to(self.backbone.device), n_blocks=1).blocks[-1].x_in
             with torch.enable_grad():
                 if self.layer == "ln_1":
                     acts = view.ln_1(x_in).detach().requires_grad_(True)
                     emb = self._cls_forward(view, x_in[:, 0], acts)
                 else:
-                    acts = x_in.detach().requires_grad_(True)
+                    acts = x_in.clone().requires_grad_(True)
                     emb = self._cls_forward(view, acts[:, 0], view.ln_1(acts))
-                (grads,) = per_text_gradients(target_fn(emb, text_emb), [acts])  # [K, N, L, C]
+                (grads,) = per_text_gradients(target_fn(emb, text_emb), [acts], pairs)  # [K, N, L, C]
             cam = cam_from_gradients(acts.detach()[:, 1:], grads.transpose(0, 1)[:, :, 1:])
-        return cam.reshape(images.shape[0], -1, gh, gw)
+        return cam.reshape(x_in.shape[0], -1, gh, gw)
 
     def _cls_forward(self, view: BlockView, x_cls: Tensor, normed: Tensor) -> Tensor:
         """The last block from its ln_1 output, computing the CLS row only: -> [N, D]."""

@@ -131,7 +131,7 @@ class GradECLIP(Explainer):
         self._token_counts: dict[str, int] = {}
 
     # ---- images ------------------------------------------------------------------------------
-    def image_maps(self, images: Tensor, texts: Texts, target: str | Target = "cosine") -> Tensor:
+    def _maps(self, images: Tensor, texts: Texts, target: str | Target, pairs: bool) -> Tensor:
         target_fn = resolve_target(target)
         images = images.to(self.backbone.device)
         view = self.backbone.vision_blocks()[-1]
@@ -145,7 +145,7 @@ class GradECLIP(Explainer):
             cls_out = last.attn_out[:, 0].detach().requires_grad_(True)
             with torch.enable_grad():
                 emb = self._cls_tail(view, last.x_in[:, 0], cls_out)
-                (grad,) = per_text_gradients(target_fn(emb, text_emb), [cls_out])  # [K, N, W]
+                (grad,) = per_text_gradients(target_fn(emb, text_emb), [cls_out], pairs)  # [K, N, W]
             q, k, v = self._qkv_heads(view, last)
             scores = grad_eclip_scores(grad.transpose(0, 1), q[:, :, 0], k[:, :, 1:], v[:, :, 1:])
         return scores.reshape(images.shape[0], -1, gh, gw)

@@ -19,7 +19,7 @@ class RandomMap(Explainer):
         super().__init__(backbone)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def image_maps(self, images: Tensor, texts: Texts, target: str | Target = "cosine") -> Tensor:
-        k = texts.shape[0] if isinstance(texts, Tensor) else len(as_text_list(texts))
+    def _maps(self, images: Tensor, texts: Texts, target: str | Target, pairs: bool) -> Tensor:
+        k = 1 if pairs else texts.shape[0] if isinstance(texts, Tensor) else len(as_text_list(texts))
         gh, gw = self.backbone.grid_size
         return torch.rand(images.shape[0], k, gh, gw, generator=self.generator).to(images.device)

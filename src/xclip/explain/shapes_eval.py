@@ -71,8 +71,7 @@ def paired_maps(explainer: Explainer, backbone: Backbone, images01: Tensor, text
     out = []
     for s in range(0, len(texts), batch_size):
         x = backbone.normalize(images01[s : s + batch_size].to(backbone.device))
-        maps = explainer.image_maps(x, texts[s : s + batch_size])
-        out.append(maps.diagonal(dim1=0, dim2=1).permute(2, 0, 1).detach().cpu())
+        out.append(explainer.pair_maps(x, texts[s : s + batch_size]).detach().cpu())
     return torch.cat(out)
 
 
