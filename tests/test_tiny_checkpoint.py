@@ -41,10 +41,6 @@ def test_zero_shot_colour_accuracy_floor(classification_metrics):
     assert classification_metrics["zeroshot_colour_acc"] >= 0.90, classification_metrics
 
 
-@pytest.mark.xfail(strict=True, reason="issue target not met: the shipped checkpoint measures 0.595 zero-shot shape "
-                   "accuracy on 1,000 held-out images (floor 0.90); see checkpoints/tiny-shapes/README.md")
-
-
 def test_zero_shot_shape_accuracy_floor(classification_metrics):
     assert classification_metrics["zeroshot_shape_acc"] >= 0.90, classification_metrics
 
