@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from xclip.cli import main
@@ -13,9 +14,23 @@ from xclip.cli import main
 DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
 
 
+def small_demo(tmp_path: Path, backbone: str | None = None) -> str:
+    """configs/demo.yaml with every data set shrunk to a few batches (and, optionally, every
+    member's backbone replaced)."""
+    cfg = yaml.safe_load(Path(DEMO).read_text())
+    sizes = {"n_val": 40, "n": 40, "n_id": 40, "n_ood": 40, "n_calib": 20, "batch_size": 20}
+    for dm in cfg["data"]["init_args"]["datamodules"].values():
+        dm["init_args"].update({k: v for k, v in sizes.items() if k in dm["init_args"]})
+    if backbone is not None:
+        for member in cfg["model"]["init_args"]["modules"].values():
+            member["init_args"]["backbone"] = backbone
+    path = tmp_path / "demo_small.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
 def run_demo(tmp_path, *extra):
-    main(["validate", "--config", DEMO, "--trainer.logger.init_args.save_dir", str(tmp_path),
-          "--data.init_args.n_val", "40", "--data.init_args.batch_size", "20",
+    main(["validate", "--config", small_demo(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
           "--trainer.enable_progress_bar", "false", *extra])
     runs = sorted((tmp_path / "demo").glob("version_*"))
     assert runs, f"no run directory under {tmp_path}"
@@ -36,8 +51,23 @@ def test_demo_writes_results_json_with_metrics_and_config(demo_run, capsys):
     # 40 images (the floors themselves are measured in test_tiny_checkpoint.py)
     assert metrics["val/zeroshot_shape_acc"] > 0.3 and metrics["val/zeroshot_colour_acc"] > 0.9
     assert results["stage"] == "validate"
-    assert results["backbone"] == "xclip:tiny-shapes"
-    assert results["config"]["model"]["init_args"]["backbone"] == "xclip:tiny-shapes"
+    assert results["zeroshot"]["backbone"] == "xclip:tiny-shapes"
+    members = results["config"]["model"]["init_args"]["modules"]
+    assert {m["init_args"]["backbone"] for m in members.values()} == {"xclip:tiny-shapes"}
+
+
+def test_demo_evaluates_retrieval_and_ood_in_the_same_run(demo_run):
+    results = json.loads((demo_run / "results.json").read_text())
+    metrics = results["metrics"]
+    assert results["routes"] == {"classification": "zeroshot", "retrieval": "retrieval", "ood": "ood"}
+    assert results["retrieval"]["retrieval"]["n_images"] == 40
+    assert results["retrieval"]["retrieval"]["n_captions"] == 80
+    # background-only images are far from both ID classes for the shipped checkpoint
+    assert metrics["val/ood_background/neglabel/auroc"] > 0.9
+    for split in ("ood_background", "ood_novel_shape"):
+        for variant in ("neglabel", "neglabel_star", "negalign"):
+            assert 0.0 <= metrics[f"val/{split}/{variant}/fpr95"] <= 1.0
+    assert (demo_run / "val_lambda_sweep.png").is_file() and (demo_run / "neg_labels_noun.txt").is_file()
 
 
 def test_demo_logs_scalars_and_explanation_images_to_tensorboard(demo_run):
@@ -76,7 +106,7 @@ def test_malformed_config_is_rejected_with_the_key(tmp_path, capsys):
 def test_missing_checkpoint_path_is_named(tmp_path, capsys):
     missing = tmp_path / "no_such_checkpoint"
     with pytest.raises((FileNotFoundError, SystemExit, ValueError)) as exc:
-        main(["validate", "--config", DEMO, "--model.init_args.backbone", str(missing),
+        main(["validate", "--config", small_demo(tmp_path, backbone=str(missing)),
               "--trainer.logger.init_args.save_dir", str(tmp_path)])
     shown = str(exc.value) + capsys.readouterr().err  # jsonargparse reports on stderr
     assert f"{missing}': no such file or directory" in shown

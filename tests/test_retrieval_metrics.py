@@ -91,3 +91,24 @@ def test_metric_accumulates_shards_and_drops_sampler_repeats():
             sel = owner == i
             metric.update(img[i : i + 1], torch.tensor([i]), txt[sel], owner[sel])
     assert metric.compute() == want
+
+
+def test_ranks_with_every_score_tied_across_many_columns():
+    # 2,500 columns: several 1,016-entry counting blocks plus a remainder, every count saturated
+    n = 2500
+    emb = torch.nn.functional.normalize(torch.ones(n, 4), dim=-1)
+    owner = torch.arange(n).flip(0)  # caption t belongs to image n-1-t
+    t2i, i2t = retrieval_ranks(emb, emb.clone(), owner, chunk_elements=n * 300)
+    # all scores equal: a stable sort keeps index order, so a target ranks at its own index
+    assert torch.equal(t2i, owner) and torch.equal(i2t, owner)
+
+
+def test_ranks_against_a_stable_sort_on_a_wide_tied_problem():
+    img, txt, owner = random_problem(n_img=1100, caps=2, dim=3, seed=11, quantise=True)  # wider than a block
+    scores = txt @ img.T
+    t2i_want = (torch.sort(-scores, dim=1, stable=True).indices == owner[:, None]).int().argmax(1)
+    order = torch.sort(-scores.T, dim=1, stable=True).indices  # [I, T]
+    own_in_order = owner[order] == torch.arange(len(img))[:, None]
+    i2t_want = own_in_order.int().argmax(1)
+    t2i, i2t = retrieval_ranks(img, txt, owner, chunk_elements=50_000)
+    assert torch.equal(t2i, t2i_want) and torch.equal(i2t, i2t_want)

@@ -128,6 +128,13 @@ def ood_metrics(id_scores: Tensor | np.ndarray, ood_scores: Tensor | np.ndarray,
     }
 
 
+def roc_curve(id_scores: Tensor | np.ndarray, ood_scores: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ROC with ID positive: ``(fpr [T+1], tpr [T+1])`` from (0, 0), one point per distinct threshold
+    (descending), tied scores entering together; the trapezoid area under it is ``ood_metrics``' AUROC."""
+    tps, fps = _counts(_as_scores(id_scores, "id_scores"), _as_scores(ood_scores, "ood_scores"))
+    return np.r_[0.0, fps / fps[-1]], np.r_[0.0, tps / tps[-1]]
+
+
 class OODMetrics(Metric):
     """Accumulates raw OOD scores and ID flags; `compute` returns :func:`ood_metrics` of all of them.
 

@@ -34,16 +34,25 @@ class RetrievalRecall(Metric):
         self.text_emb.append(text_emb.detach().float())
         self.text_image_index.append(text_image_index.detach().long())
 
-    def compute(self) -> dict[str, float]:
+    def ordered(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The accumulated gallery in dataset order, each image and caption once.
+
+        Returns ``(image_index [I], image_emb [I,D], text_emb [T,D], text_to_image [T])``: the
+        sorted dataset indices seen, their embeddings, the captions ordered by (image, caption
+        slot) and each caption's position in ``image_index``. This order does not depend on how
+        the data was sharded, so several processes give the very numbers of one. Reads the local
+        state: wrap it in ``sync_context()`` to see every process's share.
+        """
         img, img_idx = dim_zero_cat(self.image_emb), dim_zero_cat(self.image_index)
         txt, txt_img = dim_zero_cat(self.text_emb), dim_zero_cat(self.text_image_index)
         # Deduplicate images (a distributed sampler pads with repeats) and order by dataset index.
         uniq, first = _first_occurrence(img_idx)
-        img = img[first]
         # Captions of repeated images are repeated too: keep one copy of each (image, caption slot).
         keep = _unique_captions(txt_img)
-        txt, txt_img = txt[keep], txt_img[keep]
-        position = torch.searchsorted(uniq, txt_img)
+        return uniq, img[first], txt[keep], torch.searchsorted(uniq, txt_img[keep])
+
+    def compute(self) -> dict[str, float]:
+        _, img, txt, position = self.ordered()
         return retrieval_recall_at_k(img, txt, position, self.ks)
 
 
@@ -57,7 +66,8 @@ def _first_occurrence(index: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _unique_captions(text_image_index: Tensor) -> Tensor:
-    """Positions of captions to keep: the first block of captions of each image.
+    """Positions of captions to keep, ordered by (image, caption slot): the first block of
+    captions of each image.
 
     Captions of one image arrive together; a repeated image repeats its whole block, so the k-th
     caption of an image is identified by (image, k) and kept once.
@@ -72,4 +82,4 @@ def _unique_captions(text_image_index: Tensor) -> Tensor:
     slot = torch.arange(n, device=text_image_index.device) - block_start[block]
     key = text_image_index * (int(slot.max()) + 1) + slot
     _, first = _first_occurrence(key)
-    return first.sort().values
+    return first

@@ -1,0 +1,99 @@
+"""`RetrievalDataModule`: one caption gallery (ShapesWorld, COCO captions or a Karpathy split)
+served as ``retrieval`` batches in gallery order."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from xclip.data.coco import load_coco_captions, load_karpathy
+from xclip.data.gallery import CaptionGallery, ShapesGallery
+from xclip.data.shapes.datamodule import collate_captions
+
+SOURCES = ("shapes", "coco", "karpathy")
+
+
+class RetrievalDataModule(pl.LightningDataModule):
+    """A retrieval gallery for validate/test. Batches: ``{"image" [B,3,S,S] in [0,1], "texts"
+    [T], "text_to_image" [T] (position in the batch), "index" [B] (gallery index), "task":
+    "retrieval"}``; the gallery itself is ``.gallery``.
+
+    When a module already holds the gallery's embeddings (an embedding cache hit) it sets
+    ``skip_images = True``; the loader then yields index-only batches (``"cached": True``) and no
+    image is read or decoded.
+
+    Args:
+        source: ``shapes`` | ``coco`` | ``karpathy``.
+        n: gallery size (shapes), or the seeded subset size (coco, karpathy; None = all).
+        seed: the ShapesWorld seed, or the seed of the subset draw.
+        image_size: side of the square images (resized shorter side + centre crop for files).
+        data_root: coco: the COCO directory; karpathy: the directory ``filepath/filename`` is under.
+        annotations: relative to `data_root`; default ``annotations/captions_val2017.json`` (coco),
+            ``dataset_coco.json`` (karpathy).
+        images: coco: the image directory under `data_root` (default ``val2017``).
+        split: karpathy: ``test`` | ``val`` | ``train`` | ``restval``.
+        max_objects, captions_per_image: shapes only.
+    """
+
+    def __init__(self, source: str = "shapes", n: int | None = 1000, seed: int = 1000, image_size: int = 64,
+                 data_root: str | None = None, annotations: str | None = None, images: str = "val2017",
+                 split: str = "test", max_objects: int = 3, captions_per_image: int = 2, batch_size: int = 128,
+                 num_workers: int = 0):
+        super().__init__()
+        if source not in SOURCES:
+            raise ValueError(f"unknown retrieval source {source!r}; choose from {SOURCES}")
+        if source != "shapes" and not data_root:
+            raise ValueError(f"source={source!r} needs data_root (the directory holding the images and annotations)")
+        if source == "shapes" and n is None:
+            raise ValueError("source='shapes' needs a gallery size n")
+        self.source, self.n, self.seed, self.image_size = source, n, seed, image_size
+        self.data_root, self.annotations, self.images, self.split = data_root, annotations, images, split
+        self.max_objects, self.captions_per_image = max_objects, captions_per_image
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.skip_images = False
+
+    @cached_property
+    def gallery(self) -> CaptionGallery:
+        """The gallery (built on first use; annotation problems surface here)."""
+        if self.source == "shapes":
+            return ShapesGallery(n=self.n, seed=self.seed, image_size=self.image_size, max_objects=self.max_objects,
+                                 captions_per_image=self.captions_per_image)
+        if self.source == "coco":
+            return load_coco_captions(self.data_root, self.annotations or "annotations/captions_val2017.json",
+                                      self.images, self.n, self.seed, self.image_size)
+        return load_karpathy(self.data_root, self.annotations or "dataset_coco.json", self.split, self.n, self.seed,
+                             self.image_size)
+
+    def setup(self, stage: str) -> None:
+        self.gallery  # noqa: B018 - fail on bad annotations before any model work
+
+    def val_dataloader(self) -> DataLoader:
+        if self.skip_images:
+            return DataLoader(_Indices(len(self.gallery)), batch_size=self.batch_size, collate_fn=_collate_cached)
+        return DataLoader(self.gallery, batch_size=self.batch_size, num_workers=self.num_workers,
+                          collate_fn=_collate_retrieval, persistent_workers=self.num_workers > 0)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+class _Indices(Dataset):
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def _collate_retrieval(items: list[dict]) -> dict:
+    return {**collate_captions(items), "task": "retrieval"}
+
+
+def _collate_cached(indices: list[int]) -> dict:
+    return {"index": torch.tensor(indices, dtype=torch.long), "task": "retrieval", "cached": True}

@@ -1,0 +1,273 @@
+"""NegAlign wiring on the shipped tiny CLIP: one forward per batch, the module's numbers against a
+direct NegLabel computation, outputs, errors, configs; the NegLabel floor on ShapesWorld."""
+
+import csv
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from negalign_fixtures import write_placesbg, write_waterbirds
+from xclip.backbones import load_backbone
+from xclip.callbacks import NegAlignMapsCallback
+from xclip.cli import main
+from xclip.data.ood import OODDataModule
+from xclip.data.shapes import SpuriousShapes
+from xclip.explain import GradCAM
+from xclip.metrics import ood_metrics
+from xclip.models import NegAlignFeatures, NegLabelScorer
+from xclip.modules import NegAlignModule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """Module arguments for ~77 mined negatives (the shipped ShapesWorld lists), with one text
+    embedding cache for the whole file so each vocabulary is encoded once."""
+    return {"n_groups": 4, "m1_topk": 2, "text_cache_dir": str(tmp_path_factory.mktemp("text_cache"))}
+
+
+@pytest.fixture(scope="module")
+def bb():
+    return load_backbone("xclip:tiny-shapes")
+
+
+@pytest.fixture(scope="module")
+def images(bb):
+    ds = SpuriousShapes(n=6, seed=5)
+    return bb.normalize(torch.stack([ds[i]["image"] for i in range(6)]))
+
+
+# ---- features: one forward -------------------------------------------------------------------
+def test_features_match_standalone_gradcam_and_dense_pooling(bb, images):
+    id_emb = bb.encode_text(["the nice square", "the nice circle"]).detach()
+    feats = NegAlignFeatures(bb)(images, id_emb)
+    with torch.no_grad():
+        torch.testing.assert_close(feats.image_emb, bb.encode_image(images), atol=1e-5, rtol=1e-4)
+        pred = (F.normalize(bb.encode_image(images), dim=-1) @ F.normalize(id_emb, dim=-1).T).argmax(1)
+        tokens = bb.trace_image(images).patch_tokens
+    assert torch.equal(feats.pred_class, pred)
+    # the CAM of the predicted class, as the standalone Grad-CAM explainer computes it
+    torch.testing.assert_close(feats.cam, GradCAM(bb).pair_maps(images, id_emb[pred]), atol=1e-6, rtol=1e-4)
+    assert feats.cam_valid.all() and (feats.cam >= 0).all()
+    # background = ln_post + proj of the mean patch token outside the dilated top-20% foreground
+    bg = ~feats.fg_mask.flatten(1)
+    assert (bg.sum(1) > 0).all() and (feats.fg_mask.flatten(1).float().mean(1) >= 0.2).all()
+    manual = torch.stack([bb.image_head(tokens[i][bg[i]].mean(0)) for i in range(len(images))])
+    torch.testing.assert_close(feats.bg_emb, manual, atol=1e-5, rtol=1e-4)
+
+
+def test_features_run_the_vision_tower_once(bb, images, monkeypatch):
+    calls = {"embed": 0, "encode": 0}
+    embed, encode = bb._embed_image, bb._encode_image
+
+    def counting_embed(x):
+        calls["embed"] += 1
+        return embed(x)
+
+    def counting_encode(x):
+        calls["encode"] += 1
+        return encode(x)
+
+    monkeypatch.setattr(bb, "_embed_image", counting_embed)
+    monkeypatch.setattr(bb, "_encode_image", counting_encode)
+    NegAlignFeatures(bb)(images, torch.randn(2, bb.embed_dim))
+    assert calls == {"embed": 1, "encode": 0}
+
+
+# ---- the module on the WaterBirds / PlacesBG fixture ----------------------------------------
+@pytest.fixture(scope="module")
+def fixture_dirs(tmp_path_factory):
+    return (write_waterbirds(tmp_path_factory.mktemp("waterbirds")),
+            write_placesbg(tmp_path_factory.mktemp("placesbg")))
+
+
+def validate(module, dirs, save_dir, callbacks=()):
+    dm = OODDataModule(source="waterbirds", root=str(dirs[0]), ood_dirs={"placesbg": str(dirs[1])},
+                       image_size=64, batch_size=4)
+    trainer = pl.Trainer(accelerator="cpu", logger=TensorBoardLogger(str(save_dir), name="neg"),
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
+    trainer.validate(module, dm, verbose=False)
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def fixture_run(fixture_dirs, tmp_path_factory, small):
+    module = NegAlignModule(**small, breakdown_csv=True)
+    calls = {"embed": 0, "encode": 0}
+    embed, encode = module.backbone._embed_image, module.backbone._encode_image
+
+    def counting_embed(x):
+        calls["embed"] += 1
+        return embed(x)
+
+    def counting_encode(x):
+        calls["encode"] += 1
+        return encode(x)
+
+    module.backbone._embed_image, module.backbone._encode_image = counting_embed, counting_encode
+    trainer = validate(module, fixture_dirs, tmp_path_factory.mktemp("runs"), [NegAlignMapsCallback(max_per_split=2)])
+    return module, trainer, calls
+
+
+def test_one_vision_forward_per_batch_for_every_variant_and_lambda(fixture_run):
+    module, _, calls = fixture_run
+    # calibration 3 images (1 batch), ID 7 test images (2 batches), PlacesBG 7 images (2 batches)
+    assert calls == {"embed": 5, "encode": 0}
+    res = module.extra_results()["negalign"]
+    assert len(res["per_lambda"]) == 6 and len(res["ablation"]) == 8  # M2 is unavailable on this model
+
+
+def test_plain_neglabel_equals_a_direct_computation(fixture_run, fixture_dirs):
+    module, trainer, _ = fixture_run
+    bb, scorer = module.backbone, module.terms.scorer.neglabel
+    direct = NegLabelScorer(scorer.id_emb, scorer.neg_emb, n_groups=4, seed=0)
+    dm = OODDataModule(source="waterbirds", root=str(fixture_dirs[0]), ood_dirs={"placesbg": str(fixture_dirs[1])},
+                       image_size=64, batch_size=4)  # the module's batches: identical float rounding
+    scores = {}
+    for loader in dm.val_dataloader():
+        parts = []
+        for batch in loader:
+            with torch.no_grad():
+                emb = bb.trace_image(bb.normalize(batch["image"])).embedding  # the module's forward
+                torch.testing.assert_close(emb, bb.encode_image(bb.normalize(batch["image"])), atol=1e-5, rtol=1e-4)
+            parts.append(direct(emb.double()))
+        scores[batch["split"]] = torch.cat(parts)
+    expected = ood_metrics(scores["id"], scores["ood_placesbg"])
+    res = module.extra_results()["negalign"]
+    assert res["variants"]["neglabel"]["ood_placesbg"] == expected
+    row = next(r for r in res["ablation"] if r["name"] == "neglabel")
+    assert row["metrics"]["ood_placesbg"] == expected  # all toggles off == NegLabel
+    per_image = list(csv.DictReader((Path(trainer.logger.log_dir) / "val_per_image.csv").open()))
+    for split, direct_scores in scores.items():
+        logged = [float(r["s_neglabel_plain"]) for r in per_image if r["split"] == split]
+        torch.testing.assert_close(torch.tensor(logged, dtype=torch.float64), direct_scores, rtol=1e-9, atol=0)
+    # lambda 0 of the configured variant (m3 + p_align) is NegLabel* exactly
+    assert res["per_lambda"][0]["metrics"] == res["variants"]["neglabel_star"]
+
+
+def test_results_report_skips_statistics_and_vocabulary(fixture_run):
+    module, trainer, _ = fixture_run
+    res = module.extra_results()["negalign"]
+    splits = res["splits"]
+    assert splits["id"]["n"] == 6 and splits["id"]["skipped"] == 1  # the corrupt JPEG
+    assert splits["ood_placesbg"]["n"] == 7 and splits["ood_placesbg"]["skipped"] == 0
+    assert splits["calib"]["role"] == "calib" and 0 <= splits["id"]["cam_valid_rate"] <= 1
+    assert "id_accuracy" in splits["id"] and "id_accuracy" not in splits["ood_placesbg"]
+    assert res["best_lambda"] in res["lambdas"] and res["config"]["n_negatives"] > 0
+    assert res["ablation_unavailable"].keys() == {"m2"}
+    assert "val/ood_placesbg/negalign/auroc" in trainer.callback_metrics
+    out = Path(trainer.logger.log_dir)
+    roles = list(csv.DictReader((out / "neg_roles.csv").open()))
+    assert len(roles) == res["config"]["n_negatives"]
+    for role in ("object", "background", "ambiguous"):
+        words = (out / f"neg_{role}.txt").read_text().split()
+        assert words == [r["word"] for r in roles if r["role"] == role]
+    mined = (out / "neg_labels_noun.txt").read_text().split() + (out / "neg_labels_adj.txt").read_text().split()
+    assert mined == [r["word"] for r in roles]
+    per_image = list(csv.DictReader((out / "val_per_image.csv").open()))
+    assert len(per_image) == 3 + 6 + 7
+    assert set(per_image[0]) >= {"s_neglabel_plain", "s_neglabel_star", "p_align", "s_final", "pred_class", "cam_valid"}
+    for name in ("val_lambda_sweep.png", "val_roc.png"):
+        assert (out / name).stat().st_size > 1000
+    index = json.loads((out / "explanations" / "negalign" / "val_index.json").read_text())
+    assert {i["split"] for i in index["items"]} == {"id", "ood_placesbg"} and len(index["items"]) == 4
+
+
+def test_vocabulary_text_embeddings_are_computed_once(fixture_run, fixture_dirs, tmp_path, small):
+    module, _, _ = fixture_run
+    encoded = module.texts.encoded
+    assert encoded > 500  # the file's first build: ID prompts, ~520 candidate words, role templates
+    validate(module, fixture_dirs, tmp_path)  # a second pass reuses the run's text side
+    assert module.texts.encoded == encoded
+    again = NegAlignModule(**small)
+    again.build_text_side()  # a new run finds every list in the disk cache
+    assert again.texts.encoded == 0
+    torch.testing.assert_close(again.terms.scorer.neglabel.neg_emb, module.terms.scorer.neglabel.neg_emb)
+
+
+def test_saved_negative_labels_are_used_as_they_are(fixture_run, small):
+    module, trainer, _ = fixture_run
+    again = NegAlignModule(**small, neg_labels_dir=trainer.logger.log_dir)
+    again.build_text_side()
+    assert again.negatives.words == module.negatives.words
+    torch.testing.assert_close(again.terms.scorer.neglabel.neg_emb, module.terms.scorer.neglabel.neg_emb)
+
+
+# ---- errors --------------------------------------------------------------------------------
+def test_empty_vocabulary_is_an_error(tmp_path, small):
+    with pytest.raises(ValueError, match="vocabulary is empty"):
+        NegAlignModule(**small, nouns=[], adjectives=[]).build_text_side()
+    empty = tmp_path / "nouns.txt"
+    empty.write_text("# nothing\n")
+    with pytest.raises(ValueError, match="`nouns`"):
+        NegAlignModule(**small, nouns=str(empty)).build_text_side()
+
+
+def test_id_class_missing_from_prompts_is_an_error(small):
+    with pytest.raises(ValueError, match=r"`id_prompts`.*\['circle'\]"):
+        NegAlignModule(**small, id_prompts={"square": ["a square"]}).build_text_side()
+    with pytest.raises(ValueError, match="`id_prompts`"):
+        NegAlignModule(**small, id_prompts=["a photo"]).build_text_side()
+
+
+def test_unavailable_configured_toggle_is_an_error(small):
+    with pytest.raises(ValueError, match="`m2` is on but only"):
+        NegAlignModule(**small, m2=True).build_text_side()
+
+
+# ---- configs and the CLI -------------------------------------------------------------------
+def test_waterbirds_config_parses(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["validate", "--config", str(ROOT / "configs" / "negalign_waterbirds.yaml"), "--print_config"])
+    assert exc.value.code == 0
+    printed = capsys.readouterr().out
+    assert "openclip:ViT-B-16/openai" in printed and "source: waterbirds" in printed
+
+
+@pytest.fixture(scope="module")
+def shapes_cli_run(tmp_path_factory, small):
+    save = tmp_path_factory.mktemp("cli")
+    main(["validate", "--config", str(ROOT / "configs" / "negalign_shapes.yaml"),
+          "--trainer.logger.init_args.save_dir", str(save), "--trainer.enable_progress_bar", "false",
+          "--model.init_args.text_cache_dir", small["text_cache_dir"],
+          "--data.init_args.n_id", "20", "--data.init_args.n_ood", "20", "--data.init_args.n_calib", "20",
+          "--data.init_args.batch_size", "20"])
+    return sorted((save / "negalign_shapes").glob("version_*"))[-1]
+
+
+def test_shapes_config_writes_results_and_tensorboard(shapes_cli_run):
+    results = json.loads((shapes_cli_run / "results.json").read_text())
+    assert results["backbone"] == "xclip:tiny-shapes"
+    metrics, neg = results["metrics"], results["negalign"]
+    for split in ("ood_background", "ood_novel_shape"):
+        for variant in ("neglabel", "neglabel_star", "negalign"):
+            assert 0 <= metrics[f"val/{split}/{variant}/auroc"] <= 1
+    assert [p["lambda"] for p in neg["per_lambda"]] == [0.0, 0.5, 1.0, 2.0, 5.0, 10.0]
+    assert {"m1", "m2", "m3", "p_align"} == set(neg["ablation"][0]) - {"name", "metrics", "per_lambda"}
+    acc = EventAccumulator(str(shapes_cli_run), size_guidance={"images": 0})
+    acc.Reload()
+    images = acc.Tags()["images"]
+    assert "val/negalign/lambda_sweep" in images and "val/negalign/roc" in images
+    assert sum(t.startswith("negalign_maps/val/") for t in images) == 12  # 4 per ID / OOD split
+
+
+def test_neglabel_auroc_against_background_only_ood_with_the_shipped_checkpoint(small):
+    module = NegAlignModule(**small)
+    neglabel = module.build_text_side().scorer.neglabel
+    bb = module.backbone
+
+    def scores(ood):
+        ds = SpuriousShapes(n=200, seed=1000 + (ood is not None), ood=ood)
+        x = torch.stack([ds[i]["image"] for i in range(len(ds))])
+        with torch.no_grad():
+            return neglabel(bb.encode_image(bb.normalize(x)).double())
+
+    auroc = ood_metrics(scores(None), scores("background"))["auroc"]
+    assert auroc >= 0.9
