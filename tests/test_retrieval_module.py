@@ -11,9 +11,9 @@ import torch
 from test_retrieval_metrics import brute_force
 
 from xclip.backbones import load_backbone, save_checkpoint
-from xclip.data import RetrievalDataModule, ShapesGallery, ShapesWorldDataModule
+from xclip.data import CombinedDataModule, RetrievalDataModule, ShapesGallery, ShapesWorldDataModule
 from xclip.data.embedding_cache import TENSORS_NAME
-from xclip.modules import RetrievalModule
+from xclip.modules import EvaluationSuite, RetrievalModule
 
 TINY_CFG = {
     "embed_dim": 32,
@@ -119,6 +119,23 @@ def test_cache_hit_skips_model_and_images_and_gives_the_same_numbers(tiny_spec, 
     assert second.recall_values == first.recall_values
     assert torch.equal(second.gallery_embeddings.text_emb, first.gallery_embeddings.text_emb)
     assert second.extra_results()["retrieval"]["embedding_cache"]["status"] == "hit"
+
+
+def test_cache_hit_inside_an_evaluation_suite_skips_the_images_too(tiny_spec, tmp_path, monkeypatch):
+    calls = count_work(monkeypatch)
+
+    def run():
+        member = RetrievalModule(tiny_spec, cache_dir=str(tmp_path))
+        data = CombinedDataModule({"retrieval": RetrievalDataModule(source="shapes", n=16, seed=0, image_size=32,
+                                                                    batch_size=8)})
+        validate(EvaluationSuite({"retrieval": member}, routes={"retrieval": "retrieval"}), data)
+        return member
+
+    first = run()
+    assert first._cache.status == "miss; written" and calls == {"image": 16, "encode": 2}
+    second = run()
+    assert second._cache.status == "hit" and calls == {"image": 16, "encode": 2}
+    assert second.recall_values == first.recall_values
 
 
 def test_changed_key_recomputes(tiny_spec, tmp_path, monkeypatch):

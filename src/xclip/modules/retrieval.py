@@ -70,7 +70,8 @@ class RetrievalModule(pl.LightningModule):
 
     # ---- gallery and cache --------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        self.gallery = _gallery_of(getattr(self.trainer, "datamodule", None))
+        data = _serving_datamodule(getattr(self.trainer, "datamodule", None))
+        self.gallery = _gallery_of(data)
         self._cache, self._cached = None, None
         if self.cache_dir is None or self.gallery is None:
             return
@@ -80,10 +81,10 @@ class RetrievalModule(pl.LightningModule):
         # every process must take the same path: use the cache only if all of them could read it
         if self.trainer.strategy.reduce_boolean_decision(cached is not None, all=True):
             self._cached = cached
-            if hasattr(self.trainer.datamodule, "skip_images"):
-                self.trainer.datamodule.skip_images = True
-        elif hasattr(self.trainer.datamodule, "skip_images"):
-            self.trainer.datamodule.skip_images = False
+            if hasattr(data, "skip_images"):
+                data.skip_images = True
+        elif hasattr(data, "skip_images"):
+            data.skip_images = False
 
     def cache_key(self) -> dict[str, Any]:
         """What the embeddings depend on: model spec and weights (hashed at every call: weights
@@ -167,12 +168,17 @@ class RetrievalModule(pl.LightningModule):
         }
 
 
+def _serving_datamodule(datamodule: Any) -> Any:
+    """The datamodule that serves the retrieval gallery: itself, or inside a ``CombinedDataModule``
+    the first member that serves one."""
+    if isinstance(datamodule, CombinedDataModule):
+        return next((dm for dm in datamodule.datamodules.values() if _gallery_of(dm) is not None), None)
+    return datamodule
+
+
 def _gallery_of(datamodule: Any) -> CaptionGallery | None:
     """The gallery a datamodule serves: its ``gallery``, or for ShapesWorld the ``ShapesGallery``
-    with the very samples of its held-out ``retrieval`` set; inside a ``CombinedDataModule``, the
-    first member that serves one."""
-    if isinstance(datamodule, CombinedDataModule):
-        return next(filter(None, map(_gallery_of, datamodule.datamodules.values())), None)
+    with the very samples of its held-out ``retrieval`` set."""
     if isinstance(getattr(datamodule, "gallery", None), CaptionGallery):
         return datamodule.gallery
     if isinstance(datamodule, ShapesWorldDataModule) and "retrieval" in datamodule.val_tasks:
