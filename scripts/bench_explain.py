@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,21 +22,12 @@ import torch
 from xclip.backbones import Backbone, load_backbone
 from xclip.explain import GradCAM, GradECLIP
 from xclip.io import atomic_write_text
+from xclip.timing import median_time
 
 TEXTS = [f"a photo of a {c} {s}" for c, s in zip(["red", "green", "blue", "yellow", "purple", "orange", "red",
                                                     "green", "blue", "yellow"],
                                                    ["circle", "square", "star", "heart", "cross", "triangle", "star",
                                                     "circle", "heart", "square"])]
-
-
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench(backbone: Backbone, batch: int, repeats: int, loop_images: int) -> dict[str, float]:

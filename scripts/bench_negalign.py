@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,16 +30,7 @@ from xclip.data.vocabulary import builtin_wordlist, read_words
 from xclip.io import atomic_write_text
 from xclip.models import NegAlignFeatures, NegAlignScorer, NegAlignTerms, NegLabelScorer
 from xclip.models.text_embeddings import TextEmbeddings
-
-
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from xclip.timing import median_time
 
 
 def once(fn: Callable[[], object]) -> float:

@@ -10,7 +10,6 @@ from typing import Any
 
 import open_clip
 import torch
-import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import Tensor
 
