@@ -112,3 +112,9 @@ def test_ranks_against_a_stable_sort_on_a_wide_tied_problem():
     i2t_want = own_in_order.int().argmax(1)
     t2i, i2t = retrieval_ranks(img, txt, owner, chunk_elements=50_000)
     assert torch.equal(t2i, t2i_want) and torch.equal(i2t, i2t_want)
+
+
+def test_float64_embeddings_give_the_float64_brute_force_numbers():
+    img, txt, owner = random_problem(seed=3)
+    img, txt = img.double(), txt.double()
+    assert retrieval_recall_at_k(img, txt, owner, (1, 5)) == brute_force(img, txt, owner, (1, 5))

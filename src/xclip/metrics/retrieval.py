@@ -109,7 +109,8 @@ def _i2t_ranks(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, chunk
         own = by_image[first[s] : first[e]]
         row = text_to_image[own] - s
         own_score = scores[row, own]
-        best = torch.full((e - s,), float("-inf"), device=device).scatter_reduce(0, row, own_score, "amax")
+        best = torch.full((e - s,), float("-inf"), dtype=scores.dtype, device=device).scatter_reduce(
+            0, row, own_score, "amax")
         # the best own caption; among equal scores the lowest index, as a stable sort puts it first
         candidate = torch.where(own_score == best[row], own, torch.full_like(own, n_txt))
         best_idx = torch.full((e - s,), n_txt, device=device).scatter_reduce(0, row, candidate, "amin")
