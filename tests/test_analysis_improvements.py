@@ -22,6 +22,7 @@ from xclip.analysis.improvements import (
     words,
     write_improvements,
 )
+from xclip.backbones import Backbone
 from xclip.metrics import retrieval_ranks
 
 
@@ -87,6 +88,8 @@ def test_templates_are_filled_and_encoded_per_template():
             self.calls.append(list(texts))
             emb = torch.tensor([[float(len(t)), 1.0] for t in texts])
             return F.normalize(emb, dim=-1) if normalize else emb
+
+        encode_texts = Backbone.encode_texts  # the real batching over the counted encode_text
 
     bb = CountingBackbone()
     emb = encode_templates(bb, ["ab", "abcd", "x"], ["{}", "a photo of {}."], batch_size=2)

@@ -276,6 +276,17 @@ def test_pseudo_token_only_first_slot_and_missing_slot(bb):
 
 
 # ---- tokenizer and preprocessing -----------------------------------------------------------
+def test_encode_texts_in_batches_equals_one_forward(bb):
+    texts = ["a red circle", "two blue squares", "a star on sand", "a heart", "a green cross"]
+    whole = bb.encode_text(texts, normalize=True)
+    torch.testing.assert_close(bb.encode_texts(texts, batch_size=2, normalize=True), whole, atol=1e-5, rtol=0)
+    torch.testing.assert_close(bb.encode_texts(texts, batch_size=2), bb.encode_text(texts), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="at least one text"):
+        bb.encode_texts([])
+    with pytest.raises(ValueError, match="batch_size"):
+        bb.encode_texts(texts, batch_size=0)
+
+
 def test_tokenize_and_decode(bb):
     tokens = bb.tokenize(["a photo of $ that", "x " * 40])
     assert tokens.dtype == torch.long and tokens.shape == (2, 16)

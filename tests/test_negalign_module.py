@@ -63,20 +63,19 @@ def test_features_match_standalone_gradcam_and_dense_pooling(bb, images):
     torch.testing.assert_close(feats.bg_emb, manual, atol=1e-5, rtol=1e-4)
 
 
-def test_features_run_the_vision_tower_once(bb, images, monkeypatch):
+def count_vision_calls(backbone, set_attr=setattr) -> dict[str, int]:
+    """Count the backbone's vision-tower entries: patch embedding (traced path) and encode_image."""
     calls = {"embed": 0, "encode": 0}
-    embed, encode = bb._embed_image, bb._encode_image
+    for key, name in (("embed", "_embed_image"), ("encode", "_encode_image")):
+        def counting(x, _key=key, _fn=getattr(backbone, name)):
+            calls[_key] += 1
+            return _fn(x)
+        set_attr(backbone, name, counting)
+    return calls
 
-    def counting_embed(x):
-        calls["embed"] += 1
-        return embed(x)
 
-    def counting_encode(x):
-        calls["encode"] += 1
-        return encode(x)
-
-    monkeypatch.setattr(bb, "_embed_image", counting_embed)
-    monkeypatch.setattr(bb, "_encode_image", counting_encode)
+def test_features_run_the_vision_tower_once(bb, images, monkeypatch):
+    calls = count_vision_calls(bb, monkeypatch.setattr)
     NegAlignFeatures(bb)(images, torch.randn(2, bb.embed_dim))
     assert calls == {"embed": 1, "encode": 0}
 
@@ -100,18 +99,7 @@ def validate(module, dirs, save_dir, callbacks=()):
 @pytest.fixture(scope="module")
 def fixture_run(fixture_dirs, tmp_path_factory, small):
     module = NegAlignModule(**small, breakdown_csv=True)
-    calls = {"embed": 0, "encode": 0}
-    embed, encode = module.backbone._embed_image, module.backbone._encode_image
-
-    def counting_embed(x):
-        calls["embed"] += 1
-        return embed(x)
-
-    def counting_encode(x):
-        calls["encode"] += 1
-        return encode(x)
-
-    module.backbone._embed_image, module.backbone._encode_image = counting_embed, counting_encode
+    calls = count_vision_calls(module.backbone)  # the module's own backbone, discarded with it
     trainer = validate(module, fixture_dirs, tmp_path_factory.mktemp("runs"), [NegAlignMapsCallback(max_per_split=2)])
     return module, trainer, calls
 

@@ -55,8 +55,7 @@ def encode_templates(backbone, captions: Sequence[str], templates: Sequence[str]
     out = []
     for template in templates:
         texts = templated(captions, template)
-        out.append(torch.cat([backbone.encode_text(texts[i : i + batch_size], normalize=True).float().cpu()
-                              for i in range(0, len(texts), batch_size)]))
+        out.append(backbone.encode_texts(texts, batch_size, normalize=True).float().cpu())
     return torch.stack(out)
 
 

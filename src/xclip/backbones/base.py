@@ -292,6 +292,15 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         emb = self._encode_text(self._as_tokens(tokens))
         return F.normalize(emb, dim=-1) if normalize else emb
 
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256, normalize: bool = False) -> Tensor:
+        """Any number of strings -> [K, D], `batch_size` strings per forward (bounded memory)."""
+        if not texts:
+            raise ValueError("encode_texts needs at least one text")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        return torch.cat([self.encode_text(list(texts[i : i + batch_size]), normalize=normalize)
+                          for i in range(0, len(texts), batch_size)])
+
     def encode_text_from_embeddings(
         self, token_embeds: Tensor, tokens: Tensor, pseudo_tokens: Optional[Tensor] = None
     ) -> Tensor:

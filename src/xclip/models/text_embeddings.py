@@ -76,10 +76,9 @@ class TextEmbeddings:
 
     @torch.no_grad()
     def _encode(self, texts: list[str]) -> Tensor:
-        chunks = [self.backbone.encode_text(texts[i : i + self.batch_size]).float().cpu()
-                  for i in range(0, len(texts), self.batch_size)]
+        emb = self.backbone.encode_texts(texts, self.batch_size).float().cpu()
         self.encoded += len(texts)
-        return F.normalize(torch.cat(chunks), dim=-1)
+        return F.normalize(emb, dim=-1)
 
     def _load(self, path: Path, n: int) -> Tensor | None:
         if not path.is_file():

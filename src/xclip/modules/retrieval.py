@@ -65,8 +65,7 @@ class RetrievalModule(pl.LightningModule):
 
     def embed_texts(self, texts: list[str]) -> Tensor:
         """K strings -> [K, D] L2-normalised, `text_batch_size` per forward."""
-        chunks = [texts[i : i + self.text_batch_size] for i in range(0, len(texts), self.text_batch_size)]
-        return torch.cat([self.backbone.encode_text(c, normalize=True).float() for c in chunks])
+        return self.backbone.encode_texts(texts, self.text_batch_size, normalize=True).float()
 
     # ---- gallery and cache --------------------------------------------------------------------
     def setup(self, stage: str) -> None:

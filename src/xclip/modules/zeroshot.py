@@ -131,8 +131,7 @@ class ZeroShotModule(ZeroShotEvaluation):
         return self.backbone.encode_image(self.backbone.normalize(images), normalize=True)
 
     def embed_texts(self, texts: list[str]) -> Tensor:
-        chunks = [texts[i : i + self.text_batch_size] for i in range(0, len(texts), self.text_batch_size)]
-        return torch.cat([self.backbone.encode_text(c, normalize=True) for c in chunks])
+        return self.backbone.encode_texts(texts, self.text_batch_size, normalize=True)
 
     def extra_results(self) -> dict[str, Any]:
         return {"backbone": self.backbone_spec}
