@@ -21,7 +21,7 @@ from xclip.explain import GAME, ClassSoftmax, GradCAM, GradECLIP, RandomMap, cos
 from xclip.explain.base import explaining, minmax, per_text_gradients
 from xclip.explain.game import rollout
 from xclip.explain.gradcam import cam_from_gradients
-from xclip.explain.gradeclip import grad_eclip_scores, qk_weights
+from xclip.explain.gradeclip import combine_terms, grad_eclip_scores, qk_weights
 
 TEXTS = ["a photo of a cat", "a red square on water", "two blue circles"]
 # "squareish" -> square|ish, "blorptastic" -> bl|or|p|tastic in the CLIP BPE
@@ -210,8 +210,8 @@ def test_per_text_gradients_hand_case():
 
 
 # ---- 2. against autograd through the whole traced forward ------------------------------------
-def naive_grad_eclip_model(bb, images, texts) -> torch.Tensor:
-    """Model-mode Grad-ECLIP image maps with one autograd.grad per (image, text) and loops."""
+def naive_grad_eclip_terms(bb, images, texts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model-mode lambda [N, H, J] and g.v [N, K, H, J] with one autograd.grad per (image, text) and loops."""
     view = bb.vision_blocks()[-1]
     heads = view.num_heads
     txt = bb.encode_text(texts).detach()
@@ -221,23 +221,28 @@ def naive_grad_eclip_model(bb, images, texts) -> torch.Tensor:
         cos = F.normalize(trace.embedding, dim=-1) @ F.normalize(txt, dim=-1).T
         n, length, width = last.attn_out.shape
         dh = width // heads
-        out = torch.zeros(n, len(texts), length - 1)
+        spatial = torch.zeros(n, heads, length - 1)
+        channel = torch.zeros(n, len(texts), heads, length - 1)
         for a in range(n):
+            for h in range(heads):
+                ch = slice(h * dh, (h + 1) * dh)
+                spatial[a, h] = naive_minmax(torch.stack([F.cosine_similarity(last.q[a, 0, ch], last.k[a, j, ch], dim=0)
+                                                          for j in range(1, length)]))
             for b in range(len(texts)):
                 (g,) = torch.autograd.grad(cos[a, b], last.attn_out, retain_graph=True)
                 # only the CLS row of image a reaches its embedding
                 assert g[a, 1:].abs().max() == 0
                 assert g[torch.arange(n) != a].abs().max() == 0
-                total = torch.zeros(length - 1)
                 for h in range(heads):
                     ch = slice(h * dh, (h + 1) * dh)
-                    q_cls = last.q[a, 0, ch]
-                    lam = naive_minmax(torch.stack([F.cosine_similarity(q_cls, last.k[a, j, ch], dim=0)
-                                                    for j in range(1, length)]))
-                    total += lam * (last.v[a, 1:, ch] @ g[a, 0, ch])
-                out[a, b] = F.relu(total)
-    gh, gw = bb.grid_size
-    return out.detach().reshape(n, len(texts), gh, gw)
+                    channel[a, b, h] = last.v[a, 1:, ch] @ g[a, 0, ch]
+    return spatial.detach(), channel.detach()
+
+
+def naive_grad_eclip_model(bb, images, texts) -> torch.Tensor:
+    """Model-mode Grad-ECLIP image maps [N, K, gh, gw]: ReLU(sum over heads of lambda * g.v)."""
+    spatial, channel = naive_grad_eclip_terms(bb, images, texts)
+    return F.relu((spatial[:, None] * channel).sum(2)).unflatten(-1, bb.grid_size)
 
 
 @pytest.mark.parametrize("kind", ["openclip", "hf"])
@@ -247,6 +252,25 @@ def test_gradeclip_model_mode_matches_autograd(kind, bb, hf_bb, images):
     assert maps.shape == (3, 3, 4, 4)
     assert_nontrivial(maps)
     torch.testing.assert_close(maps, naive_grad_eclip_model(backbone, images, TEXTS), atol=ATOL, rtol=0)
+
+
+def test_gradeclip_terms_match_autograd_and_combine_to_the_maps(bb, images):
+    explainer = GradECLIP(bb)
+    terms = explainer.terms(images, TEXTS)
+    heads, grid = bb.vision_blocks()[-1].num_heads, bb.grid_size
+    assert terms.spatial.shape == (3, heads, *grid) and terms.channel.shape == (3, 3, heads, *grid)
+    spatial, channel = naive_grad_eclip_terms(bb, images, TEXTS)
+    torch.testing.assert_close(terms.spatial, spatial.unflatten(-1, grid), atol=ATOL, rtol=0)
+    torch.testing.assert_close(terms.channel, channel.unflatten(-1, grid), atol=ATOL, rtol=0)
+    # the channel term is signed (the ReLU comes after the head sum), lambda spans [0, 1] per head
+    assert (terms.channel < 0).any() and (terms.channel > 0).any()
+    flat = terms.spatial.flatten(2)
+    torch.testing.assert_close(flat.amin(-1), torch.zeros(3, heads))
+    torch.testing.assert_close(flat.amax(-1), torch.ones(3, heads))
+    torch.testing.assert_close(combine_terms(terms.spatial, terms.channel), explainer.image_maps(images, TEXTS))
+    paired = explainer.terms(images, TEXTS, pairs=True)
+    torch.testing.assert_close(paired.spatial, terms.spatial)
+    torch.testing.assert_close(paired.channel[:, 0], terms.channel.diagonal(dim1=0, dim2=1).movedim(-1, 0))
 
 
 def test_gradcam_matches_autograd_on_the_library_forward(oc_model, bb, images):
@@ -405,6 +429,8 @@ def test_pair_maps_are_the_diagonal(name, target, bb, images):
 def test_pair_maps_need_one_text_per_image(bb, images):
     with pytest.raises(ValueError, match="3 images and 2 texts"):
         GradECLIP(bb).pair_maps(images, TEXTS[:2])
+    with pytest.raises(ValueError, match="3 images and 2 texts"):
+        GradECLIP(bb).terms(images, TEXTS[:2], pairs=True)
 
 
 def test_batch_equals_single_softmax_target(bb, images):

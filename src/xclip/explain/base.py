@@ -70,9 +70,7 @@ class Explainer:
     def pair_maps(self, images: Tensor, texts: Texts, target: str | Target = "cosine") -> Tensor:
         """Image n with text n only: [N, gh, gw], the diagonal of `image_maps` without computing
         the rest (the gradient explainers take one backward instead of N)."""
-        k = texts.shape[0] if isinstance(texts, Tensor) else len(as_text_list(texts))
-        if k != images.shape[0]:
-            raise ValueError(f"pair_maps pairs image n with text n: got {images.shape[0]} images and {k} texts")
+        check_pairs(images, texts)
         return self._maps(images, texts, target, pairs=True)[:, 0]
 
     def _maps(self, images: Tensor, texts: Texts, target: str | Target, pairs: bool) -> Tensor:
@@ -81,6 +79,13 @@ class Explainer:
 
     def __call__(self, images: Tensor, texts: Texts, target: str | Target = "cosine") -> Tensor:
         return self.image_maps(images, texts, target)
+
+
+def check_pairs(images: Tensor, texts: Texts) -> None:
+    """Pairing image n with text n needs as many texts as images."""
+    k = texts.shape[0] if isinstance(texts, Tensor) else len(as_text_list(texts))
+    if k != images.shape[0]:
+        raise ValueError(f"pairing image n with text n: got {images.shape[0]} images and {k} texts")
 
 
 def per_text_gradients(scores: Tensor, inputs: Sequence[Tensor], pairs: bool = False) -> list[Tensor]:

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from xclip.backbones import Backbone
 from xclip.backbones.base import BlockTrace, BlockView, trace_block
-from xclip.explain.base import Explainer, Texts, as_text_list, explaining, minmax, per_text_gradients
+from xclip.explain.base import Explainer, Texts, as_text_list, check_pairs, explaining, minmax, per_text_gradients
 from xclip.explain.targets import Target, cosine, resolve_target
 
 MODES = ("model", "reference")
@@ -47,20 +47,35 @@ def qk_weights(q_pooled: Tensor, k: Tensor, key_mask: Tensor | None = None) -> T
     return minmax(lam, dim=-1, mask=mask)
 
 
-def grad_eclip_scores(grad: Tensor, q_pooled: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """The Grad-ECLIP relevance of every patch token of every image, for K targets.
+def grad_eclip_terms(grad: Tensor, q_pooled: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """The two factors of Grad-ECLIP, per head, before they are multiplied and summed.
 
     Args:
         grad: [N, K, W] gradient of each target w.r.t. the pooled (CLS) attention output.
         q_pooled: [N, H, dh] the pooled token's query per head (W = H * dh).
         k, v: [N, H, J, dh] keys and values of the J explained tokens per head.
     Returns:
-        [N, K, J] non-negative: ReLU(sum_h sum_c g_hc lambda_hj v_hjc).
+        spatial [N, H, J]: lambda, min-max cos(q_pooled, k_j) (text-independent);
+        channel [N, K, H, J]: sum_c g_hc v_hjc (the target's direction read on each token's value).
     """
     n, kk, _ = grad.shape
     heads, dh = q_pooled.shape[-2:]
-    weighted_v = qk_weights(q_pooled, k)[..., None] * v  # [N, H, J, dh]
-    return torch.einsum("nkhd,nhjd->nkj", grad.reshape(n, kk, heads, dh), weighted_v).clamp_min(0)
+    channel = torch.einsum("nkhd,nhjd->nkhj", grad.reshape(n, kk, heads, dh), v)
+    return qk_weights(q_pooled, k), channel
+
+
+def grad_eclip_scores(grad: Tensor, q_pooled: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The Grad-ECLIP relevance of every patch token of every image, for K targets.
+
+    Same arguments as `grad_eclip_terms`. Returns [N, K, J] non-negative:
+    ReLU(sum_h sum_c g_hc lambda_hj v_hjc).
+    """
+    return combine_terms(*grad_eclip_terms(grad, q_pooled, k, v))
+
+
+def combine_terms(spatial: Tensor, channel: Tensor) -> Tensor:
+    """ReLU(sum_h spatial_h * channel_h): spatial [N, H, *grid], channel [N, K, H, *grid] -> [N, K, *grid]."""
+    return (spatial[:, None] * channel).sum(2).clamp_min(0)
 
 
 def text_layer_scores(grad: Tensor, q_pooled: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
@@ -83,6 +98,19 @@ def _head_view(t: Tensor, heads: int) -> Tensor:
     """[N, L, W] -> [N, H, L, W/H]."""
     n, length, width = t.shape
     return t.view(n, length, heads, width // heads).transpose(1, 2)
+
+
+@dataclass
+class GradECLIPTerms:
+    """Grad-ECLIP's two factors per head (one head in reference mode), on the patch grid.
+
+    ``spatial`` [N, H, gh, gw]: lambda, min-max cos(q_cls, k_j), the same for every text;
+    ``channel`` [N, K, H, gh, gw]: g . v_j, the target's gradient direction read on each patch's
+    value. Useful to see which factor puts a map's maximum where it is.
+    """
+
+    spatial: Tensor
+    channel: Tensor
 
 
 @dataclass
@@ -132,10 +160,18 @@ class GradECLIP(Explainer):
 
     # ---- images ------------------------------------------------------------------------------
     def _maps(self, images: Tensor, texts: Texts, target: str | Target, pairs: bool) -> Tensor:
+        terms = self.terms(images, texts, target, pairs)
+        return combine_terms(terms.spatial, terms.channel)
+
+    def terms(self, images: Tensor, texts: Texts, target: str | Target = "cosine", pairs: bool = False) -> GradECLIPTerms:
+        """The two factors of every image map before they are combined (see `GradECLIPTerms`):
+        ``image_maps == combine_terms(spatial, channel)``; with `pairs`, image n with text n only
+        (channel [N, 1, H, gh, gw], as `pair_maps`)."""
+        if pairs:
+            check_pairs(images, texts)
         target_fn = resolve_target(target)
         images = images.to(self.backbone.device)
         view = self.backbone.vision_blocks()[-1]
-        gh, gw = self.backbone.grid_size
         with explaining(self.backbone.model):
             text_emb = self.text_embeddings(texts)
             with torch.no_grad():
@@ -147,8 +183,9 @@ class GradECLIP(Explainer):
                 emb = self._cls_tail(view, last.x_in[:, 0], cls_out)
                 (grad,) = per_text_gradients(target_fn(emb, text_emb), [cls_out], pairs)  # [K, N, W]
             q, k, v = self._qkv_heads(view, last)
-            scores = grad_eclip_scores(grad.transpose(0, 1), q[:, :, 0], k[:, :, 1:], v[:, :, 1:])
-        return scores.reshape(images.shape[0], -1, gh, gw)
+            spatial, channel = grad_eclip_terms(grad.transpose(0, 1), q[:, :, 0], k[:, :, 1:], v[:, :, 1:])
+        grid = self.backbone.grid_size
+        return GradECLIPTerms(spatial.unflatten(-1, grid), channel.unflatten(-1, grid))
 
     def _cls_tail(self, view: BlockView, x_cls: Tensor, attn_cls: Tensor) -> Tensor:
         """The rest of the last block and the head, on the CLS row only: [N, W] -> [N, D]."""
