@@ -8,7 +8,9 @@ the shipped tiny model, at `--batch` images:
 - Grad-ECLIP for 10 texts / 1 text (target <= 1.1)
 - Grad-CAM (last block ln_1) / `encode_image` (target <= 1.5)
 - a one-image-at-a-time loop with one gradient call per text (the reference code's way) /
-  batched Grad-ECLIP, per image, 10 texts
+  batched Grad-ECLIP, per image, 10 texts (the issue's GPU target: >= 10x at batch 64)
+
+On a GPU: `python scripts/bench_explain.py --device cuda --batch 64`.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ TEXTS = [f"a photo of a {c} {s}" for c, s in zip(["red", "green", "blue", "yello
 
 
 def bench(backbone: Backbone, batch: int, repeats: int, loop_images: int) -> dict[str, float]:
-    s = backbone.image_size
-    images = torch.randn(batch, 3, s, s)
+    s, device = backbone.image_size, backbone.device
+    images = torch.randn(batch, 3, s, s, device=device)
     ge, cam = GradECLIP(backbone), GradCAM(backbone)
     text1 = backbone.encode_text(TEXTS[:1]).detach()
     text10 = backbone.encode_text(TEXTS).detach()
@@ -41,17 +43,17 @@ def bench(backbone: Backbone, batch: int, repeats: int, loop_images: int) -> dic
         with torch.no_grad():
             backbone.encode_image(images)
 
-    t_enc = median_time(encode, repeats)
-    t_ge1 = median_time(lambda: ge.image_maps(images, text1), repeats)
-    t_ge10 = median_time(lambda: ge.image_maps(images, text10), repeats)
-    t_cam = median_time(lambda: cam.image_maps(images, text1), repeats)
+    t_enc = median_time(encode, repeats, device)
+    t_ge1 = median_time(lambda: ge.image_maps(images, text1), repeats, device)
+    t_ge10 = median_time(lambda: ge.image_maps(images, text10), repeats, device)
+    t_cam = median_time(lambda: cam.image_maps(images, text1), repeats, device)
 
     def loop():  # the reference way: one image, one text, one gradient call at a time
         for i in range(loop_images):
             for k in range(text10.shape[0]):
                 ge.image_maps(images[i : i + 1], text10[k : k + 1])
 
-    t_loop_per_image = median_time(loop, 1) / loop_images
+    t_loop_per_image = median_time(loop, 1, device) / loop_images
     return {
         "encode_image_s": t_enc,
         "grad_eclip_1_text_s": t_ge1,
@@ -70,19 +72,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--loop-images", type=int, default=4, help="images timed in the one-at-a-time loop")
     parser.add_argument("--models", nargs="+", default=["openclip:ViT-B-32", "xclip:tiny-shapes"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     rows = {}
     for spec in args.models:
-        print(f"benchmarking {spec} at batch {args.batch} on {torch.get_num_threads()} threads ...", flush=True)
-        rows[spec] = bench(load_backbone(spec), args.batch, args.repeats, args.loop_images)
+        where = args.device if args.device != "cpu" else f"{torch.get_num_threads()} CPU threads"
+        print(f"benchmarking {spec} at batch {args.batch} on {where} ...", flush=True)
+        rows[spec] = bench(load_backbone(spec, device=args.device), args.batch, args.repeats, args.loop_images)
     keys = [k for k in next(iter(rows.values())) if k.startswith("ratio")]
     print("| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
     for spec, row in rows.items():
         print(f"| {spec} | " + " | ".join(f"{row[k]:.2f}" for k in keys) + " |")
     if args.out:
         atomic_write_text(args.out, json.dumps({"batch": args.batch, "threads": torch.get_num_threads(),
-                                                "device": "cpu", "results": rows}, indent=2))
+                                                "device": args.device, "results": rows}, indent=2))
         print(f"wrote {args.out}")
 
 

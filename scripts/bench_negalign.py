@@ -1,6 +1,7 @@
 """NegAlign speed as ratios measured in one process (CPU by default).
 
     python scripts/bench_negalign.py --out outputs/bench_negalign.json
+    python scripts/bench_negalign.py --device cuda --out outputs/bench_negalign_gpu.json
 
 On a ViT-B/32-size open_clip model (random init: weights do not change the cost) with 10,000
 negatives (random unit text embeddings: scoring cost depends on the count, not the words) and
@@ -18,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,13 +29,7 @@ from xclip.data.vocabulary import builtin_wordlist, read_words
 from xclip.io import atomic_write_text
 from xclip.models import NegAlignFeatures, NegAlignScorer, NegAlignTerms, NegLabelScorer
 from xclip.models.text_embeddings import TextEmbeddings
-from xclip.timing import median_time
-
-
-def once(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+from xclip.timing import median_time, once
 
 
 def text_side(dim: int, n_neg: int, n_groups: int, m1_topk: int) -> tuple[NegLabelScorer, NegAlignTerms]:
@@ -50,11 +43,11 @@ def text_side(dim: int, n_neg: int, n_groups: int, m1_topk: int) -> tuple[NegLab
     return NegLabelScorer(id_emb, neg_emb, n_groups), NegAlignTerms(scorer)
 
 
-def bench_images(spec: str, batch: int, repeats: int, loop_images: int, n_neg: int) -> dict[str, float]:
-    bb = load_backbone(spec).eval().requires_grad_(False)
+def bench_images(spec: str, batch: int, repeats: int, loop_images: int, n_neg: int, device: str) -> dict[str, float]:
+    bb = load_backbone(spec, device=device).eval().requires_grad_(False)
     s = bb.image_size
-    images = torch.randn(batch, 3, s, s)
-    neglabel, terms = text_side(bb.embed_dim, n_neg, 100, 50)
+    images = torch.randn(batch, 3, s, s, device=device)
+    neglabel, terms = (m.to(device) for m in text_side(bb.embed_dim, n_neg, 100, 50))
     features = NegAlignFeatures(bb)
 
     def plain(x: torch.Tensor) -> None:
@@ -66,11 +59,11 @@ def bench_images(spec: str, batch: int, repeats: int, loop_images: int, n_neg: i
         with torch.no_grad():
             terms(f.image_emb, f.bg_emb)
 
-    t_plain = median_time(lambda: plain(images), repeats)
-    t_full = median_time(lambda: full(images), repeats)
+    t_plain = median_time(lambda: plain(images), repeats, device)
+    t_full = median_time(lambda: full(images), repeats, device)
     singles = images[:loop_images]
     full(singles[:1])  # warm-up at batch 1
-    t_loop = once(lambda: [full(singles[i : i + 1]) for i in range(len(singles))])
+    t_loop = once(lambda: [full(singles[i : i + 1]) for i in range(len(singles))], device)
     return {
         "batch": batch, "negatives": n_neg,
         "neglabel_s_per_image": t_plain / batch,
@@ -81,16 +74,16 @@ def bench_images(spec: str, batch: int, repeats: int, loop_images: int, n_neg: i
     }
 
 
-def bench_text(spec: str, n_words: int) -> dict[str, float]:
-    bb = load_backbone(spec).eval()
+def bench_text(spec: str, n_words: int, device: str) -> dict[str, float]:
+    bb = load_backbone(spec, device=device).eval()
     words = read_words(builtin_wordlist("nouns")) + read_words(builtin_wordlist("adjectives"))
     prompts = [f"the nice {a} {b}" for a in words for b in words][:n_words]
     with tempfile.TemporaryDirectory() as cache:
         texts = TextEmbeddings(bb, spec, batch_size=256, cache_dir=cache)
-        t_cold = once(lambda: texts(prompts))  # includes the one-off weights fingerprint
-        t_memory = median_time(lambda: texts(prompts), 3)
+        t_cold = once(lambda: texts(prompts), device)  # includes the one-off weights fingerprint
+        t_memory = median_time(lambda: texts(prompts), 3, device)
         fresh = TextEmbeddings(bb, spec, batch_size=256, cache_dir=cache)
-        t_disk = once(lambda: fresh(prompts))
+        t_disk = once(lambda: fresh(prompts), device)
         assert fresh.encoded == 0, "the disk cache missed"
     return {"prompts": n_words, "cold_s": t_cold, "cold_s_per_prompt": t_cold / n_words,
             "cold_s_extrapolated_10k": t_cold / n_words * 10_000,
@@ -105,11 +98,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--loop-images", type=int, default=16, help="images timed one at a time")
     parser.add_argument("--text-words", type=int, default=256, help="prompts encoded cold (extrapolated to 10k)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--out", default="outputs/bench_negalign.json")
     args = parser.parse_args()
-    result = {"spec": args.spec, "device": "cpu", "threads": torch.get_num_threads(),
-              "images": bench_images(args.spec, args.batch, args.repeats, args.loop_images, args.negatives),
-              "text": bench_text(args.spec, args.text_words)}
+    result = {"spec": args.spec, "device": args.device, "threads": torch.get_num_threads(),
+              "images": bench_images(args.spec, args.batch, args.repeats, args.loop_images, args.negatives, args.device),
+              "text": bench_text(args.spec, args.text_words, args.device)}
     atomic_write_text(Path(args.out), json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
