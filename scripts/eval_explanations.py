@@ -18,8 +18,17 @@ import torch
 
 from xclip.backbones import Backbone, load_backbone, wrap_model
 from xclip.explain import GAME, GradCAM, GradECLIP, RandomMap
+from xclip.explain.gradeclip import combine_terms
 from xclip.explain.quality import randomize_top_blocks
-from xclip.explain.shapes_eval import evaluate_explainer, paired_maps, probe_set, sanity_correlation
+from xclip.explain.shapes_eval import (
+    REGIONS,
+    ProbeSet,
+    evaluate_explainer,
+    paired_maps,
+    probe_set,
+    region_profile,
+    sanity_correlation,
+)
 from xclip.io import atomic_write_text
 
 EXPLAINERS = {
@@ -61,6 +70,34 @@ def evaluate_all(spec: str, n: int, sanity_blocks: int) -> dict[str, dict[str, d
     return results
 
 
+def factor_profiles(backbone: Backbone, probes: ProbeSet, batch_size: int = 64) -> dict[str, dict]:
+    """Region profiles of Grad-ECLIP's map, of its two factors (spatial lambda averaged over heads,
+    channel g.v summed over heads) and of GAME's map, each image with its own text."""
+    explainer = GradECLIP(backbone)
+    spatial, channel, maps = [], [], []
+    for s in range(0, len(probes.texts), batch_size):
+        x = backbone.normalize(probes.images[s : s + batch_size].to(backbone.device))
+        terms = explainer.terms(x, probes.texts[s : s + batch_size], pairs=True)
+        spatial.append(terms.spatial.mean(1).cpu())
+        channel.append(terms.channel[:, 0].sum(1).cpu())
+        maps.append(combine_terms(terms.spatial, terms.channel)[:, 0].cpu())
+    values = {"Grad-ECLIP map": torch.cat(maps), "spatial factor (lambda)": torch.cat(spatial),
+              "channel factor (g.v)": torch.cat(channel),
+              "GAME map": paired_maps(GAME(backbone), backbone, probes.images, probes.texts)}
+    return {name: region_profile(v, probes.named_masks, probes.other_masks) for name, v in values.items()}
+
+
+def profile_markdown(profiles: dict[str, dict]) -> str:
+    lines = ["Two-object probes, trained checkpoint: mean per-image z-score of each quantity by patch region "
+             "(inside: the object covers >= half of the patch; edge: less), then where its maximum falls.", "",
+             "| quantity | " + " | ".join(f"z {r}" for r in REGIONS) + " | " + " | ".join(f"max on {r}" for r in REGIONS) + " |",
+             "|---|" + "---|" * (2 * len(REGIONS))]
+    for name, p in profiles.items():
+        cells = [f"{p['mean z'][r]:+.2f}" for r in REGIONS] + [f"{p['argmax share'][r]:.2f}" for r in REGIONS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: dict, n: int, sanity_blocks: int) -> str:
     lines = [f"ShapesWorld, 64 px, {n} single-object and {n} two-object probes (seed 3000); "
              f"sanity: top {sanity_blocks} vision blocks re-initialised.", ""]
@@ -81,10 +118,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/explanation_quality"))
     args = parser.parse_args()
     results = evaluate_all(args.checkpoint, args.n, args.sanity_blocks)
-    table = markdown(results, args.n, args.sanity_blocks)
+    profiles = factor_profiles(load_backbone(args.checkpoint), probe_set(args.n, 2))
+    table = markdown(results, args.n, args.sanity_blocks) + "\n" + profile_markdown(profiles)
     print(table)
     atomic_write_text(args.out.with_suffix(".json"), json.dumps({"checkpoint": args.checkpoint, "n": args.n,
-                                                                  "results": results}, indent=2))
+                                                                  "results": results, "region_profiles": profiles},
+                                                                 indent=2))
     atomic_write_text(args.out.with_suffix(".md"), table)
     print(f"wrote {args.out.with_suffix('.md')} and .json")
 

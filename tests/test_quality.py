@@ -25,6 +25,7 @@ from xclip.explain.quality import (
     spearman_rank_correlation,
     upsample_maps,
 )
+from xclip.explain.shapes_eval import REGIONS, patch_regions, region_profile
 
 P = 4  # patch size in the hand-made cases
 G = 4  # grid side -> images 16x16
@@ -390,3 +391,30 @@ def test_random_baseline_maps():
     assert a.min() >= 0 and a.max() < 1
     ref = torch.rand(3, 2, 5, 7, generator=torch.Generator().manual_seed(11))
     assert torch.equal(a, ref)
+
+
+def test_patch_regions_and_region_profile_hand_case():
+    # 4x4 images, 2x2 grid of 2x2 patches. Named object: all of patch (0,0) + one pixel of (0,1);
+    # other object: two pixels of (1,1) (half of it: "inside"); patch (1,0) is background.
+    named = torch.zeros(2, 4, 4, dtype=torch.bool)
+    named[:, 0:2, 0:2] = True
+    named[:, 0, 2] = True
+    other = torch.zeros(2, 4, 4, dtype=torch.bool)
+    other[:, 2, 2:4] = True
+    regions = patch_regions(named, other, (2, 2))
+    idx = {name: i for i, name in enumerate(REGIONS)}
+    expected = torch.tensor([[idx["named inside"], idx["named edge"]], [idx["background"], idx["other inside"]]])
+    assert torch.equal(regions, expected.expand(2, 2, 2))
+    values = torch.tensor([[[1.0, 3.0], [1.0, 3.0]],   # max on the named edge; z = -1, 1, -1, 1 (std 2/sqrt3)
+                           [[2.0, 2.0], [2.0, 2.0]]])  # constant: skipped, and its maximum counts nowhere
+    profile = region_profile(values, named, other)
+    z = math.sqrt(3) / 2
+    assert profile["mean z"]["named inside"] == pytest.approx(-z)
+    assert profile["mean z"]["named edge"] == pytest.approx(z)
+    assert profile["mean z"]["background"] == pytest.approx(-z)
+    assert profile["mean z"]["other inside"] == pytest.approx(z)
+    assert math.isnan(profile["mean z"]["other edge"])
+    assert profile["argmax share"] == {"named inside": 0.0, "named edge": 0.5, "other inside": 0.0,
+                                       "other edge": 0.0, "background": 0.0}
+    # without the other object, its patch is background
+    assert patch_regions(named, None, (2, 2))[0, 1, 1] == idx["background"]

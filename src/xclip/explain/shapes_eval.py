@@ -5,7 +5,8 @@ Probe sets:
   pointing game, deletion/insertion AUC of the model's cosine.
 - two-object: two objects with different (colour, shape), the text names one; the map's maximum
   should lie on the named object and not on the other.
-Plus the model-randomisation sanity check (maps must change when the top blocks are re-initialised).
+Plus the model-randomisation sanity check (maps must change when the top blocks are re-initialised)
+and a region profile (`region_profile`): where a map, or one factor of it, puts its weight.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from xclip.backbones import Backbone
@@ -117,3 +119,41 @@ def sanity_correlation(maps_trained: Tensor, maps_randomised: Tensor) -> float:
     rho = rho[torch.isfinite(rho)]
     return rho.mean().item() if rho.numel() else float("nan")
 
+
+
+REGIONS = ("named inside", "named edge", "other inside", "other edge", "background")
+
+
+def patch_regions(named_masks: Tensor, other_masks: Tensor | None, grid: tuple[int, int]) -> Tensor:
+    """Which of `REGIONS` every patch belongs to: [N, gh, gw] long.
+
+    A patch belongs to the object covering more of it; "inside" when that object covers at least
+    half of the patch, "edge" when less; "background" when no object pixel falls in it.
+    """
+    named = F.adaptive_avg_pool2d(named_masks.float()[:, None], grid)[:, 0]
+    other = torch.zeros_like(named) if other_masks is None else F.adaptive_avg_pool2d(other_masks.float()[:, None], grid)[:, 0]
+    cover = torch.maximum(named, other)
+    region = torch.where(named >= other, 0, 2) + (cover < 0.5).long()
+    return region.masked_fill(cover == 0, REGIONS.index("background"))
+
+
+def region_profile(values: Tensor, named_masks: Tensor, other_masks: Tensor | None = None) -> dict[str, dict[str, float]]:
+    """Where a patch-grid quantity [N, gh, gw] (a map, or one factor of one) puts its weight.
+
+    ``"mean z"``: per region, the mean of the values standardised within each image (images with
+    constant values are skipped); ``"argmax share"``: the share of all images whose maximum patch
+    lies in each region (a constant map has no maximum and counts in no region, as in the pointing
+    game). NaN for a region no patch belongs to.
+    """
+    regions = patch_regions(named_masks, other_masks, tuple(values.shape[-2:])).flatten(1)
+    flat = values.detach().double().flatten(1)
+    std = flat.std(1, keepdim=True)
+    keep = (std > 0)[:, 0]
+    z = ((flat - flat.mean(1, keepdim=True)) / std.clamp_min(torch.finfo(flat.dtype).tiny))[keep]
+    at_max = regions.gather(1, flat.argmax(1, keepdim=True))[:, 0].masked_fill(~keep, -1)
+    profile: dict[str, dict[str, float]] = {"mean z": {}, "argmax share": {}}
+    for index, name in enumerate(REGIONS):
+        members = regions[keep] == index
+        profile["mean z"][name] = z[members].mean().item() if members.any() else float("nan")
+        profile["argmax share"][name] = (at_max == index).double().mean().item()
+    return profile
