@@ -54,19 +54,20 @@ def top_blocks_randomised(backbone: Backbone, n_blocks: int) -> Backbone:
     return wrap_model(randomize_top_blocks(backbone.model, blocks, seed=0).eval(), preprocess_cfg=backbone.preprocess_cfg)
 
 
-def evaluate_all(spec: str, n: int, sanity_blocks: int) -> dict[str, dict[str, dict[str, float]]]:
+def evaluate_all(spec: str, n: int, sanity_blocks: int, tolerances: list[int]) -> dict[str, dict[str, dict[str, float]]]:
     trained = load_backbone(spec)
     single, double = probe_set(n, 1), probe_set(n, 2)
     randomised = top_blocks_randomised(trained, sanity_blocks)
     results: dict[str, dict[str, dict[str, float]]] = {"trained": {}, "random init": {}}
     for name, make in EXPLAINERS.items():
         print(f"evaluating {name} ...", flush=True)
-        row = evaluate_explainer(make(trained), single, double)
+        row = evaluate_explainer(make(trained), single, double, tolerances=tolerances)
         maps_trained = paired_maps(make(trained), trained, single.images, single.texts)
         row["sanity_spearman"] = sanity_correlation(maps_trained, paired_maps(make(randomised), randomised,
                                                                              single.images, single.texts))
         results["trained"][name] = row
-        results["random init"][name] = evaluate_explainer(make(random_twin(trained)), single, double)
+        results["random init"][name] = evaluate_explainer(make(random_twin(trained)), single, double,
+                                                          tolerances=tolerances)
     return results
 
 
@@ -110,16 +111,34 @@ def markdown(results: dict, n: int, sanity_blocks: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tolerance_markdown(results: dict, tolerances: list[int]) -> str:
+    """Pointing single / named / other at each margin (t = 0 is the main table's exact game)."""
+    keys = ("pointing_single", "pointing_named_two", "pointing_other_two")
+    lines = ["Pointing game single / named / other with a margin of t px (a hit when a mask pixel is "
+             "< t px from the map's maximum, as Zhang et al. / TorchRay; t = 0: exact).", "",
+             "| model | explainer | t = 0 | " + " | ".join(f"t = {t} px" for t in tolerances) + " |",
+             "|---|---|---|" + "---|" * len(tolerances)]
+    for model, rows in results.items():
+        for name, row in rows.items():
+            cells = [" / ".join(f"{row[k + suffix]:.2f}" for k in keys)
+                     for suffix in [""] + [f"_t{t}" for t in tolerances]]
+            lines.append(f"| {model} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="xclip:tiny-shapes")
     parser.add_argument("--n", type=int, default=300, help="probes per set")
     parser.add_argument("--sanity-blocks", type=int, default=2)
+    parser.add_argument("--tolerances", type=int, nargs="*", default=[2, 4],
+                        help="pointing-game margins (px) reported next to the exact game")
     parser.add_argument("--out", type=Path, default=Path("outputs/explanation_quality"))
     args = parser.parse_args()
-    results = evaluate_all(args.checkpoint, args.n, args.sanity_blocks)
+    results = evaluate_all(args.checkpoint, args.n, args.sanity_blocks, args.tolerances)
     profiles = factor_profiles(load_backbone(args.checkpoint), probe_set(args.n, 2))
-    table = markdown(results, args.n, args.sanity_blocks) + "\n" + profile_markdown(profiles)
+    table = "\n".join([markdown(results, args.n, args.sanity_blocks), tolerance_markdown(results, args.tolerances),
+                       profile_markdown(profiles)])
     print(table)
     atomic_write_text(args.out.with_suffix(".json"), json.dumps({"checkpoint": args.checkpoint, "n": args.n,
                                                                   "results": results, "region_profiles": profiles},

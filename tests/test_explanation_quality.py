@@ -7,7 +7,7 @@ import torch
 
 from xclip.backbones import load_backbone, wrap_model
 from xclip.explain import GAME, GradCAM, GradECLIP
-from xclip.explain.quality import randomize_top_blocks
+from xclip.explain.quality import pointing_game, pointing_on, randomize_top_blocks
 from xclip.explain.shapes_eval import evaluate_explainer, paired_maps, probe_set, sanity_correlation
 
 N = 150
@@ -73,3 +73,20 @@ def test_model_randomisation_sanity_check(setup):
     rho = sanity_correlation(paired_maps(GradECLIP(trained), trained, images, texts),
                              paired_maps(GradECLIP(randomised), randomised, images, texts))
     assert rho < 0.5, rho
+
+
+def test_evaluate_explainer_reports_tolerant_pointing_next_to_the_exact_game(setup):
+    trained, _, single, double = setup
+    single, double = probe_set(40, 1), probe_set(40, 2)
+    row = evaluate_explainer(GAME(trained), single, double, steps=2, tolerances=(2, 6))
+    maps1 = paired_maps(GAME(trained), trained, single.images, single.texts)
+    maps2 = paired_maps(GAME(trained), trained, double.images, double.texts)
+    for t in (2, 6):
+        assert row[f"pointing_single_t{t}"] == pointing_game(maps1, single.named_masks, tolerance=t).accuracy
+        assert row[f"pointing_named_two_t{t}"] == pointing_on(maps2, double.named_masks, tolerance=t).float().mean().item()
+        assert row[f"pointing_other_two_t{t}"] == pointing_on(maps2, double.other_masks, tolerance=t).float().mean().item()
+    # a wider margin can only turn misses into hits, and at 6 px it does for some probes
+    for key in ("pointing_single", "pointing_named_two", "pointing_other_two"):
+        assert row[key] <= row[f"{key}_t2"] <= row[f"{key}_t6"]
+    assert row["pointing_single_t6"] > row["pointing_single"]
+    assert "pointing_single_t4" not in row

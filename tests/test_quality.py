@@ -93,7 +93,7 @@ def test_pointing_game_all_skipped_gives_nan():
     assert math.isnan(res.accuracy) and math.isnan(res.all_zero_rate)
 
 
-def test_pointing_game_tolerance_dilation():
+def test_pointing_game_tolerance_margin():
     # max at cell (0,0) (pixels 0..3); mask starts 2 px to the right of the cell's right edge
     mask = torch.zeros(1, 16, 16, dtype=torch.bool)
     mask[0, :, 6:] = True
@@ -102,10 +102,42 @@ def test_pointing_game_tolerance_dilation():
     up = upsample_maps(m, (16, 16))[0]
     col = int(up.flatten().argmax()) % 16
     assert col <= 3
-    need = 6 - col  # dilation radius that first reaches the argmax
+    gap = 6 - col  # distance from the argmax to the nearest mask pixel (same row)
     assert not pointing_game(m, mask, tolerance=0).hits.item()
-    assert not pointing_game(m, mask, tolerance=need - 1).hits.item()
-    assert pointing_game(m, mask, tolerance=need).hits.item()
+    assert not pointing_game(m, mask, tolerance=gap).hits.item()  # TorchRay: distance < tolerance
+    assert pointing_game(m, mask, tolerance=gap + 1).hits.item()
+
+
+def torchray_hit(mask: torch.Tensor, y: int, x: int, tolerance: int) -> bool:
+    """TorchRay's PointingGame.evaluate: the disk (v + u) < tolerance**2 around the point meets the mask."""
+    v = (torch.arange(mask.shape[0], dtype=torch.float32) - y) ** 2
+    u = (torch.arange(mask.shape[1], dtype=torch.float32) - x) ** 2
+    accept = (v[:, None] + u[None, :]) < tolerance**2
+    return bool((mask & accept).any())
+
+
+def test_pointing_game_margin_is_a_euclidean_disk_as_torchray():
+    # a single mask pixel diagonal to the point: 3 px right and 3 px down is 4.24 px away, so a
+    # square neighbourhood of 3 would hit while TorchRay's disk needs a margin of 5
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(40, 16, 16, generator=g) > 0.97
+    maps = torch.rand(40, 4, 4, generator=g)
+    idx = upsample_maps(maps, (16, 16)).flatten(1).argmax(1)
+    diag = torch.zeros(1, 16, 16, dtype=torch.bool)
+    point = int(upsample_maps(_hot_map(1, 1)[None], (16, 16)).flatten().argmax())
+    py, px = divmod(point, 16)
+    diag[0, py + 3, px + 3] = True
+    assert not pointing_game(_hot_map(1, 1)[None], diag, tolerance=4).hits.item()
+    assert pointing_game(_hot_map(1, 1)[None], diag, tolerance=5).hits.item()
+    for t in (1, 2, 3, 5, 8):
+        ours = pointing_game(maps, masks, tolerance=t).hits
+        expected = [torchray_hit(masks[i], int(idx[i]) // 16, int(idx[i]) % 16, t) and bool(masks[i].any())
+                    for i in range(40)]
+        assert ours.tolist() == expected, t
+    # the margin never reaches past the image border
+    edge = torch.zeros(1, 16, 16, dtype=torch.bool)
+    edge[0, 15, 15] = True
+    assert not pointing_game(_hot_map(0, 0)[None], edge, tolerance=3).hits.item()
 
 
 def test_pointing_on_two_objects_and_leading_dims():

@@ -126,13 +126,24 @@ class PointingResult:
     all_zero_rate: float
 
 
-def _dilate(masks: Tensor, tolerance: int) -> Tensor:
-    """Square (Chebyshev) dilation of ``[M, H, W]`` bool masks by ``tolerance`` pixels."""
-    if tolerance <= 0:
-        return masks
-    k = 2 * int(tolerance) + 1
-    out = F.max_pool2d(masks.float().unsqueeze(1), kernel_size=k, stride=1, padding=int(tolerance))
-    return out.squeeze(1) > 0.5
+def _mask_near(masks: Tensor, idx: Tensor, tolerance: int) -> Tensor:
+    """Whether each ``[M, H, W]`` mask has a pixel at Euclidean distance < ``tolerance`` from its
+    point ``idx`` [M] (row-major pixel index); ``tolerance`` 0 means the point itself.
+
+    This is the acceptance disk of TorchRay's pointing game (Zhang et al.'s 15 px margin); only the
+    disk around each point is read, so large masks and margins stay cheap.
+    """
+    m, H, W = masks.shape
+    y, x = idx // W, idx % W
+    r = max(int(tolerance) - 1, 0)
+    dy, dx = torch.meshgrid(torch.arange(-r, r + 1, device=masks.device), torch.arange(-r, r + 1, device=masks.device),
+                            indexing="ij")
+    disk = (dy**2 + dx**2 < max(int(tolerance), 1) ** 2).flatten()
+    dy, dx = dy.flatten()[disk], dx.flatten()[disk]  # [P] offsets
+    yy, xx = y[:, None] + dy, x[:, None] + dx  # [M, P]
+    inside = (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+    flat = (yy.clamp(0, H - 1) * W + xx.clamp(0, W - 1))
+    return (masks.flatten(1).gather(1, flat) & inside).any(dim=1)
 
 
 def _maps_and_masks(maps, masks) -> tuple[Tensor, Tensor]:
@@ -151,8 +162,9 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 0) -> PointingRe
     """Pointing game (Zhang et al. 2018) on patch-grid maps.
 
     For each pair, the map is upsampled bilinearly to the mask's ``(H, W)``; its argmax pixel
-    (first in row-major order on ties) is a hit when it lies inside the mask, dilated by
-    ``tolerance`` pixels (square neighbourhood) when ``tolerance > 0``.
+    (first in row-major order on ties) is a hit when it lies inside the mask or, with
+    ``tolerance > 0``, when a mask pixel lies at Euclidean distance < ``tolerance`` from it (the
+    acceptance disk of Zhang et al. / TorchRay, whose default margin is 15 px).
 
     * A constant map (in particular an all-zero one) has no maximum: it is a miss and is flagged in
       ``all_zero``. Non-finite values are treated as 0 when locating the maximum.
@@ -162,7 +174,7 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 0) -> PointingRe
         maps: ``[N, gh, gw]``; extra leading dims are allowed (``[N, K, gh, gw]``) as long as
             ``masks`` has the same leading dims (``[N, K, H, W]``).
         masks: ``[N, H, W]`` bool (non-bool is compared with 0), on any device.
-        tolerance: dilation radius in pixels (0: exact mask).
+        tolerance: margin in pixels (0: exact mask).
 
     Returns:
         :class:`PointingResult`; its tensors have the leading shape of ``maps`` and live on the
@@ -182,8 +194,7 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 0) -> PointingRe
 
     up = upsample_maps(flat_maps, (H, W)).flatten(1)
     idx = up.argmax(dim=1) if n else torch.zeros(0, dtype=torch.long, device=maps.device)
-    inside = _dilate(flat_masks, tolerance).flatten(1)
-    at_max = inside.gather(1, idx.unsqueeze(1)).squeeze(1) if n else valid.clone()
+    at_max = _mask_near(flat_masks, idx, tolerance) if n else valid.clone()
     hits = at_max & valid & ~all_zero
 
     n_valid = int(valid.sum())

@@ -11,6 +11,7 @@ and a region profile (`region_profile`): where a map, or one factor of it, puts 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,9 +91,14 @@ def cosine_score_fn(backbone: Backbone, texts: list[str]):
     return score
 
 
-def evaluate_explainer(explainer: Explainer, single: ProbeSet, double: ProbeSet, steps: int = 16) -> dict[str, float]:
+def evaluate_explainer(explainer: Explainer, single: ProbeSet, double: ProbeSet, steps: int = 16,
+                       tolerances: Sequence[int] = ()) -> dict[str, float]:
     """Pointing game (single), named/other pointing (two-object), all-zero rate, energy pointing
-    game and deletion/insertion AUC (blur fill, patch level, normalised by the number of steps)."""
+    game and deletion/insertion AUC (blur fill, patch level, normalised by the number of steps).
+
+    The pointing keys are exact; for every t in `tolerances` the same three are added with a
+    margin of t pixels (``pointing_single_t4`` ...; see `quality.pointing_game`).
+    """
     bb = explainer.backbone
     maps1 = paired_maps(explainer, bb, single.images, single.texts)
     pg = pointing_game(maps1, single.named_masks)
@@ -101,7 +107,7 @@ def evaluate_explainer(explainer: Explainer, single: ProbeSet, double: ProbeSet,
     score = cosine_score_fn(bb, single.texts)
     deletion = deletion_insertion_curves(score, single.images, maps1, steps=steps, mode="deletion", fill="blur")
     insertion = deletion_insertion_curves(score, single.images, maps1, steps=steps, mode="insertion", fill="blur")
-    return {
+    row = {
         "pointing_single": pg.accuracy,
         "all_zero_rate_single": pg.all_zero_rate,
         "energy_pointing_single": energy_pointing_mean(maps1, single.named_masks),
@@ -111,6 +117,11 @@ def evaluate_explainer(explainer: Explainer, single: ProbeSet, double: ProbeSet,
         "deletion_auc": auc(deletion).mean().item(),
         "insertion_auc": auc(insertion).mean().item(),
     }
+    for t in tolerances:
+        row[f"pointing_single_t{t}"] = pointing_game(maps1, single.named_masks, tolerance=t).accuracy
+        row[f"pointing_named_two_t{t}"] = pointing_on(maps2, double.named_masks, tolerance=t).float().mean().item()
+        row[f"pointing_other_two_t{t}"] = pointing_on(maps2, double.other_masks, tolerance=t).float().mean().item()
+    return row
 
 
 def sanity_correlation(maps_trained: Tensor, maps_randomised: Tensor) -> float:
