@@ -27,6 +27,7 @@ from xclip.backbones import (
     save_checkpoint,
     wrap_model,
 )
+from xclip.backbones.base import resize_position_embedding
 from xclip.backbones.hf import HFTokenizerAdapter
 
 TINY_ARCH = "xclip-test-tiny"
@@ -468,3 +469,61 @@ def test_wrap_rejects_foreign_models():
 def test_tokenize_rejects_single_string(backbones):
     with pytest.raises(TypeError, match="list of strings"):
         backbones["hf"].tokenize("a single string")
+
+
+# ---- other input sizes (explanations at native resolution) ---------------------------------
+def test_resize_position_embedding_identity_and_shape():
+    pos = torch.randn(1 + 16, 8)
+    assert resize_position_embedding(pos, (4, 4)) is pos
+    out = resize_position_embedding(pos, (6, 10))
+    assert out.shape == (1 + 60, 8)
+    torch.testing.assert_close(out[0], pos[0])  # the class row is never interpolated
+    flat = torch.ones(1 + 16, 8)  # a constant grid stays constant under bicubic interpolation
+    torch.testing.assert_close(resize_position_embedding(flat, (6, 10)), torch.ones(61, 8))
+
+
+def test_openclip_other_sizes_match_open_clip_resized_model(oc_model):
+    # open_clip's own model built at 48x64, its position embeddings resized by open_clip's
+    # resize_pos_embed without antialiasing (the official Grad-ECLIP/HF interpolation)
+    big = CLIP(**{**MODEL_CFG, "vision_cfg": {**VISION_CFG, "image_size": (48, 64)}}).eval()
+    state = dict(oc_model.state_dict())
+    open_clip.model.resize_pos_embed(state, big, antialias=False)
+    big.load_state_dict(state)
+    x = torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(3))
+    for model in (oc_model, sequence_first_twin(oc_model)):
+        bb = wrap_model(model)
+        assert bb.patch_grid(x) == (6, 8) and bb.grid_size == (4, 4)
+        with torch.no_grad():
+            expected = big.encode_image(x)
+            torch.testing.assert_close(bb.encode_image(x), expected, atol=1e-5, rtol=0)
+            torch.testing.assert_close(bb.trace_image(x, n_blocks=2).embedding, expected, atol=1e-5, rtol=0)
+
+
+def test_hf_other_sizes_match_interpolate_pos_encoding(backbones):
+    bb = backbones["hf"]
+    x = torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = bb.model.get_image_features(pixel_values=x, interpolate_pos_encoding=True)
+        expected = out if isinstance(out, torch.Tensor) else out.pooler_output
+        torch.testing.assert_close(bb.encode_image(x), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(bb.trace_image(x, n_blocks=1).embedding, expected, atol=1e-5, rtol=0)
+
+
+def test_sizes_that_are_not_patch_multiples_fail_clearly(bb):
+    with pytest.raises(ValueError, match=r"30x40 is not a multiple of the patch size 8.*32x40"):
+        bb.encode_image(torch.zeros(1, 3, 30, 40))
+    with pytest.raises(ValueError, match="not a multiple"):
+        bb.trace_image(torch.zeros(1, 3, 32, 36))
+
+
+def test_normalize_native_size(bb):
+    images01 = torch.rand(2, 3, 45, 70, generator=torch.Generator().manual_seed(0))
+    native = bb.normalize(images01, size="native")
+    assert native.shape == (2, 3, 48, 72)  # each side rounded to the nearest multiple of 8
+    assert bb.normalize(images01, size=(40, 16)).shape == (2, 3, 40, 16)
+    assert bb.normalize(torch.rand(1, 3, 3, 3), size="native").shape == (1, 3, 8, 8)  # at least one patch
+    exact = torch.rand(1, 3, 24, 40)
+    mean, std = torch.tensor(bb.image_mean).view(1, 3, 1, 1), torch.tensor(bb.image_std).view(1, 3, 1, 1)
+    torch.testing.assert_close(bb.normalize(exact, size="native"), (exact - mean) / std)  # no resampling
+    with pytest.raises(ValueError, match="size must be None, 'native' or"):
+        bb.normalize(images01, size="big")

@@ -242,7 +242,8 @@ def naive_grad_eclip_terms(bb, images, texts) -> tuple[torch.Tensor, torch.Tenso
 def naive_grad_eclip_model(bb, images, texts) -> torch.Tensor:
     """Model-mode Grad-ECLIP image maps [N, K, gh, gw]: ReLU(sum over heads of lambda * g.v)."""
     spatial, channel = naive_grad_eclip_terms(bb, images, texts)
-    return F.relu((spatial[:, None] * channel).sum(2)).unflatten(-1, bb.grid_size)
+    p = bb.patch_size
+    return F.relu((spatial[:, None] * channel).sum(2)).unflatten(-1, (images.shape[-2] // p, images.shape[-1] // p))
 
 
 @pytest.mark.parametrize("kind", ["openclip", "hf"])
@@ -413,6 +414,37 @@ def test_batch_equals_single(name, bb, images):
     # the maps really depend on the image and on the text
     assert (full[0] - full[1]).abs().max() > 1e-5
     assert (full[:, 0] - full[:, 1]).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("name", list(EXPLAINERS))
+def test_native_resolution_maps_follow_the_image_grid(name, bb):
+    # 48x64 inputs to a 32-px model: a 6x8 grid with interpolated position embeddings
+    wide = torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(5))
+    explainer = EXPLAINERS[name](bb)
+    full = explainer.image_maps(wide, TEXTS)
+    assert full.shape == (2, 3, 6, 8)
+    assert_nontrivial(full)
+    per_image = torch.cat([explainer.image_maps(wide[i:i + 1], TEXTS) for i in range(2)])
+    torch.testing.assert_close(full, per_image, atol=ATOL, rtol=0)
+    torch.testing.assert_close(explainer.pair_maps(wide, TEXTS[:2]), full[[0, 1], [0, 1]], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["openclip", "hf"])
+def test_gradeclip_native_resolution_matches_autograd(kind, bb, hf_bb):
+    backbone = bb if kind == "openclip" else hf_bb
+    wide = torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(GradECLIP(backbone).image_maps(wide, TEXTS), naive_grad_eclip_model(backbone, wide, TEXTS),
+                               atol=ATOL, rtol=0)
+    words = GradECLIP(backbone).text_maps(wide, TEXTS)  # the image embedding at 48x64 too
+    torch.testing.assert_close(words.token_scores.sum(-1), torch.ones(2, 3), atol=1e-5, rtol=0)
+
+
+def test_gradcam_block_input_needs_a_matching_grid(bb):
+    wide = torch.randn(1, 3, 48, 64)
+    x_in = bb.trace_image(wide, n_blocks=1).blocks[-1].x_in
+    with pytest.raises(ValueError, match="48 patch tokens, not a 4x4 grid"):
+        GradCAM(bb).maps_from_block_input(x_in, TEXTS)
+    assert GradCAM(bb).maps_from_block_input(x_in, TEXTS, grid=(6, 8)).shape == (1, 3, 6, 8)
 
 
 @pytest.mark.parametrize("name", list(EXPLAINERS))

@@ -22,6 +22,22 @@ PLACEHOLDER_TOKEN_ID = 259  # '$' in the CLIP BPE vocabulary: SEARLE's pseudo-to
 Texts = Union[Tensor, Sequence[str]]
 
 
+def resize_position_embedding(pos: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Position embeddings [1 + g*g, W] (class row first, square grid) for another patch grid
+    (gh, gw) -> [1 + gh*gw, W]; returned unchanged when the grid is the same.
+
+    Bicubic, align_corners=False, no antialiasing: the official Grad-ECLIP code's and HF's
+    ``interpolate_pos_encoding`` choice (open_clip's ``resize_pos_embed`` antialiases by default,
+    which gives slightly different values).
+    """
+    side = int(round((pos.shape[0] - 1) ** 0.5))
+    if (side, side) == tuple(grid):
+        return pos
+    patches = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+    patches = F.interpolate(patches, size=tuple(grid), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1], patches.permute(0, 2, 3, 1).reshape(-1, pos.shape[1]).to(pos.dtype)])
+
+
 @dataclass(frozen=True)
 class PreprocessCfg:
     """Image preprocessing of a model: square input side and per-channel mean/std."""
@@ -252,8 +268,21 @@ class Backbone(nn.Module, metaclass=ABCMeta):
 
     @property
     def grid_size(self) -> tuple[int, int]:
+        """The patch grid (gh, gw) at the model's own input size."""
         side = self.image_size // self.patch_size
         return side, side
+
+    def patch_grid(self, images: Tensor) -> tuple[int, int]:
+        """The patch grid (gh, gw) of model inputs [N, 3, H, W]. Any H, W that are multiples of the
+        patch size work (other sizes than `image_size` interpolate the position embeddings, as the
+        official Grad-ECLIP code does to explain images at their native resolution)."""
+        h, w = images.shape[-2:]
+        p = self.patch_size
+        if h % p or w % p:
+            fit = tuple(max(p, round(side / p) * p) for side in (h, w))
+            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}: resize it "
+                             f"(e.g. to {fit[0]}x{fit[1]}, or use normalize(images01, size='native'))")
+        return h // p, w // p
 
     @property
     def image_mean(self) -> tuple[float, float, float]:
@@ -272,19 +301,33 @@ class Backbone(nn.Module, metaclass=ABCMeta):
             self._transform = image_transform(cfg.image_size, is_train=False, mean=cfg.mean, std=cfg.std)
         return self._transform(image)
 
-    def normalize(self, images01: Tensor) -> Tensor:
-        """Float images in [0, 1], [N, 3, H, W] -> model input [N, 3, S, S]."""
-        size = self.image_size
-        if images01.shape[-2:] != (size, size):
-            images01 = F.interpolate(images01, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    def normalize(self, images01: Tensor, size: Union[None, str, tuple[int, int]] = None) -> Tensor:
+        """Float images in [0, 1], [N, 3, H, W] -> model input: [N, 3, S, S] at the model's size
+        (default), or at `size` (h, w), or ``"native"``: each side rounded to the nearest multiple
+        of the patch size (at least one patch), for explanations at the image's own resolution."""
+        if size is None:
+            size = (self.image_size, self.image_size)
+        elif size == "native":
+            p = self.patch_size
+            size = tuple(max(p, round(side / p) * p) for side in images01.shape[-2:])
+        elif isinstance(size, str):
+            raise ValueError(f"size must be None, 'native' or (h, w), got {size!r}")
+        if tuple(images01.shape[-2:]) != tuple(size):
+            images01 = F.interpolate(images01, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
         mean = images01.new_tensor(self.image_mean).view(1, 3, 1, 1)
         std = images01.new_tensor(self.image_std).view(1, 3, 1, 1)
         return (images01 - mean) / std
 
     # ---- encoders ------------------------------------------------------------------------
     def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
-        """[N, 3, S, S] -> [N, D], exactly the library's image encoder."""
-        emb = self._encode_image(images.to(self.device))
+        """[N, 3, S, S] -> [N, D], exactly the library's image encoder; other input sizes (see
+        `patch_grid`) run xclip's own forward with interpolated position embeddings."""
+        images = images.to(self.device)
+        if self.patch_grid(images) == self.grid_size:
+            emb = self._encode_image(images)
+        else:
+            x, _ = self._run_blocks(self._embed_image(images), self.vision_blocks(), None, 0)
+            emb = self.image_head(x[:, 0])
         return F.normalize(emb, dim=-1) if normalize else emb
 
     def encode_text(self, tokens: Texts, normalize: bool = False) -> Tensor:

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 from transformers import CLIPModel
 
-from .base import Backbone, BlockView, PreprocessCfg, TextTokenizer
+from .base import Backbone, BlockView, PreprocessCfg, TextTokenizer, resize_position_embedding
 from .openclip import ClipBPETokenizer
 
 CLIP_BPE_VOCAB = 49408
@@ -114,7 +114,14 @@ class HFCLIPBackbone(Backbone):
     # ---- vision steps --------------------------------------------------------------------
     def _embed_image(self, images: Tensor) -> Tensor:
         vm = self.model.vision_model
-        return vm.pre_layrnorm(vm.embeddings(images))
+        grid = self.patch_grid(images)
+        if grid == self.grid_size:
+            return vm.pre_layrnorm(vm.embeddings(images))
+        emb = vm.embeddings
+        x = emb.patch_embedding(images.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = emb.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        pos = resize_position_embedding(emb.position_embedding.weight, grid)
+        return vm.pre_layrnorm(torch.cat([cls, x], dim=1) + pos.to(x.dtype))
 
     def image_head(self, tokens: Tensor) -> Tensor:
         return self.model.visual_projection(self.model.vision_model.post_layernorm(tokens))

@@ -12,7 +12,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import Attention, CustomResidualAttentionBlock, TextTransformer, VisionTransformer
 from torch import Tensor, nn
 
-from .base import OPENAI_MEAN, OPENAI_STD, Backbone, BlockView, PreprocessCfg, TextTokenizer
+from .base import OPENAI_MEAN, OPENAI_STD, Backbone, BlockView, PreprocessCfg, TextTokenizer, resize_position_embedding
 
 
 @lru_cache(maxsize=1)
@@ -179,9 +179,10 @@ class OpenCLIPBackbone(Backbone):
     # ---- vision steps --------------------------------------------------------------------
     def _embed_image(self, images: Tensor) -> Tensor:
         v = self.model.visual
+        pos = resize_position_embedding(v.positional_embedding, self.patch_grid(images))
         x = v.conv1(images).flatten(2).transpose(1, 2)  # [N, gh*gw, W]
         cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        x = torch.cat([cls, x], dim=1) + pos.to(x.dtype)
         return v.ln_pre(v.patch_dropout(x))
 
     def image_head(self, tokens: Tensor) -> Tensor:

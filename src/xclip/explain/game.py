@@ -48,7 +48,7 @@ class GAME(Explainer):
         start = self.start_layer + depth if self.start_layer < 0 else self.start_layer
         if not 0 <= start < depth:
             raise ValueError(f"start_layer {self.start_layer} is outside the {depth} vision blocks")
-        gh, gw = self.backbone.grid_size
+        gh, gw = self.backbone.patch_grid(images)
         with explaining(self.backbone.model), torch.enable_grad():
             text_emb = self.text_embeddings(texts)
             trace = self.backbone.trace_image(images.to(self.backbone.device), n_blocks=depth - start)

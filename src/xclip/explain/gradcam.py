@@ -47,17 +47,20 @@ class GradCAM(Explainer):
     def _maps(self, images: Tensor, texts: Texts, target: str | Target, pairs: bool) -> Tensor:
         with explaining(self.backbone.model), torch.no_grad():
             x_in = self.backbone.trace_image(images.to(self.backbone.device), n_blocks=1).blocks[-1].x_in
-        return self.maps_from_block_input(x_in, texts, target, pairs)
+        return self.maps_from_block_input(x_in, texts, target, pairs, grid=self.backbone.patch_grid(images))
 
     def maps_from_block_input(self, x_in: Tensor, texts: Texts, target: str | Target = "cosine",
-                              pairs: bool = False) -> Tensor:
+                              pairs: bool = False, grid: tuple[int, int] | None = None) -> Tensor:
         """Maps from the last block's input x_in [N, 1 + gh*gw, W] of a forward already run
         (``trace_image(images, 1).blocks[-1].x_in``): [N, K, gh, gw], or [N, 1, gh, gw] with image n
         explained for text n when `pairs`. Only the last block's CLS row is recomputed, so a caller
-        that also needs the forward's patch tokens or embedding runs the vision tower once."""
+        that also needs the forward's patch tokens or embedding runs the vision tower once.
+        `grid`: the images' patch grid (default: the model's own, `backbone.grid_size`)."""
         target_fn = resolve_target(target)
         view = self.backbone.vision_blocks()[-1]
-        gh, gw = self.backbone.grid_size
+        gh, gw = grid or self.backbone.grid_size
+        if gh * gw != x_in.shape[1] - 1:
+            raise ValueError(f"x_in has {x_in.shape[1] - 1} patch tokens, not a {gh}x{gw} grid: pass grid=")
         x_in = x_in.detach()
         with explaining(self.backbone.model):
             text_emb = self.text_embeddings(texts)

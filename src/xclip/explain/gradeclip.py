@@ -184,7 +184,7 @@ class GradECLIP(Explainer):
                 (grad,) = per_text_gradients(target_fn(emb, text_emb), [cls_out], pairs)  # [K, N, W]
             q, k, v = self._qkv_heads(view, last)
             spatial, channel = grad_eclip_terms(grad.transpose(0, 1), q[:, :, 0], k[:, :, 1:], v[:, :, 1:])
-        grid = self.backbone.grid_size
+        grid = self.backbone.patch_grid(images)
         return GradECLIPTerms(spatial.unflatten(-1, grid), channel.unflatten(-1, grid))
 
     def _cls_tail(self, view: BlockView, x_cls: Tensor, attn_cls: Tensor) -> Tensor:

@@ -21,5 +21,5 @@ class RandomMap(Explainer):
 
     def _maps(self, images: Tensor, texts: Texts, target: str | Target, pairs: bool) -> Tensor:
         k = 1 if pairs else texts.shape[0] if isinstance(texts, Tensor) else len(as_text_list(texts))
-        gh, gw = self.backbone.grid_size
+        gh, gw = self.backbone.patch_grid(images)
         return torch.rand(images.shape[0], k, gh, gw, generator=self.generator).to(images.device)
