@@ -21,7 +21,7 @@ from xclip.explain import GAME, ClassSoftmax, GradCAM, GradECLIP, RandomMap, cos
 from xclip.explain.base import explaining, minmax, per_text_gradients
 from xclip.explain.game import rollout
 from xclip.explain.gradcam import cam_from_gradients
-from xclip.explain.gradeclip import combine_terms, grad_eclip_scores, qk_weights
+from xclip.explain.gradeclip import combine_terms, grad_eclip_terms, qk_weights
 
 TEXTS = ["a photo of a cat", "a red square on water", "two blue circles"]
 # "squareish" -> square|ish, "blorptastic" -> bl|or|p|tastic in the CLIP BPE
@@ -114,6 +114,11 @@ def eot_positions(bb, texts) -> list[int]:
 
 
 # ---- 1. math on hand-built tensors ---------------------------------------------------------
+def grad_eclip_scores(grad, q, k, v):
+    """ReLU(sum_h sum_c g_hc lambda_hj v_hjc) from the two factors: [N, K, J]."""
+    return combine_terms(*grad_eclip_terms(grad, q, k, v))
+
+
 def test_grad_eclip_scores_hand_case():
     # one image, one head, dh=2, three tokens; two targets
     q = torch.tensor([[[1.0, 0.0]]])  # [N=1, H=1, dh=2]

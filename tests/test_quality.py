@@ -134,6 +134,8 @@ def test_pointing_game_margin_is_a_euclidean_disk_as_torchray():
         expected = [torchray_hit(masks[i], int(idx[i]) // 16, int(idx[i]) % 16, t) and bool(masks[i].any())
                     for i in range(40)]
         assert ours.tolist() == expected, t
+    with pytest.raises(ValueError, match="tolerance is a margin in pixels"):
+        pointing_game(maps, masks, tolerance=-1)
     # the margin never reaches past the image border
     edge = torch.zeros(1, 16, 16, dtype=torch.bool)
     edge[0, 15, 15] = True

@@ -326,8 +326,7 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         if self.patch_grid(images) == self.grid_size:
             emb = self._encode_image(images)
         else:
-            x, _ = self._run_blocks(self._embed_image(images), self.vision_blocks(), None, 0)
-            emb = self.image_head(x[:, 0])
+            emb = self.trace_image(images, n_blocks=0).embedding
         return F.normalize(emb, dim=-1) if normalize else emb
 
     def encode_text(self, tokens: Texts, normalize: bool = False) -> Tensor:

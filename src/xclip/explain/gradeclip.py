@@ -64,15 +64,6 @@ def grad_eclip_terms(grad: Tensor, q_pooled: Tensor, k: Tensor, v: Tensor) -> tu
     return qk_weights(q_pooled, k), channel
 
 
-def grad_eclip_scores(grad: Tensor, q_pooled: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """The Grad-ECLIP relevance of every patch token of every image, for K targets.
-
-    Same arguments as `grad_eclip_terms`. Returns [N, K, J] non-negative:
-    ReLU(sum_h sum_c g_hc lambda_hj v_hjc).
-    """
-    return combine_terms(*grad_eclip_terms(grad, q_pooled, k, v))
-
-
 def combine_terms(spatial: Tensor, channel: Tensor) -> Tensor:
     """ReLU(sum_h spatial_h * channel_h): spatial [N, H, *grid], channel [N, K, H, *grid] -> [N, K, *grid]."""
     return (spatial[:, None] * channel).sum(2).clamp_min(0)

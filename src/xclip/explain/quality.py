@@ -133,7 +133,7 @@ def _mask_near(masks: Tensor, idx: Tensor, tolerance: int) -> Tensor:
     This is the acceptance disk of TorchRay's pointing game (Zhang et al.'s 15 px margin); only the
     disk around each point is read, so large masks and margins stay cheap.
     """
-    m, H, W = masks.shape
+    H, W = masks.shape[-2:]
     y, x = idx // W, idx % W
     r = max(int(tolerance) - 1, 0)
     dy, dx = torch.meshgrid(torch.arange(-r, r + 1, device=masks.device), torch.arange(-r, r + 1, device=masks.device),
@@ -180,6 +180,8 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 0) -> PointingRe
         :class:`PointingResult`; its tensors have the leading shape of ``maps`` and live on the
         device of ``maps``.
     """
+    if tolerance < 0:
+        raise ValueError(f"tolerance is a margin in pixels (>= 0), got {tolerance}")
     maps, masks = _maps_and_masks(maps, masks)
     lead = maps.shape[:-2]
     H, W = masks.shape[-2:]
