@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from xclip.backbones import save_checkpoint
-from xclip.modules import ClipPretrainModule
+from xclip.clip import ClipPretrainModule
 
 
 def main() -> None:

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import cohen_kappa_score
 
-from xclip.analysis.agreement import (
+from xclip.retrieval.failures.agreement import (
     cohen_kappa,
     fleiss_kappa,
     fleiss_on_shared,
     pairwise_cohen,
     rating_table,
 )
-from xclip.analysis.taxonomy import CATEGORIES, LABELS, SHORT_CODES, category, is_ambiguous, parse_label
+from xclip.retrieval.failures.taxonomy import CATEGORIES, LABELS, SHORT_CODES, category, is_ambiguous, parse_label
 
 
 @pytest.mark.parametrize("spelling, label", [

@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 from sklearn.metrics import cohen_kappa_score
 
-from xclip.analysis.annotations import (
+from xclip.retrieval.failures.annotations import (
     AnnotationError,
     consensus,
     merge_annotations,
     read_merged_labels,
     read_sheet_dir,
 )
-from xclip.analysis.failures import Failure, failure_id
-from xclip.analysis.report import main, write_annotation_report
-from xclip.analysis.sheets import SHEET_COLUMNS, assign_sheets, feasible_counts, fill_sheets, write_sheets
+from xclip.retrieval.failures.extract import Failure, failure_id
+from xclip.retrieval.failures.report import main, write_annotation_report
+from xclip.retrieval.failures.sheets import SHEET_COLUMNS, assign_sheets, feasible_counts, fill_sheets, write_sheets
 
 N_ANNOTATORS, PER_ANNOTATOR, OVERLAP = 3, 4, 5
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from xclip.analysis.autolabel import autolabel, captions_true_of
-from xclip.data.gallery import ShapesGallery
+from xclip.retrieval.failures.autolabel import autolabel, captions_true_of
+from xclip.retrieval.gallery import ShapesGallery
 from xclip.data.shapes.scene import Scene, ShapeObject, caption
 
 RED_CIRCLE = ShapeObject("circle", "red", "large", 0.25, 0.5)

@@ -10,8 +10,8 @@ from PIL import Image
 from test_explain import tiny_clip
 from test_retrieval_metrics import random_problem
 
-from xclip.analysis.cards import caption_maps, render_card, write_cards
-from xclip.analysis.failures import (
+from xclip.retrieval.failures.cards import caption_maps, render_card, write_cards
+from xclip.retrieval.failures.extract import (
     FAILURE_COLUMNS,
     failure_id,
     failure_records,

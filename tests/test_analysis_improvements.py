@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from test_retrieval_metrics import random_problem
 
-from xclip.analysis.improvements import (
+from xclip.retrieval.failures.improvements import (
     encode_templates,
     ensemble_t2i_ranks,
     improvement_rows,

@@ -96,7 +96,7 @@ def test_demo_writes_explanation_files(demo_run):
 
 def test_malformed_config_is_rejected_with_the_key(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  class_path: xclip.modules.ZeroShotModule\n  init_args:\n    bakcbone: xclip:tiny-shapes\n")
+    bad.write_text("model:\n  class_path: xclip.clip.ZeroShotModule\n  init_args:\n    bakcbone: xclip:tiny-shapes\n")
     with pytest.raises(SystemExit) as exc:
         main(["validate", "--config", str(bad)])
     assert exc.value.code != 0

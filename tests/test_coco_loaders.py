@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from xclip.data import AnnotationError, RetrievalDataModule, load_coco_captions, load_karpathy
+from xclip.retrieval import AnnotationError, RetrievalDataModule, load_coco_captions, load_karpathy
 from xclip.data.shapes import generate
 from xclip.metrics import retrieval_recall_at_k
-from xclip.modules import RetrievalModule
+from xclip.retrieval import RetrievalModule
 
 IDS = [397, 42, 139, 785, 1000, 632]  # unsorted on purpose; the gallery orders by id
 

@@ -3,7 +3,7 @@
 import torch
 from torch.utils.data import DataLoader
 
-from xclip.data.gallery import ShapesGallery
+from xclip.retrieval.gallery import ShapesGallery
 from xclip.data.shapes import ShapesCaptions, caption
 from xclip.data.shapes.datamodule import collate_captions
 

@@ -14,14 +14,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from negalign_fixtures import write_placesbg, write_waterbirds
 from xclip.backbones import load_backbone
-from xclip.callbacks import NegAlignMapsCallback
+from xclip.ood import NegAlignMapsCallback
 from xclip.cli import main
-from xclip.data.ood import OODDataModule
+from xclip.ood.datamodule import OODDataModule
 from xclip.data.shapes import SpuriousShapes
 from xclip.explain import GradCAM
 from xclip.metrics import ood_metrics
-from xclip.models import NegAlignFeatures, NegLabelScorer
-from xclip.modules import NegAlignModule
+from xclip.ood import NegAlignFeatures, NegLabelScorer
+from xclip.ood import NegAlignModule
 
 ROOT = Path(__file__).resolve().parents[1]
 

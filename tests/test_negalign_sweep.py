@@ -9,9 +9,9 @@ from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 from xclip.metrics import ScoreTable, ood_metrics, roc_curve
-from xclip.models.negalign import NegAlignScorer
-from xclip.models.negalign_sweep import ALL_VARIANTS, NegAlignTerms, Variant, variant_scores, zscore_stats
-from xclip.models.neglabel import group_negatives, neglabel_score
+from xclip.ood.negalign import NegAlignScorer
+from xclip.ood.negalign_sweep import ALL_VARIANTS, NegAlignTerms, Variant, variant_scores, zscore_stats
+from xclip.ood.neglabel import group_negatives, neglabel_score
 
 
 def problem(seed=0, n=12, d=8):

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xclip.models import neglabel as neglabel_module
-from xclip.models.negalign import (
+from xclip.ood import neglabel as neglabel_module
+from xclip.ood.negalign import (
     BACKGROUND_TEMPLATES,
     OBJECT_TEMPLATES,
     NegAlignScorer,
@@ -17,7 +17,7 @@ from xclip.models.negalign import (
     role_scores,
     split_roles,
 )
-from xclip.models.neglabel import (
+from xclip.ood.neglabel import (
     NegLabelScorer,
     group_negatives,
     mine_negatives,

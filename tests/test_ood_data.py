@@ -9,10 +9,10 @@ import torch
 
 from negalign_fixtures import SPLITS_PER_IMAGE, write_placesbg, write_waterbirds
 from xclip.data.image_folder import ImageFolder, collate_skipping
-from xclip.data.ood import OODDataModule
+from xclip.ood.datamodule import OODDataModule
 from xclip.data.shapes import SpuriousShapes
-from xclip.data.vocabulary import builtin_wordlist, read_words, resolve_words
-from xclip.data.waterbirds import WaterBirds
+from xclip.ood.vocabulary import builtin_wordlist, read_words, resolve_words
+from xclip.ood.waterbirds import WaterBirds
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,7 +120,7 @@ def test_shipped_word_lists_have_object_and_scene_words_but_no_id_class():
     assert len(set(nouns)) == len(nouns)
     # shipped as package data
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    assert "wordlists/*.txt" in data["xclip.data"]
+    assert "wordlists/*.txt" in data["xclip.ood"]
 
 
 def test_word_list_resolution(tmp_path):

@@ -7,8 +7,8 @@ import torch
 
 from xclip.backbones import load_checkpoint
 from xclip.data import ShapesWorldDataModule
-from xclip.models import clip_contrastive_loss
-from xclip.modules import ClipPretrainModule
+from xclip.clip import clip_contrastive_loss
+from xclip.clip import ClipPretrainModule
 
 MODEL_CFG = {
     "embed_dim": 32,

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from xclip.cli import XClipCLI, main
-from xclip.data import RetrievalDataModule
-from xclip.modules import RetrievalModule
+from xclip.retrieval import RetrievalDataModule
+from xclip.retrieval import RetrievalModule
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES, COCO = ROOT / "configs" / "retrieval_shapes.yaml", ROOT / "configs" / "retrieval_coco.yaml"

@@ -11,9 +11,11 @@ import torch
 from test_retrieval_metrics import brute_force
 
 from xclip.backbones import load_backbone, save_checkpoint
-from xclip.data import CombinedDataModule, RetrievalDataModule, ShapesGallery, ShapesWorldDataModule
+from xclip.data import CombinedDataModule, ShapesWorldDataModule
+from xclip.retrieval import RetrievalDataModule, ShapesGallery
 from xclip.data.embedding_cache import TENSORS_NAME
-from xclip.modules import EvaluationSuite, RetrievalModule
+from xclip.retrieval import RetrievalModule
+from xclip.suite import EvaluationSuite
 
 TINY_CFG = {
     "embed_dim": 32,

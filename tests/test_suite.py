@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from xclip.data import CombinedDataModule
-from xclip.modules import EvaluationSuite
+from xclip.suite import EvaluationSuite
 
 
 class Counting(pl.LightningModule):

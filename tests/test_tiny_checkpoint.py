@@ -9,7 +9,7 @@ import pytest
 
 from xclip.backbones import load_backbone
 from xclip.data import ShapesWorldDataModule
-from xclip.modules import ZeroShotModule
+from xclip.clip import ZeroShotModule
 
 CARD = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-shapes"
 

@@ -1,8 +1,6 @@
-"""Lightning callbacks: explanation logging (TensorBoard + PNG/NPY/JSON) and retrieval failure
-analysis (cards, annotation sheets, auto-labels, improvements)."""
+"""Generic explanation callbacks (TensorBoard + PNG/NPY/JSON) usable with any module that wraps a
+backbone. Workflow-specific callbacks live in their workflow package."""
 
 from xclip.callbacks.explanations import CAMCallback, ExplanationCallback, GradECLIPCallback
-from xclip.callbacks.failures import FailureAnalysisCallback
-from xclip.callbacks.negalign_maps import NegAlignMapsCallback
 
-__all__ = ["CAMCallback", "ExplanationCallback", "FailureAnalysisCallback", "GradECLIPCallback", "NegAlignMapsCallback"]
+__all__ = ["CAMCallback", "ExplanationCallback", "GradECLIPCallback"]

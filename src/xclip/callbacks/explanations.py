@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from xclip.cli import run_directory
+from xclip.results import run_directory
 from xclip.explain import EXPLAINERS, Explainer, GradECLIP
 from xclip.explain.render import overlay, save_map_npy, save_png, token_bar_chart, figure_to_array
 from xclip.io import atomic_write_text

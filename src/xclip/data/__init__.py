@@ -1,17 +1,10 @@
-"""Datasets: ShapesWorld (embedded), caption galleries and loaders for the real formats."""
+"""Data shared by every workflow: ShapesWorld (embedded), image folders, the embedding cache and
+`CombinedDataModule` (several workflows' loaders in one run). Workflow-specific loaders live in
+their workflow package (``xclip.retrieval``, ``xclip.ood``, ...)."""
 
 from xclip.data.combined import CombinedDataModule
-from xclip.data.coco import AnnotationError, load_coco_captions, load_karpathy
 from xclip.data.embedding_cache import EmbeddingCache, GalleryEmbeddings
-from xclip.data.gallery import CaptionGallery, FileGallery, ShapesGallery
 from xclip.data.image_folder import ImageFolder
-from xclip.data.ood import OODDataModule
-from xclip.data.retrieval import RetrievalDataModule
 from xclip.data.shapes import ShapesWorldDataModule
-from xclip.data.waterbirds import WaterBirds
 
-__all__ = [
-    "AnnotationError", "CaptionGallery", "CombinedDataModule", "EmbeddingCache", "FileGallery", "GalleryEmbeddings", "ImageFolder",
-    "OODDataModule", "RetrievalDataModule", "ShapesGallery", "ShapesWorldDataModule", "WaterBirds",
-    "load_coco_captions", "load_karpathy",
-]
+__all__ = ["CombinedDataModule", "EmbeddingCache", "GalleryEmbeddings", "ImageFolder", "ShapesWorldDataModule"]

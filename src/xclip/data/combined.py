@@ -1,5 +1,5 @@
 """`CombinedDataModule`: the validation/test loaders of several datamodules, one after another
-(for `xclip.modules.EvaluationSuite`, which routes their batches by ``batch["task"]``)."""
+(for `xclip.suite.EvaluationSuite`, which routes their batches by ``batch["task"]``)."""
 
 from __future__ import annotations
 

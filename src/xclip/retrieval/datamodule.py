@@ -9,8 +9,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from xclip.data.coco import load_coco_captions, load_karpathy
-from xclip.data.gallery import CaptionGallery, ShapesGallery
+from xclip.retrieval.coco import load_coco_captions, load_karpathy
+from xclip.retrieval.gallery import CaptionGallery, ShapesGallery
 from xclip.data.shapes.datamodule import collate_captions
 
 SOURCES = ("shapes", "coco", "karpathy")

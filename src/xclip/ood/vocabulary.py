@@ -1,7 +1,7 @@
 """Word lists for negative-label mining: plain text files, one word per line.
 
 Lines starting with ``#`` and blank lines are ignored; duplicates are dropped (first kept). The
-package ships ShapesWorld's lists under ``xclip/data/wordlists/`` (``nouns.txt``,
+package ships ShapesWorld's lists under ``xclip/ood/wordlists/`` (``nouns.txt``,
 ``adjectives.txt``), object-like and scene-like words without the default ID class names.
 """
 
@@ -17,7 +17,7 @@ def builtin_wordlist(name: str) -> Path:
     """Path of a shipped word list (``nouns`` or ``adjectives``)."""
     if name not in BUILTIN_WORDLISTS:
         raise ValueError(f"unknown shipped word list {name!r}; choose from {BUILTIN_WORDLISTS}")
-    return Path(str(resources.files("xclip.data") / "wordlists" / f"{name}.txt"))
+    return Path(str(resources.files("xclip.ood") / "wordlists" / f"{name}.txt"))
 
 
 def read_words(path: str | Path) -> list[str]:

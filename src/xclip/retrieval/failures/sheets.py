@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from xclip.analysis.failures import Failure
-from xclip.analysis.taxonomy import accepted_spellings
+from xclip.retrieval.failures.extract import Failure
+from xclip.retrieval.failures.taxonomy import accepted_spellings
 from xclip.io import atomic_write_csv, atomic_write_text
 
 LABEL_COLUMN = "label"

@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from xclip.data.shapes import COLOURS, SHAPES
 from xclip.metrics.retrieval_metric import RetrievalRecall
-from xclip.models.zeroshot import zero_shot_weights
+from xclip.backbones.prompts import zero_shot_weights
 
 DEFAULT_PROMPTS: dict[str, list[str]] = {
     "shape": ["a photo of a {}.", "a {}."],

@@ -1,7 +1,7 @@
 """Every NegAlign variant from one set of per-image terms: the lambda sweep and the M1-M3 ablation.
 
 :class:`NegAlignTerms` computes, per image, the terms every toggle combination of
-:class:`~xclip.models.negalign.NegAlignScorer` is made of (NegLabel* before M3 for M1 on/off x M2
+:class:`~xclip.ood.negalign.NegAlignScorer` is made of (NegLabel* before M3 for M1 on/off x M2
 on/off, and P_align before M3). :func:`variant_scores` then gives any variant's ``S_final`` for
 any lambda from those numbers alone, so a sweep never re-runs the model or the text side; M3's
 statistics come from ID calibration rows (:func:`zscore_stats`), never from the scored data.
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from xclip.models.negalign import NegAlignScorer, p_align
-from xclip.models.neglabel import neglabel_group_scores
+from xclip.ood.negalign import NegAlignScorer, p_align
+from xclip.ood.neglabel import neglabel_group_scores
 
 STAR_COLUMNS = {(False, False): "star", (True, False): "star_m1", (False, True): "star_m2", (True, True): "star_m1_m2"}
 TERM_COLUMNS = (*STAR_COLUMNS.values(), "p_align")

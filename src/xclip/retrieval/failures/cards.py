@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from xclip.analysis.failures import Failure
+from xclip.retrieval.failures.extract import Failure
 from xclip.explain import GradECLIP
 from xclip.explain.render import image_grid, overlay, save_png
 

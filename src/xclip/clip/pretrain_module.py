@@ -13,8 +13,8 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import Tensor
 
-from xclip.models.contrastive import clip_contrastive_loss
-from xclip.modules.zeroshot import ZeroShotEvaluation, normalized
+from xclip.clip.contrastive import clip_contrastive_loss
+from xclip.clip.zeroshot_module import ZeroShotEvaluation, normalized
 
 
 class ClipPretrainModule(ZeroShotEvaluation):

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from xclip.data.gallery import FileGallery
+from xclip.retrieval.gallery import FileGallery
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from xclip.data.combined import CombinedDataModule
 from xclip.data.embedding_cache import EmbeddingCache, GalleryEmbeddings, weights_fingerprint
-from xclip.data.gallery import CaptionGallery, ShapesGallery
+from xclip.retrieval.gallery import CaptionGallery, ShapesGallery
 from xclip.data.shapes.datamodule import ShapesWorldDataModule
 from xclip.metrics.retrieval import retrieval_recall_at_k
 from xclip.metrics.retrieval_metric import RetrievalRecall

@@ -9,7 +9,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from xclip.analysis.taxonomy import LABELS, category, is_ambiguous
+from xclip.retrieval.failures.taxonomy import LABELS, category, is_ambiguous
 from xclip.explain.render import figure_to_array, save_png
 from xclip.io import atomic_write_csv
 

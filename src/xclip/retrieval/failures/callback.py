@@ -2,7 +2,7 @@
 visual cards and annotation sheets, ShapesWorld auto-labels with their merged report, and the
 failure-driven improvements (template ensembling, lexical re-ranking) per failure category.
 
-Needs a module like ``xclip.modules.RetrievalModule`` that, by the end of validate/test, exposes
+Needs a module like ``xclip.retrieval.RetrievalModule`` that, by the end of validate/test, exposes
 ``gallery_embeddings`` (``image_emb`` [I, D], ``text_emb`` [T, D] L2-normalised, ``text_to_image``
 [T], ``image_index`` [I]: each row's gallery index), ``gallery`` (a ``CaptionGallery``; one with
 ``scene(i)`` enables auto-labels) and ``backbone``.
@@ -22,11 +22,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch import Tensor
 
-from xclip.analysis.annotations import read_merged_labels
-from xclip.analysis.autolabel import autolabel_failures
-from xclip.analysis.cards import write_cards
-from xclip.analysis.failures import Failure, failure_records, sample_failures, top1_failures, write_failures_csv
-from xclip.analysis.improvements import (
+from xclip.retrieval.failures.annotations import read_merged_labels
+from xclip.retrieval.failures.autolabel import autolabel_failures
+from xclip.retrieval.failures.cards import write_cards
+from xclip.retrieval.failures.extract import Failure, failure_records, sample_failures, top1_failures, write_failures_csv
+from xclip.retrieval.failures.improvements import (
     DEFAULT_TEMPLATES,
     LEXICAL,
     POOLINGS,
@@ -36,10 +36,10 @@ from xclip.analysis.improvements import (
     rerank_t2i_ranks,
     write_improvements,
 )
-from xclip.analysis.report import write_annotation_report
-from xclip.analysis.sheets import annotator_names, assign_sheets, feasible_counts, fill_sheets, write_sheets
-from xclip.analysis.taxonomy import LABELS
-from xclip.cli import run_directory
+from xclip.retrieval.failures.report import write_annotation_report
+from xclip.retrieval.failures.sheets import annotator_names, assign_sheets, feasible_counts, fill_sheets, write_sheets
+from xclip.retrieval.failures.taxonomy import LABELS
+from xclip.results import run_directory
 from xclip.explain import GradECLIP
 from xclip.io import atomic_write_text
 from xclip.metrics import retrieval_ranks

@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xclip.analysis.sheets import ASSIGNMENT_FILE, LABEL_COLUMN, NOTE_COLUMN, SHEET_COLUMNS
-from xclip.analysis.taxonomy import LABELS, category, parse_label
+from xclip.retrieval.failures.sheets import ASSIGNMENT_FILE, LABEL_COLUMN, NOTE_COLUMN, SHEET_COLUMNS
+from xclip.retrieval.failures.taxonomy import LABELS, category, parse_label
 from xclip.io import atomic_write_csv
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("failure_id", LABEL_COLUMN)

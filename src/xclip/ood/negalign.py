@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xclip.models.neglabel import NegLabelScorer, group_negatives, neglabel_group_scores
+from xclip.ood.neglabel import NegLabelScorer, group_negatives, neglabel_group_scores
 
 OBJECT_TEMPLATES = ("a photo of a {}", "a close-up photo of a {}")
 BACKGROUND_TEMPLATES = ("a scene of {}", "a background of {}", "a texture of {}")

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from xclip.io import atomic_write_csv
 from xclip.metrics.ood import Convention, ood_metrics, roc_curve
-from xclip.models.negalign_sweep import Variant, variant_scores
+from xclip.ood.negalign_sweep import Variant, variant_scores
 
 Terms = dict[str, Tensor]
 SplitMetrics = dict[str, dict[str, float]]  # OOD split name -> {"auroc", "fpr95", "aupr_in", "aupr_out"}

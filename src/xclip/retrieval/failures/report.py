@@ -18,16 +18,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from xclip.analysis.agreement import fleiss_on_shared, pairwise_cohen
-from xclip.analysis.annotations import (
+from xclip.retrieval.failures.agreement import fleiss_on_shared, pairwise_cohen
+from xclip.retrieval.failures.annotations import (
     AnnotationError,
     categories_by_annotator,
     merge_annotations,
     read_sheet_dir,
     write_merged_csv,
 )
-from xclip.analysis.summary import write_summary
-from xclip.analysis.taxonomy import CATEGORIES
+from xclip.retrieval.failures.summary import write_summary
+from xclip.retrieval.failures.taxonomy import CATEGORIES
 from xclip.io import atomic_write_csv, atomic_write_text
 
 AGREEMENT_COLUMNS = ("method", "annotators", "n_items", "observed", "kappa")

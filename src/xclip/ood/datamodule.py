@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from xclip.data.image_folder import ImageFolder, collate_skipping
 from xclip.data.shapes import SpuriousShapes
-from xclip.data.waterbirds import WaterBirds
+from xclip.ood.waterbirds import WaterBirds
 
 SOURCES = ("shapes", "waterbirds")
 ROLES = ("calib", "id", "ood")

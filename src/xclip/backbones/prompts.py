@@ -1,4 +1,5 @@
-"""Zero-shot classification heads built from prompts (CLIP's prompt ensembling)."""
+"""Class embeddings from prompt templates (CLIP's prompt ensembling): the zero-shot classifier of
+`xclip.clip` and the ID class embeddings of NegLabel (`xclip.ood`) both use it."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ One validate/test pass runs each image through the backbone once (:class:`NegAli
 embedding, CAM foreground, background embedding) and stores every per-image term
 (:class:`NegAlignTerms`). At epoch end plain NegLabel, NegLabel*, NegAlign for every lambda of the
 sweep and the whole M1/M2/M3/P_align ablation are scored from those numbers, without re-running
-the model. Batches come from :class:`~xclip.data.ood.OODDataModule` (tagged ``task="ood"``,
+the model. Batches come from :class:`~xclip.ood.datamodule.OODDataModule` (tagged ``task="ood"``,
 ``split``, ``role``); :meth:`NegAlignModule.ood_step` holds the per-batch work so a multi-task
 module can route such batches to it.
 """
@@ -19,14 +19,14 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from xclip.cli import run_directory
-from xclip.data.vocabulary import read_words, resolve_words
+from xclip.results import run_directory
+from xclip.ood.vocabulary import read_words, resolve_words
 from xclip.explain.render import figure_to_array, save_png
 from xclip.io import atomic_write_csv, atomic_write_text
 from xclip.metrics.score_table import ScoreTable
-from xclip.models.negalign import NegAlignScorer
-from xclip.models.negalign_features import NegAlignFeatures
-from xclip.models.negalign_sweep import (
+from xclip.ood.negalign import NegAlignScorer
+from xclip.ood.negalign_features import NegAlignFeatures
+from xclip.ood.negalign_sweep import (
     ALL_VARIANTS,
     TERM_COLUMNS,
     NegAlignTerms,
@@ -35,9 +35,9 @@ from xclip.models.negalign_sweep import (
     zscore_stats,
     zscored,
 )
-from xclip.models.negatives import ROLES, Negatives, build_negatives, id_embeddings
-from xclip.models.text_embeddings import TextEmbeddings
-from xclip.modules.negalign_report import (
+from xclip.ood.negatives import ROLES, Negatives, build_negatives, id_embeddings
+from xclip.ood.text_embeddings import TextEmbeddings
+from xclip.ood.report import (
     mean_auroc,
     roc_figure,
     split_statistics,
@@ -58,7 +58,7 @@ class NegAlignModule(pl.LightningModule):
         class_names: ID class names, in label order.
         id_prompts: templates with ``{}`` for every class, or class name -> prompts.
         nouns, adjectives: candidate negative words: a word-list file, a list, or None for the
-            shipped ShapesWorld lists (``xclip/data/wordlists``).
+            shipped ShapesWorld lists (``xclip/ood/wordlists``).
         neg_labels_dir: a folder with saved ``neg_labels_noun.txt`` / ``neg_labels_adj.txt``
             (NegRefine's format, or a previous run's output): used as the negatives, no mining.
         noun_templates, adj_templates: prompts of the candidate words (NegLabel: ``the nice {}``,

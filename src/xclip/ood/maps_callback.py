@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xclip.cli import run_directory
+from xclip.results import run_directory
 from xclip.explain.render import overlay, save_map_npy, save_png
 from xclip.io import atomic_write_text
 

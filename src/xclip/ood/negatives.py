@@ -1,7 +1,7 @@
 """The text side of NegLabel / NegAlign from words: ID class embeddings, mined negatives, roles.
 
 Every function takes ``embed``: a callable mapping K strings to [K, D] L2-normalised embeddings
-(e.g. :class:`~xclip.models.text_embeddings.TextEmbeddings`), so nothing here runs a model itself.
+(e.g. :class:`~xclip.ood.text_embeddings.TextEmbeddings`), so nothing here runs a model itself.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from xclip.models.negalign import BACKGROUND_TEMPLATES, OBJECT_TEMPLATES, role_scores, split_roles
-from xclip.models.neglabel import neg_mining
-from xclip.models.zeroshot import zero_shot_weights
+from xclip.ood.negalign import BACKGROUND_TEMPLATES, OBJECT_TEMPLATES, role_scores, split_roles
+from xclip.ood.neglabel import neg_mining
+from xclip.backbones.prompts import zero_shot_weights
 
 Embed = Callable[[list[str]], Tensor]
 ROLES = ("object", "background", "ambiguous")

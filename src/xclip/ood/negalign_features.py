@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from xclip.backbones.base import Backbone
 from xclip.explain.base import explaining
 from xclip.explain.gradcam import GradCAM
-from xclip.models.negalign import background_embedding, foreground_mask
+from xclip.ood.negalign import background_embedding, foreground_mask
 
 
 @dataclass
