@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from xclip.backbones import load_backbone
-from xclip.ood.vocabulary import builtin_wordlist, read_words
 from xclip.io import atomic_write_text
 from xclip.ood import NegAlignFeatures, NegAlignScorer, NegAlignTerms, NegLabelScorer
 from xclip.ood.text_embeddings import TextEmbeddings
+from xclip.ood.vocabulary import builtin_wordlist, read_words
 from xclip.timing import median_time, once
 
 

@@ -34,11 +34,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from xclip.retrieval import RetrievalDataModule
 from xclip.data.shapes.datamodule import collate_captions
 from xclip.io import atomic_write_text
 from xclip.metrics import retrieval_recall_at_k
-from xclip.retrieval import RetrievalModule
+from xclip.retrieval import RetrievalDataModule, RetrievalModule
 
 KS = (1, 5, 10)
 

@@ -19,9 +19,9 @@ import open_clip
 import torch
 
 from xclip.backbones import load_backbone, wrap_model
+from xclip.clip import ZeroShotModule
 from xclip.data import ShapesWorldDataModule
 from xclip.io import atomic_write_text
-from xclip.clip import ZeroShotModule
 
 KEYS = ("zeroshot_shape_acc", "zeroshot_colour_acc", "t2i_R@1", "t2i_R@5", "i2t_R@1", "i2t_R@5")
 

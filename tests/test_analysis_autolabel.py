@@ -2,9 +2,9 @@
 
 import pytest
 
+from xclip.data.shapes.scene import Scene, ShapeObject, caption
 from xclip.retrieval.failures.autolabel import autolabel, captions_true_of
 from xclip.retrieval.gallery import ShapesGallery
-from xclip.data.shapes.scene import Scene, ShapeObject, caption
 
 RED_CIRCLE = ShapeObject("circle", "red", "large", 0.25, 0.5)
 BLUE_SQUARE = ShapeObject("square", "blue", "small", 0.75, 0.5)

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from test_retrieval_metrics import random_problem
 
+from xclip.backbones import Backbone
+from xclip.metrics import retrieval_ranks
 from xclip.retrieval.failures.improvements import (
     encode_templates,
     ensemble_t2i_ranks,
@@ -22,8 +24,6 @@ from xclip.retrieval.failures.improvements import (
     words,
     write_improvements,
 )
-from xclip.backbones import Backbone
-from xclip.metrics import retrieval_ranks
 
 
 def stable_ranks(scores, owner):

@@ -14,15 +14,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from sklearn.metrics import cohen_kappa_score
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from xclip.retrieval import FailureAnalysisCallback, RetrievalModule
+from xclip.retrieval.datamodule import RetrievalDataModule
 from xclip.retrieval.failures.autolabel import autolabel
+from xclip.retrieval.failures.callback import _row_captions
 from xclip.retrieval.failures.report import write_annotation_report
 from xclip.retrieval.failures.sheets import fill_sheets
 from xclip.retrieval.failures.taxonomy import category
-from xclip.retrieval import FailureAnalysisCallback
-from xclip.retrieval.failures.callback import _row_captions
 from xclip.retrieval.gallery import ShapesGallery
-from xclip.retrieval.datamodule import RetrievalDataModule
-from xclip.retrieval import RetrievalModule
 
 N_IMAGES, N_FAILURES, N_ANNOTATORS, PER_ANNOTATOR, OVERLAP = 250, 24, 3, 5, 6
 N_METHODS = 5  # baseline, templates x {mean, max, logsumexp}, rerank

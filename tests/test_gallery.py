@@ -3,9 +3,9 @@
 import torch
 from torch.utils.data import DataLoader
 
-from xclip.retrieval.gallery import ShapesGallery
 from xclip.data.shapes import ShapesCaptions, caption
 from xclip.data.shapes.datamodule import collate_captions
+from xclip.retrieval.gallery import ShapesGallery
 
 
 def test_shapes_gallery_matches_shapes_captions_and_scenes():

@@ -10,18 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
+from negalign_fixtures import write_placesbg, write_waterbirds
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from negalign_fixtures import write_placesbg, write_waterbirds
 from xclip.backbones import load_backbone
-from xclip.ood import NegAlignMapsCallback
 from xclip.cli import main
-from xclip.ood.datamodule import OODDataModule
 from xclip.data.shapes import SpuriousShapes
 from xclip.explain import GradCAM
 from xclip.metrics import ood_metrics
-from xclip.ood import NegAlignFeatures, NegLabelScorer
-from xclip.ood import NegAlignModule
+from xclip.ood import NegAlignFeatures, NegAlignMapsCallback, NegAlignModule, NegLabelScorer
+from xclip.ood.datamodule import OODDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,27 +85,32 @@ def fixture_dirs(tmp_path_factory):
             write_placesbg(tmp_path_factory.mktemp("placesbg")))
 
 
-def validate(module, dirs, save_dir, callbacks=()):
-    dm = OODDataModule(source="waterbirds", root=str(dirs[0]), ood_dirs={"placesbg": str(dirs[1])},
-                       image_size=64, batch_size=4)
+def fixture_datamodule(dirs):
+    return OODDataModule(source="waterbirds", root=str(dirs[0]), ood_dirs={"placesbg": str(dirs[1])},
+                         image_size=64, batch_size=4)
+
+
+def evaluate(module, dirs, save_dir, callbacks=(), stage="test"):
     trainer = pl.Trainer(accelerator="cpu", logger=TensorBoardLogger(str(save_dir), name="neg"),
                          enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
-    trainer.validate(module, dm, verbose=False)
+    getattr(trainer, stage)(module, fixture_datamodule(dirs), verbose=False)
     return trainer
 
 
 @pytest.fixture(scope="module")
 def fixture_run(fixture_dirs, tmp_path_factory, small):
-    module = NegAlignModule(**small, breakdown_csv=True)
+    """`xclip test` on the fixture: lambda chosen on the validation partition, test reported."""
+    module = NegAlignModule(**small, breakdown_csv=True, backbone=load_backbone("xclip:tiny-shapes"))
     calls = count_vision_calls(module.backbone)  # the module's own backbone, discarded with it
-    trainer = validate(module, fixture_dirs, tmp_path_factory.mktemp("runs"), [NegAlignMapsCallback(max_per_split=2)])
+    trainer = evaluate(module, fixture_dirs, tmp_path_factory.mktemp("runs"), [NegAlignMapsCallback(max_per_split=2)])
     return module, trainer, calls
 
 
 def test_one_vision_forward_per_batch_for_every_variant_and_lambda(fixture_run):
     module, _, calls = fixture_run
-    # calibration 3 images (1 batch), ID 7 test images (2 batches), PlacesBG 7 images (2 batches)
-    assert calls == {"embed": 5, "encode": 0}
+    # calibration: 2 train images (1 batch); validation: ID 3 (1), PlacesBG 3 (1);
+    # test: ID 7 (2 batches), PlacesBG 4 (1)
+    assert calls == {"embed": 6, "encode": 0}
     res = module.extra_results()["negalign"]
     assert len(res["per_lambda"]) == 6 and len(res["ablation"]) == 8  # M2 is unavailable on this model
 
@@ -116,41 +119,48 @@ def test_plain_neglabel_equals_a_direct_computation(fixture_run, fixture_dirs):
     module, trainer, _ = fixture_run
     bb, scorer = module.backbone, module.terms.scorer.neglabel
     direct = NegLabelScorer(scorer.id_emb, scorer.neg_emb, n_groups=4, seed=0)
-    dm = OODDataModule(source="waterbirds", root=str(fixture_dirs[0]), ood_dirs={"placesbg": str(fixture_dirs[1])},
-                       image_size=64, batch_size=4)  # the module's batches: identical float rounding
+    dm = fixture_datamodule(fixture_dirs)  # the module's batches: identical float rounding
     scores = {}
-    for loader in dm.val_dataloader():
+    for loader in dm.test_dataloader():
         parts = []
         for batch in loader:
+            if batch["partition"] != "test":
+                continue
             with torch.no_grad():
                 emb = bb.trace_image(bb.normalize(batch["image"])).embedding  # the module's forward
                 torch.testing.assert_close(emb, bb.encode_image(bb.normalize(batch["image"])), atol=1e-5, rtol=1e-4)
             parts.append(direct(emb.double()))
-        scores[batch["split"]] = torch.cat(parts)
+        if parts:
+            scores[batch["split"]] = torch.cat(parts)
     expected = ood_metrics(scores["id"], scores["ood_placesbg"])
     res = module.extra_results()["negalign"]
     assert res["variants"]["neglabel"]["ood_placesbg"] == expected
     row = next(r for r in res["ablation"] if r["name"] == "neglabel")
     assert row["metrics"]["ood_placesbg"] == expected  # all toggles off == NegLabel
-    per_image = list(csv.DictReader((Path(trainer.logger.log_dir) / "val_per_image.csv").open()))
+    per_image = list(csv.DictReader((Path(trainer.logger.log_dir) / "test_per_image.csv").open()))
     for split, direct_scores in scores.items():
-        logged = [float(r["s_neglabel_plain"]) for r in per_image if r["split"] == split]
+        logged = [float(r["s_neglabel_plain"]) for r in per_image if r["split"] == split and r["status"] == "scored"]
         torch.testing.assert_close(torch.tensor(logged, dtype=torch.float64), direct_scores, rtol=1e-9, atol=0)
     # lambda 0 of the configured variant (m3 + p_align) is NegLabel* exactly
     assert res["per_lambda"][0]["metrics"] == res["variants"]["neglabel_star"]
 
 
-def test_results_report_skips_statistics_and_vocabulary(fixture_run):
+def test_results_report_skips_statistics_and_vocabulary(fixture_run, fixture_dirs):
     module, trainer, _ = fixture_run
     res = module.extra_results()["negalign"]
     splits = res["splits"]
+    assert res["evaluated_partition"] == "test"
     assert splits["id"]["n"] == 6 and splits["id"]["skipped"] == 1  # the corrupt JPEG
-    assert splits["ood_placesbg"]["n"] == 7 and splits["ood_placesbg"]["skipped"] == 0
-    assert splits["calib"]["role"] == "calib" and 0 <= splits["id"]["cam_valid_rate"] <= 1
+    assert splits["ood_placesbg"]["n"] == 4 and splits["ood_placesbg"]["skipped"] == 0
+    assert splits["val/id"]["n"] == 3 and splits["val/ood_placesbg"]["n"] == 3  # lambda selection only
+    assert splits["calib"]["role"] == "calib" and splits["calib"]["n"] == 2
+    corrupt = fixture_datamodule(fixture_dirs).sets("test")[0][2].rows[-1]["img_filename"]
+    assert res["skipped_paths"] == {"id": [corrupt]}
     assert "id_accuracy" in splits["id"] and "id_accuracy" not in splits["ood_placesbg"]
-    assert res["best_lambda"] in res["lambdas"] and res["config"]["n_negatives"] > 0
+    assert res["config"]["n_negatives"] > 0
     assert res["ablation_unavailable"].keys() == {"m2"}
-    assert "val/ood_placesbg/negalign/auroc" in trainer.callback_metrics
+    assert "test/ood_placesbg/negalign/auroc" in trainer.callback_metrics
+    assert not any(k.startswith("test/val/") for k in trainer.callback_metrics)
     out = Path(trainer.logger.log_dir)
     roles = list(csv.DictReader((out / "neg_roles.csv").open()))
     assert len(roles) == res["config"]["n_negatives"]
@@ -159,20 +169,46 @@ def test_results_report_skips_statistics_and_vocabulary(fixture_run):
         assert words == [r["word"] for r in roles if r["role"] == role]
     mined = (out / "neg_labels_noun.txt").read_text().split() + (out / "neg_labels_adj.txt").read_text().split()
     assert mined == [r["word"] for r in roles]
-    per_image = list(csv.DictReader((out / "val_per_image.csv").open()))
-    assert len(per_image) == 3 + 6 + 7
+    per_image = list(csv.DictReader((out / "test_per_image.csv").open()))
+    assert len(per_image) == 2 + 3 + 3 + 6 + 4 + 1
+    unreadable = [r for r in per_image if r["status"] == "unreadable"]
+    assert [(r["split"], r["path"], r["s_final"]) for r in unreadable] == [("id", corrupt, "")]
     assert set(per_image[0]) >= {"s_neglabel_plain", "s_neglabel_star", "p_align", "s_final", "pred_class", "cam_valid"}
-    for name in ("val_lambda_sweep.png", "val_roc.png"):
+    for name in ("test_lambda_sweep.png", "test_roc.png"):
         assert (out / name).stat().st_size > 1000
-    index = json.loads((out / "explanations" / "negalign" / "val_index.json").read_text())
+    index = json.loads((out / "explanations" / "negalign" / "test_index.json").read_text())
+    # maps of the reported (test) sets only, not of the lambda-selection sets
     assert {i["split"] for i in index["items"]} == {"id", "ood_placesbg"} and len(index["items"]) == 4
+
+
+def test_lambda_is_chosen_on_validation_and_applied_to_test(fixture_run):
+    module, trainer, _ = fixture_run
+    res = module.extra_results()["negalign"]
+    rows = list(csv.DictReader((Path(trainer.logger.log_dir) / "test_per_image.csv").open()))
+
+    def scores(split, lam):  # the configured variant at any lambda, from the per-image columns
+        return torch.tensor([float(r["s_neglabel_star"]) + lam * float(r["p_align"]) for r in rows
+                             if r["split"] == split and r["status"] == "scored"], dtype=torch.float64)
+
+    def auroc(prefix, lam):
+        return ood_metrics(scores(f"{prefix}id", lam), scores(f"{prefix}ood_placesbg", lam))["auroc"]
+
+    lambdas = res["lambdas"]
+    on_val = [auroc("val/", lam) for lam in lambdas]
+    on_test = [auroc("", lam) for lam in lambdas]
+    assert res["best_lambda"] == lambdas[max(range(len(lambdas)), key=on_val.__getitem__)]
+    assert res["oracle_lambda"] == lambdas[max(range(len(lambdas)), key=on_test.__getitem__)]
+    assert res["best_lambda_chosen_on"] == "val"
+    chosen = lambdas.index(res["best_lambda"])
+    assert res["variants"]["negalign_selected"]["ood_placesbg"]["auroc"] == pytest.approx(on_test[chosen], abs=1e-12)
+    assert res["variants"]["negalign_selected"] == res["per_lambda"][chosen]["metrics"]
 
 
 def test_vocabulary_text_embeddings_are_computed_once(fixture_run, fixture_dirs, tmp_path, small):
     module, _, _ = fixture_run
     encoded = module.texts.encoded
     assert encoded > 500  # the file's first build: ID prompts, ~520 candidate words, role templates
-    validate(module, fixture_dirs, tmp_path)  # a second pass reuses the run's text side
+    evaluate(module, fixture_dirs, tmp_path, stage="validate")  # a second pass reuses the run's text side
     assert module.texts.encoded == encoded
     again = NegAlignModule(**small)
     again.build_text_side()  # a new run finds every list in the disk cache

@@ -1,16 +1,16 @@
 """OOD data: WaterBirds / image-folder loaders on fixtures in the exact on-disk format, skipped
 unreadable images, the OOD datamodule, the shipped word lists."""
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
-
 from negalign_fixtures import SPLITS_PER_IMAGE, write_placesbg, write_waterbirds
+
 from xclip.data.image_folder import ImageFolder, collate_skipping
-from xclip.ood.datamodule import OODDataModule
 from xclip.data.shapes import SpuriousShapes
+from xclip.ood.datamodule import OODDataModule
 from xclip.ood.vocabulary import builtin_wordlist, read_words, resolve_words
 from xclip.ood.waterbirds import WaterBirds
 
@@ -46,13 +46,18 @@ def test_waterbirds_items_match_metadata(waterbirds):
         assert item["path"].split("/")[0].split(".")[0].isdigit()  # 001.Black_footed_Albatross/...
 
 
-def test_waterbirds_unreadable_image_is_none_and_collate_counts_it(waterbirds):
+def test_waterbirds_unreadable_image_is_reported_with_its_path_and_collate_counts_it(waterbirds):
     ds = WaterBirds(waterbirds, split="test", image_size=32)
     items = [ds[i] for i in range(len(ds))]
-    assert items[-1] is None and all(it is not None for it in items[:-1])
+    bad_row = ds.rows[-1]
+    assert items[-1] == {"unreadable": True, "index": int(bad_row["img_id"]), "path": bad_row["img_filename"]}
+    assert not any(it.get("unreadable") for it in items[:-1])
     batch = collate_skipping(items)
     assert batch["skipped"] == 1 and batch["image"].shape == (len(items) - 1, 3, 32, 32)
-    assert collate_skipping([None, None]) == {"skipped": 2}
+    assert batch["skipped_index"].tolist() == [int(bad_row["img_id"])]
+    assert batch["skipped_paths"] == [bad_row["img_filename"]]
+    only_bad = collate_skipping([items[-1], items[-1]])
+    assert set(only_bad) == {"skipped", "skipped_index", "skipped_paths"} and only_bad["skipped"] == 2
 
 
 def test_waterbirds_errors_name_the_problem(tmp_path, waterbirds):
@@ -85,30 +90,50 @@ def test_image_folder_errors(tmp_path):
 def test_ood_datamodule_waterbirds_tags_batches(waterbirds, placesbg):
     dm = OODDataModule(source="waterbirds", root=str(waterbirds), ood_dirs={"placesbg": str(placesbg)},
                        image_size=32, batch_size=4)
-    loaders = dm.val_dataloader()
-    first = [next(iter(dl)) for dl in loaders]
-    assert [(b["split"], b["role"], b["task"]) for b in first] == [
-        ("calib", "calib", "ood"), ("id", "id", "ood"), ("ood_placesbg", "ood", "ood")]
-    skipped = sum(b["skipped"] for b in loaders[1])
-    assert skipped == 1  # the corrupt test image
+    tags = lambda loaders: [(b["split"], b["role"], b["partition"], b["task"])  # noqa: E731
+                            for b in (next(iter(dl)) for dl in loaders)]
+    assert tags(dm.val_dataloader()) == [("calib", "calib", "val", "ood"), ("id", "id", "val", "ood"),
+                                         ("ood_placesbg", "ood", "val", "ood")]
+    test_loaders = dm.test_dataloader()
+    assert tags(test_loaders) == [("calib", "calib", "val", "ood"), ("id", "id", "val", "ood"),
+                                  ("ood_placesbg", "ood", "val", "ood"), ("id", "id", "test", "ood"),
+                                  ("ood_placesbg", "ood", "test", "ood")]
+    # ID: WaterBirds' own splits (2 train = calibration, 3 val, 7 test); the corrupt image is in test
+    sizes = [sum(len(b.get("index", [])) + b["skipped"] for b in dl) for dl in test_loaders]
+    assert sizes == [2, 3, 3, 7, 4]  # placesbg's 7 images divided 3 (val) / 4 (test: round(0.5 * 7))
+    assert sum(b["skipped"] for b in test_loaders[3]) == 1
+    # the two parts of the OOD folder are disjoint and cover it
+    val_paths = {p for b in test_loaders[2] for p in b["path"]}
+    test_paths = {p for b in test_loaders[4] for p in b["path"]}
+    assert not val_paths & test_paths and len(val_paths | test_paths) == 7
     with pytest.raises(ValueError, match="ood_dirs"):
         OODDataModule(source="waterbirds", root=str(waterbirds))
     with pytest.raises(ValueError, match="source"):
         OODDataModule(source="imagenet")
+    with pytest.raises(ValueError, match="calib_split 'val' is also an evaluated split"):
+        OODDataModule(source="waterbirds", root=str(waterbirds), ood_dirs={"p": str(placesbg)}, calib_split="val")
 
 
 def test_ood_datamodule_shapes_sets():
     dm = OODDataModule(n_id=6, n_ood=5, n_calib=4, batch_size=8)
-    sets = dm.sets()
-    assert [(n, r, len(d)) for n, r, d in sets] == [
-        ("calib", "calib", 4), ("id", "id", 6), ("ood_background", "ood", 5), ("ood_novel_shape", "ood", 5)]
+    sets = dm.sets("val")
+    assert [(n, r, len(d)) for n, r, d in sets] == [("id", "id", 6), ("ood_background", "ood", 5),
+                                                    ("ood_novel_shape", "ood", 5)]
+    assert len(dm.calibration_set()) == 4
     by_name = {n: d for n, _, d in sets}
     assert all(by_name["id"][i]["label"] in (0, 1) for i in range(6))
     assert not any(by_name["ood_background"][i]["mask"].any() for i in range(5))  # nothing but background
     assert all(by_name["ood_novel_shape"][i]["label"] == -1 for i in range(5))
     # calibration and ID come from different sample streams
-    assert not torch.equal(by_name["calib"][0]["image"], by_name["id"][0]["image"])
-    assert [n for n, _, _ in OODDataModule(n_calib=0).sets()] == ["id", "ood_background", "ood_novel_shape"]
+    assert not torch.equal(dm.calibration_set()[0]["image"], by_name["id"][0]["image"])
+    assert OODDataModule(n_calib=0).calibration_set() is None
+    assert [b["split"] for b in (next(iter(dl)) for dl in OODDataModule(n_calib=0, n_id=2, n_ood=2).val_dataloader())] \
+        == ["id", "ood_background", "ood_novel_shape"]
+    # the test partition: the same sets, drawn from ShapesWorld's test key family
+    test_sets = {n: d for n, _, d in dm.sets("test")}
+    for name, ds in by_name.items():
+        assert test_sets[name].split == "test" and ds.split == "val"
+        assert not torch.equal(test_sets[name][0]["image"], ds[0]["image"])
 
 
 def test_shipped_word_lists_have_object_and_scene_words_but_no_id_class():

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from xclip.backbones import load_checkpoint
+from xclip.clip import ClipPretrainModule, clip_contrastive_loss
 from xclip.data import ShapesWorldDataModule
-from xclip.clip import clip_contrastive_loss
-from xclip.clip import ClipPretrainModule
 
 MODEL_CFG = {
     "embed_dim": 32,

@@ -13,8 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from xclip.cli import XClipCLI, main
-from xclip.retrieval import RetrievalDataModule
-from xclip.retrieval import RetrievalModule
+from xclip.retrieval import RetrievalDataModule, RetrievalModule
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES, COCO = ROOT / "configs" / "retrieval_shapes.yaml", ROOT / "configs" / "retrieval_coco.yaml"

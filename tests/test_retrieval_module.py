@@ -12,9 +12,8 @@ from test_retrieval_metrics import brute_force
 
 from xclip.backbones import load_backbone, save_checkpoint
 from xclip.data import CombinedDataModule, ShapesWorldDataModule
-from xclip.retrieval import RetrievalDataModule, ShapesGallery
 from xclip.data.embedding_cache import TENSORS_NAME
-from xclip.retrieval import RetrievalModule
+from xclip.retrieval import RetrievalDataModule, RetrievalModule, ShapesGallery
 from xclip.suite import EvaluationSuite
 
 TINY_CFG = {

@@ -802,7 +802,7 @@ def test_datamodule_pretrain_train_loader_flattens_pairs():
         assert b["task"] == "pretrain"
         assert b["image"].shape == (8, 3, S, S) and len(b["texts"]) == 8
         assert all(b["texts"][2 * k] != b["texts"][2 * k + 1] for k in range(4))
-    assert dm.dataset("pretrain", train=True).seed == 0
+    assert dm.dataset("pretrain", "train").seed == 0
 
 
 def test_datamodule_task_options_reach_the_dataset():

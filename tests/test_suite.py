@@ -46,7 +46,8 @@ def test_batches_reach_the_member_of_their_task_and_members_log():
     assert suite.members["a"].epochs == suite.members["b"].epochs == 1
     assert trainer.callback_metrics["val/a_sum"].item() == 6.0
     assert trainer.callback_metrics["val/b_sum"].item() == 30.0
-    assert suite.extra_results() == {"routes": {"cls": "a", "ood": "b"}, "a": {"batches": 2}, "b": {"batches": 1}}
+    assert suite.extra_results() == {"routes": {"cls": "a", "ood": "b"}, "backbones": [], "a": {"batches": 2},
+                                     "b": {"batches": 1}}
 
 
 def test_a_batch_without_a_route_is_an_error():

@@ -8,8 +8,8 @@ import lightning.pytorch as pl
 import pytest
 
 from xclip.backbones import load_backbone
-from xclip.data import ShapesWorldDataModule
 from xclip.clip import ZeroShotModule
+from xclip.data import ShapesWorldDataModule
 
 CARD = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-shapes"
 

@@ -1,23 +1,71 @@
-"""The ``xclip`` command: a LightningCLI (fit / validate / test / predict) driven by YAML configs.
+"""The ``xclip`` command: a LightningCLI (fit / validate / test) driven by YAML configs.
 
 After validate and test it writes ``results.json`` (the metrics, anything the module adds through
 ``extra_results()``, and a summary of the run's config) into the logger's log directory and
-prints where it wrote.
+prints one report: a table of the results grouped by workflow with full metric names (rows come
+from the modules' ``report_rows``), then where everything went (results.json, the TensorBoard
+command, explanation folders, plots). Lightning's own per-dataloader tables and tips are off.
+
+``predict`` is not a subcommand: the evaluation modules write their per-item outputs during
+validate/test (``per_image.csv``, ``failures.csv``, explanation indexes).
+
+Commands that are not a Lightning loop (``xclip vocab ...``, ``xclip cir-query ...``) are listed in
+`COMMANDS` as ``"module:function"`` and imported only when called; each takes its argument list.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import logging
 import os
+import sys
+import warnings
 from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from xclip.results import write_results
+from xclip.results import ReportRow, format_report, metric_values, output_listing, run_directory, write_results
+
+# Lightning's advertisements, and deprecation notices raised inside Lightning itself about its own
+# internals: nothing a user can act on. Every other warning still shows.
+_TIP_MARKER = "💡 Tip:"
+_KNOWN_NOISE = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _TIP_MARKER not in record.getMessage()
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's tips and its known internal deprecation notices (idempotent)."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())
+    for pattern in _KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 class XClipCLI(LightningCLI):
-    """LightningCLI that writes results.json after validate/test."""
+    """LightningCLI that writes results.json and prints the report after validate/test."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        subcommands = dict(LightningCLI.subcommands())
+        subcommands.pop("predict", None)
+        return subcommands
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if "verbose" in self._subcommand_method_arguments.get(subcommand, {}):
+            # xclip prints its own report (one table, every metric once, full names)
+            parser.set_defaults(verbose=False)
+        return parser
 
     def _config_summary(self) -> dict[str, Any]:
         cfg = self.config.get(self.subcommand, self.config)
@@ -29,11 +77,19 @@ class XClipCLI(LightningCLI):
                                                                    "limit_val_batches", "limit_test_batches")}
         return summary
 
+    def before_fit(self) -> None:
+        if type(self.model).training_step is pl.LightningModule.training_step:
+            raise SystemExit(f"xclip: {type(self.model).__name__} is evaluation-only (it has no training step): "
+                             f"run `xclip validate` or `xclip test` with this config")
+
     def _after_eval(self, stage: str) -> None:
         if not self.trainer.is_global_zero:
             return
         path = write_results(self.trainer, self.model, stage, self._config_summary())
-        print(f"xclip: wrote {path} (TensorBoard logs in {path.parent})")
+        metrics = metric_values(self.trainer.callback_metrics)
+        rows: list[ReportRow] = self.model.report_rows(metrics) if hasattr(self.model, "report_rows") else []
+        print(f"\nxclip {stage}: results\n{format_report(rows, metrics)}\n")
+        print(output_listing(run_directory(self.trainer), path))
 
     def after_validate(self) -> None:
         self._after_eval("validate")
@@ -42,9 +98,21 @@ class XClipCLI(LightningCLI):
         self._after_eval("test")
 
 
+# name -> "module:function(argv: list[str]) -> int | None", for commands outside the Lightning loops
+COMMANDS: dict[str, str] = {}
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``xclip`` console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in COMMANDS:
+        module, _, function = COMMANDS[argv[0]].partition(":")
+        code = getattr(importlib.import_module(module), function)(argv[1:])
+        if code:
+            raise SystemExit(code)
+        return
+    quiet_lightning()
     XClipCLI(
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"default_env": False},

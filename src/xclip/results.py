@@ -1,7 +1,9 @@
-"""Where a run's outputs go and what ``results.json`` holds.
+"""Where a run's outputs go, what ``results.json`` holds and the console report of a run.
 
 Every module, callback and the CLI asks `run_directory(trainer)` for the folder of the run (the
-logger's log directory), and the CLI writes `results.json` there with `write_results`.
+logger's log directory), and the CLI writes `results.json` there with `write_results`. Evaluation
+modules describe their logged metrics with `ReportRow`s (``report_rows(metrics)``), which the CLI
+prints as one table (`format_report`) followed by where everything went (`output_listing`).
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +52,71 @@ def write_results(trainer, model, stage: str, config: dict[str, Any]) -> Path:
     path = out_dir / "results.json"
     atomic_write_text(path, json.dumps(payload, indent=2, default=str))
     return path
+
+
+@dataclass
+class ReportRow:
+    """One line of the console report: a workflow, what was measured (a full name, never a
+    truncated metric key) and its values (``{"": v}`` for one number, or named columns such as
+    ``{"AUROC": ..., "FPR95": ...}``), with the logged metric keys it shows."""
+
+    workflow: str
+    name: str
+    values: dict[str, float]
+    keys: list[str] = field(default_factory=list)
+
+
+def metric_values(trainer_metrics: Mapping[str, Any]) -> dict[str, float | None]:
+    """The trainer's logged metrics as plain floats (NaN/inf as None)."""
+    return {k: _plain(v) for k, v in sorted(trainer_metrics.items())}
+
+
+def _cell(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
+
+
+def format_report(rows: Sequence[ReportRow], metrics: Mapping[str, float | None]) -> str:
+    """One table, grouped by workflow: ``workflow | measured | value(s)``. Every logged metric
+    appears exactly once: those no row claims are listed under "other" with their key."""
+    claimed = {k for row in rows for k in row.keys}
+    rows = list(rows) + [ReportRow("other", key, {"": value}, [key]) for key, value in metrics.items()
+                         if key not in claimed]
+    lines: list[tuple[str, str, str]] = []
+    last = None
+    for row in rows:
+        values = " | ".join(_cell(v) if not label else f"{label} {_cell(v)}" for label, v in row.values.items())
+        lines.append((row.workflow if row.workflow != last else "", row.name, values))
+        last = row.workflow
+    header = ("workflow", "measured", "value")
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(3)]
+    rule = "-+-".join("-" * w for w in widths)
+    fmt = " | ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*header), rule]
+    for i, line in enumerate(lines):
+        if i and line[0]:
+            out.append(rule)
+        out.append(fmt.format(*line))
+    return "\n".join(out)
+
+
+def output_listing(run_dir: Path, results_path: Path) -> str:
+    """Where a run's outputs went: results.json, the TensorBoard command, explanation folders
+    and plots."""
+    lines = [f"results:      {results_path}",
+             f"TensorBoard:  tensorboard --logdir {run_dir}"]
+    explanation_dirs = sorted({p.parent for p in run_dir.glob("explanations/**/*.png")})
+    for folder in explanation_dirs:
+        n = len(list(folder.glob("*.png")))
+        lines.append(f"explanations: {folder}/ ({n} PNG)")
+    plots = sorted(p for p in run_dir.glob("*.png"))
+    if plots:
+        lines.append("plots:        " + ", ".join(str(p) for p in plots))
+    tables = sorted(p for p in run_dir.glob("*.csv"))
+    if tables:
+        lines.append("tables:       " + ", ".join(str(p) for p in tables))
+    other = sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name not in ("explanations", "checkpoints"))
+    for folder in other:
+        lines.append(f"more:         {folder}/")
+    return "\n".join(lines)

@@ -14,10 +14,13 @@ from .loading import (
     checkpoints_dir,
     load_backbone,
     load_checkpoint,
+    resolve_backbone,
     save_checkpoint,
+    shared_backbone,
     wrap_model,
 )
 from .openclip import ClipBPETokenizer, OpenCLIPBackbone
+from .prompts import prompt_texts, zero_shot_weights
 
 __all__ = [
     "PLACEHOLDER_TOKEN_ID",
@@ -34,8 +37,12 @@ __all__ = [
     "checkpoints_dir",
     "load_backbone",
     "load_checkpoint",
+    "resolve_backbone",
     "save_checkpoint",
+    "shared_backbone",
     "wrap_model",
+    "prompt_texts",
+    "zero_shot_weights",
 ]
 
 

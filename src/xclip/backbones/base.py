@@ -166,6 +166,8 @@ class Backbone(nn.Module, metaclass=ABCMeta):
     text encoding, dense features, tokenising and preprocessing are shared.
     """
 
+    spec: Optional[str] = None  # the `load_backbone` spec it was built from, if any
+
     def __init__(self, model: nn.Module, tokenizer: TextTokenizer, preprocess_cfg: PreprocessCfg):
         super().__init__()
         self.model = model

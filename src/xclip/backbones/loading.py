@@ -14,6 +14,7 @@ import socket
 import tempfile
 import threading
 import uuid
+import weakref
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Optional, Union
@@ -57,7 +58,40 @@ def load_backbone(spec: str, device: Union[str, torch.device] = "cpu") -> Backbo
         backbone = load_checkpoint(_named_checkpoint(ref))
     else:
         backbone = _load_local(spec)
+    backbone.spec = spec
     return backbone.to(device).eval()
+
+
+_SHARED: "weakref.WeakValueDictionary[str, Backbone]" = weakref.WeakValueDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_backbone(spec: str) -> Backbone:
+    """The process's frozen, eval-mode backbone for `spec`, loaded on first use.
+
+    Evaluation modules load their backbone through it, so the members of an ``EvaluationSuite``
+    (or any modules alive in one process) that name the same spec hold one model object: loaded
+    once, moved once, in memory once. It lives as long as a module holds it. Never train or edit
+    it in place: `load_backbone` gives a private copy for that.
+    """
+    with _SHARED_LOCK:
+        backbone = _SHARED.get(spec)
+        if backbone is None:
+            backbone = load_backbone(spec)
+            backbone.requires_grad_(False)
+            _SHARED[spec] = backbone
+        return backbone
+
+
+def resolve_backbone(backbone: Union[str, Backbone]) -> tuple[Backbone, str]:
+    """``(backbone, spec)`` for a module argument: a spec string is loaded with `shared_backbone`;
+    a `Backbone` object is used as given (its ``spec`` if it has one, else its class name)."""
+    if isinstance(backbone, Backbone):
+        return backbone, getattr(backbone, "spec", None) or type(backbone).__name__
+    if not isinstance(backbone, str):
+        raise TypeError(f"backbone must be a spec string (e.g. 'xclip:tiny-shapes') or an xclip Backbone, "
+                        f"got {type(backbone).__name__}")
+    return shared_backbone(backbone), backbone
 
 
 def wrap_model(

@@ -4,6 +4,14 @@ TensorBoard and write PNG / NPY / JSON next to the run's metrics.
 Which items and texts: a module may define ``explanation_inputs(batch) -> (images01 [n,3,H,W],
 texts [n], ids [n]) | None`` (e.g. only its failures); otherwise the callback takes the batch's
 ``image`` with its ``caption`` (or each image's first caption in ``texts``).
+
+Which model: ``pl_module.backbone_for(batch)`` when the module has it (an ``EvaluationSuite``
+answers with the backbone of the member the batch is routed to), else ``pl_module.backbone``.
+Explanations run under the trainer's precision (``bf16-mixed``, ``16-mixed``...), like the steps.
+
+Every PNG shows the image and the map with a colour bar, under a title with the explained text,
+the explainer, the item id and its task / dataloader (also in the PNG's ``Title`` text chunk and
+in the map's JSON sidecar); TensorBoard tags are ``explain/<explainer>/<stage>/<task>_dl<k>/<id>``.
 """
 
 from __future__ import annotations
@@ -12,14 +20,20 @@ import json
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch import Tensor
 
-from xclip.results import run_directory
 from xclip.explain import EXPLAINERS, Explainer, GradECLIP
-from xclip.explain.render import overlay, save_map_npy, save_png, token_bar_chart, figure_to_array
+from xclip.explain.render import (
+    explanation_figure,
+    explanation_title,
+    figure_to_array,
+    save_map_npy,
+    save_png,
+    token_bar_chart,
+)
 from xclip.io import atomic_write_text
+from xclip.results import run_directory
 
 
 def default_explanation_inputs(batch: dict[str, Any]) -> tuple[Tensor, list[str], list[str]] | None:
@@ -52,22 +66,22 @@ class ExplanationCallback(pl.Callback):
         text_maps: also explain the texts (Grad-ECLIP only): token bar charts and word scores.
         dataloader_idx: only this dataloader (None: any).
         alpha: overlay opacity.
-        display_scale: integer upscaling of the PNG / TensorBoard images (small images are hard
-            to read); the NPY maps stay at patch-grid resolution.
+        panel_px: side of each panel of the PNG / TensorBoard images (small images are hard to
+            read); the NPY maps stay at patch-grid resolution.
         subdir: folder under the log directory.
     """
 
     def __init__(self, explainer: str = "grad_eclip", explainer_kwargs: dict[str, Any] | None = None,
                  max_samples: int = 8, text_maps: bool = True, dataloader_idx: int | None = None,
-                 alpha: float = 0.5, display_scale: int = 4, subdir: str = "explanations"):
+                 alpha: float = 0.5, panel_px: int = 192, subdir: str = "explanations"):
         if explainer not in EXPLAINERS:
             raise ValueError(f"unknown explainer {explainer!r}; choose from {sorted(EXPLAINERS)}")
         if max_samples < 0:
             raise ValueError("max_samples must be >= 0")
         self.explainer_name, self.explainer_kwargs = explainer, dict(explainer_kwargs or {})
         self.max_samples, self.text_maps, self.dataloader_idx = max_samples, text_maps, dataloader_idx
-        self.alpha, self.display_scale, self.subdir = alpha, max(1, int(display_scale)), subdir
-        self._explainer: Explainer | None = None
+        self.alpha, self.panel_px, self.subdir = alpha, int(panel_px), subdir
+        self._explainers: dict[int, Explainer] = {}  # id(backbone) -> explainer (a suite may hold several)
         self._records: list[dict[str, Any]] = []
 
     # ---- Lightning hooks -----------------------------------------------------------------------
@@ -103,45 +117,59 @@ class ExplanationCallback(pl.Callback):
         images, texts, ids = images[:remaining], list(texts[:remaining]), list(ids[:remaining])
         if not len(texts):
             return
-        backbone = getattr(pl_module, "backbone", None)
+        pick = getattr(pl_module, "backbone_for", None)
+        backbone = pick(batch) if pick is not None else getattr(pl_module, "backbone", None)
         if backbone is None:
             raise AttributeError(f"{type(pl_module).__name__} has no `backbone`: the explanation callbacks "
                                  "need a module that wraps an xclip backbone")
-        if self._explainer is None or self._explainer.backbone is not backbone:
-            self._explainer = EXPLAINERS[self.explainer_name](backbone, **self.explainer_kwargs)
+        explainer = self._explainer_for(backbone, trainer)
         # validate/test run under inference_mode; explanations need autograd on fresh tensors
         with torch.inference_mode(False), torch.enable_grad():
             images01 = images.detach().clone()
             model_in = backbone.normalize(images01.to(backbone.device))
-            maps = self._explainer.pair_maps(model_in, texts).cpu()  # [n, gh, gw]: image i with text i
+            maps = explainer.pair_maps(model_in, texts).cpu()  # [n, gh, gw]: image i with text i
             words = None
-            if self.text_maps and isinstance(self._explainer, GradECLIP):
-                tm = self._explainer.text_maps(model_in, texts)
+            if self.text_maps and isinstance(explainer, GradECLIP):
+                tm = explainer.text_maps(model_in, texts)
                 words = [tm.word_pairs(i, i) for i in range(len(texts))]
-        self._emit(trainer, stage, dataloader_idx, images01.cpu(), texts, ids, maps, words)
+        where = f"{batch.get('task', 'batch')} / dl {dataloader_idx}"
+        self._emit(trainer, stage, dataloader_idx, where, explainer.name, images01.cpu(), texts, ids, maps, words)
 
-    def _emit(self, trainer, stage, dataloader_idx, images01, texts, ids, maps, words) -> None:
-        out_dir = run_directory(trainer) / self.subdir / self._explainer.name
+    def _explainer_for(self, backbone, trainer) -> Explainer:
+        """One explainer per backbone, running under the trainer's precision."""
+        key = id(backbone)
+        if key not in self._explainers or self._explainers[key].backbone is not backbone:
+            self._explainers[key] = EXPLAINERS[self.explainer_name](
+                backbone, precision=str(trainer.precision), **self.explainer_kwargs)
+        return self._explainers[key]
+
+    def _emit(self, trainer, stage, dataloader_idx, where, name, images01, texts, ids, maps, words) -> None:
+        out_dir = run_directory(trainer) / self.subdir / name
         experiments = [lg.experiment for lg in trainer.loggers if hasattr(getattr(lg, "experiment", None), "add_image")]
+        task = where.split(" / ")[0]
         for i, (text, item_id) in enumerate(zip(texts, ids)):
-            stem = f"{stage}_dl{dataloader_idx}_{item_id}"
-            image = (images01[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            npy, _ = save_map_npy(maps[i].numpy(), out_dir / f"{stem}.npy", image_size=image.shape[:2])
-            image = image.repeat(self.display_scale, 0).repeat(self.display_scale, 1)
-            heat = overlay(image, maps[i].numpy(), alpha=self.alpha)
-            png = save_png(np.concatenate([image, heat], axis=1), out_dir / f"{stem}.png")
-            record = {"id": item_id, "stage": stage, "dataloader_idx": dataloader_idx, "text": text,
-                      "png": str(png.relative_to(out_dir)), "npy": str(npy.relative_to(out_dir)),
+            stem = f"{stage}_{task}_dl{dataloader_idx}_{item_id}"
+            title = explanation_title(text, name, item_id, where)
+            info = {"text": text, "explainer": name, "item_id": item_id, "task": task,
+                    "dataloader_idx": dataloader_idx, "title": title}
+            npy, _ = save_map_npy(maps[i].numpy(), out_dir / f"{stem}.npy", image_size=tuple(images01.shape[-2:]),
+                                  extra=info)
+            panel = figure_to_array(explanation_figure(images01[i], maps[i].numpy(), title, alpha=self.alpha,
+                                                       panel_px=self.panel_px))
+            png = save_png(panel, out_dir / f"{stem}.png", text={"Title": title})
+            record = {"id": item_id, "stage": stage, "task": task, "dataloader_idx": dataloader_idx, "text": text,
+                      "title": title, "png": str(png.relative_to(out_dir)), "npy": str(npy.relative_to(out_dir)),
                       "map_max": float(maps[i].max()), "all_zero": bool(maps[i].max() <= 0)}
             chart = None
             if words is not None:
                 record["words"] = words[i]
-                fig = token_bar_chart([w for w, _ in words[i]], [s for _, s in words[i]], title=text)
+                fig = token_bar_chart([w for w, _ in words[i]], [s for _, s in words[i]], title=title)
                 chart = figure_to_array(fig)
-                record["token_png"] = str(save_png(chart, out_dir / f"{stem}_tokens.png").relative_to(out_dir))
+                record["token_png"] = str(save_png(chart, out_dir / f"{stem}_tokens.png",
+                                                   text={"Title": title}).relative_to(out_dir))
             for exp in experiments:
-                tag = f"explain/{self._explainer.name}/{stage}/{item_id}"
-                exp.add_image(tag, np.concatenate([image, heat], axis=1), trainer.global_step, dataformats="HWC")
+                tag = f"explain/{name}/{stage}/{task}_dl{dataloader_idx}/{item_id}"
+                exp.add_image(tag, panel, trainer.global_step, dataformats="HWC")
                 if chart is not None:
                     exp.add_image(f"{tag}/tokens", chart, trainer.global_step, dataformats="HWC")
             self._records.append(record)
@@ -149,8 +177,9 @@ class ExplanationCallback(pl.Callback):
     def _write_index(self, trainer, stage: str) -> None:
         if not self._records or not trainer.is_global_zero:
             return
-        out_dir = run_directory(trainer) / self.subdir / self._explainer.name
-        payload = {"explainer": self._explainer.name, "stage": stage, "items": self._records,
+        name = EXPLAINERS[self.explainer_name].name
+        out_dir = run_directory(trainer) / self.subdir / name
+        payload = {"explainer": name, "stage": stage, "precision": str(trainer.precision), "items": self._records,
                    "all_zero_maps": sum(r["all_zero"] for r in self._records)}
         atomic_write_text(out_dir / f"{stage}_index.json", json.dumps(payload, indent=2))
 

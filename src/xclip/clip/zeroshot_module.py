@@ -6,6 +6,7 @@ texts (`ZeroShotModule` through a backbone, `ClipPretrainModule` through the mod
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,9 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from xclip.data.shapes import COLOURS, SHAPES
-from xclip.metrics.retrieval_metric import RetrievalRecall
+from xclip.backbones import Backbone, resolve_backbone
 from xclip.backbones.prompts import zero_shot_weights
+from xclip.data.shapes import COLOURS, SHAPES
+from xclip.metrics.retrieval_metric import RetrievalRecall, recall_report_rows
+from xclip.results import ReportRow
 
 DEFAULT_PROMPTS: dict[str, list[str]] = {
     "shape": ["a photo of a {}.", "a {}."],
@@ -48,6 +51,7 @@ class ZeroShotEvaluation(pl.LightningModule):
             {a: MulticlassAccuracy(num_classes=len(c), average="micro") for a, c in self.classes.items()})
         self.recall = RetrievalRecall(recall_ks)
         self._heads: dict[str, Tensor] = {}
+        self._recall_stages: set[str] = set()  # stages in which this module logged Recall@K
 
     def embed_images(self, images: Tensor) -> Tensor:
         """[N,3,H,W] in [0,1] -> [N, D] L2-normalised."""
@@ -95,6 +99,7 @@ class ZeroShotEvaluation(pl.LightningModule):
         if self.recall.update_called:
             for name, value in self.recall.compute().items():
                 self.log(f"{stage}/{name}", value)
+            self._recall_stages.add(stage)
         self.recall.reset()
 
     def on_validation_epoch_end(self) -> None:
@@ -102,6 +107,19 @@ class ZeroShotEvaluation(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
+
+    def report_rows(self, metrics: Mapping[str, float | None]) -> list[ReportRow]:
+        """Console report rows of this module's logged metrics (see `xclip.results`)."""
+        rows = []
+        for stage in ("val", "test"):
+            for attr, names in self.classes.items():
+                key = f"{stage}/zeroshot_{attr}_acc"
+                if key in metrics:
+                    rows.append(ReportRow("zero-shot classification", f"accuracy, {attr} ({len(names)} classes) [{stage}]",
+                                          {"": metrics[key]}, [key]))
+        # recall keys only if this module logged them (a suite's RetrievalModule logs the same names)
+        own = {k: v for k, v in metrics.items() if k.split("/", 1)[0] in self._recall_stages}
+        return rows + recall_report_rows(own, "zero-shot retrieval")
 
 
 def normalized(x: Tensor) -> Tensor:
@@ -112,18 +130,17 @@ class ZeroShotModule(ZeroShotEvaluation):
     """Eval-only zero-shot classification + retrieval with any backbone spec.
 
     Args:
-        backbone: a `load_backbone` spec (``xclip:tiny-shapes``, ``openclip:ViT-B-32``, a path...).
+        backbone: a `load_backbone` spec (``xclip:tiny-shapes``, ``openclip:ViT-B-32``, a path...),
+            loaded once per process and shared with every module naming the same spec
+            (`xclip.backbones.shared_backbone`), or a `Backbone` object.
         text_batch_size: texts embedded per forward (prompt sets can be large).
     """
 
-    def __init__(self, backbone: str = "xclip:tiny-shapes", classes: dict[str, list[str]] | None = None,
+    def __init__(self, backbone: str | Backbone = "xclip:tiny-shapes", classes: dict[str, list[str]] | None = None,
                  prompts: dict[str, list[str]] | None = None, recall_ks: tuple[int, ...] = (1, 5, 10),
                  text_batch_size: int = 256):
         super().__init__(classes=classes, prompts=prompts, recall_ks=recall_ks)
-        from xclip.backbones import load_backbone
-
-        self.backbone_spec = backbone
-        self.backbone = load_backbone(backbone)
+        self.backbone, self.backbone_spec = resolve_backbone(backbone)
         self.backbone.eval().requires_grad_(False)
         self.text_batch_size = text_batch_size
 

@@ -1,52 +1,45 @@
-"""Images from disk for evaluation: any folder of images (PlacesBG-style OOD sets) and the
-shared loading rule (RGB, shorter side resized to `image_size`, centre crop, floats in [0, 1]).
+"""Any folder of images (PlacesBG-style OOD sets), decoded by `xclip.data.images` (the one reading
+rule of every loader: RGB, shorter side resized to `image_size`, centre crop, floats in [0, 1]).
 
-An unreadable or corrupt image becomes ``None``; :func:`collate_skipping` drops such items from
-the batch and counts them in ``batch["skipped"]``, so one bad file is reported, not fatal.
+An unreadable or corrupt image becomes an `unreadable_item` (its index and path, no image);
+:func:`collate_skipping` drops such items from the batch and reports them in ``batch["skipped"]``
+(count), ``batch["skipped_index"]`` and ``batch["skipped_paths"]``, so one bad file is reported
+with its path, not fatal.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-from torch import Tensor
+import torch
 from torch.utils.data import Dataset, default_collate
-from torchvision.transforms import functional as TF
 
-log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+from xclip.data.images import IMAGE_EXTENSIONS, load_image01
 
 
-def load_image01(path: str | Path, image_size: int) -> Tensor | None:
-    """[3, S, S] float in [0, 1] (bicubic resize of the shorter side, centre crop), or None when
-    the file cannot be read or decoded (logged)."""
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        log.warning("skipping unreadable image %s (%s)", path, err)
-        return None
-    img = TF.resize(img, image_size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-    return TF.to_tensor(TF.center_crop(img, image_size))
+def unreadable_item(index: int, path: str | Path) -> dict[str, Any]:
+    """What a dataset returns for an image file it cannot decode."""
+    return {"unreadable": True, "index": int(index), "path": str(path)}
 
 
-def collate_skipping(items: list[dict[str, Any] | None]) -> dict[str, Any]:
-    """Default-collate the readable items; ``skipped`` = how many were None. With no readable
-    item the batch holds only ``skipped``."""
-    kept = [it for it in items if it is not None]
+def collate_skipping(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Default-collate the readable items. ``skipped`` = how many were unreadable, with their
+    ``skipped_index`` [S] (dataset indices) and ``skipped_paths`` [S]. With no readable item the
+    batch holds only these three."""
+    bad = [it for it in items if it.get("unreadable")]
+    kept = [it for it in items if not it.get("unreadable")]
     batch = default_collate(kept) if kept else {}
-    batch["skipped"] = len(items) - len(kept)
+    batch["skipped"] = len(bad)
+    batch["skipped_index"] = torch.tensor([it["index"] for it in bad], dtype=torch.long)
+    batch["skipped_paths"] = [it["path"] for it in bad]
     return batch
 
 
 class ImageFolder(Dataset):
     """Every image file under `root` (recursive, by extension, sorted by relative path).
 
-    Item: ``{"image": [3, S, S], "label": -1, "index": int, "path": str}``, or None if unreadable.
+    Item: ``{"image": [3, S, S], "label": -1, "index": int, "path": str}``, or an `unreadable_item`.
     """
 
     def __init__(self, root: str | Path, image_size: int = 224):
@@ -63,5 +56,5 @@ class ImageFolder(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         image = load_image01(self.files[index], self.image_size)
         if image is None:
-            return None
+            return unreadable_item(index, self.files[index].relative_to(self.root))
         return {"image": image, "label": -1, "index": index, "path": str(self.files[index].relative_to(self.root))}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import Tensor
@@ -12,6 +12,33 @@ from xclip.backbones import Backbone
 from xclip.explain.targets import Target
 
 Texts = Sequence[str] | Tensor
+
+# Lightning's precision names (and short forms) -> the autocast dtype (None: full precision)
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "32": None, "32-true": None, "64": None, "64-true": None,
+    "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16, "16": torch.float16, "16-mixed": torch.float16,
+}
+
+
+def autocast_dtype(precision: str | int | None) -> torch.dtype | None:
+    """The autocast dtype of a precision setting (``trainer.precision`` or an explainer argument):
+    ``None``/``"32"``/``"32-true"`` -> None (no autocast), ``"bf16"``/``"bf16-mixed"`` ->
+    bfloat16, ``"16"``/``"16-mixed"`` -> float16."""
+    if precision is None:
+        return None
+    key = str(precision)
+    if key not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)} or None, got {precision!r}")
+    return PRECISIONS[key]
+
+
+def autocast(device: torch.device, precision: str | int | None) -> AbstractContextManager:
+    """``torch.autocast`` for `precision` on `device` (a no-op context for full precision). Pure
+    bf16/fp16 weights are not needed: the model stays fp32 and matmuls run in the low dtype."""
+    dtype = autocast_dtype(precision)
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 @contextmanager
@@ -45,13 +72,21 @@ class Explainer:
     """Base of the image explainers: ``image_maps(images [N,3,S,S], texts) -> [N, K, gh, gw]``.
 
     `images` are model-ready (``backbone.preprocess`` / ``backbone.normalize`` output); `texts` are
-    K strings or K precomputed text embeddings [K, D].
+    K strings or K precomputed text embeddings [K, D]. `precision` (``"bf16-mixed"``,
+    ``"16-mixed"``, ``"32"`` or None; Lightning's names) runs the explanation under autocast; the
+    explanation callbacks pass ``trainer.precision``. Maps are returned in float32 either way.
     """
 
     name = "explainer"
 
-    def __init__(self, backbone: Backbone):
+    def __init__(self, backbone: Backbone, precision: str | int | None = None):
         self.backbone = backbone
+        autocast_dtype(precision)  # fail on an unknown name now, not at the first explanation
+        self.precision = None if precision is None else str(precision)
+
+    def autocast(self) -> AbstractContextManager:
+        """The autocast context of this explainer's `precision` on the backbone's device."""
+        return autocast(self.backbone.device, self.precision)
 
     def text_embeddings(self, texts: Texts) -> Tensor:
         """[K, D] text embeddings (un-normalised, no graph) for strings or pass-through tensors."""
@@ -65,13 +100,15 @@ class Explainer:
 
     def image_maps(self, images: Tensor, texts: Texts, target: str | Target = "cosine") -> Tensor:
         """Every image with every text: [N, K, gh, gw]."""
-        return self._maps(images, texts, target, pairs=False)
+        with self.autocast():
+            return self._maps(images, texts, target, pairs=False).float()
 
     def pair_maps(self, images: Tensor, texts: Texts, target: str | Target = "cosine") -> Tensor:
         """Image n with text n only: [N, gh, gw], the diagonal of `image_maps` without computing
         the rest (the gradient explainers take one backward instead of N)."""
         check_pairs(images, texts)
-        return self._maps(images, texts, target, pairs=True)[:, 0]
+        with self.autocast():
+            return self._maps(images, texts, target, pairs=True)[:, 0].float()
 
     def _maps(self, images: Tensor, texts: Texts, target: str | Target, pairs: bool) -> Tensor:
         """[N, K, gh, gw], or [N, 1, gh, gw] with image n explained for text n when `pairs`."""

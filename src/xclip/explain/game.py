@@ -34,12 +34,13 @@ class GAME(Explainer):
     Args:
         start_layer: first block of the rollout; negative counts from the end (-1 = the last
             block only, the default of the authors' CLIP notebook).
+        precision: autocast precision (``"bf16-mixed"``, ...; see `Explainer`).
     """
 
     name = "game"
 
-    def __init__(self, backbone, start_layer: int = -1):
-        super().__init__(backbone)
+    def __init__(self, backbone, start_layer: int = -1, precision: str | int | None = None):
+        super().__init__(backbone, precision)
         self.start_layer = start_layer
 
     def _maps(self, images: Tensor, texts: Texts, target: str | Target, pairs: bool) -> Tensor:

@@ -34,12 +34,13 @@ class GradCAM(Explainer):
     Args:
         layer: ``"ln_1"`` (the last block's ln_1 output) or ``"block_input"`` (the output of the
             block before it).
+        precision: autocast precision (``"bf16-mixed"``, ...; see `Explainer`).
     """
 
     name = "grad_cam"
 
-    def __init__(self, backbone, layer: str = "ln_1"):
-        super().__init__(backbone)
+    def __init__(self, backbone, layer: str = "ln_1", precision: str | int | None = None):
+        super().__init__(backbone, precision)
         if layer not in LAYERS:
             raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
         self.layer = layer

@@ -138,12 +138,15 @@ class GradECLIP(Explainer):
         backbone: an xclip backbone (open_clip or HF).
         mode: ``"model"`` (default) or ``"reference"`` (see the module docstring).
         text_blocks: how many of the last text blocks the text maps sum over (8 as in the paper).
+        precision: autocast precision (``"bf16-mixed"``, ``"16-mixed"``, ``"32"`` or None; see
+            `Explainer`); maps and scores come back in float32.
     """
 
     name = "grad_eclip"
 
-    def __init__(self, backbone: Backbone, mode: str = "model", text_blocks: int = 8):
-        super().__init__(backbone)
+    def __init__(self, backbone: Backbone, mode: str = "model", text_blocks: int = 8,
+                 precision: str | int | None = None):
+        super().__init__(backbone, precision)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode, self.text_blocks = mode, text_blocks
@@ -163,7 +166,7 @@ class GradECLIP(Explainer):
         target_fn = resolve_target(target)
         images = images.to(self.backbone.device)
         view = self.backbone.vision_blocks()[-1]
-        with explaining(self.backbone.model):
+        with explaining(self.backbone.model), self.autocast():
             text_emb = self.text_embeddings(texts)
             with torch.no_grad():
                 last = self.backbone.trace_image(images, n_blocks=1).blocks[-1]
@@ -176,7 +179,7 @@ class GradECLIP(Explainer):
             q, k, v = self._qkv_heads(view, last)
             spatial, channel = grad_eclip_terms(grad.transpose(0, 1), q[:, :, 0], k[:, :, 1:], v[:, :, 1:])
         grid = self.backbone.patch_grid(images)
-        return GradECLIPTerms(spatial.unflatten(-1, grid), channel.unflatten(-1, grid))
+        return GradECLIPTerms(spatial.float().unflatten(-1, grid), channel.float().unflatten(-1, grid))
 
     def _cls_tail(self, view: BlockView, x_cls: Tensor, attn_cls: Tensor) -> Tensor:
         """The rest of the last block and the head, on the CLS row only: [N, W] -> [N, D]."""
@@ -199,7 +202,7 @@ class GradECLIP(Explainer):
         texts = as_text_list(texts)
         tokens = self.backbone.tokenize(texts)
         images = images.to(self.backbone.device)
-        with explaining(self.backbone.model):
+        with explaining(self.backbone.model), self.autocast():
             with torch.no_grad():
                 img_emb = self.backbone.encode_image(images).float()
             with torch.enable_grad():
@@ -243,7 +246,7 @@ class GradECLIP(Explainer):
         for view, block, grad in zip(self.backbone.text_blocks()[-len(blocks):], blocks, grads):
             q, k, v = self._qkv_heads(view, block)  # [K, H, L, dh]
             total = total + text_layer_scores(grad[:, rows, eot], q[rows, :, eot], k, v, key_mask)
-        return F.relu(total.detach())
+        return F.relu(total.detach().float())
 
     def _package(self, texts: list[str], tokens: Tensor, raw: Tensor, eot: Tensor) -> TextMaps:
         n, kk, _ = raw.shape

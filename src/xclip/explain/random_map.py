@@ -15,8 +15,8 @@ class RandomMap(Explainer):
 
     name = "random"
 
-    def __init__(self, backbone, seed: int = 0):
-        super().__init__(backbone)
+    def __init__(self, backbone, seed: int = 0, precision: str | int | None = None):
+        super().__init__(backbone, precision)
         self.generator = torch.Generator().manual_seed(seed)
 
     def _maps(self, images: Tensor, texts: Texts, target: str | Target, pairs: bool) -> Tensor:

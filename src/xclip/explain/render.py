@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
@@ -40,6 +43,9 @@ __all__ = [
     "save_png",
     "save_map_npy",
     "load_map_npy",
+    "explanation_figure",
+    "explanation_title",
+    "panels_figure",
 ]
 
 
@@ -191,6 +197,67 @@ def token_bar_chart(tokens: Sequence[str], scores, title: str = "") -> Figure:
     return fig
 
 
+def explanation_title(text: str, explainer: str, item_id: str, where: str = "") -> str:
+    """The title of an explanation image: the explained text (quoted, wrapped), then the explainer,
+    the item id and (optionally) where the item came from (task / dataloader)."""
+    quoted = textwrap.fill(f'"{text}"', width=60, max_lines=3, placeholder=' ..."')
+    origin = f" | {where}" if where else ""
+    return f"{quoted}\n{explainer} | item {item_id}{origin}"
+
+
+def panels_figure(panels: Sequence[tuple[str, object, object]], title: str, alpha: float = 0.5, cmap: str = "jet",
+                  panel_px: int = 192) -> Figure:
+    """Images side by side under a title; a panel with a map shows it over its image.
+
+    Each overlay is min-max scaled on its own, so the shared colour bar reads 0..1 of each map's
+    range and every overlay's caption gives its raw maximum: a map peaking at 1e-6 no longer looks
+    as hot as one peaking at 0.2. A constant map (e.g. all zero: ReLU removed everything) is
+    labelled as such in its panel.
+
+    Args:
+        panels: ``(caption, image, map)`` triples; `map` is a raw ``[gh, gw]`` patch-grid map, or
+            None to show the image as it is.
+        title: e.g. :func:`explanation_title`.
+        panel_px: rendered longer side of each panel.
+    """
+    fig = Figure(figsize=(2.3 * len(panels) + 0.9, 2.6 + 0.22 * (title.count("\n") + 1)), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, (caption, image, map_) in zip(axes, panels):
+        img = _to_float_hwc(image)
+        h, w = img.shape[:2]
+        scale = panel_px / max(h, w)
+        shown = _resize_float_hwc(img, (max(1, round(h * scale)), max(1, round(w * scale))))
+        if map_ is not None:
+            raw = np.nan_to_num(np.asarray(_to_numpy(map_), dtype=np.float64).squeeze(), nan=0.0, posinf=0.0,
+                                neginf=0.0)
+            lo, hi = float(raw.min()), float(raw.max())
+            shown = overlay(shown, raw, alpha=alpha, cmap=cmap)
+            caption = f"{caption}\nraw max {hi:.3g}"
+            if not hi > lo:
+                label = "all-zero map" if hi == 0.0 else f"constant map ({hi:.3g})"
+                ax.text(0.5, 0.5, label, transform=ax.transAxes, ha="center", va="center", fontsize=10, color="white",
+                        bbox={"facecolor": "black", "alpha": 0.7, "edgecolor": "none"})
+        ax.imshow(shown)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel(caption, fontsize=8)
+    if any(m is not None for _, _, m in panels):
+        bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap=cmap), ax=list(axes), fraction=0.035, pad=0.02)
+        bar.set_label("each map min-max scaled (0 = its min, 1 = its max)", fontsize=7)
+        bar.ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=8)
+    return fig
+
+
+def explanation_figure(image, map, title: str, alpha: float = 0.5, cmap: str = "jet",  # noqa: A002
+                       extra_panels: Sequence[tuple[str, object]] = (), panel_px: int = 192) -> Figure:
+    """The image, then the map over it (colour bar, raw maximum, all-zero label; see
+    `panels_figure`), then optional ``(caption, image)`` extra panels, under `title`."""
+    panels = [("image", image, None), ("map", image, map)] + [(c, extra, None) for c, extra in extra_panels]
+    return panels_figure(panels, title, alpha=alpha, cmap=cmap, panel_px=panel_px)
+
+
 # --------------------------------------------------------------------------------------------
 # image grid
 # --------------------------------------------------------------------------------------------
@@ -248,10 +315,17 @@ def image_grid(
 # --------------------------------------------------------------------------------------------
 # output files
 # --------------------------------------------------------------------------------------------
-def save_png(array, path: str | os.PathLike) -> Path:
-    """Write an image (``uint8`` HWC, or any layout accepted by the module) as PNG, atomically."""
+def save_png(array, path: str | os.PathLike, text: dict[str, str] | None = None) -> Path:
+    """Write an image (``uint8`` HWC, or any layout accepted by the module) as PNG, atomically;
+    `text` goes into the PNG's text chunks (e.g. ``{"Title": ...}``, read back with
+    ``PIL.Image.open(path).text``)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_itxt(key, str(value))
     buf = io.BytesIO()
-    Image.fromarray(_to_uint8_hwc(array)).save(buf, format="PNG")
+    Image.fromarray(_to_uint8_hwc(array)).save(buf, format="PNG", pnginfo=info)
     return atomic_write_bytes(path, buf.getvalue())
 
 
@@ -259,11 +333,14 @@ def _json_float(v: float) -> float | None:
     return float(v) if math.isfinite(v) else None
 
 
-def save_map_npy(map, path: str | os.PathLike, image_size: tuple[int, int]) -> tuple[Path, Path]:  # noqa: A002
+def save_map_npy(map, path: str | os.PathLike, image_size: tuple[int, int],  # noqa: A002
+                 extra: dict | None = None) -> tuple[Path, Path]:
     """Save the RAW patch-grid map (float32 ``[gh, gw]``, not upsampled, not normalised) as
     ``.npy`` plus a sidecar JSON (``path`` with suffix ``.json``)::
 
-        {"image_size": [H, W], "grid_size": [gh, gw], "min": float, "max": float}
+        {"image_size": [H, W], "grid_size": [gh, gw], "min": float, "max": float, **extra}
+
+    (`extra`: what the map explains, e.g. text, explainer, item id, title.)
 
     ``min``/``max`` ignore NaN and are ``null`` when no finite value exists. Both files are
     written atomically (temporary name in the same directory, then ``os.replace``), the ``.npy``
@@ -289,6 +366,7 @@ def save_map_npy(map, path: str | os.PathLike, image_size: tuple[int, int]) -> t
         "grid_size": [int(arr.shape[0]), int(arr.shape[1])],
         "min": _json_float(float(finite.min())) if finite.size else None,
         "max": _json_float(float(finite.max())) if finite.size else None,
+        **(extra or {}),
     }
     json_path = atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
     return npy_path, json_path

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -10,6 +10,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from xclip.metrics.retrieval import retrieval_recall_at_k
+from xclip.results import ReportRow
 
 
 class RetrievalRecall(Metric):
@@ -83,3 +84,18 @@ def _unique_captions(text_image_index: Tensor) -> Tensor:
     key = text_image_index * (int(slot.max()) + 1) + slot
     _, first = _first_occurrence(key)
     return first
+
+
+def recall_report_rows(metrics: Mapping[str, float | None], workflow: str) -> list[ReportRow]:
+    """Console report rows of the ``{stage}/t2i_R@k`` / ``{stage}/i2t_R@k`` metrics in `metrics`:
+    one row per direction, one column per K."""
+    rows = []
+    for stage in ("val", "test"):
+        for direction, name in (("t2i", "text->image Recall@K (over captions)"),
+                                ("i2t", "image->text Recall@K (any caption of the image)")):
+            keys = sorted((k for k in metrics if k.startswith(f"{stage}/{direction}_R@")),
+                          key=lambda k: int(k.rsplit("@", 1)[1]))
+            if keys:
+                rows.append(ReportRow(workflow, f"{name} [{stage}]",
+                                      {f"R@{k.rsplit('@', 1)[1]}": metrics[k] for k in keys}, keys))
+    return rows

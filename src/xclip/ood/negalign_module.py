@@ -11,6 +11,7 @@ module can route such batches to it.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,10 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from xclip.results import run_directory
-from xclip.ood.vocabulary import read_words, resolve_words
+from xclip.backbones import Backbone, resolve_backbone
 from xclip.explain.render import figure_to_array, save_png
 from xclip.io import atomic_write_csv, atomic_write_text
+from xclip.metrics.gather import gather_objects
 from xclip.metrics.score_table import ScoreTable
 from xclip.ood.negalign import NegAlignScorer
 from xclip.ood.negalign_features import NegAlignFeatures
@@ -36,7 +37,6 @@ from xclip.ood.negalign_sweep import (
     zscored,
 )
 from xclip.ood.negatives import ROLES, Negatives, build_negatives, id_embeddings
-from xclip.ood.text_embeddings import TextEmbeddings
 from xclip.ood.report import (
     mean_auroc,
     roc_figure,
@@ -45,16 +45,26 @@ from xclip.ood.report import (
     variant_metrics,
     write_breakdown,
 )
+from xclip.ood.text_embeddings import TextEmbeddings
+from xclip.ood.vocabulary import read_words, resolve_words
+from xclip.results import ReportRow, run_directory
 
 NEG_LABEL_FILES = {"noun": "neg_labels_noun.txt", "adj": "neg_labels_adj.txt"}
 INT_COLUMNS = ("split", "pred_class", "cam_valid", "bg_fell_back", "label", "index")
+
+
+def split_code(partition: str, name: str) -> int:
+    """A set's integer code in the score tables: the same on every process, whatever order the
+    batches arrive in."""
+    return zlib.crc32(f"{partition}/{name}".encode()) & 0x7FFFFFFF
 
 
 class NegAlignModule(pl.LightningModule):
     """NegLabel / NegAlign OOD evaluation of any backbone.
 
     Args:
-        backbone: a ``load_backbone`` spec.
+        backbone: a ``load_backbone`` spec (loaded once per process and shared, see
+            `xclip.backbones.shared_backbone`) or a `Backbone` object.
         class_names: ID class names, in label order.
         id_prompts: templates with ``{}`` for every class, or class name -> prompts.
         nouns, adjectives: candidate negative words: a word-list file, a list, or None for the
@@ -76,7 +86,7 @@ class NegAlignModule(pl.LightningModule):
         breakdown_csv: also write ``per_image.csv``.
     """
 
-    def __init__(self, backbone: str = "xclip:tiny-shapes", class_names: Sequence[str] = ("square", "circle"),
+    def __init__(self, backbone: str | Backbone = "xclip:tiny-shapes", class_names: Sequence[str] = ("square", "circle"),
                  id_prompts: Sequence[str] | Mapping[str, Sequence[str]] = ("the nice {}",),
                  nouns: str | list[str] | None = None, adjectives: str | list[str] | None = None,
                  neg_labels_dir: str | None = None, noun_templates: Sequence[str] = ("the nice {}",),
@@ -90,25 +100,25 @@ class NegAlignModule(pl.LightningModule):
         # an explicit dict: LightningCLI would hand a module nested in an EvaluationSuite the suite's hparams
         self_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
-        from xclip.backbones import load_backbone
-
-        self.save_hyperparameters(self_args)
+        backbone, spec = resolve_backbone(backbone)
+        self.save_hyperparameters({**self_args, "backbone": spec})
         if not lambdas:
             raise ValueError("`lambdas` is empty: give at least one lambda to sweep")
-        self.backbone_spec, self.class_names = backbone, list(class_names)
+        self.backbone, self.backbone_spec = backbone, spec
+        self.class_names = list(class_names)
         self.id_prompts = dict(id_prompts) if isinstance(id_prompts, Mapping) else list(id_prompts)
         self.variant = Variant(m1, m2, m3, use_p_align)
         self.lam, self.lambdas = float(lam), [float(x) for x in lambdas]
-        self.backbone = load_backbone(backbone)
         self.backbone.eval().requires_grad_(False)
         self.features = NegAlignFeatures(self.backbone, cam_percentile, dilation)
-        self.texts = TextEmbeddings(self.backbone, backbone, text_batch_size, text_cache_dir)
-        self.table = ScoreTable(TERM_COLUMNS, INT_COLUMNS)
-        self.skips = ScoreTable((), ("split", "count"))
+        self.texts = TextEmbeddings(self.backbone, self.backbone_spec, text_batch_size, text_cache_dir)
+        self.table = ScoreTable(TERM_COLUMNS, INT_COLUMNS, unique_by=("split", "index"))
+        self.skips = ScoreTable((), ("split", "index"), unique_by=("split", "index"))
         self.terms: NegAlignTerms | None = None
         self.negatives: Negatives | None = None
         self.unavailable: dict[str, str] = {}  # toggle -> why the text side cannot score it
-        self._splits: dict[str, tuple[int, str]] = {}  # split name -> (code, role), in order of appearance
+        self._splits: dict[int, tuple[str, str, str]] = {}  # code -> (partition, name, role), in order of appearance
+        self._skipped_paths: dict[tuple[int, int], str] = {}  # (code, index) -> path of an unreadable image
         self._results: dict[str, Any] = {}
 
     # ---- text side (once per run) ---------------------------------------------------------------
@@ -167,7 +177,7 @@ class NegAlignModule(pl.LightningModule):
 
     def _start(self) -> None:
         self.build_text_side()
-        self._splits, self._results = {}, {}
+        self._splits, self._results, self._skipped_paths = {}, {}, {}
         self.table.reset()
         self.skips.reset()
         if self.trainer.is_global_zero:
@@ -181,15 +191,18 @@ class NegAlignModule(pl.LightningModule):
 
     # ---- per batch ------------------------------------------------------------------------------
     def ood_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """Score one tagged batch (``image`` [B,3,H,W] in [0,1], ``split``, ``role``, ``skipped``)
-        and store its rows. Returns the CAM outputs for callbacks (empty if no image was readable)."""
+        """Score one tagged batch (``image`` [B,3,H,W] in [0,1], ``split``, ``role``, ``partition``,
+        ``skipped_index`` / ``skipped_paths``) and store its rows. Returns the CAM outputs for
+        callbacks (empty if no image was readable)."""
         terms = self.build_text_side()
-        name, role = batch["split"], batch["role"]
-        if name not in self._splits:
-            self._splits[name] = (len(self._splits), role)
-        code = self._splits[name][0]
-        self.skips.update(split=torch.tensor([code], device=self.device),
-                          count=torch.tensor([int(batch.get("skipped", 0))], device=self.device))
+        partition, name, role = batch.get("partition", "val"), batch["split"], batch["role"]
+        code = split_code(partition, name)
+        self._splits.setdefault(code, (partition, name, role))
+        skipped = torch.as_tensor(batch.get("skipped_index", torch.zeros(0, dtype=torch.long)))
+        # updated on every batch, also with no row, so every process holds a state to gather
+        self.skips.update(split=torch.full_like(skipped, code).to(self.device), index=skipped.to(self.device))
+        for i, path in zip(skipped.tolist(), batch.get("skipped_paths", ["?"] * skipped.numel())):
+            self._skipped_paths[(code, i)] = path
         if "image" not in batch:
             return {}
         # validate/test run under inference_mode; the CAM needs autograd on fresh tensors
@@ -219,24 +232,43 @@ class NegAlignModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._evaluate("test")
 
+    def _sets(self, rows: dict[str, Tensor], partition: str) -> tuple[Tensor, dict[str, Tensor]]:
+        """(ID rows [N] bool, OOD set name -> rows [N] bool) of one partition."""
+        codes = {c: (name, role) for c, (part, name, role) in self._splits.items() if part == partition}
+        id_codes = [c for c, (_, role) in codes.items() if role == "id"]
+        ood_codes = [c for c, (_, role) in codes.items() if role == "ood"]
+        if len(id_codes) != 1 or not ood_codes:
+            raise ValueError(f"OOD evaluation needs exactly one ID split and at least one OOD split in the "
+                             f"{partition!r} partition, got {sorted(codes.values())}")
+        return rows["split"] == id_codes[0], {codes[c][0]: rows["split"] == c for c in ood_codes}
+
+    def _split_names(self, evaluated: str) -> dict[int, tuple[str, str]]:
+        """code -> (report name, role): the evaluated partition's sets keep their names, the
+        lambda-selection sets of a test run are prefixed ``val/``."""
+        return {c: (name if part == evaluated or role == "calib" else f"{part}/{name}", role)
+                for c, (part, name, role) in self._splits.items()}
+
     def _evaluate(self, stage: str) -> None:
         if self.trainer.sanity_checking:
             return
-        rows = {k: v.cpu() for k, v in self.table.compute().items()}
-        skips = self.skips.compute()
-        skipped = {int(c): int(skips["count"][skips["split"] == c].sum()) for c in skips["split"].unique()}
-        names = {code: (name, role) for name, (code, role) in self._splits.items()}
-        role_codes = {r: [c for c, (_, role) in names.items() if role == r] for r in ("id", "ood", "calib")}
-        if len(role_codes["id"]) != 1 or not role_codes["ood"]:
-            raise ValueError(f"OOD evaluation needs exactly one ID split and at least one OOD split, got {names}")
-        is_id = rows["split"] == role_codes["id"][0]
-        ood_masks = {names[c][0]: rows["split"] == c for c in role_codes["ood"]}
-        empty = [n for n, m in {"id": is_id, **ood_masks}.items() if not m.any()]
+        rows = {k: v.cpu() for k, v in self.table.rows().items()}
+        skips = {k: v.cpu() for k, v in self.skips.rows().items()}
+        paths: dict[tuple[int, int], str] = {}
+        for part in gather_objects(self._skipped_paths):
+            paths.update(part)
+        names = self._split_names(evaluated := "test" if stage == "test" else "val")
+        skipped = {c: int((skips["split"] == c).sum()) for c in names}
+        skipped_paths = {names[c][0]: sorted(paths.get((c, int(i)), "?") for i in skips["index"][skips["split"] == c])
+                         for c in names if skipped[c]}
+        is_id, ood_masks = self._sets(rows, evaluated)
+        sel_id, sel_ood = self._sets(rows, "val")
+        empty = [n for n, m in {"id": is_id, **ood_masks, "val/id": sel_id,
+                                **{f"val/{k}": v for k, v in sel_ood.items()}}.items() if not m.any()]
         if empty:
-            skips = {names[c][0]: s for c, s in skipped.items()}
-            raise ValueError(f"no readable image in split(s) {empty} (unreadable images skipped: {skips})")
+            raise ValueError(f"no readable image in split(s) {empty} (unreadable images skipped: {skipped_paths})")
         terms = {c: rows[c] for c in TERM_COLUMNS}
-        calib = rows["split"] == role_codes["calib"][0] if role_codes["calib"] else None
+        calib_codes = [c for c, (_, role) in names.items() if role == "calib"]
+        calib = rows["split"] == calib_codes[0] if calib_codes else None
         stats = zscore_stats({c: v[calib] for c, v in terms.items()}) if calib is not None and calib.any() else None
         if self.variant.m3 and stats is None:
             raise ValueError("m3 is on but no ID calibration images were evaluated: give the datamodule a "
@@ -248,7 +280,10 @@ class NegAlignModule(pl.LightningModule):
 
         star = Variant(self.variant.m1, self.variant.m2, self.variant.m3, False)
         per_lambda = [metrics(self.variant, lam) for lam in self.lambdas]
-        best = max(range(len(self.lambdas)), key=lambda i: mean_auroc(per_lambda[i]))
+        on_val = per_lambda if evaluated == "val" else [
+            variant_metrics(terms, sel_id, sel_ood, self.variant, lam, stats, conv) for lam in self.lambdas]
+        best = max(range(len(self.lambdas)), key=lambda i: mean_auroc(on_val[i]))
+        oracle = max(range(len(self.lambdas)), key=lambda i: mean_auroc(per_lambda[i]))
         ablation = []
         for v in ALL_VARIANTS:
             if (v.m3 and stats is None) or not self.terms.available(v):
@@ -257,7 +292,7 @@ class NegAlignModule(pl.LightningModule):
             ablation.append({"name": v.name, "m1": v.m1, "m2": v.m2, "m3": v.m3, "p_align": v.p_align,
                              "metrics": metrics(v, self.lam if v.p_align else 0.0), "per_lambda": sweep})
         variants = {"neglabel": metrics(Variant(), 0.0), "neglabel_star": metrics(star, 0.0),
-                    "negalign": metrics(self.variant, self.lam)}
+                    "negalign": metrics(self.variant, self.lam), "negalign_selected": per_lambda[best]}
         for vname, per_split in variants.items():
             for split, values in per_split.items():
                 for key, value in values.items():
@@ -268,18 +303,29 @@ class NegAlignModule(pl.LightningModule):
         self._results = {
             "config": self._config(),
             "convention": conv,
+            "evaluated_partition": evaluated,
             "splits": split_statistics(rows, names, skipped, configured),
+            "skipped_paths": skipped_paths,
             "variants": variants,
             "lambdas": self.lambdas,
             "per_lambda": [{"lambda": lam, "metrics": m} for lam, m in zip(self.lambdas, per_lambda)],
             "best_lambda": self.lambdas[best],
-            "best_lambda_rule": "highest mean AUROC over the OOD splits, chosen on the evaluated data (an oracle)",
+            "best_lambda_chosen_on": "val",
+            "best_lambda_rule": ("highest mean AUROC over the OOD splits of the validation partition; "
+                                 f"its {evaluated} metrics are `variants.negalign_selected`"
+                                 + (" (chosen and reported on the same data: test runs keep them apart)"
+                                    if evaluated == "val" else "")),
+            "oracle_lambda": self.lambdas[oracle],
+            "oracle_lambda_rule": f"highest mean AUROC on the reported {evaluated} data itself: an oracle, for reference only",
             "ablation": ablation,
             "ablation_unavailable": {**self.unavailable, **({"m3": "no calibration split"} if stats is None else {})},
             "zscore_stats": stats,
         }
         if self.trainer.is_global_zero:
-            self._write_outputs(stage, rows, names, terms, is_id, ood_masks, per_lambda, configured, star, stats)
+            unreadable = [(c, int(i), paths.get((c, int(i)), "?")) for c, i in zip(skips["split"].tolist(),
+                                                                                   skips["index"].tolist())]
+            self._write_outputs(stage, rows, names, terms, is_id, ood_masks, per_lambda, configured, star, stats,
+                                unreadable)
 
     def _config(self) -> dict[str, Any]:
         neg = self.negatives
@@ -290,8 +336,9 @@ class NegAlignModule(pl.LightningModule):
     def _write_outputs(self, stage: str, rows: dict[str, Tensor], names: dict[int, tuple[str, str]],
                        terms: dict[str, Tensor], is_id: Tensor, ood_masks: dict[str, Tensor],
                        per_lambda: list[dict[str, dict[str, float]]], configured: dict[str, Tensor], star: Variant,
-                       stats: dict[str, tuple[float, float]] | None) -> None:
-        """Figures (PNG + TensorBoard) and, on request, the per-image CSV."""
+                       stats: dict[str, tuple[float, float]] | None, unreadable: list[tuple[int, int, str]]) -> None:
+        """Figures (PNG + TensorBoard) and, on request, the per-image CSV (unreadable images
+        included, with their paths)."""
         out_dir = run_directory(self.trainer)
         title = f"{self.variant.name} on {self.backbone_spec}"
         figures = {"lambda_sweep": sweep_figure(self.lambdas, per_lambda, title)}
@@ -309,7 +356,26 @@ class NegAlignModule(pl.LightningModule):
             for exp in experiments:
                 exp.add_image(f"{stage}/negalign/{name}", array, self.global_step, dataformats="HWC")
         if self.hparams.breakdown_csv:
-            write_breakdown(out_dir / f"{stage}_per_image.csv", rows, names, configured, self.class_names)
+            write_breakdown(out_dir / f"{stage}_per_image.csv", rows, names, configured, self.class_names, unreadable)
+
+    def report_rows(self, metrics: Mapping[str, float | None]) -> list[ReportRow]:
+        """Console report rows: one per variant and OOD set, AUROC / FPR95 / AUPR columns."""
+        res = self._results
+        names = {"neglabel": "NegLabel", "neglabel_star": f"NegLabel* ({Variant(self.variant.m1, self.variant.m2, self.variant.m3, False).name})",
+                 "negalign": f"NegAlign {self.variant.name}, lambda {self.lam:g} (configured)",
+                 "negalign_selected": f"NegAlign {self.variant.name}, lambda {res.get('best_lambda', '?'):g} "
+                                      f"(chosen on {res.get('best_lambda_chosen_on', 'val')})"
+                 if isinstance(res.get("best_lambda"), float) else "NegAlign (lambda chosen on val)"}
+        columns = {"auroc": "AUROC", "fpr95": "FPR95", "aupr_in": "AUPR-in", "aupr_out": "AUPR-out"}
+        rows = []
+        for stage in ("val", "test"):
+            for variant, label in names.items():
+                for split in sorted({k.split("/")[1] for k in metrics if k.startswith(f"{stage}/")
+                                     and k.count("/") == 3 and k.split("/")[2] == variant}):
+                    keys = [f"{stage}/{split}/{variant}/{m}" for m in columns if f"{stage}/{split}/{variant}/{m}" in metrics]
+                    rows.append(ReportRow("OOD detection", f"{label} vs {split} [{stage}]",
+                                          {columns[k.rsplit('/', 1)[1]]: metrics[k] for k in keys}, keys))
+        return rows
 
     def extra_results(self) -> dict[str, Any]:
         """Merged into results.json by the CLI: backbone and the whole NegAlign report."""

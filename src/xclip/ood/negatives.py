@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from xclip.backbones.prompts import zero_shot_weights
 from xclip.ood.negalign import BACKGROUND_TEMPLATES, OBJECT_TEMPLATES, role_scores, split_roles
 from xclip.ood.neglabel import neg_mining
-from xclip.backbones.prompts import zero_shot_weights
 
 Embed = Callable[[list[str]], Tensor]
 ROLES = ("object", "background", "ambiguous")

@@ -88,21 +88,26 @@ def roc_figure(curves: dict[str, dict[str, tuple[Tensor, Tensor]]]) -> Figure:
     return fig
 
 
-BREAKDOWN_COLUMNS = ("split", "role", "index", "label", "s_neglabel_plain", "s_neglabel_star", "p_align", "s_final",
-                     "pred_class", "pred_class_name", "cam_valid")
+BREAKDOWN_COLUMNS = ("split", "role", "index", "status", "path", "label", "s_neglabel_plain", "s_neglabel_star",
+                     "p_align", "s_final", "pred_class", "pred_class_name", "cam_valid")
 
 
 def write_breakdown(path: Path, rows: dict[str, Tensor], names: dict[int, tuple[str, str]], scores: dict[str, Tensor],
-                    class_names: Sequence[str]) -> Path:
-    """The per-image CSV: split, role, dataset index, label, the four scores of the configured
-    variant (`scores`: s_neglabel_plain, s_neglabel_star, p_align, s_final), prediction, CAM valid."""
+                    class_names: Sequence[str], unreadable: Sequence[tuple[int, int, str]] = ()) -> Path:
+    """The per-image CSV: split, role, dataset index, status (``scored`` / ``unreadable``), label,
+    the four scores of the configured variant (`scores`: s_neglabel_plain, s_neglabel_star,
+    p_align, s_final), prediction, CAM valid; `unreadable` (split code, index, path) rows carry
+    their file path and no scores."""
     cols = {k: v.tolist() for k, v in {**rows, **scores}.items()}
     records = []
     for i, code in enumerate(cols["split"]):
         name, role = names[code]
         record = {k: cols[k][i] for k in BREAKDOWN_COLUMNS if k in cols and k != "split"}
-        record.update(split=name, role=role, pred_class_name=class_names[cols["pred_class"][i]],
+        record.update(split=name, role=role, status="scored", pred_class_name=class_names[cols["pred_class"][i]],
                       cam_valid=bool(cols["cam_valid"][i]))
         records.append(record)
+    for code, index, file in unreadable:
+        name, role = names[code]
+        records.append({"split": name, "role": role, "index": index, "status": "unreadable", "path": file})
     return atomic_write_csv(path, BREAKDOWN_COLUMNS, records)
 

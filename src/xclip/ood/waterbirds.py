@@ -13,7 +13,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from xclip.data.image_folder import load_image01
+from xclip.data.image_folder import unreadable_item
+from xclip.data.images import load_image01
 
 COLUMNS = ("img_id", "img_filename", "y", "split", "place", "place_filename")
 SPLITS = {"train": 0, "val": 1, "test": 2}
@@ -30,7 +31,7 @@ def split_code(split: int | str) -> int:
 
 class WaterBirds(Dataset):
     """One split of WaterBirds. Item: ``{"image": [3, S, S] in [0, 1], "label": y, "place",
-    "index": img_id, "path"}``, or None when the image cannot be read.
+    "index": img_id, "path"}``, or an `unreadable_item` when the image cannot be read.
 
     Args:
         root: the directory holding ``metadata.csv`` and the class folders.
@@ -62,6 +63,6 @@ class WaterBirds(Dataset):
         row = self.rows[index]
         image = load_image01(self.root / row["img_filename"], self.image_size)
         if image is None:
-            return None
+            return unreadable_item(int(row["img_id"]), row["img_filename"])
         return {"image": image, "label": int(row["y"]), "place": int(row["place"]), "index": int(row["img_id"]),
                 "path": row["img_filename"]}

@@ -13,11 +13,10 @@ import hashlib
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.transforms import functional as TF
 
+from xclip.data.images import ImageReadError, read_rgb, resize_center_crop
 from xclip.data.shapes.datasets import ShapesCaptions
 from xclip.data.shapes.generator import sample_rng
 from xclip.data.shapes.scene import Scene, caption, sample_scene
@@ -71,9 +70,9 @@ class ShapesGallery(CaptionGallery):
     plus ``scene(i)``, the scene graph behind image `i`'s captions, for automatic failure labels."""
 
     def __init__(self, n: int = 1000, seed: int = 1000, image_size: int = 64, max_objects: int = 3,
-                 captions_per_image: int = 2):
+                 captions_per_image: int = 2, split: str = "val"):
         self.source = ShapesCaptions(n=n, seed=seed, image_size=image_size, max_objects=max_objects,
-                                     captions_per_image=captions_per_image)
+                                     captions_per_image=captions_per_image, split=split)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -83,7 +82,7 @@ class ShapesGallery(CaptionGallery):
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for a gallery of {len(self)} images")
         s = self.source
-        return sample_scene(sample_rng(s.seed, "captions", i), max_objects=s.max_objects)
+        return sample_scene(sample_rng(s.seed, "captions", i, s.split), max_objects=s.max_objects)
 
     def image(self, i: int) -> Tensor:
         return self.source.sample(i).tensor()
@@ -93,12 +92,13 @@ class ShapesGallery(CaptionGallery):
         return [caption(scene, v) for v in range(self.source.captions_per_image)]
 
     def key(self, i: int) -> str:
-        return f"shapes:{self.source.seed}:{i}"
+        s = self.source
+        return f"shapes:{s.seed}:{i}" if s.split != "test" else f"shapes:test:{s.seed}:{i}"
 
     def fingerprint(self) -> dict:
         s = self.source
         return {"source": "shapes", "n": s.n, "seed": s.seed, "image_size": s.image_size,
-                "max_objects": s.max_objects, "captions_per_image": s.captions_per_image}
+                "max_objects": s.max_objects, "captions_per_image": s.captions_per_image, "split": s.split}
 
 
 class FileGallery(CaptionGallery):
@@ -137,13 +137,11 @@ class FileGallery(CaptionGallery):
     def image(self, i: int) -> Tensor:
         path = self.path(i)
         try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-        except (OSError, UnidentifiedImageError) as err:
-            raise OSError(f"gallery image {i} ({path}) cannot be decoded ({err}); replace the file") from err
-        im = TF.resize(im, self.image_size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-        im = TF.center_crop(im, [self.image_size, self.image_size])
-        return TF.pil_to_tensor(im).float().div_(255.0)
+            im = read_rgb(path)
+        except ImageReadError as err:
+            raise ImageReadError(path, f"gallery image {i} cannot be decoded ({err.reason}); "
+                                 "replace the file") from None
+        return resize_center_crop(im, self.image_size)
 
     def captions(self, i: int) -> list[str]:
         return list(self._captions[i])

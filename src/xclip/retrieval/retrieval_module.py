@@ -3,6 +3,7 @@ with an on-disk embedding cache. Eval only; the ranking math is ``xclip.metrics`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +11,15 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from xclip.backbones import Backbone, resolve_backbone
 from xclip.data.combined import CombinedDataModule
 from xclip.data.embedding_cache import EmbeddingCache, GalleryEmbeddings, weights_fingerprint
-from xclip.retrieval.gallery import CaptionGallery, ShapesGallery
 from xclip.data.shapes.datamodule import ShapesWorldDataModule
 from xclip.metrics.retrieval import retrieval_recall_at_k
-from xclip.metrics.retrieval_metric import RetrievalRecall
+from xclip.metrics.retrieval_metric import RetrievalRecall, recall_report_rows
+from xclip.results import ReportRow
+from xclip.retrieval.datamodule import RetrievalDataModule
+from xclip.retrieval.gallery import CaptionGallery, ShapesGallery
 
 
 class RetrievalModule(pl.LightningModule):
@@ -35,20 +39,19 @@ class RetrievalModule(pl.LightningModule):
         ``ShapesWorldDataModule``'s retrieval set), or None.
 
     Args:
-        backbone: a ``load_backbone`` spec.
+        backbone: a ``load_backbone`` spec (loaded once per process and shared, see
+            `xclip.backbones.shared_backbone`) or a `Backbone` object.
         recall_ks: the K of Recall@K.
         text_batch_size: captions embedded per forward.
         cache_dir: root of the embedding cache (None: no cache). A hit skips the model and, with a
             ``RetrievalDataModule``, reading the images.
     """
 
-    def __init__(self, backbone: str = "xclip:tiny-shapes", recall_ks: tuple[int, ...] = (1, 5, 10),
+    def __init__(self, backbone: str | Backbone = "xclip:tiny-shapes", recall_ks: tuple[int, ...] = (1, 5, 10),
                  text_batch_size: int = 256, cache_dir: str | None = None):
         super().__init__()
-        from xclip.backbones import load_backbone
-
-        self.backbone_spec, self.recall_ks = backbone, tuple(recall_ks)
-        self.backbone = load_backbone(backbone)
+        self.backbone, self.backbone_spec = resolve_backbone(backbone)
+        self.recall_ks = tuple(recall_ks)
         self.backbone.eval().requires_grad_(False)
         self.text_batch_size, self.cache_dir = text_batch_size, cache_dir
         self.recall = RetrievalRecall(self.recall_ks)
@@ -69,8 +72,9 @@ class RetrievalModule(pl.LightningModule):
 
     # ---- gallery and cache --------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        data = _serving_datamodule(getattr(self.trainer, "datamodule", None))
-        self.gallery = _gallery_of(data)
+        split = "test" if stage == "test" else "val"
+        data = _serving_datamodule(getattr(self.trainer, "datamodule", None), split)
+        self.gallery = _gallery_of(data, split)
         self._cache, self._cached = None, None
         if self.cache_dir is None or self.gallery is None:
             return
@@ -152,6 +156,13 @@ class RetrievalModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._finish("test")
 
+    def report_rows(self, metrics: Mapping[str, float | None]) -> list[ReportRow]:
+        """Console report rows of this module's logged metrics (see `xclip.results`)."""
+        n = self.gallery_embeddings
+        size = f"{n.image_emb.shape[0]} images x {n.text_emb.shape[0]} captions" if n is not None else ""
+        return [ReportRow(row.workflow, f"{row.name} {size}".rstrip(), row.values, row.keys)
+                for row in recall_report_rows(metrics, "image-text retrieval")]
+
     def extra_results(self) -> dict[str, Any]:
         """Merged into results.json: the backbone, the gallery and the cache's outcome."""
         emb, cache = self.gallery_embeddings, self._cache
@@ -167,20 +178,23 @@ class RetrievalModule(pl.LightningModule):
         }
 
 
-def _serving_datamodule(datamodule: Any) -> Any:
+def _serving_datamodule(datamodule: Any, split: str) -> Any:
     """The datamodule that serves the retrieval gallery: itself, or inside a ``CombinedDataModule``
     the first member that serves one."""
     if isinstance(datamodule, CombinedDataModule):
-        return next((dm for dm in datamodule.datamodules.values() if _gallery_of(dm) is not None), None)
+        return next((dm for dm in datamodule.datamodules.values() if _gallery_of(dm, split) is not None), None)
     return datamodule
 
 
-def _gallery_of(datamodule: Any) -> CaptionGallery | None:
-    """The gallery a datamodule serves: its ``gallery``, or for ShapesWorld the ``ShapesGallery``
-    with the very samples of its held-out ``retrieval`` set."""
+def _gallery_of(datamodule: Any, split: str) -> CaptionGallery | None:
+    """The ``val`` / ``test`` gallery a datamodule serves: its ``gallery_for(split)``, or for
+    ShapesWorld the ``ShapesGallery`` with the very samples of its ``retrieval`` set of that split."""
+    if isinstance(datamodule, RetrievalDataModule):
+        return datamodule.gallery_for(split)
     if isinstance(getattr(datamodule, "gallery", None), CaptionGallery):
         return datamodule.gallery
     if isinstance(datamodule, ShapesWorldDataModule) and "retrieval" in datamodule.val_tasks:
         opts = datamodule.task_options.get("retrieval", {})
-        return ShapesGallery(n=datamodule.n_val, seed=datamodule.seed + 1000, image_size=datamodule.image_size, **opts)
+        n = datamodule.n_test if split == "test" else datamodule.n_val
+        return ShapesGallery(n=n, seed=datamodule.seed + 1000, image_size=datamodule.image_size, split=split, **opts)
     return None

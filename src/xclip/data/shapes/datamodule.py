@@ -83,44 +83,49 @@ class ShapesWorldDataModule(pl.LightningDataModule):
             (``retrieval``, ``classification``, ``spurious``, ``cir``, ``faithfulness``, ``multimodal``).
         train_task: the dataset for fit (``pretrain`` for the tiny CLIP), or None.
         image_size: render resolution (any size; 64 is the tiny checkpoint's).
-        seed: training seed; held-out sets use ``seed + 1000`` so they never share a sample stream.
-        n_train, n_val: dataset sizes.
+        seed: training seed; validation sets use ``seed + 1000`` so they never share a sample
+            stream with training; test sets use ``seed + 1000`` in the test key family of
+            :func:`~xclip.data.shapes.generator.sample_rng`, disjoint from both.
+        n_train, n_val, n_test: dataset sizes (``n_test`` None: ``n_val``).
         task_options: extra constructor arguments per task, e.g. ``{"spurious": {"ood": "background"}}``.
     """
 
     def __init__(self, val_tasks: list[str] | None = None, train_task: str | None = None, image_size: int = 64,
-                 seed: int = 0, n_train: int = 100_000, n_val: int = 1000, batch_size: int = 128,
-                 num_workers: int = 0, task_options: dict[str, dict[str, Any]] | None = None):
+                 seed: int = 0, n_train: int = 100_000, n_val: int = 1000, n_test: int | None = None,
+                 batch_size: int = 128, num_workers: int = 0, task_options: dict[str, dict[str, Any]] | None = None):
         super().__init__()
         self.val_tasks = list(val_tasks if val_tasks is not None else ["classification", "retrieval"])
         for task in self.val_tasks + ([train_task] if train_task else []):
             if task not in TASKS:
                 raise ValueError(f"unknown ShapesWorld task {task!r}; choose from {sorted(TASKS)}")
         self.train_task, self.image_size, self.seed = train_task, image_size, seed
-        self.n_train, self.n_val, self.batch_size, self.num_workers = n_train, n_val, batch_size, num_workers
+        self.n_train, self.n_val, self.n_test = n_train, n_val, n_val if n_test is None else n_test
+        self.batch_size, self.num_workers = batch_size, num_workers
         self.task_options = task_options or {}
 
-    def dataset(self, task: str, train: bool = False) -> Dataset:
-        """The dataset of `task` (training or held-out)."""
-        n, seed = (self.n_train, self.seed) if train else (self.n_val, self.seed + 1000)
-        return TASKS[task](n=n, seed=seed, image_size=self.image_size, **self.task_options.get(task, {}))
+    def dataset(self, task: str, split: str = "val") -> Dataset:
+        """The dataset of `task` for ``split`` (``train``, ``val`` or ``test``)."""
+        n, seed = {"train": (self.n_train, self.seed), "val": (self.n_val, self.seed + 1000),
+                   "test": (self.n_test, self.seed + 1000)}[split]
+        return TASKS[task](n=n, seed=seed, image_size=self.image_size, split=split, **self.task_options.get(task, {}))
 
-    def _loader(self, task: str, train: bool) -> DataLoader:
+    def _loader(self, task: str, split: str) -> DataLoader:
         # Pretraining pairs are flattened two per item, so halve the item count per batch.
         batch = self.batch_size // 2 if task == "pretrain" else self.batch_size
-        return DataLoader(self.dataset(task, train), batch_size=batch, shuffle=train, num_workers=self.num_workers,
+        train = split == "train"
+        return DataLoader(self.dataset(task, split), batch_size=batch, shuffle=train, num_workers=self.num_workers,
                           collate_fn=_Tagged(task), persistent_workers=self.num_workers > 0, drop_last=train)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_task is None:
             raise ValueError("ShapesWorldDataModule.train_task is not set: name the dataset to fit on (e.g. pretrain)")
-        return self._loader(self.train_task, train=True)
+        return self._loader(self.train_task, "train")
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self._loader(t, train=False) for t in self.val_tasks]
+        return [self._loader(t, "val") for t in self.val_tasks]
 
     def test_dataloader(self) -> list[DataLoader]:
-        return self.val_dataloader()
+        return [self._loader(t, "test") for t in self.val_tasks]
 
     def predict_dataloader(self) -> list[DataLoader]:
-        return self.val_dataloader()
+        return self.test_dataloader()

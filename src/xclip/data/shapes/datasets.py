@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from xclip.data.shapes.generator import (
+    SPLITS,
     ShapesSample,
     counterfactual,
     draw,
@@ -35,10 +36,15 @@ from xclip.data.shapes.scene import (
 
 
 class _Sized(Dataset):
-    def __init__(self, n: int = 1000, seed: int = 0, image_size: int = 64):
+    """`n` samples of one stream under `seed`; ``split="test"`` draws them from the test key
+    family of :func:`sample_rng`, disjoint from every training and validation sample."""
+
+    def __init__(self, n: int = 1000, seed: int = 0, image_size: int = 64, split: str = "val"):
         if n <= 0:
             raise ValueError(f"a ShapesWorld dataset needs n > 0 samples, got n={n}")
-        self.n, self.seed, self.image_size = int(n), int(seed), int(image_size)
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.n, self.seed, self.image_size, self.split = int(n), int(seed), int(image_size), split
 
     def __len__(self) -> int:
         return self.n
@@ -46,7 +52,7 @@ class _Sized(Dataset):
     def _rng(self, stream: str, index: int) -> np.random.Generator:
         if not 0 <= index < self.n:
             raise IndexError(f"index {index} out of range for {len(self)} samples")
-        return sample_rng(self.seed, stream, index)
+        return sample_rng(self.seed, stream, index, self.split)
 
 
 class ShapesCaptions(_Sized):
@@ -56,8 +62,8 @@ class ShapesCaptions(_Sized):
     """
 
     def __init__(self, n: int = 1000, seed: int = 0, image_size: int = 64, max_objects: int = 3,
-                 captions_per_image: int = 2):
-        super().__init__(n, seed, image_size)
+                 captions_per_image: int = 2, split: str = "val"):
+        super().__init__(n, seed, image_size, split)
         self.max_objects, self.captions_per_image = max_objects, captions_per_image
 
     def sample(self, index: int) -> ShapesSample:
@@ -106,8 +112,8 @@ class ShapesPretrain(_Sized):
     """
 
     def __init__(self, n: int = 100_000, seed: int = 0, image_size: int = 64, max_objects: int = 3,
-                 short_caption_p: float = 0.5):
-        super().__init__(n, seed, image_size)
+                 short_caption_p: float = 0.5, split: str = "train"):
+        super().__init__(n, seed, image_size, split)
         self.max_objects, self.short_caption_p = max_objects, short_caption_p
 
     def __getitem__(self, index: int) -> dict:
@@ -141,8 +147,9 @@ class SpuriousShapes(_Sized):
     """
 
     def __init__(self, n: int = 1000, seed: int = 0, image_size: int = 64, classes: tuple[str, ...] = ("square", "circle"),
-                 places: tuple[str, ...] = ("land", "water"), correlation: float = 0.95, ood: str | None = None):
-        super().__init__(n, seed, image_size)
+                 places: tuple[str, ...] = ("land", "water"), correlation: float = 0.95, ood: str | None = None,
+                 split: str = "val"):
+        super().__init__(n, seed, image_size, split)
         unknown = [c for c in classes if c not in SHAPES]
         if unknown or len(classes) != len(places):
             raise ValueError(f"classes {classes} must be ShapesWorld shapes, one per place in {places}")
@@ -235,8 +242,8 @@ class ShapesFaithfulness(_Sized):
     "faithful" [R] bool, "index"}``. At least one rendering is faithful and one is not.
     """
 
-    def __init__(self, n: int = 200, seed: int = 0, image_size: int = 64, n_renderings: int = 4):
-        super().__init__(n, seed, image_size)
+    def __init__(self, n: int = 200, seed: int = 0, image_size: int = 64, n_renderings: int = 4, split: str = "val"):
+        super().__init__(n, seed, image_size, split)
         if n_renderings < 2:
             raise ValueError("n_renderings must be >= 2 (one faithful, one with an error)")
         self.n_renderings = n_renderings

@@ -34,9 +34,21 @@ STREAMS = {
 }
 
 
-def sample_rng(seed: int, stream: str, index: int) -> np.random.Generator:
-    """The generator of sample `index` of `stream` under `seed`."""
-    return np.random.default_rng([int(seed), STREAMS[stream], int(index)])
+SPLITS = ("train", "val", "test")
+# Test samples are keyed [seed, stream, index, TEST_KEY]; training and validation samples
+# [seed, stream, index] (kept apart by their seeds: held-out sets use seed + 1000). A key of
+# another length seeds another generator, so no test sample equals any training or validation
+# sample, whatever the seeds.
+TEST_KEY = 0x7E57
+
+
+def sample_rng(seed: int, stream: str, index: int, split: str = "val") -> np.random.Generator:
+    """The generator of sample `index` of `stream` under `seed` (``split="test"``: the disjoint
+    test family, see `TEST_KEY`)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    key = [int(seed), STREAMS[stream], int(index)] + ([TEST_KEY] if split == "test" else [])
+    return np.random.default_rng(key)
 
 
 @dataclass

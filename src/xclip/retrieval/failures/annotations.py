@@ -16,9 +16,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from xclip.io import atomic_write_csv
 from xclip.retrieval.failures.sheets import ASSIGNMENT_FILE, LABEL_COLUMN, NOTE_COLUMN, SHEET_COLUMNS
 from xclip.retrieval.failures.taxonomy import LABELS, category, parse_label
-from xclip.io import atomic_write_csv
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("failure_id", LABEL_COLUMN)
 # sheet columns carried into the merged table (whichever a sheet has)

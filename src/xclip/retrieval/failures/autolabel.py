@@ -17,9 +17,9 @@ import itertools
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+from xclip.data.shapes.scene import Scene, caption, position_phrase
 from xclip.retrieval.failures.extract import Failure
 from xclip.retrieval.failures.taxonomy import ATTRIBUTE, CONTEXT, COUNT, NEARDUPLICATE, OBJECT, SPATIAL, UNDERSPECIFIED
-from xclip.data.shapes.scene import Scene, caption, position_phrase
 
 _VARIANTS = (0, 1)  # caption() has two paraphrases (variant % 2)
 

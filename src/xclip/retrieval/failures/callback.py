@@ -5,7 +5,8 @@ failure-driven improvements (template ensembling, lexical re-ranking) per failur
 Needs a module like ``xclip.retrieval.RetrievalModule`` that, by the end of validate/test, exposes
 ``gallery_embeddings`` (``image_emb`` [I, D], ``text_emb`` [T, D] L2-normalised, ``text_to_image``
 [T], ``image_index`` [I]: each row's gallery index), ``gallery`` (a ``CaptionGallery``; one with
-``scene(i)`` enables auto-labels) and ``backbone``.
+``scene(i)`` enables auto-labels) and ``backbone``. Inside an ``EvaluationSuite`` it analyses the
+member that holds these.
 """
 
 from __future__ import annotations
@@ -22,10 +23,20 @@ from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch import Tensor
 
+from xclip.explain import GradECLIP
+from xclip.io import atomic_write_text
+from xclip.metrics import retrieval_ranks
+from xclip.results import run_directory
 from xclip.retrieval.failures.annotations import read_merged_labels
 from xclip.retrieval.failures.autolabel import autolabel_failures
 from xclip.retrieval.failures.cards import write_cards
-from xclip.retrieval.failures.extract import Failure, failure_records, sample_failures, top1_failures, write_failures_csv
+from xclip.retrieval.failures.extract import (
+    Failure,
+    failure_records,
+    sample_failures,
+    top1_failures,
+    write_failures_csv,
+)
 from xclip.retrieval.failures.improvements import (
     DEFAULT_TEMPLATES,
     LEXICAL,
@@ -39,10 +50,6 @@ from xclip.retrieval.failures.improvements import (
 from xclip.retrieval.failures.report import write_annotation_report
 from xclip.retrieval.failures.sheets import annotator_names, assign_sheets, feasible_counts, fill_sheets, write_sheets
 from xclip.retrieval.failures.taxonomy import LABELS
-from xclip.results import run_directory
-from xclip.explain import GradECLIP
-from xclip.io import atomic_write_text
-from xclip.metrics import retrieval_ranks
 
 
 class FailureAnalysisCallback(pl.Callback):
@@ -101,10 +108,11 @@ class FailureAnalysisCallback(pl.Callback):
         """Run the analysis on `pl_module`'s embeddings; returns what ``summary.json`` holds."""
         if trainer.sanity_checking or not trainer.is_global_zero:
             return None
-        emb, gallery = getattr(pl_module, "gallery_embeddings", None), getattr(pl_module, "gallery", None)
+        module = retrieval_member(pl_module)
+        emb, gallery = getattr(module, "gallery_embeddings", None), getattr(module, "gallery", None)
         if emb is None or gallery is None:
-            rank_zero_warn(f"FailureAnalysisCallback: {type(pl_module).__name__} has no gallery_embeddings/gallery "
-                           "after this epoch; nothing to analyse")
+            rank_zero_warn(f"FailureAnalysisCallback: {type(pl_module).__name__} has no (member with) "
+                           "gallery_embeddings/gallery after this epoch; nothing to analyse")
             return None
         run_dir = run_directory(trainer)
         out = run_dir / "failures"
@@ -116,7 +124,7 @@ class FailureAnalysisCallback(pl.Callback):
         write_failures_csv(out / "failures.csv", failures, {"auto_label": auto} if auto is not None else None)
 
         sample = sample_failures(failures, self.n_failures, self.seed)
-        cards = self._cards(trainer, pl_module.backbone, sample, gallery, out / "cards") if self.cards and sample else {}
+        cards = self._cards(trainer, module.backbone, sample, gallery, out / "cards") if self.cards and sample else {}
         per_annotator, overlap = feasible_counts(len(sample), self.n_annotators, self.per_annotator, self.overlap)
         if (per_annotator, overlap) != (self.per_annotator, self.overlap):
             rank_zero_warn(f"FailureAnalysisCallback: {len(sample)} sampled failures; sheets get "
@@ -138,7 +146,7 @@ class FailureAnalysisCallback(pl.Callback):
             summary["auto_report_ambiguity"] = report["ambiguity"]
         if self.improvements:
             labels = self._subset_labels(failures, auto)
-            rows = self._improvements(pl_module.backbone, emb, captions, top1["text_index"], labels, row_text_ids)
+            rows = self._improvements(module.backbone, emb, captions, top1["text_index"], labels, row_text_ids)
             _, png = write_improvements(run_dir, rows, self.recall_ks)
             summary["improvements"] = rows
             self._log_image(trainer, "failures/improvements", png)
@@ -146,7 +154,8 @@ class FailureAnalysisCallback(pl.Callback):
         return summary
 
     def _cards(self, trainer, backbone, sample: list[Failure], gallery, out_dir: Path) -> dict[str, Path]:
-        paths = write_cards(GradECLIP(backbone), sample, gallery.image, out_dir, self.card_batch_size, self.card_size)
+        explainer = GradECLIP(backbone, precision=str(trainer.precision))
+        paths = write_cards(explainer, sample, gallery.image, out_dir, self.card_batch_size, self.card_size)
         for fid in list(paths)[: self.log_cards]:
             self._log_image(trainer, f"failures/card/{fid}", paths[fid])
         return paths
@@ -188,6 +197,16 @@ class FailureAnalysisCallback(pl.Callback):
             if rows:
                 subsets[f"failures:{label}"] = torch.tensor(sorted(rows), dtype=torch.long)
         return improvement_rows(ranks, subsets, self.recall_ks, params)
+
+
+def retrieval_member(pl_module: pl.LightningModule) -> pl.LightningModule:
+    """The module that holds the retrieval results: `pl_module` itself, or the first member of a
+    suite (``pl_module.members``) that has ``gallery_embeddings``."""
+    if hasattr(pl_module, "gallery_embeddings"):
+        return pl_module
+    members = getattr(pl_module, "members", None)
+    found = [m for m in (members.values() if members is not None else []) if hasattr(m, "gallery_embeddings")]
+    return found[0] if found else pl_module
 
 
 def _row_captions(gallery, image_index: Tensor, text_to_image: Tensor) -> tuple[list[str], Tensor]:

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from xclip.io import atomic_write_csv, atomic_write_text
 from xclip.retrieval.failures.agreement import fleiss_on_shared, pairwise_cohen
 from xclip.retrieval.failures.annotations import (
     AnnotationError,
@@ -28,7 +29,6 @@ from xclip.retrieval.failures.annotations import (
 )
 from xclip.retrieval.failures.summary import write_summary
 from xclip.retrieval.failures.taxonomy import CATEGORIES
-from xclip.io import atomic_write_csv, atomic_write_text
 
 AGREEMENT_COLUMNS = ("method", "annotators", "n_items", "observed", "kappa")
 

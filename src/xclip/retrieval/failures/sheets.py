@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from xclip.io import atomic_write_csv, atomic_write_text
 from xclip.retrieval.failures.extract import Failure
 from xclip.retrieval.failures.taxonomy import accepted_spellings
-from xclip.io import atomic_write_csv, atomic_write_text
 
 LABEL_COLUMN = "label"
 NOTE_COLUMN = "note"

@@ -9,9 +9,9 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from xclip.retrieval.failures.taxonomy import LABELS, category, is_ambiguous
 from xclip.explain.render import figure_to_array, save_png
 from xclip.io import atomic_write_csv
+from xclip.retrieval.failures.taxonomy import LABELS, category, is_ambiguous
 
 DISTRIBUTION_COLUMNS = ("label", "category", "count", "fraction")
 AMBIGUITY_COLUMNS = ("n_failures", "ambiguous", "clear", "ambiguous_fraction", "ambiguous_to_clear")
