@@ -1,7 +1,10 @@
 """The `xclip` CLI: the demo writes results.json, TensorBoard scalars and explanation images;
 bad configs and missing paths fail with clear messages."""
 
+import contextlib
+import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -30,16 +33,24 @@ def small_demo(tmp_path: Path, backbone: str | None = None) -> str:
 
 
 def run_demo(tmp_path, *extra):
-    main(["validate", "--config", small_demo(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
-          "--trainer.enable_progress_bar", "false", *extra])
+    """Run the shrunk demo; returns (run directory, what it printed on stdout)."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main(["validate", "--config", small_demo(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+              "--trainer.enable_progress_bar", "false", *extra])
     runs = sorted((tmp_path / "demo").glob("version_*"))
     assert runs, f"no run directory under {tmp_path}"
-    return runs[-1]
+    return runs[-1], printed.getvalue()
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
+def demo_output(tmp_path_factory):
     return run_demo(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_output):
+    return demo_output[0]
 
 
 def test_demo_writes_results_json_with_metrics_and_config(demo_run, capsys):
@@ -92,6 +103,77 @@ def test_demo_writes_explanation_files(demo_run):
     side = json.loads((out / item["npy"]).with_suffix(".json").read_text())
     assert raw.shape == (8, 8) and side["image_size"] == [64, 64]  # patch grid, not upsampled
     assert item["words"] and abs(sum(s for _, s in item["words"]) - 1.0) < 1e-4 or item["all_zero"]
+
+
+def test_demo_prints_one_report_table_with_every_metric_once(demo_output):
+    run, printed = demo_output
+    results = json.loads((run / "results.json").read_text())
+    assert len(re.findall(r"^workflow +\| measured", printed, re.M)) == 1  # one table, not one per dataloader
+    assert "DataLoader" not in printed and "Validate metric" not in printed  # Lightning's tables are off
+    assert "Tip:" not in printed
+    table = printed[re.search(r"^workflow +\| measured", printed, re.M).start():printed.index("results:")]
+    groups = [line.split("|")[0].strip() for line in table.splitlines()[2:] if line.strip() and "-+-" not in line]
+    # one block per workflow, in the suite's member order (the shrunk config lists them sorted)
+    assert [g for g in groups if g] == ["OOD detection", "image-text retrieval", "zero-shot classification"]
+    # every logged metric is shown exactly once, under a full name (never its raw key)
+    rows = [line for line in table.splitlines()[2:] if line.strip() and "-+-" not in line]
+    shown_values = sum(line.split("|", 2)[2].count("|") + 1 for line in rows)
+    assert shown_values == len(results["metrics"]) == 2 + 6 + 4 * 8
+    assert not any(key in table for key in results["metrics"])
+    assert "NegAlign m3+p_align, lambda 1 (configured) vs ood_novel_shape [val]" in table
+    assert "accuracy, shape (6 classes) [val]" in table
+    # then where everything went
+    assert f"results:      {run / 'results.json'}" in printed
+    assert f"tensorboard --logdir {run}" in printed
+    assert f"explanations: {run / 'explanations' / 'grad_eclip'}/" in printed
+    assert str(run / "val_lambda_sweep.png") in printed
+
+
+def test_report_lists_unclaimed_metrics_under_their_key():
+    from xclip.results import ReportRow, format_report
+
+    metrics = {"val/a": 0.5, "val/b": 0.25, "val/c": 1.0}
+    rows = [ReportRow("w1", "first thing", {"": 0.5}, ["val/a"]), ReportRow("w1", "pair", {"x": 0.25}, ["val/b"])]
+    text = format_report(rows, metrics)
+    assert text.count("0.5000") == 1 and "x 0.2500" in text
+    assert "other" in text and "val/c" in text  # unclaimed metrics still appear, once, under their key
+
+
+def test_explanation_pngs_are_titled_with_the_batch_text(demo_run):
+    from PIL import Image
+
+    from xclip.data import ShapesWorldDataModule
+
+    out = demo_run / "explanations" / "grad_eclip"
+    index = json.loads((out / "val_index.json").read_text())
+    dataset = ShapesWorldDataModule(val_tasks=["classification"], n_val=40).dataset("classification", "val")
+    for item in index["items"]:
+        side = json.loads((out / item["npy"]).with_suffix(".json").read_text())
+        caption = dataset[int(item["id"])]["caption"]  # the text of that item in the batch
+        assert side["text"] == item["text"] == caption
+        assert side["explainer"] == "grad_eclip" and side["item_id"] == item["id"]
+        assert side["task"] == "classification" and side["dataloader_idx"] == 0
+        title = Image.open(out / item["png"]).text["Title"]
+        flat = " ".join(title.split())  # long texts are wrapped over lines
+        assert title == side["title"] and f'"{caption}"' in flat and f"item {item['id']}" in title
+        assert "grad_eclip" in title and "classification / dl 0" in title
+        assert side["max"] == pytest.approx(item["map_max"])
+
+
+def test_explanation_tensorboard_tags_name_task_and_dataloader(demo_run):
+    acc = EventAccumulator(str(demo_run), size_guidance={"images": 0})
+    acc.Reload()
+    tags = [t for t in acc.Tags()["images"] if t.startswith("explain/grad_eclip/") and not t.endswith("/tokens")]
+    assert len(tags) == len(set(tags)) == 8
+    assert all(t.startswith("explain/grad_eclip/val/classification_dl0/") for t in tags)
+
+
+def test_predict_is_not_a_subcommand_and_fit_refuses_an_eval_only_module(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "--config", DEMO])
+    assert exc.value.code != 0 and "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="EvaluationSuite is evaluation-only"):
+        main(["fit", "--config", small_demo(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path)])
 
 
 def test_malformed_config_is_rejected_with_the_key(tmp_path, capsys):
