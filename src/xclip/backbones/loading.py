@@ -131,6 +131,12 @@ def checkpoints_dir() -> Optional[Path]:
     return None
 
 
+def is_checkpoint_dir(path: Union[str, Path]) -> bool:
+    """Whether `path` is a directory holding an xclip checkpoint (config.json or model.safetensors)."""
+    path = Path(path)
+    return path.is_dir() and any((path / name).exists() for name in (CONFIG_NAME, WEIGHTS_NAME))
+
+
 def save_checkpoint(
     model: nn.Module,
     model_cfg: dict,
@@ -138,9 +144,24 @@ def save_checkpoint(
     context_length: int,
     path: Union[str, Path],
     dtype: torch.dtype = torch.float16,
+    overwrite: bool = False,
 ) -> Path:
     """Write an open_clip CLIP as ``path/{config.json, model.safetensors}``; float tensors are
-    stored as ``dtype``. Written into a temporary sibling directory, then renamed into place."""
+    stored as ``dtype``.
+
+    Atomic: everything is written into a temporary sibling directory first. An existing checkpoint
+    at `path` is replaced only with ``overwrite=True``; it is moved aside as a backup
+    (``.<name>.backup-<id>``) and deleted only once the new directory is in place, so a crash
+    leaves either the old or the new weights, never half of either. Other files in `path` (the
+    model card, notes) are carried over.
+
+    Raises:
+        FileExistsError: `path` already holds a checkpoint and `overwrite` is False.
+    """
+    path = Path(path).expanduser()
+    if is_checkpoint_dir(path) and not overwrite:
+        raise FileExistsError(f"{path} already holds a checkpoint ({CONFIG_NAME} / {WEIGHTS_NAME}); export "
+                              "somewhere else, or pass overwrite=True to replace it on purpose")
     if isinstance(preprocess_cfg, dict):
         preprocess_cfg = PreprocessCfg.from_dict(preprocess_cfg)
     config = {
@@ -154,7 +175,6 @@ def save_checkpoint(
         k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
         for k, v in model.state_dict().items()
     }
-    path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -166,11 +186,12 @@ def save_checkpoint(
             for extra in path.iterdir():
                 if extra.is_file() and extra.name not in (CONFIG_NAME, WEIGHTS_NAME):
                     shutil.copy2(extra, tmp / extra.name)
-            # A directory cannot be atomically replaced by rename: move the old one aside first.
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            path.rename(old)
+            # A directory cannot be atomically replaced by rename: move the old one aside first
+            # and delete it only once the new one is in place.
+            backup = path.with_name(f".{path.name}.backup-{uuid.uuid4().hex[:8]}")
+            path.rename(backup)
             tmp.rename(path)
-            shutil.rmtree(old)
+            shutil.rmtree(backup)
         else:
             tmp.rename(path)
     except BaseException:
