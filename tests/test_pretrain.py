@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from xclip.backbones import load_checkpoint
-from xclip.clip import ClipPretrainModule, clip_contrastive_loss
 from xclip.cli import main
+from xclip.clip import ClipPretrainModule, clip_contrastive_loss
 from xclip.data import ShapesWorldDataModule
 
 MODEL_CFG = {

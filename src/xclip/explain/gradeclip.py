@@ -161,6 +161,7 @@ class GradECLIP(Explainer):
         """The two factors of every image map before they are combined (see `GradECLIPTerms`):
         ``image_maps == combine_terms(spatial, channel)``; with `pairs`, image n with text n only
         (channel [N, 1, H, gh, gw], as `pair_maps`)."""
+        self.check_inputs(images, texts)
         if pairs:
             check_pairs(images, texts)
         target_fn = resolve_target(target)
@@ -199,6 +200,7 @@ class GradECLIP(Explainer):
     def text_maps(self, images: Tensor, texts: Sequence[str], target: str | Target = "cosine") -> TextMaps:
         """Per-token and per-word scores for every (image, text) pair (see `TextMaps`)."""
         target_fn = resolve_target(target)
+        self.check_inputs(images, texts)
         texts = as_text_list(texts)
         tokens = self.backbone.tokenize(texts)
         images = images.to(self.backbone.device)
