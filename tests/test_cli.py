@@ -185,10 +185,71 @@ def test_malformed_config_is_rejected_with_the_key(tmp_path, capsys):
     assert "bakcbone" in capsys.readouterr().err
 
 
-def test_missing_checkpoint_path_is_named(tmp_path, capsys):
+def test_missing_checkpoint_is_one_paragraph_with_xclips_own_message(tmp_path, capsys):
     missing = tmp_path / "no_such_checkpoint"
-    with pytest.raises((FileNotFoundError, SystemExit, ValueError)) as exc:
+    with pytest.raises(SystemExit) as exc:
         main(["validate", "--config", small_demo(tmp_path, backbone=str(missing)),
               "--trainer.logger.init_args.save_dir", str(tmp_path)])
-    shown = str(exc.value) + capsys.readouterr().err  # jsonargparse reports on stderr
-    assert f"{missing}': no such file or directory" in shown
+    message = str(exc.value)
+    assert message.startswith(f"xclip: error: FileNotFoundError: '{missing}': no such file or directory")
+    assert "expected an xclip checkpoint directory" in message and "--debug" in message
+    assert "Union subtypes" not in message and "Traceback" not in message
+    assert len(message.splitlines()) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_debug_flag_and_environment_variable_show_the_real_exception(tmp_path, monkeypatch):
+    config = small_demo(tmp_path, backbone=str(tmp_path / "missing"))
+    with pytest.raises(Exception) as exc:
+        main(["validate", "--config", config, "--debug"])
+    assert not isinstance(exc.value, SystemExit) and "Union subtypes" in str(exc.value)  # jsonargparse's wrapper
+    monkeypatch.setenv("XCLIP_DEBUG", "1")
+    with pytest.raises(Exception) as exc:
+        main(["validate", "--config", config])
+    assert not isinstance(exc.value, SystemExit)
+
+
+def test_malformed_yaml_names_the_file_and_line_also_among_several_configs(tmp_path):
+    bad = tmp_path / "second.yaml"
+    bad.write_text("trainer:\n  max_steps: 2\nmodel: [unclosed\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["validate", "--config", DEMO, "--config", str(bad)])
+    assert str(exc.value).startswith(f"xclip: error: config file {bad} is not valid YAML at line 4")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(SystemExit, match="list.yaml must hold a mapping"):
+        main(["validate", f"--config={tmp_path / 'list.yaml'}"])
+    with pytest.raises(SystemExit, match="nope.yaml does not exist"):
+        main(["validate", "--config", str(tmp_path / "nope.yaml")])
+
+
+@pytest.mark.parametrize("damage", ["config", "weights"])
+def test_a_corrupt_checkpoint_file_is_named(tmp_path, damage):
+    import shutil
+
+    from xclip.backbones import load_backbone
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(Path(DEMO).parents[1] / "checkpoints" / "tiny-shapes", copy)
+    if damage == "config":
+        (copy / "config.json").write_text('{"architecture": "openclip", "model_cfg": ')
+        with pytest.raises(ValueError, match=rf"{copy / 'config.json'}: not valid JSON"):
+            load_backbone(str(copy))
+    else:
+        data = (copy / "model.safetensors").read_bytes()
+        (copy / "model.safetensors").write_bytes(data[: len(data) // 3])  # truncated download
+        with pytest.raises(ValueError, match=rf"{copy / 'model.safetensors'}: cannot read the weights"):
+            load_backbone(str(copy))
+    with pytest.raises(SystemExit, match=rf"xclip: error: ValueError: {copy}"):
+        main(["validate", "--config", small_demo(tmp_path, backbone=str(copy)),
+              "--trainer.logger.init_args.save_dir", str(tmp_path)])
+
+
+def test_unknown_named_checkpoint_points_at_the_recipes(monkeypatch):
+    from xclip.backbones import load_backbone
+
+    with pytest.raises(FileNotFoundError) as exc:
+        load_backbone("xclip:tiny-shape")
+    message = str(exc.value)
+    assert "did you mean xclip:tiny-shapes?" in message
+    assert "configs/pretrain_tiny_shapes*.yaml" in message and "xclip fit" in message
+    assert (Path(DEMO).parents[1] / "configs" / "pretrain_tiny_shapes.yaml").is_file()  # where it points exists

@@ -377,14 +377,23 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         emb = self._encode_text(self._as_tokens(tokens))
         return F.normalize(emb, dim=-1) if normalize else emb
 
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 256, normalize: bool = False) -> Tensor:
-        """Any number of strings -> [K, D], `batch_size` strings per forward (bounded memory)."""
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256, normalize: bool = False,
+                     progress: Optional[bool] = None) -> Tensor:
+        """Any number of strings -> [K, D], `batch_size` strings per forward (bounded memory).
+
+        `progress`: a progress bar on stderr (None: when there are more than 8 batches, e.g. a
+        NegLabel vocabulary of tens of thousands of words).
+        """
         if not texts:
             raise ValueError("encode_texts needs at least one text")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        return torch.cat([self.encode_text(list(texts[i : i + batch_size]), normalize=normalize)
-                          for i in range(0, len(texts), batch_size)])
+        starts = range(0, len(texts), batch_size)
+        if progress if progress is not None else len(starts) > 8:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=f"encoding {len(texts):,} texts", unit="batch", leave=False)
+        return torch.cat([self.encode_text(list(texts[i : i + batch_size]), normalize=normalize) for i in starts])
 
     def encode_text_from_embeddings(
         self, token_embeds: Tensor, tokens: Tensor, pseudo_tokens: Optional[Tensor] = None
