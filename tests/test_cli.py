@@ -53,13 +53,65 @@ def demo_run(demo_output):
     return demo_output[0]
 
 
-def test_demo_writes_results_json_with_metrics_and_config(demo_run, capsys):
+@pytest.fixture(scope="module")
+def direct(demo_run):
+    """The demo's numbers computed without xclip's modules: encode every held-out image and text
+    of the shrunk demo with the tiny backbone and score them by hand."""
+    import torch
+    import torch.nn.functional as F
+
+    from xclip.backbones import load_backbone
+    from xclip.clip.zeroshot_module import DEFAULT_CLASSES, DEFAULT_PROMPTS
+    from xclip.data import ShapesWorldDataModule
+    from xclip.ood import OODDataModule
+    from xclip.retrieval import RetrievalDataModule
+
+    bb = load_backbone("xclip:tiny-shapes")
+    out = {}
+    with torch.no_grad():
+        cls = ShapesWorldDataModule(val_tasks=["classification"], n_val=40).dataset("classification", "val")
+        items = [cls[i] for i in range(len(cls))]
+        img = F.normalize(bb.encode_image(bb.normalize(torch.stack([it["image"] for it in items]))), dim=-1)
+        for attr, names in DEFAULT_CLASSES.items():
+            prompts = DEFAULT_PROMPTS[attr]
+            text = F.normalize(bb.encode_text([t.format(c) for c in names for t in prompts]), dim=-1)
+            heads = F.normalize(text.view(len(names), len(prompts), -1).mean(1), dim=-1)
+            pred = (img @ heads.T).argmax(1)
+            out[f"val/zeroshot_{attr}_acc"] = float((pred == torch.tensor([it[attr] for it in items])).float().mean())
+        gallery = RetrievalDataModule(source="shapes", n=40, seed=1000).gallery
+        g_img = F.normalize(bb.encode_image(bb.normalize(torch.stack([gallery.image(i) for i in range(40)]))), dim=-1)
+        texts, owner = gallery.all_captions()
+        g_txt = F.normalize(bb.encode_text(texts), dim=-1)
+        sim = g_txt @ g_img.T  # brute force: the rank of each caption's own image, ties broken by index
+        for k in (1, 5, 10):
+            top = sim.topk(k, dim=1).indices
+            out[f"val/t2i_R@{k}"] = float((top == owner[:, None]).any(1).float().mean())
+            hits = [(sim.T[i].topk(k).indices[:, None] == (owner == i).nonzero().flatten()).any() for i in range(40)]
+            out[f"val/i2t_R@{k}"] = float(torch.stack(hits).float().mean())
+        # NegLabel on the OOD sets, with the demo member's negatives (the mined vocabulary is on disk)
+        from xclip.ood import NegLabelScorer
+
+        nouns = (demo_run / "neg_labels_noun.txt").read_text().split("\n")
+        adjs = (demo_run / "neg_labels_adj.txt").read_text().split("\n")
+        neg = torch.cat([F.normalize(bb.encode_text([f"the nice {w}" for w in nouns if w]), dim=-1),
+                         F.normalize(bb.encode_text([f"This is a {w} photo" for w in adjs if w]), dim=-1)])
+        ids = F.normalize(bb.encode_text(["the nice square", "the nice circle"]), dim=-1)
+        scorer = NegLabelScorer(ids.double(), neg.double(), n_groups=10, seed=0)
+        scores = {}
+        for name, _, ds in OODDataModule(n_id=40, n_ood=40, n_calib=20).sets("val"):
+            x = torch.stack([ds[i]["image"] for i in range(len(ds))])
+            scores[name] = scorer(bb.encode_image(bb.normalize(x)).double())
+        out["ood"] = scores
+    return out
+
+
+def test_demo_metrics_equal_a_direct_computation(demo_run, direct):
     results = json.loads((demo_run / "results.json").read_text())
     metrics = results["metrics"]
-    for key in ("val/zeroshot_shape_acc", "val/zeroshot_colour_acc", "val/t2i_R@1", "val/i2t_R@5"):
-        assert 0.0 <= metrics[key] <= 1.0, key
-    # the run evaluated the shipped checkpoint, not a random model: well above chance (1/6) on
-    # 40 images (the floors themselves are measured in test_tiny_checkpoint.py)
+    for key in ("val/zeroshot_shape_acc", "val/zeroshot_colour_acc", *(f"val/{d}_R@{k}" for d in ("t2i", "i2t")
+                                                                      for k in (1, 5, 10))):
+        assert metrics[key] == pytest.approx(direct[key], abs=1e-6), key
+    # the shipped checkpoint, not a random model: well above chance (1/6) on these 40 images
     assert metrics["val/zeroshot_shape_acc"] > 0.3 and metrics["val/zeroshot_colour_acc"] > 0.9
     assert results["stage"] == "validate"
     assert results["zeroshot"]["backbone"] == "xclip:tiny-shapes"
@@ -67,17 +119,23 @@ def test_demo_writes_results_json_with_metrics_and_config(demo_run, capsys):
     assert {m["init_args"]["backbone"] for m in members.values()} == {"xclip:tiny-shapes"}
 
 
-def test_demo_evaluates_retrieval_and_ood_in_the_same_run(demo_run):
+def test_demo_evaluates_retrieval_and_ood_in_the_same_run(demo_run, direct):
+    from xclip.metrics import ood_metrics
+
     results = json.loads((demo_run / "results.json").read_text())
     metrics = results["metrics"]
     assert results["routes"] == {"classification": "zeroshot", "retrieval": "retrieval", "ood": "ood"}
     assert results["retrieval"]["retrieval"]["n_images"] == 40
     assert results["retrieval"]["retrieval"]["n_captions"] == 80
+    for split in ("ood_background", "ood_novel_shape"):
+        expected = ood_metrics(direct["ood"]["id"], direct["ood"][split])
+        for key in ("auroc", "fpr95"):
+            assert metrics[f"val/{split}/neglabel/{key}"] == pytest.approx(expected[key], abs=1e-6), (split, key)
+        for variant in ("neglabel_star", "negalign"):  # logged = the report in results.json
+            for key, value in results["ood"]["negalign"]["variants"][variant][split].items():
+                assert metrics[f"val/{split}/{variant}/{key}"] == pytest.approx(value, abs=1e-6)
     # background-only images are far from both ID classes for the shipped checkpoint
     assert metrics["val/ood_background/neglabel/auroc"] > 0.9
-    for split in ("ood_background", "ood_novel_shape"):
-        for variant in ("neglabel", "neglabel_star", "negalign"):
-            assert 0.0 <= metrics[f"val/{split}/{variant}/fpr95"] <= 1.0
     assert (demo_run / "val_lambda_sweep.png").is_file() and (demo_run / "neg_labels_noun.txt").is_file()
 
 
@@ -121,7 +179,7 @@ def test_demo_prints_one_report_table_with_every_metric_once(demo_output):
     assert shown_values == len(results["metrics"]) == 2 + 6 + 4 * 8
     assert not any(key in table for key in results["metrics"])
     assert "NegAlign m3+p_align, lambda 1 (configured) vs ood_novel_shape [val]" in table
-    assert "accuracy, shape (6 classes) [val]" in table
+    assert "accuracy, shape (6 classes), 40 images [val]" in table
     # then where everything went
     assert f"results:      {run / 'results.json'}" in printed
     assert f"tensorboard --logdir {run}" in printed

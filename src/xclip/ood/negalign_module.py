@@ -248,6 +248,15 @@ class NegAlignModule(pl.LightningModule):
                              f"{partition!r} partition, got {sorted(codes.values())}")
         return rows["split"] == id_codes[0], {codes[c][0]: rows["split"] == c for c in ood_codes}
 
+    def _in_set_order(self, rows: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Rows sorted by set (in the order the sets arrived) then item index: the same order
+        whatever the number of processes that scored them."""
+        rank = {code: i for i, code in enumerate(self._splits)}
+        set_rank = torch.tensor([rank.get(int(c), len(rank)) for c in rows["split"].tolist()], dtype=torch.long)
+        order = torch.argsort(rows["index"], stable=True)
+        order = order[torch.argsort(set_rank[order], stable=True)]
+        return {k: v[order] for k, v in rows.items()}
+
     def _split_names(self, evaluated: str) -> dict[int, tuple[str, str]]:
         """code -> (report name, role): the evaluated partition's sets keep their names, the
         lambda-selection sets of a test run are prefixed ``val/``."""
@@ -257,8 +266,8 @@ class NegAlignModule(pl.LightningModule):
     def _evaluate(self, stage: str) -> None:
         if self.trainer.sanity_checking:
             return
-        rows = {k: v.cpu() for k, v in self.table.rows().items()}
-        skips = {k: v.cpu() for k, v in self.skips.rows().items()}
+        rows = self._in_set_order({k: v.cpu() for k, v in self.table.rows().items()})
+        skips = self._in_set_order({k: v.cpu() for k, v in self.skips.rows().items()})
         paths: dict[tuple[int, int], str] = {}
         for part in gather_objects(self._skipped_paths):
             paths.update(part)
