@@ -54,6 +54,8 @@ class MultimodalClassifierModule(pl.LightningModule):
         lr, weight_decay, warmup_steps: AdamW, linear warm-up then cosine decay to 0 (per step).
         export_dir: after fit, write the best checkpoint there in the shipped format.
         export_overwrite: replace an existing `export_dir`.
+        frozen: parts of the model not trained (``"vision"``, ``"text"``, ``"fusion"``...: its
+            top-level submodules), e.g. a pretrained image tower used as a fixed feature extractor.
     """
 
     role = "model"
@@ -61,14 +63,14 @@ class MultimodalClassifierModule(pl.LightningModule):
     def __init__(self, model: dict[str, Any] | None = None, init_from: str | None = None,
                  labels: dict[str, list[str]] | None = None, tokenizer: str = "shapes-wordpiece",
                  max_length: int = 32, lr: float = 3e-4, weight_decay: float = 0.01, warmup_steps: int = 100,
-                 export_dir: str | None = None, export_overwrite: bool = False):
+                 export_dir: str | None = None, export_overwrite: bool = False, frozen: Sequence[str] = ()):
         super().__init__()
         self.save_hyperparameters()
         if (model is None) == (init_from is None):
             raise ValueError("give exactly one of `model` (an architecture) and `init_from` (a checkpoint folder)")
         self.model_args, self.init_from = dict(model or {}), init_from
         self.max_length, self.lr, self.weight_decay, self.warmup_steps = int(max_length), lr, weight_decay, warmup_steps
-        self.export_dir, self.export_overwrite = export_dir, export_overwrite
+        self.export_dir, self.export_overwrite, self.frozen = export_dir, export_overwrite, list(frozen)
         self.model: MultimodalClassifier | None = None
         self.labels = _vocabulary(labels) if labels else None
         if init_from is not None:
@@ -77,6 +79,7 @@ class MultimodalClassifierModule(pl.LightningModule):
             if self.labels is not None and self.labels != self.model.tasks:
                 raise ValueError(f"labels {self.labels} differ from the checkpoint's {self.model.tasks}")
             self.labels = self.model.tasks
+            self._freeze()
         else:
             self.tokenizer = load_tokenizer(tokenizer)
             if self.labels is not None:
@@ -93,6 +96,15 @@ class MultimodalClassifierModule(pl.LightningModule):
             args["text"] = {**text, "vocab_size": len(self.tokenizer)}
         self.model = MultimodalClassifier(tasks=labels, **args)
         self.labels = self.model.tasks
+        self._freeze()
+
+    def _freeze(self) -> None:
+        parts = dict(self.model.named_children())
+        unknown = [p for p in self.frozen if p not in parts]
+        if unknown:
+            raise ValueError(f"frozen parts {unknown} are not parts of the model; choose from {sorted(parts)}")
+        for part in self.frozen:
+            parts[part].requires_grad_(False)
 
     def _checkpoint_labels(self) -> dict[str, list[str]] | None:
         path = getattr(self.trainer, "ckpt_path", None) if self._trainer is not None else None

@@ -12,7 +12,9 @@ Pooling, per ``model_type``:
 - text (BERT, DistilBERT, RoBERTa, ...): the [CLS] row, or the masked mean (``text_pooling="mean"``).
 
 A tower spec is a hub id or ``save_pretrained`` folder (``"google/vit-base-patch16-224"``,
-``"apple/mobilevit-small"``, ``"prajjwal1/bert-mini"``), or a config dict with ``model_type`` and
+``"apple/mobilevit-small"``, ``"prajjwal1/bert-mini"``), an xclip open_clip checkpoint for the image
+tower (``"xclip:tiny-shapes"``, or ``{"clip_checkpoint": "xclip:tiny-shapes", "layers": [0, 2, 4]}`` to
+keep some of its blocks: converted to a ``CLIPVisionModel``), or a config dict with ``model_type`` and
 that config's fields (``{"model_type": "vit", "image_size": 64, "patch_size": 8, ...}``; vision
 dicts may add ``image_mean`` / ``image_std``). Checkpoints store the resolved config dict, so a
 model fine-tuned from the hub is rebuilt offline.
@@ -28,6 +30,8 @@ from typing import Any
 import torch
 from huggingface_hub import try_to_load_from_cache
 from torch import Tensor, nn
+
+from xclip.distill.clip_tower import is_openclip_checkpoint, load_clip_vision_tower
 
 VISION_POOLING = {"mobilevit": "pooler", "mobilevitv2": "pooler", "clip_vision_model": "pooler",
                   "siglip_vision_model": "pooler", "vit": "cls", "deit": "cls", "dinov2": "cls"}
@@ -141,13 +145,20 @@ class VisionTower(nn.Module):
 
     def __init__(self, spec: str | dict[str, Any]):
         super().__init__()
-        self.model, source = _load_model(spec, "vision")
+        if isinstance(spec, str) and (spec.startswith("xclip:") or is_openclip_checkpoint(Path(spec).expanduser())):
+            spec = {"clip_checkpoint": spec}
+        if isinstance(spec, dict) and "clip_checkpoint" in spec:  # an xclip open_clip CLIP's image tower
+            self.model, mean, std = load_clip_vision_tower(spec["clip_checkpoint"], spec.get("layers"))
+            flip = False
+        else:
+            self.model, source = _load_model(spec, "vision")
+            mean, std, flip = _image_preprocessing(source, spec)
         config = self.model.config
         self.model_type = config.model_type
         self.pooling = VISION_POOLING.get(self.model_type, "auto")
         self.feature_size = feature_size(config)
         self.image_size = int(getattr(config, "image_size", 224))
-        mean, std, self.flip_channel_order = _image_preprocessing(source, spec)
+        self.flip_channel_order = flip
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.config_dict = {**config.to_dict(), "image_mean": mean, "image_std": std,
