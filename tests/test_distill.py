@@ -265,3 +265,27 @@ def test_multitask_metrics_match_scikit_learn_and_drop_repeated_items():
     assert scores["t_macro_f1"] == pytest.approx(f1_score(labels.numpy(), pred, average="macro", labels=range(k)))
     assert scores["t_auroc"] == pytest.approx(roc_auc_score(labels.numpy(), probs.numpy(), multi_class="ovr"), abs=1e-6)
     assert scores["mean_macro_f1"] == scores["t_macro_f1"]
+
+
+def test_tiny_clip_image_tower_converts_exactly_and_keeps_chosen_blocks():
+    from xclip.backbones import load_backbone
+
+    bb = load_backbone("xclip:tiny-shapes")
+    x = torch.rand(2, 3, 64, 64)
+    full = VisionTower("xclip:tiny-shapes").eval()
+    assert (full.model_type, full.pooling, full.feature_size) == ("clip_vision_model", "pooler", 192)
+    with torch.no_grad():
+        pooled = full(full.pixel_values(x)).pooled
+        # open_clip's image embedding = ln_post(CLS) @ proj; the HF tower's pooler output is ln_post(CLS)
+        torch.testing.assert_close(pooled @ bb.model.visual.proj, bb.model.visual(bb.normalize(x)), atol=1e-5, rtol=1e-5)
+    part = VisionTower({"clip_checkpoint": "xclip:tiny-shapes", "layers": [0, 2, 4]})
+    assert part.model.config.num_hidden_layers == 3
+    encoder = getattr(part.model, "vision_model", part.model).encoder
+    src, dst = bb.model.visual.transformer.resblocks[2], encoder.layers[1]
+    torch.testing.assert_close(dst.self_attn.k_proj.weight, src.attn.in_proj_weight[192:384])
+    torch.testing.assert_close(dst.mlp.fc2.bias, src.mlp.c_proj.bias)
+    rebuilt = VisionTower(part.config_dict)  # the resolved config rebuilds the architecture offline
+    assert rebuilt.model.config.num_hidden_layers == 3
+    torch.testing.assert_close(rebuilt.mean, part.mean)
+    with pytest.raises(ValueError, match=r"block indices in \[0, 6\)"):
+        VisionTower({"clip_checkpoint": "xclip:tiny-shapes", "layers": [6]})

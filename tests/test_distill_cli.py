@@ -34,6 +34,9 @@ def small_config(tmp_path: Path, source: Path, name: str, model_args: dict | Non
     cfg["trainer"].update({"max_steps": 3, "val_check_interval": 1, "log_every_n_steps": 1,
                            "enable_progress_bar": False, "default_root_dir": str(tmp_path)})
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
+    for callback in cfg["trainer"]["callbacks"]:
+        if "every_n_train_steps" in callback.get("init_args", {}):
+            callback["init_args"]["every_n_train_steps"] = 1
     cfg["data"]["init_args"].update({"n_train": 24, "n_val": 7, "n_test": 5, "batch_size": 4})
     args = cfg["model"]["init_args"]
     if model_args is not None:
@@ -58,7 +61,7 @@ def teacher_run(tmp_path_factory):
 def test_fit_keeps_the_best_checkpoint_by_mean_macro_f1_and_exports_it(teacher_run):
     tmp, _, run = teacher_run
     best = sorted((run / "checkpoints").glob("best-*.ckpt"))
-    assert len(best) == 1 and (run / "checkpoints" / "last.ckpt").is_file()
+    assert len(best) == 1 and (run / "checkpoints" / "latest-step=3.ckpt").is_file()
     ckpt = torch.load(best[0], map_location="cpu", weights_only=False)
     state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint"))
     assert state["monitor"] == "val/mean_macro_f1" and ckpt["xclip_distill"]["labels"] == TASKS
@@ -77,12 +80,12 @@ def test_fit_keeps_the_best_checkpoint_by_mean_macro_f1_and_exports_it(teacher_r
 
 def test_fit_resumes_from_the_last_checkpoint(teacher_run, tmp_path):
     tmp, cfg, run = teacher_run
-    main(["fit", "--config", str(cfg), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+    main(["fit", "--config", str(cfg), "--ckpt_path", str(run / "checkpoints" / "latest-step=3.ckpt"),
           "--trainer.max_steps", "5", "--trainer.logger.init_args.save_dir", str(tmp_path),
           "--model.init_args.export_dir", "null"])
     (resumed,) = sorted((tmp_path / "distill_teacher_shapes").glob("version_*"))
-    last = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    first = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(resumed / "checkpoints" / "latest-step=5.ckpt", map_location="cpu", weights_only=False)
+    first = torch.load(run / "checkpoints" / "latest-step=3.ckpt", map_location="cpu", weights_only=False)
     assert first["global_step"] == 3 and last["global_step"] == 5  # continued, not restarted
     assert last["optimizer_states"][0]["state"]  # AdamW moments restored and carried on
 

@@ -58,6 +58,9 @@ def save_classifier(model: MultimodalClassifier, tokenizer: PreTrainedTokenizerB
         tokenizer.save_pretrained(str(tmp))
         config = {"format": FORMAT, "model": model.config(), "max_length": int(max_length), **(extra or {})}
         atomic_write_text(tmp / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+        for file in tmp.iterdir():  # temp files are private; a checkpoint is for everyone
+            file.chmod(0o644)
+        tmp.chmod(0o755)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

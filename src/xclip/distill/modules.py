@@ -65,7 +65,9 @@ class MultimodalClassifierModule(pl.LightningModule):
                  max_length: int = 32, lr: float = 3e-4, weight_decay: float = 0.01, warmup_steps: int = 100,
                  export_dir: str | None = None, export_overwrite: bool = False, frozen: Sequence[str] = ()):
         super().__init__()
-        self.save_hyperparameters()
+        # where to export is not a property of the model: a resumed fit (whose checkpoint's
+        # hyper-parameters LightningCLI re-applies) may export elsewhere
+        self.save_hyperparameters(ignore=["export_dir", "export_overwrite"])
         if (model is None) == (init_from is None):
             raise ValueError("give exactly one of `model` (an architecture) and `init_from` (a checkpoint folder)")
         self.model_args, self.init_from = dict(model or {}), init_from
@@ -313,7 +315,11 @@ class StudentModule(MultimodalClassifierModule):
         object.__setattr__(self, "teacher", teacher_model)  # not a submodule: not trained, not checkpointed
         self.teacher_tokenizer = teacher_tokenizer
         self.teacher_max_length = int(teacher_config.get("max_length", self.max_length))
-        self.kd_projection = FeatureProjection(teacher_model.fusion_dim, self.model.fusion_dim) if beta > 0 else None
+        self.kd_projection = None
+        if beta > 0:
+            # drawn aside from the global generator: the KD and no-KD students see the same batches
+            with torch.random.fork_rng(devices=[]):
+                self.kd_projection = FeatureProjection(teacher_model.fusion_dim, self.model.fusion_dim)
         if self.alpha == 0 and self.beta == 0:
             self.role = "student (no KD)"
 
