@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import torch
 
@@ -29,6 +30,16 @@ def inputs_for(model, tokenizer, batch, device) -> MultimodalInputs:
                             enc["attention_mask"].to(device),
                             [tokenizer.convert_ids_to_tokens(r) for r in enc["input_ids"].tolist()],
                             list(batch["text"]), [str(int(i)) for i in batch["index"]], int(tokenizer.pad_token_id))
+
+
+def one_at_a_time(explainer: SHAPExplainer, x: MultimodalInputs, n: int) -> None:
+    for i in range(n):
+        explainer.explain(x.select([i]), seeds=[i])
+
+
+def forward(model, x: MultimodalInputs) -> None:
+    with torch.no_grad():
+        model(x.pixel_values, x.input_ids, x.attention_mask)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         reference = SHAPExplainer(target, bg, nsamples=args.nsamples, batch_size=50, engine="shap")
         n_ref = min(2, args.n)  # the reference loop is slow: time two samples
         batched.explain(x.select([0]))  # warm-up
-        t_ref = once(lambda: [reference.explain(x.select([i]), seeds=[i]) for i in range(n_ref)], device) / n_ref
-        t_one = once(lambda: [batched.explain(x.select([i]), seeds=[i]) for i in range(n_ref)], device) / n_ref
-        t_all = once(lambda: batched.explain(x), device) / args.n
+        t_ref = once(partial(one_at_a_time, reference, x, n_ref), device) / n_ref
+        t_one = once(partial(one_at_a_time, batched, x, n_ref), device) / n_ref
+        t_all = once(partial(batched.explain, x), device) / args.n
         print(f"| {name} | {t_ref:.2f} s | {t_one:.2f} s | {t_all:.2f} s | {t_ref / t_all:.1f}x |", flush=True)
 
     print(f"\ninference, batch {args.throughput_batch}, forward only (texts tokenised beforehand)")
@@ -76,12 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     speed = {}
     for name, (model, tok) in models.items():
         x = inputs_for(model, tok, t_batch, device)
-
-        def forward():
-            with torch.no_grad():
-                model(x.pixel_values, x.input_ids, x.attention_mask)
-
-        speed[name] = args.throughput_batch / median_time(forward, args.repeats, device)
+        speed[name] = args.throughput_batch / median_time(partial(forward, model, x), args.repeats, device)
         params = sum(p.numel() for p in model.parameters())
         print(f"| {name} | {params / 1e6:.2f} M | {speed[name]:.0f} | {speed[name] / speed['teacher']:.2f}x |",
               flush=True)

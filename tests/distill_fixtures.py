@@ -23,7 +23,10 @@ STUDENT_ARGS = {"vision": MOBILEVIT, "text": {**BERT, "hidden_size": 16, "interm
                 "fusion": "concat", "fusion_dim": 16}
 
 
-def shapes_csv_layout(root: Path, sizes: dict[str, int] = {"train": 12, "dev": 6, "test": 6}) -> Path:
+CSV_SIZES = {"train": 12, "dev": 6, "test": 6}
+
+
+def shapes_csv_layout(root: Path, sizes: dict[str, int] = CSV_SIZES) -> Path:
     """ShapesWorld notes written in the reference CSV layout (metadata_*.csv + images/), labels as
     ``type`` (shape) and ``severity`` (background)."""
     (root / "images").mkdir(parents=True, exist_ok=True)

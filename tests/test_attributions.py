@@ -4,14 +4,12 @@ itself, output shapes, IG completeness, word merging, and the callbacks writing 
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
+from distill_fixtures import TASKS, TEACHER_ARGS, tiny_inputs
 from torch import nn
 
-from distill_fixtures import TASKS, TEACHER_ARGS, tiny_inputs
 from xclip.distill import MultimodalClassifier, load_tokenizer
 from xclip.explain import CaptumExplainer, MultimodalInputs, MultimodalTarget, SHAPExplainer, merge_subwords, word_rank
 from xclip.explain.shap_explainer import expected_gradient_draws

@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
+from distill_fixtures import BERT, MOBILEVIT, STUDENT_ARGS, TASKS, VIT, shapes_csv_layout
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-from distill_fixtures import BERT, MOBILEVIT, STUDENT_ARGS, TASKS, TEACHER_ARGS, VIT, shapes_csv_layout
 from xclip.data.shapes import BACKGROUNDS, SHAPES, ShapesNotes
 from xclip.distill import (
     CSVFormatError,
@@ -51,8 +51,8 @@ def test_kd_loss_matches_a_hand_computation():
     alpha, beta, T = 0.7, 3.0, 2.0
     ce = sum(-math.log(_softmax(row)[label]) for task in s for row, label in zip(s[task], y[task])) / 2
     kd = 0.0
-    for task in s:
-        for rs, rt in zip(s[task], t[task]):
+    for task, rows in s.items():
+        for rs, rt in zip(rows, t[task]):
             ps, pt = _softmax([v / T for v in rs]), _softmax([v / T for v in rt])
             kd += sum(p * (math.log(p) - math.log(q)) for p, q in zip(pt, ps)) / 2  # batch mean
     kd *= T * T

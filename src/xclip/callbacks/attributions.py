@@ -25,7 +25,14 @@ import numpy as np
 
 from xclip.explain.captum_explainers import CaptumExplainer
 from xclip.explain.multimodal import MultimodalAttribution, MultimodalExplainable, MultimodalInputs, merge_subwords
-from xclip.explain.render import explanation_title, figure_to_array, panels_figure, save_map_npy, save_png, token_bar_chart
+from xclip.explain.render import (
+    explanation_title,
+    figure_to_array,
+    panels_figure,
+    save_map_npy,
+    save_png,
+    token_bar_chart,
+)
 from xclip.explain.shap_explainer import SHAPExplainer
 from xclip.io import atomic_write_text
 from xclip.results import run_directory

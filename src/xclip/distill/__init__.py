@@ -12,7 +12,7 @@ from xclip.distill.modules import MultimodalClassifierModule, StudentModule, Tea
 from xclip.distill.tokenizer import load_tokenizer, train_wordpiece
 from xclip.distill.towers import TextTower, VisionTower
 
-__all__ = ["CSVFormatError", "ClassifierOutput", "DistillDataModule", "DistillationLoss", "FUSIONS", "FeatureProjection",
+__all__ = ["FUSIONS", "CSVFormatError", "ClassifierOutput", "DistillDataModule", "DistillationLoss", "FeatureProjection",
            "MultimodalClassifier", "MultimodalClassifierModule", "MultitaskClassificationMetrics", "StudentModule",
            "TeacherModule", "TextTower", "VisionTower", "build_fusion", "distillation_loss", "kd_kl", "load_classifier",
            "load_tokenizer", "resolve_checkpoint", "save_classifier", "train_wordpiece"]

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from xclip.data.image_folder import collate_skipping, unreadable_item

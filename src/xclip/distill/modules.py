@@ -40,6 +40,7 @@ def _vocabulary(labels: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
 
 class MultimodalClassifierModule(pl.LightningModule):
     """What the teacher and the student share: building the model, tokenising, metrics, checkpoints.
+    On its own it evaluates and explains a saved model (``init_from``; no training step).
 
     Args:
         model: `MultimodalClassifier` arguments without ``tasks`` (``vision``, ``text``,
@@ -78,6 +79,8 @@ class MultimodalClassifierModule(pl.LightningModule):
         if init_from is not None:
             self.model, self.tokenizer, config = load_classifier(init_from)
             self.max_length = int(config.get("max_length", self.max_length))
+            if self.role == "model":  # evaluating a shipped model: report it under its own role
+                self.role = config.get("role") or self.role
             if self.labels is not None and self.labels != self.model.tasks:
                 raise ValueError(f"labels {self.labels} differ from the checkpoint's {self.model.tasks}")
             self.labels = self.model.tasks

@@ -47,8 +47,9 @@ def ensure_hub_files(repo: str, what: str, filename: str = "config.json") -> boo
     """True when `repo`'s `filename` is in the local Hugging Face cache (load with
     ``local_files_only``); otherwise check that the hub is reachable, and fail fast with what to
     download and where when it is not."""
-    from xclip.backbones.loading import _ensure_online, _hub_address  # the backbones' offline probe
     from huggingface_hub import constants
+
+    from xclip.backbones.loading import _ensure_online, _hub_address  # the backbones' offline probe
 
     if isinstance(try_to_load_from_cache(repo, filename), str):
         return True
@@ -72,8 +73,8 @@ def _config_from_dict(spec: dict[str, Any]):
 
 def _load_model(spec: str | dict[str, Any], kind: str) -> tuple[nn.Module, str | None]:
     """(the tower's model, where it was loaded from: a folder or hub id, or None when built from a config)."""
-    from transformers import AutoConfig, AutoModel
     import transformers
+    from transformers import AutoConfig, AutoModel
 
     if isinstance(spec, dict):
         config = _config_from_dict(spec)

@@ -72,7 +72,7 @@ class MultimodalInputs:
     def __len__(self) -> int:
         return self.pixel_values.shape[0]
 
-    def select(self, rows: Sequence[int] | slice) -> "MultimodalInputs":
+    def select(self, rows: Sequence[int] | slice) -> MultimodalInputs:
         """The rows `rows` (a slice or indices), trimmed to their longest text."""
         idx = list(range(len(self)))[rows] if isinstance(rows, slice) else list(rows)
         index = torch.tensor(idx, dtype=torch.long)

@@ -4,6 +4,7 @@ normalisation for a model is the backbone's job (``backbone.normalize``)."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -336,8 +337,8 @@ class ShapesNotes(_Sized):
     "mask" [S,S] bool, "deciding_word", "index"}``.
     """
 
-    label_names: dict[str, tuple[str, ...]] = {"shape": SHAPES, "background": BACKGROUNDS}
-    deciding_modality: dict[str, str] = {"shape": "image", "background": "text"}
+    label_names: ClassVar[dict[str, tuple[str, ...]]] = {"shape": SHAPES, "background": BACKGROUNDS}
+    deciding_modality: ClassVar[dict[str, str]] = {"shape": "image", "background": "text"}
 
     def record(self, index: int) -> tuple[ShapeObject, str, str, np.random.Generator]:
         """(the object, the background label, the note, the generator positioned for rendering)."""
