@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ig-steps", type=int, default=50)
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models", nargs="*", default=["teacher", "student", "untrained"],
+                        help="models explained (none: only the model-free rows)")
     parser.add_argument("--out", default="runs/distill_attributions.json")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     untrained = MultimodalClassifier(**config["model"]).eval()  # the teacher's architecture, random init
     models = {"teacher": (teacher, tokenizer, config), "student": (student, student_tok, student_config),
               "untrained": (untrained, tokenizer, config)}
+    models = {name: models[name] for name in args.models}
     data = DistillDataModule(source="shapes", n_val=max(args.background, 1), n_test=args.n)
     test, val = data.dataset("test"), data.dataset("val")
     g = torch.Generator().manual_seed(args.seed)
@@ -78,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
                for s in range(0, args.n, args.batch)]
 
     rows: dict[str, dict[str, dict[str, list[float]]]] = {}
+    # a model-free reference: |x - mean background|, what SHAP's (x - bg) factor alone puts on the
+    # pixels whatever the model
+    difference = (torch.cat([b["image"] for b in batches]) - bg_batch["image"].mean(0)).abs().sum(1)
+    masks = torch.cat([b["mask"] for b in batches])
+    rows["input difference |x - mean bg| | -"] = {"shape": {"mass_on_object": mass_on_region(difference, masks).tolist()}}
     accuracy: dict[str, dict[str, float]] = {}
     start = time.perf_counter()
     for name, (model, tok, cfg) in models.items():
@@ -96,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                                      seed=args.seed).explain(inputs, labels, seeds=seeds)
                 ig = CaptumExplainer(target, n_steps=args.ig_steps, internal_batch_size=100).explain(inputs, labels)
                 measured = [(f"SHAP | {name}", shap), (f"IG | {name}", ig)]
-                if name == "teacher":  # the random baseline, once, with the shapes of SHAP's output
+                if name == args.models[0]:  # the random baseline of the text side and of the shares, once
                     measured.append(("random | -", random_attribution_like(shap, seed=int(batch["index"][0]))))
                 for row, att in measured:
                     per_item = rows.setdefault(row, {}).setdefault(task, {})
@@ -119,9 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|")
     for row, tasks in table.items():
         method, model = row.split(" | ")
-        s, b = tasks["shape"], tasks["background"]
-        print(f"| {method} | {model} | {s['mass_on_object']:.3f} | {s['image_share']:.3f} | {b['word_rank']:.2f} of "
-              f"{b['n_words']:.1f} | {b['top1']:.2f} | {b['image_share']:.3f} |")
+        s, b = tasks["shape"], tasks.get("background", {})
+
+        def cell(d, key, fmt="{:.3f}"):
+            return fmt.format(d[key]) if key in d else "-"
+
+        rank = f"{b['word_rank']:.2f} of {b['n_words']:.1f}" if "word_rank" in b else "-"
+        print(f"| {method} | {model} | {cell(s, 'mass_on_object')} | {cell(s, 'image_share')} | {rank} | "
+              f"{cell(b, 'top1', '{:.2f}')} | {cell(b, 'image_share')} |")
     print(f"\naccuracy on these items: {json.dumps(accuracy)}\nwrote {Path(args.out)}")
     return 0
 

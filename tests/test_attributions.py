@@ -169,3 +169,19 @@ def test_merge_subwords_and_word_rank():
     assert words == [("on", 0.125), ("a", -0.25), ("sand", 0.75), ("background", 0.25)]
     assert word_rank(words, "sand") == 1 and word_rank(words, "a") == 3 and word_rank(words, "sky") is None
     assert merge_subwords(["▁on", "▁sa", "nd"], [1.0, 2.0, 3.0]) == [("on", 1.0), ("sand", 5.0)]
+
+
+def test_attribution_measurements_on_hand_cases():
+    from xclip.distill.attribution_eval import deciding_word_ranks, mass_on_region
+
+    maps = torch.tensor([[[1.0, 3.0], [0.0, 4.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    masks = torch.tensor([[[True, False], [False, True]], [[True, True], [False, False]]])
+    share = mass_on_region(maps, masks)
+    assert share[0].item() == pytest.approx(5 / 8) and torch.isnan(share[1])
+    with pytest.raises(ValueError, match="non-negative"):
+        mass_on_region(-maps, masks)
+    tokens = [["[CLS]", "on", "sa", "##nd", "[SEP]", "[PAD]"], ["[CLS]", "sky", "background", "[SEP]", "[PAD]", "[PAD]"]]
+    scores = torch.tensor([[5.0, 0.5, 0.25, 0.5, 5.0, 0.0], [0.0, -0.1, 0.3, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]])
+    ranks, counts = deciding_word_ranks(tokens, scores, mask, ["sand", "sky"])
+    assert ranks == [1, 2] and counts == [2, 2]
