@@ -10,6 +10,7 @@ from xclip.data.shapes.datasets import (
     ShapesClassification,
     ShapesFaithfulness,
     ShapesMultimodal,
+    ShapesNotes,
     ShapesPretrain,
     SpuriousShapes,
 )
@@ -20,6 +21,6 @@ from xclip.data.shapes.scene import BACKGROUNDS, COLOURS, SHAPES, SIZES, Scene, 
 __all__ = [
     "BACKGROUNDS", "CIR_KINDS", "COLOURS", "FAITHFULNESS_ERRORS", "SHAPES", "SIZES", "TASKS",
     "Scene", "ShapeObject", "ShapesCIR", "ShapesCaptions", "ShapesClassification", "ShapesFaithfulness",
-    "ShapesMultimodal", "ShapesPretrain", "ShapesSample", "ShapesWorldDataModule", "SpuriousShapes",
+    "ShapesMultimodal", "ShapesNotes", "ShapesPretrain", "ShapesSample", "ShapesWorldDataModule", "SpuriousShapes",
     "caption", "draw", "generate", "image_tensor", "object_mask", "render", "sample_rng", "sample_scene",
 ]

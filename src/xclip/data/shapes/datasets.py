@@ -4,6 +4,7 @@ normalisation for a model is the backbone's job (``backbone.normalize``)."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from xclip.data.shapes.scene import (
     SHAPES,
     SIZES,
     Scene,
+    ShapeObject,
     article,
     caption,
     position_phrase,
@@ -309,3 +311,51 @@ class ShapesMultimodal(_Sized):
         text = article(f"a {size_word}{obj.colour} object {position_phrase(obj)} {BACKGROUND_PHRASES[scene.background]}")
         return {"image": image_tensor(image), "text": text, "type": SHAPES.index(obj.shape),
                 "severity": tuple(SIZES).index(obj.size), "index": index}
+
+
+# Note templates of `ShapesNotes`: every word but the background's name is shared by all the
+# background classes, so the name is the one deciding word of the note.
+NOTE_TEMPLATES = (
+    "a {size} {colour} object {position} on a {background} background",
+    "{colour} object, {size}, {position}; {background} background",
+    "on a {background} background: one {size} {colour} object {position}",
+)
+
+
+class ShapesNotes(_Sized):
+    """Image + note records where each task has one deciding modality with a known deciding part
+    (the Teacher/Student workflow's embedded data).
+
+    - ``shape`` (decided by the image): the object's shape; the note never names it, and the
+      deciding region is the object's pixel mask (``mask``).
+    - ``background`` (decided by the note): the background class; the note names it with one word
+      (``deciding_word``), while the image is always drawn on the plain background, so the pixels
+      carry no information about it.
+
+    The note's other words (colour, size, position) are visible in the image but independent of
+    both labels. Item: ``{"image" [3,S,S], "text", "labels": {"shape", "background"} (class ids),
+    "mask" [S,S] bool, "deciding_word", "index"}``.
+    """
+
+    label_names: ClassVar[dict[str, tuple[str, ...]]] = {"shape": SHAPES, "background": BACKGROUNDS}
+    deciding_modality: ClassVar[dict[str, str]] = {"shape": "image", "background": "text"}
+
+    def record(self, index: int) -> tuple[ShapeObject, str, str, np.random.Generator]:
+        """(the object, the background label, the note, the generator positioned for rendering)."""
+        rng = self._rng("notes", index)
+        obj = sample_object(rng, [])
+        background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+        template = NOTE_TEMPLATES[int(rng.integers(len(NOTE_TEMPLATES)))]
+        note = template.format(size=obj.size, colour=obj.colour, position=position_phrase(obj), background=background)
+        return obj, background, article(note), rng
+
+    def note(self, index: int) -> str:
+        """The note of item `index` without rendering its image (tokenizer training)."""
+        return self.record(index)[2]
+
+    def __getitem__(self, index: int) -> dict:
+        obj, background, note, rng = self.record(index)
+        image, instances = render(Scene("plain", (obj,)), self.image_size, rng)
+        return {"image": image_tensor(image), "text": note,
+                "labels": {"shape": SHAPES.index(obj.shape), "background": BACKGROUNDS.index(background)},
+                "mask": torch.from_numpy(instances == 1), "deciding_word": background, "index": index}

@@ -31,6 +31,7 @@ STREAMS = {
     "faithfulness": 5,
     "multimodal": 6,
     "pretrain": 7,
+    "notes": 8,
 }
 
 

@@ -1,0 +1,255 @@
+"""Attribution callbacks (SHAP, Integrated Gradients) for any multimodal module: explain the first
+items of validate/test for every output head, log the overlays and token charts to TensorBoard and
+write PNG / NPY / JSON next to the run's metrics.
+
+The module implements `xclip.explain.multimodal.MultimodalExplainable` (``attribution_targets()``
+and ``attribution_inputs(batch)``), e.g. `xclip.distill.TeacherModule` / `StudentModule`. Both
+callbacks work on a restored checkpoint (``xclip validate --config ... --ckpt_path ...``): they
+need no training state.
+
+Per item and output head (``task``): ``<stage>_<task>_<id>.png`` (the image, the |attribution|
+summed over channels over it, colour bar, raw maximum, titled with the text, explainer, item and
+explained class), ``<stage>_<task>_<id>_tokens.png`` (word scores: sub-words merged, special
+tokens dropped), the raw map as ``.npy`` + JSON sidecar, and one record in ``<stage>_index.json``
+with the per-modality totals, the modality share, the completeness gap(s) and the word scores.
+TensorBoard tags: ``explain/<explainer>/<stage>/<task>/<id>`` and ``.../tokens``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+
+from xclip.explain.captum_explainers import CaptumExplainer
+from xclip.explain.multimodal import MultimodalAttribution, MultimodalExplainable, MultimodalInputs, merge_subwords
+from xclip.explain.render import (
+    explanation_title,
+    figure_to_array,
+    panels_figure,
+    save_map_npy,
+    save_png,
+    token_bar_chart,
+)
+from xclip.explain.shap_explainer import SHAPExplainer
+from xclip.io import atomic_write_text
+from xclip.results import run_directory
+
+
+def item_seed(seed: int, item_id: str, position: int) -> int:
+    """The per-item seed of an explanation: the same item gets the same draws in any batch."""
+    return seed * 100_003 + (int(item_id) if item_id.isdigit() else position)
+
+
+class AttributionCallback(pl.Callback):
+    """Base of `SHAPCallback` and `CaptumCallback`: explain up to `max_samples` items per stage.
+
+    Args:
+        max_samples: items explained per stage (each for every task in `tasks`).
+        tasks: output heads to explain (None: all the module's).
+        classes: ``"predicted"`` (each item's arg-max class) or ``"all"`` (one map per class).
+        cell: None: maps at pixel resolution; an int: |attribution| summed over cell x cell pixel
+            blocks (e.g. the patch size) in the NPY and the figure.
+        alpha, panel_px: overlay opacity and panel size of the figures.
+        subdir: folder under the run directory (``<subdir>/<explainer>/``).
+        seed: seeds the per-item draws (SHAP) and the background sample.
+    """
+
+    name = "attribution"
+
+    def __init__(self, max_samples: int = 4, tasks: list[str] | None = None, classes: str = "predicted",
+                 cell: int | None = None, alpha: float = 0.5, panel_px: int = 192, subdir: str = "explanations",
+                 seed: int = 0):
+        if max_samples < 0:
+            raise ValueError("max_samples must be >= 0")
+        if classes not in ("predicted", "all"):
+            raise ValueError(f"classes must be 'predicted' or 'all', got {classes!r}")
+        self.max_samples, self.tasks, self.classes, self.cell = int(max_samples), tasks, classes, cell
+        self.alpha, self.panel_px, self.subdir, self.seed = alpha, int(panel_px), subdir, int(seed)
+        self._records: list[dict[str, Any]] = []
+        self._explained = 0
+
+    # ---- what subclasses provide -----------------------------------------------------------------
+    def prepare(self, trainer, pl_module) -> None:
+        """Once per stage, before the first batch (e.g. draw the SHAP background)."""
+
+    def explain(self, target, inputs: MultimodalInputs, classes, trainer) -> MultimodalAttribution:
+        raise NotImplementedError
+
+    # ---- Lightning hooks -------------------------------------------------------------------------
+    def _start(self, trainer, pl_module) -> None:
+        self._records, self._explained = [], 0
+        if not isinstance(pl_module, MultimodalExplainable):
+            raise TypeError(f"{type(self).__name__} needs a module with attribution_targets() and "
+                            f"attribution_inputs(batch); {type(pl_module).__name__} has not")
+        if self.max_samples and trainer.is_global_zero:
+            self.prepare(trainer, pl_module)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._start(trainer, pl_module)
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._start(trainer, pl_module)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._explain_batch(trainer, pl_module, batch, "val")
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._explain_batch(trainer, pl_module, batch, "test")
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._write_index(trainer, "val")
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._write_index(trainer, "test")
+
+    # ---- work ------------------------------------------------------------------------------------
+    def _explain_batch(self, trainer, pl_module, batch, stage: str) -> None:
+        remaining = self.max_samples - self._explained
+        if remaining <= 0 or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        inputs = pl_module.attribution_inputs(batch)
+        if inputs is None or not len(inputs):
+            return
+        inputs = inputs.select(slice(0, remaining))
+        self._explained += len(inputs)
+        targets = pl_module.attribution_targets()
+        for task in self.tasks or list(targets):
+            if task not in targets:
+                raise KeyError(f"{type(self).__name__}: unknown task {task!r}; the module explains {sorted(targets)}")
+            attribution = self.explain(targets[task], inputs, "predicted" if self.classes == "predicted" else None,
+                                       trainer)
+            self._emit(trainer, stage, targets[task].class_names, inputs, attribution)
+
+    def _emit(self, trainer, stage: str, class_names: list[str], inputs: MultimodalInputs,
+              attribution: MultimodalAttribution) -> None:
+        name, task = attribution.explainer, attribution.target
+        out_dir = run_directory(trainer) / self.subdir / name
+        experiments = [lg.experiment for lg in trainer.loggers if hasattr(getattr(lg, "experiment", None), "add_image")]
+        images01 = inputs.images01.detach().float().cpu()
+        for slot in range(attribution.classes.shape[1]):
+            maps = attribution.image_map(slot, self.cell)
+            token_scores = attribution.token_scores(slot)
+            totals = attribution.modality_totals(slot)
+            for i, item_id in enumerate(inputs.ids):
+                cls = int(attribution.classes[i, slot])
+                cls_name = class_names[cls] if cls < len(class_names) else str(cls)
+                suffix = "" if attribution.classes.shape[1] == 1 else f"_c{cls}"
+                stem = f"{stage}_{task}_{item_id}{suffix}"
+                where = f"{stage} | task {task} | class {cls_name}"
+                title = explanation_title(inputs.texts[i], name, item_id, where)
+                n_tok = int(inputs.attention_mask[i].sum())
+                words = merge_subwords(inputs.tokens[i][:n_tok], token_scores[i, :n_tok].tolist())
+                info = {"text": inputs.texts[i], "explainer": name, "item_id": item_id, "task": task, "class": cls,
+                        "class_name": cls_name, "title": title, "value": "|attribution| summed over channels"}
+                npy, _ = save_map_npy(maps[i].numpy(), out_dir / f"{stem}.npy", tuple(images01.shape[-2:]), extra=info)
+                panel = figure_to_array(panels_figure(
+                    [("image", images01[i], None), (f"|{name}| for {cls_name}", images01[i], maps[i].numpy())],
+                    title, alpha=self.alpha, panel_px=self.panel_px))
+                png = save_png(panel, out_dir / f"{stem}.png", text={"Title": title})
+                chart = figure_to_array(token_bar_chart([w for w, _ in words], [s for _, s in words], title=title))
+                token_png = save_png(chart, out_dir / f"{stem}_tokens.png", text={"Title": title})
+                record = {**info, "stage": stage, "png": png.name, "token_png": token_png.name, "npy": npy.name,
+                          "output": float(attribution.output[i, slot]),
+                          "references": {k: float(v[i, slot]) for k, v in attribution.references.items()},
+                          "deltas": {k: float(v[i, slot]) for k, v in attribution.deltas.items()},
+                          "totals": {k: float(v[i]) for k, v in totals.items()},
+                          "words": [[w, s] for w, s in words], "map_max": float(maps[i].max())}
+                self._records.append(record)
+                for exp in experiments:
+                    tag = f"explain/{name}/{stage}/{task}/{item_id}{suffix}"
+                    exp.add_image(tag, panel, trainer.global_step, dataformats="HWC")
+                    exp.add_image(f"{tag}/tokens", chart, trainer.global_step, dataformats="HWC")
+
+    def _write_index(self, trainer, stage: str) -> None:
+        if not self._records or not trainer.is_global_zero:
+            return
+        name = self._records[0]["explainer"]
+        payload = {"explainer": name, "stage": stage, "settings": self.settings(), "items": self._records}
+        atomic_write_text(run_directory(trainer) / self.subdir / name / f"{stage}_index.json",
+                          json.dumps(payload, indent=2))
+
+    def settings(self) -> dict[str, Any]:
+        return {"max_samples": self.max_samples, "classes": self.classes, "cell": self.cell, "seed": self.seed}
+
+
+class SHAPCallback(AttributionCallback):
+    """SHAP expected gradients (`xclip.explain.SHAPExplainer`) with a background of
+    `background_size` items sampled (seeded) from the validation data, also when testing.
+
+    Args:
+        nsamples, batch_size, engine: see `SHAPExplainer`.
+        background_size: background rows (reference: 50).
+        (the rest: see `AttributionCallback`)
+    """
+
+    name = "shap"
+
+    def __init__(self, background_size: int = 50, nsamples: int = 200, batch_size: int = 50,
+                 engine: str = "batched", **kwargs):
+        super().__init__(**kwargs)
+        if background_size < 1:
+            raise ValueError("background_size must be >= 1")
+        self.background_size, self.nsamples, self.batch_size, self.engine = background_size, nsamples, batch_size, engine
+        self.background: MultimodalInputs | None = None
+
+    def prepare(self, trainer, pl_module) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "val_dataloader"):
+            raise ValueError("SHAPCallback samples its background from the validation data: run with a datamodule "
+                             "that has val_dataloader()")
+        loader = datamodule.val_dataloader()
+        dataset = loader.dataset
+        order = np.random.default_rng(self.seed).permutation(len(dataset))
+        items = []
+        for index in order:
+            item = dataset[int(index)]
+            if not item.get("unreadable"):
+                items.append(item)
+            if len(items) == self.background_size:
+                break
+        if not items:
+            raise ValueError("no readable validation item for the SHAP background")
+        batch = loader.collate_fn(items)
+        self.background = pl_module.attribution_inputs(pl_module.transfer_batch_to_device(batch, pl_module.device, 0))
+
+    def explain(self, target, inputs, classes, trainer) -> MultimodalAttribution:
+        explainer = SHAPExplainer(target, self.background, nsamples=self.nsamples, batch_size=self.batch_size,
+                                  seed=self.seed, engine=self.engine, precision=str(trainer.precision))
+        seeds = [item_seed(self.seed, item_id, i) for i, item_id in enumerate(inputs.ids)]
+        return explainer.explain(inputs, classes, seeds=seeds)
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "background_size": len(self.background) if self.background else 0,
+                "nsamples": self.nsamples, "engine": self.engine}
+
+
+class CaptumCallback(AttributionCallback):
+    """Integrated Gradients on the pixels and LayerIG on the text embedding layer
+    (`xclip.explain.CaptumExplainer`), with the completeness delta of each path per item.
+
+    Args:
+        n_steps, method, internal_batch_size, image_baseline: see `CaptumExplainer`.
+        (the rest: see `AttributionCallback`)
+    """
+
+    name = "integrated_gradients"
+
+    def __init__(self, n_steps: int = 50, method: str = "gausslegendre", internal_batch_size: int | None = None,
+                 image_baseline: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.n_steps, self.method, self.internal_batch_size = n_steps, method, internal_batch_size
+        self.image_baseline = image_baseline
+
+    def explain(self, target, inputs, classes, trainer) -> MultimodalAttribution:
+        return CaptumExplainer(target, n_steps=self.n_steps, method=self.method,
+                               internal_batch_size=self.internal_batch_size, image_baseline=self.image_baseline,
+                               precision=str(trainer.precision)).explain(inputs, classes)
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "n_steps": self.n_steps, "method": self.method,
+                "internal_batch_size": self.internal_batch_size, "image_baseline": self.image_baseline}
+
+

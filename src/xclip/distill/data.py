@@ -1,0 +1,218 @@
+"""Data of the Teacher/Student workflow: the reference CSV layout and ShapesWorld notes, behind one
+LightningDataModule.
+
+CSV layout (the reference project's): ``<root>/metadata_{train,dev,test}.csv`` with an image
+column (``file_path`` or ``img_path``: relative to `<root>`, or to ``<root>/images``), the
+label columns (configurable; ``type`` and ``severity`` by default) and a ``description``. The
+label vocabulary of each task is fixed from the training split (sorted values) and saved with the
+checkpoint; a dev/test value outside it is an error naming the file, the row and the value, never
+a silent class 0. Images are read by `xclip.data.images`; an unreadable file is skipped and
+reported (``skipped_paths``).
+
+Batches: ``{"image" [B,3,S,S] in [0,1], "text" [B] str, "labels" {task: [B] long}, "index" [B],
+"skipped", "skipped_index", "skipped_paths"}`` (+ ``"path"`` for CSV rows; ``"mask"`` and
+``"deciding_word"`` for ShapesWorld notes, the truth of the attribution measurements).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader, Dataset
+
+from xclip.data.image_folder import collate_skipping, unreadable_item
+from xclip.data.images import load_image01
+from xclip.data.shapes import ShapesNotes
+
+SPLIT_FILES = {"train": "metadata_train.csv", "val": "metadata_dev.csv", "test": "metadata_test.csv"}
+IMAGE_COLUMNS = ("file_path", "img_path")
+LabelVocabulary = dict[str, list[str]]
+
+
+class CSVFormatError(ValueError):
+    """A metadata CSV that does not fit the layout; the message names the file, row and field."""
+
+
+@dataclass
+class CSVRecord:
+    line: int  # the row's line number in the file (the header is line 1)
+    image: Path
+    text: str
+    labels: dict[str, str]
+
+
+def read_metadata(path: Path, label_columns: Sequence[str], text_column: str = "description",
+                  image_column: str | None = None) -> list[CSVRecord]:
+    """The rows of one metadata CSV, checked: the columns exist, no label or text cell is empty."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such metadata file (expected metadata_train/dev/test.csv under the "
+                                "data root)")
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        if image_column is None:
+            image_column = next((c for c in IMAGE_COLUMNS if c in header), None)
+            if image_column is None:
+                raise CSVFormatError(f"{path}: no image column; expected one of {list(IMAGE_COLUMNS)}, found {header}")
+        needed = [image_column, text_column, *label_columns]
+        missing = [c for c in needed if c not in header]
+        if missing:
+            raise CSVFormatError(f"{path}: missing column(s) {missing}; found {header} (set label_columns / "
+                                 "text_column to the file's names)")
+        records = []
+        for row in reader:
+            line = reader.line_num
+            for column in needed:
+                if row[column] is None or not row[column].strip():
+                    raise CSVFormatError(f"{path}, row {line}: empty {column!r}")
+            rel = Path(row[image_column].strip())
+            image = rel if rel.is_absolute() else path.parent / rel
+            if not rel.is_absolute() and not image.exists() and (path.parent / "images" / rel).exists():
+                image = path.parent / "images" / rel
+            records.append(CSVRecord(line, image, row[text_column].strip(),
+                                     {c: row[c].strip() for c in label_columns}))
+    if not records:
+        raise CSVFormatError(f"{path}: no rows")
+    return records
+
+
+def label_vocabulary(records: Sequence[CSVRecord], label_columns: Sequence[str]) -> LabelVocabulary:
+    """Each label column's classes (sorted values of the training rows)."""
+    vocab = {c: sorted({r.labels[c] for r in records}) for c in label_columns}
+    for column, classes in vocab.items():
+        if len(classes) < 2:
+            raise CSVFormatError(f"label column {column!r} has {len(classes)} value(s) in the training split "
+                                 f"({classes}); a classifier needs at least 2")
+    return vocab
+
+
+def encode_labels(records: Sequence[CSVRecord], vocab: LabelVocabulary, path: Path) -> list[dict[str, int]]:
+    """Class ids of every row; a value outside the vocabulary is an error naming file, row and value."""
+    index = {task: {name: i for i, name in enumerate(classes)} for task, classes in vocab.items()}
+    out = []
+    for r in records:
+        ids = {}
+        for task, lookup in index.items():
+            value = r.labels[task]
+            if value not in lookup:
+                raise CSVFormatError(f"{path}, row {r.line}: unknown {task!r} label {value!r}; the training split's "
+                                     f"labels are {vocab[task]}")
+            ids[task] = lookup[value]
+        out.append(ids)
+    return out
+
+
+class MetadataDataset(Dataset):
+    """One split of the CSV layout: ``{"image", "text", "labels", "index", "path"}`` or an
+    `unreadable_item`."""
+
+    def __init__(self, records: Sequence[CSVRecord], labels: Sequence[dict[str, int]], root: Path, image_size: int):
+        self.records, self.labels, self.root, self.image_size = list(records), list(labels), root, int(image_size)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        r = self.records[index]
+        rel = str(r.image.relative_to(self.root)) if r.image.is_relative_to(self.root) else str(r.image)
+        image = load_image01(r.image, self.image_size)
+        if image is None:
+            return unreadable_item(index, rel)
+        return {"image": image, "text": r.text, "labels": dict(self.labels[index]), "index": index, "path": rel}
+
+
+class DistillDataModule(pl.LightningDataModule):
+    """Image + text classification data for `TeacherModule` / `StudentModule`.
+
+    Args:
+        source: ``"shapes"`` (ShapesWorld notes, `ShapesNotes`: tasks ``shape`` decided by the image and
+            ``background`` decided by the note) or ``"csv"`` (the reference layout under `data_root`).
+        data_root, label_columns, text_column, image_column: the CSV layout (image column None:
+            ``file_path`` or ``img_path``, whichever the file has).
+        image_size: images are resized (shorter side) and centre-cropped to this size.
+        seed, n_train, n_val, n_test: ShapesWorld sizes (validation uses ``seed + 1000``, test the
+            disjoint test family of that seed).
+    """
+
+    def __init__(self, source: str = "shapes", data_root: str | None = None,
+                 label_columns: Sequence[str] = ("type", "severity"), text_column: str = "description",
+                 image_column: str | None = None, image_size: int = 64, seed: int = 0, n_train: int = 20_000,
+                 n_val: int = 500, n_test: int = 500, batch_size: int = 64, num_workers: int = 0):
+        super().__init__()
+        if source not in ("shapes", "csv"):
+            raise ValueError(f"source must be 'shapes' or 'csv', got {source!r}")
+        if source == "csv" and not data_root:
+            raise ValueError("source='csv' needs data_root (the folder with metadata_{train,dev,test}.csv)")
+        self.source, self.data_root = source, Path(data_root) if data_root else None
+        self.label_columns, self.text_column, self.image_column = list(label_columns), text_column, image_column
+        self.image_size, self.seed = int(image_size), int(seed)
+        self.sizes = {"train": int(n_train), "val": int(n_val), "test": int(n_test)}
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self._records: dict[str, list[CSVRecord]] = {}
+        self._vocabulary: LabelVocabulary | None = None
+
+    # ---- the label vocabulary --------------------------------------------------------------------
+    @property
+    def label_vocabulary(self) -> LabelVocabulary:
+        """Task -> class names: ShapesWorld's fixed classes, a checkpoint's (`use_label_vocabulary`),
+        or the training split's values."""
+        if self._vocabulary is None:
+            if self.source == "shapes":
+                self._vocabulary = {t: list(c) for t, c in ShapesNotes.label_names.items()}
+            else:
+                self._vocabulary = label_vocabulary(self._split_records("train"), self.label_columns)
+        return self._vocabulary
+
+    def use_label_vocabulary(self, vocab: Mapping[str, Sequence[str]]) -> None:
+        """Encode labels with `vocab` (e.g. a checkpoint's) instead of reading the training split."""
+        vocab = {str(t): [str(c) for c in classes] for t, classes in vocab.items()}
+        expected = set(ShapesNotes.label_names) if self.source == "shapes" else set(self.label_columns)
+        if set(vocab) != expected:
+            raise ValueError(f"the checkpoint's tasks {sorted(vocab)} differ from this data's {sorted(expected)}")
+        if self.source == "shapes" and vocab != {t: list(c) for t, c in ShapesNotes.label_names.items()}:
+            raise ValueError(f"the checkpoint's classes {vocab} are not ShapesWorld's {ShapesNotes.label_names}")
+        self._vocabulary = vocab
+
+    # ---- datasets --------------------------------------------------------------------------------
+    def _split_records(self, split: str) -> list[CSVRecord]:
+        if split not in self._records:
+            self._records[split] = read_metadata(self.data_root / SPLIT_FILES[split], self.label_columns,
+                                                 self.text_column, self.image_column)
+        return self._records[split]
+
+    def dataset(self, split: str) -> Dataset:
+        """The dataset of ``train``, ``val`` (the CSV layout's dev) or ``test``."""
+        if split not in SPLIT_FILES:
+            raise ValueError(f"split must be one of {sorted(SPLIT_FILES)}, got {split!r}")
+        if self.source == "shapes":
+            seed = self.seed if split == "train" else self.seed + 1000
+            return ShapesNotes(self.sizes[split], seed=seed, image_size=self.image_size, split=split)
+        records = self._split_records(split)
+        labels = encode_labels(records, self.label_vocabulary, self.data_root / SPLIT_FILES[split])
+        return MetadataDataset(records, labels, self.data_root, self.image_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.source == "csv":  # read and check the files now: a bad file fails before any model runs
+            for split in ("train", "val") if stage in ("fit", None) else ("val", "test") if stage == "test" else ("val",):
+                self._split_records(split)
+
+    def _loader(self, split: str) -> DataLoader:
+        train = split == "train"
+        return DataLoader(self.dataset(split), batch_size=self.batch_size, shuffle=train, drop_last=train,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          collate_fn=collate_skipping)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+

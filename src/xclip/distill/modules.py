@@ -1,0 +1,356 @@
+"""`TeacherModule` and `StudentModule`: Lightning training and evaluation of multimodal multi-task
+classifiers, the student distilled from a frozen teacher.
+
+Both log ``{stage}/<task>_macro_f1``, ``_acc``, ``_auroc`` and ``{stage}/mean_macro_f1`` (the
+checkpoint monitor: the best checkpoint is the one with the highest mean macro F1 over the tasks),
+save the label vocabulary and the tokenizer inside every Lightning checkpoint, resume from one
+(``xclip fit --ckpt_path``), evaluate one (``xclip validate --ckpt_path``) and, with `export_dir`,
+export the best checkpoint of a fit in the shipped format (`xclip.distill.checkpoint`).
+
+They implement `xclip.explain.multimodal.MultimodalExplainable`, so `SHAPCallback` and
+`CaptumCallback` explain them during validate/test.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from xclip.distill.checkpoint import load_classifier, save_classifier
+from xclip.distill.kd_loss import FeatureProjection, distillation_loss
+from xclip.distill.metrics import MultitaskClassificationMetrics
+from xclip.distill.model import ClassifierOutput, MultimodalClassifier
+from xclip.distill.tokenizer import load_tokenizer
+from xclip.explain.multimodal import MultimodalInputs, MultimodalTarget
+from xclip.metrics import gather_objects
+from xclip.results import ReportRow
+
+CHECKPOINT_KEY = "xclip_distill"
+
+
+def _vocabulary(labels: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    return {str(t): [str(c) for c in classes] for t, classes in labels.items()}
+
+
+class MultimodalClassifierModule(pl.LightningModule):
+    """What the teacher and the student share: building the model, tokenising, metrics, checkpoints.
+    On its own it evaluates and explains a saved model (``init_from``; no training step).
+
+    Args:
+        model: `MultimodalClassifier` arguments without ``tasks`` (``vision``, ``text``,
+            ``fusion``, ``fusion_dim``, ``fusion_options``, ``text_pooling``, ``dropout``); a text
+            config dict without ``vocab_size`` gets the tokenizer's.
+        init_from: a shipped checkpoint folder (or ``xclip:<name>``) to start from instead
+            (its architecture, weights, classes and tokenizer).
+        labels: task -> class names; None: the datamodule's (``label_vocabulary``), or the
+            checkpoint's when one is given.
+        tokenizer: see `xclip.distill.tokenizer.load_tokenizer`.
+        max_length: longest tokenised text (longer ones are cut).
+        lr, weight_decay, warmup_steps: AdamW, linear warm-up then cosine decay to 0 (per step).
+        export_dir: after fit, write the best checkpoint there in the shipped format.
+        export_overwrite: replace an existing `export_dir`.
+        frozen: parts of the model not trained (``"vision"``, ``"text"``, ``"fusion"``...: its
+            top-level submodules), e.g. a pretrained image tower used as a fixed feature extractor.
+    """
+
+    role = "model"
+
+    def __init__(self, model: dict[str, Any] | None = None, init_from: str | None = None,
+                 labels: dict[str, list[str]] | None = None, tokenizer: str = "shapes-wordpiece",
+                 max_length: int = 32, lr: float = 3e-4, weight_decay: float = 0.01, warmup_steps: int = 100,
+                 export_dir: str | None = None, export_overwrite: bool = False, frozen: Sequence[str] = ()):
+        super().__init__()
+        # where to export is not a property of the model: a resumed fit (whose checkpoint's
+        # hyper-parameters LightningCLI re-applies) may export elsewhere
+        self.save_hyperparameters(ignore=["export_dir", "export_overwrite"])
+        if (model is None) == (init_from is None):
+            raise ValueError("give exactly one of `model` (an architecture) and `init_from` (a checkpoint folder)")
+        self.model_args, self.init_from = dict(model or {}), init_from
+        self.max_length, self.lr, self.weight_decay, self.warmup_steps = int(max_length), lr, weight_decay, warmup_steps
+        self.export_dir, self.export_overwrite, self.frozen = export_dir, export_overwrite, list(frozen)
+        self.model: MultimodalClassifier | None = None
+        self.labels = _vocabulary(labels) if labels else None
+        if init_from is not None:
+            self.model, self.tokenizer, config = load_classifier(init_from)
+            self.max_length = int(config.get("max_length", self.max_length))
+            if self.role == "model":  # evaluating a shipped model: report it under its own role
+                self.role = config.get("role") or self.role
+            if self.labels is not None and self.labels != self.model.tasks:
+                raise ValueError(f"labels {self.labels} differ from the checkpoint's {self.model.tasks}")
+            self.labels = self.model.tasks
+            self._freeze()
+        else:
+            self.tokenizer = load_tokenizer(tokenizer)
+            if self.labels is not None:
+                self._build(self.labels)
+        self.metrics: MultitaskClassificationMetrics | None = None
+        self._skipped: list[str] = []
+        self._scores: dict[str, float] = {}
+
+    # ---- building --------------------------------------------------------------------------------
+    def _build(self, labels: Mapping[str, Sequence[str]]) -> None:
+        args = dict(self.model_args)
+        text = args.get("text")
+        if isinstance(text, dict) and "vocab_size" not in text:
+            args["text"] = {**text, "vocab_size": len(self.tokenizer)}
+        self.model = MultimodalClassifier(tasks=labels, **args)
+        self.labels = self.model.tasks
+        self._freeze()
+
+    def _freeze(self) -> None:
+        parts = dict(self.model.named_children())
+        unknown = [p for p in self.frozen if p not in parts]
+        if unknown:
+            raise ValueError(f"frozen parts {unknown} are not parts of the model; choose from {sorted(parts)}")
+        for part in self.frozen:
+            parts[part].requires_grad_(False)
+
+    def _checkpoint_labels(self) -> dict[str, list[str]] | None:
+        path = getattr(self.trainer, "ckpt_path", None) if self._trainer is not None else None
+        if not path or not Path(path).is_file():
+            return None
+        saved = torch.load(path, map_location="cpu", weights_only=False).get(CHECKPOINT_KEY, {})
+        return saved.get("labels")
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        labels = self.labels or self._checkpoint_labels()
+        if labels is None:
+            if datamodule is None or not hasattr(datamodule, "label_vocabulary"):
+                raise ValueError(f"{type(self).__name__}: no labels: pass `labels`, `init_from`, or a datamodule "
+                                 "with a label_vocabulary (DistillDataModule)")
+            labels = datamodule.label_vocabulary
+        if self.model is None:
+            self._build(labels)
+        elif _vocabulary(labels) != self.model.tasks:
+            raise ValueError(f"the checkpoint's classes {_vocabulary(labels)} differ from the model's {self.model.tasks}")
+        if datamodule is not None and hasattr(datamodule, "use_label_vocabulary"):
+            datamodule.use_label_vocabulary(self.model.tasks)  # dev/test labels encoded with these classes
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """input_ids, attention_mask [B, T] (padded to the longest, cut at max_length)."""
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+        if bad:
+            raise ValueError(f"texts at batch positions {bad} are empty or not strings")
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def forward(self, images01: Tensor, texts: Sequence[str]) -> ClassifierOutput:
+        """images01 [B, 3, H, W] in [0, 1] and B texts -> `ClassifierOutput`."""
+        ids, mask = self.tokenize(texts)
+        return self.model(self.model.pixel_values(images01), ids, mask)
+
+    # ---- evaluation ------------------------------------------------------------------------------
+    def _eval_start(self) -> None:
+        self.metrics = MultitaskClassificationMetrics({t: len(c) for t, c in self.model.tasks.items()}).to(self.device)
+        self._skipped = []
+
+    def on_validation_start(self) -> None:
+        self._eval_start()
+
+    def on_test_start(self) -> None:
+        self._eval_start()
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        self._skipped.extend(batch.get("skipped_paths", []))
+        if "image" not in batch:  # every item of the batch was unreadable
+            return
+        out = self(batch["image"], batch["text"])
+        labels = batch["labels"]
+        loss = sum(torch.nn.functional.cross_entropy(out.logits[t], labels[t]) for t in self.model.tasks)
+        self.log(f"{stage}/loss", loss, batch_size=len(batch["text"]), sync_dist=True)
+        self.metrics.update_batch({t: v.float().softmax(-1) for t, v in out.logits.items()}, labels, batch["index"])
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_end(self, stage: str) -> None:
+        scores = self.metrics.scores()
+        self._scores = scores
+        for name, value in scores.items():
+            if name != "n_items":
+                self.log(f"{stage}/{name}", value, prog_bar=name == "mean_macro_f1")
+        self._skipped = sorted({p for paths in gather_objects(self._skipped) for p in paths})
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._eval_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
+
+    def extra_results(self) -> dict[str, Any]:
+        """results.json: the role, classes, item count, parameter count and skipped files."""
+        return {"distill": {"role": self.role, "tasks": self.model.tasks, "n_items": int(self._scores.get("n_items", 0)),
+                            "parameters": sum(p.numel() for p in self.model.parameters()),
+                            "skipped_paths": self._skipped}}
+
+    def report_rows(self, metrics: Mapping[str, float | None]) -> list[ReportRow]:
+        rows = []
+        for stage in ("val", "test"):
+            for task in self.model.tasks:
+                keys = [f"{stage}/{task}_{m}" for m in ("macro_f1", "acc", "auroc")]
+                if keys[0] in metrics:
+                    rows.append(ReportRow(f"distill ({self.role})", f"{task} ({stage}): macro F1 | accuracy | OvR AUROC",
+                                          dict(zip(("macro F1", "accuracy", "AUROC"), (metrics[k] for k in keys))), keys))
+            key = f"{stage}/mean_macro_f1"
+            if key in metrics:
+                rows.append(ReportRow(f"distill ({self.role})", f"mean macro F1 over tasks ({stage})",
+                                      {"": metrics[key]}, [key]))
+        return rows
+
+    # ---- explanations (MultimodalExplainable) ----------------------------------------------------
+    def attribution_targets(self) -> dict[str, MultimodalTarget]:
+        return {task: self.model.explain_target(task) for task in self.model.tasks}
+
+    def attribution_inputs(self, batch: dict[str, Any]) -> MultimodalInputs | None:
+        if "image" not in batch:
+            return None
+        images = batch["image"].to(self.device)
+        ids, mask = self.tokenize(batch["text"])
+        index = batch.get("index")
+        item_ids = [str(int(i)) for i in index] if index is not None else [str(i) for i in range(len(images))]
+        return MultimodalInputs(images, self.model.pixel_values(images), ids, mask,
+                                [self.tokenizer.convert_ids_to_tokens(row) for row in ids.tolist()],
+                                list(batch["text"]), item_ids, int(self.tokenizer.pad_token_id))
+
+    # ---- training --------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for p in self.trainable_parameters():
+            (no_decay if p.ndim < 2 else decay).append(p)  # norms and biases are not decayed
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warm = min(self.warmup_steps, total // 2)
+
+        def schedule(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(total - warm, 1))))
+
+        return {"optimizer": opt,
+                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {"labels": self.model.tasks, "model": self.model.config(),
+                                      "tokenizer": self.tokenizer.backend_tokenizer.to_str(),
+                                      "special_tokens": self.tokenizer.special_tokens_map, "max_length": self.max_length}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if saved is None:
+            raise ValueError(f"not a {type(self).__name__} checkpoint (no {CHECKPOINT_KEY!r} entry)")
+        if self.model is not None and _vocabulary(saved["labels"]) != self.model.tasks:
+            raise ValueError(f"the checkpoint's classes {saved['labels']} differ from the model's {self.model.tasks}")
+        from tokenizers import Tokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        self.tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(saved["tokenizer"]),
+                                                 **saved["special_tokens"])
+        self.max_length = int(saved["max_length"])
+
+    def on_fit_end(self) -> None:
+        if not self.export_dir or not self.trainer.is_global_zero:
+            return
+        callback = self.trainer.checkpoint_callback
+        best = getattr(callback, "best_model_path", "") if callback is not None else ""
+        if best:
+            state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+            self.model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+        score = getattr(callback, "best_model_score", None)
+        extra = {"role": self.role, "best_checkpoint": str(best) or None,
+                 "best_val_mean_macro_f1": None if score is None else float(score)}
+        save_classifier(self.model, self.tokenizer, self.export_dir, self.max_length, extra=extra,
+                        overwrite=self.export_overwrite)
+        print(f"exported the {self.role} ({'best' if best else 'last'} weights) to {self.export_dir}")
+
+
+class TeacherModule(MultimodalClassifierModule):
+    """The teacher: cross-entropy on every task (summed). See `MultimodalClassifierModule`."""
+
+    role = "teacher"
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        out = self(batch["image"], batch["text"])
+        loss = distillation_loss(out.logits, None, batch["labels"], alpha=0.0, beta=0.0).total
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["text"]))
+        return loss
+
+
+class StudentModule(MultimodalClassifierModule):
+    """The student: ``CE + alpha * T^2 * KL(teacher || student) + beta * MSE(student features,
+    projection(teacher features))`` with the teacher frozen (eval mode, no gradient, not in the
+    checkpoint) and the projection trained in the same optimiser as the student. ``alpha = beta
+    = 0`` trains the no-KD comparison (no teacher forward at all).
+
+    Args:
+        teacher: the teacher's checkpoint folder (``xclip:<name>`` or a path); it fixes the classes.
+        alpha, beta, temperature: the KD weights and T (reference: 1, 100, 2).
+        (the rest: see `MultimodalClassifierModule`)
+    """
+
+    role = "student"
+
+    def __init__(self, teacher: str, model: dict[str, Any] | None = None, alpha: float = 1.0, beta: float = 100.0,
+                 temperature: float = 2.0, **kwargs):
+        teacher_model, teacher_tokenizer, teacher_config = load_classifier(teacher)
+        labels = kwargs.pop("labels", None) or teacher_model.tasks
+        super().__init__(model=model, labels=labels, **kwargs)
+        if self.model.tasks != teacher_model.tasks:
+            raise ValueError(f"the student's classes {self.model.tasks} differ from the teacher's {teacher_model.tasks}")
+        self.teacher_spec, self.alpha, self.beta, self.temperature = teacher, float(alpha), float(beta), float(temperature)
+        teacher_model.requires_grad_(False).eval()
+        object.__setattr__(self, "teacher", teacher_model)  # not a submodule: not trained, not checkpointed
+        self.teacher_tokenizer = teacher_tokenizer
+        self.teacher_max_length = int(teacher_config.get("max_length", self.max_length))
+        self.kd_projection = None
+        if beta > 0:
+            # drawn aside from the global generator: the KD and no-KD students see the same batches
+            with torch.random.fork_rng(devices=[]):
+                self.kd_projection = FeatureProjection(teacher_model.fusion_dim, self.model.fusion_dim)
+        if self.alpha == 0 and self.beta == 0:
+            self.role = "student (no KD)"
+
+    def on_fit_start(self) -> None:
+        self.teacher.to(self.device).eval()
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        extra = list(self.kd_projection.parameters()) if self.kd_projection is not None else []
+        return super().trainable_parameters() + extra
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        ids, mask = self.tokenize(batch["text"])
+        pixel_values = self.model.pixel_values(batch["image"])
+        out = self.model(pixel_values, ids, mask)
+        teacher_logits = projected = None
+        if self.alpha > 0 or self.beta > 0:
+            self.teacher.eval()
+            enc = self.teacher_tokenizer(list(batch["text"]), padding=True, truncation=True,
+                                         max_length=self.teacher_max_length, return_tensors="pt")
+            with torch.no_grad():  # the teacher reads the texts through its own tokenizer
+                t_out = self.teacher(self.teacher.pixel_values(batch["image"]), enc["input_ids"].to(self.device),
+                                     enc["attention_mask"].to(self.device))
+            teacher_logits = {t: v.detach() for t, v in t_out.logits.items()}
+            if self.kd_projection is not None:
+                projected = self.kd_projection(t_out.features.detach())
+        parts = distillation_loss(out.logits, teacher_logits, batch["labels"], out.features, projected,
+                                  self.alpha, self.beta, self.temperature)
+        n = len(batch["text"])
+        self.log("train/loss", parts.total, prog_bar=True, batch_size=n)
+        self.log_dict({"train/ce": parts.ce, "train/kd": parts.kd, "train/mse": parts.mse}, batch_size=n)
+        return parts.total

@@ -1,0 +1,178 @@
+"""The Teacher/Student workflow end to end through `xclip`: fit a tiny teacher (best checkpoint by
+mean macro F1, exported), resume it, validate the saved checkpoint with the SHAP and Captum
+callbacks (images read back from the TensorBoard event file), train students with and without
+KD (the projection layer is in the optimiser and changes), and two processes give the numbers of
+one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+from distill_fixtures import STUDENT_ARGS, TASKS, TEACHER_ARGS
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from xclip.cli import main
+from xclip.distill import DistillDataModule, StudentModule, load_classifier
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER_CONFIG = ROOT / "configs" / "distill_teacher_shapes.yaml"
+EXPLAIN_CONFIG = ROOT / "configs" / "distill_explain_shapes.yaml"
+
+
+def small_config(tmp_path: Path, source: Path, name: str, model_args: dict | None = None, **init_args) -> Path:
+    """`source` with a tiny architecture, tiny data and no export to checkpoints/."""
+    cfg = yaml.safe_load(source.read_text())
+    cfg["trainer"].update({"max_steps": 3, "val_check_interval": 1, "log_every_n_steps": 1,
+                           "enable_progress_bar": False, "default_root_dir": str(tmp_path)})
+    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
+    for callback in cfg["trainer"]["callbacks"]:
+        if "every_n_train_steps" in callback.get("init_args", {}):
+            callback["init_args"]["every_n_train_steps"] = 1
+    cfg["data"]["init_args"].update({"n_train": 24, "n_val": 7, "n_test": 5, "batch_size": 4})
+    args = cfg["model"]["init_args"]
+    if model_args is not None:
+        args["model"] = model_args
+        args.pop("init_from", None)
+        args["frozen"] = []
+    args.update(init_args)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("teacher")
+    cfg = small_config(tmp, TEACHER_CONFIG, "teacher", TEACHER_ARGS, export_dir=str(tmp / "export"))
+    main(["fit", "--config", str(cfg)])
+    (run,) = sorted((tmp / "logs" / "distill_teacher_shapes").glob("version_*"))
+    return tmp, cfg, run
+
+
+def test_fit_keeps_the_best_checkpoint_by_mean_macro_f1_and_exports_it(teacher_run):
+    tmp, _, run = teacher_run
+    best = sorted((run / "checkpoints").glob("best-*.ckpt"))
+    assert len(best) == 1 and (run / "checkpoints" / "latest-step=3.ckpt").is_file()
+    ckpt = torch.load(best[0], map_location="cpu", weights_only=False)
+    state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    assert state["monitor"] == "val/mean_macro_f1" and ckpt["xclip_distill"]["labels"] == TASKS
+    # three validations (one per step): the kept one is the step with the highest mean macro F1
+    events = EventAccumulator(str(run)).Reload()
+    logged = {e.step: e.value for e in events.Scalars("val/mean_macro_f1")}
+    assert len(logged) == 3
+    assert float(state["best_model_score"]) == pytest.approx(max(logged.values()))
+    assert ckpt["global_step"] in [s for s, v in logged.items() if v == pytest.approx(max(logged.values()))]
+    model, tokenizer, config = load_classifier(tmp / "export")
+    assert config["role"] == "teacher" and config["best_checkpoint"] == str(best[0])
+    for key, value in model.state_dict().items():  # the export holds the best checkpoint's weights (fp16)
+        torch.testing.assert_close(value, ckpt["state_dict"][f"model.{key}"].half().to(value.dtype))
+    assert tokenizer.get_vocab() == load_classifier(tmp / "export")[1].get_vocab()
+
+
+def test_fit_resumes_from_the_last_checkpoint(teacher_run, tmp_path):
+    _, cfg, run = teacher_run
+    main(["fit", "--config", str(cfg), "--ckpt_path", str(run / "checkpoints" / "latest-step=3.ckpt"),
+          "--trainer.max_steps", "5", "--trainer.logger.init_args.save_dir", str(tmp_path),
+          "--model.init_args.export_dir", "null"])
+    (resumed,) = sorted((tmp_path / "distill_teacher_shapes").glob("version_*"))
+    last = torch.load(resumed / "checkpoints" / "latest-step=5.ckpt", map_location="cpu", weights_only=False)
+    first = torch.load(run / "checkpoints" / "latest-step=3.ckpt", map_location="cpu", weights_only=False)
+    assert first["global_step"] == 3 and last["global_step"] == 5  # continued, not restarted
+    assert last["optimizer_states"][0]["state"]  # AdamW moments restored and carried on
+
+
+def test_validate_a_saved_checkpoint_with_shap_and_captum_callbacks(teacher_run, tmp_path):
+    _, _, run = teacher_run
+    (best,) = sorted((run / "checkpoints").glob("best-*.ckpt"))
+    cfg = yaml.safe_load(EXPLAIN_CONFIG.read_text())
+    args = cfg["model"]["init_args"]
+    args.pop("init_from")
+    args.update({"model": TEACHER_ARGS, "frozen": []})
+    cfg["model"]["class_path"] = "xclip.distill.TeacherModule"  # the fit's module, restored from its checkpoint
+    cfg["data"]["init_args"].update({"n_val": 7, "n_test": 5, "batch_size": 4})
+    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
+    cfg["trainer"]["enable_progress_bar"] = False
+    for cb in cfg["trainer"]["callbacks"]:
+        cb["init_args"].update({"max_samples": 2})
+        if cb["class_path"].endswith("SHAPCallback"):
+            cb["init_args"].update({"background_size": 3, "nsamples": 8})
+        else:
+            cb["init_args"].update({"n_steps": 8, "internal_batch_size": 6})
+    path = tmp_path / "explain.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    main(["validate", "--config", str(path), "--ckpt_path", str(best)])
+    (out,) = sorted((tmp_path / cfg["trainer"]["logger"]["init_args"]["name"]).glob("version_*"))
+    results = json.loads((out / "results.json").read_text())
+    assert results["distill"]["n_items"] == 7 and results["distill"]["role"] == "teacher"
+    assert set(results["metrics"]) >= {"val/mean_macro_f1", "val/shape_macro_f1", "val/background_auroc"}
+    events = EventAccumulator(str(out), size_guidance={"images": 0}).Reload()
+    tags = set(events.Tags()["images"])
+    for explainer in ("shap", "integrated_gradients"):
+        for task in ("shape", "background"):
+            for item in ("0", "1"):
+                tag = f"explain/{explainer}/val/{task}/{item}"
+                assert tag in tags and f"{tag}/tokens" in tags, tag
+                image = events.Images(tag)[0]
+                assert image.width > 300 and image.height > 150  # a rendered panel, not an empty image
+        index = json.loads((out / "explanations" / explainer / "val_index.json").read_text())
+        assert len(index["items"]) == 4
+        record = index["items"][0]
+        assert set(record["totals"]) == {"image", "text", "image_abs", "text_abs", "image_share"}
+        assert record["words"] and all(not w.startswith("##") for w, _ in record["words"])
+        png = Image.open(out / "explanations" / explainer / record["png"])
+        assert record["text"] in png.text["Title"].replace("\n", " ") or record["text"][:20] in png.text["Title"]
+        paths = {"shap": {"joint"}, "integrated_gradients": {"image", "text"}}[explainer]
+        assert set(record["deltas"]) == paths
+    shap_index = json.loads((out / "explanations" / "shap" / "val_index.json").read_text())
+    assert shap_index["settings"]["background_size"] == 3 and shap_index["settings"]["nsamples"] == 8
+
+
+@pytest.mark.parametrize("alpha,beta", [(1.0, 100.0), (0.0, 0.0)])
+def test_student_trains_its_projection_with_one_optimiser_and_a_frozen_teacher(teacher_run, tmp_path, alpha, beta):
+    tmp, _, _ = teacher_run
+    student = StudentModule(teacher=str(tmp / "export"), model=STUDENT_ARGS, alpha=alpha, beta=beta, lr=1e-2,
+                            warmup_steps=0)
+    teacher_before = {k: v.clone() for k, v in student.teacher.state_dict().items()}
+    projection_before = None if student.kd_projection is None else student.kd_projection.weight.detach().clone()
+    trainer = pl.Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(student, datamodule=DistillDataModule(n_train=8, batch_size=4))
+    (optimizer,) = trainer.optimizers  # one optimiser for the whole run
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert all(not torch.is_tensor(v) or torch.equal(v, teacher_before[k]) for k, v in student.teacher.state_dict().items())
+    assert not any(k.startswith("teacher.") for k in student.state_dict())
+    if beta > 0:
+        assert all(id(p) in in_optimizer for p in student.kd_projection.parameters())
+        assert not torch.equal(student.kd_projection.weight, projection_before)  # it was trained
+        assert trainer.callback_metrics["train/kd"] > 0 and trainer.callback_metrics["train/mse"] > 0
+    else:
+        assert student.kd_projection is None and student.role == "student (no KD)"
+        assert trainer.callback_metrics["train/kd"] == 0
+
+
+def test_two_processes_give_the_numbers_of_one(teacher_run, tmp_path):
+    _, cfg, run = teacher_run
+    (best,) = sorted((run / "checkpoints").glob("best-*.ckpt"))
+    args = ["validate", "--config", str(cfg), "--ckpt_path", str(best), "--data.init_args.n_val", "7"]
+    main([*args, "--trainer.logger.init_args.save_dir", str(tmp_path / "one")])  # in this process
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    env.pop("MASTER_PORT", None)
+    cmd = [sys.executable, "-m", "xclip.cli", *args, "--trainer.logger.init_args.save_dir", str(tmp_path / "two"),
+           "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads(next((tmp_path / d).glob("*/version_*/results.json")).read_text()) for d in ("one", "two"))
+    assert str(two["config"]["trainer"]["devices"]) == "2"
+    assert one["distill"]["n_items"] == two["distill"]["n_items"] == 7  # 8 rows gathered, the padded repeat dropped
+    for key, value in one["metrics"].items():
+        if key != "val/loss":  # the loss is a mean of per-process means over padded shards
+            assert two["metrics"][key] == pytest.approx(value, abs=1e-6), key
