@@ -139,6 +139,23 @@ def test_shap_rejects_bad_arguments(classifier, tokenizer):
         SHAPExplainer(target, x, nsamples=2).explain(x, seeds=[1])
 
 
+def test_images_and_texts_are_checked_where_they_enter(classifier, tokenizer):
+    x = tiny_inputs(classifier, tokenizer, n=2)
+    images = x.images01
+    with pytest.raises(TypeError, match=r"uint8.*\.float\(\) / 255"):
+        classifier.pixel_values((images * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match="divide by 255"):
+        classifier.pixel_values(images * 255)
+    with pytest.raises(ValueError, match=r"channels last.*permute\(0, 3, 1, 2\)"):
+        classifier.pixel_values(images.permute(0, 2, 3, 1))
+    nan = images.clone()
+    nan[1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN.*\[1\]"):
+        MultimodalInputs(nan, x.pixel_values, x.input_ids, x.attention_mask, x.tokens, x.texts, x.ids)
+    with pytest.raises(ValueError, match=r"texts \[1\] are empty"):
+        MultimodalInputs(images, x.pixel_values, x.input_ids, x.attention_mask, x.tokens, [x.texts[0], "  "], x.ids)
+
+
 # ----------------------------------------------------------------------------- Captum
 
 

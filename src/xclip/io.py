@@ -1,13 +1,16 @@
-"""Atomic file writes: outputs are written to a temporary name and renamed into place, so a
-crash never leaves a half-written file behind."""
+"""Atomic file and directory writes: outputs are written to a temporary name and renamed into
+place, so a crash never leaves a half-written file or checkpoint directory behind."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,3 +43,37 @@ def atomic_write_csv(path: str | os.PathLike, columns: Sequence[str], rows: Iter
     writer.writeheader()
     writer.writerows(rows)
     return atomic_write_text(path, buf.getvalue())
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Build a directory that appears at `path` only once complete.
+
+    Yields an empty temporary sibling directory to write into. On success an existing `path` is
+    moved aside as a backup (``.<name>.backup-<id>``), the new directory renamed into place, and
+    only then the backup deleted: a crash leaves either the old or the new directory, never half
+    of either. Files of the old directory that the new one lacks (a model card, notes) are carried
+    over. On error the temporary directory is removed and `path` is untouched.
+    """
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        for file in tmp.iterdir():  # temp files are private; an output directory is for everyone
+            file.chmod(0o644)
+        tmp.chmod(0o755)
+        if not path.exists():
+            tmp.rename(path)
+            return
+        for extra in path.iterdir():  # keep what else lives there (the model card, notes)
+            if extra.is_file() and not (tmp / extra.name).exists():
+                shutil.copy2(extra, tmp / extra.name)
+        # a directory cannot be replaced atomically by rename: move the old one aside first
+        backup = path.with_name(f".{path.name}.backup-{uuid.uuid4().hex[:8]}")
+        path.rename(backup)
+        tmp.rename(path)
+        shutil.rmtree(backup)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

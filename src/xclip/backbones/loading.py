@@ -9,11 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import socket
-import tempfile
 import threading
-import uuid
 import weakref
 from difflib import get_close_matches
 from pathlib import Path
@@ -30,6 +27,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..io import atomic_directory
 from .base import Backbone, PreprocessCfg, TextTokenizer
 from .openclip import ClipBPETokenizer, OpenCLIPBackbone, openclip_tokenizer
 
@@ -175,28 +173,9 @@ def save_checkpoint(
         k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
         for k, v in model.state_dict().items()
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(config_text)
-        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint directory is for everyone
-        if path.exists():
-            # keep what else lives there (the model card README.md, notes) across a re-export
-            for extra in path.iterdir():
-                if extra.is_file() and extra.name not in (CONFIG_NAME, WEIGHTS_NAME):
-                    shutil.copy2(extra, tmp / extra.name)
-            # A directory cannot be atomically replaced by rename: move the old one aside first
-            # and delete it only once the new one is in place.
-            backup = path.with_name(f".{path.name}.backup-{uuid.uuid4().hex[:8]}")
-            path.rename(backup)
-            tmp.rename(path)
-            shutil.rmtree(backup)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -6,8 +6,6 @@ folder and renamed into place."""
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
 from xclip.distill.model import MultimodalClassifier
-from xclip.io import atomic_write_text
+from xclip.io import atomic_directory
 
 FORMAT = "xclip-distill-classifier"
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -47,26 +45,15 @@ def save_classifier(model: MultimodalClassifier, tokenizer: PreTrainedTokenizerB
     """Write `model` (weights stored as `dtype`) and `tokenizer` to `out_dir`; `extra` goes into
     config.json (e.g. the recipe). An existing folder is replaced only with `overwrite`."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (or another folder) to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
-                 for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in model.state_dict().items()}
+    config = {"format": FORMAT, "model": model.config(), "max_length": int(max_length), **(extra or {})}
+    with atomic_directory(out_dir) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME))
         tokenizer.save_pretrained(str(tmp))
-        config = {"format": FORMAT, "model": model.config(), "max_length": int(max_length), **(extra or {})}
-        atomic_write_text(tmp / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
-        for file in tmp.iterdir():  # temp files are private; a checkpoint is for everyone
-            file.chmod(0o644)
-        tmp.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
 
 

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from xclip.data.image_folder import collate_skipping, unreadable_item
 from xclip.data.images import load_image01
+from xclip.data.sampling import eval_loader
 from xclip.data.shapes import ShapesNotes
 
 SPLIT_FILES = {"train": "metadata_train.csv", "val": "metadata_dev.csv", "test": "metadata_test.csv"}
@@ -201,18 +202,14 @@ class DistillDataModule(pl.LightningDataModule):
             for split in ("train", "val") if stage in ("fit", None) else ("val", "test") if stage == "test" else ("val",):
                 self._split_records(split)
 
-    def _loader(self, split: str) -> DataLoader:
-        train = split == "train"
-        return DataLoader(self.dataset(split), batch_size=self.batch_size, shuffle=train, drop_last=train,
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset("train"), batch_size=self.batch_size, shuffle=True, drop_last=True,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           collate_fn=collate_skipping)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return eval_loader(self.dataset("val"), self.batch_size, collate_skipping, self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return eval_loader(self.dataset("test"), self.batch_size, collate_skipping, self.num_workers)
 

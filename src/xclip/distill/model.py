@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from xclip.backbones.inputs import check_images01
 from xclip.distill.fusion import build_fusion
 from xclip.distill.towers import TextTower, TowerOutput, VisionTower
 from xclip.explain.multimodal import MultimodalTarget
@@ -63,6 +64,7 @@ class MultimodalClassifier(nn.Module):
 
     def pixel_values(self, images01: Tensor) -> Tensor:
         """[B, 3, H, W] in [0, 1] -> the image tower's input."""
+        check_images01(images01)
         return self.vision.pixel_values(images01)
 
     def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> ClassifierOutput:

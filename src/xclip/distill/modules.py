@@ -4,7 +4,8 @@ classifiers, the student distilled from a frozen teacher.
 Both log ``{stage}/<task>_macro_f1``, ``_acc``, ``_auroc`` and ``{stage}/mean_macro_f1`` (the
 checkpoint monitor: the best checkpoint is the one with the highest mean macro F1 over the tasks),
 save the label vocabulary and the tokenizer inside every Lightning checkpoint, resume from one
-(``xclip fit --ckpt_path``), evaluate one (``xclip validate --ckpt_path``) and, with `export_dir`,
+(``xclip fit --ckpt_path``), evaluate one (``xclip validate --ckpt_path``) and (into the run directory
+or `export_dir`)
 export the best checkpoint of a fit in the shipped format (`xclip.distill.checkpoint`).
 
 They implement `xclip.explain.multimodal.MultimodalExplainable`, so `SHAPCallback` and
@@ -22,6 +23,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from xclip.backbones.inputs import check_texts
 from xclip.distill.checkpoint import load_classifier, save_classifier
 from xclip.distill.kd_loss import FeatureProjection, distillation_loss
 from xclip.distill.metrics import MultitaskClassificationMetrics
@@ -29,7 +31,7 @@ from xclip.distill.model import ClassifierOutput, MultimodalClassifier
 from xclip.distill.tokenizer import load_tokenizer
 from xclip.explain.multimodal import MultimodalInputs, MultimodalTarget
 from xclip.metrics import gather_objects
-from xclip.results import ReportRow
+from xclip.results import ReportRow, run_directory
 
 CHECKPOINT_KEY = "xclip_distill"
 
@@ -53,8 +55,10 @@ class MultimodalClassifierModule(pl.LightningModule):
         tokenizer: see `xclip.distill.tokenizer.load_tokenizer`.
         max_length: longest tokenised text (longer ones are cut).
         lr, weight_decay, warmup_steps: AdamW, linear warm-up then cosine decay to 0 (per step).
-        export_dir: after fit, write the best checkpoint there in the shipped format.
-        export_overwrite: replace an existing `export_dir`.
+        export: at the end of fit, write the best checkpoint in the shipped format.
+        export_dir: where (None: ``<log dir>/model``); never the shipped ``checkpoints/`` by default.
+        overwrite: allow `export_dir` to be an existing checkpoint folder (replaced atomically; a
+            fit that would replace one without it is refused before training).
         frozen: parts of the model not trained (``"vision"``, ``"text"``, ``"fusion"``...: its
             top-level submodules), e.g. a pretrained image tower used as a fixed feature extractor.
     """
@@ -64,16 +68,17 @@ class MultimodalClassifierModule(pl.LightningModule):
     def __init__(self, model: dict[str, Any] | None = None, init_from: str | None = None,
                  labels: dict[str, list[str]] | None = None, tokenizer: str = "shapes-wordpiece",
                  max_length: int = 32, lr: float = 3e-4, weight_decay: float = 0.01, warmup_steps: int = 100,
-                 export_dir: str | None = None, export_overwrite: bool = False, frozen: Sequence[str] = ()):
+                 export: bool = True, export_dir: str | None = None, overwrite: bool = False,
+                 frozen: Sequence[str] = ()):
         super().__init__()
         # where to export is not a property of the model: a resumed fit (whose checkpoint's
         # hyper-parameters LightningCLI re-applies) may export elsewhere
-        self.save_hyperparameters(ignore=["export_dir", "export_overwrite"])
+        self.save_hyperparameters(ignore=["export", "export_dir", "overwrite"])
         if (model is None) == (init_from is None):
             raise ValueError("give exactly one of `model` (an architecture) and `init_from` (a checkpoint folder)")
         self.model_args, self.init_from = dict(model or {}), init_from
         self.max_length, self.lr, self.weight_decay, self.warmup_steps = int(max_length), lr, weight_decay, warmup_steps
-        self.export_dir, self.export_overwrite, self.frozen = export_dir, export_overwrite, list(frozen)
+        self.export, self.export_dir, self.overwrite, self.frozen = export, export_dir, overwrite, list(frozen)
         self.model: MultimodalClassifier | None = None
         self.labels = _vocabulary(labels) if labels else None
         if init_from is not None:
@@ -118,7 +123,19 @@ class MultimodalClassifierModule(pl.LightningModule):
         saved = torch.load(path, map_location="cpu", weights_only=False).get(CHECKPOINT_KEY, {})
         return saved.get("labels")
 
+    def export_path(self) -> Path | None:
+        """Where fit exports the best weights (None: `export` is off)."""
+        if not self.export:
+            return None
+        return Path(self.export_dir).expanduser() if self.export_dir else run_directory(self.trainer) / "model"
+
     def setup(self, stage: str) -> None:
+        # refuse an export that would replace a checkpoint before training, not after it
+        target = self.export_path() if stage == "fit" else None
+        if target is not None and target.exists() and any(target.iterdir()) and not self.overwrite:
+            raise ValueError(f"export_dir {target} already exists: this fit would replace it. Export elsewhere "
+                             "(default: the run's log directory), or set `overwrite: true` to replace it on purpose "
+                             "(e.g. to re-make a shipped checkpoint; see its README)")
         datamodule = getattr(self.trainer, "datamodule", None)
         labels = self.labels or self._checkpoint_labels()
         if labels is None:
@@ -136,10 +153,7 @@ class MultimodalClassifierModule(pl.LightningModule):
     # ---- forward ---------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """input_ids, attention_mask [B, T] (padded to the longest, cut at max_length)."""
-        bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
-        if bad:
-            raise ValueError(f"texts at batch positions {bad} are empty or not strings")
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+        enc = self.tokenizer(check_texts(texts), padding=True, truncation=True, max_length=self.max_length,
                              return_tensors="pt")
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
@@ -265,7 +279,8 @@ class MultimodalClassifierModule(pl.LightningModule):
         self.max_length = int(saved["max_length"])
 
     def on_fit_end(self) -> None:
-        if not self.export_dir or not self.trainer.is_global_zero:
+        target = self.export_path()
+        if target is None or not self.trainer.is_global_zero:
             return
         callback = self.trainer.checkpoint_callback
         best = getattr(callback, "best_model_path", "") if callback is not None else ""
@@ -275,9 +290,8 @@ class MultimodalClassifierModule(pl.LightningModule):
         score = getattr(callback, "best_model_score", None)
         extra = {"role": self.role, "best_checkpoint": str(best) or None,
                  "best_val_mean_macro_f1": None if score is None else float(score)}
-        save_classifier(self.model, self.tokenizer, self.export_dir, self.max_length, extra=extra,
-                        overwrite=self.export_overwrite)
-        print(f"exported the {self.role} ({'best' if best else 'last'} weights) to {self.export_dir}")
+        save_classifier(self.model, self.tokenizer, target, self.max_length, extra=extra, overwrite=self.overwrite)
+        print(f"exported the {self.role} ({'best' if best else 'last'} weights) to {target}")
 
 
 class TeacherModule(MultimodalClassifierModule):

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xclip.backbones.inputs import check_images01, check_texts
+
 SPECIAL_TOKENS = frozenset({"[CLS]", "[SEP]", "[PAD]", "<s>", "</s>", "<pad>", "[MASK]"})
 
 
@@ -61,6 +63,8 @@ class MultimodalInputs:
     pad_token_id: int = 0
 
     def __post_init__(self):
+        check_images01(self.images01, "images01")  # NaN, uint8, 0-255 floats, channels last
+        check_texts(self.texts)
         n = self.pixel_values.shape[0]
         if self.input_ids.shape != self.attention_mask.shape or self.input_ids.ndim != 2:
             raise ValueError(f"input_ids {tuple(self.input_ids.shape)} and attention_mask "
