@@ -16,21 +16,13 @@ import torch
 from torch import Tensor
 
 from xclip.explain.base import autocast, autocast_dtype, explaining
-from xclip.explain.multimodal import SPECIAL_TOKENS, MultimodalAttribution, MultimodalInputs, MultimodalTarget
-
-
-def _pick_classes(classes: str | Tensor | None, output: Tensor) -> Tensor:
-    n, k = output.shape
-    if classes is None:
-        return torch.arange(k, device=output.device).expand(n, k).contiguous()
-    if isinstance(classes, str):
-        if classes != "predicted":
-            raise ValueError(f"classes must be 'predicted', a [N] tensor or None, got {classes!r}")
-        return output.argmax(1, keepdim=True)
-    classes = torch.as_tensor(classes, device=output.device).long().view(-1, 1)
-    if classes.shape[0] != n or classes.min() < 0 or classes.max() >= k:
-        raise ValueError(f"classes must be {n} ids in [0, {k}), got {classes.view(-1).tolist()}")
-    return classes
+from xclip.explain.multimodal import (
+    SPECIAL_TOKENS,
+    MultimodalAttribution,
+    MultimodalInputs,
+    MultimodalTarget,
+    explained_classes,
+)
 
 
 def text_baseline_ids(inputs: MultimodalInputs) -> Tensor:
@@ -86,7 +78,7 @@ class CaptumExplainer:
                 output = self._forward(pv, ids, mask)
                 ref_image = self._forward(base_pv, ids, mask)
                 ref_text = self._forward(pv, base_ids, mask)
-            cls = _pick_classes(classes, output)
+            cls = explained_classes(classes, output)
             ig = IntegratedGradients(lambda p, i, m: self._forward(p, i, m))
             lig = LayerIntegratedGradients(lambda i, p, m: self._forward(p, i, m), self.target.embedding_layer)
             images, tokens, d_img, d_txt = [], [], [], []

@@ -181,3 +181,19 @@ def word_rank(words: Sequence[tuple[str, float]], word: str) -> int | None:
     if not own:
         return None
     return 1 + sum(abs(s) >= max(own) for w, s in words if w.lower() != key)
+
+
+def explained_classes(classes: str | Tensor | None, output: Tensor) -> Tensor:
+    """The output columns to explain per sample, `[N, k]` ids into `output` `[N, K]`: every
+    column (None), the predicted one ("predicted") or one given id per sample (`[N]`)."""
+    n, k = output.shape
+    if classes is None:
+        return torch.arange(k, device=output.device).expand(n, k).contiguous()
+    if isinstance(classes, str):
+        if classes != "predicted":
+            raise ValueError(f"classes must be 'predicted', a [N] tensor or None, got {classes!r}")
+        return output.argmax(1, keepdim=True)
+    classes = torch.as_tensor(classes, device=output.device).long().view(-1, 1)
+    if classes.shape[0] != n or classes.min() < 0 or classes.max() >= k:
+        raise ValueError(f"classes must be {n} ids in [0, {k}), got {classes.view(-1).tolist()}")
+    return classes

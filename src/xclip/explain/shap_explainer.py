@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from xclip.explain.base import autocast, autocast_dtype, explaining
-from xclip.explain.multimodal import MultimodalAttribution, MultimodalInputs, MultimodalTarget
+from xclip.explain.multimodal import MultimodalAttribution, MultimodalInputs, MultimodalTarget, explained_classes
 
 ENGINES = ("batched", "shap")
 
@@ -130,7 +130,7 @@ class SHAPExplainer:
                 bg_img = self.background.pixel_values.to(device).float().clone()
                 bg_emb = self.target.embed(bg_ids).detach().float()
                 output = self._forward(x_img, x_emb, mask)
-            cls = self._classes(classes, output)
+            cls = explained_classes(classes, output)
             if self.engine == "batched":
                 phi_img, phi_emb = self._batched(x_img, x_emb, mask, bg_img, bg_emb, cls, seeds)
             else:
@@ -190,19 +190,6 @@ class SHAPExplainer:
     def _forward(self, pixel_values: Tensor, token_embeds: Tensor, mask: Tensor) -> Tensor:
         with autocast(pixel_values.device, self.precision):
             return self.target.forward_embeds(pixel_values, token_embeds, mask).float()
-
-    def _classes(self, classes: str | Tensor | None, output: Tensor) -> Tensor:
-        n, k = output.shape
-        if classes is None:
-            return torch.arange(k, device=output.device).expand(n, k).contiguous()
-        if isinstance(classes, str):
-            if classes != "predicted":
-                raise ValueError(f"classes must be 'predicted', a [N] tensor or None, got {classes!r}")
-            return output.argmax(1, keepdim=True)
-        classes = torch.as_tensor(classes, device=output.device).long().view(-1, 1)
-        if classes.shape[0] != n or classes.min() < 0 or classes.max() >= k:
-            raise ValueError(f"classes must be {n} ids in [0, {k}), got {classes.view(-1).tolist()}")
-        return classes
 
     def _background_mean(self, bg_img: Tensor, bg_emb: Tensor, mask: Tensor) -> Tensor:
         """[N, K]: the mean output over the background rows, each read with sample n's mask."""
