@@ -99,7 +99,7 @@ class XClipCLI(LightningCLI):
 
 
 # name -> "module:function(argv: list[str]) -> int | None", for commands outside the Lightning loops
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {"app": "xclip.faithfulness.app:main"}
 
 
 def main(args: list[str] | None = None) -> None:
