@@ -62,7 +62,9 @@ class TSPOHeadModule(pl.LightningModule):
         hidden, dropout, init_scale: the head (see `TSPOHead`).
         lr, weight_decay: AdamW; the learning rate decays with a cosine to 0 over the run.
         patch_weight: weight of the patch term.
-        export_dir: where the trained head is exported after fit (must not exist yet).
+        export_dir: where the trained head is exported after fit (must not exist yet): the weights
+            of the validation epoch with the best head pair accuracy (model selection on the
+            validation split; the test split stays untouched).
         head_checkpoint: an exported head to start from (e.g. ``xclip test`` of the shipped head).
         log_prompts: held-out prompts whose patch predictions go to TensorBoard.
     """
@@ -86,6 +88,7 @@ class TSPOHeadModule(pl.LightningModule):
         self.table = ScoreTable(floats, ("index", "render", "faithful", "has_error"), unique_by=("index", "render"))
         self._results: dict[str, Any] = {}
         self._figure_batch: dict[str, Tensor] | None = None
+        self._best: tuple[float, int, dict[str, Tensor], dict[str, Any]] | None = None  # (accuracy, epoch, weights, val results)
 
     # ---- forward -------------------------------------------------------------------------------
     def _features(self, batch: dict[str, Tensor]) -> HeadFeatures:
@@ -174,7 +177,12 @@ class TSPOHeadModule(pl.LightningModule):
         for k, v in metrics.items():
             self.log(f"{stage}/tspo/{k}", v, sync_dist=True)
         self._results[stage] = {"metrics": metrics, "n_prompts": int(rows["index"].unique().numel()),
-                                "n_images": int(rows["index"].numel()), "n_error_images": int(error.sum())}
+                                "n_images": int(rows["index"].numel()), "n_error_images": int(error.sum()),
+                                "epoch": self.current_epoch, "step": self.global_step}
+        accuracy = metrics["head_pair_accuracy"]
+        if stage == "val" and self.trainer.state.fn == "fit" and (self._best is None or accuracy > self._best[0]):
+            weights = {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()}
+            self._best = (accuracy, self.current_epoch, weights, dict(self._results["val"]))
         self._log_figure(stage)
 
     def _log_figure(self, stage: str) -> None:
@@ -203,12 +211,15 @@ class TSPOHeadModule(pl.LightningModule):
     def on_fit_end(self) -> None:
         if self.hparams.export_dir is None or not self.trainer.is_global_zero:
             return
-        val = self._results.get("val", {})
+        head, val = self.head, self._results.get("val", {})
+        if self._best is not None:  # the best validation epoch's weights
+            head = load_state(self.head, self._best[2])
+            val = self._best[3]
         extra = {"trained_with": {k: v for k, v in self.hparams.items() if k not in ("export_dir", "head_checkpoint")},
                  "validation": val}
         card = head_card(self.backbone_spec, val, self.trainer.global_step)
-        export_head(self.head, self.hparams.export_dir, self.backbone, self.backbone_spec, extra, card)
-        print(f"exported the TSPO head to {self.hparams.export_dir}")
+        export_head(head, self.hparams.export_dir, self.backbone, self.backbone_spec, extra, card)
+        print(f"exported the TSPO head (validation epoch {val.get('epoch')}) to {self.hparams.export_dir}")
 
     def report_rows(self, metrics: Mapping[str, float | None]) -> list[ReportRow]:
         rows = []
@@ -228,6 +239,15 @@ class TSPOHeadModule(pl.LightningModule):
 
     def extra_results(self) -> dict[str, Any]:
         return {"backbone": self.backbone_spec, "tspo": self._results}
+
+
+def load_state(head: TSPOHead, weights: dict[str, Tensor]) -> TSPOHead:
+    """A copy of `head` holding `weights`."""
+    copy = TSPOHead(**{k: v for k, v in head.config.items() if k not in ("embed_dim", "token_width", "patch_grid")},
+                    embed_dim=head.config["embed_dim"], token_width=head.config["token_width"],
+                    patch_grid=tuple(head.config["patch_grid"]))
+    copy.load_state_dict(weights)
+    return copy.eval()
 
 
 def _patch_figure(rows: list[tuple], grid: tuple[int, int]) -> Figure:
@@ -256,7 +276,8 @@ def head_card(spec: str, val: dict[str, Any], steps: int) -> str:
     """The model card written with an export (the recipe's validation numbers)."""
     metrics = val.get("metrics", {})
     lines = ["# TSPO head", "", f"An MLP on frozen `{spec}` features (see `xclip.faithfulness.tspo_head`), trained "
-             f"{steps} steps with `xclip fit --config configs/tspo_head_shapes.yaml`.", "",
+             f"{steps} steps with `xclip fit --config configs/tspo_head_shapes.yaml`; exported: the weights of "
+             f"validation epoch {val.get('epoch', '?')} (step {val.get('step', '?')}), the best head pair accuracy.", "",
              f"Validation ({val.get('n_prompts', '?')} prompts, {val.get('n_error_images', '?')} erroneous images):", "",
              "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
