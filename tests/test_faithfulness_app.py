@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from tipai_fixtures import write_database
+
 from xclip.faithfulness.app import Browser
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,10 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import faithfulness_db_writer as writer
 import numpy as np
 import pytest
 
-import faithfulness_db_writer as writer
 from xclip.faithfulness.database import (
     SCHEMA_VERSION,
     FaithfulnessDatabase,

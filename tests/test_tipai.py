@@ -11,13 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from tipai_fixtures import write_prompt_folder
+
 from xclip.backbones import shared_backbone
 from xclip.cli import main
 from xclip.data.shapes import ShapesFaithfulness
 from xclip.explain import GradECLIP
-from xclip.faithfulness import FaithfulnessDatabase, PromptFolder, TiPAIScorer, read_prompts
+from xclip.faithfulness import (
+    FaithfulnessDatabase,
+    PromptFolder,
+    TiPAIScorer,
+    read_prompts,
+)
 from xclip.faithfulness.grid import cell_edges, resample_to_cells
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -88,7 +88,8 @@ class TSPOHeadModule(pl.LightningModule):
         self.table = ScoreTable(floats, ("index", "render", "faithful", "has_error"), unique_by=("index", "render"))
         self._results: dict[str, Any] = {}
         self._figure_batch: dict[str, Tensor] | None = None
-        self._best: tuple[float, int, dict[str, Tensor], dict[str, Any]] | None = None  # (accuracy, epoch, weights, val results)
+        # the best validation epoch so far: (head pair accuracy, epoch, head weights, validation results)
+        self._best: tuple[float, int, dict[str, Tensor], dict[str, Any]] | None = None
 
     # ---- forward -------------------------------------------------------------------------------
     def _features(self, batch: dict[str, Tensor]) -> HeadFeatures:
@@ -166,8 +167,8 @@ class TSPOHeadModule(pl.LightningModule):
         rows = {k: v.cpu() for k, v in self.table.rows().items()}
         if not rows["index"].numel() or self.trainer.sanity_checking:
             return
-        metrics = {"head_pair_accuracy": pair_statistics(rows["reward"], rows["index"], rows["faithful"])["pair_accuracy"],
-                   "zero_shot_pair_accuracy": pair_statistics(rows["zero_shot"], rows["index"], rows["faithful"])["pair_accuracy"]}
+        metrics = {f"{name}_pair_accuracy": pair_statistics(rows[col], rows["index"], rows["faithful"])["pair_accuracy"]
+                   for name, col in (("head", "reward"), ("zero_shot", "zero_shot"))}
         error = rows["has_error"] == 1
         for name in BASELINES:
             for m in ("iou", "auc"):
@@ -227,9 +228,9 @@ class TSPOHeadModule(pl.LightningModule):
             pre = f"{stage}/tspo/"
             keys = [pre + k for k in ("head_pair_accuracy", "zero_shot_pair_accuracy") if pre + k in metrics]
             if keys:
+                labels = {"head_pair_accuracy": "head", "zero_shot_pair_accuracy": "zero-shot CLIP"}
                 rows.append(ReportRow("TSPO head", f"pairwise accuracy, faithful vs erroneous [{stage}]",
-                                      {"head": metrics[keys[0]], **({"zero-shot CLIP": metrics[keys[1]]} if len(keys) > 1 else {})},
-                                      keys))
+                                      {labels[k[len(pre):]]: metrics[k] for k in keys}, keys))
             for m, label in (("iou", "patch IoU at 0.5"), ("auc", "patch AUC")):
                 keys = [f"{pre}{b}_patch_{m}" for b in BASELINES if f"{pre}{b}_patch_{m}" in metrics]
                 if keys:
