@@ -1,7 +1,7 @@
 """A screenshot of ``xclip app`` for the README: starts the app on a TiPAI database, opens it in
 Debian's headless Chromium, selects a prompt and saves the page.
 
-    python scripts/app_screenshot.py --db runs/tipai_shapes/tipai.db --head checkpoints/tspo-head-shapes \
+    python scripts/app_screenshot.py --db runs/tipai_shapes/tipai.db --head checkpoints/tspo-head-tiny-shapes \
         --prompt 2 --out docs/tipai_app.png
 """
 

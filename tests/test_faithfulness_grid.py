@@ -5,7 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xclip.faithfulness.grid import cell_edges, cell_means, cells_to_pixels, crop_cells, resample_to_cells
+from xclip.faithfulness.grid import (
+    cell_edges,
+    cell_means,
+    cells_to_pixels,
+    crop_cells,
+    resample_to_cells,
+)
 
 SIZES = [(64, 64), (37, 53), (7, 7), (101, 9), (225, 224)]
 

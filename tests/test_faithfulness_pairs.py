@@ -5,7 +5,12 @@ import math
 import pytest
 import torch
 
-from xclip.faithfulness.pairs import bradley_terry_loss, pairwise_accuracy, prompt_weights, select_pairs
+from xclip.faithfulness.pairs import (
+    bradley_terry_loss,
+    pairwise_accuracy,
+    prompt_weights,
+    select_pairs,
+)
 
 
 def log1pexp(x):

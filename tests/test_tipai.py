@@ -170,15 +170,17 @@ def test_folder_config_skips_an_unreadable_image(tmp_path):
     assert images[0].path == str(folder / "prompt_001_0.png") and images[0].faithful is None
 
 
+@pytest.mark.slow  # two Lightning processes: ~1-3 min on 2 cores
 def test_two_processes_give_the_single_process_numbers_and_database(shapes_run, tmp_path):
     root, single = shapes_run
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     env.pop("MASTER_PORT", None)
     db = tmp_path / "ddp.db"
-    # 3 prompts, one per batch: the distributed sampler pads one process with a repeat
+    # 3 prompts in batches of 2 (as the single run): whole batches per process (BatchAlignedSampler),
+    # so every batch, and every number, is the single process's
     cmd = [sys.executable, "-m", "xclip.cli", "validate", "--config", str(SHAPES), "--trainer.logger.init_args.save_dir",
            str(tmp_path / "logs"), "--model.init_args.db_path", str(db), *SMALL, "--data.init_args.n", "3",
-           "--data.init_args.batch_size", "1", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+           "--trainer.devices", "2", "--trainer.strategy", "ddp"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(next((tmp_path / "logs").glob("*/version_*/results.json")).read_text())

@@ -20,7 +20,7 @@ from xclip.faithfulness.tspo_module import pair_labels, prompt_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tspo_head_shapes.yaml"
-SHIPPED = ROOT / "checkpoints" / "tspo-head-shapes"
+SHIPPED = ROOT / "checkpoints" / "tspo-head-tiny-shapes"
 
 
 @pytest.fixture(scope="module")

@@ -164,6 +164,7 @@ class GradECLIP(Explainer):
         (channel [N, 1, H, gh, gw], as `pair_maps`). `trace`: the caller's own
         ``backbone.trace_image(images, n_blocks=1)`` of these images (no graph needed), reused
         instead of a second forward (e.g. to read the patch tokens of the same pass)."""
+        self.check_inputs(images, texts)
         if pairs:
             check_pairs(images, texts)
         target_fn = resolve_target(target)
@@ -202,6 +203,7 @@ class GradECLIP(Explainer):
     def text_maps(self, images: Tensor, texts: Sequence[str], target: str | Target = "cosine") -> TextMaps:
         """Per-token and per-word scores for every (image, text) pair (see `TextMaps`)."""
         target_fn = resolve_target(target)
+        self.check_inputs(images, texts)
         texts = as_text_list(texts)
         tokens = self.backbone.tokenize(texts)
         images = images.to(self.backbone.device)

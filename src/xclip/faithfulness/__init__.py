@@ -4,7 +4,12 @@ chosen/rejected pairs in one SQLite database, the TSPO head trained on the pairs
 
 from xclip.faithfulness.callback import TiPAIFiguresCallback
 from xclip.faithfulness.database import FaithfulnessDatabase, FaithfulnessDatabaseError
-from xclip.faithfulness.datamodule import PromptFolder, ShapesPrompts, TiPAIDataModule, read_prompts
+from xclip.faithfulness.datamodule import (
+    PromptFolder,
+    ShapesPrompts,
+    TiPAIDataModule,
+    read_prompts,
+)
 from xclip.faithfulness.pairs import bradley_terry_loss, pairwise_accuracy, select_pairs
 from xclip.faithfulness.scoring import TiPAIScorer, TiPAIScores, badness
 from xclip.faithfulness.tipai_module import TiPAIModule

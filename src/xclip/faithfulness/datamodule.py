@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from xclip.data.images import IMAGE_EXTENSIONS, load_image01
+from xclip.data.sampling import eval_loader
 from xclip.data.shapes import ShapesFaithfulness
 
 log = logging.getLogger(__name__)
@@ -216,8 +217,7 @@ class TiPAIDataModule(pl.LightningDataModule):
         return PromptFolder(self.root, self.image_size, self.prompts_file)
 
     def _loader(self, split: str) -> DataLoader:
-        return DataLoader(self.dataset(split), batch_size=self.batch_size, num_workers=self.num_workers,
-                          collate_fn=collate_prompts, persistent_workers=self.num_workers > 0)
+        return eval_loader(self.dataset(split), self.batch_size, collate_prompts, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

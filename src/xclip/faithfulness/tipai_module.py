@@ -23,9 +23,21 @@ from torch import Tensor
 
 from xclip.backbones import Backbone, resolve_backbone
 from xclip.data.embedding_cache import weights_fingerprint
-from xclip.faithfulness.database import FaithfulnessDatabase, ImageRecord, PairRecord, PromptRecord, ScoreRecord
+from xclip.faithfulness.database import (
+    FaithfulnessDatabase,
+    ImageRecord,
+    PairRecord,
+    PromptRecord,
+    ScoreRecord,
+)
 from xclip.faithfulness.grid import resample_to_cells
-from xclip.faithfulness.localisation import METRIC_KEYS, error_cells, localisation, pair_statistics, random_goodness
+from xclip.faithfulness.localisation import (
+    METRIC_KEYS,
+    error_cells,
+    localisation,
+    pair_statistics,
+    random_goodness,
+)
 from xclip.faithfulness.pairs import select_pairs
 from xclip.faithfulness.scoring import METHODS, TiPAIScorer
 from xclip.faithfulness.tspo_head import TSPOHead, load_head
@@ -50,7 +62,7 @@ class TiPAIModule(pl.LightningModule):
         db_path: the TiPAI database (default ``<run dir>/tipai.db``); give a fixed path to resume
             an interrupted run or to re-run without re-scoring.
         resume: read prompts the database holds complete instead of scoring them again.
-        head: an exported TSPO head directory (``checkpoints/tspo-head-shapes``): its reward and
+        head: an exported TSPO head directory (``checkpoints/tspo-head-tiny-shapes``): its reward and
             patch error probabilities are stored as method ``head`` (needs ``dense``, whose
             forward it reads).
         random_seed: seed of the random-map baseline.

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from xclip.backbones import Backbone, resolve_backbone
 from xclip.data.embedding_cache import weights_fingerprint
+from xclip.data.sampling import eval_loader
 from xclip.data.shapes import ShapesFaithfulness
 from xclip.faithfulness.grid import cell_means
 from xclip.faithfulness.scoring import TiPAIScorer
@@ -56,6 +57,7 @@ class _Collate:
         idx = torch.tensor(indices, dtype=torch.long)
         batch = {k: (v[idx].float() if v.is_floating_point() else v[idx]) for k, v in self.tensors.items()}
         batch["index"] = idx
+        batch["task"] = "tspo"
         return batch
 
 
@@ -152,6 +154,8 @@ class TSPOFeatureDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         tensors = self.features[split]
+        if not shuffle:
+            return eval_loader(_Prompts(tensors["text"].shape[0]), self.batch_size, _Collate(tensors), self.num_workers)
         return DataLoader(_Prompts(tensors["text"].shape[0]), batch_size=self.batch_size, shuffle=shuffle,
                           num_workers=self.num_workers, collate_fn=_Collate(tensors), drop_last=False)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,12 +206,20 @@ def load_head(path: str | Path) -> TSPOHead:
 
 
 def export_head(head: TSPOHead, path: str | Path, backbone: Backbone, backbone_spec: str, extra: dict[str, Any] | None = None,
-                card: str | None = None) -> Path:
+                card: str | None = None, overwrite: bool = False) -> Path:
     """Write `head` as ``path/{model.safetensors, config.json, README.md}`` through a temporary
-    sibling directory renamed into place; an existing `path` is never overwritten."""
+    sibling directory renamed into place. An existing `path` is replaced only with `overwrite`:
+    it is moved aside as ``.<name>.backup-<id>`` and deleted once the new directory is in place
+    (a crash leaves the old or the new head, never half of either); its own ``README.md`` (a
+    hand-written card) is kept.
+
+    Raises:
+        FileExistsError: `path` exists and `overwrite` is False.
+    """
     path = Path(path).expanduser()
-    if path.exists():
-        raise FileExistsError(f"{path} exists: export the head to a new directory (existing exports are never overwritten)")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists: export the head to a new directory, or pass overwrite=True to replace "
+                              "it on purpose")
     config = {"architecture": ARCHITECTURE, "format_version": FORMAT_VERSION, "head": head.config,
               "backbone": backbone_spec, "backbone_weights_sha256": weights_fingerprint(backbone),
               "features": "prompt + image embeddings (normalised), patch tokens before ln_post, patch-token cosine",
@@ -222,9 +231,19 @@ def export_head(head: TSPOHead, path: str | Path, backbone: Backbone, backbone_s
     try:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(text + "\n")
-        (tmp / CARD_NAME).write_text(card or f"# TSPO head\n\nBackbone: `{backbone_spec}`.\n")
+        kept_card = path / CARD_NAME
+        if kept_card.is_file():
+            shutil.copy2(kept_card, tmp / CARD_NAME)
+        else:
+            (tmp / CARD_NAME).write_text(card or f"# TSPO head\n\nBackbone: `{backbone_spec}`.\n")
         tmp.chmod(0o755)
-        tmp.rename(path)
+        if path.exists():  # a directory cannot be replaced by one rename: move the old one aside first
+            backup = path.with_name(f".{path.name}.backup-{uuid.uuid4().hex[:8]}")
+            path.rename(backup)
+            tmp.rename(path)
+            shutil.rmtree(backup)
+        else:
+            tmp.rename(path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

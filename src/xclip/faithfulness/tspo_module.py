@@ -35,7 +35,7 @@ from xclip.faithfulness.pairs import bradley_terry_loss, pairwise_accuracy
 from xclip.faithfulness.patch_metrics import minmax_badness, patch_auc, patch_iou
 from xclip.faithfulness.tspo_head import HeadFeatures, TSPOHead, export_head, load_head
 from xclip.metrics.score_table import ScoreTable
-from xclip.results import ReportRow
+from xclip.results import ReportRow, run_directory
 
 BASELINES = ("head", "dense", "crops")
 
@@ -62,16 +62,20 @@ class TSPOHeadModule(pl.LightningModule):
         hidden, dropout, init_scale: the head (see `TSPOHead`).
         lr, weight_decay: AdamW; the learning rate decays with a cosine to 0 over the run.
         patch_weight: weight of the patch term.
-        export_dir: where the trained head is exported after fit (must not exist yet): the weights
-            of the validation epoch with the best head pair accuracy (model selection on the
-            validation split; the test split stays untouched).
+        export: export the trained head at the end of fit: the weights of the validation epoch
+            with the best head pair accuracy (model selection on the validation split; the test
+            split stays untouched).
+        export_dir: where (None: ``<log dir>/model``; fit never writes into ``checkpoints/`` unless
+            told to).
+        overwrite: allow `export_dir` to exist already (replaced atomically, e.g. to re-make the
+            shipped ``checkpoints/tspo-head-tiny-shapes`` on purpose); without it fit refuses at setup.
         head_checkpoint: an exported head to start from (e.g. ``xclip test`` of the shipped head).
         log_prompts: held-out prompts whose patch predictions go to TensorBoard.
     """
 
     def __init__(self, backbone: str | Backbone = "xclip:tiny-shapes", hidden: int = 256, dropout: float = 0.1,
                  init_scale: float = 10.0, lr: float = 1e-3, weight_decay: float = 1e-4, patch_weight: float = 1.0,
-                 export_dir: str | None = None, head_checkpoint: str | None = None, log_prompts: int = 4):
+                 export: bool = True, export_dir: str | None = None, overwrite: bool = False, head_checkpoint: str | None = None, log_prompts: int = 4):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
         backbone, self.backbone_spec = resolve_backbone(backbone)
@@ -144,7 +148,7 @@ class TSPOHeadModule(pl.LightningModule):
                           faithful=batch["faithful"].flatten().long(), has_error=target.any(1).long())
         if batch_idx == 0:
             self._figure_batch = {k: v[: self.hparams.log_prompts].detach().cpu() for k, v in
-                                  {**batch, "prob": logits.sigmoid()}.items()}
+                                  {**batch, "prob": logits.sigmoid()}.items() if isinstance(v, Tensor)}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, batch_idx)
@@ -204,23 +208,35 @@ class TSPOHeadModule(pl.LightningModule):
             if hasattr(getattr(lg, "experiment", None), "add_image"):
                 lg.experiment.add_image(f"tspo/{stage}/patch_predictions", array, self.global_step, dataformats="HWC")
 
-    def on_fit_start(self) -> None:
-        export = self.hparams.export_dir
-        if export is not None and Path(export).exists():  # fail before training, not after it
-            raise FileExistsError(f"export_dir {export} exists: choose a new directory (exports never overwrite)")
+    def export_path(self) -> Path | None:
+        """Where fit exports the head (None: `export` is off)."""
+        if not self.hparams.export:
+            return None
+        if self.hparams.export_dir:
+            return Path(self.hparams.export_dir).expanduser()
+        return run_directory(self.trainer) / "model"
+
+    def setup(self, stage: str) -> None:
+        # refuse an export that would replace a directory before training, not after it
+        target = self.export_path() if stage == "fit" else None
+        if target is not None and target.exists() and not self.hparams.overwrite:
+            raise ValueError(f"export_dir {target} already exists: this fit would replace it. Export elsewhere "
+                             "(default: the run's log directory), or set `overwrite: true` to replace it on purpose "
+                             "(e.g. to re-make the shipped checkpoints/tspo-head-tiny-shapes; see its README)")
 
     def on_fit_end(self) -> None:
-        if self.hparams.export_dir is None or not self.trainer.is_global_zero:
+        target = self.export_path()
+        if target is None or not self.trainer.is_global_zero:
             return
         head, val = self.head, self._results.get("val", {})
         if self._best is not None:  # the best validation epoch's weights
             head = load_state(self.head, self._best[2])
             val = self._best[3]
-        extra = {"trained_with": {k: v for k, v in self.hparams.items() if k not in ("export_dir", "head_checkpoint")},
-                 "validation": val}
+        skip = ("export", "export_dir", "overwrite", "head_checkpoint")
+        extra = {"trained_with": {k: v for k, v in self.hparams.items() if k not in skip}, "validation": val}
         card = head_card(self.backbone_spec, val, self.trainer.global_step)
-        export_head(head, self.hparams.export_dir, self.backbone, self.backbone_spec, extra, card)
-        print(f"exported the TSPO head (validation epoch {val.get('epoch')}) to {self.hparams.export_dir}")
+        export_head(head, target, self.backbone, self.backbone_spec, extra, card, overwrite=self.hparams.overwrite)
+        print(f"exported the TSPO head (validation epoch {val.get('epoch')}) to {target}")
 
     def report_rows(self, metrics: Mapping[str, float | None]) -> list[ReportRow]:
         rows = []
