@@ -2,6 +2,7 @@
 score, export/load/score round trip, `xclip fit` + `xclip test` on cached features, and the shipped
 head beats the zero-shot score on held-out ShapesWorld pairs."""
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -95,12 +96,21 @@ def test_export_load_and_score_round_trip(bb, features, tmp_path):
     assert reward.shape == (4,) and grid.shape == (4, 8, 8)
     assert torch.allclose(reward, want_reward[:4], atol=1e-4)
     assert torch.allclose(grid.flatten(1), want_logits[:4].sigmoid(), atol=1e-4)
-    with pytest.raises(FileExistsError, match="never overwritten"):
+    with pytest.raises(FileExistsError, match="overwrite=True"):
         export_head(head, path, bb, "xclip:tiny-shapes")
+    with torch.no_grad():
+        head.scale.fill_(3.0)
+    export_head(head, path, bb, "xclip:tiny-shapes", card="# generated\n", overwrite=True)  # replaced on purpose
+    assert load_head(path).scale.item() == 3.0 and (path / "README.md").read_text() == "# card\n"  # the card is kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["head"]  # no temporary or backup directory left
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text(json.dumps({"architecture": "openclip"}))
     with pytest.raises(ValueError, match="is not 'tspo-head'"):
         load_head(tmp_path / "bad")
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def test_fit_exports_and_test_measures_on_cached_features(tmp_path):
@@ -108,14 +118,18 @@ def test_fit_exports_and_test_measures_on_cached_features(tmp_path):
              "--data.init_args.batch_size", "4", "--data.init_args.cache_dir", str(tmp_path / "cache"),
              "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--trainer.enable_progress_bar", "false",
              "--trainer.enable_checkpointing", "false"]
-    main(["fit", "--config", str(CONFIG), *small, "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1",
-          "--model.init_args.export_dir", str(tmp_path / "head")])
-    card = (tmp_path / "head" / "README.md").read_text()
+    shipped = digests(SHIPPED) if SHIPPED.is_dir() else None
+    main(["fit", "--config", str(CONFIG), *small, "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1"])
+    if shipped is not None:  # the recipe never writes into checkpoints/
+        assert digests(SHIPPED) == shipped
+    head = next((tmp_path / "logs").glob("*/version_0/model"))  # the export went to the run's log directory
+    card = (head / "README.md").read_text()
     assert "head_pair_accuracy" in card and "zero_shot_pair_accuracy" in card
     assert sorted(p.name.split("_")[1] for p in (tmp_path / "cache").glob("*.safetensors")) == ["train", "val"]
-    main(["test", "--config", str(CONFIG), *small, "--model.init_args.head_checkpoint", str(tmp_path / "head"),
-          "--model.init_args.export_dir", str(tmp_path / "head")])  # test never exports: an existing dir is fine
-    results = json.loads(next((tmp_path / "logs").glob("*/version_1/results.json")).read_text())
+    with pytest.raises(SystemExit, match="already exists.*overwrite: true"):  # refused before training
+        main(["fit", "--config", str(CONFIG), *small, "--trainer.max_epochs", "1", "--model.init_args.export_dir", str(head)])
+    main(["test", "--config", str(CONFIG), *small, "--model.init_args.head_checkpoint", str(head)])
+    results = json.loads(max((tmp_path / "logs").glob("*/version_*/results.json")).read_text())
     metrics = results["tspo"]["test"]["metrics"]
     assert results["tspo"]["test"]["n_prompts"] == 1
     for key in ("head_pair_accuracy", "zero_shot_pair_accuracy", "head_patch_iou", "crops_patch_iou", "crops_patch_auc"):

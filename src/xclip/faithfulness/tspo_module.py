@@ -4,7 +4,8 @@ configs/tspo_head_shapes.yaml``) and measures it on held-out prompts next to its
 Loss per batch of prompts: the Bradley-Terry loss over every ordered pair of a prompt's renderings
 (faithful vs erroneous: the faithful one wins; two renderings of the same kind: a tie, 0.5/0.5;
 PickScore's 1 / pairs-of-the-prompt weights) plus ``patch_weight`` x the patch term
-MSE(sigmoid(logit), patch target) (HPSv2's region loss, here text-conditioned).
+MSE(sigmoid(logit), patch target) (HPSv2's region loss, here text-conditioned), plus
+``residual_penalty`` x mean(g^2) of the reward's learned residual over the zero-shot score.
 
 Validation / test metrics (``{stage}/tspo/...``): pairwise accuracy of the head's reward and of the
 zero-shot cosine on the faithful-vs-erroneous pairs; patch IoU at 0.5 and patch AUC over the
@@ -62,6 +63,9 @@ class TSPOHeadModule(pl.LightningModule):
         hidden, dropout, init_scale: the head (see `TSPOHead`).
         lr, weight_decay: AdamW; the learning rate decays with a cosine to 0 over the run.
         patch_weight: weight of the patch term.
+        residual_penalty: weight of mean(g^2), g = reward - scale * zero-shot cosine (the learned
+            residual): keeps the reward anchored at the zero-shot score where the features give
+            no evidence (0: off).
         export: export the trained head at the end of fit: the weights of the validation epoch
             with the best head pair accuracy (model selection on the validation split; the test
             split stays untouched).
@@ -75,7 +79,8 @@ class TSPOHeadModule(pl.LightningModule):
 
     def __init__(self, backbone: str | Backbone = "xclip:tiny-shapes", hidden: int = 256, dropout: float = 0.1,
                  init_scale: float = 10.0, lr: float = 1e-3, weight_decay: float = 1e-4, patch_weight: float = 1.0,
-                 export: bool = True, export_dir: str | None = None, overwrite: bool = False, head_checkpoint: str | None = None, log_prompts: int = 4):
+                 residual_penalty: float = 0.0, export: bool = True, export_dir: str | None = None,
+                 overwrite: bool = False, head_checkpoint: str | None = None, log_prompts: int = 4):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
         backbone, self.backbone_spec = resolve_backbone(backbone)
@@ -113,9 +118,12 @@ class TSPOHeadModule(pl.LightningModule):
         p = pair_labels(batch["faithful"], i, j).to(reward)
         bt = bradley_terry_loss(reward[:, i].flatten(), reward[:, j].flatten(), p.flatten())
         patch = torch.nn.functional.mse_loss(logits.sigmoid(), batch["patch_target"].to(logits))
-        loss = bt + self.hparams.patch_weight * patch
+        residual = reward - self.head.scale * (batch["image"] * batch["text"][:, None]).sum(-1)  # g [B, R]
+        residual_loss = residual.pow(2).mean()
+        loss = bt + self.hparams.patch_weight * patch + self.hparams.residual_penalty * residual_loss
         acc = pairwise_accuracy(reward[:, i].flatten().detach(), reward[:, j].flatten().detach(), p.flatten())
-        return {"loss": loss, "bt_loss": bt, "patch_loss": patch, "pair_accuracy": torch.tensor(acc)}
+        return {"loss": loss, "bt_loss": bt, "patch_loss": patch, "residual_loss": residual_loss.detach(),
+                "pair_accuracy": torch.tensor(acc)}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self.losses(batch)
