@@ -134,3 +134,28 @@ def test_fit_exports_and_test_measures_on_cached_features(tmp_path):
     assert results["tspo"]["test"]["n_prompts"] == 1
     for key in ("head_pair_accuracy", "zero_shot_pair_accuracy", "head_patch_iou", "crops_patch_iou", "crops_patch_auc"):
         assert key in metrics and f"test/tspo/{key}" in results["metrics"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="measured on the 100 held-out test prompts: head pair accuracy 0.893 vs zero-shot 0.903 "
+                          "(the head leads on validation, 0.903 vs 0.883; see the card)")
+def test_the_shipped_head_beats_the_zero_shot_score_on_held_out_pairs(bb):
+    data = ShapesFaithfulness(n=100, seed=1000, image_size=64, n_renderings=4, split="test")  # the recipe's test split
+    scorer = TSPOScorer(SHIPPED, bb)
+    rewards, zero_shot, prompt, faithful = [], [], [], []
+    for k in range(len(data)):
+        item = data[k]
+        reward, _ = scorer.score(item["prompt"], item["images"])
+        with torch.no_grad():
+            cos = bb.encode_image(bb.normalize(item["images"]), normalize=True) @ \
+                bb.encode_text([item["prompt"]], normalize=True)[0]
+        rewards.append(reward)
+        zero_shot.append(cos)
+        prompt.append(torch.full((4,), k))
+        faithful.append(item["faithful"].long())
+    prompt, faithful = torch.cat(prompt), torch.cat(faithful)
+    head = pair_statistics(torch.cat(rewards), prompt, faithful)["pair_accuracy"]
+    clip = pair_statistics(torch.cat(zero_shot), prompt, faithful)["pair_accuracy"]
+    print(f"held-out pair accuracy: head {head:.4f}, zero-shot {clip:.4f}")
+    assert head > clip

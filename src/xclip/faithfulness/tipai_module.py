@@ -140,15 +140,20 @@ class TiPAIModule(pl.LightningModule):
         stored = torch.tensor([pid in done for pid in batch["prompt_id"]], dtype=torch.bool)
         global_score = torch.zeros(m, device=self.device)
         maps = {name: torch.zeros(m, self.grid, self.grid, device=self.device) for name in self.map_names}
+        head_reward = torch.full((m,), float("nan"), device=self.device)  # the TSPO head's reward (with `head`)
         todo_img = ~stored.to(self.device)[prompt_of]
         if todo_img.any():
             scored = self._score(batch, todo_img)
             global_score[todo_img] = scored.pop("global")
+            if "head_reward" in scored:
+                head_reward[todo_img] = scored.pop("head_reward")
             for name, value in scored.items():
                 maps[name][todo_img] = value
         if (~todo_img).any():
             loaded = self._load(batch, ~todo_img)
             global_score[~todo_img] = loaded.pop("global")
+            if "head_reward" in loaded:
+                head_reward[~todo_img] = loaded.pop("head_reward")
             for name, value in loaded.items():
                 maps[name][~todo_img] = value
         self._counts["scored"] += int((~stored).sum())
@@ -156,7 +161,7 @@ class TiPAIModule(pl.LightningModule):
         pairs = select_pairs(global_score, prompt_of, self.pair_rule, self.margin)
         new_prompts = [b for b in range(len(batch["prompt_id"])) if not stored[b]]
         if new_prompts:
-            self.db.write(self._records(batch, new_prompts, global_score, maps, pairs))
+            self.db.write(self._records(batch, new_prompts, global_score, maps, pairs, head_reward))
         self._update_table(batch, global_score, maps)
         return {"prompt_id": batch["prompt_id"], "prompt": batch["prompt"], "images": batch["images"].detach().cpu(),
                 "prompt_of": batch["prompt_of"].cpu(), "image_id": batch["image_id"], "error": batch["error"],
@@ -172,6 +177,7 @@ class TiPAIModule(pl.LightningModule):
             with torch.no_grad():
                 reward, error_prob = self.head.score_trace(self.backbone, out.trace, text[prompt_of])
             result["head"] = 1 - _to_grid(error_prob, self.grid, tuple(images.shape[-2:]))
+            result["head_reward"] = reward
         return result
 
     def _load(self, batch: dict[str, Any], rows: Tensor) -> dict[str, Tensor]:
@@ -187,13 +193,17 @@ class TiPAIModule(pl.LightningModule):
         out = {"global": torch.tensor([by_image[i]["clip"].global_score for i in wanted], dtype=torch.float32)}
         for name in self.map_names:
             out[name] = torch.from_numpy(np.stack([by_image[i][name].grid for i in wanted]))
+        if self.head is not None:
+            rewards = [by_image[i]["head"].global_score for i in wanted]
+            out["head_reward"] = torch.tensor([float("nan") if r is None else r for r in rewards], dtype=torch.float32)
         return {k: v.to(self.device) for k, v in out.items()}
 
     def _records(self, batch: dict[str, Any], prompts: list[int], global_score: Tensor, maps: dict[str, Tensor],
-                 pairs: Tensor) -> list[PromptRecord]:
+                 pairs: Tensor, head_reward: Tensor) -> list[PromptRecord]:
         prompt_of = batch["prompt_of"].tolist()
         images, faithful = batch["images"], batch["faithful"].tolist()
         cpu_maps = {k: v.detach().cpu().numpy() for k, v in maps.items()}
+        rewards = head_reward.detach().cpu().tolist()
         records = []
         for b in prompts:
             pid = batch["prompt_id"][b]
@@ -209,7 +219,7 @@ class TiPAIModule(pl.LightningModule):
                 rec.scores.append(ScoreRecord(batch["image_id"][i], "clip", float(global_score[i])))
                 for name in self.map_names:
                     rec.scores.append(ScoreRecord(batch["image_id"][i], name,
-                                                  float(cpu_maps[name][i].mean()) if name != "head" else None,
+                                                  float(cpu_maps[name][i].mean()) if name != "head" else rewards[i],
                                                   cpu_maps[name][i]))
             for c, r in pairs.tolist():
                 if prompt_of[c] == b:
