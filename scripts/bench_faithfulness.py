@@ -25,7 +25,13 @@ import torch
 
 from xclip.backbones import load_backbone
 from xclip.data.shapes import ShapesFaithfulness
-from xclip.faithfulness.database import FaithfulnessDatabase, ImageRecord, PairRecord, PromptRecord, ScoreRecord
+from xclip.faithfulness.database import (
+    FaithfulnessDatabase,
+    ImageRecord,
+    PairRecord,
+    PromptRecord,
+    ScoreRecord,
+)
 from xclip.faithfulness.grid import cell_means
 from xclip.faithfulness.pairs import bradley_terry_loss
 from xclip.faithfulness.scoring import TiPAIScorer

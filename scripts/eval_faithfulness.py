@@ -43,8 +43,8 @@ def evaluate(backbone: Backbone | str, n: int, grid: int, workdir: Path, name: s
 
 
 def markdown(results: dict, n: int, grid: int) -> str:
-    lines = [f"Held-out ShapesWorld prompts (test split, n = {n} prompts x 4 images; {grid}x{grid} grid; "
-             "saliency metrics and worst-cell hits over the erroneous images).", "",
+    lines = [(f"Held-out ShapesWorld prompts (test split, n = {n} prompts x 4 images; {grid}x{grid} grid; "
+              "saliency metrics and worst-cell hits over the erroneous images)."), "",
              "| model | pair accuracy | best is faithful | worst is erroneous |", "|---|---|---|---|"]
     for model, res in results.items():
         m = res["metrics"]

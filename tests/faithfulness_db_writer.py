@@ -11,7 +11,13 @@ import time
 
 import numpy as np
 
-from xclip.faithfulness.database import FaithfulnessDatabase, ImageRecord, PairRecord, PromptRecord, ScoreRecord
+from xclip.faithfulness.database import (
+    FaithfulnessDatabase,
+    ImageRecord,
+    PairRecord,
+    PromptRecord,
+    ScoreRecord,
+)
 
 N_BATCHES, PER_BATCH, PER_PROMPT = 4, 3, 4
 CONFIG = {"backbone": "synthetic", "grid": 3}

@@ -21,6 +21,9 @@ from xclip.faithfulness import (
     FaithfulnessDatabase,
     PromptFolder,
     TiPAIScorer,
+    TSPOHead,
+    TSPOScorer,
+    export_head,
     read_prompts,
 )
 from xclip.faithfulness.grid import cell_edges, resample_to_cells
@@ -181,7 +184,7 @@ def test_two_processes_give_the_single_process_numbers_and_database(shapes_run, 
     cmd = [sys.executable, "-m", "xclip.cli", "validate", "--config", str(SHAPES), "--trainer.logger.init_args.save_dir",
            str(tmp_path / "logs"), "--model.init_args.db_path", str(db), *SMALL, "--data.init_args.n", "3",
            "--trainer.devices", "2", "--trainer.strategy", "ddp"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(next((tmp_path / "logs").glob("*/version_*/results.json")).read_text())
     assert results["tipai"]["n_images"] == 12
@@ -213,3 +216,26 @@ def test_dense_and_crop_worst_cells_agree_on_the_error_more_than_chance(bb):
     n = int(error.sum())
     p_value = sum(math.comb(n, k) * chance**k * (1 - chance) ** (n - k) for k in range(both, n + 1))
     assert both / n > chance and p_value < 0.01, (both, n, chance, p_value)
+
+
+def test_the_head_reward_and_patch_scores_go_to_the_database(bb, tmp_path):
+    torch.manual_seed(0)
+    head = TSPOHead(bb.embed_dim, 192, bb.grid_size, hidden=16)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a reward that differs from the zero-shot cosine
+    path = export_head(head.eval(), tmp_path / "head", bb, "xclip:tiny-shapes")
+    db = tmp_path / "tipai.db"
+    _run(SHAPES, tmp_path / "logs", db, "--data.init_args.n", "2", "--model.init_args.methods", "[dense]",
+         "--model.init_args.head", str(path))
+    data = ShapesFaithfulness(n=2, seed=1000, image_size=64, n_renderings=4, split="val")  # the config's prompts
+    with FaithfulnessDatabase(db, readonly=True) as stored:
+        for k in range(2):
+            item = data[k]
+            reward, error_prob = TSPOScorer(path, bb).score(item["prompt"], item["images"])
+            scores = stored.scores(f"shapes-val-1000-{k:05d}")
+            ids = [f"shapes-val-1000-{k:05d}_{r}" for r in range(4)]
+            got = torch.tensor([scores[i]["head"].global_score for i in ids])
+            assert torch.allclose(got, reward, atol=1e-5)
+            grid = torch.stack([torch.from_numpy(scores[i]["head"].grid) for i in ids])  # 2x2 cells of the 8x8 map
+            assert torch.allclose(grid, 1 - F.avg_pool2d(error_prob[:, None], 4)[:, 0], atol=1e-5)

@@ -34,7 +34,13 @@ def write_database(path: Path, n: int = 3, grid: int = 3, seed: int = 7) -> list
     the prompt ids."""
     import io
 
-    from xclip.faithfulness.database import FaithfulnessDatabase, ImageRecord, PairRecord, PromptRecord, ScoreRecord
+    from xclip.faithfulness.database import (
+        FaithfulnessDatabase,
+        ImageRecord,
+        PairRecord,
+        PromptRecord,
+        ScoreRecord,
+    )
 
     data = ShapesFaithfulness(n=n, seed=seed)
     rng = np.random.default_rng(seed)

@@ -31,9 +31,12 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x58435446  # "XCTF": xclip TiPAI faithfulness
@@ -312,7 +315,7 @@ class FaithfulnessDatabase:
     def close(self) -> None:
         self._conn.close()
 
-    def __enter__(self) -> FaithfulnessDatabase:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

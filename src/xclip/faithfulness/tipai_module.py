@@ -277,8 +277,8 @@ class TiPAIModule(pl.LightningModule):
             error = rows["error_share"].isfinite() & (rows["faithful"] == 0)
             if error.any():
                 for name in self.baselines:
-                    for key in METRIC_NAMES:
-                        metrics[f"{name}/{METRIC_NAMES[key]}"] = float(rows[f"{name}_{key}"][error].nanmean())
+                    for key, label in METRIC_NAMES.items():
+                        metrics[f"{name}/{label}"] = float(rows[f"{name}_{key}"][error].nanmean())
                     metrics[f"{name}/worst_cell_on_error"] = float(rows[f"{name}_hit"][error].double().mean())
                 share = rows["error_share"][error]
                 metrics["random_pick/worst_cell_on_error"] = float(share.mean())

@@ -300,9 +300,10 @@ def _patch_figure(rows: list[tuple], grid: tuple[int, int]) -> Figure:
 def head_card(spec: str, val: dict[str, Any], steps: int) -> str:
     """The model card written with an export (the recipe's validation numbers)."""
     metrics = val.get("metrics", {})
-    lines = ["# TSPO head", "", f"An MLP on frozen `{spec}` features (see `xclip.faithfulness.tspo_head`), trained "
-             f"{steps} steps with `xclip fit --config configs/tspo_head_shapes.yaml`; exported: the weights of "
-             f"validation epoch {val.get('epoch', '?')} (step {val.get('step', '?')}), the best head pair accuracy.", "",
+    lines = ["# TSPO head", "", (f"An MLP on frozen `{spec}` features (see `xclip.faithfulness.tspo_head`), trained "
+                                 f"{steps} steps with `xclip fit --config configs/tspo_head_shapes.yaml`; exported: the "
+                                 f"weights of validation epoch {val.get('epoch', '?')} (step {val.get('step', '?')}), "
+                                 "the best head pair accuracy."), "",
              f"Validation ({val.get('n_prompts', '?')} prompts, {val.get('n_error_images', '?')} erroneous images):", "",
              "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
