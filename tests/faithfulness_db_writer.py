@@ -6,18 +6,29 @@ killed, printing ``hanging`` so the test knows when."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from xclip.faithfulness.database import (
-    FaithfulnessDatabase,
-    ImageRecord,
-    PairRecord,
-    PromptRecord,
-    ScoreRecord,
-)
+
+def _database_module():
+    """``xclip/faithfulness/database.py`` alone: importing the package would pull in torch and
+    Lightning (tens of seconds per process start on loaded CI cores); the module needs only
+    sqlite3 and numpy."""
+    path = Path(__file__).resolve().parents[1] / "src" / "xclip" / "faithfulness" / "database.py"
+    spec = importlib.util.spec_from_file_location("tipai_database_alone", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+_db = _database_module()
+FaithfulnessDatabase, ImageRecord, PairRecord = _db.FaithfulnessDatabase, _db.ImageRecord, _db.PairRecord
+PromptRecord, ScoreRecord = _db.PromptRecord, _db.ScoreRecord
 
 N_BATCHES, PER_BATCH, PER_PROMPT = 4, 3, 4
 CONFIG = {"backbone": "synthetic", "grid": 3}

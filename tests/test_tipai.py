@@ -141,6 +141,7 @@ def test_shapes_config_writes_the_database_figures_and_results(shapes_run):
     assert [f.name for f in figures] == [f"val_shapes-val-1000-0000{i}.png" for i in range(3)]
 
 
+@pytest.mark.slow  # three Lightning runs (the database's own crash test is fast: test_faithfulness_db.py)
 def test_rerun_reads_the_database_and_interrupted_run_resumes(shapes_run, tmp_path):
     root, first = shapes_run
     with FaithfulnessDatabase(root / "tipai.db", readonly=True) as db:
