@@ -42,6 +42,11 @@ def overrides(name: str, data: dict, tmp: Path) -> list[str]:
         return common + ["--data.init_args.data_root", str(data["coco"]), "--data.init_args.n", "null",
                          "--data.init_args.num_workers", "0", "--model.init_args.backbone",
                          "openclip:ViT-B-32-quickgelu", "--model.init_args.cache_dir", "null"]
+    if name.startswith("tipai"):  # the database goes to the test's folder; the folder config reads the shipped example
+        return common + ["--model.init_args.db_path", str(tmp / "tipai.db")]
+    if name == "tspo_head_shapes.yaml":  # a few prompts, features cached in the test's folder
+        return common + ["--data.init_args.n_train", "2", "--data.init_args.n_val", "3",
+                         "--data.init_args.cache_dir", str(tmp / "cache")]
     return common + ["--data.init_args.batch_size", "4"] if name.startswith("pretrain") else common
 
 
@@ -57,7 +62,8 @@ def test_every_config_is_covered():
 
 CASES = ["demo.yaml", "negalign_shapes.yaml", "negalign_waterbirds.yaml", "retrieval_shapes.yaml",
          "retrieval_coco.yaml", "pretrain_tiny_shapes.yaml", "distill_teacher_shapes.yaml", "distill_student_shapes.yaml",
-         "distill_student_nokd_shapes.yaml", "distill_explain_shapes.yaml"]
+         "distill_student_nokd_shapes.yaml", "distill_explain_shapes.yaml", "tipai_shapes.yaml", "tipai_folder.yaml",
+         "tspo_head_shapes.yaml"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -70,8 +76,8 @@ def test_config_builds_model_and_datamodule_and_serves_a_batch(name, data, tmp_p
     loaders = loaders if isinstance(loaders, list) else [loaders]
     for loader in loaders:
         batch = next(iter(loader))
-        assert batch.get("skipped") or (batch["image"].ndim == 4 and batch["image"].shape[1] == 3
-                                        and len(batch["image"]) > 0)
+        images = batch.get("image", batch.get("images"))  # TiPAI batches hold a prompt's renders
+        assert batch.get("skipped") or (images.ndim >= 4 and images.shape[-3] == 3 and len(images) > 0)
     if name == "negalign_waterbirds.yaml":  # the word lists are read (embedding them with ViT-B/16 takes minutes)
         nouns, adjectives, mine = cli.model._vocabulary()
         assert mine and len(nouns) > 300 and len(adjectives) > 150

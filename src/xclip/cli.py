@@ -110,6 +110,7 @@ class XClipCLI(LightningCLI):
 # name -> "module:function(argv: list[str]) -> int | None", for commands outside the Lightning loops
 COMMANDS: dict[str, str] = {
     "vocab": "xclip.ood.vocab_cli:main",
+    "app": "xclip.faithfulness.app:main",
 }
 DEBUG_FLAG, DEBUG_ENV = "--debug", "XCLIP_DEBUG"
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from xclip.backbones import Backbone
-from xclip.backbones.base import BlockTrace, BlockView, trace_block
+from xclip.backbones.base import BlockTrace, BlockView, ImageTrace, trace_block
 from xclip.explain.base import Explainer, Texts, as_text_list, check_pairs, explaining, minmax, per_text_gradients
 from xclip.explain.targets import Target, cosine, resolve_target
 
@@ -157,10 +157,13 @@ class GradECLIP(Explainer):
         terms = self.terms(images, texts, target, pairs)
         return combine_terms(terms.spatial, terms.channel)
 
-    def terms(self, images: Tensor, texts: Texts, target: str | Target = "cosine", pairs: bool = False) -> GradECLIPTerms:
+    def terms(self, images: Tensor, texts: Texts, target: str | Target = "cosine", pairs: bool = False,
+              trace: ImageTrace | None = None) -> GradECLIPTerms:
         """The two factors of every image map before they are combined (see `GradECLIPTerms`):
         ``image_maps == combine_terms(spatial, channel)``; with `pairs`, image n with text n only
-        (channel [N, 1, H, gh, gw], as `pair_maps`)."""
+        (channel [N, 1, H, gh, gw], as `pair_maps`). `trace`: the caller's own
+        ``backbone.trace_image(images, n_blocks=1)`` of these images (no graph needed), reused
+        instead of a second forward (e.g. to read the patch tokens of the same pass)."""
         self.check_inputs(images, texts)
         if pairs:
             check_pairs(images, texts)
@@ -170,7 +173,7 @@ class GradECLIP(Explainer):
         with explaining(self.backbone.model), self.autocast():
             text_emb = self.text_embeddings(texts)
             with torch.no_grad():
-                last = self.backbone.trace_image(images, n_blocks=1).blocks[-1]
+                last = (trace if trace is not None else self.backbone.trace_image(images, n_blocks=1)).blocks[-1]
                 if self.mode == "reference":
                     last = trace_block(_single_head(view), last.x_in, None)
             cls_out = last.attn_out[:, 0].detach().requires_grad_(True)

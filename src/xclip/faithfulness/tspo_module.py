@@ -1,0 +1,311 @@
+"""`TSPOHeadModule`: trains the TSPO head on cached frozen CLIP features (``xclip fit --config
+configs/tspo_head_shapes.yaml``) and measures it on held-out prompts next to its baselines.
+
+Loss per batch of prompts: the Bradley-Terry loss over every ordered pair of a prompt's renderings
+(faithful vs erroneous: the faithful one wins; two renderings of the same kind: a tie, 0.5/0.5;
+PickScore's 1 / pairs-of-the-prompt weights) plus ``patch_weight`` x the patch term
+MSE(sigmoid(logit), patch target) (HPSv2's region loss, here text-conditioned), plus
+``residual_penalty`` x mean(g^2) of the reward's learned residual over the zero-shot score.
+
+Validation / test metrics (``{stage}/tspo/...``): pairwise accuracy of the head's reward and of the
+zero-shot cosine on the faithful-vs-erroneous pairs; patch IoU at 0.5 and patch AUC over the
+erroneous images for the head, the dense patch-cosine map and (when cached) the crop heatmap, the
+baselines scaled to [0, 1] per image (`patch_metrics.minmax_badness`). The head's patch
+predictions of the first prompts are drawn to TensorBoard. After fit the head is exported
+(safetensors + config + card) to `export_dir`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from xclip.backbones import Backbone, resolve_backbone
+from xclip.explain.render import figure_to_array
+from xclip.faithfulness.localisation import pair_statistics
+from xclip.faithfulness.pairs import bradley_terry_loss, pairwise_accuracy
+from xclip.faithfulness.patch_metrics import minmax_badness, patch_auc, patch_iou
+from xclip.faithfulness.tspo_head import HeadFeatures, TSPOHead, export_head, load_head
+from xclip.metrics.score_table import ScoreTable
+from xclip.results import ReportRow, run_directory
+
+BASELINES = ("head", "dense", "crops")
+
+
+def prompt_pairs(r: int) -> tuple[Tensor, Tensor]:
+    """Every unordered pair (i < j) of R renderings: two [R(R-1)/2] index tensors."""
+    i, j = torch.triu_indices(r, r, offset=1)
+    return i, j
+
+
+def pair_labels(faithful: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    """P(rendering i preferred over j) per prompt and pair: faithful [B, R] -> [B, pairs]
+    (1: i faithful and j not, 0: the reverse, 0.5: a tie)."""
+    fi, fj = faithful[:, i].double(), faithful[:, j].double()
+    return 0.5 + 0.5 * (fi - fj)
+
+
+class TSPOHeadModule(pl.LightningModule):
+    """Train / evaluate the TSPO head on `TSPOFeatureDataModule` batches.
+
+    Args:
+        backbone: the frozen CLIP the features come from (spec or `Backbone`; sizes the head and
+            is recorded in the export).
+        hidden, dropout, init_scale: the head (see `TSPOHead`).
+        lr, weight_decay: AdamW; the learning rate decays with a cosine to 0 over the run.
+        patch_weight: weight of the patch term.
+        residual_penalty: weight of mean(g^2), g = reward - scale * zero-shot cosine (the learned
+            residual): keeps the reward anchored at the zero-shot score where the features give
+            no evidence (0: off).
+        export: export the trained head at the end of fit: the weights of the validation epoch
+            with the best head pair accuracy (model selection on the validation split; the test
+            split stays untouched).
+        export_dir: where (None: ``<log dir>/model``; fit never writes into ``checkpoints/`` unless
+            told to).
+        overwrite: allow `export_dir` to exist already (replaced atomically, e.g. to re-make the
+            shipped ``checkpoints/tspo-head-tiny-shapes`` on purpose); without it fit refuses at setup.
+        head_checkpoint: an exported head to start from (e.g. ``xclip test`` of the shipped head).
+        log_prompts: held-out prompts whose patch predictions go to TensorBoard.
+    """
+
+    def __init__(self, backbone: str | Backbone = "xclip:tiny-shapes", hidden: int = 256, dropout: float = 0.1,
+                 init_scale: float = 10.0, lr: float = 1e-3, weight_decay: float = 1e-4, patch_weight: float = 1.0,
+                 residual_penalty: float = 0.0, export: bool = True, export_dir: str | None = None,
+                 overwrite: bool = False, head_checkpoint: str | None = None, log_prompts: int = 4):
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone"])
+        backbone, self.backbone_spec = resolve_backbone(backbone)
+        # the frozen backbone only sizes the head and is fingerprinted in the export: kept out of the
+        # module tree so Lightning checkpoints hold the head alone
+        self.__dict__["backbone"] = backbone
+        width = self.backbone.vision_blocks()[-1].out_proj.out_features
+        if head_checkpoint is not None:
+            self.head = load_head(head_checkpoint)
+            self.head.check_backbone(self.backbone)
+        else:
+            self.head = TSPOHead(self.backbone.embed_dim, width, self.backbone.grid_size, hidden, dropout, init_scale)
+        floats = ("reward", "zero_shot", *(f"{b}_{m}" for b in BASELINES for m in ("iou", "auc")))
+        self.table = ScoreTable(floats, ("index", "render", "faithful", "has_error"), unique_by=("index", "render"))
+        self._results: dict[str, Any] = {}
+        self._figure_batch: dict[str, Tensor] | None = None
+        # the best validation epoch so far: (head pair accuracy, epoch, head weights, validation results)
+        self._best: tuple[float, int, dict[str, Tensor], dict[str, Any]] | None = None
+
+    # ---- forward -------------------------------------------------------------------------------
+    def _features(self, batch: dict[str, Tensor]) -> HeadFeatures:
+        b, r = batch["image"].shape[:2]
+        return HeadFeatures(batch["text"][:, None].expand(b, r, -1).reshape(b * r, -1), batch["image"].flatten(0, 1),
+                            batch["tokens"].flatten(0, 1), batch["patch_sim"].flatten(0, 1))
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """-> reward [B, R], patch logits [B, R, P]."""
+        b, r = batch["image"].shape[:2]
+        reward, logits = self.head(self._features(batch))
+        return reward.view(b, r), logits.view(b, r, -1)
+
+    def losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        reward, logits = self(batch)
+        i, j = prompt_pairs(reward.shape[1])
+        p = pair_labels(batch["faithful"], i, j).to(reward)
+        bt = bradley_terry_loss(reward[:, i].flatten(), reward[:, j].flatten(), p.flatten())
+        patch = torch.nn.functional.mse_loss(logits.sigmoid(), batch["patch_target"].to(logits))
+        residual = reward - self.head.scale * (batch["image"] * batch["text"][:, None]).sum(-1)  # g [B, R]
+        residual_loss = residual.pow(2).mean()
+        loss = bt + self.hparams.patch_weight * patch + self.hparams.residual_penalty * residual_loss
+        acc = pairwise_accuracy(reward[:, i].flatten().detach(), reward[:, j].flatten().detach(), p.flatten())
+        return {"loss": loss, "bt_loss": bt, "patch_loss": patch, "residual_loss": residual_loss.detach(),
+                "pair_accuracy": torch.tensor(acc)}
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out = self.losses(batch)
+        for k, v in out.items():
+            self.log(f"train/{k}", v, prog_bar=k in ("loss", "pair_accuracy"), batch_size=batch["image"].shape[0])
+        return out["loss"]
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.head.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    def _eval_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        reward, logits = self(batch)
+        b, r = reward.shape
+        target = batch["patch_target"].bool().flatten(0, 1)
+        maps = {"head": logits.sigmoid().flatten(0, 1),
+                "dense": minmax_badness(batch["patch_sim"].flatten(0, 1))}
+        if "crops" in batch:
+            maps["crops"] = minmax_badness(batch["crops"].flatten(0, 1))
+        cols = {"reward": reward.flatten(), "zero_shot": (batch["image"] * batch["text"][:, None]).sum(-1).flatten()}
+        nan = torch.full((b * r,), float("nan"), device=reward.device)
+        for name in BASELINES:
+            cols[f"{name}_iou"] = patch_iou(maps[name], target) if name in maps else nan
+            cols[f"{name}_auc"] = patch_auc(maps[name], target) if name in maps else nan
+        self.table.update(**cols, index=batch["index"].to(reward.device).repeat_interleave(r),
+                          render=torch.arange(r, device=reward.device).repeat(b),
+                          faithful=batch["faithful"].flatten().long(), has_error=target.any(1).long())
+        if batch_idx == 0:
+            self._figure_batch = {k: v[: self.hparams.log_prompts].detach().cpu() for k, v in
+                                  {**batch, "prob": logits.sigmoid()}.items() if isinstance(v, Tensor)}
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx)
+
+    def on_validation_epoch_start(self) -> None:
+        self.table.reset()
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish("test")
+
+    def _finish(self, stage: str) -> None:
+        rows = {k: v.cpu() for k, v in self.table.rows().items()}
+        if not rows["index"].numel() or self.trainer.sanity_checking:
+            return
+        metrics = {f"{name}_pair_accuracy": pair_statistics(rows[col], rows["index"], rows["faithful"])["pair_accuracy"]
+                   for name, col in (("head", "reward"), ("zero_shot", "zero_shot"))}
+        error = rows["has_error"] == 1
+        for name in BASELINES:
+            for m in ("iou", "auc"):
+                values = rows[f"{name}_{m}"][error]
+                if values.isfinite().any():
+                    metrics[f"{name}_patch_{m}"] = float(values.nanmean())
+        for k, v in metrics.items():
+            self.log(f"{stage}/tspo/{k}", v, sync_dist=True)
+        self._results[stage] = {"metrics": metrics, "n_prompts": int(rows["index"].unique().numel()),
+                                "n_images": int(rows["index"].numel()), "n_error_images": int(error.sum()),
+                                "epoch": self.current_epoch, "step": self.global_step}
+        accuracy = metrics["head_pair_accuracy"]
+        if stage == "val" and self.trainer.state.fn == "fit" and (self._best is None or accuracy > self._best[0]):
+            weights = {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()}
+            self._best = (accuracy, self.current_epoch, weights, dict(self._results["val"]))
+        self._log_figure(stage)
+
+    def _log_figure(self, stage: str) -> None:
+        batch, dm = self._figure_batch, getattr(self.trainer, "datamodule", None)
+        if batch is None or not self.trainer.is_global_zero or not hasattr(dm, "dataset"):
+            return
+        data = dm.dataset("test" if stage == "test" else "val")
+        gh, gw = self.head.patch_grid
+        rows = []
+        for k, idx in enumerate(batch["index"].tolist()):  # re-render a few held-out prompts (no model calls)
+            item = data[idx]
+            for r in range(item["images"].shape[0]):
+                crops = minmax_badness(batch["crops"][k, r][None])[0] if "crops" in batch else None
+                rows.append((item["prompt"], item["errors"][r], item["images"][r], batch["patch_target"][k, r],
+                             batch["prob"][k, r], crops))
+        array = figure_to_array(_patch_figure(rows[: 4 * self.hparams.log_prompts], (gh, gw)))
+        for lg in self.trainer.loggers:
+            if hasattr(getattr(lg, "experiment", None), "add_image"):
+                lg.experiment.add_image(f"tspo/{stage}/patch_predictions", array, self.global_step, dataformats="HWC")
+
+    def export_path(self) -> Path | None:
+        """Where fit exports the head (None: `export` is off)."""
+        if not self.hparams.export:
+            return None
+        if self.hparams.export_dir:
+            return Path(self.hparams.export_dir).expanduser()
+        return run_directory(self.trainer) / "model"
+
+    def setup(self, stage: str) -> None:
+        # refuse an export that would replace a directory before training, not after it
+        target = self.export_path() if stage == "fit" else None
+        if target is not None and target.exists() and not self.hparams.overwrite:
+            raise ValueError(f"export_dir {target} already exists: this fit would replace it. Export elsewhere "
+                             "(default: the run's log directory), or set `overwrite: true` to replace it on purpose "
+                             "(e.g. to re-make the shipped checkpoints/tspo-head-tiny-shapes; see its README)")
+
+    def on_fit_end(self) -> None:
+        target = self.export_path()
+        if target is None or not self.trainer.is_global_zero:
+            return
+        head, val = self.head, self._results.get("val", {})
+        if self._best is not None:  # the best validation epoch's weights
+            head = load_state(self.head, self._best[2])
+            val = self._best[3]
+        skip = ("export", "export_dir", "overwrite", "head_checkpoint")
+        extra = {"trained_with": {k: v for k, v in self.hparams.items() if k not in skip}, "validation": val}
+        card = head_card(self.backbone_spec, val, self.trainer.global_step)
+        export_head(head, target, self.backbone, self.backbone_spec, extra, card, overwrite=self.hparams.overwrite)
+        print(f"exported the TSPO head (validation epoch {val.get('epoch')}) to {target}")
+
+    def report_rows(self, metrics: Mapping[str, float | None]) -> list[ReportRow]:
+        rows = []
+        for stage in ("val", "test"):
+            pre = f"{stage}/tspo/"
+            keys = [pre + k for k in ("head_pair_accuracy", "zero_shot_pair_accuracy") if pre + k in metrics]
+            if keys:
+                labels = {"head_pair_accuracy": "head", "zero_shot_pair_accuracy": "zero-shot CLIP"}
+                rows.append(ReportRow("TSPO head", f"pairwise accuracy, faithful vs erroneous [{stage}]",
+                                      {labels[k[len(pre):]]: metrics[k] for k in keys}, keys))
+            for m, label in (("iou", "patch IoU at 0.5"), ("auc", "patch AUC")):
+                keys = [f"{pre}{b}_patch_{m}" for b in BASELINES if f"{pre}{b}_patch_{m}" in metrics]
+                if keys:
+                    rows.append(ReportRow("TSPO head", f"{label}, erroneous images [{stage}]",
+                                          {k[len(pre):].split("_")[0]: metrics[k] for k in keys}, keys))
+        return rows
+
+    def extra_results(self) -> dict[str, Any]:
+        return {"backbone": self.backbone_spec, "tspo": self._results}
+
+
+def load_state(head: TSPOHead, weights: dict[str, Tensor]) -> TSPOHead:
+    """A copy of `head` holding `weights`."""
+    copy = TSPOHead(**{k: v for k, v in head.config.items() if k not in ("embed_dim", "token_width", "patch_grid")},
+                    embed_dim=head.config["embed_dim"], token_width=head.config["token_width"],
+                    patch_grid=tuple(head.config["patch_grid"]))
+    copy.load_state_dict(weights)
+    return copy.eval()
+
+
+def _patch_figure(rows: list[tuple], grid: tuple[int, int]) -> Figure:
+    """Image | error target | head P(error) | crops badness, one row per rendering."""
+    cols = 4 if any(r[5] is not None for r in rows) else 3
+    fig = Figure(figsize=(1.6 * cols, 1.6 * len(rows) + 0.4), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = np.atleast_2d(fig.subplots(len(rows), cols, squeeze=False))
+    for k, (prompt, error, image, target, prob, crops) in enumerate(rows):
+        panels = [(image.permute(1, 2, 0).numpy(), f"{error}"), (target.view(grid).float().numpy(), "error patches"),
+                  (prob.view(grid).float().numpy(), "head P(error)")]
+        if cols == 4:
+            panels.append(((crops if crops is not None else torch.zeros(grid)).view(grid).numpy(), "crops badness"))
+        for c, (arr, title) in enumerate(panels):
+            ax = axes[k, c]
+            ax.imshow(arr, vmin=0, vmax=1, cmap=None if arr.ndim == 3 else "magma")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(title, fontsize=6)
+        axes[k, 0].set_ylabel(prompt[:40], fontsize=5)
+    fig.tight_layout()
+    return fig
+
+
+def head_card(spec: str, val: dict[str, Any], steps: int) -> str:
+    """The model card written with an export (the recipe's validation numbers)."""
+    metrics = val.get("metrics", {})
+    lines = ["# TSPO head", "", (f"An MLP on frozen `{spec}` features (see `xclip.faithfulness.tspo_head`), trained "
+                                 f"{steps} steps with `xclip fit --config configs/tspo_head_shapes.yaml`; exported: the "
+                                 f"weights of validation epoch {val.get('epoch', '?')} (step {val.get('step', '?')}), "
+                                 "the best head pair accuracy."), "",
+             f"Validation ({val.get('n_prompts', '?')} prompts, {val.get('n_error_images', '?')} erroneous images):", "",
+             "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
+    return "\n".join(lines) + "\n\nTest numbers: run `xclip test --config configs/tspo_head_shapes.yaml " \
+                              "--model.init_args.head_checkpoint <this directory>`.\n"
