@@ -105,7 +105,7 @@ def test_exporting_over_a_checkpoint_needs_overwrite_and_is_checked_before_train
     target = tmp_path / "copy"
     shutil.copytree(SHIPPED, target)
     before = digests(target)
-    with pytest.raises(SystemExit, match=r"already holds a checkpoint.*overwrite: true"):
+    with pytest.raises(SystemExit, match=r"already exists.*overwrite: true"):
         short_fit(tmp_path / "runs", RECIPES[0], "--model.init_args.export_dir", str(target))
     assert digests(target) == before and not list((tmp_path / "runs").rglob("*.ckpt"))  # no step was taken
     short_fit(tmp_path / "runs2", RECIPES[0], "--model.init_args.export_dir", str(target),

@@ -37,6 +37,24 @@ def run_directory(trainer) -> Path:
     return Path(path or trainer.default_root_dir)
 
 
+def export_target(trainer, export: bool, export_dir: str | None) -> Path | None:
+    """Where a fit exports its trained weights: `export_dir`, else ``<run directory>/model`` (never
+    the shipped ``checkpoints/`` by default); None when `export` is off."""
+    if not export:
+        return None
+    return Path(export_dir).expanduser() if export_dir else run_directory(trainer) / "model"
+
+
+def refuse_export_over(target: Path | None, overwrite: bool, shipped: str) -> None:
+    """Raise before training (call it from ``setup("fit")``) when `target` is a non-empty directory
+    and `overwrite` is off, so a fit never replaces weights by accident, and never after hours of
+    training. `shipped` names the shipped folder the message suggests re-making on purpose."""
+    if target is not None and target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ValueError(f"export_dir {target} already exists: this fit would replace it. Export elsewhere (default: "
+                         "the run's log directory), or set `overwrite: true` to replace it on purpose (e.g. to re-make "
+                         f"the shipped {shipped}; see its README)")
+
+
 def write_results(trainer, model, stage: str, config: dict[str, Any]) -> Path:
     """Write ``results.json`` for a finished validate/test run and return its path."""
     out_dir = run_directory(trainer)

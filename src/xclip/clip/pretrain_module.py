@@ -13,10 +13,10 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import Tensor
 
-from xclip.backbones import is_checkpoint_dir, load_checkpoint, save_checkpoint
+from xclip.backbones import load_checkpoint, save_checkpoint
 from xclip.clip.contrastive import clip_contrastive_loss
 from xclip.clip.zeroshot_module import ZeroShotEvaluation, normalized
-from xclip.results import run_directory
+from xclip.results import export_target, refuse_export_over
 
 
 class ClipPretrainModule(ZeroShotEvaluation):
@@ -109,20 +109,12 @@ class ClipPretrainModule(ZeroShotEvaluation):
                                                     "interval": "step"}}
 
     def export_path(self) -> Path | None:
-        """Where fit exports the weights (None: `export` is off)."""
-        if not self.hparams.export:
-            return None
-        if self.hparams.export_dir:
-            return Path(self.hparams.export_dir).expanduser()
-        return run_directory(self.trainer) / "model"
+        """Where fit exports (None: `export` is off); see `xclip.results.export_target`."""
+        return export_target(self.trainer, self.hparams.export, self.hparams.export_dir)
 
     def setup(self, stage: str) -> None:
-        # refuse an export that would replace a checkpoint before training, not after it
-        target = self.export_path() if stage == "fit" else None
-        if target is not None and is_checkpoint_dir(target) and not self.hparams.overwrite:
-            raise ValueError(f"export_dir {target} already holds a checkpoint: this fit would replace it. Export "
-                             "elsewhere (default: the run's log directory), or set `overwrite: true` to replace it on "
-                             "purpose (e.g. to re-make the shipped checkpoints/tiny-shapes; see its README)")
+        if stage == "fit":  # refuse an export that would replace weights before training, not after it
+            refuse_export_over(self.export_path(), self.hparams.overwrite, "checkpoints/tiny-shapes")
 
     def on_fit_end(self) -> None:
         target = self.export_path()

@@ -60,6 +60,20 @@ class BatchAlignedSampler(DistributedSampler):
         return self.num_samples
 
 
+class IndexDataset(Dataset):
+    """Items 0..n-1 themselves: for loaders over data already in memory (cached features), where
+    the collate function gathers the rows of the batch's indices."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
 def eval_loader(dataset: Dataset, batch_size: int, collate_fn: Callable, num_workers: int = 0) -> DataLoader:
     """A validation/test loader over `dataset` in order, sharded by whole batches under DDP."""
     return DataLoader(dataset, batch_size=batch_size, sampler=BatchAlignedSampler(dataset, batch_size),

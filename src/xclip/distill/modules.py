@@ -31,7 +31,7 @@ from xclip.distill.model import ClassifierOutput, MultimodalClassifier
 from xclip.distill.tokenizer import load_tokenizer
 from xclip.explain.multimodal import MultimodalInputs, MultimodalTarget
 from xclip.metrics import gather_objects
-from xclip.results import ReportRow, run_directory
+from xclip.results import ReportRow, export_target, refuse_export_over
 
 CHECKPOINT_KEY = "xclip_distill"
 
@@ -124,18 +124,12 @@ class MultimodalClassifierModule(pl.LightningModule):
         return saved.get("labels")
 
     def export_path(self) -> Path | None:
-        """Where fit exports the best weights (None: `export` is off)."""
-        if not self.export:
-            return None
-        return Path(self.export_dir).expanduser() if self.export_dir else run_directory(self.trainer) / "model"
+        """Where fit exports (None: `export` is off); see `xclip.results.export_target`."""
+        return export_target(self.trainer, self.export, self.export_dir)
 
     def setup(self, stage: str) -> None:
-        # refuse an export that would replace a checkpoint before training, not after it
-        target = self.export_path() if stage == "fit" else None
-        if target is not None and target.exists() and any(target.iterdir()) and not self.overwrite:
-            raise ValueError(f"export_dir {target} already exists: this fit would replace it. Export elsewhere "
-                             "(default: the run's log directory), or set `overwrite: true` to replace it on purpose "
-                             "(e.g. to re-make a shipped checkpoint; see its README)")
+        if stage == "fit":  # refuse an export that would replace weights before training, not after it
+            refuse_export_over(self.export_path(), self.overwrite, "checkpoints/distill-*-shapes")
         datamodule = getattr(self.trainer, "datamodule", None)
         labels = self.labels or self._checkpoint_labels()
         if labels is None:

@@ -23,11 +23,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from safetensors.torch import load_file, save
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from xclip.backbones import Backbone, resolve_backbone
 from xclip.data.embedding_cache import weights_fingerprint
-from xclip.data.sampling import eval_loader
+from xclip.data.sampling import IndexDataset, eval_loader
 from xclip.data.shapes import ShapesFaithfulness
 from xclip.faithfulness.grid import cell_means
 from xclip.faithfulness.scoring import TiPAIScorer
@@ -36,17 +36,6 @@ from xclip.io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
-
-
-class _Prompts(Dataset):
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
 
 
 class _Collate:
@@ -155,8 +144,8 @@ class TSPOFeatureDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         tensors = self.features[split]
         if not shuffle:
-            return eval_loader(_Prompts(tensors["text"].shape[0]), self.batch_size, _Collate(tensors), self.num_workers)
-        return DataLoader(_Prompts(tensors["text"].shape[0]), batch_size=self.batch_size, shuffle=shuffle,
+            return eval_loader(IndexDataset(tensors["text"].shape[0]), self.batch_size, _Collate(tensors), self.num_workers)
+        return DataLoader(IndexDataset(tensors["text"].shape[0]), batch_size=self.batch_size, shuffle=shuffle,
                           num_workers=self.num_workers, collate_fn=_Collate(tensors), drop_last=False)
 
     def train_dataloader(self) -> DataLoader:

@@ -36,7 +36,7 @@ from xclip.faithfulness.pairs import bradley_terry_loss, pairwise_accuracy
 from xclip.faithfulness.patch_metrics import minmax_badness, patch_auc, patch_iou
 from xclip.faithfulness.tspo_head import HeadFeatures, TSPOHead, export_head, load_head
 from xclip.metrics.score_table import ScoreTable
-from xclip.results import ReportRow, run_directory
+from xclip.results import ReportRow, export_target, refuse_export_over
 
 BASELINES = ("head", "dense", "crops")
 
@@ -217,20 +217,12 @@ class TSPOHeadModule(pl.LightningModule):
                 lg.experiment.add_image(f"tspo/{stage}/patch_predictions", array, self.global_step, dataformats="HWC")
 
     def export_path(self) -> Path | None:
-        """Where fit exports the head (None: `export` is off)."""
-        if not self.hparams.export:
-            return None
-        if self.hparams.export_dir:
-            return Path(self.hparams.export_dir).expanduser()
-        return run_directory(self.trainer) / "model"
+        """Where fit exports (None: `export` is off); see `xclip.results.export_target`."""
+        return export_target(self.trainer, self.hparams.export, self.hparams.export_dir)
 
     def setup(self, stage: str) -> None:
-        # refuse an export that would replace a directory before training, not after it
-        target = self.export_path() if stage == "fit" else None
-        if target is not None and target.exists() and not self.hparams.overwrite:
-            raise ValueError(f"export_dir {target} already exists: this fit would replace it. Export elsewhere "
-                             "(default: the run's log directory), or set `overwrite: true` to replace it on purpose "
-                             "(e.g. to re-make the shipped checkpoints/tspo-head-tiny-shapes; see its README)")
+        if stage == "fit":  # refuse an export that would replace weights before training, not after it
+            refuse_export_over(self.export_path(), self.hparams.overwrite, "checkpoints/tspo-head-tiny-shapes")
 
     def on_fit_end(self) -> None:
         target = self.export_path()

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from xclip.data.sampling import eval_loader
+from xclip.data.sampling import IndexDataset, eval_loader
 from xclip.data.shapes.datamodule import collate_captions
 from xclip.retrieval.coco import load_coco_captions, load_karpathy
 from xclip.retrieval.gallery import CaptionGallery, ShapesGallery
@@ -92,22 +92,11 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         if self.skip_images:
-            return eval_loader(_Indices(len(self.gallery)), self.batch_size, _collate_cached)
+            return eval_loader(IndexDataset(len(self.gallery)), self.batch_size, _collate_cached)
         return eval_loader(self.gallery, self.batch_size, _collate_retrieval, self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
-
-
-class _Indices(Dataset):
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
 
 
 def _collate_retrieval(items: list[dict]) -> dict:
