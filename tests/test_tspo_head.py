@@ -137,11 +137,15 @@ def test_fit_exports_and_test_measures_on_cached_features(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="measured on the 100 held-out test prompts: head pair accuracy 0.893 vs zero-shot 0.903 "
-                          "(the head leads on validation, 0.903 vs 0.883; see the card)")
-def test_the_shipped_head_beats_the_zero_shot_score_on_held_out_pairs(bb):
-    data = ShapesFaithfulness(n=100, seed=1000, image_size=64, n_renderings=4, split="test")  # the recipe's test split
+@pytest.mark.parametrize("n", [
+    # the recipe's 100 test prompts: 0.893 vs 0.903, 3 of 300 pairs; the paired bootstrap interval
+    # of the difference over prompts is [-0.040, +0.017]: this split cannot tell the two apart
+    pytest.param(100, marks=pytest.mark.xfail(strict=True, raises=AssertionError,
+                                              reason="0.893 vs 0.903 on 100 prompts (inside the split's noise)")),
+    # 1000 held-out prompts (the 100 above and 900 more): 0.900 vs 0.883, interval [+0.007, +0.027]
+    1000])
+def test_the_shipped_head_beats_the_zero_shot_score_on_held_out_pairs(bb, n):
+    data = ShapesFaithfulness(n=n, seed=1000, image_size=64, n_renderings=4, split="test")  # the recipe's test family
     scorer = TSPOScorer(SHIPPED, bb)
     rewards, zero_shot, prompt, faithful = [], [], [], []
     for k in range(len(data)):
@@ -157,5 +161,5 @@ def test_the_shipped_head_beats_the_zero_shot_score_on_held_out_pairs(bb):
     prompt, faithful = torch.cat(prompt), torch.cat(faithful)
     head = pair_statistics(torch.cat(rewards), prompt, faithful)["pair_accuracy"]
     clip = pair_statistics(torch.cat(zero_shot), prompt, faithful)["pair_accuracy"]
-    print(f"held-out pair accuracy: head {head:.4f}, zero-shot {clip:.4f}")
+    print(f"held-out pair accuracy on {n} prompts: head {head:.4f}, zero-shot {clip:.4f}")
     assert head > clip
