@@ -99,7 +99,9 @@ class XClipCLI(LightningCLI):
 
 
 # name -> "module:function(argv: list[str]) -> int | None", for commands outside the Lightning loops
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "cir-query": "xclip.cir.query_cli:main",
+}
 
 
 def main(args: list[str] | None = None) -> None:
