@@ -70,8 +70,11 @@ class KeyedRows(Metric):
             getattr(self, f"col_{name}").append(value.detach().float())
 
     def ordered(self) -> tuple[Tensor, dict[str, Tensor]]:
-        index = dim_zero_cat(self.index).reshape(-1) if self.index else torch.zeros(0, dtype=torch.long)
-        cols = {name: dim_zero_cat(getattr(self, f"col_{name}")) for name in self.names} if self.index else {}
+        # states are lists of batches, or one tensor once synced across processes
+        if isinstance(self.index, list) and not self.index:
+            return torch.zeros(0, dtype=torch.long), {}
+        index = dim_zero_cat(self.index).reshape(-1)
+        cols = {name: dim_zero_cat(getattr(self, f"col_{name}")) for name in self.names}
         if index.numel() == 0:
             return index, {}
         cols = {name: value.reshape(index.numel(), -1) for name, value in cols.items()}
