@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from xclip.metrics import cir_recall, circo_map_at_k, cirr_recall, cirr_subset_recall, rank_gallery
+from xclip.metrics import (
+    cir_recall,
+    circo_map_at_k,
+    cirr_recall,
+    cirr_subset_recall,
+    rank_gallery,
+)
 
 
 def _random_rankings(q: int, n: int, seed: int) -> torch.Tensor:

@@ -14,7 +14,13 @@ from torch import nn
 
 from xclip.backbones import load_backbone, wrap_model
 from xclip.backbones.base import PLACEHOLDER_TOKEN_ID
-from xclip.cir.concepts import PhraseBank, all_concepts, concept_phrases, replace_concept, scene_concepts
+from xclip.cir.concepts import (
+    PhraseBank,
+    all_concepts,
+    concept_phrases,
+    replace_concept,
+    scene_concepts,
+)
 from xclip.cir.losses import cosine_loss, nt_xent
 from xclip.cir.oti import OTIConfig, oti_invert
 from xclip.cir.phi import (
