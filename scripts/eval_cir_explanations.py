@@ -46,8 +46,9 @@ def main() -> None:
     results = {name: score_maps(bench, queries, m) for name, m in maps.items()}
     margins = {"B": results["trained"]["B_on_modified"] - results["random init"]["B_on_modified"],
                "C": results["trained"]["C_on_shared"] - results["random init"]["C_on_shared"]}
-    lines = [f"ShapesWorld CIR {args.split}, {args.n} queries (B: {results['trained']['B_queries']} with a modified and "
-             f"another object; C: {results['trained']['C_queries']} with a shared object)", "",
+    header = (f"ShapesWorld CIR {args.split}, {args.n} queries (B: {results['trained']['B_queries']} with a modified and "
+              f"another object; C: {results['trained']['C_queries']} with a shared object)")
+    lines = [header, "",
              "| model | " + " | ".join(c for _, c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k, _ in COLUMNS) + " |")

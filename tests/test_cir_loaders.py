@@ -61,8 +61,7 @@ def test_fashioniq_categories_each_rank_their_own_gallery(tmp_path):
 
 
 def test_missing_image_errors_name_the_file_and_the_entry(tmp_path):
-    written = write_cirr(tmp_path)
-    names, entries = written["val"]
+    _, entries = write_cirr(tmp_path)["val"]
     (tmp_path / "dev" / f"{entries[3]['reference']}.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"dev-3-0-img1.*cap.rc2.val.json entry \[3\] \(pairid 13\)"):
         load_cirr(tmp_path, "val")

@@ -36,10 +36,11 @@ def phi_dir(tmp_path_factory) -> Path:
     return out
 
 
-def shapes_args(root: Path, phi: Path) -> list[str]:
+def shapes_args(root: Path, phi: Path, explain: bool = False) -> list[str]:
     return ["--config", str(SHAPES), "--trainer.logger.init_args.save_dir", str(root / "logs"),
             "--model.init_args.cache_dir", str(root / "cache"), "--model.init_args.phi", str(phi),
-            "--data.init_args.n", str(N), "--data.init_args.batch_size", "8", "--trainer.callbacks", "[]", *QUIET]
+            "--data.init_args.n", str(N), "--data.init_args.batch_size", "8", *([] if explain else ["--trainer.callbacks", "[]"]),
+            *QUIET]
 
 
 def results_of(root: Path) -> dict:
@@ -49,7 +50,7 @@ def results_of(root: Path) -> dict:
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, phi_dir):
     root = tmp_path_factory.mktemp("single")
-    main(["validate", *shapes_args(root, phi_dir)])
+    main(["validate", *shapes_args(root, phi_dir, explain=True)])
     return results_of(root)
 
 
@@ -94,6 +95,21 @@ def test_shapes_validate_equals_brute_force(single, phi_dir):
     assert cir["embedding_cache"]["status"] == "miss; written" and cir["skipped"] == {"gallery": [], "query": []}
 
 
+def test_the_callback_writes_explanations_of_the_first_queries(single):
+    run = Path(single["cir"]["embedding_cache"]["dir"]).parents[1] / "logs"
+    folder = next(run.glob("*/version_*/explanations/cir/val"))
+    index = json.loads((folder / "index.json").read_text())
+    assert [e["query"] for e in index] == ["0", "1", "2", "3"]  # n_queries: 4
+    for entry in index:
+        assert [c["rank"] for c in entry["candidates"]] == [1, 2, 3, 4, 5]
+        assert all(c["file"] != entry["reference"] for c in entry["candidates"])  # the reference is never a candidate
+        for c in entry["candidates"]:
+            assert (folder / entry["query"] / c["files"]["BC"]).is_file()
+            assert (folder / entry["query"] / c["files"]["C_npy"]).is_file()
+    events = list(folder.parents[2].glob("events.out.tfevents.*"))
+    assert events and max(e.stat().st_size for e in events) > 10_000  # the panels went to TensorBoard
+
+
 def test_second_run_reads_the_gallery_cache(single, phi_dir, tmp_path):
     root = Path(single["cir"]["embedding_cache"]["dir"]).parents[0]
     args = shapes_args(tmp_path, phi_dir)
@@ -123,7 +139,7 @@ def _fixture_run(tmp_path: Path, config: Path, phi_dir: Path, stage: str, source
           "--data.init_args.data_root", str(source_root), "--data.init_args.image_size", "64",
           "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4", "--trainer.accelerator", "cpu",
           "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--trainer.callbacks", "[]", *QUIET])
-    return json.loads(sorted((tmp_path / "logs").glob("*/version_*/results.json"))[-1].read_text())
+    return json.loads(max((tmp_path / "logs").glob("*/version_*/results.json")).read_text())
 
 
 def test_cirr_fixture_validate_and_test_submission(tmp_path, phi_dir):

@@ -241,7 +241,9 @@ class CIREvaluation(pl.LightningModule):
         where = f"{bench.name} {bench.split}, {len(bench)} queries x {bench.n_gallery} images" if bench else ""
         for stage in ("val", "test"):
             for method in self.methods:
-                keys = [k for k in metrics if k.startswith(f"{stage}/{method}/")]
+                # the metric functions' own order (R@1, R@5, ...), not the alphabetical one
+                keys = [f"{stage}/{method}/{name}" for name in self.metrics.get(method, {})
+                        if f"{stage}/{method}/{name}" in metrics]
                 if keys:
                     rows.append(ReportRow("composed image retrieval", f"{METHOD_NAMES[method]} [{stage}; {where}]",
                                           {k.split("/", 2)[2]: metrics[k] for k in keys}, keys))
