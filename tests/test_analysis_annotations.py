@@ -131,7 +131,9 @@ def test_report_counts_agreement_and_summary(sheets, tmp_path):
     assert dispute["label"] == {"spat": "Spatial", "amb-n": "Ambiguous/nearduplicate"}.get(truth[disputed], truth[disputed])
     assert all((tmp_path / "report" / r["card"]).is_file() for r in merged)  # card links still resolve
 
-    agreement = {r["annotators"]: r for r in read_rows(tmp_path / "report" / "agreement.csv")}
+    rows = read_rows(tmp_path / "report" / "agreement.csv")
+    assert {r["level"] for r in rows} == {"category", "label"}
+    agreement = {r["annotators"]: r for r in rows if r["level"] == "category"}
     assert set(agreement) == {"annotator_1+annotator_2", "annotator_1+annotator_3", "annotator_2+annotator_3", "all"}
     assert float(agreement["annotator_1+annotator_2"]["kappa"]) == 1.0
     cats = {"spat": "Spatial", "amb-n": "Ambiguous"}
@@ -140,6 +142,12 @@ def test_report_counts_agreement_and_summary(sheets, tmp_path):
     assert float(agreement["annotator_1+annotator_3"]["kappa"]) == pytest.approx(cohen_kappa_score(a, b), abs=1e-9)
     assert int(agreement["all"]["n_items"]) == OVERLAP
     assert float(agreement["all"]["kappa"]) < 1.0
+    # on full labels the Ambiguous subtypes count apart (here every annotator used the same subtype)
+    by_label = {r["annotators"]: r for r in rows if r["level"] == "label"}
+    full = [{"spat": "Spatial", "amb-n": "Ambiguous/nearduplicate"}.get(truth[f], truth[f]) for f in sorted(assignment.overlap)]
+    full_b = ["Context" if f == disputed else x for f, x in zip(sorted(assignment.overlap), full)]
+    assert float(by_label["annotator_1+annotator_3"]["kappa"]) == pytest.approx(cohen_kappa_score(full, full_b), abs=1e-9)
+    assert report["n_ties"] == 0
 
     distribution = {r["label"]: int(r["count"]) for r in read_rows(tmp_path / "report" / "distribution.csv")}
     assert sum(distribution.values()) == n_unique
@@ -154,10 +162,31 @@ def test_report_counts_agreement_and_summary(sheets, tmp_path):
         {int(r["text_index"]): r["label"] for r in merged}
 
 
-def test_consensus_majority_then_taxonomy_order():
-    assert consensus(["Object", "Spatial", "Object"]) == "Object"
-    assert consensus(["Object", "Spatial"]) == "Spatial"  # tie: Spatial comes before Object in LABELS
-    assert consensus(["Count", "Ambiguous/nearduplicate"]) == "Ambiguous/nearduplicate"
+def test_consensus_is_the_majority_and_a_tie_stays_a_tie():
+    assert consensus(["Object", "Spatial", "Object"]) == ("Object", ())
+    assert consensus(["Object", "Spatial"]) == (None, ("Spatial", "Object"))  # tied labels in taxonomy order
+    assert consensus(["Count", "Ambiguous/nearduplicate"]) == (None, ("Ambiguous/nearduplicate", "Count"))
+    assert consensus(["Count", "Count", "Object", "Object", "Spatial"]) == (None, ("Count", "Object"))
+
+
+def test_ties_are_reported_not_resolved_as_ambiguous(sheets, tmp_path):
+    sheet_dir, assignment, _ = sheets
+    names = sorted(assignment.sheets)
+    shared = sorted(assignment.overlap)
+
+    def spelling(name, fid):  # the shared failures split 2 : 1 except the first, where 3 annotators disagree
+        if fid == shared[0]:
+            return {names[0]: "amb-u", names[1]: "obj", names[2]: "cnt"}[name]
+        return "obj"
+
+    filled = fill(sheet_dir, tmp_path / "filled", label_everything(assignment, spelling))
+    report = write_annotation_report(filled, tmp_path / "report")
+    assert report["n_ties"] == 1 and report["ties"] == {shared[0]: ["Ambiguous/underspecified", "Count", "Object"]}
+    row = next(r for r in read_rows(tmp_path / "report" / "merged.csv") if r["failure_id"] == shared[0])
+    assert row["label"] == "" and row["category"] == "" and row["tie"] == "Ambiguous/underspecified | Count | Object"
+    # the tie does not become Ambiguous: nothing is ambiguous, the tie is left out of the ratio
+    assert report["ambiguity"]["ambiguous"] == 0 and report["ambiguity"]["n_failures"] == report["n_failures"] - 1
+    assert shared[0] not in {str(k) for k in read_merged_labels(tmp_path / "report" / "merged.csv")}
 
 
 # ---- validation errors -------------------------------------------------------------------------
@@ -201,6 +230,20 @@ def test_missing_column_duplicate_id_and_missing_row_are_all_collected(sheets, t
     assert len(issues) == 3  # no per-row noise for the sheet without a label column
 
 
+def test_a_row_not_assigned_to_its_annotator_is_an_error_naming_sheet_and_row(sheets, tmp_path):
+    filled, assignment = filled_copy(sheets, tmp_path)
+    own_of_2 = sorted(set(assignment.sheets["annotator_2"]) - set(assignment.overlap))[0]
+    rows = read_rows(filled / "annotator_1.csv")
+    rows.append({**rows[0], "failure_id": own_of_2})  # annotator_1 labels one of annotator_2's failures (row 12+)
+    write_rows(filled / "annotator_1.csv", rows)
+    with pytest.raises(AnnotationError) as err:
+        read_sheet_dir(filled)
+    (issue,) = err.value.issues
+    assert (Path(issue.file).name, issue.row, issue.column, issue.value) == ("annotator_1.csv", len(rows) + 1,
+                                                                           "failure_id", own_of_2)
+    assert issue.problem == "failure not assigned to annotator_1 in assignment.json"
+
+
 def test_missing_sheet_is_reported(sheets, tmp_path):
     filled, _ = filled_copy(sheets, tmp_path)
     (filled / "annotator_3.csv").unlink()
@@ -229,8 +272,8 @@ def test_merge_command_writes_the_report(sheets, tmp_path, capsys):
         "agreement.csv", "ambiguity.csv", "distribution.csv", "distribution.png", "merged.csv", "report.json"]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     # every label is Object: chance agreement is 1, kappa undefined -> null in strict JSON
-    assert report["agreement"][-1] == {"method": "fleiss", "annotators": "all", "n_items": OVERLAP, "observed": "",
-                                       "kappa": None}
+    assert report["agreement"][-1] == {"level": "label", "method": "fleiss", "annotators": "all", "n_items": OVERLAP,
+                                       "observed": "", "kappa": None}
 
 
 def test_merge_command_reports_bad_rows_and_exits_1(sheets, tmp_path, capsys):

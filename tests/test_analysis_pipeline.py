@@ -103,7 +103,7 @@ def test_auto_labelled_sheets_merge_with_perfect_agreement(run, expected):
     overlap_categories = {r["category"] for r in merged if r["n_annotators"] == str(N_ANNOTATORS)}
     assert len(overlap_categories) >= 2  # kappa is defined on this overlap set
     agreement = read_rows(auto / "agreement.csv")
-    assert len(agreement) == 3 + 1  # 3 pairs + Fleiss
+    assert len(agreement) == 2 * (3 + 1)  # 3 pairs + Fleiss, on categories and on full labels
     assert all(float(r["kappa"]) == 1.0 and int(r["n_items"]) == OVERLAP for r in agreement)
     distribution = {r["label"]: int(r["count"]) for r in read_rows(auto / "distribution.csv")}
     want = Counter(r["label"] for r in merged)
@@ -122,7 +122,7 @@ def test_one_perturbed_annotator_gives_the_known_kappas(run, tmp_path):
     new = "Context" if category(rows[changed]) != "Context" else "Count"
     fill_sheets(auto_sheets, {"annotator_3": {changed: new}}, tmp_path / "sheets")
     report = write_annotation_report(tmp_path / "sheets", tmp_path / "report")
-    kappa = {r["annotators"]: r for r in report["agreement"]}
+    kappa = {r["annotators"]: r for r in report["agreement"] if r["level"] == "category"}
     truth = [category(rows[f]) for f in overlap]
     perturbed = [new if f == changed else c for f, c in zip(overlap, truth)]
     assert kappa["annotator_1+annotator_2"]["kappa"] == 1.0

@@ -325,7 +325,9 @@ def test_save_load_checkpoint_roundtrip(oc_model, images, tmp_path, monkeypatch)
     preprocess = {"image_size": 32, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
     save_checkpoint(oc_model, MODEL_CFG, preprocess, 16, path)
     (path / "README.md").write_text("model card")
-    save_checkpoint(oc_model, MODEL_CFG, preprocess, 16, path)  # overwriting an existing checkpoint
+    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+        save_checkpoint(oc_model, MODEL_CFG, preprocess, 16, path)
+    save_checkpoint(oc_model, MODEL_CFG, preprocess, 16, path, overwrite=True)  # replacing it on purpose
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-shapes"]  # no temp dirs left behind
     assert (path / "README.md").read_text() == "model card"  # a re-export keeps the model card
     config = json.loads((path / "config.json").read_text())

@@ -4,8 +4,10 @@ end (metrics and test submissions), and phi training through `xclip fit`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -181,15 +183,42 @@ def test_circo_and_fashioniq_fixtures_validate(tmp_path, phi_dir):
     assert fiq["R@5"] == pytest.approx((fiq["dress_R@5"] + fiq["shirt_R@5"] + fiq["toptee_R@5"]) / 3)
 
 
-def test_phi_training_runs_through_xclip_fit_and_exports(tmp_path):
-    out = tmp_path / "phi"
+SHIPPED_PHI = ROOT / "checkpoints" / "searle-phi-tiny-shapes"
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def short_phi_fit(root: Path, *extra: str) -> None:
     main(["fit", "--config", str(PHI_FIT), "--data.init_args.n_train", "16", "--data.init_args.n", "30",
           "--data.init_args.batch_size", "8", "--model.init_args.oti", '{"steps": 2}',
-          "--model.init_args.phrases_per_concept", "4", "--model.init_args.oti_cache_dir", str(tmp_path / "oti"),
-          "--model.init_args.export_dir", str(out), "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1",
-          "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), *QUIET])
+          "--model.init_args.phrases_per_concept", "4", "--model.init_args.oti_cache_dir", str(root / "oti"),
+          "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1",
+          "--trainer.logger.init_args.save_dir", str(root / "logs"), *QUIET, *extra])
+
+
+def test_phi_training_runs_through_xclip_fit_exports_into_the_run_and_keeps_the_shipped_phi(tmp_path):
+    before = digests(SHIPPED_PHI)
+    short_phi_fit(tmp_path)
+    assert digests(SHIPPED_PHI) == before
+    (out,) = list((tmp_path / "logs").glob("*/version_0/phi"))  # the export went into the run's directory
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == "searle-phi" and config["backbone"] == "xclip:tiny-shapes"
     assert (config["input_dim"], config["hidden_dim"], config["output_dim"]) == (128, 512, 128)
     assert len(list((tmp_path / "oti").glob("*.safetensors"))) == 1
     load_phi(out)
+
+
+def test_exporting_phi_over_a_checkpoint_needs_overwrite_and_is_checked_before_training(tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(SHIPPED_PHI, target)
+    before = digests(target)
+    with pytest.raises(SystemExit, match=r"already holds a checkpoint.*overwrite: true"):
+        short_phi_fit(tmp_path / "a", "--model.init_args.export_dir", str(target))
+    assert digests(target) == before and not (tmp_path / "a" / "oti").exists()  # refused before the OTI targets
+    short_phi_fit(tmp_path / "b", "--model.init_args.export_dir", str(target), "--model.init_args.overwrite", "true")
+    after = digests(target)
+    assert after["model.safetensors"] != before["model.safetensors"]
+    assert after["README.md"] == before["README.md"]  # the model card is carried over
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "copy"]  # no backup or temp left

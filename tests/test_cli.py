@@ -1,7 +1,10 @@
 """The `xclip` CLI: the demo writes results.json, TensorBoard scalars and explanation images;
 bad configs and missing paths fail with clear messages."""
 
+import contextlib
+import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -30,25 +33,85 @@ def small_demo(tmp_path: Path, backbone: str | None = None) -> str:
 
 
 def run_demo(tmp_path, *extra):
-    main(["validate", "--config", small_demo(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
-          "--trainer.enable_progress_bar", "false", *extra])
+    """Run the shrunk demo; returns (run directory, what it printed on stdout)."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main(["validate", "--config", small_demo(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+              "--trainer.enable_progress_bar", "false", *extra])
     runs = sorted((tmp_path / "demo").glob("version_*"))
     assert runs, f"no run directory under {tmp_path}"
-    return runs[-1]
+    return runs[-1], printed.getvalue()
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
+def demo_output(tmp_path_factory):
     return run_demo(tmp_path_factory.mktemp("demo"))
 
 
-def test_demo_writes_results_json_with_metrics_and_config(demo_run, capsys):
+@pytest.fixture(scope="module")
+def demo_run(demo_output):
+    return demo_output[0]
+
+
+@pytest.fixture(scope="module")
+def direct(demo_run):
+    """The demo's numbers computed without xclip's modules: encode every held-out image and text
+    of the shrunk demo with the tiny backbone and score them by hand."""
+    import torch
+    import torch.nn.functional as F
+
+    from xclip.backbones import load_backbone
+    from xclip.clip.zeroshot_module import DEFAULT_CLASSES, DEFAULT_PROMPTS
+    from xclip.data import ShapesWorldDataModule
+    from xclip.ood import OODDataModule
+    from xclip.retrieval import RetrievalDataModule
+
+    bb = load_backbone("xclip:tiny-shapes")
+    out = {}
+    with torch.no_grad():
+        cls = ShapesWorldDataModule(val_tasks=["classification"], n_val=40).dataset("classification", "val")
+        items = [cls[i] for i in range(len(cls))]
+        img = F.normalize(bb.encode_image(bb.normalize(torch.stack([it["image"] for it in items]))), dim=-1)
+        for attr, names in DEFAULT_CLASSES.items():
+            prompts = DEFAULT_PROMPTS[attr]
+            text = F.normalize(bb.encode_text([t.format(c) for c in names for t in prompts]), dim=-1)
+            heads = F.normalize(text.view(len(names), len(prompts), -1).mean(1), dim=-1)
+            pred = (img @ heads.T).argmax(1)
+            out[f"val/zeroshot_{attr}_acc"] = float((pred == torch.tensor([it[attr] for it in items])).float().mean())
+        gallery = RetrievalDataModule(source="shapes", n=40, seed=1000).gallery
+        g_img = F.normalize(bb.encode_image(bb.normalize(torch.stack([gallery.image(i) for i in range(40)]))), dim=-1)
+        texts, owner = gallery.all_captions()
+        g_txt = F.normalize(bb.encode_text(texts), dim=-1)
+        sim = g_txt @ g_img.T  # brute force: the rank of each caption's own image, ties broken by index
+        for k in (1, 5, 10):
+            top = sim.topk(k, dim=1).indices
+            out[f"val/t2i_R@{k}"] = float((top == owner[:, None]).any(1).float().mean())
+            hits = [(sim.T[i].topk(k).indices[:, None] == (owner == i).nonzero().flatten()).any() for i in range(40)]
+            out[f"val/i2t_R@{k}"] = float(torch.stack(hits).float().mean())
+        # NegLabel on the OOD sets, with the demo member's negatives (the mined vocabulary is on disk)
+        from xclip.ood import NegLabelScorer
+
+        nouns = (demo_run / "neg_labels_noun.txt").read_text().split("\n")
+        adjs = (demo_run / "neg_labels_adj.txt").read_text().split("\n")
+        neg = torch.cat([F.normalize(bb.encode_text([f"the nice {w}" for w in nouns if w]), dim=-1),
+                         F.normalize(bb.encode_text([f"This is a {w} photo" for w in adjs if w]), dim=-1)])
+        ids = F.normalize(bb.encode_text(["the nice square", "the nice circle"]), dim=-1)
+        scorer = NegLabelScorer(ids.double(), neg.double(), n_groups=10, seed=0)
+        scores = {}
+        for name, _, ds in OODDataModule(n_id=40, n_ood=40, n_calib=20).sets("val"):
+            x = torch.stack([ds[i]["image"] for i in range(len(ds))])
+            scores[name] = scorer(bb.encode_image(bb.normalize(x)).double())
+        out["ood"] = scores
+    return out
+
+
+def test_demo_metrics_equal_a_direct_computation(demo_run, direct):
     results = json.loads((demo_run / "results.json").read_text())
     metrics = results["metrics"]
-    for key in ("val/zeroshot_shape_acc", "val/zeroshot_colour_acc", "val/t2i_R@1", "val/i2t_R@5"):
-        assert 0.0 <= metrics[key] <= 1.0, key
-    # the run evaluated the shipped checkpoint, not a random model: well above chance (1/6) on
-    # 40 images (the floors themselves are measured in test_tiny_checkpoint.py)
+    for key in ("val/zeroshot_shape_acc", "val/zeroshot_colour_acc", *(f"val/{d}_R@{k}" for d in ("t2i", "i2t")
+                                                                      for k in (1, 5, 10))):
+        assert metrics[key] == pytest.approx(direct[key], abs=1e-6), key
+    # the shipped checkpoint, not a random model: well above chance (1/6) on these 40 images
     assert metrics["val/zeroshot_shape_acc"] > 0.3 and metrics["val/zeroshot_colour_acc"] > 0.9
     assert results["stage"] == "validate"
     assert results["zeroshot"]["backbone"] == "xclip:tiny-shapes"
@@ -56,17 +119,23 @@ def test_demo_writes_results_json_with_metrics_and_config(demo_run, capsys):
     assert {m["init_args"]["backbone"] for m in members.values()} == {"xclip:tiny-shapes"}
 
 
-def test_demo_evaluates_retrieval_and_ood_in_the_same_run(demo_run):
+def test_demo_evaluates_retrieval_and_ood_in_the_same_run(demo_run, direct):
+    from xclip.metrics import ood_metrics
+
     results = json.loads((demo_run / "results.json").read_text())
     metrics = results["metrics"]
     assert results["routes"] == {"classification": "zeroshot", "retrieval": "retrieval", "ood": "ood"}
     assert results["retrieval"]["retrieval"]["n_images"] == 40
     assert results["retrieval"]["retrieval"]["n_captions"] == 80
+    for split in ("ood_background", "ood_novel_shape"):
+        expected = ood_metrics(direct["ood"]["id"], direct["ood"][split])
+        for key in ("auroc", "fpr95"):
+            assert metrics[f"val/{split}/neglabel/{key}"] == pytest.approx(expected[key], abs=1e-6), (split, key)
+        for variant in ("neglabel_star", "negalign"):  # logged = the report in results.json
+            for key, value in results["ood"]["negalign"]["variants"][variant][split].items():
+                assert metrics[f"val/{split}/{variant}/{key}"] == pytest.approx(value, abs=1e-6)
     # background-only images are far from both ID classes for the shipped checkpoint
     assert metrics["val/ood_background/neglabel/auroc"] > 0.9
-    for split in ("ood_background", "ood_novel_shape"):
-        for variant in ("neglabel", "neglabel_star", "negalign"):
-            assert 0.0 <= metrics[f"val/{split}/{variant}/fpr95"] <= 1.0
     assert (demo_run / "val_lambda_sweep.png").is_file() and (demo_run / "neg_labels_noun.txt").is_file()
 
 
@@ -94,6 +163,77 @@ def test_demo_writes_explanation_files(demo_run):
     assert item["words"] and abs(sum(s for _, s in item["words"]) - 1.0) < 1e-4 or item["all_zero"]
 
 
+def test_demo_prints_one_report_table_with_every_metric_once(demo_output):
+    run, printed = demo_output
+    results = json.loads((run / "results.json").read_text())
+    assert len(re.findall(r"^workflow +\| measured", printed, re.M)) == 1  # one table, not one per dataloader
+    assert "DataLoader" not in printed and "Validate metric" not in printed  # Lightning's tables are off
+    assert "Tip:" not in printed
+    table = printed[re.search(r"^workflow +\| measured", printed, re.M).start():printed.index("results:")]
+    groups = [line.split("|")[0].strip() for line in table.splitlines()[2:] if line.strip() and "-+-" not in line]
+    # one block per workflow, in the suite's member order (the shrunk config lists them sorted)
+    assert [g for g in groups if g] == ["OOD detection", "image-text retrieval", "zero-shot classification"]
+    # every logged metric is shown exactly once, under a full name (never its raw key)
+    rows = [line for line in table.splitlines()[2:] if line.strip() and "-+-" not in line]
+    shown_values = sum(line.split("|", 2)[2].count("|") + 1 for line in rows)
+    assert shown_values == len(results["metrics"]) == 2 + 6 + 4 * 8
+    assert not any(key in table for key in results["metrics"])
+    assert "NegAlign m3+p_align, lambda 1 (configured) vs ood_novel_shape [val]" in table
+    assert "accuracy, shape (6 classes), 40 images [val]" in table
+    # then where everything went
+    assert f"results:      {run / 'results.json'}" in printed
+    assert f"tensorboard --logdir {run}" in printed
+    assert f"explanations: {run / 'explanations' / 'grad_eclip'}/" in printed
+    assert str(run / "val_lambda_sweep.png") in printed
+
+
+def test_report_lists_unclaimed_metrics_under_their_key():
+    from xclip.results import ReportRow, format_report
+
+    metrics = {"val/a": 0.5, "val/b": 0.25, "val/c": 1.0}
+    rows = [ReportRow("w1", "first thing", {"": 0.5}, ["val/a"]), ReportRow("w1", "pair", {"x": 0.25}, ["val/b"])]
+    text = format_report(rows, metrics)
+    assert text.count("0.5000") == 1 and "x 0.2500" in text
+    assert "other" in text and "val/c" in text  # unclaimed metrics still appear, once, under their key
+
+
+def test_explanation_pngs_are_titled_with_the_batch_text(demo_run):
+    from PIL import Image
+
+    from xclip.data import ShapesWorldDataModule
+
+    out = demo_run / "explanations" / "grad_eclip"
+    index = json.loads((out / "val_index.json").read_text())
+    dataset = ShapesWorldDataModule(val_tasks=["classification"], n_val=40).dataset("classification", "val")
+    for item in index["items"]:
+        side = json.loads((out / item["npy"]).with_suffix(".json").read_text())
+        caption = dataset[int(item["id"])]["caption"]  # the text of that item in the batch
+        assert side["text"] == item["text"] == caption
+        assert side["explainer"] == "grad_eclip" and side["item_id"] == item["id"]
+        assert side["task"] == "classification" and side["dataloader_idx"] == 0
+        title = Image.open(out / item["png"]).text["Title"]
+        flat = " ".join(title.split())  # long texts are wrapped over lines
+        assert title == side["title"] and f'"{caption}"' in flat and f"item {item['id']}" in title
+        assert "grad_eclip" in title and "classification / dl 0" in title
+        assert side["max"] == pytest.approx(item["map_max"])
+
+
+def test_explanation_tensorboard_tags_name_task_and_dataloader(demo_run):
+    acc = EventAccumulator(str(demo_run), size_guidance={"images": 0})
+    acc.Reload()
+    tags = [t for t in acc.Tags()["images"] if t.startswith("explain/grad_eclip/") and not t.endswith("/tokens")]
+    assert len(tags) == len(set(tags)) == 8
+    assert all(t.startswith("explain/grad_eclip/val/classification_dl0/") for t in tags)
+
+
+def test_predict_is_not_a_subcommand_and_fit_refuses_an_eval_only_module(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "--config", DEMO])
+    assert exc.value.code != 0 and "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="EvaluationSuite is evaluation-only"):
+        main(["fit", "--config", small_demo(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+
+
 def test_malformed_config_is_rejected_with_the_key(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  class_path: xclip.clip.ZeroShotModule\n  init_args:\n    bakcbone: xclip:tiny-shapes\n")
@@ -103,10 +243,71 @@ def test_malformed_config_is_rejected_with_the_key(tmp_path, capsys):
     assert "bakcbone" in capsys.readouterr().err
 
 
-def test_missing_checkpoint_path_is_named(tmp_path, capsys):
+def test_missing_checkpoint_is_one_paragraph_with_xclips_own_message(tmp_path, capsys):
     missing = tmp_path / "no_such_checkpoint"
-    with pytest.raises((FileNotFoundError, SystemExit, ValueError)) as exc:
+    with pytest.raises(SystemExit) as exc:
         main(["validate", "--config", small_demo(tmp_path, backbone=str(missing)),
               "--trainer.logger.init_args.save_dir", str(tmp_path)])
-    shown = str(exc.value) + capsys.readouterr().err  # jsonargparse reports on stderr
-    assert f"{missing}': no such file or directory" in shown
+    message = str(exc.value)
+    assert message.startswith(f"xclip: error: FileNotFoundError: '{missing}': no such file or directory")
+    assert "expected an xclip checkpoint directory" in message and "--debug" in message
+    assert "Union subtypes" not in message and "Traceback" not in message
+    assert len(message.splitlines()) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_debug_flag_and_environment_variable_show_the_real_exception(tmp_path, monkeypatch):
+    config = small_demo(tmp_path, backbone=str(tmp_path / "missing"))
+    with pytest.raises(Exception) as exc:
+        main(["validate", "--config", config, "--debug"])
+    assert not isinstance(exc.value, SystemExit) and "Union subtypes" in str(exc.value)  # jsonargparse's wrapper
+    monkeypatch.setenv("XCLIP_DEBUG", "1")
+    with pytest.raises(Exception) as exc:
+        main(["validate", "--config", config])
+    assert not isinstance(exc.value, SystemExit)
+
+
+def test_malformed_yaml_names_the_file_and_line_also_among_several_configs(tmp_path):
+    bad = tmp_path / "second.yaml"
+    bad.write_text("trainer:\n  max_steps: 2\nmodel: [unclosed\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["validate", "--config", DEMO, "--config", str(bad)])
+    assert str(exc.value).startswith(f"xclip: error: config file {bad} is not valid YAML at line 4")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(SystemExit, match="list.yaml must hold a mapping"):
+        main(["validate", f"--config={tmp_path / 'list.yaml'}"])
+    with pytest.raises(SystemExit, match="nope.yaml does not exist"):
+        main(["validate", "--config", str(tmp_path / "nope.yaml")])
+
+
+@pytest.mark.parametrize("damage", ["config", "weights"])
+def test_a_corrupt_checkpoint_file_is_named(tmp_path, damage):
+    import shutil
+
+    from xclip.backbones import load_backbone
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(Path(DEMO).parents[1] / "checkpoints" / "tiny-shapes", copy)
+    if damage == "config":
+        (copy / "config.json").write_text('{"architecture": "openclip", "model_cfg": ')
+        with pytest.raises(ValueError, match=rf"{copy / 'config.json'}: not valid JSON"):
+            load_backbone(str(copy))
+    else:
+        data = (copy / "model.safetensors").read_bytes()
+        (copy / "model.safetensors").write_bytes(data[: len(data) // 3])  # truncated download
+        with pytest.raises(ValueError, match=rf"{copy / 'model.safetensors'}: cannot read the weights"):
+            load_backbone(str(copy))
+    with pytest.raises(SystemExit, match=rf"xclip: error: ValueError: {copy}"):
+        main(["validate", "--config", small_demo(tmp_path, backbone=str(copy)),
+              "--trainer.logger.init_args.save_dir", str(tmp_path)])
+
+
+def test_unknown_named_checkpoint_points_at_the_recipes(monkeypatch):
+    from xclip.backbones import load_backbone
+
+    with pytest.raises(FileNotFoundError) as exc:
+        load_backbone("xclip:tiny-shape")
+    message = str(exc.value)
+    assert "did you mean xclip:tiny-shapes?" in message
+    assert "configs/pretrain_tiny_shapes*.yaml" in message and "xclip fit" in message
+    assert (Path(DEMO).parents[1] / "configs" / "pretrain_tiny_shapes.yaml").is_file()  # where it points exists

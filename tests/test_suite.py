@@ -65,3 +65,87 @@ def test_routes_must_match_the_members():
         EvaluationSuite({"a": Counting("a"), "b": Counting("b")}, routes={"cls": "a"})
     with pytest.raises(ValueError, match="at least one member"):
         EvaluationSuite({}, routes={})
+
+
+# ---- real members: one backbone per spec, explanations from the routed member's model ------
+def _shapes_suite(retrieval_backbone):
+    from xclip.clip import ZeroShotModule
+    from xclip.retrieval import RetrievalModule
+
+    return EvaluationSuite({"zeroshot": ZeroShotModule(backbone="xclip:tiny-shapes"),
+                            "retrieval": RetrievalModule(backbone=retrieval_backbone)},
+                           routes={"classification": "zeroshot", "retrieval": "retrieval"})
+
+
+def _shapes_data(n=6):
+    from xclip.data import ShapesWorldDataModule
+    from xclip.retrieval import RetrievalDataModule
+
+    return CombinedDataModule({"classification": ShapesWorldDataModule(val_tasks=["classification"], n_val=n,
+                                                                        batch_size=n),
+                               "retrieval": RetrievalDataModule(source="shapes", n=n, seed=1000, batch_size=n)})
+
+
+def test_members_naming_the_same_spec_share_one_backbone_object():
+    suite = _shapes_suite("xclip:tiny-shapes")
+    zeroshot, retrieval = suite.members["zeroshot"], suite.members["retrieval"]
+    assert zeroshot.backbone is retrieval.backbone is suite.backbone
+    n_params = sum(p.numel() for p in zeroshot.backbone.parameters())
+    assert sum(p.numel() for p in suite.parameters()) == n_params  # held once, not twice
+    assert suite.extra_results()["backbones"] == [{"spec": "xclip:tiny-shapes", "members": ["zeroshot", "retrieval"]}]
+
+
+def test_explanations_use_the_backbone_of_the_member_each_batch_is_routed_to(tmp_path):
+    import json
+
+    import numpy as np
+    import open_clip
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from xclip.backbones import load_backbone, wrap_model
+    from xclip.callbacks import GradECLIPCallback
+    from xclip.explain import GradECLIP
+
+    trained = load_backbone("xclip:tiny-shapes")
+    torch.manual_seed(0)
+    other = wrap_model(open_clip.model.CLIP(**trained.model_cfg).eval(), preprocess_cfg=trained.preprocess_cfg)
+    suite, data = _shapes_suite(other), _shapes_data()
+    assert suite.backbone_for({"task": "classification"}) is suite.members["zeroshot"].backbone
+    assert suite.backbone_for({"task": "retrieval"}) is other
+    with pytest.raises(RuntimeError, match="2 different backbones"):
+        suite.backbone  # noqa: B018
+    trainer = pl.Trainer(accelerator="cpu", logger=TensorBoardLogger(str(tmp_path), name="run"),
+                         callbacks=[GradECLIPCallback(max_samples=12, text_maps=False)],
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(suite, datamodule=data, verbose=False)
+    out = tmp_path / "run" / "version_0" / "explanations" / "grad_eclip"
+    index = json.loads((out / "val_index.json").read_text())
+    assert sorted(i["task"] for i in index["items"]) == ["classification"] * 6 + ["retrieval"] * 6
+    cls = data.datamodules["classification"].dataset("classification", "val")
+    gallery = data.datamodules["retrieval"].gallery
+    for item in index["items"]:
+        i = int(item["id"])
+        if item["task"] == "classification":
+            bb, image, text = suite.members["zeroshot"].backbone, cls[i]["image"], cls[i]["caption"]
+        else:
+            bb, image, text = other, gallery.image(i), gallery.captions(i)[0]
+        assert item["text"] == text
+        expected = GradECLIP(bb).pair_maps(bb.normalize(image[None]), [text])[0]
+        np.testing.assert_allclose(np.load(out / item["npy"]), expected.numpy(), rtol=1e-4, atol=1e-7)
+
+
+def test_failure_analysis_finds_the_retrieval_member_of_a_suite(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from xclip.retrieval import FailureAnalysisCallback
+
+    suite, data = _shapes_suite("xclip:tiny-shapes"), _shapes_data(n=40)
+    callback = FailureAnalysisCallback(n_failures=4, per_annotator=1, overlap=1, improvements=False, cards=True)
+    trainer = pl.Trainer(accelerator="cpu", logger=TensorBoardLogger(str(tmp_path), name="run"), callbacks=[callback],
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(suite, datamodule=data, verbose=False)
+    summary = callback.analyse(trainer, suite)
+    emb = suite.members["retrieval"].gallery_embeddings
+    top1 = (emb.text_emb @ emb.image_emb.T).argmax(1)  # brute force: every top-1 text->image miss
+    assert summary["n_failures"] == int((top1 != emb.text_to_image).sum()) > 0
+    assert len(list((tmp_path / "run" / "version_0" / "failures" / "cards").glob("*.png"))) == min(4, summary["n_failures"])

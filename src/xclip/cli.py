@@ -11,6 +11,12 @@ validate/test (``per_image.csv``, ``failures.csv``, explanation indexes).
 
 Commands that are not a Lightning loop (``xclip vocab ...``, ``xclip cir-query ...``) are listed in
 `COMMANDS` as ``"module:function"`` and imported only when called; each takes its argument list.
+
+Errors end the run with one paragraph, not a chained traceback: a config file that is not valid
+YAML is named with the line of the problem; an error raised while building or running the
+modules (a missing checkpoint, a corrupt weights file) is reported with xclip's own message, dug
+out of the wrappers jsonargparse and Lightning put around it. ``--debug`` (or ``XCLIP_DEBUG=1``)
+shows the full traceback instead.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import json
 import logging
 import os
 import sys
+import traceback
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -33,6 +41,7 @@ from xclip.results import ReportRow, format_report, metric_values, output_listin
 _TIP_MARKER = "💡 Tip:"
 _KNOWN_NOISE = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"LightningCLI's args parameter is intended to run from within Python",  # main() passes the filtered argv
 )
 
 
@@ -101,25 +110,82 @@ class XClipCLI(LightningCLI):
 # name -> "module:function(argv: list[str]) -> int | None", for commands outside the Lightning loops
 COMMANDS: dict[str, str] = {
     "cir-query": "xclip.cir.query_cli:main",
+    "vocab": "xclip.ood.vocab_cli:main",
 }
+DEBUG_FLAG, DEBUG_ENV = "--debug", "XCLIP_DEBUG"
+
+
+def config_files(argv: list[str]) -> list[str]:
+    """The files given with ``--config FILE`` / ``--config=FILE`` (every occurrence)."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            out.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            out.append(arg.split("=", 1)[1])
+    return out
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Raise `SystemExit` naming the file (and line) of a ``--config`` that is missing or not a
+    YAML mapping, before jsonargparse reports it as ``<unicode string>`` under its usage text."""
+    import yaml
+
+    for name in config_files(argv):
+        path = Path(name)
+        if not path.is_file():
+            raise SystemExit(f"xclip: error: config file {name} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            problem = getattr(err, "problem", None) or str(err)
+            raise SystemExit(f"xclip: error: config file {name} is not valid YAML{at}: {problem}") from None
+        if data is not None and not isinstance(data, dict):
+            raise SystemExit(f"xclip: error: config file {name} must hold a mapping (keys such as model:, data:, "
+                             f"trainer:), got a {type(data).__name__}")
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The error a user can act on: the deepest exception in the cause/context chain that was
+    raised by xclip's own code (else the deepest one)."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for candidate in reversed(chain):
+        frames = traceback.extract_tb(candidate.__traceback__)
+        if frames and f"{os.sep}xclip{os.sep}" in frames[-1].filename:
+            return candidate
+    return chain[-1]
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``xclip`` console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] in COMMANDS:
-        module, _, function = COMMANDS[argv[0]].partition(":")
-        code = getattr(importlib.import_module(module), function)(argv[1:])
-        if code:
-            raise SystemExit(code)
-        return
-    quiet_lightning()
-    XClipCLI(
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"default_env": False},
-        args=args,
-    )
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes")
+    argv = [a for a in argv if a != DEBUG_FLAG]
+    try:
+        if argv and argv[0] in COMMANDS:
+            module, _, function = COMMANDS[argv[0]].partition(":")
+            code = getattr(importlib.import_module(module), function)(argv[1:])
+            if code:
+                raise SystemExit(code)
+            return
+        check_config_files(argv)
+        quiet_lightning()
+        XClipCLI(save_config_kwargs={"overwrite": True}, parser_kwargs={"default_env": False}, args=argv)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as err:
+        if debug:
+            raise
+        cause = root_cause(err)
+        raise SystemExit(f"xclip: error: {type(cause).__name__}: {cause}\n"
+                         f"(run with {DEBUG_FLAG} or {DEBUG_ENV}=1 for the full traceback)") from None
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ class EvaluationSuite(pl.LightningModule):
         """The members' backbone when they all share one; with several, use `backbone_for(batch)`."""
         distinct = {id(b): b for b in self.backbones().values()}
         if len(distinct) > 1:
-            raise AttributeError(f"the suite's members use {len(distinct)} different backbones "
+            raise RuntimeError(f"the suite's members use {len(distinct)} different backbones "
                                  f"({sorted(self.backbone_specs().values())}): ask backbone_for(batch)")
         return next(iter(distinct.values()), None)
 

@@ -12,6 +12,7 @@ from .base import (
 from .loading import (
     OfflineWeightsError,
     checkpoints_dir,
+    is_checkpoint_dir,
     load_backbone,
     load_checkpoint,
     resolve_backbone,
@@ -35,6 +36,7 @@ __all__ = [
     "TextTokenizer",
     "TextTrace",
     "checkpoints_dir",
+    "is_checkpoint_dir",
     "load_backbone",
     "load_checkpoint",
     "resolve_backbone",

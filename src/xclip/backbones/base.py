@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
+
+from .inputs import check_images01, check_model_input, check_texts
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -250,10 +253,8 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         return self.tokenizer.eot_id
 
     def tokenize(self, texts: Sequence[str]) -> Tensor:
-        """texts -> LongTensor [K, context_length] on the model's device."""
-        if isinstance(texts, str):
-            raise TypeError("tokenize expects a list of strings, not a single string")
-        return self.tokenizer(list(texts)).to(self.device)
+        """texts -> LongTensor [K, context_length] on the model's device (blank texts are an error)."""
+        return self.tokenizer(check_texts(texts)).to(self.device)
 
     def decode_tokens(self, ids: Union[Tensor, Sequence[int]]) -> list[str]:
         """One row of token ids [L] -> one readable string per token (for charts)."""
@@ -294,19 +295,55 @@ class Backbone(nn.Module, metaclass=ABCMeta):
     def image_std(self) -> tuple[float, float, float]:
         return self.preprocess_cfg.std
 
-    def preprocess(self, image: Image.Image) -> Tensor:
-        """PIL image -> normalised [3, S, S] (resize shorter side, centre crop, mean/std)."""
-        if self._transform is None:
-            from open_clip import image_transform
+    def preprocess(self, images: Union[Image.Image, str, Path, Sequence[Union[Image.Image, str, Path]]],
+                   size: Union[None, str, tuple[int, int]] = None) -> Tensor:
+        """PIL images (or image files) -> model input.
 
-            cfg = self.preprocess_cfg
-            self._transform = image_transform(cfg.image_size, is_train=False, mean=cfg.mean, std=cfg.std)
-        return self._transform(image)
+        One image gives ``[3, S, S]``, a list ``[N, 3, S, S]``. Every image is decoded to RGB by
+        `xclip.data.images.to_rgb` (16-bit, palette, alpha, CMYK, EXIF orientation). Default
+        ``size``: CLIP's preprocessing (bicubic resize of the shorter side to S, centre crop,
+        mean/std). ``size="native"``: no crop, each side rounded to a multiple of the patch size
+        (explanations at the image's own resolution; the images of a list must then share a size);
+        ``(h, w)``: resized to exactly that size.
+        """
+        from xclip.data.images import read_rgb, to_rgb
+
+        single = isinstance(images, (Image.Image, str, Path))
+        items = [images] if single else list(images)
+        if not items:
+            raise ValueError("preprocess needs at least one image")
+        pil = [read_rgb(x) if isinstance(x, (str, Path)) else x for x in items]
+        bad = [i for i, x in enumerate(pil) if not isinstance(x, Image.Image)]
+        if bad:
+            raise TypeError(f"preprocess takes PIL images or image paths; item {bad[0]} is a "
+                            f"{type(pil[bad[0]]).__name__} (tensors in [0, 1] go through backbone.normalize)")
+        pil = [to_rgb(x) for x in pil]
+        if size is None:
+            if self._transform is None:
+                from open_clip import image_transform
+
+                cfg = self.preprocess_cfg
+                self._transform = image_transform(cfg.image_size, is_train=False, mean=cfg.mean, std=cfg.std)
+            out = torch.stack([self._transform(x) for x in pil])
+        else:
+            from torchvision.transforms.functional import pil_to_tensor
+
+            shapes = {x.size for x in pil}
+            if len(shapes) > 1 and size == "native":
+                raise ValueError(f"preprocess(size='native') of a list needs images of one size, got {sorted(shapes)}: "
+                                 "preprocess them one at a time (maps follow each image's own grid)")
+            out = torch.cat([self.normalize(pil_to_tensor(x).float().div(255.0)[None], size=size) for x in pil])
+        return out[0] if single else out
 
     def normalize(self, images01: Tensor, size: Union[None, str, tuple[int, int]] = None) -> Tensor:
         """Float images in [0, 1], [N, 3, H, W] -> model input: [N, 3, S, S] at the model's size
         (default), or at `size` (h, w), or ``"native"``: each side rounded to the nearest multiple
-        of the patch size (at least one patch), for explanations at the image's own resolution."""
+        of the patch size (at least one patch), for explanations at the image's own resolution.
+
+        uint8 images, values outside [0, 1], channels-last layouts and NaN/inf raise an error that
+        says what to pass instead (see `xclip.backbones.inputs`).
+        """
+        check_images01(images01)
         if size is None:
             size = (self.image_size, self.image_size)
         elif size == "native":
@@ -319,6 +356,10 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         mean = images01.new_tensor(self.image_mean).view(1, 3, 1, 1)
         std = images01.new_tensor(self.image_std).view(1, 3, 1, 1)
         return (images01 - mean) / std
+
+    def check_model_input(self, images: Tensor, name: str = "images") -> None:
+        """Raise if `images` is not normalised model input [N, 3, H, W] (see `xclip.backbones.inputs`)."""
+        check_model_input(images, self.image_mean, self.image_std, name)
 
     # ---- encoders ------------------------------------------------------------------------
     def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
@@ -336,14 +377,23 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         emb = self._encode_text(self._as_tokens(tokens))
         return F.normalize(emb, dim=-1) if normalize else emb
 
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 256, normalize: bool = False) -> Tensor:
-        """Any number of strings -> [K, D], `batch_size` strings per forward (bounded memory)."""
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256, normalize: bool = False,
+                     progress: Optional[bool] = None) -> Tensor:
+        """Any number of strings -> [K, D], `batch_size` strings per forward (bounded memory).
+
+        `progress`: a progress bar on stderr (None: when there are more than 8 batches, e.g. a
+        NegLabel vocabulary of tens of thousands of words).
+        """
         if not texts:
             raise ValueError("encode_texts needs at least one text")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        return torch.cat([self.encode_text(list(texts[i : i + batch_size]), normalize=normalize)
-                          for i in range(0, len(texts), batch_size)])
+        starts = range(0, len(texts), batch_size)
+        if progress if progress is not None else len(starts) > 8:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=f"encoding {len(texts):,} texts", unit="batch", leave=False)
+        return torch.cat([self.encode_text(list(texts[i : i + batch_size]), normalize=normalize) for i in starts])
 
     def encode_text_from_embeddings(
         self, token_embeds: Tensor, tokens: Tensor, pseudo_tokens: Optional[Tensor] = None

@@ -131,6 +131,12 @@ def checkpoints_dir() -> Optional[Path]:
     return None
 
 
+def is_checkpoint_dir(path: Union[str, Path]) -> bool:
+    """Whether `path` is a directory holding an xclip checkpoint (config.json or model.safetensors)."""
+    path = Path(path)
+    return path.is_dir() and any((path / name).exists() for name in (CONFIG_NAME, WEIGHTS_NAME))
+
+
 def save_checkpoint(
     model: nn.Module,
     model_cfg: dict,
@@ -138,9 +144,24 @@ def save_checkpoint(
     context_length: int,
     path: Union[str, Path],
     dtype: torch.dtype = torch.float16,
+    overwrite: bool = False,
 ) -> Path:
     """Write an open_clip CLIP as ``path/{config.json, model.safetensors}``; float tensors are
-    stored as ``dtype``. Written into a temporary sibling directory, then renamed into place."""
+    stored as ``dtype``.
+
+    Atomic: everything is written into a temporary sibling directory first. An existing checkpoint
+    at `path` is replaced only with ``overwrite=True``; it is moved aside as a backup
+    (``.<name>.backup-<id>``) and deleted only once the new directory is in place, so a crash
+    leaves either the old or the new weights, never half of either. Other files in `path` (the
+    model card, notes) are carried over.
+
+    Raises:
+        FileExistsError: `path` already holds a checkpoint and `overwrite` is False.
+    """
+    path = Path(path).expanduser()
+    if is_checkpoint_dir(path) and not overwrite:
+        raise FileExistsError(f"{path} already holds a checkpoint ({CONFIG_NAME} / {WEIGHTS_NAME}); export "
+                              "somewhere else, or pass overwrite=True to replace it on purpose")
     if isinstance(preprocess_cfg, dict):
         preprocess_cfg = PreprocessCfg.from_dict(preprocess_cfg)
     config = {
@@ -154,7 +175,6 @@ def save_checkpoint(
         k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
         for k, v in model.state_dict().items()
     }
-    path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -166,11 +186,12 @@ def save_checkpoint(
             for extra in path.iterdir():
                 if extra.is_file() and extra.name not in (CONFIG_NAME, WEIGHTS_NAME):
                     shutil.copy2(extra, tmp / extra.name)
-            # A directory cannot be atomically replaced by rename: move the old one aside first.
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            path.rename(old)
+            # A directory cannot be atomically replaced by rename: move the old one aside first
+            # and delete it only once the new one is in place.
+            backup = path.with_name(f".{path.name}.backup-{uuid.uuid4().hex[:8]}")
+            path.rename(backup)
             tmp.rename(path)
-            shutil.rmtree(old)
+            shutil.rmtree(backup)
         else:
             tmp.rename(path)
     except BaseException:
@@ -179,23 +200,53 @@ def save_checkpoint(
     return path
 
 
+def _read_json(file: Path) -> dict:
+    """A JSON object from `file`; a corrupt file is an error naming it."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file}: not valid JSON ({err}); restore the file or re-export the checkpoint") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def load_checkpoint(path: Union[str, Path]) -> Backbone:
-    """Load an xclip checkpoint directory (weights cast to fp32) as an eval-mode backbone."""
+    """Load an xclip checkpoint directory (weights cast to fp32) as an eval-mode backbone.
+
+    Every problem names the file: a missing or corrupt ``config.json`` / ``model.safetensors``,
+    missing config keys, weights that do not fit the configured architecture.
+    """
     path = Path(path).expanduser()
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (path / name).is_file():
             raise FileNotFoundError(
                 f"{path / name} not found: an xclip checkpoint is a directory with {CONFIG_NAME} + {WEIGHTS_NAME}"
             )
-    config = json.loads((path / CONFIG_NAME).read_text())
+    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    config = _read_json(config_file)
     if config.get("architecture") != "openclip":
-        raise ValueError(f"{path / CONFIG_NAME}: unsupported architecture {config.get('architecture')!r}")
-    model = CLIP(**config["model_cfg"])
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path / WEIGHTS_NAME)).items()}
-    model.load_state_dict(state, strict=True)
+        raise ValueError(f"{config_file}: unsupported architecture {config.get('architecture')!r}")
+    missing = [k for k in ("model_cfg", "preprocess", "tokenizer") if k not in config]
+    if missing:
+        raise ValueError(f"{config_file}: missing key(s) {missing}")
+    try:
+        model = CLIP(**config["model_cfg"])
+    except TypeError as err:
+        raise ValueError(f"{config_file}: model_cfg does not describe an open_clip CLIP ({err})") from None
+    try:
+        tensors = load_file(str(weights_file))
+    except Exception as err:  # safetensors raises its own error types for corrupt headers/data
+        raise ValueError(f"{weights_file}: cannot read the weights ({err}); the file is truncated or corrupt: "
+                         "restore it or re-export the checkpoint") from None
+    state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{weights_file}: the weights do not fit the architecture in {config_file} ({err})") from None
     context_length = config["tokenizer"]["context_length"]
     if context_length != model.context_length:
-        raise ValueError(f"{path}: tokenizer context_length {context_length} != model's {model.context_length}")
+        raise ValueError(f"{config_file}: tokenizer context_length {context_length} != model's {model.context_length}")
     preprocess_cfg = PreprocessCfg.from_dict(config["preprocess"])
     backbone = OpenCLIPBackbone(model, ClipBPETokenizer(context_length), preprocess_cfg, model_cfg=config["model_cfg"])
     return backbone.eval()
@@ -286,7 +337,7 @@ def _load_local(spec: str) -> Backbone:
             "or a spec starting with openclip:, hf: or xclip:"
         )
     config_file = path / CONFIG_NAME
-    if config_file.is_file() and "model_type" in json.loads(config_file.read_text()):
+    if config_file.is_file() and "model_type" in _read_json(config_file):
         return _load_hf(str(path))  # a transformers save_pretrained directory
     return load_checkpoint(path)
 
@@ -300,9 +351,14 @@ def _named_checkpoint(name: str) -> Path:
     path = root / name
     if not path.is_dir():
         available = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        close = get_close_matches(name, available, n=1)
+        guess = f"; did you mean xclip:{close[0]}?" if close else ""
         raise FileNotFoundError(
-            f"xclip:{name}: {path} does not exist (available in {root}: {available}); "
-            "train it with the recipe in scripts/ or point XCLIP_CHECKPOINTS at a directory that has it"
+            f"xclip:{name}: no checkpoint {path} (available in {root}: {available}{guess}). Each shipped "
+            "checkpoint's README.md gives the recipe that made it (configs/<recipe>.yaml, run with `xclip fit`; "
+            "e.g. configs/pretrain_tiny_shapes*.yaml for tiny-shapes); a fit exports into its run's log directory "
+            "(runs/<name>/version_N/model): pass that directory as the backbone spec, or point "
+            "XCLIP_CHECKPOINTS at a directory holding the checkpoint"
         )
     return path
 

@@ -28,6 +28,7 @@ from xclip.cir.loaders import (
     load_fashioniq,
 )
 from xclip.data.image_folder import collate_skipping, unreadable_item
+from xclip.data.sampling import eval_loader
 from xclip.data.shapes import ShapesCaptions
 
 SOURCES = ("shapes", "cirr", "circo", "fashioniq")
@@ -211,12 +212,10 @@ class CIRDataModule(pl.LightningDataModule):
     def _eval_loaders(self) -> list[DataLoader]:
         bench = self.benchmark
         if self.skip_gallery_images:
-            gallery = DataLoader(_Indices(bench.n_gallery), batch_size=self.batch_size, collate_fn=collate_cached)
+            gallery = eval_loader(_Indices(bench.n_gallery), self.batch_size, collate_cached)
         else:
-            gallery = DataLoader(GalleryImages(bench), batch_size=self.batch_size, num_workers=self.num_workers,
-                                 collate_fn=collate_gallery, persistent_workers=self.num_workers > 0)
-        queries = DataLoader(QueryItems(bench), batch_size=self.batch_size, num_workers=self.num_workers,
-                             collate_fn=collate_queries, persistent_workers=self.num_workers > 0)
+            gallery = eval_loader(GalleryImages(bench), self.batch_size, collate_gallery, self.num_workers)
+        queries = eval_loader(QueryItems(bench), self.batch_size, collate_queries, self.num_workers)
         return [gallery, queries]
 
     def val_dataloader(self) -> list[DataLoader]:

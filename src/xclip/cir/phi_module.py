@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from xclip.backbones import Backbone
+from xclip.backbones import Backbone, is_checkpoint_dir
 from xclip.cir.concepts import PhraseBank, replace_concept
 from xclip.cir.evaluation import CIREvaluation
 from xclip.cir.losses import cosine_loss, nt_xent
@@ -25,6 +25,7 @@ from xclip.cir.phi import Phi, save_phi
 from xclip.cir.query import encode_with_pseudo_tokens, query_features
 from xclip.data.embedding_cache import weights_fingerprint
 from xclip.io import atomic_write_bytes
+from xclip.results import run_directory
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,10 @@ class PhiTrainingModule(CIREvaluation):
         lambda_distil * NT-Xent(OTI tokens, phi(f); temperature) + lambda_reg * L_reg
 
     (L_reg with EVERY occurrence of the concept replaced by ``$``; see `xclip.cir.losses`).
-    With `export_dir`, the trained phi is written there at the end of fit (xclip's format).
+    At the end of fit the trained phi is exported in xclip's format (config.json +
+    model.safetensors): by default into ``<run dir>/phi``, never into ``checkpoints/``. An
+    `export_dir` that already holds a checkpoint (the shipped ``checkpoints/searle-phi-tiny-shapes``)
+    needs ``overwrite: true``; without it fit refuses at setup, before any training.
 
     Args:
         backbone: the frozen CLIP (spec or object).
@@ -53,7 +57,10 @@ class PhiTrainingModule(CIREvaluation):
         oti_batch_size: images inverted together.
         phrases_per_concept: phrases per concept (SEARLE: 256 GPT phrases).
         oti_cache_dir: where OTI tokens are cached (None: recompute every fit).
-        export_dir: where to export the trained phi (None: do not).
+        export: export the trained phi at the end of fit.
+        export_dir: where (None: ``<run dir>/phi``).
+        overwrite: allow `export_dir` to be an existing checkpoint directory (replaced atomically;
+            other files there, such as a README card, are kept).
         seed: the seed of the per-step concept and phrase draws.
     """
 
@@ -61,7 +68,8 @@ class PhiTrainingModule(CIREvaluation):
                  weight_decay: float = 0.01, temperature: float = 0.25, lambda_distil: float = 1.0,
                  lambda_reg: float = 0.75, oti: dict[str, Any] | None = None, oti_batch_size: int = 512,
                  phrases_per_concept: int = 256, oti_cache_dir: str | None = "runs/oti_cache",
-                 export_dir: str | None = None, seed: int = 0, cache_dir: str | None = None):
+                 export: bool = True, export_dir: str | None = None, overwrite: bool = False, seed: int = 0,
+                 cache_dir: str | None = None):
         super().__init__(backbone, ("searle",), None, cache_dir)
         self.save_hyperparameters(ignore=["backbone"])
         known = {f.name for f in fields(OTIConfig)}
@@ -140,10 +148,28 @@ class PhiTrainingModule(CIREvaluation):
         self.phi.eval()
         return {"searle": query_features(self.backbone, self.phi(features), batch["captions"]).float()}
 
+    def export_path(self) -> Path | None:
+        """Where fit exports phi (None: `export` is off)."""
+        if not self.hparams.export:
+            return None
+        if self.hparams.export_dir:
+            return Path(self.hparams.export_dir).expanduser()
+        return run_directory(self.trainer) / "phi"
+
+    def setup(self, stage: str) -> None:
+        # refuse an export that would replace a checkpoint before training, not after it
+        target = self.export_path() if stage == "fit" else None
+        if target is not None and is_checkpoint_dir(target) and not self.hparams.overwrite:
+            raise ValueError(f"export_dir {target} already holds a checkpoint: this fit would replace it. Export "
+                             "elsewhere (default: the run's directory), or set `overwrite: true` to replace it on "
+                             "purpose (e.g. to re-make the shipped checkpoints/searle-phi-tiny-shapes; see its README)")
+
     def on_fit_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
+        target = self.export_path()
+        if target is not None and self.trainer.is_global_zero:
             extra = {"backbone": self.backbone_spec, "backbone_weights_sha256": weights_fingerprint(self.backbone),
-                     "recipe": {k: v for k, v in self.hparams.items() if k not in ("export_dir", "oti_cache_dir")},
+                     "recipe": {k: v for k, v in self.hparams.items()
+                                if k not in ("export", "export_dir", "overwrite", "oti_cache_dir", "cache_dir")},
                      "oti": self.oti_config.to_dict(), "n_train": len(self.trainer.datamodule.training_images)}
-            save_phi(self.phi, self.hparams.export_dir, extra)
-            print(f"exported phi to {self.hparams.export_dir}")
+            save_phi(self.phi, target, extra)
+            print(f"exported phi to {target}")

@@ -13,30 +13,38 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import Tensor
 
+from xclip.backbones import is_checkpoint_dir, load_checkpoint, save_checkpoint
 from xclip.clip.contrastive import clip_contrastive_loss
 from xclip.clip.zeroshot_module import ZeroShotEvaluation, normalized
+from xclip.results import run_directory
 
 
 class ClipPretrainModule(ZeroShotEvaluation):
     """Train ``open_clip.model.CLIP(**model_cfg)`` with the symmetric InfoNCE loss.
 
     Batches are ``{"image": [B,3,S,S] in [0,1], "texts": list[str]}``; validation reuses the
-    zero-shot evaluation (shape/colour accuracy, Recall@K). With `export_dir` set, the final
-    weights are written there in xclip's checkpoint format (config.json + model.safetensors).
+    zero-shot evaluation (shape/colour accuracy, Recall@K). At the end of fit the final weights are
+    exported in xclip's checkpoint format (config.json + model.safetensors): by default into the
+    run's log directory (``<log dir>/model``). Exporting into a directory that already holds a
+    checkpoint (the shipped ``checkpoints/tiny-shapes``) needs ``overwrite: true``; without it the
+    run stops before the first step, not after hours of training.
 
     Args:
         model_cfg: open_clip CLIP kwargs (embed_dim, vision_cfg, text_cfg, quick_gelu).
         context_length: tokenizer context (captions are short; fewer positions = faster text tower).
         lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay to 0.
-        export_dir: where to export the trained weights at the end of fit (None: do not).
+        export: export the trained weights at the end of fit.
+        export_dir: where (None: ``<log dir>/model``).
+        overwrite: allow `export_dir` to be an existing checkpoint directory (replaced atomically,
+            the old weights kept as a backup until the new ones are complete).
         init_checkpoint: an xclip checkpoint directory to start from (a warm restart of an
             earlier stage); its architecture must equal `model_cfg`.
     """
 
     def __init__(self, model_cfg: dict[str, Any], context_length: int = 32, lr: float = 1e-3,
                  weight_decay: float = 0.1, warmup_steps: int = 200, image_mean: tuple[float, ...] = OPENAI_DATASET_MEAN,
-                 image_std: tuple[float, ...] = OPENAI_DATASET_STD, export_dir: str | None = None,
-                 init_checkpoint: str | None = None, classes: dict[str, list[str]] | None = None,
+                 image_std: tuple[float, ...] = OPENAI_DATASET_STD, export: bool = True, export_dir: str | None = None,
+                 overwrite: bool = False, init_checkpoint: str | None = None, classes: dict[str, list[str]] | None = None,
                  prompts: dict[str, list[str]] | None = None):
         super().__init__(classes=classes, prompts=prompts)
         self.save_hyperparameters()
@@ -53,8 +61,6 @@ class ClipPretrainModule(ZeroShotEvaluation):
         self._tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
 
     def _load_initial_weights(self, path: Path) -> None:
-        from xclip.backbones import load_checkpoint
-
         start = load_checkpoint(path)
         if start.model_cfg != self.model_cfg:
             raise ValueError(f"init_checkpoint {path} has model_cfg {start.model_cfg}, expected {self.model_cfg}")
@@ -102,12 +108,27 @@ class ClipPretrainModule(ZeroShotEvaluation):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule),
                                                     "interval": "step"}}
 
-    def on_fit_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            from xclip.backbones import save_checkpoint
+    def export_path(self) -> Path | None:
+        """Where fit exports the weights (None: `export` is off)."""
+        if not self.hparams.export:
+            return None
+        if self.hparams.export_dir:
+            return Path(self.hparams.export_dir).expanduser()
+        return run_directory(self.trainer) / "model"
 
+    def setup(self, stage: str) -> None:
+        # refuse an export that would replace a checkpoint before training, not after it
+        target = self.export_path() if stage == "fit" else None
+        if target is not None and is_checkpoint_dir(target) and not self.hparams.overwrite:
+            raise ValueError(f"export_dir {target} already holds a checkpoint: this fit would replace it. Export "
+                             "elsewhere (default: the run's log directory), or set `overwrite: true` to replace it on "
+                             "purpose (e.g. to re-make the shipped checkpoints/tiny-shapes; see its README)")
+
+    def on_fit_end(self) -> None:
+        target = self.export_path()
+        if target is not None and self.trainer.is_global_zero:
             save_checkpoint(self.model, self.model_cfg,
                             {"image_size": self.model_cfg["vision_cfg"]["image_size"],
                              "mean": list(self.hparams.image_mean), "std": list(self.hparams.image_std)},
-                            self.hparams.context_length, Path(self.hparams.export_dir))
-            print(f"exported the trained model to {self.hparams.export_dir}")
+                            self.hparams.context_length, target, overwrite=self.hparams.overwrite)
+            print(f"exported the trained model to {target}")

@@ -13,12 +13,12 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.classification import MulticlassAccuracy
 
 from xclip.backbones import Backbone, resolve_backbone
 from xclip.backbones.prompts import zero_shot_weights
 from xclip.data.shapes import COLOURS, SHAPES
 from xclip.metrics.retrieval_metric import RetrievalRecall, recall_report_rows
+from xclip.metrics.score_table import ScoreTable
 from xclip.results import ReportRow
 
 DEFAULT_PROMPTS: dict[str, list[str]] = {
@@ -47,11 +47,14 @@ class ZeroShotEvaluation(pl.LightningModule):
         missing = sorted(set(self.classes) - set(self.prompts))
         if missing:
             raise ValueError(f"no prompt templates for attribute(s) {missing}: add them under `prompts`")
-        self.accuracy = torch.nn.ModuleDict(
-            {a: MulticlassAccuracy(num_classes=len(c), average="micro") for a, c in self.classes.items()})
+        # per-item predictions keyed by dataset index: the padded repeats of a DistributedSampler are
+        # scored once, so several processes give exactly the single-process accuracy
+        columns = ("index", *(f"{a}_{kind}" for a in self.classes for kind in ("pred", "label")))
+        self.predictions = ScoreTable((), columns, unique_by=("index",))
         self.recall = RetrievalRecall(recall_ks)
         self._heads: dict[str, Tensor] = {}
         self._recall_stages: set[str] = set()  # stages in which this module logged Recall@K
+        self.n_classified = 0  # distinct images behind the last accuracies
 
     def embed_images(self, images: Tensor) -> Tensor:
         """[N,3,H,W] in [0,1] -> [N, D] L2-normalised."""
@@ -73,11 +76,15 @@ class ZeroShotEvaluation(pl.LightningModule):
     def _eval_step(self, batch: dict[str, Any]) -> None:
         task = batch.get("task")
         if task == "classification":
+            missing = [a for a in self._heads if a not in batch]
+            if missing:
+                raise KeyError(f"classification batches carry no labels for attribute(s) {missing}")
             emb = self.embed_images(batch["image"])
+            columns = {"index": batch["index"]}
             for attr, head in self._heads.items():
-                if attr not in batch:
-                    raise KeyError(f"classification batches carry no labels for attribute {attr!r}")
-                self.accuracy[attr].update((emb @ head.T).argmax(-1), batch[attr])
+                columns[f"{attr}_pred"] = (emb @ head.T).argmax(-1)
+                columns[f"{attr}_label"] = torch.as_tensor(batch[attr], device=emb.device)
+            self.predictions.update(**columns)
         elif task == "retrieval":
             img = self.embed_images(batch["image"])
             txt = self.embed_texts(batch["texts"])
@@ -92,10 +99,14 @@ class ZeroShotEvaluation(pl.LightningModule):
         self._eval_step(batch)
 
     def _log_epoch(self, stage: str) -> None:
-        for attr, metric in self.accuracy.items():
-            if metric.update_called:
-                self.log(f"{stage}/zeroshot_{attr}_acc", metric.compute(), sync_dist=False)
-            metric.reset()
+        if self.predictions.update_called:
+            rows = self.predictions.rows()
+            for attr in self.classes:
+                correct = (rows[f"{attr}_pred"] == rows[f"{attr}_label"]).double()
+                # identical on every process (computed from the gathered, de-duplicated rows)
+                self.log(f"{stage}/zeroshot_{attr}_acc", correct.mean().item(), sync_dist=False)
+            self.n_classified = int(rows["index"].numel())
+        self.predictions.reset()
         if self.recall.update_called:
             for name, value in self.recall.compute().items():
                 self.log(f"{stage}/{name}", value)
@@ -115,7 +126,8 @@ class ZeroShotEvaluation(pl.LightningModule):
             for attr, names in self.classes.items():
                 key = f"{stage}/zeroshot_{attr}_acc"
                 if key in metrics:
-                    rows.append(ReportRow("zero-shot classification", f"accuracy, {attr} ({len(names)} classes) [{stage}]",
+                    rows.append(ReportRow("zero-shot classification", f"accuracy, {attr} ({len(names)} classes), "
+                                          f"{self.n_classified} images [{stage}]",
                                           {"": metrics[key]}, [key]))
         # recall keys only if this module logged them (a suite's RetrievalModule logs the same names)
         own = {k: v for k, v in metrics.items() if k.split("/", 1)[0] in self._recall_stages}
@@ -151,4 +163,5 @@ class ZeroShotModule(ZeroShotEvaluation):
         return self.backbone.encode_texts(texts, self.text_batch_size, normalize=True)
 
     def extra_results(self) -> dict[str, Any]:
-        return {"backbone": self.backbone_spec}
+        """Merged into results.json: the backbone and how many distinct images were classified."""
+        return {"backbone": self.backbone_spec, "n_classified": self.n_classified}

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from xclip.backbones import Backbone
+from xclip.backbones.inputs import check_texts
 from xclip.explain.targets import Target
 
 Texts = Sequence[str] | Tensor
@@ -59,10 +60,8 @@ def explaining(module: torch.nn.Module) -> Iterator[None]:
 
 
 def as_text_list(texts: Sequence[str]) -> list[str]:
-    """`texts` as a non-empty list of strings (a bare string is an error, not K characters)."""
-    if isinstance(texts, str):
-        raise TypeError(f"texts must be a list of strings, got the single string {texts!r}: wrap it in a list")
-    texts = list(texts)
+    """`texts` as a non-empty list of non-blank strings (a bare string is an error, not K characters)."""
+    texts = check_texts(texts)
     if not texts:
         raise ValueError("no texts to explain: pass at least one string or a [K, D] embedding tensor")
     return texts
@@ -98,14 +97,25 @@ class Explainer:
         with torch.no_grad():
             return self.backbone.encode_text(texts).float()
 
+    def check_inputs(self, images: Tensor, texts: Texts) -> None:
+        """Raise before any model call on inputs that would give wrong maps: images that are not
+        normalised model input (uint8, 0-255 floats, channels last, NaN/inf) and blank texts."""
+        self.backbone.check_model_input(images)
+        if not isinstance(texts, Tensor):
+            as_text_list(texts)
+        elif not bool(torch.isfinite(texts).all()):
+            raise ValueError("text embeddings hold NaN or infinite values")
+
     def image_maps(self, images: Tensor, texts: Texts, target: str | Target = "cosine") -> Tensor:
         """Every image with every text: [N, K, gh, gw]."""
+        self.check_inputs(images, texts)
         with self.autocast():
             return self._maps(images, texts, target, pairs=False).float()
 
     def pair_maps(self, images: Tensor, texts: Texts, target: str | Target = "cosine") -> Tensor:
         """Image n with text n only: [N, gh, gw], the diagonal of `image_maps` without computing
         the rest (the gradient explainers take one backward instead of N)."""
+        self.check_inputs(images, texts)
         check_pairs(images, texts)
         with self.autocast():
             return self._maps(images, texts, target, pairs=True)[:, 0].float()

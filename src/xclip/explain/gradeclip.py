@@ -161,6 +161,7 @@ class GradECLIP(Explainer):
         """The two factors of every image map before they are combined (see `GradECLIPTerms`):
         ``image_maps == combine_terms(spatial, channel)``; with `pairs`, image n with text n only
         (channel [N, 1, H, gh, gw], as `pair_maps`)."""
+        self.check_inputs(images, texts)
         if pairs:
             check_pairs(images, texts)
         target_fn = resolve_target(target)
@@ -205,11 +206,16 @@ class GradECLIP(Explainer):
         pseudo token k instead of its token embedding; ``$`` keeps its score as a word of its own.
         """
         target_fn = resolve_target(target)
+        if images.ndim == 2:  # embeddings: the model-input checks do not apply
+            if images.shape[1] != self.backbone.embed_dim:
+                raise ValueError(f"image embeddings must be [N, {self.backbone.embed_dim}], got {tuple(images.shape)}")
+            if not bool(torch.isfinite(images).all()):
+                raise ValueError("image embeddings hold NaN or infinite values")
+        else:
+            self.backbone.check_model_input(images)
         texts = as_text_list(texts)
         tokens = self.backbone.tokenize(texts)
         images = images.to(self.backbone.device)
-        if images.ndim == 2 and images.shape[1] != self.backbone.embed_dim:
-            raise ValueError(f"image embeddings must be [N, {self.backbone.embed_dim}], got {tuple(images.shape)}")
         with explaining(self.backbone.model), self.autocast():
             with torch.no_grad():
                 img_emb = (images if images.ndim == 2 else self.backbone.encode_image(images)).float()

@@ -31,6 +31,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from xclip.metrics.score_table import unique_rows
+
 Convention = Literal["neglabel", "openood"]
 _CONVENTIONS = ("neglabel", "openood")
 
@@ -138,8 +140,11 @@ def roc_curve(id_scores: Tensor | np.ndarray, ood_scores: Tensor | np.ndarray) -
 class OODMetrics(Metric):
     """Accumulates raw OOD scores and ID flags; `compute` returns :func:`ood_metrics` of all of them.
 
-    ``update(scores [B], is_id [B] bool)``. Scores are kept raw: torchmetrics' binary metrics would
-    apply a sigmoid to any batch outside [0, 1], decided per update, which breaks the ranking.
+    ``update(scores [B], is_id [B] bool, index [B])``: `index` identifies the item within its set
+    (ID and OOD indices may overlap); items are de-duplicated by (is_id, index) before scoring, so
+    the padded repeats of a ``DistributedSampler`` count once and several processes give exactly
+    the single-process numbers. Scores are kept raw: torchmetrics' binary metrics would apply a
+    sigmoid to any batch outside [0, 1], decided per update, which breaks the ranking.
     """
 
     is_differentiable = False
@@ -152,14 +157,19 @@ class OODMetrics(Metric):
         self.convention = convention
         self.add_state("scores", default=[], dist_reduce_fx="cat")
         self.add_state("is_id", default=[], dist_reduce_fx="cat")
+        self.add_state("index", default=[], dist_reduce_fx="cat")
 
-    def update(self, scores: Tensor, is_id: Tensor) -> None:
-        if scores.ndim != 1 or scores.shape != is_id.shape:
-            raise ValueError(f"scores and is_id must both be [B], got {tuple(scores.shape)} and {tuple(is_id.shape)}")
+    def update(self, scores: Tensor, is_id: Tensor, index: Tensor) -> None:
+        if scores.ndim != 1 or scores.shape != is_id.shape or scores.shape != index.shape:
+            raise ValueError(f"scores, is_id and index must all be [B], got {tuple(scores.shape)}, "
+                             f"{tuple(is_id.shape)} and {tuple(index.shape)}")
         # float64 keeps distinct float64 scores distinct; uint8 flags gather on every backend
         self.scores.append(scores.detach().to(torch.float64))
         self.is_id.append(is_id.detach().to(torch.uint8))
+        self.index.append(index.detach().to(torch.int64))
 
     def compute(self) -> dict[str, float]:
-        scores, is_id = dim_zero_cat(self.scores), dim_zero_cat(self.is_id).bool()
-        return ood_metrics(scores[is_id], scores[~is_id], self.convention)
+        rows = unique_rows({"scores": dim_zero_cat(self.scores), "is_id": dim_zero_cat(self.is_id).long(),
+                            "index": dim_zero_cat(self.index)}, ("is_id", "index"))
+        is_id = rows["is_id"].bool()
+        return ood_metrics(rows["scores"][is_id], rows["scores"][~is_id], self.convention)

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from xclip.data.image_folder import ImageFolder, collate_skipping
+from xclip.data.sampling import eval_loader
 from xclip.data.shapes import SpuriousShapes
 from xclip.ood.waterbirds import WaterBirds
 
@@ -134,8 +135,7 @@ class OODDataModule(pl.LightningDataModule):
         return None if self.calib_split is None else WaterBirds(self.root, self.calib_split, self.image_size)
 
     def _loader(self, ds: Dataset, split: str, role: str, partition: str) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          collate_fn=TaggedCollate(split, role, partition), persistent_workers=self.num_workers > 0)
+        return eval_loader(ds, self.batch_size, TaggedCollate(split, role, partition), self.num_workers)
 
     def _loaders(self, partitions: tuple[str, ...]) -> list[DataLoader]:
         calib = self.calibration_set()

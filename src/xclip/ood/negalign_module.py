@@ -120,6 +120,7 @@ class NegAlignModule(pl.LightningModule):
         self._splits: dict[int, tuple[str, str, str]] = {}  # code -> (partition, name, role), in order of appearance
         self._skipped_paths: dict[tuple[int, int], str] = {}  # (code, index) -> path of an unreadable image
         self._results: dict[str, Any] = {}
+        self.dropped_id_names = 0  # candidate nouns equal to an ID class name (never negatives)
 
     # ---- text side (once per run) ---------------------------------------------------------------
     def _vocabulary(self) -> tuple[list[str], list[str], bool]:
@@ -132,7 +133,12 @@ class NegAlignModule(pl.LightningModule):
             if not nouns and not adjs:
                 raise ValueError(f"`neg_labels_dir` ({folder}) holds no words in {sorted(NEG_LABEL_FILES.values())}")
             return nouns, adjs, False
-        return resolve_words(hp.nouns, "nouns", "nouns"), resolve_words(hp.adjectives, "adjectives", "adjectives"), True
+        nouns = resolve_words(hp.nouns, "nouns", "nouns")
+        # an ID class name is no negative of itself (NegLabel skips them among the nouns)
+        id_names = {c.strip().lower() for c in self.class_names}
+        kept = [w for w in nouns if w.strip().lower() not in id_names]
+        self.dropped_id_names = len(nouns) - len(kept)
+        return kept, resolve_words(hp.adjectives, "adjectives", "adjectives"), True
 
     def build_text_side(self) -> NegAlignTerms:
         """ID embeddings, negatives (mined or loaded), role split and the scorer; cached for the run."""
@@ -242,6 +248,15 @@ class NegAlignModule(pl.LightningModule):
                              f"{partition!r} partition, got {sorted(codes.values())}")
         return rows["split"] == id_codes[0], {codes[c][0]: rows["split"] == c for c in ood_codes}
 
+    def _in_set_order(self, rows: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Rows sorted by set (in the order the sets arrived) then item index: the same order
+        whatever the number of processes that scored them."""
+        rank = {code: i for i, code in enumerate(self._splits)}
+        set_rank = torch.tensor([rank.get(int(c), len(rank)) for c in rows["split"].tolist()], dtype=torch.long)
+        order = torch.argsort(rows["index"], stable=True)
+        order = order[torch.argsort(set_rank[order], stable=True)]
+        return {k: v[order] for k, v in rows.items()}
+
     def _split_names(self, evaluated: str) -> dict[int, tuple[str, str]]:
         """code -> (report name, role): the evaluated partition's sets keep their names, the
         lambda-selection sets of a test run are prefixed ``val/``."""
@@ -251,8 +266,8 @@ class NegAlignModule(pl.LightningModule):
     def _evaluate(self, stage: str) -> None:
         if self.trainer.sanity_checking:
             return
-        rows = {k: v.cpu() for k, v in self.table.rows().items()}
-        skips = {k: v.cpu() for k, v in self.skips.rows().items()}
+        rows = self._in_set_order({k: v.cpu() for k, v in self.table.rows().items()})
+        skips = self._in_set_order({k: v.cpu() for k, v in self.skips.rows().items()})
         paths: dict[tuple[int, int], str] = {}
         for part in gather_objects(self._skipped_paths):
             paths.update(part)
@@ -331,7 +346,8 @@ class NegAlignModule(pl.LightningModule):
         neg = self.negatives
         return {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hparams.items()},
                 "variant": self.variant.name, "n_negatives": len(neg.words),
-                "n_roles": {r: neg.roles[r].numel() for r in ROLES}, "text_encoded": self.texts.encoded}
+                "n_roles": {r: neg.roles[r].numel() for r in ROLES}, "text_encoded": self.texts.encoded,
+                "id_names_dropped_from_nouns": self.dropped_id_names}
 
     def _write_outputs(self, stage: str, rows: dict[str, Tensor], names: dict[int, tuple[str, str]],
                        terms: dict[str, Tensor], is_id: Tensor, ood_masks: dict[str, Tensor],

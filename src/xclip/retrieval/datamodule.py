@@ -7,6 +7,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from xclip.data.sampling import eval_loader
 from xclip.data.shapes.datamodule import collate_captions
 from xclip.retrieval.coco import load_coco_captions, load_karpathy
 from xclip.retrieval.gallery import CaptionGallery, ShapesGallery
@@ -91,9 +92,8 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         if self.skip_images:
-            return DataLoader(_Indices(len(self.gallery)), batch_size=self.batch_size, collate_fn=_collate_cached)
-        return DataLoader(self.gallery, batch_size=self.batch_size, num_workers=self.num_workers,
-                          collate_fn=_collate_retrieval, persistent_workers=self.num_workers > 0)
+            return eval_loader(_Indices(len(self.gallery)), self.batch_size, _collate_cached)
+        return eval_loader(self.gallery, self.batch_size, _collate_retrieval, self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from xclip.data.sampling import eval_loader
 from xclip.data.shapes.datasets import (
     ShapesCaptions,
     ShapesCIR,
@@ -112,9 +113,10 @@ class ShapesWorldDataModule(pl.LightningDataModule):
     def _loader(self, task: str, split: str) -> DataLoader:
         # Pretraining pairs are flattened two per item, so halve the item count per batch.
         batch = self.batch_size // 2 if task == "pretrain" else self.batch_size
-        train = split == "train"
-        return DataLoader(self.dataset(task, split), batch_size=batch, shuffle=train, num_workers=self.num_workers,
-                          collate_fn=_Tagged(task), persistent_workers=self.num_workers > 0, drop_last=train)
+        if split != "train":  # whole batches per process under DDP: the single-process numbers
+            return eval_loader(self.dataset(task, split), batch, _Tagged(task), self.num_workers)
+        return DataLoader(self.dataset(task, split), batch_size=batch, shuffle=True, num_workers=self.num_workers,
+                          collate_fn=_Tagged(task), persistent_workers=self.num_workers > 0, drop_last=True)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_task is None:

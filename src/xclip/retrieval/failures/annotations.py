@@ -1,8 +1,10 @@
 """Read, validate and merge filled annotation sheets.
 
 Validation collects every problem in every sheet first (unknown or empty label, missing column,
-duplicate failure id, rows missing against ``assignment.json``) and then raises one
-`AnnotationError` that lists them all with file, row and value. Row numbers are line numbers of
+duplicate failure id, assigned rows missing and rows not assigned to that annotator against
+``assignment.json``) and then raises one `AnnotationError` that lists them all with file, row and
+value. Merging never invents agreement: when annotators tie, the failure is a tie (its tied labels
+are reported), not resolved by the taxonomy's order. Row numbers are line numbers of
 the CSV file, as a spreadsheet shows them: the header is row 1, the first data row is row 2.
 """
 
@@ -62,11 +64,12 @@ class Annotation:
 
 @dataclass(frozen=True)
 class SheetContents:
-    """One parsed sheet: its valid rows, its issues and every failure id it has a row for."""
+    """One parsed sheet: its valid rows, its issues and every failure id it has a row for (with
+    the row's line number)."""
 
     annotations: list[Annotation]
     issues: list[AnnotationIssue]
-    failure_ids: set[str]
+    failure_ids: dict[str, int]
 
 
 def read_sheet(path: str | Path) -> SheetContents:
@@ -82,7 +85,7 @@ def read_sheet(path: str | Path) -> SheetContents:
         for column in missing:
             issues.append(AnnotationIssue(str(path), 1, column, "", f"missing column (the header has {columns})"))
         if missing:
-            return SheetContents([], issues, set())
+            return SheetContents([], issues, {})
         for row in reader:
             line = reader.line_num
             fid = (row.get("failure_id") or "").strip()
@@ -104,12 +107,14 @@ def read_sheet(path: str | Path) -> SheetContents:
             if meta.get("card"):  # sheets link cards relative to themselves; keep an absolute path
                 meta["card"] = os.path.normpath(path.parent.absolute() / meta["card"])
             annotations.append(Annotation(path.stem, fid, label, (row.get(NOTE_COLUMN) or "").strip(), meta))
-    return SheetContents(annotations, issues, set(first_row))
+    return SheetContents(annotations, issues, dict(first_row))
 
 
 def read_sheets(paths: Sequence[str | Path], assignment: Mapping[str, Sequence[str]] | None = None) -> list[Annotation]:
     """Parse and validate sheets; with `assignment` (annotator -> assigned failure ids, as in
-    ``assignment.json``) also report sheets and rows that are missing (row 0: not in the file).
+    ``assignment.json``) also report sheets and rows that are missing (row 0: not in the file) and
+    rows whose failure id is not assigned to that sheet's annotator (they would count as extra
+    failures).
 
     Raises:
         AnnotationError: listing every issue of every sheet.
@@ -125,6 +130,10 @@ def read_sheets(paths: Sequence[str | Path], assignment: Mapping[str, Sequence[s
         header_ok = not any(i.row == 1 for i in contents.issues)
         issues += [AnnotationIssue(str(path), 0, "failure_id", fid, "assigned failure has no row in this sheet")
                    for fid in ids if header_ok and fid not in contents.failure_ids]
+        assigned = set(ids)
+        issues += [AnnotationIssue(str(path), row, "failure_id", fid,
+                                   f"failure not assigned to {annotator} in {ASSIGNMENT_FILE}")
+                   for fid, row in contents.failure_ids.items() if fid not in assigned]
     if issues:
         raise AnnotationError(issues)
     return annotations
@@ -143,23 +152,32 @@ def read_sheet_dir(sheet_dir: str | Path) -> list[Annotation]:
 
 @dataclass(frozen=True)
 class MergedFailure:
-    """Every annotator's label of one failure and their consensus."""
+    """Every annotator's label of one failure and their consensus (None when they tie)."""
 
     failure_id: str
     labels: dict[str, str]  # annotator -> canonical label
-    label: str  # the consensus: the most frequent label, ties -> the first in taxonomy order
+    label: str | None  # the most frequent label; None when several labels tie for most frequent
+    tied: tuple[str, ...] = ()  # the labels that tie (taxonomy order); empty without a tie
     meta: dict[str, str] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)  # annotator -> free-text note (non-empty only)
 
     @property
     def n_agree(self) -> int:
-        return sum(label == self.label for label in self.labels.values())
+        """How many annotators gave the most frequent label (on a tie: each tied label's count)."""
+        return max(Counter(self.labels.values()).values())
+
+    @property
+    def is_tie(self) -> bool:
+        return bool(self.tied)
 
 
-def consensus(labels: Sequence[str]) -> str:
-    """The most frequent canonical label; a tie goes to the label that comes first in `LABELS`."""
+def consensus(labels: Sequence[str]) -> tuple[str | None, tuple[str, ...]]:
+    """``(label, ())`` for the unique most frequent canonical label, or ``(None, tied labels)``
+    when several labels share the highest count (tied labels in taxonomy order)."""
     counts = Counter(labels)
-    return max(LABELS, key=lambda label: (counts[label], -LABELS.index(label)))
+    top = max(counts.values())
+    best = tuple(label for label in LABELS if counts[label] == top)
+    return (best[0], ()) if len(best) == 1 else (None, best)
 
 
 def merge_annotations(annotations: Sequence[Annotation]) -> list[MergedFailure]:
@@ -167,42 +185,58 @@ def merge_annotations(annotations: Sequence[Annotation]) -> list[MergedFailure]:
     grouped: dict[str, list[Annotation]] = {}
     for a in annotations:
         grouped.setdefault(a.failure_id, []).append(a)
-    return [MergedFailure(fid, {a.annotator: a.label for a in rows}, consensus([a.label for a in rows]), rows[0].meta,
-                          {a.annotator: a.note for a in rows if a.note})
-            for fid, rows in sorted(grouped.items())]
+    out = []
+    for fid, rows in sorted(grouped.items()):
+        label, tied = consensus([a.label for a in rows])
+        out.append(MergedFailure(fid, {a.annotator: a.label for a in rows}, label, tied, rows[0].meta,
+                                 {a.annotator: a.note for a in rows if a.note}))
+    return out
 
 
 def categories_by_annotator(annotations: Sequence[Annotation]) -> dict[str, dict[str, str]]:
-    """annotator -> {failure id -> top-level category} (agreement is measured on categories)."""
+    """annotator -> {failure id -> top-level category} (agreement on categories)."""
     out: dict[str, dict[str, str]] = {}
     for a in annotations:
         out.setdefault(a.annotator, {})[a.failure_id] = category(a.label)
     return out
 
 
+def labels_by_annotator(annotations: Sequence[Annotation]) -> dict[str, dict[str, str]]:
+    """annotator -> {failure id -> canonical label} (agreement including the Ambiguous subtypes)."""
+    out: dict[str, dict[str, str]] = {}
+    for a in annotations:
+        out.setdefault(a.annotator, {})[a.failure_id] = a.label
+    return out
+
+
 def write_merged_csv(path: str | Path, merged: Sequence[MergedFailure]) -> Path:
     """The merged table: one row per failure with its metadata (the card linked relative to the
-    table), consensus label and category, the number of annotators and how many gave the
-    consensus, then one ``label_<annotator>`` column per annotator (blank where that annotator
-    did not label the failure), and the annotators' notes."""
+    table), consensus label and category (blank on a tie), ``tie`` (the tied labels joined by
+    ``" | "``, blank without a tie), the number of annotators and how many gave the most frequent
+    label, then one ``label_<annotator>`` column per annotator (blank where that annotator did not
+    label the failure), and the annotators' notes."""
     annotators = sorted({a for m in merged for a in m.labels})
-    columns = ["failure_id", *META_COLUMNS, "label", "category", "n_annotators", "n_agree",
+    columns = ["failure_id", *META_COLUMNS, "label", "category", "tie", "n_annotators", "n_agree",
                *(f"label_{a}" for a in annotators), "notes"]
     path = Path(path)
     rows = [{"failure_id": m.failure_id, **{c: m.meta.get(c, "") for c in META_COLUMNS},
              "card": os.path.relpath(m.meta["card"], path.parent.absolute()) if m.meta.get("card") else "",
-             "label": m.label, "category": category(m.label), "n_annotators": len(m.labels), "n_agree": m.n_agree,
+             "label": m.label or "", "category": category(m.label) if m.label else "", "tie": " | ".join(m.tied),
+             "n_annotators": len(m.labels), "n_agree": m.n_agree,
              **{f"label_{a}": m.labels.get(a, "") for a in annotators},
              "notes": "; ".join(f"{a}: {note}" for a, note in sorted(m.notes.items()))} for m in merged]
     return atomic_write_csv(path, columns, rows)
 
 
 def read_merged_labels(path: str | Path) -> dict[int, str]:
-    """gallery caption index (``text_index``) -> consensus label, from a `write_merged_csv` table."""
+    """gallery caption index (``text_index``) -> consensus label, from a `write_merged_csv` table
+    (ties have no consensus and are left out)."""
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         labels = {}
         for row in reader:
+            if (row.get("tie") or "").strip() and not (row.get("label") or "").strip():
+                continue
             label, text_index = parse_label(row.get("label") or ""), (row.get("text_index") or "").strip()
             if label is None or not text_index.isdigit():
                 raise ValueError(f"{path}, row {reader.line_num}: needs a text_index and a taxonomy label, got "

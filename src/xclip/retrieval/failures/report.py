@@ -23,22 +23,26 @@ from xclip.retrieval.failures.agreement import fleiss_on_shared, pairwise_cohen
 from xclip.retrieval.failures.annotations import (
     AnnotationError,
     categories_by_annotator,
+    labels_by_annotator,
     merge_annotations,
     read_sheet_dir,
     write_merged_csv,
 )
 from xclip.retrieval.failures.summary import write_summary
-from xclip.retrieval.failures.taxonomy import CATEGORIES
+from xclip.retrieval.failures.taxonomy import CATEGORIES, LABELS
 
-AGREEMENT_COLUMNS = ("method", "annotators", "n_items", "observed", "kappa")
+AGREEMENT_COLUMNS = ("level", "method", "annotators", "n_items", "observed", "kappa")
 
 
 def write_annotation_report(sheet_dir: str | Path, out_dir: str | Path) -> dict:
     """Merge the sheets in `sheet_dir` and write the report files into `out_dir`.
 
-    Agreement is measured on top-level categories: Cohen's kappa for every annotator pair on the
-    failures both labelled, Fleiss' kappa on the failures every annotator labelled. The
-    distribution counts each failure once, with its consensus label.
+    Agreement is measured twice: on top-level categories (level ``category``: the Ambiguous
+    subtypes count as one) and on full labels (level ``label``: ``Ambiguous/underspecified`` and
+    ``Ambiguous/nearduplicate`` count as different); each with Cohen's kappa for every annotator
+    pair on the failures both labelled and Fleiss' kappa on the failures every annotator labelled.
+    The distribution counts each failure with a consensus once; ties (annotators split evenly
+    between labels) are counted and listed, never resolved.
 
     Returns:
         the contents of ``report.json``.
@@ -50,17 +54,23 @@ def write_annotation_report(sheet_dir: str | Path, out_dir: str | Path) -> dict:
     merged = merge_annotations(annotations)
     write_merged_csv(out_dir / "merged.csv", merged)
     categories = categories_by_annotator(annotations)
-    pairs = pairwise_cohen(categories)
-    n_shared, fleiss = fleiss_on_shared(categories, CATEGORIES)
-    rows = [{"method": "cohen", "annotators": f"{p.annotator_a}+{p.annotator_b}", "n_items": p.n_items,
-             "observed": p.observed, "kappa": p.kappa} for p in pairs]
-    rows.append({"method": "fleiss", "annotators": "all", "n_items": n_shared, "observed": "", "kappa": fleiss})
+    rows = []
+    for level, labels, vocabulary in (("category", categories, CATEGORIES),
+                                      ("label", labels_by_annotator(annotations), LABELS)):
+        rows += [{"level": level, "method": "cohen", "annotators": f"{p.annotator_a}+{p.annotator_b}",
+                  "n_items": p.n_items, "observed": p.observed, "kappa": p.kappa} for p in pairwise_cohen(labels)]
+        n_shared, fleiss = fleiss_on_shared(labels, vocabulary)
+        rows.append({"level": level, "method": "fleiss", "annotators": "all", "n_items": n_shared, "observed": "",
+                     "kappa": fleiss})
     atomic_write_csv(out_dir / "agreement.csv", AGREEMENT_COLUMNS, rows)
-    summary = write_summary(out_dir, [m.label for m in merged])
+    ties = [m for m in merged if m.is_tie]
+    summary = write_summary(out_dir, [m.label for m in merged if not m.is_tie])
     report = {
         "sheets": str(sheet_dir),
         "n_annotations": len(annotations),
         "n_failures": len(merged),
+        "n_ties": len(ties),
+        "ties": {m.failure_id: list(m.tied) for m in ties},
         "rows_per_annotator": {a: len(v) for a, v in sorted(categories.items())},
         "agreement": rows,
         **summary,
@@ -94,10 +104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     amb = report["ambiguity"]
     print(f"{report['n_failures']} failures, {report['n_annotations']} labels from "
-          f"{len(report['rows_per_annotator'])} annotators")
+          f"{len(report['rows_per_annotator'])} annotators, {report['n_ties']} ties (no consensus)")
     for row in report["agreement"]:
-        print(f"  {row['method']:<6} {row['annotators']:<30} n={row['n_items']:<4} kappa={_fmt(row['kappa'])}")
-    print(f"  ambiguous {amb['ambiguous']} : clear {amb['clear']} (ratio {_fmt(amb['ambiguous_to_clear'])})")
+        print(f"  {row['level']:<8} {row['method']:<6} {row['annotators']:<30} n={row['n_items']:<4} "
+              f"kappa={_fmt(row['kappa'])}")
+    print(f"  ambiguous {amb['ambiguous']} : clear {amb['clear']} (ratio {_fmt(amb['ambiguous_to_clear'])}; "
+          "ties left out)")
     print(f"wrote {args.out}")
     return 0
 
