@@ -127,7 +127,7 @@ def test_ddp_two_processes_equal_single_process(single, phi_dir, tmp_path):
     env.pop("MASTER_PORT", None)
     cmd = [sys.executable, "-m", "xclip.cli", "validate", *shapes_args(tmp_path, phi_dir), "--trainer.devices", "2",
            "--trainer.strategy", "ddp"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MEMBER: 2/2" in proc.stdout + proc.stderr
     results = results_of(tmp_path)

@@ -1,7 +1,13 @@
 """TorchMetrics and plain metric functions: retrieval Recall@K, OOD AUROC / FPR@TPR / AUPR, CIR
 Recall@K / Recall_subset@K / mAP@K."""
 
-from xclip.metrics.cir import cir_recall, circo_map_at_k, cirr_recall, cirr_subset_recall, rank_gallery
+from xclip.metrics.cir import (
+    cir_recall,
+    circo_map_at_k,
+    cirr_recall,
+    cirr_subset_recall,
+    rank_gallery,
+)
 from xclip.metrics.gather import gather_objects
 from xclip.metrics.ood import OODMetrics, fpr_at_tpr, ood_metrics, roc_curve
 from xclip.metrics.retrieval import retrieval_ranks, retrieval_recall_at_k
