@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from cir_fixtures import write_circo, write_cirr, write_fashioniq
 from format_fixtures import write_coco
 from negalign_fixtures import write_placesbg, write_waterbirds
 
+from xclip.cir.phi import Phi, save_phi
 from xclip.cli import XClipCLI
 from xclip.ood.vocabulary import builtin_wordlist
 
@@ -23,8 +25,14 @@ def data(tmp_path_factory):
     words.mkdir()
     for name in ("nouns", "adjectives"):
         (words / f"{name}.txt").write_text(builtin_wordlist(name).read_text())
+    phis = {}  # SEARLE's released phi (torch.hub) cannot be downloaded: a random one of its shape
+    for width in (512, 768):
+        phis[width] = save_phi(Phi(width, 4 * width, width), root / f"phi{width}")
+    write_cirr(root / "CIRR")
+    write_circo(root / "CIRCO")
+    write_fashioniq(root / "FashionIQ")
     return {"waterbirds": write_waterbirds(root / "waterbirds"), "placesbg": write_placesbg(root / "placesbg"),
-            "coco": write_coco(root / "coco"), "words": words}
+            "coco": write_coco(root / "coco"), "words": words, "phi": phis, "cir": root}
 
 
 def overrides(name: str, data: dict, tmp: Path) -> list[str]:
@@ -47,7 +55,21 @@ def overrides(name: str, data: dict, tmp: Path) -> list[str]:
     if name == "tspo_head_shapes.yaml":  # a few prompts, features cached in the test's folder
         return common + ["--data.init_args.n_train", "2", "--data.init_args.n_val", "3",
                          "--data.init_args.cache_dir", str(tmp / "cache")]
+    if name in CIR_REAL:
+        folder, backbone, width = CIR_REAL[name]
+        return common + ["--data.init_args.data_root", str(data["cir"] / folder), "--data.init_args.num_workers", "0",
+                         "--model.init_args.backbone", backbone, "--model.init_args.phi", str(data["phi"][width]),
+                         "--model.init_args.cache_dir", "null"]
+    if name == "cir_phi_shapes.yaml":
+        return common + ["--data.init_args.batch_size", "4", "--data.init_args.n_train", "8", "--data.init_args.n", "8"]
     return common + ["--data.init_args.batch_size", "4"] if name.startswith("pretrain") else common
+
+
+# real-data CIR configs: fixture folder, the same architecture at random init, its phi width
+CIR_REAL = {"cir_cirr.yaml": ("CIRR", "openclip:ViT-B-32-quickgelu", 512),
+            "cir_circo.yaml": ("CIRCO", "openclip:ViT-L-14-quickgelu", 768),
+            "cir_fashioniq.yaml": ("FashionIQ", "openclip:ViT-B-32-quickgelu", 512)}
+FIT_CONFIGS = ("pretrain", "cir_phi")
 
 
 def build(configs: list[str], extra: list[str]) -> XClipCLI:
@@ -63,7 +85,8 @@ def test_every_config_is_covered():
 CASES = ["demo.yaml", "negalign_shapes.yaml", "negalign_waterbirds.yaml", "retrieval_shapes.yaml",
          "retrieval_coco.yaml", "pretrain_tiny_shapes.yaml", "distill_teacher_shapes.yaml", "distill_student_shapes.yaml",
          "distill_student_nokd_shapes.yaml", "distill_explain_shapes.yaml", "tipai_shapes.yaml", "tipai_folder.yaml",
-         "tspo_head_shapes.yaml"]
+         "tspo_head_shapes.yaml", "cir_shapes.yaml", "cir_phi_shapes.yaml", "cir_cirr.yaml", "cir_circo.yaml",
+         "cir_fashioniq.yaml"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -71,8 +94,9 @@ def test_config_builds_model_and_datamodule_and_serves_a_batch(name, data, tmp_p
     cli = build([name], overrides(name, data, tmp_path))
     assert cli.model is not None and cli.datamodule is not None
     dm = cli.datamodule
-    dm.setup("fit" if name.startswith("pretrain") else "validate")
-    loaders = dm.train_dataloader() if name.startswith("pretrain") else dm.val_dataloader()
+    fit = name.startswith(FIT_CONFIGS)
+    dm.setup("fit" if fit else "validate")
+    loaders = dm.train_dataloader() if fit else dm.val_dataloader()
     loaders = loaders if isinstance(loaders, list) else [loaders]
     for loader in loaders:
         batch = next(iter(loader))
@@ -80,7 +104,14 @@ def test_config_builds_model_and_datamodule_and_serves_a_batch(name, data, tmp_p
             assert batch["image"].is_floating_point() and bool(batch["image"].isfinite().all())
             assert len(batch["image"]) == len(batch["text"]) > 0
             continue
-        images = batch.get("image", batch.get("images"))  # TiPAI batches hold a prompt's renders
+        if batch.get("cached"):  # a gallery whose embeddings are already cached: indices only
+            assert len(batch["index"]) > 0
+            continue
+        if name == "cir_phi_shapes.yaml":  # phi trains on (image index, concepts); images come from its OTI cache
+            assert len(batch["index"]) == len(batch["concepts"]) > 0 and all(batch["concepts"])
+            continue
+        # TiPAI batches hold a prompt's renders, CIR query batches the reference image
+        images = batch.get("image", batch.get("images", batch.get("reference")))
         assert batch.get("skipped") or (images.ndim >= 4 and images.shape[-3] == 3 and len(images) > 0)
     if name == "negalign_waterbirds.yaml":  # the word lists are read (embedding them with ViT-B/16 takes minutes)
         nouns, adjectives, mine = cli.model._vocabulary()

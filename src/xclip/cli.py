@@ -109,6 +109,7 @@ class XClipCLI(LightningCLI):
 
 # name -> "module:function(argv: list[str]) -> int | None", for commands outside the Lightning loops
 COMMANDS: dict[str, str] = {
+    "cir-query": "xclip.cir.query_cli:main",
     "vocab": "xclip.ood.vocab_cli:main",
     "app": "xclip.faithfulness.app:main",
 }

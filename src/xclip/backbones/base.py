@@ -422,11 +422,15 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         x, traces = self._run_blocks(self._embed_image(images.to(self.device)), self.vision_blocks(), None, n_blocks)
         return ImageTrace(blocks=traces, embedding=self.image_head(x[:, 0]), patch_tokens=x[:, 1:])
 
-    def trace_text(self, tokens: Texts, n_blocks: int = 8) -> TextTrace:
+    def trace_text(self, tokens: Texts, n_blocks: int = 8, pseudo_tokens: Optional[Tensor] = None) -> TextTrace:
         """Text forward recomputing the last ``n_blocks`` blocks (capped at the depth) with the
-        causal mask; the embedding is pooled at ``eot_index``."""
+        causal mask; the embedding is pooled at ``eot_index``. With ``pseudo_tokens`` [K, W], the
+        embedding at the first ``$`` of each row is replaced first (SEARLE)."""
         tokens = self._as_tokens(tokens)
-        x = self._embed_text(self.token_embedding(tokens))
+        token_embeds = self.token_embedding(tokens)
+        if pseudo_tokens is not None:
+            token_embeds = inject_pseudo_tokens(token_embeds, tokens, pseudo_tokens.to(token_embeds.device))
+        x = self._embed_text(token_embeds)
         x, traces = self._run_blocks(x, self.text_blocks(), self.causal_mask(x.shape[1], x), n_blocks)
         eot = self.eot_index(tokens)
         return TextTrace(blocks=traces, embedding=self.text_head(x, eot), eot_index=eot, tokens=tokens)

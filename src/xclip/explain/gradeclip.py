@@ -200,23 +200,37 @@ class GradECLIP(Explainer):
         return q[:, None], k[:, None], trace.v[:, None]
 
     # ---- texts -------------------------------------------------------------------------------
-    def text_maps(self, images: Tensor, texts: Sequence[str], target: str | Target = "cosine") -> TextMaps:
-        """Per-token and per-word scores for every (image, text) pair (see `TextMaps`)."""
+    def text_maps(self, images: Tensor, texts: Sequence[str], target: str | Target = "cosine",
+                  pseudo_tokens: Tensor | None = None) -> TextMaps:
+        """Per-token and per-word scores for every (image, text) pair (see `TextMaps`).
+
+        `images` are model inputs [N, 3, H, W] or, already encoded, image embeddings [N, D] (no
+        image forward then). With `pseudo_tokens` [K, W] (SEARLE), the first ``$`` of text k reads
+        pseudo token k instead of its token embedding; ``$`` keeps its score as a word of its own.
+        """
         target_fn = resolve_target(target)
-        self.check_inputs(images, texts)
+        if images.ndim == 2:  # embeddings: the model-input checks do not apply
+            if images.shape[1] != self.backbone.embed_dim:
+                raise ValueError(f"image embeddings must be [N, {self.backbone.embed_dim}], got {tuple(images.shape)}")
+            if not bool(torch.isfinite(images).all()):
+                raise ValueError("image embeddings hold NaN or infinite values")
+        else:
+            self.backbone.check_model_input(images)
         texts = as_text_list(texts)
         tokens = self.backbone.tokenize(texts)
         images = images.to(self.backbone.device)
         with explaining(self.backbone.model), self.autocast():
             with torch.no_grad():
-                img_emb = self.backbone.encode_image(images).float()
+                img_emb = (images if images.ndim == 2 else self.backbone.encode_image(images)).float()
             with torch.enable_grad():
-                blocks, txt_emb, eot = self._trace_text(tokens)
+                blocks, txt_emb, eot = self._trace_text(tokens, pseudo_tokens)
                 raw = self._text_scores(blocks, target_fn, img_emb, txt_emb, eot)  # [N, K, L]
         return self._package(texts, tokens, raw, eot)
 
-    def _trace_text(self, tokens: Tensor) -> tuple[list[BlockTrace], Tensor, Tensor]:
-        trace = self.backbone.trace_text(tokens, n_blocks=self.text_blocks)
+    def _trace_text(self, tokens: Tensor, pseudo_tokens: Tensor | None = None) -> tuple[list[BlockTrace], Tensor, Tensor]:
+        if pseudo_tokens is not None:
+            pseudo_tokens = pseudo_tokens.detach()
+        trace = self.backbone.trace_text(tokens, n_blocks=self.text_blocks, pseudo_tokens=pseudo_tokens)
         if self.mode == "model":
             return trace.blocks, trace.embedding, trace.eot_index
         x = trace.blocks[0].x_in

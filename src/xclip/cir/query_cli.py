@@ -1,0 +1,156 @@
+"""``xclip cir-query``: one composed query against your own image folder, with explanations.
+
+    xclip cir-query --reference ref.png --caption "is blue instead of red" --gallery photos/ \
+        --top-k 10 --explain --out results/
+
+The gallery folder is embedded once and cached (`--cache-dir`, default ``~/.cache/xclip/cir``,
+keyed by the model, its weights, the image size and every file's name, size and modification
+time); ``--gallery`` may also name a cache entry directly (the folder holding ``meta.json`` and
+``embeddings.safetensors``). The reference is removed from the ranking when it is one of the
+gallery's files (as CIRR does). Writes ``<out>/results.json`` (ranks, scores, files) and, with
+``--explain``, maps A-D under ``<out>/explanation/`` (see `xclip.cir.report`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from xclip.backbones import load_backbone
+from xclip.cir.explain import CIRExplainer
+from xclip.cir.phi import check_compatible, load_phi
+from xclip.cir.query import compose_query, query_features
+from xclip.cir.report import write_query_explanation
+from xclip.data.embedding_cache import (
+    META_NAME,
+    EmbeddingCache,
+    GalleryEmbeddings,
+    weights_fingerprint,
+)
+from xclip.data.image_folder import ImageFolder, collate_skipping
+from xclip.data.images import ImageReadError, read_rgb, resize_center_crop
+from xclip.io import atomic_write_text
+from xclip.metrics.cir import rank_gallery
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xclip cir-query", description="Composed image retrieval (SEARLE) on an image folder.")
+    p.add_argument("--reference", required=True, help="the reference image file")
+    p.add_argument("--caption", required=True, help='the relative caption, e.g. "is blue instead of red"')
+    p.add_argument("--gallery", required=True, help="an image folder, or a cache entry written by an earlier run")
+    p.add_argument("--top-k", type=int, default=10, help="candidates to return (default 10)")
+    p.add_argument("--explain", action="store_true", help="write explanations A-D for the top-k candidates")
+    p.add_argument("--out", default="cir_query_out", help="output folder (default ./cir_query_out)")
+    p.add_argument("--backbone", default="xclip:tiny-shapes", help="backbone spec (default xclip:tiny-shapes)")
+    p.add_argument("--phi", default="xclip:searle-phi-tiny-shapes",
+                   help="phi: xclip:<name>, searle:ViT-B/32, a directory or a SEARLE .pt (default xclip:searle-phi-tiny-shapes)")
+    p.add_argument("--image-size", type=int, default=None, help="image side (default: the backbone's input size)")
+    p.add_argument("--cache-dir", default=None, help="gallery cache root (default ~/.cache/xclip/cir)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def _folder_key(backbone, spec: str, root: Path, files: list[Path], image_size: int) -> dict:
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return {"kind": "cir-folder", "backbone": spec, "weights_sha256": weights_fingerprint(backbone),
+            "preprocess": backbone.preprocess_cfg.to_dict(), "image_size": image_size, "root": str(root.resolve()),
+            "files_sha256": h.hexdigest()}
+
+
+def gallery_embeddings(backbone, spec: str, gallery: Path, image_size: int, cache_root: Path,
+                       batch_size: int) -> tuple[list[str], torch.Tensor, list[str], str]:
+    """(file paths, L2-normalised embeddings [N, D], skipped files, cache status) of a folder or a cache entry."""
+    if (gallery / META_NAME).is_file():
+        meta = json.loads((gallery / META_NAME).read_text())
+        cache = EmbeddingCache(gallery.parent, meta.get("key", {}))
+        if cache.dir.resolve() != gallery.resolve():
+            raise ValueError(f"{gallery}: not an xclip cache entry (its key does not hash to this folder)")
+        if meta["key"].get("weights_sha256") != weights_fingerprint(backbone):
+            raise ValueError(f"{gallery} was embedded with other weights ({meta['key'].get('backbone')}): "
+                             f"pass --backbone {meta['key'].get('backbone')}")
+        emb = cache.load(meta["image_keys"], [])
+        if emb is None:
+            raise ValueError(f"{gallery}: the cache entry is unusable ({cache.status}); point --gallery at the image folder")
+        return list(meta["image_keys"]), emb.image_emb, list(meta.get("skipped", [])), "hit"
+    folder = ImageFolder(gallery, image_size)
+    cache = EmbeddingCache(cache_root, _folder_key(backbone, spec, gallery, folder.files, image_size))
+    keys = [str(f.resolve()) for f in folder.files]
+    cached = cache.load(keys, [])
+    if cached is not None:
+        kept = cached.image_index.tolist()
+        return [keys[i] for i in kept], cached.image_emb, [], "hit"
+    loader = DataLoader(folder, batch_size=batch_size, collate_fn=collate_skipping)
+    embs, index, skipped = [], [], []
+    with torch.no_grad():
+        for batch in loader:
+            skipped.extend(batch["skipped_paths"])
+            if "image" in batch:
+                embs.append(backbone.encode_image(backbone.normalize(batch["image"].to(backbone.device)), normalize=True).float().cpu())
+                index.append(batch["index"])
+    if not embs:
+        raise ValueError(f"{gallery}: no readable image")
+    emb, index = torch.cat(embs), torch.cat(index)
+    if not skipped:  # only complete galleries are cached (the cache checks rows against its keys)
+        cache.save(GalleryEmbeddings(emb, torch.zeros(0, emb.shape[1]), torch.zeros(0, dtype=torch.long), index), keys, [])
+    return [keys[int(i)] for i in index], emb, skipped, cache.status
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    reference, gallery, out = Path(args.reference), Path(args.gallery), Path(args.out)
+    if args.top_k < 1:
+        print("xclip cir-query: --top-k must be >= 1", file=sys.stderr)
+        return 2
+    if not gallery.is_dir():
+        print(f"xclip cir-query: --gallery {gallery} is not a folder", file=sys.stderr)
+        return 2
+    try:
+        compose_query(args.caption)
+        backbone = load_backbone(args.backbone, device=args.device).requires_grad_(False)
+        phi = load_phi(args.phi).to(backbone.device)
+        check_compatible(phi, backbone)
+        size = args.image_size or backbone.image_size
+        ref01 = resize_center_crop(read_rgb(reference), size)
+        cache_root = Path(args.cache_dir) if args.cache_dir else Path(os.path.expanduser("~/.cache/xclip/cir"))
+        files, emb, skipped, status = gallery_embeddings(backbone, args.backbone, gallery, size, cache_root, args.batch_size)
+    except (OSError, ValueError, ImageReadError) as err:
+        print(f"xclip cir-query: {err}", file=sys.stderr)
+        return 1
+    with torch.no_grad():
+        feats = backbone.encode_image(backbone.normalize(ref01[None].to(backbone.device))).float()
+        q = query_features(backbone, phi(feats), [[args.caption]]).cpu()
+    ref_path = str(reference.resolve())
+    ranked = rank_gallery(q, emb, top=args.top_k + 1)[0].tolist()
+    ranked = [i for i in ranked if files[i] != ref_path][: args.top_k]
+    scores = (F.normalize(emb[ranked], dim=-1) @ q[0]).tolist()
+    results = {"reference": ref_path, "caption": args.caption, "prompt": compose_query(args.caption),
+               "backbone": args.backbone, "phi": args.phi, "gallery": str(gallery.resolve()), "gallery_size": len(files),
+               "gallery_cache": status, "skipped": skipped,
+               "results": [{"rank": r + 1, "file": files[i], "score": s} for r, (i, s) in enumerate(zip(ranked, scores))]}
+    if args.explain:
+        cands = torch.stack([resize_center_crop(read_rgb(files[i]), size) for i in ranked])
+        ex = CIRExplainer(backbone, phi).explain(backbone.normalize(ref01[None].to(backbone.device)), args.caption,
+                                                 backbone.normalize(cands.to(backbone.device)))
+        entry, _ = write_query_explanation(out, "explanation", args.caption, ref01, ref_path, cands,
+                                           [files[i] for i in ranked], list(range(1, len(ranked) + 1)), ex)
+        results["explanation"] = entry["folder"]
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    print(f'{results["prompt"]}  (gallery: {len(files)} images, cache {status})')
+    for row in results["results"]:
+        print(f'{row["rank"]:>4}  {row["score"]:.4f}  {row["file"]}')
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable files: {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
+    print(f"results: {out / 'results.json'}" + (f"; explanations: {results['explanation']}" if args.explain else ""))
+    return 0

@@ -1,0 +1,148 @@
+"""CIR loaders on fixtures in the datasets' exact formats, their errors, the scoring helpers and
+the test-submission files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from cir_fixtures import write_circo, write_cirr, write_fashioniq
+
+from xclip.cir.benchmark import load_cir_image, target_pad
+from xclip.cir.loaders import CIRAnnotationError, load_circo, load_cirr, load_fashioniq
+from xclip.cir.scoring import benchmark_metrics, rank_queries, write_submissions
+
+
+def test_cirr_val_and_test1(tmp_path):
+    written = write_cirr(tmp_path)
+    bench = load_cirr(tmp_path, "val", image_size=32)
+    names, entries = written["val"]
+    assert bench.name == "cirr" and bench.split == "val" and bench.gallery_keys == names
+    assert [q.query_id for q in bench.queries] == ["10", "11", "12", "13", "14"]
+    assert bench.target_index().tolist() == [names.index(e["target_hard"]) for e in entries]
+    assert bench.reference_index().tolist() == [names.index(e["reference"]) for e in entries]
+    assert bench.members_index()[1].tolist() == [names.index(m) for m in entries[1]["img_set"]["members"]]
+    assert bench.queries[0].captions == ("has 1 more dogs",)
+    image = bench.gallery_image(0)
+    assert image.shape == (3, 32, 32) and 0 <= float(image.min()) and float(image.max()) <= 1
+    test = load_cirr(tmp_path, "test", image_size=32)  # 'test' is CIRR's test1
+    assert test.split == "test1" and not test.has_targets() and test.target_index().tolist() == [-1] * 5
+
+
+def test_circo_val_and_test(tmp_path):
+    written = write_circo(tmp_path)
+    bench = load_circo(tmp_path, "val", image_size=32)
+    ids = [str(i) for i in written["ids"]]
+    assert bench.gallery_keys == ids and len(bench) == 5
+    assert bench.ground_truth_index()[2] == [ids.index(str(g)) for g in written["val"][2]["gt_img_ids"]]
+    assert bench.target_index().tolist() == [q + 1 for q in range(5)]
+    assert bench.reference_index().tolist() == list(range(5))
+    test = load_circo(tmp_path, "test", image_size=32)
+    assert [q.query_id for q in test.queries] == ["100", "101", "102"] and not test.has_targets()
+
+
+def test_fashioniq_categories_each_rank_their_own_gallery(tmp_path):
+    written = write_fashioniq(tmp_path)
+    bench = load_fashioniq(tmp_path, "val", image_size=32)
+    assert bench.categories() == ["dress", "shirt", "toptee"] and len(bench) == 9
+    assert bench.queries[0].captions == ("is more dressy.", " has buttons? ")
+    assert bench.gallery_keys[:6] == [f"dress/{n}" for n in written["dress"][0]]
+    emb = torch.nn.functional.normalize(torch.randn(bench.n_gallery, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    queries = torch.arange(len(bench))
+    ranked = rank_queries(bench, queries, emb[bench.target_index()], torch.arange(bench.n_gallery), emb, top=None)
+    for q in range(len(bench)):  # each row holds only its category's images; the target ranks first
+        cat = bench.queries[q].category
+        assert {bench.gallery_categories[int(g)] for g in ranked[q]} == {cat}
+        assert int(ranked[q, 0]) == int(bench.target_index()[q])
+    metrics = benchmark_metrics(bench, queries, ranked, ks=(1, 5))
+    assert metrics == {"dress_R@1": 1.0, "dress_R@5": 1.0, "shirt_R@1": 1.0, "shirt_R@5": 1.0, "toptee_R@1": 1.0,
+                       "toptee_R@5": 1.0, "R@1": 1.0, "R@5": 1.0}
+
+
+def test_missing_image_errors_name_the_file_and_the_entry(tmp_path):
+    _, entries = write_cirr(tmp_path)["val"]
+    (tmp_path / "dev" / f"{entries[3]['reference']}.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"dev-3-0-img1.*cap.rc2.val.json entry \[3\] \(pairid 13\)"):
+        load_cirr(tmp_path, "val")
+    root = tmp_path / "circo"
+    write_circo(root)
+    next((root / "COCO2017_unlabeled" / "unlabeled2017").glob("*.jpg")).unlink()
+    with pytest.raises(FileNotFoundError, match=r"000000001000.jpg"):
+        load_circo(root, "val")
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda e: e[2].pop("caption"), r"cap.rc2.val.json: entry \[2\] \(pairid 12\) has no 'caption' field"),
+    (lambda e: e[1].update(caption=""), r"entry \[1\] \(pairid 11\) field 'caption' is empty"),
+    (lambda e: e[4].update(reference=5), r"entry \[4\] \(pairid 14\) field 'reference' must be str"),
+    (lambda e: e[0].update(target_hard="nowhere"), r"entry \[0\] \(pairid 10\) field 'target_hard' names image 'nowhere'"),
+    (lambda e: e[3]["img_set"].update(members="abc"), r"entry \[3\] \(pairid 13\) img_set field 'members' must be a list"),
+    (lambda e: e.__setitem__(1, "oops"), r"entry \[1\] is a str, expected an object"),
+])
+def test_malformed_cirr_entries_are_named_by_index(tmp_path, mutate, message):
+    write_cirr(tmp_path)
+    path = tmp_path / "cirr" / "captions" / "cap.rc2.val.json"
+    entries = json.loads(path.read_text())
+    mutate(entries)
+    path.write_text(json.dumps(entries))
+    with pytest.raises(CIRAnnotationError, match=message):
+        load_cirr(tmp_path, "val")
+
+
+def test_malformed_circo_fashioniq_and_json(tmp_path):
+    write_circo(tmp_path / "circo")
+    path = tmp_path / "circo" / "annotations" / "val.json"
+    entries = json.loads(path.read_text())
+    entries[3]["gt_img_ids"] = entries[3]["gt_img_ids"][::-1] + [1]
+    path.write_text(json.dumps(entries))
+    with pytest.raises(CIRAnnotationError, match=r"val.json: entry \[3\] \(id 3\) field 'gt_img_ids' names image '1'"):
+        load_circo(tmp_path / "circo", "val")
+    path.write_text("[{")
+    with pytest.raises(CIRAnnotationError, match="not valid JSON"):
+        load_circo(tmp_path / "circo", "val")
+    write_fashioniq(tmp_path / "fiq", categories=("dress",))
+    path = tmp_path / "fiq" / "captions" / "cap.dress.val.json"
+    entries = json.loads(path.read_text())
+    entries[2]["captions"] = ["only one"]
+    path.write_text(json.dumps(entries))
+    with pytest.raises(CIRAnnotationError, match=r"cap.dress.val.json: entry \[2\] field 'captions' must hold 2 items"):
+        load_fashioniq(tmp_path / "fiq", "val", categories=["dress"])
+    with pytest.raises(ValueError, match="categories must be among"):
+        load_fashioniq(tmp_path / "fiq", "val", categories=["hat"])
+
+
+def test_submission_files(tmp_path):
+    write_cirr(tmp_path / "cirr")
+    bench = load_cirr(tmp_path / "cirr", "test1")
+    names = bench.gallery_keys
+    ranked = torch.stack([torch.roll(torch.arange(len(names)), -q) for q in range(len(bench))])  # query q: q, q+1, ...
+    paths = write_submissions(bench, torch.arange(len(bench)), ranked, tmp_path / "out", "run")
+    full, subset = (json.loads(p.read_text()) for p in paths)
+    assert paths[1].name == "subset_run.json"
+    assert full["version"] == subset["version"] == "rc2"
+    assert full["metric"] == "recall" and subset["metric"] == "recall_subset"
+    for q, entry in enumerate(bench.queries):
+        expected = [names[(q + j) % len(names)] for j in range(len(names)) if names[(q + j) % len(names)] != entry.reference]
+        assert full[entry.query_id] == expected[:50]
+        assert subset[entry.query_id] == [n for n in expected if n in entry.members][:3]
+    write_circo(tmp_path / "circo")
+    circo = load_circo(tmp_path / "circo", "test")
+    ranked = torch.arange(circo.n_gallery).flip(0)[None].repeat(len(circo), 1)
+    (path,) = write_submissions(circo, torch.arange(len(circo)), ranked, tmp_path / "out", "circo")
+    sub = json.loads(path.read_text())
+    assert set(sub) == {"100", "101", "102"} and sub["101"] == circo.gallery_keys[::-1][:50]
+
+
+def test_target_pad_matches_searle(tmp_path):
+    from PIL import Image
+
+    wide = Image.new("RGB", (100, 40), (255, 255, 255))
+    padded = target_pad(wide, 1.25)  # 100 / 1.25 = 80 high: 20 px of black above and below
+    assert padded.size == (100, 80)
+    assert padded.getpixel((50, 5)) == (0, 0, 0) and padded.getpixel((50, 40)) == (255, 255, 255)
+    assert target_pad(Image.new("RGB", (50, 45)), 1.25).size == (50, 45)  # below the ratio: untouched
+    wide.save(tmp_path / "w.png")
+    assert load_cir_image(tmp_path / "w.png", 16).shape == (3, 16, 16)
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    assert load_cir_image(tmp_path / "bad.png", 16) is None
