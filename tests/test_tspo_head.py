@@ -14,7 +14,7 @@ from xclip.backbones import shared_backbone
 from xclip.cli import main
 from xclip.data.shapes import ShapesFaithfulness
 from xclip.faithfulness import TSPOHead, TSPOScorer, export_head, load_head
-from xclip.faithfulness.localisation import pair_statistics
+from xclip.faithfulness.localisation import pair_statistics, rejected_images
 from xclip.faithfulness.patch_metrics import minmax_badness, patch_auc, patch_iou
 from xclip.faithfulness.tspo_head import extract_features
 from xclip.faithfulness.tspo_module import pair_labels, prompt_pairs
@@ -57,6 +57,10 @@ def test_pair_statistics_by_hand():
     # prompt 0: 0.9 beats 0.5 and 0.7; prompt 1: 0.2 loses to 0.4 and 0.6 -> 2 / 4
     assert stats["pair_accuracy"] == pytest.approx(0.5) and stats["n_pairs"] == 4
     assert stats["chosen_is_faithful"] == pytest.approx(0.5) and stats["rejected_is_erroneous"] == pytest.approx(0.5)
+    # each prompt's worst image; on a tie (prompt 2) the first by position
+    tied = torch.cat([score, torch.tensor([0.3, 0.1, 0.1])])
+    assert rejected_images(tied, torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])).tolist() == \
+        [False, True, False, True, False, False, False, True, False]
 
 
 @pytest.fixture(scope="module")

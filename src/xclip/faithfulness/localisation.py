@@ -48,6 +48,24 @@ def random_goodness(index: Tensor, seed: Tensor, grid: int, base_seed: int = 0) 
     return torch.stack(maps) if maps else torch.zeros(0, grid, grid)
 
 
+def _first_extreme(score: Tensor, inverse: Tensor, n_groups: int, reduce: str) -> Tensor:
+    """[n_groups] position of each group's best ("amax") or worst ("amin") score; on a tie the first
+    image by position is the chosen (rejected) one."""
+    n = score.shape[0]
+    fill = -torch.inf if reduce == "amax" else torch.inf
+    extreme = torch.full((n_groups,), fill, dtype=score.dtype).scatter_reduce(0, inverse, score, reduce)
+    pos = torch.arange(n)
+    return torch.full((n_groups,), n).scatter_reduce(0, inverse, torch.where(score == extreme[inverse], pos, n), "amin")
+
+
+def rejected_images(score: Tensor, prompt: Tensor) -> Tensor:
+    """[N] bool: each prompt's rejected image, the worst by `score` [N] (first on a tie)."""
+    ids, inverse = torch.unique(prompt, return_inverse=True)
+    rejected = torch.zeros(score.shape[0], dtype=torch.bool)
+    rejected[_first_extreme(score.double(), inverse, len(ids), "amin")] = True
+    return rejected
+
+
 def pair_statistics(score: Tensor, prompt: Tensor, faithful: Tensor) -> dict[str, float]:
     """Ground-truth pair statistics of a global score over images of several prompts.
 
@@ -72,13 +90,8 @@ def pair_statistics(score: Tensor, prompt: Tensor, faithful: Tensor) -> dict[str
     has_error = torch.zeros(len(ids), dtype=torch.bool)
     has_error[inverse[~faithful]] = True
     mixed &= has_error
-    best = torch.full((len(ids),), -torch.inf, dtype=torch.float64).scatter_reduce(0, inverse, score, "amax")
-    worst = torch.full((len(ids),), torch.inf, dtype=torch.float64).scatter_reduce(0, inverse, score, "amin")
-    # on a tie for best (worst) place, the first image by position is the chosen (rejected) one
-    n = score.shape[0]
-    pos = torch.arange(n)
-    first_best = torch.full((len(ids),), n).scatter_reduce(0, inverse, torch.where(score == best[inverse], pos, n), "amin")
-    first_worst = torch.full((len(ids),), n).scatter_reduce(0, inverse, torch.where(score == worst[inverse], pos, n), "amin")
+    first_best = _first_extreme(score, inverse, len(ids), "amax")
+    first_worst = _first_extreme(score, inverse, len(ids), "amin")
     m = int(mixed.sum())
     return {
         "pair_accuracy": acc,

@@ -37,6 +37,7 @@ from xclip.faithfulness.localisation import (
     localisation,
     pair_statistics,
     random_goodness,
+    rejected_images,
 )
 from xclip.faithfulness.pairs import select_pairs
 from xclip.faithfulness.scoring import METHODS, TiPAIScorer
@@ -282,6 +283,12 @@ class TiPAIModule(pl.LightningModule):
                     metrics[f"{name}/worst_cell_on_error"] = float(rows[f"{name}_hit"][error].double().mean())
                 share = rows["error_share"][error]
                 metrics["random_pick/worst_cell_on_error"] = float(share.mean())
+                # the images a user would look at: each prompt's rejected one, when it has an error
+                rejected = error & rejected_images(rows["global"], rows["index"])
+                if rejected.any():
+                    for name in self.baselines:
+                        metrics[f"{name}/rejected_worst_cell_on_error"] = float(rows[f"{name}_hit"][rejected].double().mean())
+                    metrics["random_pick/rejected_worst_cell_on_error"] = float(rows["error_share"][rejected].mean())
                 if {"crops", "dense"} <= set(self.map_names):
                     both = (rows["crops_hit"][error] == 1) & (rows["dense_hit"][error] == 1)
                     metrics["agreement/crops_and_dense_worst_cell_on_error"] = float(both.double().mean())
@@ -303,6 +310,8 @@ class TiPAIModule(pl.LightningModule):
                 "badness": "max(goodness) - goodness per image, painted cell by cell over the pixels",
                 "saliency": "MIT benchmark variant (xclip.metrics.saliency), averaged over erroneous images",
                 "worst_cell_on_error": "share of erroneous images whose lowest-goodness cell touches the error mask",
+                "rejected_worst_cell_on_error": "the same over the rejected images (each prompt's worst by the global "
+                                                "score) that have an error",
                 "random_pick": "expected worst_cell_on_error of a uniformly random cell (the share of error cells)",
                 "agreement": "share of erroneous images where the crops and dense worst cells both touch the error; "
                              "chance = the same for two independent random cells",
@@ -319,14 +328,18 @@ class TiPAIModule(pl.LightningModule):
                 rows.append(ReportRow("text-to-image faithfulness", f"global CLIP score: pairs [{stage}]",
                                       {k.rsplit("/", 1)[1].replace("_", " "): metrics[k] for k in keys}, keys))
             for name in self.baselines:
-                keys = [f"{pre}{name}/{m}" for m in (*METRIC_KEYS, "worst_cell_on_error") if f"{pre}{name}/{m}" in metrics]
+                keys = [f"{pre}{name}/{m}" for m in (*METRIC_KEYS, "worst_cell_on_error", "rejected_worst_cell_on_error")
+                        if f"{pre}{name}/{m}" in metrics]
                 if keys:
                     label = {"random": "random map"}.get(name, name)
+                    names = {"worst_cell_on_error": "worst cell on error",
+                             "rejected_worst_cell_on_error": "rejected: worst cell on error"}
                     rows.append(ReportRow("text-to-image faithfulness",
                                           f"{label} {self.grid}x{self.grid}: badness vs error mask [{stage}]",
-                                          {k.rsplit("/", 1)[1].replace("worst_cell_on_error", "worst cell on error"):
-                                           metrics[k] for k in keys}, keys))
+                                          {names.get(k.rsplit("/", 1)[1], k.rsplit("/", 1)[1]): metrics[k] for k in keys},
+                                          keys))
             labels = {"random_pick/worst_cell_on_error": "random cell on error",
+                      "random_pick/rejected_worst_cell_on_error": "random cell on a rejected image's error",
                       "agreement/crops_and_dense_worst_cell_on_error": "crops and dense both on error",
                       "agreement/chance": "both by chance"}
             keys = [pre + k for k in labels if pre + k in metrics]
