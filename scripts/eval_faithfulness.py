@@ -49,14 +49,15 @@ def markdown(results: dict, n: int, grid: int) -> str:
     for model, res in results.items():
         m = res["metrics"]
         lines.append(f"| {model} | {m['pair_accuracy']:.3f} | {m['chosen_is_faithful']:.3f} | {m['rejected_is_erroneous']:.3f} |")
-    lines += ["", "| model | map | KLD (lower better) | CC | SIM | NSS | AUC-Judd | worst cell on error |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| model | map | KLD (lower better) | CC | SIM | NSS | AUC-Judd | worst cell on error | "
+              "rejected: worst cell on error |", "|---|---|---|---|---|---|---|---|---|"]
     for model, res in results.items():
         m = res["metrics"]
         for key, label in MAPS.items():
-            cells = " | ".join(f"{m[f'{key}/{c}']:.3f}" for c in COLUMNS)
+            cells = " | ".join(f"{m[f'{key}/{c}']:.3f}" for c in (*COLUMNS, "rejected_worst_cell_on_error"))
             lines.append(f"| {model} | {label} | {cells} |")
-        lines.append(f"| {model} | a random cell (expected) | | | | | | {m['random_pick/worst_cell_on_error']:.3f} |")
+        lines.append(f"| {model} | a random cell (expected) | | | | | | {m['random_pick/worst_cell_on_error']:.3f} | "
+                     f"{m['random_pick/rejected_worst_cell_on_error']:.3f} |")
     lines += ["", "| model | crops and dense worst cells both on the error | the same by chance |", "|---|---|---|"]
     for model, res in results.items():
         m = res["metrics"]
