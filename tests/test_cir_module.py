@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 import torch
 import torch.nn.functional as F
 from cir_fixtures import write_circo, write_cirr, write_fashioniq
@@ -203,7 +204,7 @@ def short_phi_fit(root: Path, *extra: str) -> None:
 def test_phi_fit_exports_into_the_run_by_default():
     cli = XClipCLI(args=["--config", str(PHI_FIT)], run=False, save_config_callback=None)
     cli.model.trainer = cli.trainer
-    assert cli.model.export_path() == run_directory(cli.trainer) / "phi"
+    assert cli.model.export_path() == run_directory(cli.trainer) / "model"
     assert "checkpoints" not in cli.model.export_path().parts
 
 
@@ -212,7 +213,7 @@ def test_phi_fit_leaves_the_shipped_phi_and_overwrites_a_checkpoint_only_on_requ
     target = tmp_path / "copy"
     shutil.copytree(SHIPPED_PHI, target)
     before = digests(target)
-    with pytest.raises(SystemExit, match=r"already holds a checkpoint.*overwrite: true"):
+    with pytest.raises(SystemExit, match=r"already exists.*overwrite: true"):
         short_phi_fit(tmp_path / "a", "--model.init_args.export_dir", str(target))
     assert digests(target) == before and not (tmp_path / "a" / "oti").exists()  # refused before the OTI targets
     short_phi_fit(tmp_path / "b", "--model.init_args.export_dir", str(target), "--model.init_args.overwrite", "true")
@@ -226,3 +227,7 @@ def test_phi_fit_leaves_the_shipped_phi_and_overwrites_a_checkpoint_only_on_requ
     assert (config["input_dim"], config["hidden_dim"], config["output_dim"]) == (128, 512, 128)
     assert len(list((tmp_path / "b" / "oti").glob("*.safetensors"))) == 1
     load_phi(target)
+    # validation ran during the fit (it once had no benchmark): SEARLE's recall per epoch in TensorBoard
+    (events,) = (tmp_path / "b" / "logs").rglob("events.out.tfevents.*")
+    tags = EventAccumulator(str(events)).Reload().Tags()["scalars"]
+    assert {"val/searle/R@1", "val/searle/R@5", "val/searle/R@10"} <= set(tags)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from xclip.backbones import Backbone, is_checkpoint_dir
+from xclip.backbones import Backbone
 from xclip.cir.concepts import PhraseBank, replace_concept
 from xclip.cir.evaluation import CIREvaluation
 from xclip.cir.losses import cosine_loss, nt_xent
@@ -25,7 +25,7 @@ from xclip.cir.phi import Phi, save_phi
 from xclip.cir.query import encode_with_pseudo_tokens, query_features
 from xclip.data.embedding_cache import weights_fingerprint
 from xclip.io import atomic_write_bytes
-from xclip.results import run_directory
+from xclip.results import export_target, refuse_export_over
 
 log = logging.getLogger(__name__)
 
@@ -149,20 +149,13 @@ class PhiTrainingModule(CIREvaluation):
         return {"searle": query_features(self.backbone, self.phi(features), batch["captions"]).float()}
 
     def export_path(self) -> Path | None:
-        """Where fit exports phi (None: `export` is off)."""
-        if not self.hparams.export:
-            return None
-        if self.hparams.export_dir:
-            return Path(self.hparams.export_dir).expanduser()
-        return run_directory(self.trainer) / "phi"
+        """Where fit exports phi (None: `export` is off); see `xclip.results.export_target`."""
+        return export_target(self.trainer, self.hparams.export, self.hparams.export_dir)
 
     def setup(self, stage: str) -> None:
-        # refuse an export that would replace a checkpoint before training, not after it
-        target = self.export_path() if stage == "fit" else None
-        if target is not None and is_checkpoint_dir(target) and not self.hparams.overwrite:
-            raise ValueError(f"export_dir {target} already holds a checkpoint: this fit would replace it. Export "
-                             "elsewhere (default: the run's directory), or set `overwrite: true` to replace it on "
-                             "purpose (e.g. to re-make the shipped checkpoints/searle-phi-tiny-shapes; see its README)")
+        if stage == "fit":  # refuse an export that would replace weights before training, not after it
+            refuse_export_over(self.export_path(), self.hparams.overwrite, "checkpoints/searle-phi-tiny-shapes")
+        super().setup(stage)  # the validation benchmark (SEARLE's recall during fit)
 
     def on_fit_end(self) -> None:
         target = self.export_path()
