@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 import torch
 import torch.nn.functional as F
 from cir_fixtures import write_circo, write_cirr, write_fashioniq
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from xclip.backbones import load_backbone
 from xclip.backbones.base import PLACEHOLDER_TOKEN_ID
