@@ -311,3 +311,15 @@ def test_unknown_named_checkpoint_points_at_the_recipes(monkeypatch):
     assert "did you mean xclip:tiny-shapes?" in message
     assert "configs/pretrain_tiny_shapes*.yaml" in message and "xclip fit" in message
     assert (Path(DEMO).parents[1] / "configs" / "pretrain_tiny_shapes.yaml").is_file()  # where it points exists
+
+
+def test_help_lists_the_commands_outside_the_lightning_loops(capsys):
+    from xclip.cli import COMMANDS
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert exc.value.code == 0
+    for name in ("fit", "validate", "test", *COMMANDS):
+        assert name in out
+    assert "xclip cir-query --help" in out and "--debug" in out

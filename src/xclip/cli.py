@@ -178,7 +178,13 @@ def main(args: list[str] | None = None) -> None:
             return
         check_config_files(argv)
         quiet_lightning()
-        XClipCLI(save_config_kwargs={"overwrite": True}, parser_kwargs={"default_env": False}, args=argv)
+        others = ", ".join(f"xclip {name} --help" for name in COMMANDS)
+        XClipCLI(save_config_kwargs={"overwrite": True}, args=argv,
+                 parser_kwargs={"default_env": False,
+                                "description": "xclip: evaluate, explain and fine-tune CLIP-family models "
+                                               "(xclip fit|validate|test --config configs/<recipe>.yaml).",
+                                "epilog": f"Other commands: {others}. Add {DEBUG_FLAG} (or {DEBUG_ENV}=1) for "
+                                          "the full traceback of an error."})
     except (SystemExit, KeyboardInterrupt):
         raise
     except Exception as err:
