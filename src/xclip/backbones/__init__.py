@@ -11,6 +11,7 @@ from .base import (
 )
 from .loading import (
     OfflineWeightsError,
+    checkpoint_path,
     checkpoints_dir,
     is_checkpoint_dir,
     load_backbone,
@@ -35,6 +36,7 @@ __all__ = [
     "PreprocessCfg",
     "TextTokenizer",
     "TextTrace",
+    "checkpoint_path",
     "checkpoints_dir",
     "is_checkpoint_dir",
     "load_backbone",

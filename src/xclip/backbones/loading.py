@@ -321,6 +321,13 @@ def _load_local(spec: str) -> Backbone:
     return load_checkpoint(path)
 
 
+def checkpoint_path(spec: str | Path) -> Path:
+    """The folder of a checkpoint spec: ``"xclip:<name>"`` -> the shipped ``checkpoints/<name>``
+    (an error naming the available ones and the recipes if missing); anything else is a path."""
+    spec = str(spec)
+    return _named_checkpoint(spec.removeprefix("xclip:")) if spec.startswith("xclip:") else Path(spec).expanduser()
+
+
 def _named_checkpoint(name: str) -> Path:
     root = checkpoints_dir()
     if root is None:

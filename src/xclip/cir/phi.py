@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -26,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from xclip.backbones import Backbone
-from xclip.backbones.loading import checkpoints_dir
+from xclip.backbones.loading import checkpoint_path
+from xclip.io import atomic_directory
 
 SEARLE_URL = "https://github.com/miccunifi/SEARLE/releases/download/weights/{file}"
 # released backbone -> (input_dim, hidden_dim, output_dim, file name)
@@ -160,43 +160,12 @@ def save_searle_state(phi: Phi, path: str | Path, epoch: int | None = None) -> P
 
 # ---- xclip's format ------------------------------------------------------------------------------
 def save_phi(phi: Phi, directory: str | Path, extra: dict | None = None) -> Path:
-    """Write ``directory/{config.json, model.safetensors}`` (fp32). Both files go into a temporary
-    sibling directory that is then renamed into place; other files already there (a README card)
-    are kept."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    try:
-        if directory.is_dir():
-            for item in directory.iterdir():
-                if item.name not in (CONFIG_NAME, WEIGHTS_NAME) and item.is_file():
-                    shutil.copy2(item, tmp / item.name)
+    """Write ``directory/{config.json, model.safetensors}`` (fp32) atomically
+    (`xclip.io.atomic_directory`: other files already there, a README card, are kept)."""
+    with atomic_directory(directory) as tmp:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in phi.state_dict().items()}, str(tmp / WEIGHTS_NAME))
         (tmp / CONFIG_NAME).write_text(json.dumps({**phi.config(), **(extra or {})}, indent=2))
-        old = None
-        if directory.exists():
-            old = directory.parent / f".{directory.name}.old-{os.getpid()}"
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
-
-
-def resolve_phi_path(spec: str | Path) -> Path:
-    """``"xclip:<name>"`` -> ``checkpoints/<name>``; anything else is a path."""
-    spec = str(spec)
-    if spec.startswith("xclip:"):
-        root = checkpoints_dir()
-        name = spec.split(":", 1)[1]
-        if root is None or not (root / name).is_dir():
-            raise FileNotFoundError(f"no shipped phi checkpoint {name!r} (looked in {root}); set $XCLIP_CHECKPOINTS "
-                                    "or pass a directory")
-        return root / name
-    return Path(spec)
 
 
 def load_phi(spec: str | Path) -> Phi:
@@ -206,7 +175,7 @@ def load_phi(spec: str | Path) -> Phi:
     spec = str(spec)
     if spec.startswith("searle:"):
         return load_searle_phi(spec.split(":", 1)[1])
-    path = resolve_phi_path(spec)
+    path = checkpoint_path(spec)
     if path.is_file():
         return load_searle_phi(path)
     if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
@@ -222,4 +191,4 @@ def load_phi(spec: str | Path) -> Phi:
 
 def phi_config(spec: str | Path) -> dict:
     """The ``config.json`` of an xclip phi checkpoint (e.g. the backbone it was trained for)."""
-    return json.loads((resolve_phi_path(spec) / CONFIG_NAME).read_text())
+    return json.loads((checkpoint_path(spec) / CONFIG_NAME).read_text())

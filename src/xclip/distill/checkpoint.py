@@ -22,17 +22,9 @@ CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
 def resolve_checkpoint(spec: str | Path) -> Path:
     """``xclip:<name>`` (a folder under the repository's ``checkpoints/``) or a folder path."""
-    spec = str(spec)
-    if spec.startswith("xclip:"):
-        from xclip.backbones import checkpoints_dir
+    from xclip.backbones import checkpoint_path
 
-        root = checkpoints_dir()
-        if root is None:
-            raise FileNotFoundError(f"{spec}: no checkpoints/ directory found above the xclip package; set "
-                                    "XCLIP_CHECKPOINTS")
-        path = root / spec.removeprefix("xclip:")
-    else:
-        path = Path(spec).expanduser()
+    path = checkpoint_path(spec)
     if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{spec}: not a Teacher/Student checkpoint folder ({path.absolute()} needs "
                                 f"{CONFIG_NAME} and {WEIGHTS_NAME})")

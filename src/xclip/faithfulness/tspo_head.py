@@ -21,9 +21,6 @@ Export format (a directory): ``model.safetensors`` (float32), ``config.json``
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +30,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from xclip.backbones import Backbone, load_backbone
+from xclip.backbones import Backbone, checkpoint_path, load_backbone
 from xclip.backbones.base import ImageTrace
 from xclip.data.embedding_cache import weights_fingerprint
 from xclip.explain import explaining
+from xclip.io import atomic_directory
 
 ARCHITECTURE = "tspo-head"
 FORMAT_VERSION = 1
@@ -184,7 +182,8 @@ class TSPOScorer:
 
 # ---- export / load ----------------------------------------------------------------------------
 def read_config(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    """config.json of an exported head (``xclip:<name>`` or a directory), checked."""
+    path = checkpoint_path(path)
     file = path / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: an exported TSPO head is a directory with {CONFIG_NAME} + {WEIGHTS_NAME}")
@@ -201,17 +200,16 @@ def load_head(path: str | Path) -> TSPOHead:
     config = read_config(path)
     cfg = dict(config["head"])
     head = TSPOHead(cfg.pop("embed_dim"), cfg.pop("token_width"), tuple(cfg.pop("patch_grid")), **cfg)
-    head.load_state_dict(load_file(str(Path(path) / WEIGHTS_NAME)), strict=True)
+    head.load_state_dict(load_file(str(checkpoint_path(path) / WEIGHTS_NAME)), strict=True)
     return head.eval()
 
 
 def export_head(head: TSPOHead, path: str | Path, backbone: Backbone, backbone_spec: str, extra: dict[str, Any] | None = None,
                 card: str | None = None, overwrite: bool = False) -> Path:
     """Write `head` as ``path/{model.safetensors, config.json, README.md}`` through a temporary
-    sibling directory renamed into place. An existing `path` is replaced only with `overwrite`:
-    it is moved aside as ``.<name>.backup-<id>`` and deleted once the new directory is in place
-    (a crash leaves the old or the new head, never half of either); its own ``README.md`` (a
-    hand-written card) is kept.
+    sibling directory renamed into place (`xclip.io.atomic_directory`: the old directory is kept as
+    a backup until the new one is complete). An existing `path` is replaced only with `overwrite`;
+    its own ``README.md`` (a hand-written card) is kept.
 
     Raises:
         FileExistsError: `path` exists and `overwrite` is False.
@@ -226,25 +224,9 @@ def export_head(head: TSPOHead, path: str | Path, backbone: Backbone, backbone_s
               **(extra or {})}
     text = json.dumps(config, indent=2, default=str)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(text + "\n")
-        kept_card = path / CARD_NAME
-        if kept_card.is_file():
-            shutil.copy2(kept_card, tmp / CARD_NAME)
-        else:
+        if not (path / CARD_NAME).is_file():  # a hand-written card already there is carried over
             (tmp / CARD_NAME).write_text(card or f"# TSPO head\n\nBackbone: `{backbone_spec}`.\n")
-        tmp.chmod(0o755)
-        if path.exists():  # a directory cannot be replaced by one rename: move the old one aside first
-            backup = path.with_name(f".{path.name}.backup-{uuid.uuid4().hex[:8]}")
-            path.rename(backup)
-            tmp.rename(path)
-            shutil.rmtree(backup)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
