@@ -199,6 +199,7 @@ def test_student_trains_its_projection_with_one_optimiser_and_a_frozen_teacher(t
         assert trainer.callback_metrics["train/kd"] == 0
 
 
+@pytest.mark.slow  # the suite's budget; the metric's de-duplication by item is unit-tested in test_distill.py
 def test_two_processes_give_the_numbers_of_one(teacher_run, tmp_path):
     _, cfg, run = teacher_run
     (best,) = sorted((run / "checkpoints").glob("best-*.ckpt"))

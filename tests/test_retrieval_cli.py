@@ -60,6 +60,7 @@ def test_shapes_config_writes_results_and_cache(single):
     assert tensors["image_emb"].shape == (45, 128) and tensors["text_emb"].shape == (135, 128)
 
 
+@pytest.mark.slow  # CI runs tests/test_ddp.py, which compares the demo suite's retrieval numbers the same way
 def test_ddp_two_processes_equal_single_process(single, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     env.pop("MASTER_PORT", None)
