@@ -167,3 +167,16 @@ def test_the_shipped_head_beats_the_zero_shot_score_on_held_out_pairs(bb, n):
     clip = pair_statistics(torch.cat(zero_shot), prompt, faithful)["pair_accuracy"]
     print(f"held-out pair accuracy on {n} prompts: head {head:.4f}, zero-shot {clip:.4f}")
     assert head > clip
+
+
+def test_every_shipped_folder_loads_by_name_and_a_typo_names_the_available_ones():
+    from xclip.cir import load_phi
+    from xclip.distill import load_classifier
+
+    by_name, by_path = load_head("xclip:tspo-head-tiny-shapes"), load_head(SHIPPED)
+    for (k, a), (_, b) in zip(by_name.state_dict().items(), by_path.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert load_phi("xclip:searle-phi-tiny-shapes").config() == load_phi(ROOT / "checkpoints" / "searle-phi-tiny-shapes").config()
+    assert load_classifier("xclip:distill-student-shapes")[2]["role"] == "student"
+    with pytest.raises(FileNotFoundError, match="did you mean xclip:tspo-head-tiny-shapes"):
+        load_head("xclip:tspo-head-tiny")
