@@ -302,6 +302,66 @@ def test_a_corrupt_checkpoint_file_is_named(tmp_path, damage):
               "--trainer.logger.init_args.save_dir", str(tmp_path)])
 
 
+def _module_at(path: Path, source: str):
+    """Import ``source`` from a file at ``path`` (so its frames carry that path)."""
+    import importlib.util
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_error_named_comes_from_the_package_not_a_venv_in_a_folder_named_xclip(tmp_path, monkeypatch):
+    """A clone named `xclip` holds its venv (`xclip/.venv/...`): a dependency's frames there are not
+    xclip's own, and an error raised `from None` does not hand over to its suppressed context."""
+    import xclip.backbones.loading as loading
+    from xclip.cli import is_own_frame, root_cause
+
+    dependency = _module_at(tmp_path / "xclip" / ".venv" / "lib" / "python3.11" / "site-packages" / "fakesafe.py",
+                            "def load_file(path):\n    raise RuntimeError('incomplete metadata')\n")
+    assert not is_own_frame(dependency.__file__)
+    assert is_own_frame(loading.__file__)
+    monkeypatch.setattr(loading, "load_file", dependency.load_file)
+    copy = tmp_path / "xclip" / "ckpt"
+    import shutil
+
+    shutil.copytree(Path(DEMO).parents[1] / "checkpoints" / "tiny-shapes", copy)
+    with pytest.raises(ValueError) as exc:
+        loading.load_backbone(str(copy))
+    assert isinstance(exc.value.__context__, RuntimeError)  # the dependency's error is still attached
+    try:
+        raise RuntimeError("a wrapper's message") from exc.value  # how jsonargparse/Lightning wrap it
+    except RuntimeError as wrapped:
+        cause = root_cause(wrapped)
+    assert cause is exc.value
+    assert f"{copy / 'model.safetensors'}: cannot read the weights" in str(cause)
+    with pytest.raises(SystemExit, match=rf"xclip: error: ValueError: {copy}"):
+        main(["validate", "--config", small_demo(tmp_path, backbone=str(copy)),
+              "--trainer.logger.init_args.save_dir", str(tmp_path)])
+
+
+def test_root_cause_honours_raise_from_none():
+    from xclip.cli import error_chain
+
+    try:
+        try:
+            raise KeyError("inner")
+        except KeyError:
+            raise ValueError("outer") from None
+    except ValueError as err:
+        assert [type(e) for e in error_chain(err)] == [ValueError]
+    try:
+        try:
+            raise KeyError("inner")
+        except KeyError:
+            raise ValueError("outer")  # noqa: B904 - the implicit context is what this checks
+    except ValueError as err:
+        assert [type(e) for e in error_chain(err)] == [ValueError, KeyError]
+
+
 def test_unknown_named_checkpoint_points_at_the_recipes(monkeypatch):
     from xclip.backbones import load_backbone
 

@@ -148,17 +148,46 @@ def check_config_files(argv: list[str]) -> None:
                              f"trainer:), got a {type(data).__name__}")
 
 
+def _package_dir() -> Path:
+    import xclip
+
+    return Path(xclip.__file__).resolve().parent
+
+
+def is_own_frame(filename: str, package_dir: Path | None = None) -> bool:
+    """Whether a traceback frame's file belongs to the installed xclip package (not merely a path that
+    contains a folder named ``xclip``: a clone named so holds its venv and every dependency)."""
+    package_dir = package_dir or _package_dir()
+    try:
+        return Path(filename).resolve().is_relative_to(package_dir)
+    except (OSError, ValueError):
+        return False
+
+
+def error_chain(error: BaseException) -> list[BaseException]:
+    """The exceptions Python would print for ``error``, outermost first: the explicit ``__cause__``,
+    else the implicit ``__context__`` unless the error was raised ``from None``."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        if current.__cause__ is not None:
+            current = current.__cause__
+        elif current.__suppress_context__:
+            current = None
+        else:
+            current = current.__context__
+    return chain
+
+
 def root_cause(error: BaseException) -> BaseException:
-    """The error a user can act on: the deepest exception in the cause/context chain that was
+    """The error a user can act on: the deepest exception of the chain Python would print that was
     raised by xclip's own code (else the deepest one)."""
-    chain, seen = [], set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        chain.append(error)
-        error = error.__cause__ or error.__context__
+    chain = error_chain(error)
+    package_dir = _package_dir()
     for candidate in reversed(chain):
         frames = traceback.extract_tb(candidate.__traceback__)
-        if frames and f"{os.sep}xclip{os.sep}" in frames[-1].filename:
+        if frames and is_own_frame(frames[-1].filename, package_dir):
             return candidate
     return chain[-1]
 
