@@ -4,6 +4,8 @@ folder (``annotations/captions_val2017.json`` + ``val2017/*.jpg``)."""
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 from pathlib import Path
 
 from PIL import Image
@@ -17,6 +19,20 @@ def write_image(path: Path, index: int, size=(80, 64)) -> None:
     """ShapesWorld sample `index` as a non-square JPEG (so resize + centre crop matter)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(generate(seed=9, index=index, size=64).image).resize(size, Image.BICUBIC).save(path, quality=95)
+
+
+def write_bomb_png(path: Path, width: int = 30000, height: int = 30000) -> Path:
+    """A ~100-byte PNG that declares `width` x `height` RGB pixels (a "decompression bomb"): its
+    header is valid, its data holds one row of zeros."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(b"\x00" * (1 + 3 * 64))) + chunk(b"IEND", b""))
+    return path
 
 
 def write_coco(root: Path) -> Path:

@@ -93,3 +93,22 @@ def test_unreadable_files_are_named_and_skipped_with_their_paths(tmp_path):
     batch = collate_skipping([folder[i] for i in range(len(folder))])
     assert batch["skipped"] == 1 and batch["skipped_paths"] == ["broken.png"]
     assert batch["image"].shape == (1, 3, 8, 8)
+
+
+def test_a_png_declaring_too_many_pixels_is_skipped_as_unreadable(tmp_path):
+    from format_fixtures import write_bomb_png
+
+    from xclip.data.images import MAX_PIXELS
+
+    bomb = write_bomb_png(tmp_path / "bomb.png")
+    assert bomb.stat().st_size < 300 and 30000 * 30000 > MAX_PIXELS
+    with pytest.raises(ImageReadError, match=r"bomb.png: declares .* pixels, over xclip's limit"):
+        read_rgb(bomb)
+    mid = write_bomb_png(tmp_path.parent / f"{tmp_path.name}-mid" / "mid.png", 9000, 9000)  # under Pillow's own refusal, over ours
+    with pytest.raises(ImageReadError, match=r"mid.png: declares 9000 x 9000 pixels, over xclip's limit"):
+        read_rgb(mid)
+    assert load_image01(bomb, 8) is None
+    Image.new("RGB", (4, 4), (0, 0, 255)).save(tmp_path / "ok.png")
+    folder = ImageFolder(tmp_path, image_size=8)
+    batch = collate_skipping([folder[i] for i in range(len(folder))])
+    assert batch["skipped"] == 1 and batch["skipped_paths"] == ["bomb.png"]

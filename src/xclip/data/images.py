@@ -12,6 +12,8 @@
   on `BACKGROUND` (white), so transparent pixels never show the arbitrary colour stored under them;
 - CMYK, YCbCr, LAB, HSV, bilevel and palette images are converted with Pillow's conversion.
 
+A file that declares more than `MAX_PIXELS` pixels is refused before it is decoded (a few hundred
+bytes of PNG can declare 30000 x 30000 pixels and take gigabytes to decode: a "decompression bomb").
 A file that cannot be opened or decoded raises :class:`ImageReadError` naming the file;
 `load_image01` turns it into ``None`` (logged) so datasets can count and report skipped files.
 """
@@ -29,6 +31,7 @@ from torchvision.transforms import functional as TF
 log = logging.getLogger(__name__)
 
 BACKGROUND = (255, 255, 255)  # what transparent pixels are composited on
+MAX_PIXELS = 64_000_000  # width x height; larger files are skipped as unreadable (8000 x 8000 passes)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -78,6 +81,11 @@ def to_rgb(img: Image.Image, path: str | Path = "<image>") -> Image.Image:
     return img.convert("RGB")
 
 
+def _too_many_pixels(declared: str) -> str:
+    return (f"declares {declared} pixels, over xclip's limit of {MAX_PIXELS:,} (xclip.data.images.MAX_PIXELS): "
+            "a damaged or hostile file; downscale it if the image is real")
+
+
 def read_rgb(path: str | Path) -> Image.Image:
     """Open and decode `path` into an 8-bit RGB image (see the module docstring).
 
@@ -88,10 +96,14 @@ def read_rgb(path: str | Path) -> Image.Image:
     path = Path(path)
     try:
         with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageReadError(path, _too_many_pixels(f"{img.width} x {img.height}"))
             img.load()
             return to_rgb(img, path)
     except ImageReadError:
         raise
+    except Image.DecompressionBombError:  # Pillow refuses the largest ones while opening
+        raise ImageReadError(path, _too_many_pixels("more than twice Pillow's own limit of")) from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
         raise ImageReadError(path, f"cannot read the image ({err})") from None
 
