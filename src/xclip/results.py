@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from xclip.io import atomic_write_text
+from xclip.io import atomic_write_text, recover_directory
 
 
 def _plain(value: Any) -> Any:
@@ -46,10 +46,18 @@ def export_target(trainer, export: bool, export_dir: str | None) -> Path | None:
 
 
 def refuse_export_over(target: Path | None, overwrite: bool, shipped: str) -> None:
-    """Raise before training (call it from ``setup("fit")``) when `target` is a non-empty directory
-    and `overwrite` is off, so a fit never replaces weights by accident, and never after hours of
-    training. `shipped` names the shipped folder the message suggests re-making on purpose."""
-    if target is not None and target.is_dir() and any(target.iterdir()) and not overwrite:
+    """Raise before training (call it from ``setup("fit")``) when the export could not or should not
+    happen after it: `target` (or a folder above it) is a file, or `target` is a non-empty directory
+    and `overwrite` is off, so a fit never replaces weights by accident, and never fails after hours
+    of training. `shipped` names the shipped folder the message suggests re-making on purpose.
+    A backup a killed export left next to `target` is restored first (`xclip.io.recover_directory`)."""
+    if target is None:
+        return
+    for folder in (target, *target.parents):
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"export_dir {target}: {folder} is a file; pass a directory (new or existing)")
+    recover_directory(target)
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise ValueError(f"export_dir {target} already exists: this fit would replace it. Export elsewhere (default: "
                          "the run's log directory), or set `overwrite: true` to replace it on purpose (e.g. to re-make "
                          f"the shipped {shipped}; see its README)")
