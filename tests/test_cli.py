@@ -383,3 +383,28 @@ def test_help_lists_the_commands_outside_the_lightning_loops(capsys):
     for name in ("fit", "validate", "test", *COMMANDS):
         assert name in out
     assert "xclip cir-query --help" in out and "--debug" in out
+
+
+def test_a_run_that_fails_before_any_result_leaves_no_run_folder(tmp_path, capsys):
+    config = Path(DEMO).parents[1] / "configs" / "tipai_folder.yaml"
+    with pytest.raises(SystemExit, match="image folder .*missing: no such directory"):
+        main(["validate", "--config", str(config), "--data.init_args.root", str(tmp_path / "missing"),
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])
+    assert not any((tmp_path / "runs").rglob("version_*")), list((tmp_path / "runs").rglob("*"))
+
+
+def test_discard_failed_run_keeps_a_folder_with_results(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from xclip.results import discard_failed_run
+
+    empty, logged, extra = (tmp_path / name / "version_0" for name in ("empty", "logged", "extra"))
+    for run in (empty, logged, extra):
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text("model: {}")
+        with SummaryWriter(str(run)) as writer:
+            if run is logged:
+                writer.add_scalar("train/loss", 1.0, 0)
+    (extra / "results.json").write_text("{}")
+    assert [discard_failed_run(run) for run in (empty, logged, extra)] == [True, False, False]
+    assert not (tmp_path / "empty").exists() and logged.is_dir() and extra.is_dir()

@@ -34,7 +34,15 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from xclip.results import ReportRow, format_report, metric_values, output_listing, run_directory, write_results
+from xclip.results import (
+    ReportRow,
+    discard_failed_run,
+    format_report,
+    metric_values,
+    output_listing,
+    run_directory,
+    write_results,
+)
 
 # Lightning's advertisements, and deprecation notices raised inside Lightning itself about its own
 # internals: nothing a user can act on. Every other warning still shows.
@@ -99,6 +107,14 @@ class XClipCLI(LightningCLI):
         rows: list[ReportRow] = self.model.report_rows(metrics) if hasattr(self.model, "report_rows") else []
         print(f"\nxclip {stage}: results\n{format_report(rows, metrics)}\n")
         print(output_listing(run_directory(self.trainer), path))
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if self.trainer.is_global_zero and self.trainer.logger is not None:
+                discard_failed_run(run_directory(self.trainer))
+            raise
 
     def after_validate(self) -> None:
         self._after_eval("validate")

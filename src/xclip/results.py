@@ -8,8 +8,10 @@ prints as one table (`format_report`) followed by where everything went (`output
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +37,41 @@ def run_directory(trainer) -> Path:
     logger = trainer.logger
     path = getattr(logger, "log_dir", None) if logger is not None else None
     return Path(path or trainer.default_root_dir)
+
+
+_BOOKKEEPING = ("config.yaml", "hparams.yaml")
+
+
+def _events_hold_results(file: Path) -> bool:
+    """Whether a TensorBoard event file holds anything but the file header and hyperparameters."""
+    from google.protobuf.message import DecodeError
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    try:
+        for event in EventFileLoader(str(file)).Load():
+            if event.HasField("summary") and any(v.metadata.plugin_data.plugin_name != "hparams"
+                                                 for v in event.summary.value):
+                return True
+    except (OSError, ValueError, DecodeError):  # an unreadable event file is not ours to judge: keep it
+        return True
+    return False
+
+
+def discard_failed_run(run_dir: Path) -> bool:
+    """Remove the run directory of a run that failed before producing anything (only Lightning's
+    config.yaml / hparams.yaml and an event file without results), so a failed command leaves no
+    empty ``version_N`` behind; anything else keeps the directory. Returns whether it was removed."""
+    if not run_dir.is_dir():
+        return False
+    for entry in run_dir.iterdir():
+        if entry.is_dir() or not (entry.name in _BOOKKEEPING or entry.name.startswith("events.out.tfevents.")):
+            return False
+        if entry.name.startswith("events.out.tfevents.") and _events_hold_results(entry):
+            return False
+    shutil.rmtree(run_dir)
+    with contextlib.suppress(OSError):  # the experiment's folder too, if this run was its only one
+        run_dir.parent.rmdir()
+    return True
 
 
 def export_target(trainer, export: bool, export_dir: str | None) -> Path | None:
