@@ -1,0 +1,59 @@
+"""`ExportMixin`: the wiring of every fit that exports a model folder (`xclip.model_folder`).
+
+A module that trains something shippable takes ``export: bool``, ``export_dir: str | None`` and
+``overwrite: bool`` and implements ``export_model(path)`` with `xclip.model_folder.save_folder`.
+The mixin does the rest, the same way for every workflow: the target is ``export_dir``, else
+``<run directory>/model`` (never the shipped ``checkpoints/`` by default); it is checked in
+``setup("fit")``, before the first step (an existing model folder needs ``overwrite: true``, a
+file is refused); the export runs once, on rank 0, at the end of the fit, and says where it went.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from lightning.pytorch.utilities import rank_zero_only
+
+from xclip.results import export_target, refuse_export_over
+
+
+class ExportMixin:
+    """Mix into an `EvaluationModule` (before it in the bases) whose hparams hold ``export``,
+    ``export_dir`` and ``overwrite``.
+
+    Class attributes:
+        shipped_folder: the shipped folder this recipe re-makes, named in the overwrite refusal.
+    """
+
+    shipped_folder: ClassVar[str] = "checkpoints/"
+    hparams: Any
+    trainer: Any
+    exported_to: Path | None = None
+
+    def export_model(self, path: Path) -> None:
+        """Write the trained model as a model folder at `path` (`xclip.model_folder.save_folder`,
+        with ``overwrite=self.hparams.overwrite``)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement export_model(path)")
+
+    def export_path(self) -> Path | None:
+        """Where this fit exports (None when ``export`` is off)."""
+        return export_target(self.trainer, bool(self.hparams.export), self.hparams.export_dir)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)  # type: ignore[misc]
+        if stage == "fit":
+            refuse_export_over(self.export_path(), bool(self.hparams.overwrite), self.shipped_folder)
+
+    def on_fit_end(self) -> None:
+        super().on_fit_end()  # type: ignore[misc]
+        path = self.export_path()
+        if path is not None and self.trainer.is_global_zero:
+            self.export_model(path)
+            self.exported_to = path
+            _announce(f"{type(self).__name__}: exported the trained model to {path}")
+
+
+@rank_zero_only
+def _announce(message: str) -> None:
+    print(message)
