@@ -23,7 +23,7 @@ from xclip.clip import ZeroShotModule
 from xclip.data import ShapesWorldDataModule
 from xclip.io import atomic_write_text
 
-KEYS = ("zeroshot_shape_acc", "zeroshot_colour_acc", "t2i_R@1", "t2i_R@5", "i2t_R@1", "i2t_R@5")
+KEYS = ("shape_acc", "colour_acc", "t2i_R@1", "t2i_R@5", "i2t_R@1", "i2t_R@5")
 
 
 def evaluate(module: ZeroShotModule, n_classification: int, n_retrieval: int, seed: int) -> dict[str, float]:
@@ -35,7 +35,7 @@ def evaluate(module: ZeroShotModule, n_classification: int, n_retrieval: int, se
         trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False)
         metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
-        results.update({k.split("/", 1)[1]: float(v) for k, v in metrics.items()})
+        results.update({k.rsplit("/", 1)[1]: float(v) for k, v in metrics.items()})
     return {k: results[k] for k in KEYS}
 
 

@@ -70,7 +70,7 @@ def test_failures_csv_holds_every_top1_failure(run, expected):
         assert int(r["retrieved_image"]) == int(expected.top[t])
         assert r["gt_key"] == gallery.key(int(r["gt_image"])) and r["retrieved_key"] == gallery.key(int(r["retrieved_image"]))
         assert r["auto_label"] == expected.labels[t]
-    assert len(rows) / expected.n_captions == pytest.approx(1 - run.module.recall_values["val/t2i_R@1"])
+    assert len(rows) / expected.n_captions == pytest.approx(1 - run.module.recall_values["val/retrieval/t2i_R@1"])
 
 
 def test_cards_and_sheets_have_the_configured_counts(run, expected):
@@ -147,8 +147,8 @@ def test_improvements_table_per_method_and_category(run, expected):
     assert {r["method"] for r in rows} == {"baseline", "templates_mean", "templates_max", "templates_logsumexp",
                                            "rerank_tfidf"}
     by = {(r["method"], r["subset"]): r for r in rows}
-    assert float(by["baseline", "all"]["R@1"]) == pytest.approx(run.module.recall_values["val/t2i_R@1"])
-    assert float(by["baseline", "all"]["R@5"]) == pytest.approx(run.module.recall_values["val/t2i_R@5"])
+    assert float(by["baseline", "all"]["R@1"]) == pytest.approx(run.module.recall_values["val/retrieval/t2i_R@1"])
+    assert float(by["baseline", "all"]["R@5"]) == pytest.approx(run.module.recall_values["val/retrieval/t2i_R@5"])
     assert float(by["baseline", "failures"]["R@1"]) == 0.0
     assert by["baseline", "failures"]["n_queries"] == str(len(expected.failing))
     for label, n in label_counts.items():

@@ -77,7 +77,7 @@ def direct(demo_run):
             text = F.normalize(bb.encode_text([t.format(c) for c in names for t in prompts]), dim=-1)
             heads = F.normalize(text.view(len(names), len(prompts), -1).mean(1), dim=-1)
             pred = (img @ heads.T).argmax(1)
-            out[f"val/zeroshot_{attr}_acc"] = float((pred == torch.tensor([it[attr] for it in items])).float().mean())
+            out[f"val/zeroshot/{attr}_acc"] = float((pred == torch.tensor([it[attr] for it in items])).float().mean())
         gallery = RetrievalDataModule(source="shapes", n=40, seed=1000).gallery
         g_img = F.normalize(bb.encode_image(bb.normalize(torch.stack([gallery.image(i) for i in range(40)]))), dim=-1)
         texts, owner = gallery.all_captions()
@@ -85,9 +85,9 @@ def direct(demo_run):
         sim = g_txt @ g_img.T  # brute force: the rank of each caption's own image, ties broken by index
         for k in (1, 5, 10):
             top = sim.topk(k, dim=1).indices
-            out[f"val/t2i_R@{k}"] = float((top == owner[:, None]).any(1).float().mean())
+            out[f"val/retrieval/t2i_R@{k}"] = float((top == owner[:, None]).any(1).float().mean())
             hits = [(sim.T[i].topk(k).indices[:, None] == (owner == i).nonzero().flatten()).any() for i in range(40)]
-            out[f"val/i2t_R@{k}"] = float(torch.stack(hits).float().mean())
+            out[f"val/retrieval/i2t_R@{k}"] = float(torch.stack(hits).float().mean())
         # NegLabel on the OOD sets, with the demo member's negatives (the mined vocabulary is on disk)
         from xclip.ood import NegLabelScorer
 
@@ -108,11 +108,11 @@ def direct(demo_run):
 def test_demo_metrics_equal_a_direct_computation(demo_run, direct):
     results = json.loads((demo_run / "results.json").read_text())
     metrics = results["metrics"]
-    for key in ("val/zeroshot_shape_acc", "val/zeroshot_colour_acc", *(f"val/{d}_R@{k}" for d in ("t2i", "i2t")
+    for key in ("val/zeroshot/shape_acc", "val/zeroshot/colour_acc", *(f"val/retrieval/{d}_R@{k}" for d in ("t2i", "i2t")
                                                                       for k in (1, 5, 10))):
         assert metrics[key] == pytest.approx(direct[key], abs=1e-6), key
     # the shipped checkpoint, not a random model: well above chance (1/6) on these 40 images
-    assert metrics["val/zeroshot_shape_acc"] > 0.3 and metrics["val/zeroshot_colour_acc"] > 0.9
+    assert metrics["val/zeroshot/shape_acc"] > 0.3 and metrics["val/zeroshot/colour_acc"] > 0.9
     assert results["stage"] == "validate"
     assert results["zeroshot"]["backbone"] == "xclip:tiny-shapes"
     members = results["config"]["model"]["init_args"]["modules"]
@@ -145,7 +145,7 @@ def test_demo_logs_scalars_and_explanation_images_to_tensorboard(demo_run):
     acc = EventAccumulator(str(demo_run), size_guidance={"images": 0})
     acc.Reload()
     tags = acc.Tags()
-    assert "val/zeroshot_shape_acc" in tags["scalars"]
+    assert "val/zeroshot/shape_acc" in tags["scalars"]
     image_tags = [t for t in tags["images"] if t.startswith("explain/grad_eclip/")]
     assert len(image_tags) >= 8, tags["images"]  # 8 overlays + token charts
     assert any(t.endswith("/tokens") for t in image_tags)

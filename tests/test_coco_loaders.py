@@ -137,8 +137,8 @@ def test_retrieval_on_the_coco_fixture_equals_direct_computation(coco):
     with torch.no_grad():
         img = bb.encode_image(bb.normalize(torch.stack([g.image(i) for i in range(len(g))])), normalize=True)
         txt = bb.encode_text(texts, normalize=True)
-    assert module.recall_values == {f"val/{k}": v for k, v in retrieval_recall_at_k(img, txt, owner).items()}
-    assert module.recall_values["val/t2i_R@10"] == 1.0  # 6 images: every caption's image is in the top 10
+    assert module.recall_values == {f"val/retrieval/{k}": v for k, v in retrieval_recall_at_k(img, txt, owner).items()}
+    assert module.recall_values["val/retrieval/t2i_R@10"] == 1.0  # 6 images: every caption's image is in the top 10
 
 
 def test_file_gallery_fingerprint_tracks_files_and_bad_images_are_named(coco):

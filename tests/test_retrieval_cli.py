@@ -42,7 +42,7 @@ def test_shapes_config_writes_results_and_cache(single):
     metrics, recall = results["metrics"], results["retrieval"]["recall"]
     for direction in ("t2i", "i2t"):
         for k in (1, 5, 10):
-            assert metrics[f"val/{direction}_R@{k}"] == pytest.approx(recall[f"val/{direction}_R@{k}"], abs=1e-6)
+            assert metrics[f"val/retrieval/{direction}_R@{k}"] == pytest.approx(recall[f"val/retrieval/{direction}_R@{k}"], abs=1e-6)
     # brute force from the cached embeddings: rank every image for every caption (ties by index)
     sim = tensors["text_emb"] @ tensors["image_emb"].T
     owner = tensors["text_to_image"]
@@ -50,9 +50,9 @@ def test_shapes_config_writes_results_and_cache(single):
         t2i = (sim.topk(k, dim=1).indices == owner[:, None]).any(1).double().mean().item()
         i2t = sum(bool(set(sim.T[i].topk(k).indices.tolist()) & set((owner == i).nonzero().flatten().tolist()))
                   for i in range(45)) / 45
-        assert recall[f"val/t2i_R@{k}"] == pytest.approx(t2i, abs=1e-6)
-        assert recall[f"val/i2t_R@{k}"] == pytest.approx(i2t, abs=1e-6)
-    assert recall["val/t2i_R@1"] > 0.5  # the shipped checkpoint, not chance (1/45)
+        assert recall[f"val/retrieval/t2i_R@{k}"] == pytest.approx(t2i, abs=1e-6)
+        assert recall[f"val/retrieval/i2t_R@{k}"] == pytest.approx(i2t, abs=1e-6)
+    assert recall["val/retrieval/t2i_R@1"] > 0.5  # the shipped checkpoint, not chance (1/45)
     assert results["retrieval"]["n_images"] == 45 and results["retrieval"]["n_captions"] == 135
     assert results["retrieval"]["embedding_cache"]["status"] == "miss; written"
     assert meta["image_keys"] == [f"shapes:1000:{i}" for i in range(45)]

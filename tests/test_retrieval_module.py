@@ -55,9 +55,9 @@ def test_module_numbers_equal_brute_force_on_the_shipped_checkpoint():
     logged = validate(module, data)
     img, txt, owner = direct_embeddings(load_backbone("xclip:tiny-shapes"), data.gallery)
     want = brute_force(img, txt, owner, (1, 5, 10))
-    assert module.recall_values == {f"val/{k}": v for k, v in want.items()}
+    assert module.recall_values == {f"val/retrieval/{k}": v for k, v in want.items()}
     for k, v in want.items():
-        assert logged[f"val/{k}"] == pytest.approx(v, abs=1e-6)
+        assert logged[f"val/retrieval/{k}"] == pytest.approx(v, abs=1e-6)
     r1 = (want["t2i_R@1"], want["i2t_R@1"])
     assert 0.5 < min(r1) < 1.0  # a trained model on a gallery where it still makes mistakes
     emb = module.gallery_embeddings

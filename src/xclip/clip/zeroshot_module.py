@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -17,6 +16,7 @@ from torch import Tensor
 from xclip.backbones import Backbone, resolve_backbone
 from xclip.backbones.prompts import zero_shot_weights
 from xclip.data.shapes import COLOURS, SHAPES
+from xclip.engine import STAGES, EvaluationModule
 from xclip.metrics.retrieval_metric import RetrievalRecall, recall_report_rows
 from xclip.metrics.score_table import ScoreTable
 from xclip.results import ReportRow
@@ -29,15 +29,19 @@ DEFAULT_PROMPTS: dict[str, list[str]] = {
 DEFAULT_CLASSES: dict[str, list[str]] = {"shape": list(SHAPES), "colour": list(COLOURS)}
 
 
-class ZeroShotEvaluation(pl.LightningModule):
+class ZeroShotEvaluation(EvaluationModule):
     """Validate/test: zero-shot accuracy per attribute on ``classification`` batches and
-    Recall@K both ways on ``retrieval`` batches. Subclasses implement `embed_images`/`embed_texts`.
+    Recall@K both ways on ``retrieval`` batches, logged as ``{stage}/zeroshot/{attribute}_acc`` and
+    ``{stage}/zeroshot/{t2i,i2t}_R@k``. Subclasses implement `embed_images`/`embed_texts`.
 
     Args:
         classes: attribute -> class names; each attribute must be a label key of the batch.
         prompts: attribute -> prompt templates with ``{}`` for the class name.
         recall_ks: the K of Recall@K.
     """
+
+    workflow = "zeroshot"
+    tasks = ("classification", "retrieval")
 
     def __init__(self, classes: dict[str, list[str]] | None = None, prompts: dict[str, list[str]] | None = None,
                  recall_ks: tuple[int, ...] = (1, 5, 10)):
@@ -53,7 +57,6 @@ class ZeroShotEvaluation(pl.LightningModule):
         self.predictions = ScoreTable((), columns, unique_by=("index",))
         self.recall = RetrievalRecall(recall_ks)
         self._heads: dict[str, Tensor] = {}
-        self._recall_stages: set[str] = set()  # stages in which this module logged Recall@K
         self.n_classified = 0  # distinct images behind the last accuracies
 
     def embed_images(self, images: Tensor) -> Tensor:
@@ -64,18 +67,11 @@ class ZeroShotEvaluation(pl.LightningModule):
         """K strings -> [K, D] L2-normalised."""
         raise NotImplementedError
 
-    def _build_heads(self) -> None:
+    def start(self, stage: str) -> None:
         self._heads = {a: zero_shot_weights(self.embed_texts, c, self.prompts[a]) for a, c in self.classes.items()}
 
-    def on_validation_epoch_start(self) -> None:
-        self._build_heads()
-
-    def on_test_epoch_start(self) -> None:
-        self._build_heads()
-
-    def _eval_step(self, batch: dict[str, Any]) -> None:
-        task = batch.get("task")
-        if task == "classification":
+    def step(self, batch: dict[str, Any], stage: str) -> None:
+        if batch["task"] == "classification":
             missing = [a for a in self._heads if a not in batch]
             if missing:
                 raise KeyError(f"classification batches carry no labels for attribute(s) {missing}")
@@ -85,53 +81,35 @@ class ZeroShotEvaluation(pl.LightningModule):
                 columns[f"{attr}_pred"] = (emb @ head.T).argmax(-1)
                 columns[f"{attr}_label"] = torch.as_tensor(batch[attr], device=emb.device)
             self.predictions.update(**columns)
-        elif task == "retrieval":
+        else:
             img = self.embed_images(batch["image"])
             txt = self.embed_texts(batch["texts"])
             self.recall.update(img, batch["index"], txt, batch["index"][batch["text_to_image"]])
-        else:
-            raise ValueError(f"{type(self).__name__} evaluates 'classification' and 'retrieval' batches, got {task!r}")
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch)
-
-    def _log_epoch(self, stage: str) -> None:
-        if self.predictions.update_called:
-            rows = self.predictions.rows()
+    def finish(self, stage: str) -> None:
+        rows = self.predictions.gathered_rows(self.trainer.strategy)
+        if rows is not None:
             for attr in self.classes:
                 correct = (rows[f"{attr}_pred"] == rows[f"{attr}_label"]).double()
-                # identical on every process (computed from the gathered, de-duplicated rows)
-                self.log(f"{stage}/zeroshot_{attr}_acc", correct.mean().item(), sync_dist=False)
+                self.log_metric(stage, f"{attr}_acc", correct.mean().item())  # same on every process
             self.n_classified = int(rows["index"].numel())
         self.predictions.reset()
-        if self.recall.update_called:
+        if self.trainer.strategy.reduce_boolean_decision(self.recall.update_called, all=False):
             for name, value in self.recall.compute().items():
-                self.log(f"{stage}/{name}", value)
-            self._recall_stages.add(stage)
+                self.log_metric(stage, name, value)
         self.recall.reset()
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
 
     def report_rows(self, metrics: Mapping[str, float | None]) -> list[ReportRow]:
         """Console report rows of this module's logged metrics (see `xclip.results`)."""
         rows = []
-        for stage in ("val", "test"):
+        for stage in STAGES:
             for attr, names in self.classes.items():
-                key = f"{stage}/zeroshot_{attr}_acc"
+                key = self.metric_key(stage, f"{attr}_acc")
                 if key in metrics:
                     rows.append(ReportRow("zero-shot classification", f"accuracy, {attr} ({len(names)} classes), "
                                           f"{self.n_classified} images [{stage}]",
                                           {"": metrics[key]}, [key]))
-        # recall keys only if this module logged them (a suite's RetrievalModule logs the same names)
-        own = {k: v for k, v in metrics.items() if k.split("/", 1)[0] in self._recall_stages}
-        return rows + recall_report_rows(own, "zero-shot retrieval")
+        return rows + recall_report_rows(metrics, "zero-shot retrieval", self.workflow)
 
 
 def normalized(x: Tensor) -> Tensor:
@@ -164,4 +142,4 @@ class ZeroShotModule(ZeroShotEvaluation):
 
     def extra_results(self) -> dict[str, Any]:
         """Merged into results.json: the backbone and how many distinct images were classified."""
-        return {"backbone": self.backbone_spec, "n_classified": self.n_classified}
+        return {**super().extra_results(), "n_classified": self.n_classified}

@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
@@ -15,6 +14,7 @@ from xclip.backbones import Backbone, resolve_backbone
 from xclip.data.combined import CombinedDataModule
 from xclip.data.embedding_cache import EmbeddingCache, GalleryEmbeddings, weights_fingerprint
 from xclip.data.shapes.datamodule import ShapesWorldDataModule
+from xclip.engine import EvaluationModule
 from xclip.metrics.retrieval import retrieval_recall_at_k
 from xclip.metrics.retrieval_metric import RetrievalRecall, recall_report_rows
 from xclip.results import ReportRow
@@ -22,18 +22,20 @@ from xclip.retrieval.datamodule import RetrievalDataModule
 from xclip.retrieval.gallery import CaptionGallery, ShapesGallery
 
 
-class RetrievalModule(pl.LightningModule):
-    """Embed a gallery's images and captions, report ``{stage}/t2i_R@k`` and ``{stage}/i2t_R@k``.
+class RetrievalModule(EvaluationModule):
+    """Embed a gallery's images and captions, report ``{stage}/retrieval/t2i_R@k`` and
+    ``{stage}/retrieval/i2t_R@k``.
 
     Batches are ``task == "retrieval"`` batches of a ``RetrievalDataModule`` or of a
     ``ShapesWorldDataModule`` (``collate_captions`` format: images in [0, 1], ``index`` = gallery
-    index); ``retrieval_step(batch)`` handles one. Several processes (DDP) give the numbers of one:
+    index); ``step(batch, stage)`` handles one. Several processes (DDP) give the numbers of one:
     embeddings are gathered and put in gallery order before ranking.
 
     After each validate/test epoch (read them in a callback's ``on_validation_end`` /
     ``on_test_end``: Lightning runs the callbacks' ``on_*_epoch_end`` before the module's):
       - ``self.gallery_embeddings``: :class:`GalleryEmbeddings` (CPU, gallery order) of what was seen;
-      - ``self.recall_values``: ``{"val/t2i_R@1": fraction, ...}`` exact (the logged ones are float32);
+      - ``self.recall_values``: ``{"val/retrieval/t2i_R@1": fraction, ...}`` exact (the logged ones are
+        float32);
       - ``self.gallery`` (set in ``setup``): the :class:`CaptionGallery` evaluated
         (``trainer.datamodule.gallery``, or the ShapesWorld gallery equal to a
         ``ShapesWorldDataModule``'s retrieval set), or None.
@@ -46,6 +48,9 @@ class RetrievalModule(pl.LightningModule):
         cache_dir: root of the embedding cache (None: no cache). A hit skips the model and, with a
             ``RetrievalDataModule``, reading the images.
     """
+
+    workflow = "retrieval"
+    tasks = ("retrieval",)
 
     def __init__(self, backbone: str | Backbone = "xclip:tiny-shapes", recall_ks: tuple[int, ...] = (1, 5, 10),
                  text_batch_size: int = 256, cache_dir: str | None = None):
@@ -101,7 +106,7 @@ class RetrievalModule(pl.LightningModule):
         }
 
     # ---- steps --------------------------------------------------------------------------------
-    def retrieval_step(self, batch: dict[str, Any]) -> None:
+    def step(self, batch: dict[str, Any], stage: str) -> None:
         """Embed one ``retrieval`` batch into the metric state (nothing to do on a cache hit)."""
         if self._cached is not None or batch.get("cached"):
             return
@@ -109,29 +114,16 @@ class RetrievalModule(pl.LightningModule):
         txt = self.embed_texts(batch["texts"])
         self.recall.update(img, batch["index"], txt, batch["index"][batch["text_to_image"].to(batch["index"].device)])
 
-    def _eval_step(self, batch: dict[str, Any]) -> None:
-        if batch.get("task") != "retrieval":
-            raise ValueError(f"RetrievalModule evaluates 'retrieval' batches, got task {batch.get('task')!r}")
-        self.retrieval_step(batch)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch)
-
-    def _finish(self, stage: str) -> None:
+    def finish(self, stage: str) -> None:
         emb = self._cached if self._cached is not None else self._gathered()
         self.recall.reset()
         if emb is None:
             return
         self.gallery_embeddings = emb
         metrics = retrieval_recall_at_k(emb.image_emb, emb.text_emb, emb.text_to_image, self.recall_ks)
-        self.recall_values = {f"{stage}/{k}": v for k, v in metrics.items()}
+        self.recall_values = {self.metric_key(stage, k): v for k, v in metrics.items()}
         for name, value in metrics.items():
-            # identical on every process (computed from the gathered gallery), so the mean over
-            # processes is the value itself; sync_dist only keeps Lightning from warning
-            self.log(f"{stage}/{name}", value, sync_dist=True)
+            self.log_metric(stage, name, value)  # computed from the gathered gallery: same on every process
         if self._cached is None and self._cache is not None and self.trainer.is_global_zero and self._complete(emb):
             texts, _ = self.gallery.all_captions()
             self._cache.save(emb, self.gallery.keys(), texts)
@@ -140,8 +132,7 @@ class RetrievalModule(pl.LightningModule):
         """Every process's embeddings, deduplicated and in gallery order (None if nothing seen)."""
         if not self.trainer.strategy.reduce_boolean_decision(self.recall.update_called, all=False):
             return None
-        with self.recall.sync_context():
-            index, img, txt, owner = self.recall.ordered()
+        index, img, txt, owner = self.recall.ordered()
         return GalleryEmbeddings(img.cpu(), txt.cpu(), owner.cpu(), index.cpu())
 
     def _complete(self, emb: GalleryEmbeddings) -> bool:
@@ -150,24 +141,18 @@ class RetrievalModule(pl.LightningModule):
         return emb.image_index.numel() == n and torch.equal(emb.image_index, torch.arange(n)) and \
             torch.equal(emb.text_to_image, self.gallery.all_captions()[1])
 
-    def on_validation_epoch_end(self) -> None:
-        self._finish("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._finish("test")
-
     def report_rows(self, metrics: Mapping[str, float | None]) -> list[ReportRow]:
         """Console report rows of this module's logged metrics (see `xclip.results`)."""
         n = self.gallery_embeddings
         size = f"{n.image_emb.shape[0]} images x {n.text_emb.shape[0]} captions" if n is not None else ""
         return [ReportRow(row.workflow, f"{row.name} {size}".rstrip(), row.values, row.keys)
-                for row in recall_report_rows(metrics, "image-text retrieval")]
+                for row in recall_report_rows(metrics, "image-text retrieval", self.workflow)]
 
     def extra_results(self) -> dict[str, Any]:
         """Merged into results.json: the backbone, the gallery and the cache's outcome."""
         emb, cache = self.gallery_embeddings, self._cache
         return {
-            "backbone": self.backbone_spec,
+            **super().extra_results(),
             "retrieval": {
                 "recall": dict(self.recall_values),
                 "n_images": int(emb.image_emb.shape[0]) if emb is not None else 0,
