@@ -130,12 +130,12 @@ def test_demo_evaluates_retrieval_and_ood_in_the_same_run(demo_run, direct):
     for split in ("ood_background", "ood_novel_shape"):
         expected = ood_metrics(direct["ood"]["id"], direct["ood"][split])
         for key in ("auroc", "fpr95"):
-            assert metrics[f"val/{split}/neglabel/{key}"] == pytest.approx(expected[key], abs=1e-6), (split, key)
+            assert metrics[f"val/ood/{split}/neglabel/{key}"] == pytest.approx(expected[key], abs=1e-6), (split, key)
         for variant in ("neglabel_star", "negalign"):  # logged = the report in results.json
-            for key, value in results["ood"]["negalign"]["variants"][variant][split].items():
-                assert metrics[f"val/{split}/{variant}/{key}"] == pytest.approx(value, abs=1e-6)
+            for key, value in results["ood"]["ood"]["variants"][variant][split].items():
+                assert metrics[f"val/ood/{split}/{variant}/{key}"] == pytest.approx(value, abs=1e-6)
     # background-only images are far from both ID classes for the shipped checkpoint
-    assert metrics["val/ood_background/neglabel/auroc"] > 0.9
+    assert metrics["val/ood/ood_background/neglabel/auroc"] > 0.9
     assert (demo_run / "val_lambda_sweep.png").is_file() and (demo_run / "neg_labels_noun.txt").is_file()
 
 
@@ -146,14 +146,14 @@ def test_demo_logs_scalars_and_explanation_images_to_tensorboard(demo_run):
     acc.Reload()
     tags = acc.Tags()
     assert "val/zeroshot/shape_acc" in tags["scalars"]
-    image_tags = [t for t in tags["images"] if t.startswith("explain/grad_eclip/")]
+    image_tags = [t for t in tags["images"] if t.startswith("val/explanations/grad_eclip/")]
     assert len(image_tags) >= 8, tags["images"]  # 8 overlays + token charts
-    assert any(t.endswith("/tokens") for t in image_tags)
+    assert any(t.endswith("_tokens") for t in image_tags)
 
 
 def test_demo_writes_explanation_files(demo_run):
-    out = demo_run / "explanations" / "grad_eclip"
-    index = json.loads((out / "val_index.json").read_text())
+    out = demo_run / "explanations" / "grad_eclip" / "val"
+    index = json.loads((out / "index.json").read_text())
     assert len(index["items"]) == 8
     item = index["items"][0]
     assert (out / item["png"]).is_file() and (out / item["token_png"]).is_file()
@@ -183,7 +183,7 @@ def test_demo_prints_one_report_table_with_every_metric_once(demo_output):
     # then where everything went
     assert f"results:      {run / 'results.json'}" in printed
     assert f"tensorboard --logdir {run}" in printed
-    assert f"explanations: {run / 'explanations' / 'grad_eclip'}/" in printed
+    assert f"explanations: {run / 'explanations' / 'grad_eclip' / 'val'}/" in printed
     assert str(run / "val_lambda_sweep.png") in printed
 
 
@@ -202,8 +202,8 @@ def test_explanation_pngs_are_titled_with_the_batch_text(demo_run):
 
     from xclip.data import ShapesWorldDataModule
 
-    out = demo_run / "explanations" / "grad_eclip"
-    index = json.loads((out / "val_index.json").read_text())
+    out = demo_run / "explanations" / "grad_eclip" / "val"
+    index = json.loads((out / "index.json").read_text())
     dataset = ShapesWorldDataModule(val_tasks=["classification"], n_val=40).dataset("classification", "val")
     for item in index["items"]:
         side = json.loads((out / item["npy"]).with_suffix(".json").read_text())
@@ -221,9 +221,10 @@ def test_explanation_pngs_are_titled_with_the_batch_text(demo_run):
 def test_explanation_tensorboard_tags_name_task_and_dataloader(demo_run):
     acc = EventAccumulator(str(demo_run), size_guidance={"images": 0})
     acc.Reload()
-    tags = [t for t in acc.Tags()["images"] if t.startswith("explain/grad_eclip/") and not t.endswith("/tokens")]
+    tags = [t for t in acc.Tags()["images"] if t.startswith("val/explanations/grad_eclip/")
+            and not t.endswith("_tokens")]
     assert len(tags) == len(set(tags)) == 8
-    assert all(t.startswith("explain/grad_eclip/val/classification_dl0/") for t in tags)
+    assert all(t.startswith("val/explanations/grad_eclip/classification_dl0_") for t in tags)
 
 
 def test_predict_is_not_a_subcommand_and_fit_refuses_an_eval_only_module(tmp_path, capsys):

@@ -37,7 +37,7 @@ def data(tmp_path_factory):
 
 def overrides(name: str, data: dict, tmp: Path) -> list[str]:
     common = ["--trainer.logger.init_args.save_dir", str(tmp)]
-    if name == "negalign_waterbirds.yaml":
+    if name == "ood_waterbirds.yaml":
         return common + ["--data.init_args.root", str(data["waterbirds"]),
                          "--data.init_args.ood_dirs", json.dumps({"placesbg": str(data["placesbg"])}),
                          "--data.init_args.num_workers", "0", "--data.init_args.image_size", "224",
@@ -82,7 +82,7 @@ def test_every_config_is_covered():
     assert shipped - OVERLAYS == set(CASES), "add the new config to CASES (with fixtures if it reads real data)"
 
 
-CASES = ["demo.yaml", "negalign_shapes.yaml", "negalign_waterbirds.yaml", "retrieval_shapes.yaml",
+CASES = ["demo.yaml", "ood_shapes.yaml", "ood_waterbirds.yaml", "retrieval_shapes.yaml",
          "retrieval_coco.yaml", "pretrain_tiny_shapes.yaml", "distill_teacher_shapes.yaml", "distill_student_shapes.yaml",
          "distill_student_nokd_shapes.yaml", "distill_explain_shapes.yaml", "tipai_shapes.yaml", "tipai_folder.yaml",
          "tspo_head_shapes.yaml", "cir_shapes.yaml", "cir_phi_shapes.yaml", "cir_cirr.yaml", "cir_circo.yaml",
@@ -113,7 +113,7 @@ def test_config_builds_model_and_datamodule_and_serves_a_batch(name, data, tmp_p
         # TiPAI batches hold a prompt's renders, CIR query batches the reference image
         images = batch.get("image", batch.get("images", batch.get("reference")))
         assert batch.get("skipped") or (images.ndim >= 4 and images.shape[-3] == 3 and len(images) > 0)
-    if name == "negalign_waterbirds.yaml":  # the word lists are read (embedding them with ViT-B/16 takes minutes)
+    if name == "ood_waterbirds.yaml":  # the word lists are read (embedding them with ViT-B/16 takes minutes)
         nouns, adjectives, mine = cli.model._vocabulary()
         assert mine and len(nouns) > 300 and len(adjectives) > 150
 

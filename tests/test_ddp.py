@@ -67,7 +67,7 @@ def test_every_metric_equals_the_single_process_number(runs):
     assert one["metrics"] == two["metrics"] and len(one["metrics"]) == 2 + 6 + 4 * 8
     assert one["zeroshot"]["n_classified"] == two["zeroshot"]["n_classified"] == 41  # the repeat is dropped
     assert two["retrieval"]["retrieval"]["n_images"] == 41 and two["retrieval"]["retrieval"]["n_captions"] == 82
-    neg1, neg2 = one["ood"]["negalign"], two["ood"]["negalign"]
+    neg1, neg2 = one["ood"]["ood"], two["ood"]["ood"]
     assert {s: v["n"] for s, v in neg2["splits"].items()} == {"calib": 21, "id": 41, "ood_background": 41,
                                                              "ood_novel_shape": 41}
     for key in ("variants", "per_lambda", "ablation", "splits", "best_lambda", "oracle_lambda", "zscore_stats"):

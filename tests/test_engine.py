@@ -59,7 +59,7 @@ def test_save_folder_round_trip_overwrite_rule_and_card(tmp_path):
 class _Toy(EvaluationModule):
     workflow, tasks = "toy", ("classification",)
 
-    def __init__(self, width: int = 3, backbone: object = None):
+    def __init__(self, width: int = 3, backbone: object = "xclip:tiny-shapes"):
         super().__init__()
         self.seen: list[str] = []
 
@@ -75,8 +75,9 @@ class _Toy(EvaluationModule):
 
 
 def test_evaluation_base_hooks_keys_and_hyperparameters():
-    toy = _Toy(width=5, backbone=object())
-    assert dict(toy.hparams) == {"width": 5}  # backbone objects are not hyperparameters
+    toy = _Toy(width=5, backbone=torch.nn.Linear(1, 1))
+    assert dict(toy.hparams) == {"width": 5}  # model objects are not hyperparameters
+    assert dict(_Toy(width=2).hparams) == {"width": 2, "backbone": "xclip:tiny-shapes"}  # a spec is
     assert isinstance(toy, ReportsResults)
     toy.on_validation_epoch_start()
     assert toy.validation_step({"task": "classification", "image": [1, 2]}, 0) == {"n": 2}

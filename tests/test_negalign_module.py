@@ -18,7 +18,7 @@ from xclip.cli import main
 from xclip.data.shapes import SpuriousShapes
 from xclip.explain import GradCAM
 from xclip.metrics import ood_metrics
-from xclip.ood import NegAlignFeatures, NegAlignMapsCallback, NegAlignModule, NegLabelScorer
+from xclip.ood import NegAlignFeatures, OODExplanationCallback, NegAlignModule, NegLabelScorer
 from xclip.ood.datamodule import OODDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def fixture_run(fixture_dirs, tmp_path_factory, small):
     """`xclip test` on the fixture: lambda chosen on the validation partition, test reported."""
     module = NegAlignModule(**small, breakdown_csv=True, backbone=load_backbone("xclip:tiny-shapes"))
     calls = count_vision_calls(module.backbone)  # the module's own backbone, discarded with it
-    trainer = evaluate(module, fixture_dirs, tmp_path_factory.mktemp("runs"), [NegAlignMapsCallback(max_per_split=2)])
+    trainer = evaluate(module, fixture_dirs, tmp_path_factory.mktemp("runs"), [OODExplanationCallback(max_per_split=2)])
     return module, trainer, calls
 
 
@@ -111,7 +111,7 @@ def test_one_vision_forward_per_batch_for_every_variant_and_lambda(fixture_run):
     # calibration: 2 train images (1 batch); validation: ID 3 (1), PlacesBG 3 (1);
     # test: ID 7 (2 batches), PlacesBG 4 (1)
     assert calls == {"embed": 6, "encode": 0}
-    res = module.extra_results()["negalign"]
+    res = module.extra_results()["ood"]
     assert len(res["per_lambda"]) == 6 and len(res["ablation"]) == 8  # M2 is unavailable on this model
 
 
@@ -133,7 +133,7 @@ def test_plain_neglabel_equals_a_direct_computation(fixture_run, fixture_dirs):
         if parts:
             scores[batch["split"]] = torch.cat(parts)
     expected = ood_metrics(scores["id"], scores["ood_placesbg"])
-    res = module.extra_results()["negalign"]
+    res = module.extra_results()["ood"]
     assert res["variants"]["neglabel"]["ood_placesbg"] == expected
     row = next(r for r in res["ablation"] if r["name"] == "neglabel")
     assert row["metrics"]["ood_placesbg"] == expected  # all toggles off == NegLabel
@@ -147,7 +147,7 @@ def test_plain_neglabel_equals_a_direct_computation(fixture_run, fixture_dirs):
 
 def test_results_report_skips_statistics_and_vocabulary(fixture_run, fixture_dirs):
     module, trainer, _ = fixture_run
-    res = module.extra_results()["negalign"]
+    res = module.extra_results()["ood"]
     splits = res["splits"]
     assert res["evaluated_partition"] == "test"
     assert splits["id"]["n"] == 6 and splits["id"]["skipped"] == 1  # the corrupt JPEG
@@ -159,8 +159,8 @@ def test_results_report_skips_statistics_and_vocabulary(fixture_run, fixture_dir
     assert "id_accuracy" in splits["id"] and "id_accuracy" not in splits["ood_placesbg"]
     assert res["config"]["n_negatives"] > 0
     assert res["ablation_unavailable"].keys() == {"m2"}
-    assert "test/ood_placesbg/negalign/auroc" in trainer.callback_metrics
-    assert not any(k.startswith("test/val/") for k in trainer.callback_metrics)
+    assert "test/ood/ood_placesbg/negalign/auroc" in trainer.callback_metrics
+    assert not any(k.startswith("test/ood/val/") for k in trainer.callback_metrics)
     out = Path(trainer.logger.log_dir)
     roles = list(csv.DictReader((out / "neg_roles.csv").open()))
     assert len(roles) == res["config"]["n_negatives"]
@@ -176,14 +176,14 @@ def test_results_report_skips_statistics_and_vocabulary(fixture_run, fixture_dir
     assert set(per_image[0]) >= {"s_neglabel_plain", "s_neglabel_star", "p_align", "s_final", "pred_class", "cam_valid"}
     for name in ("test_lambda_sweep.png", "test_roc.png"):
         assert (out / name).stat().st_size > 1000
-    index = json.loads((out / "explanations" / "negalign" / "test_index.json").read_text())
+    index = json.loads((out / "explanations" / "ood" / "test" / "index.json").read_text())
     # maps of the reported (test) sets only, not of the lambda-selection sets
     assert {i["split"] for i in index["items"]} == {"id", "ood_placesbg"} and len(index["items"]) == 4
 
 
 def test_lambda_is_chosen_on_validation_and_applied_to_test(fixture_run):
     module, trainer, _ = fixture_run
-    res = module.extra_results()["negalign"]
+    res = module.extra_results()["ood"]
     rows = list(csv.DictReader((Path(trainer.logger.log_dir) / "test_per_image.csv").open()))
 
     def scores(split, lam):  # the configured variant at any lambda, from the per-image columns
@@ -249,7 +249,7 @@ def test_unavailable_configured_toggle_is_an_error(small):
 # ---- configs and the CLI -------------------------------------------------------------------
 def test_waterbirds_config_parses(capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["validate", "--config", str(ROOT / "configs" / "negalign_waterbirds.yaml"), "--print_config"])
+        main(["validate", "--config", str(ROOT / "configs" / "ood_waterbirds.yaml"), "--print_config"])
     assert exc.value.code == 0
     printed = capsys.readouterr().out
     assert "openclip:ViT-B-16/openai" in printed and "source: waterbirds" in printed
@@ -258,18 +258,18 @@ def test_waterbirds_config_parses(capsys):
 @pytest.fixture(scope="module")
 def shapes_cli_run(tmp_path_factory, small):
     save = tmp_path_factory.mktemp("cli")
-    main(["validate", "--config", str(ROOT / "configs" / "negalign_shapes.yaml"),
+    main(["validate", "--config", str(ROOT / "configs" / "ood_shapes.yaml"),
           "--trainer.logger.init_args.save_dir", str(save), "--trainer.enable_progress_bar", "false",
           "--model.init_args.text_cache_dir", small["text_cache_dir"],
           "--data.init_args.n_id", "20", "--data.init_args.n_ood", "20", "--data.init_args.n_calib", "20",
           "--data.init_args.batch_size", "20"])
-    return sorted((save / "negalign_shapes").glob("version_*"))[-1]
+    return sorted((save / "ood_shapes").glob("version_*"))[-1]
 
 
 def test_shapes_config_writes_results_and_tensorboard(shapes_cli_run):
     results = json.loads((shapes_cli_run / "results.json").read_text())
     assert results["backbone"] == "xclip:tiny-shapes"
-    metrics, neg = results["metrics"], results["negalign"]
+    metrics, neg = results["metrics"], results["ood"]
     # the logged metrics of each variant, recomputed from the per-image scores it wrote
     rows = list(csv.DictReader((shapes_cli_run / "val_per_image.csv").open()))
 
@@ -281,14 +281,14 @@ def test_shapes_config_writes_results_and_tensorboard(shapes_cli_run):
         for split in ("ood_background", "ood_novel_shape"):
             expected = ood_metrics(column("id", name), column(split, name))
             for key, value in expected.items():
-                assert metrics[f"val/{split}/{variant}/{key}"] == pytest.approx(value, abs=1e-6), (variant, split, key)
+                assert metrics[f"val/ood/{split}/{variant}/{key}"] == pytest.approx(value, abs=1e-6), (variant, split, key)
     assert [p["lambda"] for p in neg["per_lambda"]] == [0.0, 0.5, 1.0, 2.0, 5.0, 10.0]
     assert {"m1", "m2", "m3", "p_align"} == set(neg["ablation"][0]) - {"name", "metrics", "per_lambda"}
     acc = EventAccumulator(str(shapes_cli_run), size_guidance={"images": 0})
     acc.Reload()
     images = acc.Tags()["images"]
-    assert "val/negalign/lambda_sweep" in images and "val/negalign/roc" in images
-    assert sum(t.startswith("negalign_maps/val/") for t in images) == 12  # 4 per ID / OOD split
+    assert "val/ood/lambda_sweep" in images and "val/ood/roc" in images
+    assert sum(t.startswith("val/ood/cam/") for t in images) == 12  # 4 per ID / OOD split
 
 
 def test_neglabel_auroc_against_background_only_ood_with_the_shipped_checkpoint(small):

@@ -90,7 +90,7 @@ def test_eval_modules_and_callbacks_follow_trainer_precision(tmp_path):
     # the callback's explainer ran under the trainer's precision
     (explainer,) = callback._explainers.values()
     assert explainer.precision == "bf16-mixed"
-    index = json.loads((tmp_path / "bf16" / "run" / "version_0" / "explanations" / "grad_eclip" / "val_index.json")
+    index = json.loads((tmp_path / "bf16" / "run" / "version_0" / "explanations" / "grad_eclip" / "val" / "index.json")
                        .read_text())
     assert index["precision"] == "bf16-mixed"
 

@@ -6,22 +6,25 @@ import torch
 from torch.utils.data import DataLoader
 
 from xclip.data import CombinedDataModule
+from xclip.engine import EvaluationModule
 from xclip.suite import EvaluationSuite
 
 
-class Counting(pl.LightningModule):
+class Counting(EvaluationModule):
     """Sums the values of the batches it receives and logs the sum at epoch end."""
+
+    workflow = "counting"
 
     def __init__(self, name: str):
         super().__init__()
         self.name, self.seen, self.epochs = name, [], 0
 
-    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+    def step(self, batch, stage):
         self.seen.append(float(batch["x"].sum()))
 
-    def on_validation_epoch_end(self):
+    def finish(self, stage):
         self.epochs += 1
-        self.log(f"val/{self.name}_sum", sum(self.seen))
+        self.log_metric(stage, f"{self.name}_sum", sum(self.seen))
 
     def extra_results(self):
         return {"batches": len(self.seen)}
@@ -44,10 +47,15 @@ def test_batches_reach_the_member_of_their_task_and_members_log():
     trainer.validate(suite, datamodule=data)
     assert suite.members["a"].seen == [3.0, 3.0] and suite.members["b"].seen == [30.0]
     assert suite.members["a"].epochs == suite.members["b"].epochs == 1
-    assert trainer.callback_metrics["val/a_sum"].item() == 6.0
-    assert trainer.callback_metrics["val/b_sum"].item() == 30.0
+    assert trainer.callback_metrics["val/counting/a_sum"].item() == 6.0
+    assert trainer.callback_metrics["val/counting/b_sum"].item() == 30.0
     assert suite.extra_results() == {"routes": {"cls": "a", "ood": "b"}, "backbones": [], "a": {"batches": 2},
                                      "b": {"batches": 1}}
+
+
+def test_a_member_that_is_not_an_evaluation_module_is_refused():
+    with pytest.raises(TypeError, match=r"suite member\(s\) \['plain'\] are not xclip evaluation modules"):
+        EvaluationSuite({"plain": pl.LightningModule()}, routes={"cls": "plain"})
 
 
 def test_a_batch_without_a_route_is_an_error():
@@ -118,8 +126,8 @@ def test_explanations_use_the_backbone_of_the_member_each_batch_is_routed_to(tmp
                          callbacks=[GradECLIPCallback(max_samples=12, text_maps=False)],
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(suite, datamodule=data, verbose=False)
-    out = tmp_path / "run" / "version_0" / "explanations" / "grad_eclip"
-    index = json.loads((out / "val_index.json").read_text())
+    out = tmp_path / "run" / "version_0" / "explanations" / "grad_eclip" / "val"
+    index = json.loads((out / "index.json").read_text())
     assert sorted(i["task"] for i in index["items"]) == ["classification"] * 6 + ["retrieval"] * 6
     cls = data.datamodules["classification"].dataset("classification", "val")
     gallery = data.datamodules["retrieval"].gallery

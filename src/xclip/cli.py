@@ -34,6 +34,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from xclip.engine import ReportsResults
 from xclip.results import (
     ReportRow,
     discard_failed_run,
@@ -104,7 +105,7 @@ class XClipCLI(LightningCLI):
             return
         path = write_results(self.trainer, self.model, stage, self._config_summary())
         metrics = metric_values(self.trainer.callback_metrics)
-        rows: list[ReportRow] = self.model.report_rows(metrics) if hasattr(self.model, "report_rows") else []
+        rows: list[ReportRow] = self.model.report_rows(metrics) if isinstance(self.model, ReportsResults) else []
         print(f"\nxclip {stage}: results\n{format_report(rows, metrics)}\n")
         print(output_listing(run_directory(self.trainer), path))
 
@@ -126,7 +127,7 @@ class XClipCLI(LightningCLI):
 # name -> "module:function(argv: list[str]) -> int | None", for commands outside the Lightning loops
 COMMANDS: dict[str, str] = {
     "cir-query": "xclip.cir.query_cli:main",
-    "vocab": "xclip.ood.vocab_cli:main",
+    "vocab": "xclip.ood.cli:main",
     "app": "xclip.faithfulness.app:main",
 }
 DEBUG_FLAG, DEBUG_ENV = "--debug", "XCLIP_DEBUG"

@@ -104,7 +104,9 @@ def write_results(trainer, model, stage: str, config: dict[str, Any]) -> Path:
     """Write ``results.json`` for a finished validate/test run and return its path."""
     out_dir = run_directory(trainer)
     metrics = {k: _plain(v) for k, v in sorted(trainer.callback_metrics.items())}
-    extra = model.extra_results() if hasattr(model, "extra_results") else {}
+    from xclip.engine import ReportsResults  # the engine builds on this module
+
+    extra = model.extra_results() if isinstance(model, ReportsResults) else {}
     payload = {
         "stage": stage,
         "metrics": metrics,

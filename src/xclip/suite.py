@@ -15,27 +15,33 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 
 from xclip.backbones import Backbone
-from xclip.callbacks.explanations import default_explanation_inputs
+from xclip.engine import EvaluationModule, ExplanationInputs
 from xclip.results import ReportRow
 
 
-class EvaluationSuite(pl.LightningModule):
+class EvaluationSuite(EvaluationModule):
     """Route each batch to the member module registered for its task.
 
     Args:
-        modules: member name -> an eval-only xclip LightningModule.
+        modules: member name -> an xclip evaluation module (`xclip.engine.EvaluationModule`).
         routes: batch task -> member name (e.g. ``{"classification": "zeroshot", "ood": "ood"}``).
             A batch whose task has no route is an error, never silently skipped.
     """
 
-    def __init__(self, modules: dict[str, pl.LightningModule], routes: dict[str, str]):
+    workflow = "suite"
+    not_hyperparameters = ("modules",)
+
+    def __init__(self, modules: dict[str, EvaluationModule], routes: dict[str, str]):
         super().__init__()
         if not modules:
             raise ValueError("EvaluationSuite needs at least one member module under `modules`")
+        foreign = sorted(name for name, m in modules.items() if not isinstance(m, EvaluationModule))
+        if foreign:
+            raise TypeError(f"suite member(s) {foreign} are not xclip evaluation modules "
+                            "(xclip.engine.EvaluationModule): only those can be routed batches")
         unknown = sorted({m for m in routes.values() if m not in modules})
         if unknown:
             raise ValueError(f"routes name member(s) {unknown} that are not in `modules` {sorted(modules)}")
@@ -51,7 +57,7 @@ class EvaluationSuite(pl.LightningModule):
         distinct = {id(b): b for b in self.backbones().values()}
         if len(distinct) > 1:
             raise RuntimeError(f"the suite's members use {len(distinct)} different backbones "
-                                 f"({sorted(self.backbone_specs().values())}): ask backbone_for(batch)")
+                               f"({sorted(self.backbone_specs().values())}): ask backbone_for(batch)")
         return next(iter(distinct.values()), None)
 
     def backbones(self) -> dict[str, Backbone]:
@@ -67,7 +73,7 @@ class EvaluationSuite(pl.LightningModule):
         """The backbone of the member that `batch` is routed to."""
         return getattr(self.member_for(batch), "backbone", None)
 
-    def _attach(self, member: pl.LightningModule) -> pl.LightningModule:
+    def _attach(self, member: EvaluationModule) -> EvaluationModule:
         """Let a member log through this run: same trainer, same running hook."""
         member._trainer = self._trainer
         member._current_fx_name = self._current_fx_name
@@ -77,49 +83,41 @@ class EvaluationSuite(pl.LightningModule):
         for member in self.members.values():
             getattr(self._attach(member), hook)(*args)
 
-    def setup(self, stage: str) -> None:
-        self._each("setup", stage)
-
-    def on_validation_start(self) -> None:
-        self._each("on_validation_start")
-
-    def on_validation_epoch_start(self) -> None:
-        self._each("on_validation_epoch_start")
-
-    def on_validation_epoch_end(self) -> None:
-        self._each("on_validation_epoch_end")
-
-    def on_test_start(self) -> None:
-        self._each("on_test_start")
-
-    def on_test_epoch_start(self) -> None:
-        self._each("on_test_epoch_start")
-
-    def on_test_epoch_end(self) -> None:
-        self._each("on_test_epoch_end")
-
-    def member_for(self, batch: dict[str, Any]) -> pl.LightningModule:
+    def member_for(self, batch: Mapping[str, Any]) -> EvaluationModule:
         task = batch.get("task")
         if task not in self.routes:
             raise ValueError(f"no member module for batches of task {task!r}: add it under `routes` "
                              f"(routed tasks: {sorted(self.routes)})")
         return self._attach(self.members[self.routes[task]])
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> Any:
-        return self.member_for(batch).validation_step(batch, batch_idx, dataloader_idx)
+    # ---- the contract, delegated ------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        self._each("setup", stage)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> Any:
-        return self.member_for(batch).test_step(batch, batch_idx, dataloader_idx)
+    def on_validation_start(self) -> None:
+        self._each("on_validation_start")
 
-    def explanation_inputs(self, batch: dict[str, Any]):
-        """Delegates to the batch's member (see `xclip.callbacks.explanations`)."""
-        member = self.members[self.routes[batch["task"]]] if batch.get("task") in self.routes else None
-        picker = getattr(member, "explanation_inputs", None)
-        return picker(batch) if picker is not None else default_explanation_inputs(batch)
+    def on_test_start(self) -> None:
+        self._each("on_test_start")
+
+    def start(self, stage: str) -> None:
+        self._each("start", stage)
+
+    def step(self, batch: dict[str, Any], stage: str) -> Any:
+        member = self.member_for(batch)
+        member.check_task(batch)
+        return member.step(batch, stage)
+
+    def finish(self, stage: str) -> None:
+        self._each("finish", stage)
+
+    def explanation_inputs(self, batch: Mapping[str, Any]) -> ExplanationInputs | None:
+        """The routed member's (see `xclip.callbacks.explanations`)."""
+        return self.member_for(batch).explanation_inputs(batch) if batch.get("task") in self.routes else None
 
     def report_rows(self, metrics: Mapping[str, float | None]) -> list[ReportRow]:
         """Every member's console report rows, in member order (see `xclip.results`)."""
-        return [row for m in self.members.values() if hasattr(m, "report_rows") for row in m.report_rows(metrics)]
+        return [row for m in self.members.values() for row in m.report_rows(metrics)]
 
     def extra_results(self) -> dict[str, Any]:
         """Each member's `extra_results()` under its name, the routes and which members share a
@@ -131,6 +129,5 @@ class EvaluationSuite(pl.LightningModule):
         out: dict[str, Any] = {"routes": self.routes,
                                "backbones": [{"spec": specs[names[0]], "members": names} for names in shared.values()]}
         for name, member in self.members.items():
-            if hasattr(member, "extra_results"):
-                out[name] = member.extra_results()
+            out[name] = member.extra_results()
         return out

@@ -11,18 +11,18 @@ Explanations run under the trainer's precision (``bf16-mixed``, ``16-mixed``...)
 
 Every PNG shows the image and the map with a colour bar, under a title with the explained text,
 the explainer, the item id and its task / dataloader (also in the PNG's ``Title`` text chunk and
-in the map's JSON sidecar); TensorBoard tags are ``explain/<explainer>/<stage>/<task>_dl<k>/<id>``.
+in the map's JSON sidecar). Files go to ``<run dir>/explanations/<explainer>/<stage>/`` with an
+``index.json`` there; TensorBoard tags are ``<stage>/explanations/<explainer>/<task>_dl<k>_<id>``
+(the scheme of `xclip.engine.StageCallback`).
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from torch import Tensor
 
+from xclip.engine import StageCallback, default_explanation_inputs
 from xclip.explain import EXPLAINERS, Explainer, GradECLIP
 from xclip.explain.render import (
     explanation_figure,
@@ -32,31 +32,9 @@ from xclip.explain.render import (
     save_png,
     token_bar_chart,
 )
-from xclip.io import atomic_write_text
-from xclip.results import run_directory
 
 
-def default_explanation_inputs(batch: dict[str, Any]) -> tuple[Tensor, list[str], list[str]] | None:
-    """(images, one text per image, ids) from a ShapesWorld-style batch, or None."""
-    images = batch.get("image")
-    if images is None:
-        return None
-    if "caption" in batch:
-        texts = list(batch["caption"])
-    elif "texts" in batch and "text_to_image" in batch:
-        owner = batch["text_to_image"].tolist()
-        first = {}
-        for t, i in enumerate(owner):
-            first.setdefault(i, batch["texts"][t])
-        texts = [first[i] for i in range(images.shape[0])]
-    else:
-        return None
-    index = batch.get("index")
-    ids = [str(int(i)) for i in index] if index is not None else [str(i) for i in range(images.shape[0])]
-    return images, texts, ids
-
-
-class ExplanationCallback(pl.Callback):
+class ExplanationCallback(StageCallback):
     """Explain the first `max_samples` items of validate/test with any explainer.
 
     Args:
@@ -68,8 +46,10 @@ class ExplanationCallback(pl.Callback):
         alpha: overlay opacity.
         panel_px: side of each panel of the PNG / TensorBoard images (small images are hard to
             read); the NPY maps stay at patch-grid resolution.
-        subdir: folder under the log directory.
+        subdir: folder under the log directory (the explainer's name is added below it).
     """
+
+    workflow = "explanations"
 
     def __init__(self, explainer: str = "grad_eclip", explainer_kwargs: dict[str, Any] | None = None,
                  max_samples: int = 8, text_maps: bool = True, dataloader_idx: int | None = None,
@@ -78,34 +58,15 @@ class ExplanationCallback(pl.Callback):
             raise ValueError(f"unknown explainer {explainer!r}; choose from {sorted(EXPLAINERS)}")
         if max_samples < 0:
             raise ValueError("max_samples must be >= 0")
+        super().__init__(f"{subdir}/{EXPLAINERS[explainer].name}")
         self.explainer_name, self.explainer_kwargs = explainer, dict(explainer_kwargs or {})
         self.max_samples, self.text_maps, self.dataloader_idx = max_samples, text_maps, dataloader_idx
-        self.alpha, self.panel_px, self.subdir = alpha, int(panel_px), subdir
+        self.alpha, self.panel_px = alpha, int(panel_px)
         self._explainers: dict[int, Explainer] = {}  # id(backbone) -> explainer (a suite may hold several)
-        self._records: list[dict[str, Any]] = []
 
-    # ---- Lightning hooks -----------------------------------------------------------------------
-    def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self._records = []
-
-    on_test_epoch_start = on_validation_epoch_start
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._explain_batch(trainer, pl_module, batch, dataloader_idx, "val")
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._explain_batch(trainer, pl_module, batch, dataloader_idx, "test")
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        self._write_index(trainer, "val")
-
-    def on_test_epoch_end(self, trainer, pl_module) -> None:
-        self._write_index(trainer, "test")
-
-    # ---- work ----------------------------------------------------------------------------------
-    def _explain_batch(self, trainer, pl_module, batch, dataloader_idx: int, stage: str) -> None:
-        remaining = self.max_samples - len(self._records)
-        if remaining <= 0 or trainer.sanity_checking or not trainer.is_global_zero:
+    def on_batch(self, trainer, pl_module, outputs, batch, dataloader_idx: int, stage: str) -> None:
+        remaining = self.max_samples - len(self.records)
+        if remaining <= 0:
             return
         if self.dataloader_idx is not None and dataloader_idx != self.dataloader_idx:
             return
@@ -144,8 +105,7 @@ class ExplanationCallback(pl.Callback):
         return self._explainers[key]
 
     def _emit(self, trainer, stage, dataloader_idx, where, name, images01, texts, ids, maps, words) -> None:
-        out_dir = run_directory(trainer) / self.subdir / name
-        experiments = [lg.experiment for lg in trainer.loggers if hasattr(getattr(lg, "experiment", None), "add_image")]
+        out_dir = self.stage_dir(trainer, stage)
         task = where.split(" / ")[0]
         for i, (text, item_id) in enumerate(zip(texts, ids)):
             stem = f"{stage}_{task}_dl{dataloader_idx}_{item_id}"
@@ -167,21 +127,14 @@ class ExplanationCallback(pl.Callback):
                 chart = figure_to_array(fig)
                 record["token_png"] = str(save_png(chart, out_dir / f"{stem}_tokens.png",
                                                    text={"Title": title}).relative_to(out_dir))
-            for exp in experiments:
-                tag = f"explain/{name}/{stage}/{task}_dl{dataloader_idx}/{item_id}"
-                exp.add_image(tag, panel, trainer.global_step, dataformats="HWC")
-                if chart is not None:
-                    exp.add_image(f"{tag}/tokens", chart, trainer.global_step, dataformats="HWC")
-            self._records.append(record)
+            self.log_image(trainer, stage, name, f"{task}_dl{dataloader_idx}_{item_id}", panel)
+            if chart is not None:
+                self.log_image(trainer, stage, name, f"{task}_dl{dataloader_idx}_{item_id}_tokens", chart)
+            self.records.append(record)
 
-    def _write_index(self, trainer, stage: str) -> None:
-        if not self._records or not trainer.is_global_zero:
-            return
-        name = EXPLAINERS[self.explainer_name].name
-        out_dir = run_directory(trainer) / self.subdir / name
-        payload = {"explainer": name, "stage": stage, "precision": str(trainer.precision), "items": self._records,
-                   "all_zero_maps": sum(r["all_zero"] for r in self._records)}
-        atomic_write_text(out_dir / f"{stage}_index.json", json.dumps(payload, indent=2))
+    def index_payload(self, trainer, stage: str) -> dict[str, Any]:
+        return {"explainer": EXPLAINERS[self.explainer_name].name, "precision": str(trainer.precision),
+                "all_zero_maps": sum(r["all_zero"] for r in self.records)}
 
 
 class GradECLIPCallback(ExplanationCallback):

@@ -13,16 +13,18 @@ of an `EvaluationSuite` never collide. What the CLI reads after a run is typed b
 ``report_rows(metrics)`` (the console table), ``extra_results()`` (merged into results.json) and
 ``explanation_inputs(batch)`` (what the explanation callbacks explain). Hyperparameters are saved
 one way: the base calls ``save_hyperparameters`` with the subclass's constructor arguments, leaving
-out `not_hyperparameters` (models and backbones passed as objects).
+out `not_hyperparameters` and models passed as objects.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
-from torch import Tensor
+from lightning.pytorch.utilities.parsing import collect_init_args
+from torch import Tensor, nn
 
 from xclip.results import ReportRow
 
@@ -68,17 +70,27 @@ class EvaluationModule(pl.LightningModule):
         workflow: the metric namespace (``zeroshot``, ``retrieval``, ``ood``, ``cir``,
             ``faithfulness``, ``distill``...).
         tasks: the ``batch["task"]`` values `step` accepts (empty: any).
-        not_hyperparameters: constructor arguments left out of the saved hyperparameters.
+        not_hyperparameters: constructor arguments left out of the saved hyperparameters (besides
+            any argument passed as an ``nn.Module``, such as a `Backbone` object: a spec string stays).
     """
 
     workflow: ClassVar[str] = ""
     tasks: ClassVar[tuple[str, ...]] = ()
-    not_hyperparameters: ClassVar[tuple[str, ...]] = ("backbone",)
+    not_hyperparameters: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         super().__init__()
-        # collects the calling subclass's constructor arguments (Lightning walks the __init__ frames)
-        self.save_hyperparameters(ignore=list(self.not_hyperparameters))
+        # The subclasses' constructor arguments, read from their __init__ frames. Passed explicitly:
+        # LightningCLI hands a module the config of the class it instantiates, which for a member
+        # built inside an EvaluationSuite would be the suite's.
+        frame = inspect.currentframe()
+        arguments: dict[str, Any] = {}
+        if frame is not None:
+            for local in collect_init_args(frame, [], classes=(EvaluationModule,)):
+                arguments.update(local)
+        del frame
+        self.save_hyperparameters({k: v for k, v in arguments.items()
+                                   if k not in self.not_hyperparameters and not isinstance(v, nn.Module)})
 
     # ---- what a workflow writes -------------------------------------------------------------
     def start(self, stage: str) -> None:

@@ -3,15 +3,17 @@
 Plain math (tensors in, tensors out): ``neglabel.py`` (NegMining, grouped NegLabel score),
 ``negalign.py`` (role split, CAM foreground, background embedding, P_align), ``negatives.py``
 (mining + role split of a vocabulary), ``negalign_features.py`` (one traced forward per batch),
-``negalign_sweep.py`` (every variant and lambda from stored per-image terms), ``text_embeddings.py``
-and ``vocabulary.py`` (word lists, shipped in ``wordlists/``).
+``negalign_sweep.py`` (every variant and lambda from stored per-image terms), ``evaluation.py``
+(lambda selection, oracle and ablation from those terms), ``text_embeddings.py`` and
+``vocabulary.py`` (word lists, shipped in ``wordlists/``).
 Data: ``waterbirds.py``, ``datamodule.py`` (``OODDataModule``). Lightning wiring:
 ``negalign_module.py`` (``NegAlignModule``), ``report.py`` (its tables and figures),
-``maps_callback.py`` (``NegAlignMapsCallback``). OOD metrics are in ``xclip.metrics.ood``.
+``callback.py`` (``OODExplanationCallback``). OOD metrics are in ``xclip.metrics.ood``;
+``xclip vocab`` is ``cli.py``.
 """
 
+from xclip.ood.callback import OODExplanationCallback
 from xclip.ood.datamodule import OODDataModule
-from xclip.ood.maps_callback import NegAlignMapsCallback
 from xclip.ood.negalign import NegAlignScorer
 from xclip.ood.negalign_features import NegAlignFeatures
 from xclip.ood.negalign_module import NegAlignModule
@@ -19,5 +21,5 @@ from xclip.ood.negalign_sweep import NegAlignTerms
 from xclip.ood.neglabel import NegLabelScorer
 from xclip.ood.waterbirds import WaterBirds
 
-__all__ = ["NegAlignFeatures", "NegAlignMapsCallback", "NegAlignModule", "NegAlignScorer", "NegAlignTerms",
-           "NegLabelScorer", "OODDataModule", "WaterBirds"]
+__all__ = ["NegAlignFeatures", "NegAlignModule", "NegAlignScorer", "NegAlignTerms", "NegLabelScorer",
+           "OODDataModule", "OODExplanationCallback", "WaterBirds"]

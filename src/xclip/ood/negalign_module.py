@@ -5,8 +5,7 @@ embedding, CAM foreground, background embedding) and stores every per-image term
 (:class:`NegAlignTerms`). At epoch end plain NegLabel, NegLabel*, NegAlign for every lambda of the
 sweep and the whole M1/M2/M3/P_align ablation are scored from those numbers, without re-running
 the model. Batches come from :class:`~xclip.ood.datamodule.OODDataModule` (tagged ``task="ood"``,
-``split``, ``role``); :meth:`NegAlignModule.ood_step` holds the per-batch work so a multi-task
-module can route such batches to it.
+``split``, ``role``); the scoring of every variant and lambda is `xclip.ood.evaluation.evaluate`.
 """
 
 from __future__ import annotations
@@ -16,35 +15,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
 from xclip.backbones import Backbone, resolve_backbone
+from xclip.engine import STAGES, EvaluationModule, tensorboard_writers
 from xclip.explain.render import figure_to_array, save_png
 from xclip.io import atomic_write_csv, atomic_write_text
 from xclip.metrics.gather import gather_objects
 from xclip.metrics.score_table import ScoreTable
+from xclip.ood.evaluation import OODEvaluation, evaluate, in_set_order, report_names, set_masks
 from xclip.ood.negalign import NegAlignScorer
 from xclip.ood.negalign_features import NegAlignFeatures
-from xclip.ood.negalign_sweep import (
-    ALL_VARIANTS,
-    TERM_COLUMNS,
-    NegAlignTerms,
-    Variant,
-    variant_scores,
-    zscore_stats,
-    zscored,
-)
+from xclip.ood.negalign_sweep import TERM_COLUMNS, NegAlignTerms, Variant, variant_scores
 from xclip.ood.negatives import ROLES, Negatives, build_negatives, id_embeddings
-from xclip.ood.report import (
-    mean_auroc,
-    roc_figure,
-    split_statistics,
-    sweep_figure,
-    variant_metrics,
-    write_breakdown,
-)
+from xclip.ood.report import roc_figure, split_statistics, sweep_figure, write_breakdown
 from xclip.ood.text_embeddings import TextEmbeddings
 from xclip.ood.vocabulary import read_words, resolve_words
 from xclip.results import ReportRow, run_directory
@@ -59,8 +44,9 @@ def split_code(partition: str, name: str) -> int:
     return zlib.crc32(f"{partition}/{name}".encode()) & 0x7FFFFFFF
 
 
-class NegAlignModule(pl.LightningModule):
-    """NegLabel / NegAlign OOD evaluation of any backbone.
+class NegAlignModule(EvaluationModule):
+    """NegLabel / NegAlign OOD evaluation of any backbone; metrics are logged as
+    ``{stage}/ood/{ood set}/{variant}/{auroc,fpr95,aupr_in,aupr_out}``.
 
     Args:
         backbone: a ``load_backbone`` spec (loaded once per process and shared, see
@@ -86,6 +72,9 @@ class NegAlignModule(pl.LightningModule):
         breakdown_csv: also write ``per_image.csv``.
     """
 
+    workflow = "ood"
+    tasks = ("ood",)
+
     def __init__(self, backbone: str | Backbone = "xclip:tiny-shapes", class_names: Sequence[str] = ("square", "circle"),
                  id_prompts: Sequence[str] | Mapping[str, Sequence[str]] = ("the nice {}",),
                  nouns: str | list[str] | None = None, adjectives: str | list[str] | None = None,
@@ -97,11 +86,8 @@ class NegAlignModule(pl.LightningModule):
                  lam: float = 1.0, lambdas: Sequence[float] = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0),
                  convention: str = "neglabel", text_batch_size: int = 256, text_cache_dir: str | None = None,
                  breakdown_csv: bool = False):
-        # an explicit dict: LightningCLI would hand a module nested in an EvaluationSuite the suite's hparams
-        self_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         backbone, spec = resolve_backbone(backbone)
-        self.save_hyperparameters({**self_args, "backbone": spec})
         if not lambdas:
             raise ValueError("`lambdas` is empty: give at least one lambda to sweep")
         self.backbone, self.backbone_spec = backbone, spec
@@ -181,7 +167,7 @@ class NegAlignModule(pl.LightningModule):
         for role in ROLES:
             atomic_write_text(out_dir / f"neg_{role}.txt", "".join(f"{w}\n" for w in neg.role_words(role)))
 
-    def _start(self) -> None:
+    def _start_pass(self) -> None:
         self.build_text_side()
         self._splits, self._results, self._skipped_paths = {}, {}, {}
         self.table.reset()
@@ -190,13 +176,13 @@ class NegAlignModule(pl.LightningModule):
             self._write_vocabulary(run_directory(self.trainer))
 
     def on_validation_start(self) -> None:
-        self._start()
+        self._start_pass()
 
     def on_test_start(self) -> None:
-        self._start()
+        self._start_pass()
 
     # ---- per batch ------------------------------------------------------------------------------
-    def ood_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+    def step(self, batch: dict[str, Any], stage: str) -> dict[str, Tensor]:
         """Score one tagged batch (``image`` [B,3,H,W] in [0,1], ``split``, ``role``, ``partition``,
         ``skipped_index`` / ``skipped_paths``) and store its rows. Returns the CAM outputs for
         callbacks (empty if no image was readable)."""
@@ -225,122 +211,57 @@ class NegAlignModule(pl.LightningModule):
         return {"cam": feats.cam.cpu(), "fg_mask": feats.fg_mask.cpu(), "cam_valid": feats.cam_valid.cpu(),
                 "pred_class": out["pred_class"].cpu()}
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        return self.ood_step(batch)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        return self.ood_step(batch)
-
     # ---- epoch end ------------------------------------------------------------------------------
-    def on_validation_epoch_end(self) -> None:
-        self._evaluate("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._evaluate("test")
-
-    def _sets(self, rows: dict[str, Tensor], partition: str) -> tuple[Tensor, dict[str, Tensor]]:
-        """(ID rows [N] bool, OOD set name -> rows [N] bool) of one partition."""
-        codes = {c: (name, role) for c, (part, name, role) in self._splits.items() if part == partition}
-        id_codes = [c for c, (_, role) in codes.items() if role == "id"]
-        ood_codes = [c for c, (_, role) in codes.items() if role == "ood"]
-        if len(id_codes) != 1 or not ood_codes:
-            raise ValueError(f"OOD evaluation needs exactly one ID split and at least one OOD split in the "
-                             f"{partition!r} partition, got {sorted(codes.values())}")
-        return rows["split"] == id_codes[0], {codes[c][0]: rows["split"] == c for c in ood_codes}
-
-    def _in_set_order(self, rows: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Rows sorted by set (in the order the sets arrived) then item index: the same order
-        whatever the number of processes that scored them."""
-        rank = {code: i for i, code in enumerate(self._splits)}
-        set_rank = torch.tensor([rank.get(int(c), len(rank)) for c in rows["split"].tolist()], dtype=torch.long)
-        order = torch.argsort(rows["index"], stable=True)
-        order = order[torch.argsort(set_rank[order], stable=True)]
-        return {k: v[order] for k, v in rows.items()}
-
-    def _split_names(self, evaluated: str) -> dict[int, tuple[str, str]]:
-        """code -> (report name, role): the evaluated partition's sets keep their names, the
-        lambda-selection sets of a test run are prefixed ``val/``."""
-        return {c: (name if part == evaluated or role == "calib" else f"{part}/{name}", role)
-                for c, (part, name, role) in self._splits.items()}
-
-    def _evaluate(self, stage: str) -> None:
+    def finish(self, stage: str) -> None:
         if self.trainer.sanity_checking:
             return
-        rows = self._in_set_order({k: v.cpu() for k, v in self.table.rows().items()})
-        skips = self._in_set_order({k: v.cpu() for k, v in self.skips.rows().items()})
+        rows = in_set_order({k: v.cpu() for k, v in self.table.rows().items()}, self._splits)
+        skips = in_set_order({k: v.cpu() for k, v in self.skips.rows().items()}, self._splits)
         paths: dict[tuple[int, int], str] = {}
         for part in gather_objects(self._skipped_paths):
             paths.update(part)
-        names = self._split_names(evaluated := "test" if stage == "test" else "val")
+        evaluated = "test" if stage == "test" else "val"
+        names = report_names(self._splits, evaluated)
         skipped = {c: int((skips["split"] == c).sum()) for c in names}
         skipped_paths = {names[c][0]: sorted(paths.get((c, int(i)), "?") for i in skips["index"][skips["split"] == c])
                          for c in names if skipped[c]}
-        is_id, ood_masks = self._sets(rows, evaluated)
-        sel_id, sel_ood = self._sets(rows, "val")
-        empty = [n for n, m in {"id": is_id, **ood_masks, "val/id": sel_id,
-                                **{f"val/{k}": v for k, v in sel_ood.items()}}.items() if not m.any()]
+        empty = [names[c][0] for c in names if names[c][1] != "calib" and not (rows["split"] == c).any()]
         if empty:
             raise ValueError(f"no readable image in split(s) {empty} (unreadable images skipped: {skipped_paths})")
-        terms = {c: rows[c] for c in TERM_COLUMNS}
-        calib_codes = [c for c, (_, role) in names.items() if role == "calib"]
-        calib = rows["split"] == calib_codes[0] if calib_codes else None
-        stats = zscore_stats({c: v[calib] for c, v in terms.items()}) if calib is not None and calib.any() else None
-        if self.variant.m3 and stats is None:
-            raise ValueError("m3 is on but no ID calibration images were evaluated: give the datamodule a "
-                             "calibration set (n_calib > 0 / calib_split) or set m3 false")
-        conv = self.hparams.convention
-
-        def metrics(variant: Variant, lam: float) -> dict[str, dict[str, float]]:
-            return variant_metrics(terms, is_id, ood_masks, variant, lam, stats, conv)
-
-        star = Variant(self.variant.m1, self.variant.m2, self.variant.m3, False)
-        per_lambda = [metrics(self.variant, lam) for lam in self.lambdas]
-        on_val = per_lambda if evaluated == "val" else [
-            variant_metrics(terms, sel_id, sel_ood, self.variant, lam, stats, conv) for lam in self.lambdas]
-        best = max(range(len(self.lambdas)), key=lambda i: mean_auroc(on_val[i]))
-        oracle = max(range(len(self.lambdas)), key=lambda i: mean_auroc(per_lambda[i]))
-        ablation = []
-        for v in ALL_VARIANTS:
-            if (v.m3 and stats is None) or not self.terms.available(v):
-                continue
-            sweep = [{"lambda": lam, "metrics": metrics(v, lam)} for lam in (self.lambdas if v.p_align else [0.0])]
-            ablation.append({"name": v.name, "m1": v.m1, "m2": v.m2, "m3": v.m3, "p_align": v.p_align,
-                             "metrics": metrics(v, self.lam if v.p_align else 0.0), "per_lambda": sweep})
-        variants = {"neglabel": metrics(Variant(), 0.0), "neglabel_star": metrics(star, 0.0),
-                    "negalign": metrics(self.variant, self.lam), "negalign_selected": per_lambda[best]}
-        for vname, per_split in variants.items():
+        hp = self.hparams
+        result = evaluate(rows, self._splits, evaluated, self.variant, self.lam, self.lambdas, hp.convention,
+                          self.terms.available)
+        for vname, per_split in result.variants.items():
             for split, values in per_split.items():
                 for key, value in values.items():
-                    self.log(f"{stage}/{split}/{vname}/{key}", value, sync_dist=False, add_dataloader_idx=False)
-        configured = {"s_neglabel_plain": terms["star"], "s_neglabel_star": variant_scores(terms, star, 0.0, stats),
-                      "p_align": zscored(terms, "p_align", stats) if self.variant.m3 else terms["p_align"],
-                      "s_final": variant_scores(terms, self.variant, self.lam, stats)}
+                    self.log_metric(stage, f"{split}/{vname}/{key}", value, add_dataloader_idx=False)
         self._results = {
             "config": self._config(),
-            "convention": conv,
+            "convention": hp.convention,
             "evaluated_partition": evaluated,
-            "splits": split_statistics(rows, names, skipped, configured),
+            "splits": split_statistics(rows, names, skipped, result.configured),
             "skipped_paths": skipped_paths,
-            "variants": variants,
+            "variants": result.variants,
             "lambdas": self.lambdas,
-            "per_lambda": [{"lambda": lam, "metrics": m} for lam, m in zip(self.lambdas, per_lambda)],
-            "best_lambda": self.lambdas[best],
+            "per_lambda": [{"lambda": lam, "metrics": m} for lam, m in zip(self.lambdas, result.per_lambda)],
+            "best_lambda": self.lambdas[result.best],
             "best_lambda_chosen_on": "val",
             "best_lambda_rule": ("highest mean AUROC over the OOD splits of the validation partition; "
                                  f"its {evaluated} metrics are `variants.negalign_selected`"
                                  + (" (chosen and reported on the same data: test runs keep them apart)"
                                     if evaluated == "val" else "")),
-            "oracle_lambda": self.lambdas[oracle],
-            "oracle_lambda_rule": f"highest mean AUROC on the reported {evaluated} data itself: an oracle, for reference only",
-            "ablation": ablation,
-            "ablation_unavailable": {**self.unavailable, **({"m3": "no calibration split"} if stats is None else {})},
-            "zscore_stats": stats,
+            "oracle_lambda": self.lambdas[result.oracle],
+            "oracle_lambda_rule": f"highest mean AUROC on the reported {evaluated} data itself: an oracle, "
+                                  "for reference only",
+            "ablation": result.ablation,
+            "ablation_unavailable": {**self.unavailable,
+                                     **({"m3": "no calibration split"} if result.stats is None else {})},
+            "zscore_stats": result.stats,
         }
         if self.trainer.is_global_zero:
             unreadable = [(c, int(i), paths.get((c, int(i)), "?")) for c, i in zip(skips["split"].tolist(),
                                                                                    skips["index"].tolist())]
-            self._write_outputs(stage, rows, names, terms, is_id, ood_masks, per_lambda, configured, star, stats,
-                                unreadable)
+            self._write_outputs(stage, rows, names, result, unreadable)
 
     def _config(self) -> dict[str, Any]:
         neg = self.negatives
@@ -350,29 +271,28 @@ class NegAlignModule(pl.LightningModule):
                 "id_names_dropped_from_nouns": self.dropped_id_names}
 
     def _write_outputs(self, stage: str, rows: dict[str, Tensor], names: dict[int, tuple[str, str]],
-                       terms: dict[str, Tensor], is_id: Tensor, ood_masks: dict[str, Tensor],
-                       per_lambda: list[dict[str, dict[str, float]]], configured: dict[str, Tensor], star: Variant,
-                       stats: dict[str, tuple[float, float]] | None, unreadable: list[tuple[int, int, str]]) -> None:
+                       result: OODEvaluation, unreadable: list[tuple[int, int, str]]) -> None:
         """Figures (PNG + TensorBoard) and, on request, the per-image CSV (unreadable images
         included, with their paths)."""
         out_dir = run_directory(self.trainer)
+        terms = {c: rows[c] for c in TERM_COLUMNS}
+        is_id, ood_masks = set_masks(rows, self._splits, "test" if stage == "test" else "val")
         title = f"{self.variant.name} on {self.backbone_spec}"
-        figures = {"lambda_sweep": sweep_figure(self.lambdas, per_lambda, title)}
+        figures = {"lambda_sweep": sweep_figure(self.lambdas, result.per_lambda, title)}
         curves = {}
-        for label, v, lam in (("NegLabel", Variant(), 0.0), ("NegLabel*", star, 0.0),
+        for label, v, lam in (("NegLabel", Variant(), 0.0), ("NegLabel*", result.star, 0.0),
                               (f"NegAlign lam={self.lam:g}", self.variant, self.lam)):
-            s = variant_scores(terms, v, lam, stats)
+            s = variant_scores(terms, v, lam, result.stats)
             curves[label] = {split: (s[is_id], s[m]) for split, m in ood_masks.items()}
         figures["roc"] = roc_figure(curves)
-        experiments = [lg.experiment for lg in self.trainer.loggers
-                       if hasattr(getattr(lg, "experiment", None), "add_image")]
         for name, fig in figures.items():
             array = figure_to_array(fig)
             save_png(array, out_dir / f"{stage}_{name}.png")
-            for exp in experiments:
-                exp.add_image(f"{stage}/negalign/{name}", array, self.global_step, dataformats="HWC")
+            for writer in tensorboard_writers(self.trainer):
+                writer.add_image(self.metric_key(stage, name), array, self.global_step, dataformats="HWC")
         if self.hparams.breakdown_csv:
-            write_breakdown(out_dir / f"{stage}_per_image.csv", rows, names, configured, self.class_names, unreadable)
+            write_breakdown(out_dir / f"{stage}_per_image.csv", rows, names, result.configured, self.class_names,
+                            unreadable)
 
     def report_rows(self, metrics: Mapping[str, float | None]) -> list[ReportRow]:
         """Console report rows: one per variant and OOD set, AUROC / FPR95 / AUPR columns."""
@@ -384,16 +304,18 @@ class NegAlignModule(pl.LightningModule):
                  if isinstance(res.get("best_lambda"), float) else "NegAlign (lambda chosen on val)"}
         columns = {"auroc": "AUROC", "fpr95": "FPR95", "aupr_in": "AUPR-in", "aupr_out": "AUPR-out"}
         rows = []
-        for stage in ("val", "test"):
+        for stage in STAGES:
+            prefix = self.metric_key(stage, "")
             for variant, label in names.items():
-                for split in sorted({k.split("/")[1] for k in metrics if k.startswith(f"{stage}/")
-                                     and k.count("/") == 3 and k.split("/")[2] == variant}):
-                    keys = [f"{stage}/{split}/{variant}/{m}" for m in columns if f"{stage}/{split}/{variant}/{m}" in metrics]
+                for split in sorted({k[len(prefix):].split("/")[0] for k in metrics if k.startswith(prefix)
+                                     and k[len(prefix):].count("/") == 2 and k[len(prefix):].split("/")[1] == variant}):
+                    keys = [self.metric_key(stage, f"{split}/{variant}/{m}") for m in columns]
+                    keys = [k for k in keys if k in metrics]
                     rows.append(ReportRow("OOD detection", f"{label} vs {split} [{stage}]",
                                           {columns[k.rsplit('/', 1)[1]]: metrics[k] for k in keys}, keys))
         return rows
 
     def extra_results(self) -> dict[str, Any]:
         """Merged into results.json by the CLI: backbone and the whole NegAlign report."""
-        return {"backbone": self.backbone_spec, "negalign": self._results}
+        return {**super().extra_results(), "ood": self._results}
 

@@ -1,25 +1,21 @@
-"""NegAlign CAM maps of a few ID and OOD images: image | CAM overlay | background region.
+"""`OODExplanationCallback`: NegAlign's CAM maps of a few ID and OOD images: image | CAM overlay |
+background region.
 
-The maps are the ones the module scored with (``NegAlignModule.ood_step`` returns them), so
-nothing is recomputed. Per split, the first `max_per_split` images go to TensorBoard
-(``negalign_maps/<stage>/<split>/<index>``) and to ``<log dir>/<subdir>/`` as PNG (titled with
-the explained class, the explainer and the item, with a colour bar and the CAM's raw maximum) plus
-the raw CAM as NPY (patch grid) with its JSON sidecar, and an index JSON per stage.
+The maps are the ones the module scored with (``NegAlignModule.step`` returns them), so nothing
+is recomputed. Per split, the first `max_per_split` images go to TensorBoard
+(``<stage>/ood/cam/<split>_<index>``) and to ``<run dir>/<subdir>/<stage>/`` as PNG (titled with the
+explained class, the explainer and the item, with a colour bar and the CAM's raw maximum) plus the
+raw CAM as NPY (patch grid) with its JSON sidecar, and ``index.json`` there.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
-import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from xclip.engine import StageCallback
 from xclip.explain.render import explanation_figure, explanation_title, figure_to_array, save_map_npy, save_png
-from xclip.io import atomic_write_text
-from xclip.results import run_directory
 
 
 def background_view(image01: torch.Tensor, fg_mask: torch.Tensor, dim: float = 0.25) -> np.ndarray:
@@ -30,7 +26,7 @@ def background_view(image01: torch.Tensor, fg_mask: torch.Tensor, dim: float = 0
     return (shown.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
 
 
-class NegAlignMapsCallback(pl.Callback):
+class OODExplanationCallback(StageCallback):
     """Log NegAlign's CAM foreground/background for the first `max_per_split` images of each split.
 
     Args:
@@ -40,46 +36,28 @@ class NegAlignMapsCallback(pl.Callback):
         subdir: folder under the log directory.
     """
 
+    workflow = "ood"
+
     def __init__(self, max_per_split: int = 4, alpha: float = 0.5, panel_px: int = 192,
-                 subdir: str = "explanations/negalign"):
+                 subdir: str = "explanations/ood"):
         if max_per_split < 0:
             raise ValueError("max_per_split must be >= 0")
-        self.max_per_split, self.alpha = max_per_split, alpha
-        self.panel_px, self.subdir = int(panel_px), subdir
-        self._records: list[dict[str, Any]] = []
+        super().__init__(subdir)
+        self.max_per_split, self.alpha, self.panel_px = max_per_split, alpha, int(panel_px)
 
-    def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self._records = []
-
-    on_test_epoch_start = on_validation_epoch_start
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._log_batch(trainer, pl_module, outputs, batch, "val")
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._log_batch(trainer, pl_module, outputs, batch, "test")
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        self._write_index(trainer, "val")
-
-    def on_test_epoch_end(self, trainer, pl_module) -> None:
-        self._write_index(trainer, "test")
-
-    def _log_batch(self, trainer, pl_module, outputs, batch, stage: str) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or batch.get("role") == "calib":
+    def on_batch(self, trainer, pl_module, outputs, batch, dataloader_idx: int, stage: str) -> None:
+        if batch.get("role") == "calib":
             return
         if batch.get("partition", stage) != stage:  # a test run's lambda-selection (validation) sets
             return
         if not isinstance(outputs, dict) or "cam" not in outputs:
             return
         split = batch.get("split", "?")
-        done = sum(r["split"] == split for r in self._records)
+        done = sum(r["split"] == split for r in self.records)
         take = min(self.max_per_split - done, outputs["cam"].shape[0])
         if take <= 0:
             return
-        out_dir = run_directory(trainer) / self.subdir
-        experiments = [lg.experiment for lg in trainer.loggers
-                       if hasattr(getattr(lg, "experiment", None), "add_image")]
+        out_dir = self.stage_dir(trainer, stage)
         images = batch["image"][:take].detach().float().cpu()
         index = batch.get("index", torch.arange(take))
         class_names = _class_names(pl_module, batch)
@@ -98,19 +76,11 @@ class NegAlignMapsCallback(pl.Callback):
             npy, _ = save_map_npy(cam.numpy(), out_dir / f"{stem}.npy", image_size=tuple(images.shape[-2:]),
                                   extra={"text": text, "explainer": "negalign_cam", "item_id": item, "split": split,
                                          "title": title})
-            for exp in experiments:
-                exp.add_image(f"negalign_maps/{stage}/{split}/{item}", panel, trainer.global_step, dataformats="HWC")
-            self._records.append({"split": split, "id": item, "stage": stage, "png": png.name, "npy": npy.name,
+            self.log_image(trainer, stage, "cam", f"{split}_{item}", panel)
+            self.records.append({"split": split, "id": item, "stage": stage, "png": png.name, "npy": npy.name,
                                   "title": title, "cam_valid": bool(outputs["cam_valid"][i]), "pred_class": pred,
                                   "map_max": float(cam.max()), "all_zero": bool(cam.max() <= 0),
                                   "foreground_patches": int(outputs["fg_mask"][i].sum())})
-
-    def _write_index(self, trainer, stage: str) -> None:
-        if not self._records or not trainer.is_global_zero:
-            return
-        out_dir = run_directory(trainer) / self.subdir
-        payload = {"stage": stage, "items": self._records}
-        atomic_write_text(out_dir / f"{stage}_index.json", json.dumps(payload, indent=2))
 
 
 def _class_names(pl_module, batch) -> list[str]:

@@ -1,9 +1,9 @@
 """NegLabel vs NegAlign on ShapesWorld with the shipped checkpoint: the README's OOD tables.
 
-    python scripts/eval_negalign.py                       # writes outputs/negalign_table.{md,json}
-    python scripts/eval_negalign.py --backbone checkpoints/other --n 500
+    python scripts/eval_ood.py                       # writes outputs/ood_table.{md,json}
+    python scripts/eval_ood.py --backbone checkpoints/other --n 500
 
-Runs ``xclip test --config configs/negalign_shapes.yaml`` (one pass: NegLabel, NegLabel*, NegAlign
+Runs ``xclip test --config configs/ood_shapes.yaml`` (one pass: NegLabel, NegLabel*, NegAlign
 for every lambda and the whole M1/M2/M3/P_align ablation on the held-out test sets; lambda is
 chosen on the validation sets, which the test run scores too), then formats its ``results.json``:
 the main comparison (with the lambda chosen on validation, and the oracle lambda of the test data
@@ -26,11 +26,11 @@ SPLITS = ("ood_background", "ood_novel_shape")
 
 
 def run(backbone: str, n: int, save_dir: Path) -> dict:
-    xclip_main(["test", "--config", str(ROOT / "configs" / "negalign_shapes.yaml"),
+    xclip_main(["test", "--config", str(ROOT / "configs" / "ood_shapes.yaml"),
                 "--model.init_args.backbone", backbone, "--trainer.logger.init_args.save_dir", str(save_dir),
                 "--trainer.enable_progress_bar", "false", "--data.init_args.n_id", str(n),
                 "--data.init_args.n_ood", str(n), "--data.init_args.n_calib", str(n // 2)])
-    run_dir = sorted((save_dir / "negalign_shapes").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))[-1]
+    run_dir = sorted((save_dir / "ood_shapes").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))[-1]
     return json.loads((run_dir / "results.json").read_text()) | {"run_dir": str(run_dir)}
 
 
@@ -43,7 +43,7 @@ RULE = "|---|---|---|---|"
 
 
 def markdown(res: dict, n: int) -> str:
-    neg = res["negalign"]
+    neg = res["ood"]
     cfg, lam = neg["config"], neg["config"]["lam"]
     best, oracle = neg["best_lambda"], neg["oracle_lambda"]
     star = cfg["variant"].replace("+p_align", "").replace("p_align", "") or "no toggle"
@@ -86,14 +86,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="xclip:tiny-shapes")
     parser.add_argument("--n", type=int, default=1000, help="ID images and images per OOD set")
-    parser.add_argument("--out", default="outputs/negalign_table", help="output path without suffix")
+    parser.add_argument("--out", default="outputs/ood_table", help="output path without suffix")
     parser.add_argument("--runs", default="runs", help="where the validate run is logged")
     args = parser.parse_args()
     res = run(args.backbone, args.n, Path(args.runs))
     out = Path(args.out)
     table = markdown(res, args.n)
     atomic_write_text(out.with_suffix(".md"), table)
-    summary = {"backbone": res["backbone"], "run_dir": res["run_dir"], "metrics": res["metrics"], **res["negalign"]}
+    summary = {"backbone": res["backbone"], "run_dir": res["run_dir"], "metrics": res["metrics"], **res["ood"]}
     atomic_write_text(out.with_suffix(".json"), json.dumps(summary, indent=1))
     print(table)
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")

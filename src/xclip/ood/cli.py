@@ -4,7 +4,7 @@ Writes, atomically, into ``--out``:
 - ``noun.<lexname>.txt`` / ``adj.<lexname>.txt``: one file per lexicographer file (NegLabel's
   ``wordnet_database`` layout, readable by its own code);
 - ``nouns.txt`` / ``adjectives.txt``: every noun / adjective once (what `NegAlignModule`'s
-  ``nouns`` / ``adjectives`` read, e.g. in ``configs/negalign_waterbirds.yaml``);
+  ``nouns`` / ``adjectives`` read, e.g. in ``configs/ood_waterbirds.yaml``);
 - ``counts.json``: lines per file and totals, next to NegLabel's 79,455.
 """
 

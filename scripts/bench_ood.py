@@ -1,7 +1,7 @@
 """NegAlign speed as ratios measured in one process (CPU by default).
 
-    python scripts/bench_negalign.py --out outputs/bench_negalign.json
-    python scripts/bench_negalign.py --device cuda --out outputs/bench_negalign_gpu.json
+    python scripts/bench_ood.py --out outputs/bench_ood.json
+    python scripts/bench_ood.py --device cuda --out outputs/bench_ood_gpu.json
 
 On a ViT-B/32-size open_clip model (random init: weights do not change the cost) with 10,000
 negatives (random unit text embeddings: scoring cost depends on the count, not the words) and
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--loop-images", type=int, default=16, help="images timed one at a time")
     parser.add_argument("--text-words", type=int, default=256, help="prompts encoded cold (extrapolated to 10k)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    parser.add_argument("--out", default="outputs/bench_negalign.json")
+    parser.add_argument("--out", default="outputs/bench_ood.json")
     args = parser.parse_args()
     result = {"spec": args.spec, "device": args.device, "threads": torch.get_num_threads(),
               "images": bench_images(args.spec, args.batch, args.repeats, args.loop_images, args.negatives, args.device),
