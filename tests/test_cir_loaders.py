@@ -138,6 +138,55 @@ def test_malformed_cirr_entries_are_named_by_index(tmp_path, mutate, message):
         load_cirr(tmp_path, "val")
 
 
+def _rewrite(path, mutate) -> None:
+    entries = json.loads(path.read_text())
+    mutate(entries)
+    path.write_text(json.dumps(entries))
+
+
+def test_cirr_refuses_a_repeated_pairid_and_a_target_equal_to_its_reference(tmp_path):
+    write_cirr(tmp_path)
+    for split, field in (("val", "target_hard"), ("test1", None)):
+        path = tmp_path / "cirr" / "captions" / f"cap.rc2.{split}.json"
+        original = path.read_text()
+        _rewrite(path, lambda e: e[3].update(pairid=11))
+        with pytest.raises(CIRAnnotationError, match=rf"cap.rc2.{split}.json: entry \[3\] repeats pairid 11 of entry \[1\]"):
+            load_cirr(tmp_path, split)
+        path.write_text(original)
+    path = tmp_path / "cirr" / "captions" / "cap.rc2.val.json"
+    _rewrite(path, lambda e: e[2].update(target_hard=e[2]["reference"]))
+    with pytest.raises(CIRAnnotationError, match=r"cap.rc2.val.json: entry \[2\] \(pairid 12\) field 'target_hard' is "
+                                                 r"the query's own reference 'dev-2-0-img0'"):
+        load_cirr(tmp_path, "val")
+
+
+def test_circo_refuses_a_repeated_id_and_repeated_ground_truths(tmp_path):
+    write_circo(tmp_path)
+    path = tmp_path / "annotations" / "val.json"
+    original = path.read_text()
+    _rewrite(path, lambda e: e[4].update(id=0))
+    with pytest.raises(CIRAnnotationError, match=r"val.json: entry \[4\] repeats id 0 of entry \[0\]"):
+        load_circo(tmp_path, "val")
+    path.write_text(original)
+    _rewrite(path, lambda e: e[0].update(gt_img_ids=[e[0]["target_img_id"]] * 3))  # mAP@5 was 1/3, not 1
+    with pytest.raises(CIRAnnotationError, match=r"val.json: entry \[0\] \(id 0\) field 'gt_img_ids' lists image 1007 "
+                                                 r"more than once"):
+        load_circo(tmp_path, "val")
+    path = tmp_path / "annotations" / "test.json"
+    _rewrite(path, lambda e: e[2].update(id=100))
+    with pytest.raises(CIRAnnotationError, match=r"test.json: entry \[2\] repeats id 100 of entry \[0\]"):
+        load_circo(tmp_path, "test")
+
+
+@pytest.mark.parametrize("caption", ["...", "?", " , "])
+def test_fashioniq_refuses_a_caption_that_strips_to_nothing(tmp_path, caption):
+    write_fashioniq(tmp_path, categories=("shirt",))
+    _rewrite(tmp_path / "captions" / "cap.shirt.val.json", lambda e: e[1].update(captions=["is red", caption]))
+    with pytest.raises(CIRAnnotationError, match=r"cap.shirt.val.json: entry \[1\] field 'captions'\[1\] is .* nothing is "
+                                                 r"left once '.\?, ' are stripped"):
+        load_fashioniq(tmp_path, "val", categories=["shirt"])
+
+
 def test_malformed_circo_fashioniq_and_json(tmp_path):
     write_circo(tmp_path / "circo")
     path = tmp_path / "circo" / "annotations" / "val.json"
