@@ -207,6 +207,20 @@ def test_cirr_unreadable_reference_and_target_count_as_misses(tmp_path, phi_dir,
     assert cir["metrics"]["image"] == pytest.approx({k: v / 5 for k, v in hits.items()}, abs=1e-9)
 
 
+def test_cirr_test_submission_lists_a_query_with_an_unreadable_reference(tmp_path, phi_dir):
+    names, entries = write_cirr(tmp_path / "CIRR")["test1"]
+    (tmp_path / "CIRR" / "test1" / f"{entries[1]['reference']}.png").write_bytes(b"not a png")
+    test = _fixture_run(tmp_path / "t", CIRR, phi_dir, "test", tmp_path / "CIRR")
+    assert test["cir"]["benchmark"]["not_evaluated"] == {"unreadable_reference": ["11"], "not_loaded": []}
+    sub = json.loads(Path(next(p for p in test["cir"]["submissions"] if p.endswith("/searle_vitb32_searle.json"))).read_text())
+    assert set(sub) - {"version", "metric"} == {"10", "11", "12", "13", "14"} and sub["11"] == []
+    assert all(len(v) == 7 for k, v in sub.items() if k not in ("version", "metric", "11"))  # 8 read, minus the reference
+    for name in names:
+        (tmp_path / "CIRR" / "test1" / f"{name}.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match=r"cirr test1: no gallery image could be read \(9 unreadable, e.g. .*test1-0-0-img0"):
+        _fixture_run(tmp_path / "u", CIRR, phi_dir, "test", tmp_path / "CIRR")
+
+
 def test_circo_and_fashioniq_fixtures_validate(tmp_path, phi_dir):
     write_circo(tmp_path / "CIRCO")
     main(["validate", "--config", str(CIRCO), "--model.init_args.backbone", "xclip:tiny-shapes", "--model.init_args.phi",
