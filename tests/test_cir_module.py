@@ -185,7 +185,8 @@ def test_cirr_unreadable_reference_and_target_count_as_misses(tmp_path, phi_dir,
                                 "target_not_read": ["13"]}
     assert sorted(Path(p).name for p in cir["skipped"]["gallery"]) == sorted(f"{n}.png" for n in broken)
     assert [Path(p).name for p in cir["skipped"]["query"]] == [f"{entries[0]['reference']}.png"]
-    assert "4 of 5 queries evaluated, 7 of 9 images read" in capsys.readouterr().out
+    assert "[val; cirr val, 4 of 5 queries evaluated x 7 of 9 images read; misses: 1 not evaluated, 1 target not read]" \
+        in capsys.readouterr().out  # the report row
     # brute force over the readable files, every query in the denominator
     bb = load_backbone("xclip:tiny-shapes")
     readable = [n for n in names if n not in broken]

@@ -262,8 +262,12 @@ class CIREvaluation(pl.LightningModule):
         rows = []
         bench = self.benchmark
         where = f"{bench.name} {bench.split}, {len(bench)} queries x {bench.n_gallery} images" if bench else ""
-        if bench and coverage_note(self.coverage):
-            where += f"; {coverage_note(self.coverage)}"
+        cov = self.coverage
+        if bench and coverage_note(cov):  # short here; the full note is logged and in results.json
+            missed = len(cov["not_evaluated"]["unreadable_reference"]) + len(cov["not_evaluated"]["not_loaded"])
+            where = (f"{bench.name} {bench.split}, {cov['n_evaluated']} of {cov['n_queries']} queries evaluated x "
+                     f"{cov['n_gallery_read']} of {cov['n_gallery']} images read; misses: {missed} not evaluated, "
+                     f"{len(cov['target_not_read'])} target not read")
         for stage in ("val", "test"):
             for method in self.methods:
                 # the metric functions' own order (R@1, R@5, ...), not the alphabetical one
