@@ -222,6 +222,35 @@ def test_cirr_test_submission_lists_a_query_with_an_unreadable_reference(tmp_pat
         _fixture_run(tmp_path / "u", CIRR, phi_dir, "test", tmp_path / "CIRR")
 
 
+@pytest.mark.parametrize("side", ["gallery", "query"])
+def test_nan_embeddings_are_refused_naming_the_image(tmp_path, phi_dir, monkeypatch, side):
+    from xclip.cir.cir_module import CIRModule
+
+    write_cirr(tmp_path / "CIRR")
+    if side == "gallery":  # gallery image 0 embedded as NaN: it ranked first for every query
+        step, embed = CIRModule.gallery_step, CIRModule.image_features
+
+        def nan_first(self, batch):
+            self.image_features = lambda images: torch.where(batch["index"][:, None] == 0, float("nan"), embed(self, images))
+            step(self, batch)
+            del self.image_features
+
+        monkeypatch.setattr(CIRModule, "gallery_step", nan_first)
+        message = r"cirr val: the model gave NaN or infinite embeddings for 1 gallery images, e.g. .*dev-0-0-img0.png"
+    else:
+        features = CIRModule.query_features
+
+        def nan_second(self, feats, batch):
+            out = features(self, feats, batch)
+            out["image"][batch["index"] == 1] = float("nan")
+            return out
+
+        monkeypatch.setattr(CIRModule, "query_features", nan_second)
+        message = r"cirr val: method 'image' gave NaN or infinite query features for 1 queries \(ids 11; .*dev-1-0-img1"
+    with pytest.raises(SystemExit, match=message):
+        _fixture_run(tmp_path, CIRR, phi_dir, "validate", tmp_path / "CIRR")
+
+
 def test_circo_and_fashioniq_fixtures_validate(tmp_path, phi_dir):
     write_circo(tmp_path / "CIRCO")
     main(["validate", "--config", str(CIRCO), "--model.init_args.backbone", "xclip:tiny-shapes", "--model.init_args.phi",

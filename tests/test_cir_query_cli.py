@@ -161,3 +161,28 @@ def test_an_empty_caption_says_what_to_pass(folder, capsys, caption):
     message = capsys.readouterr().err
     assert err.value.code == 2 and "--caption is empty" in message and '--caption "is blue instead of red"' in message
     assert "compose_query" not in message
+
+
+@pytest.mark.parametrize("side", ["gallery", "query"])
+def test_nan_embeddings_are_refused_naming_the_files(folder, tmp_path, monkeypatch, capsys, side):
+    from xclip.cir import query_cli
+
+    root, gallery, reference = folder
+    if side == "gallery":
+        embed = query_cli.gallery_embeddings
+
+        def nan_row(*args, **kwargs):
+            files, emb, skipped, status = embed(*args, **kwargs)
+            emb = emb.clone()
+            emb[3] = float("nan")  # ranked first before the check
+            return files, emb, skipped, status
+
+        monkeypatch.setattr(query_cli, "gallery_embeddings", nan_row)
+        expected = "NaN or infinite embeddings for 1 gallery images, e.g. " + str(sorted(gallery.rglob("*.png"))[3])
+    else:
+        monkeypatch.setattr(query_cli, "query_features", lambda *a, **k: torch.full((1, 128), float("nan")))
+        expected = f"NaN or infinite embeddings for the query (reference {reference})"
+    with pytest.raises(SystemExit) as err:
+        main(query(root, gallery, reference, "--out", str(tmp_path / "out")))
+    assert err.value.code == 1 and expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -223,6 +223,7 @@ class CIREvaluation(pl.LightningModule):
             raise ValueError(f"{bench.name} {bench.split}: no {kind} image could be read ({len(skipped)} unreadable, "
                              f"e.g. {', '.join(skipped[:3])}): check the dataset root and the image files")
         q_index, g_index = q_index.cpu(), g_index.cpu()
+        self._check_finite(bench, g_index, g_cols["emb"], q_index, q_cols)
         self.gallery = GalleryEmbeddings(g_cols["emb"].cpu(), torch.zeros(0, g_cols["emb"].shape[1]),
                                          torch.zeros(0, dtype=torch.long), g_index)
         self.coverage = coverage(bench, q_index, g_index, unreadable_queries)
@@ -249,6 +250,24 @@ class CIREvaluation(pl.LightningModule):
         if self._cached is None and self._cache is not None and self.trainer.is_global_zero \
                 and g_index.numel() == bench.n_gallery:
             self._cache.save(self.gallery, bench.gallery_keys, [])
+
+    def _check_finite(self, bench: CIRBenchmark, g_index: Tensor, g_emb: Tensor, q_index: Tensor,
+                      q_cols: Mapping[str, Tensor]) -> None:
+        """Refuse NaN / infinite embeddings, naming the gallery files or query ids (a NaN cosine
+        would rank that image first for every query)."""
+        precision = f"the precision ({self.trainer.precision})"
+        bad = g_index[~torch.isfinite(g_emb.cpu()).all(1)].tolist()
+        if bad:
+            raise ValueError(f"{bench.name} {bench.split}: the model gave NaN or infinite embeddings for {len(bad)} "
+                             f"gallery images, e.g. {', '.join(bench.gallery_path(i) for i in bad[:3])}: check the "
+                             f"weights, {precision} and these files")
+        for method, emb in q_cols.items():
+            bad = q_index[~torch.isfinite(emb.cpu()).all(1)].tolist()
+            if bad:
+                ids = [bench.queries[i].query_id or str(i) for i in bad[:5]]
+                raise ValueError(f"{bench.name} {bench.split}: method {method!r} gave NaN or infinite query features "
+                                 f"for {len(bad)} queries (ids {', '.join(ids)}; e.g. reference "
+                                 f"{bench.reference_path(bad[0])}): check the weights (phi too) and {precision}")
 
     def on_validation_epoch_end(self) -> None:
         self.finish("val")

@@ -153,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         feats = backbone.encode_image(backbone.normalize(ref01[None].to(backbone.device))).float()
         q = query_features(backbone, phi(feats), [[args.caption]]).cpu()
+    nan_rows = (~torch.isfinite(emb).all(1)).nonzero().flatten().tolist()
+    if nan_rows or not bool(torch.isfinite(q).all()):
+        what = (f"{len(nan_rows)} gallery images, e.g. {', '.join(files[i] for i in nan_rows[:3])}" if nan_rows
+                else f"the query (reference {reference})")
+        print(f"xclip cir-query: the model gave NaN or infinite embeddings for {what}: check --backbone, --phi "
+              "and these files", file=sys.stderr)
+        return 1
     ref_path = str(reference.resolve())
     ranked = rank_gallery(q, emb, top=args.top_k + 1)[0].tolist()
     ranked = [i for i in ranked if files[i] != ref_path][: args.top_k]
