@@ -112,7 +112,7 @@ def test_inputs_are_checked(setup):
         explainer.explain(candidates[:2], CAPTION, candidates)
     with pytest.raises(ValueError, match="K >= 1"):
         explainer.explain(reference, CAPTION, candidates[:0])
-    with pytest.raises(ValueError, match="empty caption"):
+    with pytest.raises(ValueError, match=r"the relative caption . . is empty"):
         explainer.explain(reference, " ", candidates)
 
 
