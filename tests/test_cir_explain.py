@@ -112,5 +112,33 @@ def test_inputs_are_checked(setup):
         explainer.explain(candidates[:2], CAPTION, candidates)
     with pytest.raises(ValueError, match="K >= 1"):
         explainer.explain(reference, CAPTION, candidates[:0])
-    with pytest.raises(ValueError, match="empty caption"):
+    with pytest.raises(ValueError, match=r"the relative caption . . is empty"):
         explainer.explain(reference, " ", candidates)
+
+
+def test_figures_show_the_plain_candidate_and_keep_labels_clear_of_the_colour_bar(setup, tmp_path, monkeypatch):
+    from xclip.cir import report
+
+    _, _, _, _, _, ex = setup
+    ds = ShapesCIR(6, seed=5, split="val")
+    ref01, cands01 = ds[0]["reference"], torch.stack([ds[i]["target"] for i in range(2)])
+    calls, draw = [], report.panels_figure
+
+    def recording(panels, title, **kwargs):
+        calls.append((panels, draw(panels, title, **kwargs)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(report, "panels_figure", recording)
+    report.write_query_explanation(tmp_path, "q", CAPTION, ref01, "ref.png", cands01, ["c0.png", "c1.png"], [1, 2], ex)
+    assert len(calls) == 3  # reference_A, rank001_BC, rank002_BC
+    for k, (panels, _) in enumerate(calls[1:]):
+        caption, image, heat = panels[0]  # the candidate as it is (an overlay hides its colours), then B over it
+        assert caption == f"candidate rank {k + 1}" and heat is None and torch.equal(image, cands01[k])
+        assert torch.equal(panels[1][1], cands01[k]) and torch.equal(panels[1][2], ex.candidate_maps[k])
+    for panels, fig in calls:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        bar = fig.axes[-1].get_tightbbox(renderer)  # the colour bar with its ticks and label
+        for ax in fig.axes[:-1]:
+            label = ax.xaxis.label
+            assert not label.get_window_extent(renderer).overlaps(bar), label.get_text()

@@ -11,7 +11,14 @@ from cir_fixtures import write_circo, write_cirr, write_fashioniq
 
 from xclip.cir.benchmark import load_cir_image, target_pad
 from xclip.cir.loaders import CIRAnnotationError, load_circo, load_cirr, load_fashioniq
-from xclip.cir.scoring import benchmark_metrics, rank_queries, write_submissions
+from xclip.cir.scoring import (
+    benchmark_metrics,
+    coverage,
+    coverage_note,
+    rank_queries,
+    write_submissions,
+)
+from xclip.metrics import circo_map_at_k
 
 
 def test_cirr_val_and_test1(tmp_path):
@@ -60,6 +67,47 @@ def test_fashioniq_categories_each_rank_their_own_gallery(tmp_path):
                        "toptee_R@5": 1.0, "R@1": 1.0, "R@5": 1.0}
 
 
+LOADERS = {"cirr": (write_cirr, load_cirr), "circo": (write_circo, load_circo), "fashioniq": (write_fashioniq, load_fashioniq)}
+
+
+@pytest.mark.parametrize("name", sorted(LOADERS))
+def test_unreadable_images_count_as_misses_over_every_query(tmp_path, name):
+    write, load = LOADERS[name]
+    write(tmp_path)
+    bench = load(tmp_path, "val", image_size=32)
+    unread = {bench.queries[0].reference, bench.queries[3].target}  # a reference and a target: unreadable files
+    gallery = torch.tensor([i for i, k in enumerate(bench.gallery_keys) if k not in unread])
+    evaluated = [q for q, query in enumerate(bench.queries) if query.reference not in unread]
+    emb = torch.nn.functional.normalize(torch.randn(bench.n_gallery, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    qi = torch.tensor(evaluated)
+    # each query's embedding is its target's: the target ranks first wherever it was read
+    ranked = rank_queries(bench, qi, emb[bench.target_index()[qi]], gallery, emb[gallery], top=None)
+    metrics = benchmark_metrics(bench, qi, ranked, ks=(1, 2), gallery_index=gallery)
+    hit = [q in evaluated and query.target not in unread for q, query in enumerate(bench.queries)]
+    assert sum(hit) < len(evaluated) < len(bench)
+    if name == "fashioniq":
+        cats = ("dress", "shirt", "toptee")
+        per_cat = {c: sum(h for h, query in zip(hit, bench.queries) if query.category == c) / 3 for c in cats}
+        assert metrics["R@1"] == pytest.approx(sum(per_cat.values()) / 3)
+        assert all(metrics[f"{c}_R@1"] == pytest.approx(per_cat[c]) for c in cats)
+    else:
+        assert metrics["R@1"] == metrics["R@2"] == pytest.approx(sum(hit) / len(bench))  # not / len(evaluated)
+    if name == "cirr":
+        assert metrics["R_subset@1"] == pytest.approx(sum(hit) / len(bench))
+    if name == "circo":  # each evaluated query's AP as usual (its unread ground truths never found), / every query
+        gts = bench.ground_truth_index()
+        expected = circo_map_at_k(ranked, [gts[q] for q in evaluated], ks=(1, 2))
+        assert metrics["mAP@2"] == pytest.approx(expected["mAP@2"] * len(evaluated) / len(bench))
+    cov = coverage(bench, qi, gallery, unreadable_queries=[0])
+    ids = [query.query_id for query in bench.queries]
+    assert (cov["n_queries"], cov["n_evaluated"], cov["n_gallery_read"]) == (len(bench), len(evaluated), len(gallery))
+    assert cov["not_evaluated"]["unreadable_reference"] == [ids[0]]
+    assert cov["not_evaluated"]["not_loaded"] == [ids[q] for q in range(1, len(bench)) if q not in evaluated]
+    assert cov["target_not_read"] == [ids[q] for q, query in enumerate(bench.queries)
+                                      if unread & ({query.target} | set(query.ground_truth))]
+    assert coverage_note(cov).startswith(f"{len(evaluated)} of {len(bench)} queries evaluated, ")
+
+
 def test_missing_image_errors_name_the_file_and_the_entry(tmp_path):
     _, entries = write_cirr(tmp_path)["val"]
     (tmp_path / "dev" / f"{entries[3]['reference']}.png").unlink()
@@ -88,6 +136,55 @@ def test_malformed_cirr_entries_are_named_by_index(tmp_path, mutate, message):
     path.write_text(json.dumps(entries))
     with pytest.raises(CIRAnnotationError, match=message):
         load_cirr(tmp_path, "val")
+
+
+def _rewrite(path, mutate) -> None:
+    entries = json.loads(path.read_text())
+    mutate(entries)
+    path.write_text(json.dumps(entries))
+
+
+def test_cirr_refuses_a_repeated_pairid_and_a_target_equal_to_its_reference(tmp_path):
+    write_cirr(tmp_path)
+    for split, field in (("val", "target_hard"), ("test1", None)):
+        path = tmp_path / "cirr" / "captions" / f"cap.rc2.{split}.json"
+        original = path.read_text()
+        _rewrite(path, lambda e: e[3].update(pairid=11))
+        with pytest.raises(CIRAnnotationError, match=rf"cap.rc2.{split}.json: entry \[3\] repeats pairid 11 of entry \[1\]"):
+            load_cirr(tmp_path, split)
+        path.write_text(original)
+    path = tmp_path / "cirr" / "captions" / "cap.rc2.val.json"
+    _rewrite(path, lambda e: e[2].update(target_hard=e[2]["reference"]))
+    with pytest.raises(CIRAnnotationError, match=r"cap.rc2.val.json: entry \[2\] \(pairid 12\) field 'target_hard' is "
+                                                 r"the query's own reference 'dev-2-0-img0'"):
+        load_cirr(tmp_path, "val")
+
+
+def test_circo_refuses_a_repeated_id_and_repeated_ground_truths(tmp_path):
+    write_circo(tmp_path)
+    path = tmp_path / "annotations" / "val.json"
+    original = path.read_text()
+    _rewrite(path, lambda e: e[4].update(id=0))
+    with pytest.raises(CIRAnnotationError, match=r"val.json: entry \[4\] repeats id 0 of entry \[0\]"):
+        load_circo(tmp_path, "val")
+    path.write_text(original)
+    _rewrite(path, lambda e: e[0].update(gt_img_ids=[e[0]["target_img_id"]] * 3))  # mAP@5 was 1/3, not 1
+    with pytest.raises(CIRAnnotationError, match=r"val.json: entry \[0\] \(id 0\) field 'gt_img_ids' lists image 1007 "
+                                                 r"more than once"):
+        load_circo(tmp_path, "val")
+    path = tmp_path / "annotations" / "test.json"
+    _rewrite(path, lambda e: e[2].update(id=100))
+    with pytest.raises(CIRAnnotationError, match=r"test.json: entry \[2\] repeats id 100 of entry \[0\]"):
+        load_circo(tmp_path, "test")
+
+
+@pytest.mark.parametrize("caption", ["...", "?", " , "])
+def test_fashioniq_refuses_a_caption_that_strips_to_nothing(tmp_path, caption):
+    write_fashioniq(tmp_path, categories=("shirt",))
+    _rewrite(tmp_path / "captions" / "cap.shirt.val.json", lambda e: e[1].update(captions=["is red", caption]))
+    with pytest.raises(CIRAnnotationError, match=r"cap.shirt.val.json: entry \[1\] field 'captions'\[1\] is .* nothing is "
+                                                 r"left once '.\?, ' are stripped"):
+        load_fashioniq(tmp_path, "val", categories=["shirt"])
 
 
 def test_malformed_circo_fashioniq_and_json(tmp_path):

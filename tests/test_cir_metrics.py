@@ -145,3 +145,38 @@ def test_rank_gallery_is_a_stable_descending_sort_of_cosines():
         assert ranked[q].tolist() == expected
     assert ranked[0, :2].tolist() == [3, 10]
     assert rank_gallery(queries, gallery, top=5).shape == (7, 5)
+
+
+def test_rank_gallery_refuses_nan_embeddings():
+    g = torch.Generator().manual_seed(7)
+    gallery, queries = torch.randn(6, 4, generator=g), torch.randn(3, 4, generator=g)
+    bad = gallery.clone()
+    bad[4, 1] = float("nan")  # ranked first for every query before the check
+    with pytest.raises(ValueError, match=r"rank_gallery: gallery rows \[4\] hold NaN or infinite values"):
+        rank_gallery(queries, bad)
+    bad = queries.clone()
+    bad[2] = float("inf")
+    with pytest.raises(ValueError, match=r"rank_gallery: query rows \[2\] hold NaN or infinite values"):
+        rank_gallery(bad, gallery)
+
+
+def test_circo_map_refuses_repeated_ground_truths():
+    ranked = torch.tensor([[1, 0, 2, 3, 4, 5]])
+    assert circo_map_at_k(ranked, [[1]], ks=(5,)) == {"mAP@5": 1.0}
+    with pytest.raises(ValueError, match=r"circo_map_at_k: query 0's ground truth repeats gallery index 1"):
+        circo_map_at_k(ranked, [[1, 1, 1]], ks=(5,))  # was 1/3
+
+
+def test_a_query_without_ranking_or_without_target_counts_as_a_miss():
+    # gallery 0..5 with image 4 unreadable (absent from every ranking); target -1 = not in the ranked
+    # gallery. Query 0: ref 0, target 1, a hit at rank 1 once the reference is removed. Query 1: its
+    # reference was unreadable (no ranking: a row of -1). Query 2: ref 2, its target 4 unreadable.
+    ranked = torch.tensor([[0, 1, 2, 3, 5], [-1, -1, -1, -1, -1], [2, 3, 0, 1, 5]])
+    target, reference = torch.tensor([1, -1, -1]), torch.tensor([0, 1, 2])
+    members = torch.tensor([[0, 1, 2], [1, 2, 3], [2, 3, -1]])
+    assert cirr_recall(ranked, target, reference, ks=(1, 4)) == {"R@1": 1 / 3, "R@4": 1 / 3}
+    assert cirr_subset_recall(ranked, target, reference, members, ks=(1, 2)) == {"R_subset@1": 1 / 3,
+                                                                                 "R_subset@2": 1 / 3}
+    assert cir_recall(ranked, target, ks=(1, 2)) == {"R@1": 0.0, "R@2": 1 / 3}  # -1 padding is never a hit
+    # AP@2: query 0 (1/2) / 1, query 1 nothing, query 2: 3 at rank 2 -> (1/2) / min(2, 2)
+    assert circo_map_at_k(ranked, [[1], [-1], [4, 3]], ks=(1, 2)) == {"mAP@1": 0.0, "mAP@2": pytest.approx(0.75 / 3)}

@@ -20,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from xclip.backbones import load_backbone
 from xclip.backbones.base import PLACEHOLDER_TOKEN_ID
-from xclip.cir.benchmark import ShapesCIRBenchmark
+from xclip.cir.benchmark import ShapesCIRBenchmark, load_cir_image
 from xclip.cir.phi import Phi, load_phi, save_phi
 from xclip.cli import XClipCLI, main
 from xclip.results import run_directory
@@ -89,7 +89,9 @@ def brute_force(phi_path: Path) -> dict[str, dict[str, float]]:
 
 def test_shapes_validate_equals_brute_force(single, phi_dir):
     cir = single["cir"]
-    assert cir["benchmark"] == {"name": "shapes", "split": "val", "queries": N, "gallery": 2 * N}
+    assert cir["benchmark"] == {"name": "shapes", "split": "val", "n_queries": N, "n_evaluated": N, "n_gallery": 2 * N,
+                                "n_gallery_read": 2 * N, "not_evaluated": {"unreadable_reference": [], "not_loaded": []},
+                                "target_not_read": []}
     expected = brute_force(phi_dir)
     for method, values in expected.items():
         for name, value in values.items():
@@ -164,6 +166,89 @@ def test_cirr_fixture_validate_and_test_submission(tmp_path, phi_dir):
     sub = json.loads(Path(next(p for p in test["cir"]["submissions"] if p.endswith("/searle_vitb32_searle.json"))).read_text())
     assert sub["version"] == "rc2" and sub["metric"] == "recall" and set(sub) - {"version", "metric"} == {"10", "11", "12", "13", "14"}
     assert all(len(v) == 8 for k, v in sub.items() if k not in ("version", "metric"))  # 9 images minus the reference
+
+
+def test_cirr_unreadable_reference_and_target_count_as_misses(tmp_path, phi_dir, capsys):
+    names, entries = write_cirr(tmp_path / "CIRR")["val"]
+    broken = {entries[0]["reference"], entries[3]["target_hard"]}  # query 10's reference, query 13's target
+    for name in broken:
+        (tmp_path / "CIRR" / "dev" / f"{name}.png").write_bytes(b"not a png")
+    main(["validate", "--config", str(CIRR), "--model.init_args.backbone", "xclip:tiny-shapes", "--model.init_args.phi",
+          str(phi_dir), "--model.init_args.cache_dir", "null", "--model.init_args.ks", "[1, 2, 5]",
+          "--model.init_args.methods", "[image]", "--data.init_args.data_root", str(tmp_path / "CIRR"),
+          "--data.init_args.image_size", "64", "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4",
+          "--trainer.accelerator", "cpu", "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
+          "--trainer.callbacks", "[]", *QUIET])  # an unreadable target ended the run ("rank the whole gallery")
+    cir = results_of(tmp_path)["cir"]
+    assert cir["benchmark"] == {"name": "cirr", "split": "val", "n_queries": 5, "n_evaluated": 4, "n_gallery": 9,
+                                "n_gallery_read": 7, "not_evaluated": {"unreadable_reference": ["10"], "not_loaded": []},
+                                "target_not_read": ["13"]}
+    assert sorted(Path(p).name for p in cir["skipped"]["gallery"]) == sorted(f"{n}.png" for n in broken)
+    assert [Path(p).name for p in cir["skipped"]["query"]] == [f"{entries[0]['reference']}.png"]
+    assert "[val; cirr val, 4 of 5 queries evaluated x 7 of 9 images read; misses: 1 not evaluated, 1 target not read]" \
+        in capsys.readouterr().out  # the report row
+    # brute force over the readable files, every query in the denominator
+    bb = load_backbone("xclip:tiny-shapes")
+    readable = [n for n in names if n not in broken]
+    with torch.no_grad():
+        emb = F.normalize(bb.encode_image(bb.normalize(torch.stack(
+            [load_cir_image(tmp_path / "CIRR" / "dev" / f"{n}.png", 64) for n in readable]))), dim=-1)
+    hits = {k: 0 for k in ("R@1", "R@2", "R@5", "R_subset@1", "R_subset@2", "R_subset@3")}
+    for e in entries:
+        if e["reference"] in broken:
+            continue
+        q = emb[readable.index(e["reference"])]
+        order = [readable[i] for i in torch.argsort(emb @ q, descending=True, stable=True).tolist()]
+        order = [n for n in order if n != e["reference"]]
+        subset = [n for n in order if n in e["img_set"]["members"]]
+        for k in (1, 2, 5):
+            hits[f"R@{k}"] += e["target_hard"] in order[:k]
+        for k in (1, 2, 3):
+            hits[f"R_subset@{k}"] += e["target_hard"] in subset[:k]
+    assert cir["metrics"]["image"] == pytest.approx({k: v / 5 for k, v in hits.items()}, abs=1e-9)
+
+
+def test_cirr_test_submission_lists_a_query_with_an_unreadable_reference(tmp_path, phi_dir):
+    names, entries = write_cirr(tmp_path / "CIRR")["test1"]
+    (tmp_path / "CIRR" / "test1" / f"{entries[1]['reference']}.png").write_bytes(b"not a png")
+    test = _fixture_run(tmp_path / "t", CIRR, phi_dir, "test", tmp_path / "CIRR")
+    assert test["cir"]["benchmark"]["not_evaluated"] == {"unreadable_reference": ["11"], "not_loaded": []}
+    sub = json.loads(Path(next(p for p in test["cir"]["submissions"] if p.endswith("/searle_vitb32_searle.json"))).read_text())
+    assert set(sub) - {"version", "metric"} == {"10", "11", "12", "13", "14"} and sub["11"] == []
+    assert all(len(v) == 7 for k, v in sub.items() if k not in ("version", "metric", "11"))  # 8 read, minus the reference
+    for name in names:
+        (tmp_path / "CIRR" / "test1" / f"{name}.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match=r"cirr test1: no gallery image could be read \(9 unreadable, e.g. .*test1-0-0-img0"):
+        _fixture_run(tmp_path / "u", CIRR, phi_dir, "test", tmp_path / "CIRR")
+
+
+@pytest.mark.parametrize("side", ["gallery", "query"])
+def test_nan_embeddings_are_refused_naming_the_image(tmp_path, phi_dir, monkeypatch, side):
+    from xclip.cir.cir_module import CIRModule
+
+    write_cirr(tmp_path / "CIRR")
+    if side == "gallery":  # gallery image 0 embedded as NaN: it ranked first for every query
+        step, embed = CIRModule.gallery_step, CIRModule.image_features
+
+        def nan_first(self, batch):
+            self.image_features = lambda images: torch.where(batch["index"][:, None] == 0, float("nan"), embed(self, images))
+            step(self, batch)
+            del self.image_features
+
+        monkeypatch.setattr(CIRModule, "gallery_step", nan_first)
+        message = r"cirr val: the model gave NaN or infinite embeddings for 1 gallery images, e.g. .*dev-0-0-img0.png"
+    else:
+        features = CIRModule.query_features
+
+        def nan_second(self, feats, batch):
+            out = features(self, feats, batch)
+            out["image"][batch["index"] == 1] = float("nan")
+            return out
+
+        monkeypatch.setattr(CIRModule, "query_features", nan_second)
+        message = r"cirr val: method 'image' gave NaN or infinite query features for 1 queries \(ids 11; .*dev-1-0-img1"
+    with pytest.raises(SystemExit, match=message):
+        _fixture_run(tmp_path, CIRR, phi_dir, "validate", tmp_path / "CIRR")
 
 
 def test_circo_and_fashioniq_fixtures_validate(tmp_path, phi_dir):

@@ -200,8 +200,11 @@ def test_query_strings():
     assert compose_query(" has a dog. ") == "a photo of $ that  has a dog. "  # CIRR/CIRCO: as given
     assert fashioniq_queries("is shorter.", " has stripes?") == (
         "a photo of $ that is shorter and has stripes", "a photo of $ that has stripes and is shorter")
-    with pytest.raises(ValueError, match="empty caption"):
-        compose_query("  ")
+    with pytest.raises(ValueError, match=r"^the relative caption '  ' is empty: pass the change to make to the reference "
+                                         r"image, e.g. 'is blue instead of red'$"):
+        compose_query("  ")  # was "compose_query: empty caption"
+    with pytest.raises(ValueError, match=r"^FashionIQ's second caption '\?' is empty once '\.\?, ' are stripped"):
+        fashioniq_queries("is red", "?")  # was accepted: "a photo of $ that is red and "
 
 
 def test_fashioniq_combination_averages_two_normalised_queries(backbones):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from format_fixtures import write_bomb_png
 
 from xclip.backbones import load_backbone
 from xclip.cir.phi import Phi, load_phi, save_phi
@@ -89,3 +90,99 @@ def test_errors_are_readable(folder, capsys):
         main(["cir-query", "--reference", str(reference), "--caption", "x", "--gallery", str(root / "nope"),
               "--phi", str(root / "phi"), "--out", str(root / "o")])
     assert err.value.code == 2 and "is not a folder" in capsys.readouterr().err
+
+
+def query(root: Path, gallery: Path, reference: Path, *extra: str) -> list[str]:
+    return ["cir-query", "--reference", str(reference), "--caption", "is blue instead of red", "--gallery", str(gallery),
+            "--phi", str(root / "phi"), "--cache-dir", str(root / "cache"), *extra]
+
+
+@pytest.mark.parametrize("explain", [False, True])
+def test_a_gallery_holding_only_the_reference_is_an_error(folder, tmp_path, capsys, explain):
+    root, _, reference = folder
+    gallery = tmp_path / "only"
+    gallery.mkdir()
+    (gallery / "ref.png").write_bytes(reference.read_bytes())
+    with pytest.raises(SystemExit) as err:  # was: 0 results and exit 0; with --explain a RuntimeError from torch.stack
+        main(query(root, gallery, gallery / "ref.png", "--out", str(tmp_path / "out"), *(["--explain"] if explain else [])))
+    message = capsys.readouterr().err
+    assert err.value.code == 1
+    assert f"{gallery} holds no image besides the reference" in message and "add images" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_top_k_beyond_the_gallery_says_how_many_were_returned(folder, tmp_path, capsys):
+    root, gallery, reference = folder
+    small = tmp_path / "small"
+    small.mkdir()
+    for name in ("target_0.png", "target_1.png", "target_2.png"):
+        (small / name).write_bytes((gallery / name).read_bytes())
+    code = main(query(root, small, reference, "--top-k", "10", "--out", str(tmp_path / "out")))
+    assert code is None
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(results["results"]) == 3 and results["top_k"] == 10
+    note = "--top-k 10: the gallery holds 3 images besides the reference, so 3 are returned"
+    assert results["note"] == note and note in capsys.readouterr().out
+
+
+def test_an_image_bomb_in_the_gallery_is_skipped_and_named(folder, tmp_path, capsys):
+    root, gallery, reference = folder
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name in ("target_0.png", "target_1.png"):
+        (mixed / name).write_bytes((gallery / name).read_bytes())
+    bomb = write_bomb_png(mixed / "bomb.png")  # declares 30000 x 30000 pixels
+    code = main(query(root, mixed, reference, "--out", str(tmp_path / "out")))
+    assert code is None
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["skipped"] == [str(bomb.resolve())] and results["gallery_size"] == 2
+    assert {Path(r["file"]).name for r in results["results"]} == {"target_0.png", "target_1.png"}
+    assert f"skipped 1 unreadable file: {bomb.resolve()}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as err:  # the reference itself: named, exit 1
+        main(query(root, mixed, bomb, "--out", str(tmp_path / "out2")))
+    assert err.value.code == 1 and str(bomb) in capsys.readouterr().err
+
+
+def test_default_output_is_a_new_folder_under_runs(folder, tmp_path, monkeypatch):
+    root, gallery, reference = folder
+    monkeypatch.chdir(tmp_path)
+    for expected in ("version_0", "version_1"):
+        assert main(query(root, gallery, reference, "--top-k", "2")) is None
+        assert (tmp_path / "runs" / "cir_query" / expected / "results.json").is_file()
+    assert not (tmp_path / "cir_query_out").exists()
+
+
+@pytest.mark.parametrize("caption", ["", "   "])
+def test_an_empty_caption_says_what_to_pass(folder, capsys, caption):
+    root, gallery, reference = folder
+    with pytest.raises(SystemExit) as err:
+        main(["cir-query", "--reference", str(reference), "--caption", caption, "--gallery", str(gallery),
+              "--phi", str(root / "phi"), "--out", str(root / "o")])
+    message = capsys.readouterr().err
+    assert err.value.code == 2 and "--caption is empty" in message and '--caption "is blue instead of red"' in message
+    assert "compose_query" not in message
+
+
+@pytest.mark.parametrize("side", ["gallery", "query"])
+def test_nan_embeddings_are_refused_naming_the_files(folder, tmp_path, monkeypatch, capsys, side):
+    from xclip.cir import query_cli
+
+    root, gallery, reference = folder
+    if side == "gallery":
+        embed = query_cli.gallery_embeddings
+
+        def nan_row(*args, **kwargs):
+            files, emb, skipped, status = embed(*args, **kwargs)
+            emb = emb.clone()
+            emb[3] = float("nan")  # ranked first before the check
+            return files, emb, skipped, status
+
+        monkeypatch.setattr(query_cli, "gallery_embeddings", nan_row)
+        expected = "NaN or infinite embeddings for 1 gallery images, e.g. " + str(sorted(gallery.rglob("*.png"))[3])
+    else:
+        monkeypatch.setattr(query_cli, "query_features", lambda *a, **k: torch.full((1, 128), float("nan")))
+        expected = f"NaN or infinite embeddings for the query (reference {reference})"
+    with pytest.raises(SystemExit) as err:
+        main(query(root, gallery, reference, "--out", str(tmp_path / "out")))
+    assert err.value.code == 1 and expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -4,7 +4,9 @@ It embeds the gallery (``cir_gallery`` batches; through the embedding cache when
 set) and the queries (``cir_query`` batches; `query_features` is the subclass's method), gathers
 both across processes keyed by index (a distributed sampler's repeats are dropped), ranks, scores
 with the dataset's official metrics (`xclip.cir.scoring`) and, on a split with hidden targets,
-writes the test-submission files.
+writes the test-submission files. A query whose reference or target image cannot be read counts
+as a miss (the denominator is every query); the report row and results.json say how many queries
+were evaluated (``n_evaluated`` of ``n_queries``) and name the others.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from xclip.cir.benchmark import CIRBenchmark
 from xclip.cir.scoring import (
     DEFAULT_KS,
     benchmark_metrics,
+    coverage,
+    coverage_note,
+    full_rankings,
     per_category_recall,
     rank_queries,
     write_submissions,
@@ -92,7 +97,8 @@ class CIREvaluation(pl.LightningModule):
 
     After a validate/test epoch: ``self.metrics`` (``{method: {metric: fraction}}``),
     ``self.rankings`` (``{method: (query_index [Q'], ranked gallery indices [Q', N])}``),
-    ``self.gallery`` (:class:`GalleryEmbeddings` of the gallery seen), ``self.benchmark``.
+    ``self.gallery`` (:class:`GalleryEmbeddings` of the gallery seen), ``self.coverage``
+    (`xclip.cir.scoring.coverage`), ``self.benchmark``.
     """
 
     def __init__(self, backbone: str | Backbone, methods: Sequence[str], ks: Sequence[int] | None = None,
@@ -112,10 +118,12 @@ class CIREvaluation(pl.LightningModule):
         self.metrics: dict[str, dict[str, float]] = {}
         self.per_kind: dict[str, dict[str, float]] = {}
         self.rankings: dict[str, tuple[Tensor, Tensor]] = {}
+        self.coverage: dict[str, Any] = {}
         self.gallery: GalleryEmbeddings | None = None
         self.submissions: list[str] = []
         self._skipped: dict[str, list[str]] = {"gallery": [], "query": []}
         self.skipped: dict[str, list[str]] = {"gallery": [], "query": []}
+        self._unreadable_queries: list[int] = []  # indices of queries whose reference could not be read
         self._cache: EmbeddingCache | None = None
         self._cached: GalleryEmbeddings | None = None
 
@@ -153,6 +161,8 @@ class CIREvaluation(pl.LightningModule):
     # ---- steps -----------------------------------------------------------------------------
     def _skip(self, batch: dict[str, Any], kind: str) -> bool:
         self._skipped[kind].extend(batch.get("skipped_paths", []))
+        if kind == "query" and "skipped_index" in batch:
+            self._unreadable_queries.extend(int(i) for i in batch["skipped_index"])
         return "index" not in batch or (kind == "gallery" and "image" not in batch) or \
             (kind == "query" and "reference" not in batch)
 
@@ -202,30 +212,62 @@ class CIREvaluation(pl.LightningModule):
         self.query_rows.reset()
         self.skipped = {k: sorted({p for part in gather_objects(v) for p in part}) for k, v in self._skipped.items()}
         self._skipped = {"gallery": [], "query": []}
-        self.metrics, self.per_kind, self.rankings, self.submissions = {}, {}, {}, []
-        if bench is None or not g_cols or not q_cols or self.trainer.sanity_checking:
+        unreadable_queries = sorted({i for part in gather_objects(self._unreadable_queries) for i in part})
+        self._unreadable_queries = []
+        self.metrics, self.per_kind, self.rankings, self.submissions, self.coverage = {}, {}, {}, [], {}
+        if bench is None or self.trainer.sanity_checking:
             return  # (the sanity check sees a few batches: no full gallery to rank)
+        if not g_cols or not q_cols:
+            kind = "gallery" if not g_cols else "query reference"
+            skipped = self.skipped["gallery" if not g_cols else "query"]
+            raise ValueError(f"{bench.name} {bench.split}: no {kind} image could be read ({len(skipped)} unreadable, "
+                             f"e.g. {', '.join(skipped[:3])}): check the dataset root and the image files")
+        q_index, g_index = q_index.cpu(), g_index.cpu()
+        self._check_finite(bench, g_index, g_cols["emb"], q_index, q_cols)
         self.gallery = GalleryEmbeddings(g_cols["emb"].cpu(), torch.zeros(0, g_cols["emb"].shape[1]),
-                                         torch.zeros(0, dtype=torch.long), g_index.cpu())
+                                         torch.zeros(0, dtype=torch.long), g_index)
+        self.coverage = coverage(bench, q_index, g_index, unreadable_queries)
+        if coverage_note(self.coverage):
+            log.warning("%s %s: %s", bench.name, bench.split, coverage_note(self.coverage))
         scored = bench.has_targets()
         for method in self.methods:
             top = None if bench.name in ("shapes", "cirr") else max(self.ks or DEFAULT_KS[bench.name])
-            ranked = rank_queries(bench, q_index.cpu(), q_cols[method].cpu(), g_index.cpu(), g_cols["emb"].cpu(), top)
-            self.rankings[method] = (q_index.cpu(), ranked)
+            ranked = rank_queries(bench, q_index, q_cols[method].cpu(), g_index, g_cols["emb"].cpu(), top)
+            self.rankings[method] = (q_index, ranked)
             if scored:
-                self.metrics[method] = benchmark_metrics(bench, q_index.cpu(), ranked, self.ks)
+                self.metrics[method] = benchmark_metrics(bench, q_index, ranked, self.ks, gallery_index=g_index)
                 if bench.name == "shapes":
-                    self.per_kind[method] = per_category_recall(bench, q_index.cpu(), ranked, 1)
+                    self.per_kind[method] = per_category_recall(bench, q_index, ranked, 1)
                 for name, value in self.metrics[method].items():
                     # identical on every process (computed from the gathered rows)
                     self.log(f"{stage}/{method}/{name}", value, sync_dist=True)
             elif self.trainer.is_global_zero:
+                # every query id is written; one that was not evaluated gets an empty list (named in results.json)
                 out = run_directory(self.trainer) / "submissions"
-                paths = write_submissions(bench, q_index.cpu(), ranked, out, f"{self.submission_name}_{method}")
+                paths = write_submissions(bench, torch.arange(len(bench)), full_rankings(len(bench), q_index, ranked),
+                                          out, f"{self.submission_name}_{method}")
                 self.submissions.extend(str(p) for p in paths)
         if self._cached is None and self._cache is not None and self.trainer.is_global_zero \
                 and g_index.numel() == bench.n_gallery:
             self._cache.save(self.gallery, bench.gallery_keys, [])
+
+    def _check_finite(self, bench: CIRBenchmark, g_index: Tensor, g_emb: Tensor, q_index: Tensor,
+                      q_cols: Mapping[str, Tensor]) -> None:
+        """Refuse NaN / infinite embeddings, naming the gallery files or query ids (a NaN cosine
+        would rank that image first for every query)."""
+        precision = f"the precision ({self.trainer.precision})"
+        bad = g_index[~torch.isfinite(g_emb.cpu()).all(1)].tolist()
+        if bad:
+            raise ValueError(f"{bench.name} {bench.split}: the model gave NaN or infinite embeddings for {len(bad)} "
+                             f"gallery images, e.g. {', '.join(bench.gallery_path(i) for i in bad[:3])}: check the "
+                             f"weights, {precision} and these files")
+        for method, emb in q_cols.items():
+            bad = q_index[~torch.isfinite(emb.cpu()).all(1)].tolist()
+            if bad:
+                ids = [bench.queries[i].query_id or str(i) for i in bad[:5]]
+                raise ValueError(f"{bench.name} {bench.split}: method {method!r} gave NaN or infinite query features "
+                                 f"for {len(bad)} queries (ids {', '.join(ids)}; e.g. reference "
+                                 f"{bench.reference_path(bad[0])}): check the weights (phi too) and {precision}")
 
     def on_validation_epoch_end(self) -> None:
         self.finish("val")
@@ -239,6 +281,12 @@ class CIREvaluation(pl.LightningModule):
         rows = []
         bench = self.benchmark
         where = f"{bench.name} {bench.split}, {len(bench)} queries x {bench.n_gallery} images" if bench else ""
+        cov = self.coverage
+        if bench and coverage_note(cov):  # short here; the full note is logged and in results.json
+            missed = len(cov["not_evaluated"]["unreadable_reference"]) + len(cov["not_evaluated"]["not_loaded"])
+            where = (f"{bench.name} {bench.split}, {cov['n_evaluated']} of {cov['n_queries']} queries evaluated x "
+                     f"{cov['n_gallery_read']} of {cov['n_gallery']} images read; misses: {missed} not evaluated, "
+                     f"{len(cov['target_not_read'])} target not read")
         for stage in ("val", "test"):
             for method in self.methods:
                 # the metric functions' own order (R@1, R@5, ...), not the alphabetical one
@@ -253,8 +301,9 @@ class CIREvaluation(pl.LightningModule):
         """Merged into results.json under ``cir``."""
         bench, cache = self.benchmark, self._cache
         return {"backbone": self.backbone_spec, "cir": {
-            "benchmark": None if bench is None else {"name": bench.name, "split": bench.split, "queries": len(bench),
-                                                     "gallery": bench.n_gallery},
+            "benchmark": None if bench is None else {"name": bench.name, "split": bench.split,
+                                                     **(self.coverage or {"n_queries": len(bench),
+                                                                          "n_gallery": bench.n_gallery})},
             "metrics": self.metrics, "recall_at_1_per_kind": self.per_kind, "submissions": self.submissions,
             "skipped": self.skipped,
             "embedding_cache": None if cache is None else {"dir": str(Path(cache.dir)), "status": cache.status}}}

@@ -1,7 +1,10 @@
 """Loaders for the CIR datasets' on-disk formats (as SEARLE reads them). Each returns a
 `FileCIRBenchmark`; a malformed entry raises `CIRAnnotationError` naming the file, the entry's
 index (and id) and the field; an image file that is missing raises FileNotFoundError naming it
-and the entry that needs it.
+and the entry that needs it. Also refused: a repeated CIRR ``pairid`` / CIRCO ``id`` (submission
+entries would overwrite each other), a repeated CIRCO ground truth (mAP would count it twice), a
+CIRR target equal to its reference (removed from its own ranking: never found) and a FashionIQ
+caption with nothing left once ``.?, `` are stripped.
 
 - CIRR (``root`` = the dataset folder): ``cirr/captions/cap.rc2.{train,val,test1}.json``
   (entries: ``reference``, ``target_hard`` (not in test1), ``caption``, ``img_set.members``,
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from xclip.cir.benchmark import CIRQuery, FileCIRBenchmark
+from xclip.cir.query import FASHIONIQ_STRIP
 
 CIRR_SPLITS = {"train": "train", "val": "val", "test": "test1", "test1": "test1"}
 CIRCO_SPLITS = ("val", "test")
@@ -71,6 +75,14 @@ def _str_list(entry: dict, name: str, path: Path, where: str, length: int | None
     return [str(v) for v in value]
 
 
+def _check_unique_id(seen: dict[int, int], value: int, index: int, path: Path, field: str) -> None:
+    """Refuse a query id seen at an earlier entry (``seen``: id -> entry index, updated)."""
+    if value in seen:
+        raise CIRAnnotationError(f"{path}: entry [{index}] repeats {field} {value} of entry [{seen[value]}]: each "
+                                 f"query needs its own {field} (the submission file is keyed by it)")
+    seen[value] = index
+
+
 def _check_files(root: Path, files: dict[str, str], needed: Sequence[tuple[str, str]], listing: Path) -> None:
     """Every (key, who needs it) must name an existing file: the first missing one is an error."""
     for key, who in needed:
@@ -101,11 +113,12 @@ def load_cirr(root: str | Path, split: str = "val", image_size: int = 224, annot
         raise CIRAnnotationError(f"{captions_path}: expected a list of triplets, got {type(entries).__name__}")
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
         raise CIRAnnotationError(f"{listing}: expected an object mapping image names to relative paths")
-    queries, needed = [], []
+    queries, needed, pairids = [], [], {}
     for i, entry in enumerate(entries):
         pair = entry.get("pairid") if isinstance(entry, dict) else None
         where = f"entry [{i}]" + (f" (pairid {pair})" if pair is not None else "")
         pairid = _field(entry, "pairid", int, captions_path, where)
+        _check_unique_id(pairids, pairid, i, captions_path, "pairid")
         reference = _known(_field(entry, "reference", str, captions_path, where), files, captions_path, where,
                            "reference", listing)
         caption = _field(entry, "caption", str, captions_path, where)
@@ -120,6 +133,10 @@ def load_cirr(root: str | Path, split: str = "val", image_size: int = 224, annot
                             "target_hard", listing)
             if target not in members:
                 raise CIRAnnotationError(f"{captions_path}: {where} target {target!r} is not in img_set.members")
+            if target == reference:
+                raise CIRAnnotationError(f"{captions_path}: {where} field 'target_hard' is the query's own reference "
+                                         f"{reference!r}: CIRR removes the reference from its ranking, so this "
+                                         "query could never be answered (fix or drop the entry)")
         queries.append(CIRQuery(reference=reference, captions=(caption,), target=target, members=members,
                                 query_id=str(pairid)))
         needed.append((reference, f"{captions_path.name} {where}"))
@@ -149,11 +166,12 @@ def load_circo(root: str | Path, split: str = "val", image_size: int = 224,
             raise CIRAnnotationError(f"{info_path}: images[{i}] repeats image id {key}")
         files[key] = str(Path("COCO2017_unlabeled") / "unlabeled2017" / _field(image, "file_name", str, info_path,
                                                                                 f"images[{i}]"))
-    queries, needed = [], []
+    queries, needed, query_ids = [], [], {}
     for i, entry in enumerate(entries):
         qid = entry.get("id") if isinstance(entry, dict) else None
         where = f"entry [{i}]" + (f" (id {qid})" if qid is not None else "")
         query_id = _field(entry, "id", int, ann_path, where)
+        _check_unique_id(query_ids, query_id, i, ann_path, "id")
         reference = _known(str(_field(entry, "reference_img_id", int, ann_path, where)), files, ann_path, where,
                            "reference_img_id", info_path)
         caption = _field(entry, "relative_caption", str, ann_path, where)
@@ -165,6 +183,11 @@ def load_circo(root: str | Path, split: str = "val", image_size: int = 224,
                                  for g in _str_list(entry, "gt_img_ids", ann_path, where))
             if not ground_truth or ground_truth[0] != target:
                 raise CIRAnnotationError(f"{ann_path}: {where} gt_img_ids must start with target_img_id {target}")
+            repeated = [g for j, g in enumerate(ground_truth) if g in ground_truth[:j]]
+            if repeated:
+                raise CIRAnnotationError(f"{ann_path}: {where} field 'gt_img_ids' lists image {repeated[0]} more than "
+                                         "once: list each ground truth once (mAP would count a repeat as another "
+                                         "ground truth)")
         queries.append(CIRQuery(reference=reference, captions=(caption,), target=target, ground_truth=ground_truth,
                                 query_id=str(query_id)))
         needed.append((reference, f"{ann_path.name} {where}"))
@@ -203,8 +226,11 @@ def load_fashioniq(root: str | Path, split: str = "val", categories: Sequence[st
             reference = f"{cat}/{_field(entry, 'candidate', str, cap_path, where)}"
             files.setdefault(reference, f"images/{reference.split('/', 1)[1]}.{image_ext}")
             captions = _str_list(entry, "captions", cap_path, where, length=2)
-            if not all(c.strip() for c in captions):
-                raise CIRAnnotationError(f"{cap_path}: {where} has an empty caption")
+            for j, caption in enumerate(captions):  # the query strips these characters (SEARLE's FashionIQ prompt)
+                if not caption.strip(FASHIONIQ_STRIP):
+                    raise CIRAnnotationError(f"{cap_path}: {where} field 'captions'[{j}] is {caption!r}: nothing is "
+                                             f"left once {FASHIONIQ_STRIP!r} are stripped; write the change it asks "
+                                             "for (e.g. 'is longer') or drop the entry")
             target = None
             if isinstance(entry, dict) and "target" in entry:
                 target = _known(f"{cat}/{_field(entry, 'target', str, cap_path, where)}", files, cap_path, where,

@@ -27,23 +27,30 @@ QUERY_TEMPLATE = "a photo of $ that {}"
 FASHIONIQ_STRIP = ".?, "
 
 
-def _check_caption(caption: str, where: str) -> str:
+EXAMPLE_CAPTION = "is blue instead of red"
+
+
+def _check_caption(caption: str, what: str = "the relative caption", strip: str | None = None) -> str:
+    """`caption` if it is a string with something left once `strip` (default: whitespace) is stripped."""
     if not isinstance(caption, str):
-        raise TypeError(f"{where}: a caption must be a string, got {type(caption).__name__}")
-    if not caption.strip():
-        raise ValueError(f"{where}: empty caption")
+        raise TypeError(f"{what} must be a string (the change to make, e.g. {EXAMPLE_CAPTION!r}), "
+                        f"got {type(caption).__name__}")
+    if not caption.strip(strip):
+        left = "empty" if strip is None else f"empty once {strip!r} are stripped"
+        raise ValueError(f"{what} {caption!r} is {left}: pass the change to make to the reference image, "
+                         f"e.g. {EXAMPLE_CAPTION!r}")
     return caption
 
 
 def compose_query(caption: str, template: str = QUERY_TEMPLATE) -> str:
     """``"a photo of $ that {caption}"`` (the caption unstripped, as SEARLE does for CIRR/CIRCO)."""
-    return template.format(_check_caption(caption, "compose_query"))
+    return template.format(_check_caption(caption))
 
 
 def fashioniq_queries(first: str, second: str, template: str = QUERY_TEMPLATE) -> tuple[str, str]:
     """FashionIQ's two prompts: both captions stripped of ``.?, ``, joined both ways."""
-    a = _check_caption(first, "fashioniq_queries (first caption)").strip(FASHIONIQ_STRIP)
-    b = _check_caption(second, "fashioniq_queries (second caption)").strip(FASHIONIQ_STRIP)
+    a = _check_caption(first, "FashionIQ's first caption", FASHIONIQ_STRIP).strip(FASHIONIQ_STRIP)
+    b = _check_caption(second, "FashionIQ's second caption", FASHIONIQ_STRIP).strip(FASHIONIQ_STRIP)
     return template.format(f"{a} and {b}"), template.format(f"{b} and {a}")
 
 
@@ -114,9 +121,9 @@ def caption_features(backbone: Backbone, captions: Sequence[Sequence[str]], batc
     texts = []
     for c in captions:
         if len(c) == 1:
-            texts.append([_check_caption(c[0], "caption_features")])
+            texts.append([_check_caption(c[0])])
         else:
-            a, b = (_check_caption(x, "caption_features").strip(FASHIONIQ_STRIP) for x in c)
+            a, b = (_check_caption(x, "a FashionIQ caption", FASHIONIQ_STRIP).strip(FASHIONIQ_STRIP) for x in c)
             texts.append([f"{a} and {b}", f"{b} and {a}"])
     flat = [t for group in texts for t in group]
     feats = torch.cat([encode_plain(backbone, flat[i : i + batch_size], normalize=True)

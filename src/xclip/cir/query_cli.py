@@ -1,14 +1,17 @@
 """``xclip cir-query``: one composed query against your own image folder, with explanations.
 
     xclip cir-query --reference ref.png --caption "is blue instead of red" --gallery photos/ \
-        --top-k 10 --explain --out results/
+        --top-k 10 --explain [--out results/]
 
 The gallery folder is embedded once and cached (`--cache-dir`, default ``~/.cache/xclip/cir``,
 keyed by the model, its weights, the image size and every file's name, size and modification
 time); ``--gallery`` may also name a cache entry directly (the folder holding ``meta.json`` and
 ``embeddings.safetensors``). The reference is removed from the ranking when it is one of the
-gallery's files (as CIRR does). Writes ``<out>/results.json`` (ranks, scores, files) and, with
-``--explain``, maps A-D under ``<out>/explanation/`` (see `xclip.cir.report`).
+gallery's files (as CIRR does). Writes ``<out>/results.json`` (ranks, scores, files, skipped
+files) and, with ``--explain``, maps A-D under ``<out>/explanation/`` (see `xclip.cir.report`);
+without ``--out`` a new ``runs/cir_query/version_N/``. Unreadable gallery files (corrupt, or
+declaring more pixels than `xclip.data.images.MAX_PIXELS`) are skipped, counted and named; a
+gallery with nothing to rank besides the reference is an error (exit 1).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from torch.utils.data import DataLoader
 from xclip.backbones import load_backbone
 from xclip.cir.explain import CIRExplainer
 from xclip.cir.phi import check_compatible, load_phi
-from xclip.cir.query import compose_query, query_features
+from xclip.cir.query import EXAMPLE_CAPTION, compose_query, query_features
 from xclip.cir.report import write_query_explanation
 from xclip.data.embedding_cache import (
     META_NAME,
@@ -40,15 +43,30 @@ from xclip.data.images import ImageReadError, read_rgb, resize_center_crop
 from xclip.io import atomic_write_text
 from xclip.metrics.cir import rank_gallery
 
+DEFAULT_OUT = Path("runs") / "cir_query"
+
+
+def new_run_folder(root: Path) -> Path:
+    """``root/version_N`` with N one more than the highest existing (created here)."""
+    root.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name.split("_", 1)[1]) for p in root.glob("version_*") if p.name.split("_", 1)[1].isdigit()]
+    n = max(taken, default=-1) + 1
+    while True:  # another run may take the same number first
+        try:
+            (root / f"version_{n}").mkdir()
+            return root / f"version_{n}"
+        except FileExistsError:
+            n += 1
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xclip cir-query", description="Composed image retrieval (SEARLE) on an image folder.")
     p.add_argument("--reference", required=True, help="the reference image file")
-    p.add_argument("--caption", required=True, help='the relative caption, e.g. "is blue instead of red"')
+    p.add_argument("--caption", required=True, help=f'the relative caption, e.g. "{EXAMPLE_CAPTION}"')
     p.add_argument("--gallery", required=True, help="an image folder, or a cache entry written by an earlier run")
     p.add_argument("--top-k", type=int, default=10, help="candidates to return (default 10)")
     p.add_argument("--explain", action="store_true", help="write explanations A-D for the top-k candidates")
-    p.add_argument("--out", default="cir_query_out", help="output folder (default ./cir_query_out)")
+    p.add_argument("--out", default=None, help=f"output folder (default: a new {DEFAULT_OUT}/version_N)")
     p.add_argument("--backbone", default="xclip:tiny-shapes", help="backbone spec (default xclip:tiny-shapes)")
     p.add_argument("--phi", default="xclip:searle-phi-tiny-shapes",
                    help="phi: xclip:<name>, searle:ViT-B/32, a directory or a SEARLE .pt (default xclip:searle-phi-tiny-shapes)")
@@ -95,12 +113,13 @@ def gallery_embeddings(backbone, spec: str, gallery: Path, image_size: int, cach
     embs, index, skipped = [], [], []
     with torch.no_grad():
         for batch in loader:
-            skipped.extend(batch["skipped_paths"])
+            skipped.extend(str((gallery / p).resolve()) for p in batch["skipped_paths"])
             if "image" in batch:
                 embs.append(backbone.encode_image(backbone.normalize(batch["image"].to(backbone.device)), normalize=True).float().cpu())
                 index.append(batch["index"])
     if not embs:
-        raise ValueError(f"{gallery}: no readable image")
+        raise ValueError(f"no image in {gallery} could be read ({len(skipped)} unreadable files, e.g. "
+                         f"{', '.join(skipped[:3])}): point --gallery at a folder of images")
     emb, index = torch.cat(embs), torch.cat(index)
     if not skipped:  # only complete galleries are cached (the cache checks rows against its keys)
         cache.save(GalleryEmbeddings(emb, torch.zeros(0, emb.shape[1]), torch.zeros(0, dtype=torch.long), index), keys, [])
@@ -109,15 +128,18 @@ def gallery_embeddings(backbone, spec: str, gallery: Path, image_size: int, cach
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    reference, gallery, out = Path(args.reference), Path(args.gallery), Path(args.out)
+    reference, gallery = Path(args.reference), Path(args.gallery)
     if args.top_k < 1:
         print("xclip cir-query: --top-k must be >= 1", file=sys.stderr)
+        return 2
+    if not args.caption.strip():
+        print(f'xclip cir-query: --caption is empty: pass the change to make to the reference, e.g. --caption '
+              f'"{EXAMPLE_CAPTION}"', file=sys.stderr)
         return 2
     if not gallery.is_dir():
         print(f"xclip cir-query: --gallery {gallery} is not a folder", file=sys.stderr)
         return 2
     try:
-        compose_query(args.caption)
         backbone = load_backbone(args.backbone, device=args.device).requires_grad_(False)
         phi = load_phi(args.phi).to(backbone.device)
         check_compatible(phi, backbone)
@@ -131,13 +153,30 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         feats = backbone.encode_image(backbone.normalize(ref01[None].to(backbone.device))).float()
         q = query_features(backbone, phi(feats), [[args.caption]]).cpu()
+    nan_rows = (~torch.isfinite(emb).all(1)).nonzero().flatten().tolist()
+    if nan_rows or not bool(torch.isfinite(q).all()):
+        what = (f"{len(nan_rows)} gallery images, e.g. {', '.join(files[i] for i in nan_rows[:3])}" if nan_rows
+                else f"the query (reference {reference})")
+        print(f"xclip cir-query: the model gave NaN or infinite embeddings for {what}: check --backbone, --phi "
+              "and these files", file=sys.stderr)
+        return 1
     ref_path = str(reference.resolve())
     ranked = rank_gallery(q, emb, top=args.top_k + 1)[0].tolist()
     ranked = [i for i in ranked if files[i] != ref_path][: args.top_k]
+    if not ranked:
+        print(f"xclip cir-query: the gallery {gallery} holds no image besides the reference {reference}"
+              f"{f' ({len(skipped)} unreadable files skipped)' if skipped else ''}: add images to rank to the folder "
+              "(or pass another --gallery)", file=sys.stderr)
+        return 1
+    note = None
+    if len(ranked) < args.top_k:
+        note = (f"--top-k {args.top_k}: the gallery holds {len(ranked)} image{'s' if len(ranked) > 1 else ''} besides "
+                f"the reference, so {len(ranked)} {'are' if len(ranked) > 1 else 'is'} returned")
     scores = (F.normalize(emb[ranked], dim=-1) @ q[0]).tolist()
+    out = Path(args.out) if args.out else new_run_folder(DEFAULT_OUT)
     results = {"reference": ref_path, "caption": args.caption, "prompt": compose_query(args.caption),
                "backbone": args.backbone, "phi": args.phi, "gallery": str(gallery.resolve()), "gallery_size": len(files),
-               "gallery_cache": status, "skipped": skipped,
+               "gallery_cache": status, "skipped": skipped, "top_k": args.top_k, "note": note,
                "results": [{"rank": r + 1, "file": files[i], "score": s} for r, (i, s) in enumerate(zip(ranked, scores))]}
     if args.explain:
         cands = torch.stack([resize_center_crop(read_rgb(files[i]), size) for i in ranked])
@@ -150,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f'{results["prompt"]}  (gallery: {len(files)} images, cache {status})')
     for row in results["results"]:
         print(f'{row["rank"]:>4}  {row["score"]:.4f}  {row["file"]}')
+    if note:
+        print(f"note: {note}")
     if skipped:
-        print(f"skipped {len(skipped)} unreadable files: {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
+        print(f"skipped {len(skipped)} unreadable file{'s' if len(skipped) > 1 else ''}: {', '.join(skipped[:5])}"
+              f"{' ...' if len(skipped) > 5 else ''} (listed in results.json)")
     print(f"results: {out / 'results.json'}" + (f"; explanations: {results['explanation']}" if args.explain else ""))
     return 0

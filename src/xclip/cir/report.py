@@ -38,8 +38,8 @@ def write_query_explanation(out_dir: str | Path, query_id: str, caption: str, re
     entry, [(name, HWC uint8 panel), ...] for TensorBoard).
 
     Files: ``reference_A.png`` (reference, A, A'), ``reference_A_tokens.png`` (A''s token bars),
-    ``rank<r>_BC.png`` (candidate with B beside the reference with C), ``rank<r>_D.png`` (D's word
-    bars), ``*.npy`` raw maps at patch-grid resolution with ``.json`` sidecars, ``explanation.json``.
+    ``rank<r>_BC.png`` (the candidate as it is, B over it, the reference with C: the plain panel
+    shows the candidate's own colours, which an overlay hides), ``rank<r>_D.png`` (D's word bars), ``*.npy`` raw maps at patch-grid resolution with ``.json`` sidecars, ``explanation.json``.
     """
     folder = Path(out_dir) / _safe(str(query_id))
     ex = explanation
@@ -48,7 +48,9 @@ def write_query_explanation(out_dir: str | Path, query_id: str, caption: str, re
     title = f'query {query_id}: "{ex.prompt}" | {EXPLAINER}'
     fig = panels_figure([("reference", reference01, None),
                          (f"A: ||phi(ref)|| = {ex.phi_norm:.3g}", reference01, ex.reference_norm_map),
-                         (f"A': cos(text('a photo of $'), ref) = {ex.self_score:.3f}", reference01, ex.reference_self_map)],
+                         # two lines: one would run under the colour bar
+                         (f"A': cos(text('a photo of $'), ref)\n= {ex.self_score:.3f}", reference01,
+                          ex.reference_self_map)],
                         title, panel_px=panel_px)
     images.append(("reference_A", figure_to_array(fig)))
     words = ex.self_words.word_pairs(0, 0)
@@ -66,7 +68,8 @@ def write_query_explanation(out_dir: str | Path, query_id: str, caption: str, re
         cand = candidates01[k]
         score = float(ex.scores[k])
         mark = " (target)" if is_target is not None and is_target[k] else ""
-        fig = panels_figure([(f"B: candidate rank {rank}{mark}", cand, ex.candidate_maps[k]),
+        fig = panels_figure([(f"candidate rank {rank}{mark}", cand, None),
+                             ("B: its map", cand, ex.candidate_maps[k]),
                              ("C: reference, through phi", reference01, ex.reference_maps[k])],
                             f"{title}\ncandidate {candidate_names[k]} | s = {score:.3f}", panel_px=panel_px)
         stem = f"rank{rank:03d}"

@@ -1,10 +1,18 @@
 """Scoring a CIR benchmark from embeddings: rankings, the official metrics per dataset, and the
-test-submission files (plain tensors; the modules call these at epoch end)."""
+test-submission files (plain tensors; the modules call these at epoch end).
+
+Unreadable images never change the denominator: a query whose reference could not be read has no
+ranking and counts as a miss for every metric; an unreadable gallery image is absent from every
+ranking, so a query whose target is unreadable is a miss too (CIRCO: that ground truth is never
+found). `coverage` says how many queries were evaluated and which could not be.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,33 +56,61 @@ def rank_queries(bench: CIRBenchmark, query_index: Tensor, query_emb: Tensor, ga
     return out
 
 
-def benchmark_metrics(bench: CIRBenchmark, query_index: Tensor, ranked: Tensor,
-                      ks: tuple[int, ...] | None = None) -> dict[str, float]:
-    """The dataset's official metrics (fractions) for the ranked queries.
+def full_rankings(n_queries: int, query_index: Tensor, ranked: Tensor) -> Tensor:
+    """Rankings of the evaluated queries [Q', W] placed in a [n_queries, W] table; the rows of
+    queries that were not evaluated (unreadable reference) hold -1 (no ranking: a miss)."""
+    full = torch.full((n_queries, ranked.shape[1]), -1, dtype=torch.long)
+    full[query_index.long()] = ranked.long()
+    return full
 
+
+def _read_mask(bench: CIRBenchmark, gallery_index: Tensor | None) -> Tensor:
+    """[N] bool: which gallery images were embedded (all when `gallery_index` is None)."""
+    if gallery_index is None:
+        return torch.ones(bench.n_gallery, dtype=torch.bool)
+    mask = torch.zeros(bench.n_gallery, dtype=torch.bool)
+    mask[gallery_index.long()] = True
+    return mask
+
+
+def _if_read(index: Tensor, read: Tensor) -> Tensor:
+    """Gallery indices with those of images that were not read (and -1 padding) as -1."""
+    return torch.where((index >= 0) & read[index.clamp(min=0)], index, torch.full_like(index, -1))
+
+
+def benchmark_metrics(bench: CIRBenchmark, query_index: Tensor, ranked: Tensor, ks: tuple[int, ...] | None = None,
+                      gallery_index: Tensor | None = None) -> dict[str, float]:
+    """The dataset's official metrics (fractions) over EVERY query of the benchmark.
+
+    `ranked` [Q', W] holds the rankings of the evaluated queries `query_index` [Q'] over the
+    gallery images that were read (`gallery_index`, default all). A query that was not evaluated
+    (its reference could not be read) and a query whose target was not read count as misses.
     shapes / CIRR: ``R@k`` with the reference removed (+ ``R_subset@k`` for CIRR); CIRCO:
     ``mAP@k`` and ``R@k`` of the first ground truth; FashionIQ: ``{category}_R@k`` and their
     average ``R@k``.
     """
     ks = tuple(ks or DEFAULT_KS[bench.name])
-    qi = query_index.long()
-    target = bench.target_index()[qi]
-    if bool((target < 0).any()):
+    if bool((bench.target_index() < 0).any()):
         raise ValueError(f"{bench.name} {bench.split}: some queries have no target (a test split): "
                          "write a submission instead of scoring it")
+    ranked = full_rankings(len(bench), query_index, ranked)
+    read = _read_mask(bench, gallery_index)
+    evaluated = torch.zeros(len(bench), dtype=torch.bool)
+    evaluated[query_index.long()] = True
+    target = torch.where(evaluated, _if_read(bench.target_index(), read), -1)
     if bench.name in ("shapes", "cirr"):
-        reference = bench.reference_index()[qi]
+        reference = bench.reference_index()
         out = cirr_recall(ranked, target, reference, ks)
         if bench.name == "cirr":
-            out.update(cirr_subset_recall(ranked, target, reference, bench.members_index()[qi], SUBSET_KS))
+            out.update(cirr_subset_recall(ranked, target, reference, _if_read(bench.members_index(), read), SUBSET_KS))
         return out
     if bench.name == "circo":
-        gts = bench.ground_truth_index()
-        out = circo_map_at_k(ranked, [gts[int(i)] for i in qi], ks)
-        out.update(cir_recall(ranked, torch.tensor([gts[int(i)][0] for i in qi]), ks))
+        gts = bench.ground_truth_index()  # unread ones are absent from every ranking: never found
+        out = circo_map_at_k(ranked, gts, ks)
+        out.update(cir_recall(ranked, target, ks))
         return out
     out, per_cat = {}, []
-    cats = [bench.queries[int(i)].category for i in qi]
+    cats = [q.category for q in bench.queries]
     for cat in sorted(set(cats)):
         rows = torch.tensor([c == cat for c in cats])
         rec = cir_recall(ranked[rows], target[rows], ks)
@@ -82,6 +118,40 @@ def benchmark_metrics(bench: CIRBenchmark, query_index: Tensor, ranked: Tensor,
         per_cat.append(rec)
     out.update({k: sum(r[k] for r in per_cat) / len(per_cat) for k in per_cat[0]})
     return out
+
+
+def coverage(bench: CIRBenchmark, query_index: Tensor, gallery_index: Tensor,
+             unreadable_queries: Sequence[int] = ()) -> dict[str, Any]:
+    """What was scored: ``n_queries``, ``n_evaluated`` (queries ranked), ``n_gallery``,
+    ``n_gallery_read`` and the ids of the queries that count as misses without a chance:
+    ``not_evaluated`` (``unreadable_reference``: the queries `unreadable_queries`; ``not_loaded``:
+    the others, e.g. under ``limit_val_batches``) and ``target_not_read`` (the target, or for
+    CIRCO any ground truth, is an unreadable or unloaded gallery image)."""
+    read = _read_mask(bench, gallery_index)
+    evaluated, unreadable = set(query_index.long().tolist()), set(unreadable_queries)
+    ids = [q.query_id or str(i) for i, q in enumerate(bench.queries)]
+    missing = [i for i in range(len(bench)) if i not in evaluated]
+    targets = [[t] if t >= 0 else [] for t in bench.target_index().tolist()]
+    if bench.name == "circo" and bench.has_targets():
+        targets = bench.ground_truth_index()
+    return {"n_queries": len(bench), "n_evaluated": len(evaluated), "n_gallery": bench.n_gallery,
+            "n_gallery_read": int(read.sum()),
+            "not_evaluated": {"unreadable_reference": [ids[i] for i in missing if i in unreadable],
+                              "not_loaded": [ids[i] for i in missing if i not in unreadable]},
+            "target_not_read": [ids[i] for i, ts in enumerate(targets) if any(not bool(read[t]) for t in ts)]}
+
+
+def coverage_note(cov: Mapping[str, Any]) -> str:
+    """The console's summary of `coverage`: '' when every query and image was used."""
+    if not cov or (cov["n_evaluated"] == cov["n_queries"] and cov["n_gallery_read"] == cov["n_gallery"]):
+        return ""
+    not_eval = cov["not_evaluated"]
+    parts = [f"{len(not_eval['unreadable_reference'])} with an unreadable reference"]
+    if not_eval["not_loaded"]:
+        parts.append(f"{len(not_eval['not_loaded'])} not loaded")
+    parts.append(f"{len(cov['target_not_read'])} whose target (or a ground truth) was not read")
+    return (f"{cov['n_evaluated']} of {cov['n_queries']} queries evaluated, {cov['n_gallery_read']} of "
+            f"{cov['n_gallery']} images read; counted as misses: {', '.join(parts)}")
 
 
 def per_category_recall(bench: CIRBenchmark, query_index: Tensor, ranked: Tensor, k: int = 1) -> dict[str, float]:
