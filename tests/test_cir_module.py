@@ -96,7 +96,7 @@ def test_shapes_validate_equals_brute_force(single, phi_dir):
     for method, values in expected.items():
         for name, value in values.items():
             assert cir["metrics"][method][name] == pytest.approx(value, abs=1e-9), (method, name)
-            assert single["metrics"][f"val/{method}/{name}"] == pytest.approx(value, abs=1e-6)
+            assert single["metrics"][f"val/cir/{method}/{name}"] == pytest.approx(value, abs=1e-6)
     assert set(cir["recall_at_1_per_kind"]["searle"]) <= {"colour", "shape", "size", "background", "add", "remove"}
     assert cir["embedding_cache"]["status"] == "miss; written" and cir["skipped"] == {"gallery": [], "query": []}
 
@@ -104,7 +104,7 @@ def test_shapes_validate_equals_brute_force(single, phi_dir):
 def test_the_callback_writes_explanations_of_the_first_queries(single):
     run = Path(single["cir"]["embedding_cache"]["dir"]).parents[1] / "logs"
     folder = next(run.glob("*/version_*/explanations/cir/val"))
-    index = json.loads((folder / "index.json").read_text())
+    index = json.loads((folder / "index.json").read_text())["items"]
     assert [e["query"] for e in index] == ["0", "1", "2", "3"]  # n_queries: 4
     for entry in index:
         assert [c["rank"] for c in entry["candidates"]] == [1, 2, 3, 4, 5]
@@ -315,4 +315,4 @@ def test_phi_fit_leaves_the_shipped_phi_and_overwrites_a_checkpoint_only_on_requ
     # validation ran during the fit (it once had no benchmark): SEARLE's recall per epoch in TensorBoard
     (events,) = (tmp_path / "b" / "logs").rglob("events.out.tfevents.*")
     tags = EventAccumulator(str(events)).Reload().Tags()["scalars"]
-    assert {"val/searle/R@1", "val/searle/R@5", "val/searle/R@10"} <= set(tags)
+    assert {"val/cir/searle/R@1", "val/cir/searle/R@5", "val/cir/searle/R@10"} <= set(tags)

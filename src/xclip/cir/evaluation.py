@@ -16,12 +16,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 
 from xclip.backbones import Backbone, resolve_backbone
 from xclip.cir.benchmark import CIRBenchmark
@@ -40,7 +37,8 @@ from xclip.data.embedding_cache import (
     GalleryEmbeddings,
     weights_fingerprint,
 )
-from xclip.metrics import gather_objects, unique_rows
+from xclip.engine import STAGES, EvaluationModule
+from xclip.metrics import ScoreTable, gather_objects
 from xclip.results import ReportRow, run_directory
 
 log = logging.getLogger(__name__)
@@ -54,52 +52,19 @@ METHOD_NAMES = {
 }
 
 
-class KeyedRows(Metric):
-    """Rows keyed by an integer index, with named [B, D] columns; ``ordered()`` returns the rows
-    sorted by index, each index once (the first copy), across processes inside ``sync_context``."""
-
-    full_state_update = False
-
-    def __init__(self, names: Sequence[str], **kwargs):
-        super().__init__(**kwargs)
-        self.names = tuple(names)
-        self.add_state("index", default=[], dist_reduce_fx="cat")
-        for name in self.names:
-            self.add_state(f"col_{name}", default=[], dist_reduce_fx="cat")
-
-    def update(self, index: Tensor, **columns: Tensor) -> None:
-        if set(columns) != set(self.names):
-            raise ValueError(f"KeyedRows needs the columns {sorted(self.names)}, got {sorted(columns)}")
-        self.index.append(index.detach().long())
-        for name, value in columns.items():
-            getattr(self, f"col_{name}").append(value.detach().float())
-
-    def ordered(self) -> tuple[Tensor, dict[str, Tensor]]:
-        # states are lists of batches, or one tensor once synced across processes
-        if isinstance(self.index, list) and not self.index:
-            return torch.zeros(0, dtype=torch.long), {}
-        index = dim_zero_cat(self.index).reshape(-1)
-        cols = {name: dim_zero_cat(getattr(self, f"col_{name}")) for name in self.names}
-        if index.numel() == 0:
-            return index, {}
-        cols = {name: value.reshape(index.numel(), -1) for name, value in cols.items()}
-        rows = unique_rows({"index": index, **cols}, ("index",))
-        order = rows["index"].argsort()
-        return rows["index"][order], {name: rows[name][order] for name in self.names}
-
-    def compute(self) -> Tensor:
-        return torch.tensor(float(len(self.ordered()[0])))
-
-
-class CIREvaluation(pl.LightningModule):
+class CIREvaluation(EvaluationModule):
     """Eval-side machinery for CIR (see the module docstring). Subclasses set ``self.methods`` and
     implement ``query_features(features [B, D] unnormalised, batch) -> {method: [B, D] normalised}``.
 
     After a validate/test epoch: ``self.metrics`` (``{method: {metric: fraction}}``),
     ``self.rankings`` (``{method: (query_index [Q'], ranked gallery indices [Q', N])}``),
     ``self.gallery`` (:class:`GalleryEmbeddings` of the gallery seen), ``self.coverage``
-    (`xclip.cir.scoring.coverage`), ``self.benchmark``.
+    (`xclip.cir.scoring.coverage`), ``self.benchmark``. Metrics are logged as
+    ``{stage}/cir/{method}/{metric}``.
     """
+
+    workflow = "cir"
+    tasks = ("cir_gallery", "cir_query")
 
     def __init__(self, backbone: str | Backbone, methods: Sequence[str], ks: Sequence[int] | None = None,
                  cache_dir: str | None = None, submission_name: str = "submission"):
@@ -112,8 +77,9 @@ class CIREvaluation(pl.LightningModule):
         self.methods = tuple(methods)
         self.ks = tuple(ks) if ks else None
         self.cache_dir, self.submission_name = cache_dir, submission_name
-        self.gallery_rows = KeyedRows(("emb",))
-        self.query_rows = KeyedRows(self.methods)
+        self.gallery_rows = ScoreTable(int_columns=("index",), vector_columns=("emb",), unique_by=("index",), sort=True)
+        self.query_rows = ScoreTable(int_columns=("index",), vector_columns=self.methods, unique_by=("index",),
+                                     sort=True)
         self.benchmark: CIRBenchmark | None = None
         self.metrics: dict[str, dict[str, float]] = {}
         self.per_kind: dict[str, dict[str, float]] = {}
@@ -170,40 +136,31 @@ class CIREvaluation(pl.LightningModule):
         if self._cached is not None or batch.get("cached") or self._skip(batch, "gallery"):
             return
         emb = F.normalize(self.image_features(batch["image"]), dim=-1)
-        self.gallery_rows.update(batch["index"], emb=emb)
+        self.gallery_rows.update(index=batch["index"], emb=emb)
 
     def query_step(self, batch: dict[str, Any]) -> None:
         if self._skip(batch, "query"):
             return
         feats = self.query_features(self.image_features(batch["reference"]), batch)
-        self.query_rows.update(batch["index"], **feats)
+        self.query_rows.update(index=batch["index"], **feats)
 
-    def eval_step(self, batch: dict[str, Any]) -> None:
-        task = batch.get("task")
-        if task == "cir_gallery":
-            self.gallery_step(batch)
-        elif task == "cir_query":
-            self.query_step(batch)
-        else:
-            raise ValueError(f"{type(self).__name__} evaluates 'cir_gallery' and 'cir_query' batches, got {task!r}")
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def step(self, batch: dict[str, Any], stage: str) -> None:
         with torch.no_grad():
-            self.eval_step(batch)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        with torch.no_grad():
-            self.eval_step(batch)
+            if batch["task"] == "cir_gallery":
+                self.gallery_step(batch)
+            else:
+                self.query_step(batch)
 
     # ---- epoch end -------------------------------------------------------------------------
-    def _gathered(self, rows: KeyedRows) -> tuple[Tensor, dict[str, Tensor]]:
-        if not self.trainer.strategy.reduce_boolean_decision(rows.update_called, all=False):
+    def _gathered(self, rows: ScoreTable) -> tuple[Tensor, dict[str, Tensor]]:
+        """(item index [N] sorted, column -> [N, D]) of every process, each item once."""
+        table = rows.gathered_rows(self.trainer.strategy)
+        if table is None or table["index"].numel() == 0:
             return torch.zeros(0, dtype=torch.long), {}
-        with rows.sync_context():
-            return rows.ordered()
+        return table["index"], {name: table[name] for name in rows.vector_columns}
 
     def finish(self, stage: str) -> None:
-        """Gather, rank, score, log (``{stage}/{method}/{metric}``), write submissions."""
+        """Gather, rank, score, log (``{stage}/cir/{method}/{metric}``), write submissions."""
         bench = self.benchmark
         g_index, g_cols = (self._cached.image_index, {"emb": self._cached.image_emb}) if self._cached is not None \
             else self._gathered(self.gallery_rows)
@@ -239,8 +196,7 @@ class CIREvaluation(pl.LightningModule):
                 if bench.name == "shapes":
                     self.per_kind[method] = per_category_recall(bench, q_index, ranked, 1)
                 for name, value in self.metrics[method].items():
-                    # identical on every process (computed from the gathered rows)
-                    self.log(f"{stage}/{method}/{name}", value, sync_dist=True)
+                    self.log_metric(stage, f"{method}/{name}", value)  # from the gathered rows: same everywhere
             elif self.trainer.is_global_zero:
                 # every query id is written; one that was not evaluated gets an empty list (named in results.json)
                 out = run_directory(self.trainer) / "submissions"
@@ -269,12 +225,6 @@ class CIREvaluation(pl.LightningModule):
                                  f"for {len(bad)} queries (ids {', '.join(ids)}; e.g. reference "
                                  f"{bench.reference_path(bad[0])}): check the weights (phi too) and {precision}")
 
-    def on_validation_epoch_end(self) -> None:
-        self.finish("val")
-
-    def on_test_epoch_end(self) -> None:
-        self.finish("test")
-
     # ---- reporting -------------------------------------------------------------------------
     def report_rows(self, metrics: Mapping[str, float | None]) -> list[ReportRow]:
         """One console row per method and stage (columns: the metrics)."""
@@ -287,20 +237,20 @@ class CIREvaluation(pl.LightningModule):
             where = (f"{bench.name} {bench.split}, {cov['n_evaluated']} of {cov['n_queries']} queries evaluated x "
                      f"{cov['n_gallery_read']} of {cov['n_gallery']} images read; misses: {missed} not evaluated, "
                      f"{len(cov['target_not_read'])} target not read")
-        for stage in ("val", "test"):
+        for stage in STAGES:
             for method in self.methods:
                 # the metric functions' own order (R@1, R@5, ...), not the alphabetical one
-                keys = [f"{stage}/{method}/{name}" for name in self.metrics.get(method, {})
-                        if f"{stage}/{method}/{name}" in metrics]
+                names = [n for n in self.metrics.get(method, {}) if self.metric_key(stage, f"{method}/{n}") in metrics]
+                keys = [self.metric_key(stage, f"{method}/{n}") for n in names]
                 if keys:
                     rows.append(ReportRow("composed image retrieval", f"{METHOD_NAMES[method]} [{stage}; {where}]",
-                                          {k.split("/", 2)[2]: metrics[k] for k in keys}, keys))
+                                          {n: metrics[k] for n, k in zip(names, keys)}, keys))
         return rows
 
     def extra_results(self) -> dict[str, Any]:
         """Merged into results.json under ``cir``."""
         bench, cache = self.benchmark, self._cache
-        return {"backbone": self.backbone_spec, "cir": {
+        return {**super().extra_results(), "cir": {
             "benchmark": None if bench is None else {"name": bench.name, "split": bench.split,
                                                      **(self.coverage or {"n_queries": len(bench),
                                                                           "n_gallery": bench.n_gallery})},

@@ -8,25 +8,23 @@ Three sources of weights:
 - SEARLE's released state dicts (``SEARLE_ViT-B32.pt``, ``SEARLE_ViT-L14.pt``: ``{"Phi": state_dict}``,
   Linear layers at ``layers.0``, ``layers.3``, ``layers.6``; training checkpoints also hold
   ``"epoch"``), read from a file or from the torch.hub cache where ``torch.hub.load`` puts them;
-- xclip's own format: a directory with ``config.json`` + ``model.safetensors`` (+ a README card),
+- xclip's model folder (`xclip.model_folder`: ``config.json`` + ``model.safetensors`` + a card),
   e.g. ``checkpoints/searle-phi-tiny-shapes`` (``"xclip:searle-phi-tiny-shapes"``);
 - a fresh random init for a backbone (`Phi.for_backbone`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from xclip.backbones import Backbone
 from xclip.backbones.loading import checkpoint_path
-from xclip.io import atomic_directory
+from xclip.model_folder import load_state, read_folder, save_folder
 
 SEARLE_URL = "https://github.com/miccunifi/SEARLE/releases/download/weights/{file}"
 # released backbone -> (input_dim, hidden_dim, output_dim, file name)
@@ -34,8 +32,6 @@ SEARLE_RELEASES: dict[str, tuple[int, int, int, str]] = {
     "ViT-B/32": (512, 2048, 512, "SEARLE_ViT-B32.pt"),
     "ViT-L/14": (768, 3072, 768, "SEARLE_ViT-L14.pt"),
 }
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 ARCHITECTURE = "searle-phi"
 
 
@@ -159,17 +155,18 @@ def save_searle_state(phi: Phi, path: str | Path, epoch: int | None = None) -> P
 
 
 # ---- xclip's format ------------------------------------------------------------------------------
-def save_phi(phi: Phi, directory: str | Path, extra: dict | None = None) -> Path:
-    """Write ``directory/{config.json, model.safetensors}`` (fp32) atomically
-    (`xclip.io.atomic_directory`: other files already there, a README card, are kept)."""
-    with atomic_directory(directory) as tmp:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in phi.state_dict().items()}, str(tmp / WEIGHTS_NAME))
-        (tmp / CONFIG_NAME).write_text(json.dumps({**phi.config(), **(extra or {})}, indent=2))
-    return directory
+def save_phi(phi: Phi, directory: str | Path, extra: dict | None = None, overwrite: bool = False,
+             card: str | None = None) -> Path:
+    """Write phi as a model folder (`xclip.model_folder`: ``architecture: searle-phi``, fp32 weights),
+    atomically; `extra` goes into config.json (the backbone it was trained for, the recipe). A
+    folder that already holds a model is replaced only with `overwrite`."""
+    config = {k: v for k, v in phi.config().items() if k != "architecture"}
+    return save_folder(directory, ARCHITECTURE, {**config, **(extra or {})}, phi.state_dict(), card=card,
+                       dtype=torch.float32, overwrite=overwrite)
 
 
 def load_phi(spec: str | Path) -> Phi:
-    """phi from any source, in eval mode: ``"xclip:<name>"`` or a directory in xclip's format,
+    """phi from any source, in eval mode: ``"xclip:<name>"`` or a model folder,
     ``"searle:ViT-B/32"`` / ``"searle:ViT-L/14"`` (SEARLE's releases from the torch.hub cache), or a
     SEARLE checkpoint file (``.pt``)."""
     spec = str(spec)
@@ -178,17 +175,7 @@ def load_phi(spec: str | Path) -> Phi:
     path = checkpoint_path(spec)
     if path.is_file():
         return load_searle_phi(path)
-    if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(f"{path}: expected a phi checkpoint directory ({CONFIG_NAME} + {WEIGHTS_NAME}) or a "
-                                "SEARLE .pt file")
-    config = json.loads((path / CONFIG_NAME).read_text())
-    if config.get("architecture") != ARCHITECTURE:
-        raise ValueError(f"{path / CONFIG_NAME}: architecture is {config.get('architecture')!r}, not {ARCHITECTURE!r}")
+    folder = read_folder(path, ARCHITECTURE)
+    config = folder.config
     phi = Phi(config["input_dim"], config["hidden_dim"], config["output_dim"], config.get("dropout", 0.5))
-    phi.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
-    return phi.eval()
-
-
-def phi_config(spec: str | Path) -> dict:
-    """The ``config.json`` of an xclip phi checkpoint (e.g. the backbone it was trained for)."""
-    return json.loads((checkpoint_path(spec) / CONFIG_NAME).read_text())
+    return load_state(phi, folder).eval()

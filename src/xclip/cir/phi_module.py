@@ -24,13 +24,13 @@ from xclip.cir.oti import OTIConfig, oti_invert
 from xclip.cir.phi import Phi, save_phi
 from xclip.cir.query import encode_with_pseudo_tokens, query_features
 from xclip.data.embedding_cache import weights_fingerprint
+from xclip.engine import ExportMixin
 from xclip.io import atomic_write_bytes
-from xclip.results import export_target, refuse_export_over
 
 log = logging.getLogger(__name__)
 
 
-class PhiTrainingModule(CIREvaluation):
+class PhiTrainingModule(ExportMixin, CIREvaluation):
     """Train phi (SEARLE) on ShapesWorld images; validate with SEARLE's CIR recall on ShapesWorld.
 
     Before the first step (``on_fit_start``) the module embeds every training image of the
@@ -42,10 +42,10 @@ class PhiTrainingModule(CIREvaluation):
         lambda_distil * NT-Xent(OTI tokens, phi(f); temperature) + lambda_reg * L_reg
 
     (L_reg with EVERY occurrence of the concept replaced by ``$``; see `xclip.cir.losses`).
-    At the end of fit the trained phi is exported in xclip's format (config.json +
-    model.safetensors): by default into ``<run dir>/phi``, never into ``checkpoints/``. An
-    `export_dir` that already holds a checkpoint (the shipped ``checkpoints/searle-phi-tiny-shapes``)
-    needs ``overwrite: true``; without it fit refuses at setup, before any training.
+    At the end of fit the trained phi is exported as a model folder (`xclip.engine.ExportMixin`):
+    by default into ``<run dir>/model``, never into ``checkpoints/``. An `export_dir` that already
+    holds a model (the shipped ``checkpoints/searle-phi-tiny-shapes``) needs ``overwrite: true``;
+    without it fit refuses at setup, before any training.
 
     Args:
         backbone: the frozen CLIP (spec or object).
@@ -58,11 +58,13 @@ class PhiTrainingModule(CIREvaluation):
         phrases_per_concept: phrases per concept (SEARLE: 256 GPT phrases).
         oti_cache_dir: where OTI tokens are cached (None: recompute every fit).
         export: export the trained phi at the end of fit.
-        export_dir: where (None: ``<run dir>/phi``).
+        export_dir: where (None: ``<run dir>/model``).
         overwrite: allow `export_dir` to be an existing checkpoint directory (replaced atomically;
             other files there, such as a README card, are kept).
         seed: the seed of the per-step concept and phrase draws.
     """
+
+    shipped_folder = "checkpoints/searle-phi-tiny-shapes"
 
     def __init__(self, backbone: str | Backbone = "xclip:tiny-shapes", dropout: float = 0.5, lr: float = 1e-4,
                  weight_decay: float = 0.01, temperature: float = 0.25, lambda_distil: float = 1.0,
@@ -71,7 +73,6 @@ class PhiTrainingModule(CIREvaluation):
                  export: bool = True, export_dir: str | None = None, overwrite: bool = False, seed: int = 0,
                  cache_dir: str | None = None):
         super().__init__(backbone, ("searle",), None, cache_dir)
-        self.save_hyperparameters(ignore=["backbone"])
         known = {f.name for f in fields(OTIConfig)}
         if oti and set(oti) - known:
             raise ValueError(f"unknown OTI settings {sorted(set(oti) - known)}: use {sorted(known)}")
@@ -148,21 +149,9 @@ class PhiTrainingModule(CIREvaluation):
         self.phi.eval()
         return {"searle": query_features(self.backbone, self.phi(features), batch["captions"]).float()}
 
-    def export_path(self) -> Path | None:
-        """Where fit exports phi (None: `export` is off); see `xclip.results.export_target`."""
-        return export_target(self.trainer, self.hparams.export, self.hparams.export_dir)
-
-    def setup(self, stage: str) -> None:
-        if stage == "fit":  # refuse an export that would replace weights before training, not after it
-            refuse_export_over(self.export_path(), self.hparams.overwrite, "checkpoints/searle-phi-tiny-shapes")
-        super().setup(stage)  # the validation benchmark (SEARLE's recall during fit)
-
-    def on_fit_end(self) -> None:
-        target = self.export_path()
-        if target is not None and self.trainer.is_global_zero:
-            extra = {"backbone": self.backbone_spec, "backbone_weights_sha256": weights_fingerprint(self.backbone),
-                     "recipe": {k: v for k, v in self.hparams.items()
-                                if k not in ("export", "export_dir", "overwrite", "oti_cache_dir", "cache_dir")},
-                     "oti": self.oti_config.to_dict(), "n_train": len(self.trainer.datamodule.training_images)}
-            save_phi(self.phi, target, extra)
-            print(f"exported phi to {target}")
+    def export_model(self, path: Path) -> None:
+        extra = {"backbone": self.backbone_spec, "backbone_weights_sha256": weights_fingerprint(self.backbone),
+                 "recipe": {k: v for k, v in self.hparams.items()
+                            if k not in ("export", "export_dir", "overwrite", "oti_cache_dir", "cache_dir")},
+                 "oti": self.oti_config.to_dict(), "n_train": len(self.trainer.datamodule.training_images)}
+        save_phi(self.phi, path, extra, overwrite=self.hparams.overwrite)

@@ -41,9 +41,9 @@ class ExportMixin:
         return export_target(self.trainer, bool(self.hparams.export), self.hparams.export_dir)
 
     def setup(self, stage: str) -> None:
-        super().setup(stage)  # type: ignore[misc]
-        if stage == "fit":
+        if stage == "fit":  # before anything else of the fit: never refuse after hours of training
             refuse_export_over(self.export_path(), bool(self.hparams.overwrite), self.shipped_folder)
+        super().setup(stage)  # type: ignore[misc]
 
     def on_fit_end(self) -> None:
         super().on_fit_end()  # type: ignore[misc]
