@@ -1,5 +1,5 @@
 """Annotation sheets, their validation (row-level errors), merge, report and the
-``xclip-annotations merge`` command."""
+``xclip annotations merge`` command."""
 
 import csv
 import json
@@ -9,14 +9,15 @@ import pytest
 from sklearn.metrics import cohen_kappa_score
 
 from xclip.retrieval.failures.annotations import (
-    AnnotationError,
+    SheetError,
     consensus,
     merge_annotations,
     read_merged_labels,
     read_sheet_dir,
 )
 from xclip.retrieval.failures.extract import Failure, failure_id
-from xclip.retrieval.failures.report import main, write_annotation_report
+from xclip.retrieval.cli import main
+from xclip.retrieval.failures.report import write_annotation_report
 from xclip.retrieval.failures.sheets import SHEET_COLUMNS, assign_sheets, feasible_counts, fill_sheets, write_sheets
 
 N_ANNOTATORS, PER_ANNOTATOR, OVERLAP = 3, 4, 5
@@ -202,7 +203,7 @@ def test_unknown_and_empty_labels_are_reported_with_file_row_and_value(sheets, t
     rows[1]["label"] = "colour"  # file row 3
     rows[4]["label"] = "   "  # file row 6
     write_rows(path, rows)
-    with pytest.raises(AnnotationError) as err:
+    with pytest.raises(SheetError) as err:
         read_sheet_dir(filled)
     issues = [(Path(i.file).name, i.row, i.column, i.value, i.problem) for i in err.value.issues]
     assert issues == [("annotator_2.csv", 3, "label", "colour", "unknown label"),
@@ -220,7 +221,7 @@ def test_missing_column_duplicate_id_and_missing_row_are_all_collected(sheets, t
     dropped = rows2.pop()  # an assigned failure loses its row
     rows2.append(dict(rows2[0]))  # and the first failure appears twice (file row 10)
     write_rows(filled / "annotator_2.csv", rows2)
-    with pytest.raises(AnnotationError) as err:
+    with pytest.raises(SheetError) as err:
         read_sheet_dir(filled)
     issues = [(Path(i.file).name, i.row, i.column, i.value, i.problem) for i in err.value.issues]
     assert issues[0][:4] == ("annotator_1.csv", 1, "label", "") and issues[0][4].startswith("missing column")
@@ -236,7 +237,7 @@ def test_a_row_not_assigned_to_its_annotator_is_an_error_naming_sheet_and_row(sh
     rows = read_rows(filled / "annotator_1.csv")
     rows.append({**rows[0], "failure_id": own_of_2})  # annotator_1 labels one of annotator_2's failures (row 12+)
     write_rows(filled / "annotator_1.csv", rows)
-    with pytest.raises(AnnotationError) as err:
+    with pytest.raises(SheetError) as err:
         read_sheet_dir(filled)
     (issue,) = err.value.issues
     assert (Path(issue.file).name, issue.row, issue.column, issue.value) == ("annotator_1.csv", len(rows) + 1,
@@ -247,7 +248,7 @@ def test_a_row_not_assigned_to_its_annotator_is_an_error_naming_sheet_and_row(sh
 def test_missing_sheet_is_reported(sheets, tmp_path):
     filled, _ = filled_copy(sheets, tmp_path)
     (filled / "annotator_3.csv").unlink()
-    with pytest.raises(AnnotationError, match=r"annotator_3.csv, row 0.*sheet missing"):
+    with pytest.raises(SheetError, match=r"annotator_3.csv, row 0.*sheet missing"):
         read_sheet_dir(filled)
 
 

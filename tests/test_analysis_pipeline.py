@@ -1,4 +1,4 @@
-"""End to end on ShapesWorld with the shipped tiny CLIP: validate with `FailureAnalysisCallback`
+"""End to end on ShapesWorld with the shipped tiny CLIP: validate with `RetrievalExplanationCallback`
 -> failures -> cards -> sheets -> auto-labels -> merge -> agreement -> summary -> improvements,
 checked against counts computed independently from the module's embeddings and the scene graphs."""
 
@@ -14,10 +14,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from sklearn.metrics import cohen_kappa_score
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from xclip.retrieval import FailureAnalysisCallback, RetrievalModule
+from xclip.retrieval import RetrievalExplanationCallback, RetrievalModule
 from xclip.retrieval.datamodule import RetrievalDataModule
 from xclip.retrieval.failures.autolabel import autolabel
-from xclip.retrieval.failures.callback import _row_captions
+from xclip.retrieval.callback import _row_captions
 from xclip.retrieval.failures.report import write_annotation_report
 from xclip.retrieval.failures.sheets import fill_sheets
 from xclip.retrieval.failures.taxonomy import category
@@ -37,7 +37,7 @@ def run(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("failure_run")
-    callback = FailureAnalysisCallback(n_failures=N_FAILURES, seed=0, n_annotators=N_ANNOTATORS,
+    callback = RetrievalExplanationCallback(n_failures=N_FAILURES, seed=0, n_annotators=N_ANNOTATORS,
                                        per_annotator=PER_ANNOTATOR, overlap=OVERLAP, card_size=64, log_cards=2)
     module = RetrievalModule()
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=TensorBoardLogger(root, name="run"), callbacks=[callback],
@@ -61,7 +61,7 @@ def expected(run):
 
 
 def test_failures_csv_holds_every_top1_failure(run, expected):
-    rows = read_rows(run.dir / "failures" / "failures.csv")
+    rows = read_rows(run.dir / "failures" / "val" / "failures.csv")
     assert [int(r["text_index"]) for r in rows] == expected.failing
     assert len(rows) >= N_FAILURES, "the sample sizes of these tests need at least 24 failures in this gallery"
     gallery = run.module.gallery
@@ -74,7 +74,7 @@ def test_failures_csv_holds_every_top1_failure(run, expected):
 
 
 def test_cards_and_sheets_have_the_configured_counts(run, expected):
-    failures_dir = run.dir / "failures"
+    failures_dir = run.dir / "failures" / "val"
     cards = sorted(p.stem for p in (failures_dir / "cards").glob("*.png"))
     assert len(cards) == N_FAILURES
     assignment = json.loads((failures_dir / "sheets" / "assignment.json").read_text())
@@ -87,14 +87,14 @@ def test_cards_and_sheets_have_the_configured_counts(run, expected):
         assert all((failures_dir / "sheets" / r["card"]).is_file() and r["label"] == "" for r in rows)
         ids += [r["failure_id"] for r in rows]
     assert len(set(ids)) == N_ANNOTATORS * PER_ANNOTATOR + OVERLAP and set(ids) <= set(cards)
-    summary = json.loads((failures_dir / "summary.json").read_text())
+    summary = json.loads((failures_dir / "index.json").read_text())
     assert (summary["n_failures"], summary["n_sampled"], summary["n_cards"]) == (len(expected.failing), N_FAILURES,
                                                                                 N_FAILURES)
     assert (summary["per_annotator"], summary["overlap"]) == (PER_ANNOTATOR, OVERLAP)
 
 
 def test_auto_labelled_sheets_merge_with_perfect_agreement(run, expected):
-    auto = run.dir / "failures" / "auto"
+    auto = run.dir / "failures" / "val" / "auto"
     merged = read_rows(auto / "merged.csv")
     n_unique = N_ANNOTATORS * PER_ANNOTATOR + OVERLAP
     assert len(merged) == n_unique
@@ -114,7 +114,7 @@ def test_auto_labelled_sheets_merge_with_perfect_agreement(run, expected):
 
 
 def test_one_perturbed_annotator_gives_the_known_kappas(run, tmp_path):
-    auto_sheets = run.dir / "failures" / "auto" / "sheets"
+    auto_sheets = run.dir / "failures" / "val" / "auto" / "sheets"
     assignment = json.loads((auto_sheets / "assignment.json").read_text())
     rows = {r["failure_id"]: r["label"] for r in read_rows(auto_sheets / "annotator_1.csv")}
     overlap = sorted(assignment["overlap"])
@@ -140,7 +140,7 @@ def test_one_perturbed_annotator_gives_the_known_kappas(run, tmp_path):
 
 
 def test_improvements_table_per_method_and_category(run, expected):
-    rows = read_rows(run.dir / "improvements.csv")
+    rows = read_rows(run.dir / "failures" / "val" / "improvements.csv")
     label_counts = Counter(expected.labels.values())
     subsets = ["all", "failures", *(f"failures:{label}" for label in label_counts)]
     assert len(rows) == N_METHODS * len(subsets)
@@ -156,20 +156,20 @@ def test_improvements_table_per_method_and_category(run, expected):
         assert float(by["baseline", f"failures:{label}"]["R@1"]) == 0.0
     # the ShapesWorld paraphrase shares almost every word with the query: re-ranking fixes failures
     assert float(by["rerank_tfidf", "failures"]["R@1"]) > 0.3
-    assert (run.dir / "improvements.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run.dir / "failures" / "val" / "improvements.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cards_and_improvements_are_logged_to_tensorboard(run):
     events = EventAccumulator(str(run.dir), size_guidance={"images": 0})
     events.Reload()
     tags = events.Tags()["images"]
-    assert sum(t.startswith("failures/card/") for t in tags) == 2
-    assert "failures/improvements" in tags
+    assert sum(t.startswith("val/retrieval/card/") for t in tags) == 2
+    assert "val/retrieval/improvements/all" in tags
 
 
 def test_labels_csv_defines_the_improvement_subsets(run, expected, tmp_path):
-    merged_csv = run.dir / "failures" / "auto" / "merged.csv"
-    callback = FailureAnalysisCallback(n_failures=4, n_annotators=1, per_annotator=4, overlap=0, cards=False,
+    merged_csv = run.dir / "failures" / "val" / "auto" / "merged.csv"
+    callback = RetrievalExplanationCallback(n_failures=4, n_annotators=1, per_annotator=4, overlap=0, cards=False,
                                        autolabel=False, labels_csv=str(merged_csv), poolings=["max"],
                                        templates=["{}", "a photo of {}."])
     trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, logger=SimpleNamespace(log_dir=str(tmp_path)),
@@ -180,8 +180,8 @@ def test_labels_csv_defines_the_improvement_subsets(run, expected, tmp_path):
     assert subsets == {"all": expected.n_captions, "failures": len(expected.failing),
                        **{f"failures:{label}": n for label, n in merged.items()}}
     assert {r["method"] for r in summary["improvements"]} == {"baseline", "templates_max", "rerank_tfidf"}
-    assert not (tmp_path / "failures" / "cards").exists() and not (tmp_path / "failures" / "auto").exists()
-    assert len(read_rows(tmp_path / "failures" / "sheets" / "annotator_1.csv")) == 4
+    assert not (tmp_path / "failures" / "val" / "cards").exists() and not (tmp_path / "failures" / "val" / "auto").exists()
+    assert len(read_rows(tmp_path / "failures" / "val" / "sheets" / "annotator_1.csv")) == 4
 
 
 def test_embedding_rows_map_back_to_gallery_captions():
@@ -208,13 +208,13 @@ def test_a_perfect_model_gives_empty_sheets_and_reports(tmp_path):
     _, owner = gallery.all_captions()
     trainer, module = stub_run(tmp_path, torch.eye(6), torch.eye(6)[owner], owner, gallery)
     with pytest.warns(UserWarning, match="0 sampled failures"):
-        summary = FailureAnalysisCallback(improvements=False).analyse(trainer, module)
+        summary = RetrievalExplanationCallback(improvements=False).analyse(trainer, module)
     assert (summary["n_failures"], summary["n_sampled"], summary["n_cards"]) == (0, 0, 0)
     assert (summary["per_annotator"], summary["overlap"]) == (0, 0)
-    assert read_rows(tmp_path / "failures" / "failures.csv") == []
-    assert read_rows(tmp_path / "failures" / "sheets" / "annotator_1.csv") == []
-    assert read_rows(tmp_path / "failures" / "auto" / "merged.csv") == []
-    assert read_rows(tmp_path / "failures" / "auto" / "ambiguity.csv")[0]["n_failures"] == "0"
+    assert read_rows(tmp_path / "failures" / "val" / "failures.csv") == []
+    assert read_rows(tmp_path / "failures" / "val" / "sheets" / "annotator_1.csv") == []
+    assert read_rows(tmp_path / "failures" / "val" / "auto" / "merged.csv") == []
+    assert read_rows(tmp_path / "failures" / "val" / "auto" / "ambiguity.csv")[0]["n_failures"] == "0"
 
 
 def test_too_few_failures_shrink_the_sheets_with_a_warning(tmp_path):
@@ -223,12 +223,12 @@ def test_too_few_failures_shrink_the_sheets_with_a_warning(tmp_path):
     text_emb = torch.eye(6)[owner]
     text_emb[[0, 2, 4]] = torch.eye(6)[[1, 3, 5]]  # captions 0, 2, 4 retrieve the next image
     trainer, module = stub_run(tmp_path, torch.eye(6), text_emb, owner, gallery)
-    callback = FailureAnalysisCallback(n_failures=10, n_annotators=2, per_annotator=5, overlap=2, cards=False,
+    callback = RetrievalExplanationCallback(n_failures=10, n_annotators=2, per_annotator=5, overlap=2, cards=False,
                                        improvements=False)
     with pytest.warns(UserWarning, match="per_annotator=0, overlap=2"):
         summary = callback.analyse(trainer, module)
     assert (summary["n_failures"], summary["per_annotator"], summary["overlap"]) == (3, 0, 2)
-    failures = read_rows(tmp_path / "failures" / "failures.csv")
+    failures = read_rows(tmp_path / "failures" / "val" / "failures.csv")
     assert [(r["text_index"], r["gt_image"], r["retrieved_image"]) for r in failures] == \
         [("0", "0", "1"), ("2", "1", "3"), ("4", "2", "5")]
-    assert [len(read_rows(tmp_path / "failures" / "sheets" / f"annotator_{k}.csv")) for k in (1, 2)] == [2, 2]
+    assert [len(read_rows(tmp_path / "failures" / "val" / "sheets" / f"annotator_{k}.csv")) for k in (1, 2)] == [2, 2]

@@ -145,10 +145,10 @@ def test_explanations_use_the_backbone_of_the_member_each_batch_is_routed_to(tmp
 def test_failure_analysis_finds_the_retrieval_member_of_a_suite(tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from xclip.retrieval import FailureAnalysisCallback
+    from xclip.retrieval import RetrievalExplanationCallback
 
     suite, data = _shapes_suite("xclip:tiny-shapes"), _shapes_data(n=40)
-    callback = FailureAnalysisCallback(n_failures=4, per_annotator=1, overlap=1, improvements=False, cards=True)
+    callback = RetrievalExplanationCallback(n_failures=4, per_annotator=1, overlap=1, improvements=False, cards=True)
     trainer = pl.Trainer(accelerator="cpu", logger=TensorBoardLogger(str(tmp_path), name="run"), callbacks=[callback],
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(suite, datamodule=data, verbose=False)
@@ -156,4 +156,4 @@ def test_failure_analysis_finds_the_retrieval_member_of_a_suite(tmp_path):
     emb = suite.members["retrieval"].gallery_embeddings
     top1 = (emb.text_emb @ emb.image_emb.T).argmax(1)  # brute force: every top-1 text->image miss
     assert summary["n_failures"] == int((top1 != emb.text_to_image).sum()) > 0
-    assert len(list((tmp_path / "run" / "version_0" / "failures" / "cards").glob("*.png"))) == min(4, summary["n_failures"])
+    assert len(list((tmp_path / "run" / "version_0" / "failures" / "val" / "cards").glob("*.png"))) == min(4, summary["n_failures"])

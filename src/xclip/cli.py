@@ -129,6 +129,7 @@ COMMANDS: dict[str, str] = {
     "cir-query": "xclip.cir.query_cli:main",
     "vocab": "xclip.ood.cli:main",
     "app": "xclip.faithfulness.app:main",
+    "annotations": "xclip.retrieval.cli:main",
 }
 DEBUG_FLAG, DEBUG_ENV = "--debug", "XCLIP_DEBUG"
 

@@ -33,12 +33,14 @@ class StageCallback(pl.Callback):
 
     Class attributes:
         workflow: the second part of the TensorBoard tags (``{stage}/{workflow}/...``).
+        write_empty_index: write the index also when no item was written (a summary still matters).
 
     Args:
         subdir: folder under the run directory; each stage writes into ``<subdir>/<stage>/``.
     """
 
     workflow: ClassVar[str] = ""
+    write_empty_index: ClassVar[bool] = False  # write index.json also when no item was written
 
     def __init__(self, subdir: str) -> None:
         self.subdir = subdir
@@ -68,8 +70,9 @@ class StageCallback(pl.Callback):
         return self.stage_dir(trainer, stage) / "index.json"
 
     def write_index(self, trainer: pl.Trainer, stage: str) -> Path | None:
-        """Write ``<subdir>/<stage>/index.json`` atomically (nothing when no item was written)."""
-        if not self.records or not trainer.is_global_zero:
+        """Write ``<subdir>/<stage>/index.json`` atomically (nothing when no item was written, unless
+        `write_empty_index`)."""
+        if not (self.records or self.write_empty_index) or not trainer.is_global_zero:
             return None
         payload = {"stage": stage, **self.index_payload(trainer, stage), "items": self.records}
         return atomic_write_text(self.index_path(trainer, stage), json.dumps(payload, indent=2, default=str))

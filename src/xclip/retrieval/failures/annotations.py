@@ -2,7 +2,7 @@
 
 Validation collects every problem in every sheet first (unknown or empty label, missing column,
 duplicate failure id, assigned rows missing and rows not assigned to that annotator against
-``assignment.json``) and then raises one `AnnotationError` that lists them all with file, row and
+``assignment.json``) and then raises one `SheetError` that lists them all with file, row and
 value. Merging never invents agreement: when annotators tie, the failure is a tie (its tied labels
 are reported), not resolved by the taxonomy's order. Row numbers are line numbers of
 the CSV file, as a spreadsheet shows them: the header is row 1, the first data row is row 2.
@@ -41,8 +41,9 @@ class AnnotationIssue:
         return f"{self.file}, row {self.row}, column {self.column!r}, value {self.value!r}: {self.problem}"
 
 
-class AnnotationError(ValueError):
-    """Sheets that do not validate; `issues` lists every problem found."""
+class SheetError(ValueError):
+    """Annotation sheets that do not validate; `issues` lists every problem found (the COCO loaders'
+    malformed annotation *files* raise `xclip.retrieval.coco.AnnotationError` instead)."""
 
     def __init__(self, issues: Sequence[AnnotationIssue]):
         self.issues = list(issues)
@@ -117,7 +118,7 @@ def read_sheets(paths: Sequence[str | Path], assignment: Mapping[str, Sequence[s
     failures).
 
     Raises:
-        AnnotationError: listing every issue of every sheet.
+        SheetError: listing every issue of every sheet.
     """
     sheets = {Path(p).stem: (Path(p), read_sheet(p)) for p in paths}
     annotations = [a for _, contents in sheets.values() for a in contents.annotations]
@@ -135,7 +136,7 @@ def read_sheets(paths: Sequence[str | Path], assignment: Mapping[str, Sequence[s
                                    f"failure not assigned to {annotator} in {ASSIGNMENT_FILE}")
                    for fid, row in contents.failure_ids.items() if fid not in assigned]
     if issues:
-        raise AnnotationError(issues)
+        raise SheetError(issues)
     return annotations
 
 

@@ -2,7 +2,7 @@
 
 Command line (after the annotators filled their CSVs)::
 
-    xclip-annotations merge --sheets runs/.../failures/sheets --out runs/.../failures/annotations
+    xclip annotations merge --sheets runs/.../failures/sheets --out runs/.../failures/annotations
 
 writes ``merged.csv``, ``agreement.csv``, ``distribution.csv``, ``ambiguity.csv``,
 ``distribution.png`` and ``report.json`` into ``--out``. Invalid sheets exit with status 1 and
@@ -11,17 +11,13 @@ list every bad row (file, row, value) on stderr.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 from xclip.io import atomic_write_csv, atomic_write_text
 from xclip.retrieval.failures.agreement import fleiss_on_shared, pairwise_cohen
 from xclip.retrieval.failures.annotations import (
-    AnnotationError,
     categories_by_annotator,
     labels_by_annotator,
     merge_annotations,
@@ -47,7 +43,7 @@ def write_annotation_report(sheet_dir: str | Path, out_dir: str | Path) -> dict:
     Returns:
         the contents of ``report.json``.
     Raises:
-        AnnotationError: the sheets do not validate (nothing is written).
+        SheetError: the sheets do not validate (nothing is written).
     """
     out_dir = Path(out_dir)
     annotations = read_sheet_dir(sheet_dir)
@@ -86,37 +82,3 @@ def _strict_json(value):
     if isinstance(value, list):
         return [_strict_json(v) for v in value]
     return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``xclip-annotations merge --sheets DIR --out DIR``; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="xclip-annotations",
-                                     description="Merge filled failure-annotation sheets and summarise them.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    merge = commands.add_parser("merge", help="validate + merge sheets, agreement, category summary")
-    merge.add_argument("--sheets", required=True, type=Path, help="folder with the filled <annotator>.csv sheets")
-    merge.add_argument("--out", required=True, type=Path, help="output folder")
-    args = parser.parse_args(argv)
-    try:
-        report = write_annotation_report(args.sheets, args.out)
-    except (AnnotationError, FileNotFoundError) as err:
-        print(f"xclip-annotations: {err}", file=sys.stderr)
-        return 1
-    amb = report["ambiguity"]
-    print(f"{report['n_failures']} failures, {report['n_annotations']} labels from "
-          f"{len(report['rows_per_annotator'])} annotators, {report['n_ties']} ties (no consensus)")
-    for row in report["agreement"]:
-        print(f"  {row['level']:<8} {row['method']:<6} {row['annotators']:<30} n={row['n_items']:<4} "
-              f"kappa={_fmt(row['kappa'])}")
-    print(f"  ambiguous {amb['ambiguous']} : clear {amb['clear']} (ratio {_fmt(amb['ambiguous_to_clear'])}; "
-          "ties left out)")
-    print(f"wrote {args.out}")
-    return 0
-
-
-def _fmt(value: float) -> str:
-    return "nan" if isinstance(value, float) and math.isnan(value) else f"{value:.3f}"
-
-
-if __name__ == "__main__":
-    sys.exit(main())

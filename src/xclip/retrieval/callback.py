@@ -1,6 +1,7 @@
-"""`FailureAnalysisCallback`: after a retrieval validate/test, the top-1 text->image failures with
-visual cards and annotation sheets, ShapesWorld auto-labels with their merged report, and the
-failure-driven improvements (template ensembling, lexical re-ranking) per failure category.
+"""`RetrievalExplanationCallback`: after a retrieval validate/test, the top-1 text->image failures
+explained with visual cards (Grad-ECLIP maps of both images) and annotation sheets, ShapesWorld
+auto-labels with their merged report, and the failure-driven improvements (template ensembling,
+lexical re-ranking) per failure category.
 
 Needs a module like ``xclip.retrieval.RetrievalModule`` that, by the end of validate/test, exposes
 ``gallery_embeddings`` (``image_emb`` [I, D], ``text_emb`` [T, D] L2-normalised, ``text_to_image``
@@ -11,7 +12,6 @@ member that holds these.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,10 +23,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch import Tensor
 
+from xclip.engine import StageCallback, tensorboard_writers
 from xclip.explain import GradECLIP
-from xclip.io import atomic_write_text
 from xclip.metrics import retrieval_ranks
-from xclip.results import run_directory
 from xclip.retrieval.failures.annotations import read_merged_labels
 from xclip.retrieval.failures.autolabel import autolabel_failures
 from xclip.retrieval.failures.cards import write_cards
@@ -52,11 +51,13 @@ from xclip.retrieval.failures.sheets import annotator_names, assign_sheets, feas
 from xclip.retrieval.failures.taxonomy import LABELS
 
 
-class FailureAnalysisCallback(pl.Callback):
-    """Failure analysis at the end of validate/test (global rank 0), written under the run
-    directory: ``failures/`` (``failures.csv`` with every failure, ``cards/``, ``sheets/``,
-    ``summary.json``; on ShapesWorld ``auto/``: the sheets filled by the auto-labeller and their
-    merged report) and ``improvements.csv`` / ``improvements.png``.
+class RetrievalExplanationCallback(StageCallback):
+    """Failure analysis at the end of validate/test (global rank 0), written under
+    ``<run dir>/failures/<stage>/``: ``failures.csv`` with every failure, ``cards/``, ``sheets/``,
+    ``index.json`` (the summary, and one item per sampled failure), on ShapesWorld ``auto/`` (the
+    sheets filled by the auto-labeller and their merged report), and ``improvements.csv`` /
+    ``improvements.png``. TensorBoard: ``<stage>/retrieval/card/<failure id>`` and
+    ``<stage>/retrieval/improvements/all``.
 
     Args:
         n_failures: size of the seeded failure sample that gets cards and sheets.
@@ -68,21 +69,27 @@ class FailureAnalysisCallback(pl.Callback):
         card_batch_size, card_size: failures explained per call; displayed image side.
         log_cards: cards also logged to TensorBoard (when a TensorBoard logger is present).
         autolabel: label failures from scene graphs when the gallery has them (ShapesWorld).
-        labels_csv: a merged table (``xclip-annotations merge`` output, ``merged.csv``) whose
+        labels_csv: a merged table (``xclip annotations merge`` output, ``merged.csv``) whose
             labels define the improvement subsets; default: the auto-labels, if any.
         improvements: evaluate template ensembling and lexical re-ranking.
         templates, poolings, tau: the ensembling (``{}`` is the caption; ``mean|max|logsumexp``).
         rerank_k, rerank_weight, lexical: re-rank the top `rerank_k` by
             ``score + rerank_weight * lexical`` (``tfidf|overlap``).
         recall_ks: the K of the improvement table.
+        subdir: folder under the run directory.
     """
+
+    workflow = "retrieval"
+    write_empty_index = True  # "no failure" is a result
 
     def __init__(self, n_failures: int = 50, seed: int = 0, n_annotators: int = 2, per_annotator: int = 20,
                  overlap: int = 10, cards: bool = True, card_batch_size: int = 8, card_size: int = 256,
                  log_cards: int = 4, autolabel: bool = True, labels_csv: str | None = None,
                  improvements: bool = True, templates: Sequence[str] = DEFAULT_TEMPLATES,
                  poolings: Sequence[str] = POOLINGS, tau: float = 0.01, rerank_k: int = 10,
-                 rerank_weight: float = 0.1, lexical: str = "tfidf", recall_ks: Sequence[int] = (1, 5, 10)):
+                 rerank_weight: float = 0.1, lexical: str = "tfidf", recall_ks: Sequence[int] = (1, 5, 10),
+                 subdir: str = "failures"):
+        super().__init__(subdir)
         unknown = [p for p in poolings if p not in POOLINGS]
         if unknown or lexical not in LEXICAL:
             raise ValueError(f"poolings must be in {POOLINGS} (got {list(poolings)}), lexical in {LEXICAL} "
@@ -96,26 +103,23 @@ class FailureAnalysisCallback(pl.Callback):
         self.improvements, self.templates, self.poolings, self.tau = improvements, list(templates), list(poolings), tau
         self.rerank_k, self.rerank_weight, self.lexical = rerank_k, rerank_weight, lexical
         self.recall_ks = tuple(recall_ks)
+        self._summary: dict[str, Any] = {}
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.analyse(trainer, pl_module)
-
-    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.analyse(trainer, pl_module)
+    def end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.analyse(trainer, pl_module, stage)
 
     # ---- work ----------------------------------------------------------------------------------
-    def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any] | None:
-        """Run the analysis on `pl_module`'s embeddings; returns what ``summary.json`` holds."""
+    def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str = "val") -> dict[str, Any] | None:
+        """Run the analysis on `pl_module`'s embeddings; returns the summary in ``index.json``."""
         if trainer.sanity_checking or not trainer.is_global_zero:
             return None
         module = retrieval_member(pl_module)
         emb, gallery = getattr(module, "gallery_embeddings", None), getattr(module, "gallery", None)
         if emb is None or gallery is None:
-            rank_zero_warn(f"FailureAnalysisCallback: {type(pl_module).__name__} has no (member with) "
+            rank_zero_warn(f"RetrievalExplanationCallback: {type(pl_module).__name__} has no (member with) "
                            "gallery_embeddings/gallery after this epoch; nothing to analyse")
             return None
-        run_dir = run_directory(trainer)
-        out = run_dir / "failures"
+        out = self.stage_dir(trainer, stage)
         captions, row_text_ids = _row_captions(gallery, emb.image_index, emb.text_to_image)
         top1 = top1_failures(emb.image_emb, emb.text_emb, emb.text_to_image)
         gallery_texts, _ = gallery.all_captions()
@@ -124,10 +128,11 @@ class FailureAnalysisCallback(pl.Callback):
         write_failures_csv(out / "failures.csv", failures, {"auto_label": auto} if auto is not None else None)
 
         sample = sample_failures(failures, self.n_failures, self.seed)
-        cards = self._cards(trainer, module.backbone, sample, gallery, out / "cards") if self.cards and sample else {}
+        cards = self._cards(trainer, stage, module.backbone, sample, gallery, out / "cards") \
+            if self.cards and sample else {}
         per_annotator, overlap = feasible_counts(len(sample), self.n_annotators, self.per_annotator, self.overlap)
         if (per_annotator, overlap) != (self.per_annotator, self.overlap):
-            rank_zero_warn(f"FailureAnalysisCallback: {len(sample)} sampled failures; sheets get "
+            rank_zero_warn(f"RetrievalExplanationCallback: {len(sample)} sampled failures; sheets get "
                            f"per_annotator={per_annotator}, overlap={overlap} instead of {self.per_annotator}, "
                            f"{self.overlap}")
         assignment = assign_sheets([f.failure_id for f in sample], self.n_annotators, per_annotator, overlap, self.seed)
@@ -139,7 +144,7 @@ class FailureAnalysisCallback(pl.Callback):
         }
         if auto is not None:
             by_id = dict(zip((f.failure_id for f in failures), auto))
-            fill_sheets(out / "sheets", {name: by_id for name in annotator_names(self.n_annotators)},
+            fill_sheets(out / "sheets", dict.fromkeys(annotator_names(self.n_annotators), by_id),
                         out / "auto" / "sheets")
             report = write_annotation_report(out / "auto" / "sheets", out / "auto")
             summary["auto_labels"] = {label: auto.count(label) for label in LABELS if label in auto}
@@ -147,27 +152,31 @@ class FailureAnalysisCallback(pl.Callback):
         if self.improvements:
             labels = self._subset_labels(failures, auto)
             rows = self._improvements(module.backbone, emb, captions, top1["text_index"], labels, row_text_ids)
-            _, png = write_improvements(run_dir, rows, self.recall_ks)
+            _, png = write_improvements(out, rows, self.recall_ks)
             summary["improvements"] = rows
-            self._log_image(trainer, "failures/improvements", png)
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+            self._log_png(trainer, stage, "improvements", "all", png)
+        self._summary = summary
+        self.records = [{"failure_id": f.failure_id, "text_index": f.text_index, "caption": f.caption,
+                         "card": str(cards[f.failure_id].relative_to(out)) if f.failure_id in cards else None}
+                        for f in sample]
+        self.write_index(trainer, stage)
         return summary
 
-    def _cards(self, trainer, backbone, sample: list[Failure], gallery, out_dir: Path) -> dict[str, Path]:
+    def index_payload(self, trainer: pl.Trainer, stage: str) -> dict[str, Any]:
+        return dict(self._summary)
+
+    def _cards(self, trainer, stage: str, backbone, sample: list[Failure], gallery, out_dir: Path) -> dict[str, Path]:
         explainer = GradECLIP(backbone, precision=str(trainer.precision))
         paths = write_cards(explainer, sample, gallery.image, out_dir, self.card_batch_size, self.card_size)
         for fid in list(paths)[: self.log_cards]:
-            self._log_image(trainer, f"failures/card/{fid}", paths[fid])
+            self._log_png(trainer, stage, "card", fid, paths[fid])
         return paths
 
-    def _log_image(self, trainer, tag: str, png: Path) -> None:
-        experiments = [lg.experiment for lg in trainer.loggers if hasattr(getattr(lg, "experiment", None), "add_image")]
-        if not experiments:
+    def _log_png(self, trainer, stage: str, what: str, item: str, png: Path) -> None:
+        if not tensorboard_writers(trainer):
             return
         with Image.open(png) as im:
-            pixels = np.asarray(im.convert("RGB"))
-        for exp in experiments:
-            exp.add_image(tag, pixels, trainer.global_step, dataformats="HWC")
+            self.log_image(trainer, stage, what, item, np.asarray(im.convert("RGB")))
 
     def _subset_labels(self, failures: list[Failure], auto: list[str] | None) -> dict[int, str]:
         """gallery caption index -> label of the failures that define the improvement subsets."""
