@@ -29,7 +29,7 @@ from xclip.distill.kd_loss import FeatureProjection, distillation_loss
 from xclip.distill.metrics import MultitaskClassificationMetrics
 from xclip.distill.model import ClassifierOutput, MultimodalClassifier
 from xclip.distill.tokenizer import load_tokenizer
-from xclip.explain.multimodal import MultimodalInputs, MultimodalTarget
+from xclip.explain.multimodal import MultimodalInputs, MultimodalTarget, item_id
 from xclip.metrics import gather_objects
 from xclip.results import ReportRow, export_target, refuse_export_over
 
@@ -237,10 +237,12 @@ class MultimodalClassifierModule(pl.LightningModule):
         images = batch["image"].to(self.device)
         ids, mask = self.tokenize(batch["text"])
         index = batch.get("index")
-        item_ids = [str(int(i)) for i in index] if index is not None else [str(i) for i in range(len(images))]
+        indexes = [int(i) for i in index] if index is not None else list(range(len(images)))
+        paths = [str(p) for p in batch["path"]] if "path" in batch else [None] * len(images)
         return MultimodalInputs(images, self.model.pixel_values(images), ids, mask,
                                 [self.tokenizer.convert_ids_to_tokens(row) for row in ids.tolist()],
-                                list(batch["text"]), item_ids, int(self.tokenizer.pad_token_id))
+                                list(batch["text"]), [item_id(p, i) for p, i in zip(paths, indexes)],
+                                int(self.tokenizer.pad_token_id), indexes, paths)
 
     # ---- training --------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
