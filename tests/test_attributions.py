@@ -245,7 +245,8 @@ def test_explanation_files_are_named_by_the_image_file_and_record_its_path(tmp_p
     lines[3] = "images/dev_0.png" + lines[3][lines[3].index(","):]  # data row 3 reuses row 1's image
     (root / "metadata_dev.csv").write_text("\n".join(lines) + "\n")
     torch.manual_seed(0)
-    module = MultimodalClassifierModule(model=TEACHER_ARGS, labels={"type": TASKS["shape"], "severity": TASKS["background"]})
+    module = MultimodalClassifierModule(model=TEACHER_ARGS,
+                                        labels={"type": TASKS["shape"], "severity": TASKS["background"]})
     data = DistillDataModule(source="csv", data_root=str(root), image_size=64, batch_size=2)
     callbacks = [SHAPCallback(max_samples=3, background_size=2, nsamples=4, tasks=["type"]),
                  CaptumCallback(max_samples=3, n_steps=4, tasks=["type"])]

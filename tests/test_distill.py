@@ -206,8 +206,9 @@ def test_csv_unknown_dev_label_is_an_error_naming_file_row_and_value(tmp_path):
     _replace_cell(root / "metadata_dev.csv", 4, "severity", "lava")
     dm = DistillDataModule(source="csv", data_root=str(root), image_size=32)
     dm.setup("fit")
-    with pytest.raises(CSVFormatError, match=r"metadata_dev\.csv, data row 3 \(line 4\): unknown 'severity' label "
-                                             r"'lava'; the training split's \(metadata_train\.csv\) 'severity' classes"):
+    with pytest.raises(CSVFormatError, match=r"metadata_dev\.csv, data row 3 \(line 4\): unknown 'severity' "
+                                             r"label 'lava'; the training split's \(metadata_train\.csv\) "
+                                             r"'severity' classes"):
         dm.val_dataloader()
     # with a checkpoint's classes the message says they are the checkpoint's, not the training split's
     dm.use_label_vocabulary({"type": list(SHAPES), "severity": list(BACKGROUNDS)}, "the checkpoint xclip:x's")

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from xclip.cli import main
-from xclip.distill import DistillDataModule, StudentModule, label_fingerprint, load_classifier
+from xclip.distill import DistillDataModule, StudentModule, TeacherModule, label_fingerprint, load_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER_CONFIG = ROOT / "configs" / "distill_teacher_shapes.yaml"
@@ -70,6 +70,10 @@ def test_fit_keeps_the_best_checkpoint_by_mean_macro_f1_and_exports_it(teacher_r
     state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint"))
     assert state["monitor"] == "val/mean_macro_f1" and ckpt["xclip_distill"]["labels"] == TASKS
     assert ckpt["xclip_distill"]["label_fingerprint"] == label_fingerprint(TASKS)
+    restored = TeacherModule.load_from_checkpoint(best[0], map_location="cpu")  # Lightning's own (safe) load
+    assert restored.model.tasks == TASKS
+    torch.testing.assert_close(restored.model.state_dict(), {k.removeprefix("model."): v for k, v in
+                                                             ckpt["state_dict"].items() if k.startswith("model.")})
     # three validations (one per step): the kept one is the step with the highest mean macro F1
     events = EventAccumulator(str(run)).Reload()
     logged = {e.step: e.value for e in events.Scalars("val/mean_macro_f1")}

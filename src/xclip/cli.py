@@ -90,7 +90,8 @@ class XClipCLI(LightningCLI):
             what = f"it asks to call {asked.group(1)}" if asked else f"{str(err).splitlines()[0]}"
             raise ValueError(f"checkpoint {path} refused: it holds pickled objects other than tensors and plain data "
                              f"({what}). xclip reads checkpoints with torch.load(weights_only=True) only, since "
-                             "unpickling anything else can run code. Pass a checkpoint written by `xclip fit`.") from None
+                             "unpickling anything else can run code. Pass a checkpoint written by `xclip fit`."
+                             ) from None
 
     def _config_summary(self) -> dict[str, Any]:
         cfg = self.config.get(self.subcommand, self.config)

@@ -14,6 +14,6 @@ from xclip.distill.towers import TextTower, VisionTower
 
 __all__ = ["FUSIONS", "CSVFormatError", "ClassifierOutput", "DistillDataModule", "DistillationLoss", "FeatureProjection",
            "MultimodalClassifier", "MultimodalClassifierModule", "MultitaskClassificationMetrics", "StudentModule",
-           "TeacherModule", "TextTower", "VisionTower", "build_fusion", "distillation_loss", "kd_kl", "label_fingerprint",
-           "load_classifier",
+           "TeacherModule", "TextTower", "VisionTower", "build_fusion", "distillation_loss", "kd_kl",
+           "label_fingerprint", "load_classifier",
            "load_tokenizer", "resolve_checkpoint", "save_classifier", "train_wordpiece"]

@@ -267,7 +267,8 @@ class DistillDataModule(pl.LightningDataModule):
                 own = self.data_vocabulary()
             except FileNotFoundError as err:
                 raise FileNotFoundError(f"{source} classes carry no label fingerprint (saved before xclip stored one), "
-                                        f"so their order is checked against this data's training split: {err}") from None
+                                        f"so their order is checked against this data's training split: {err}"
+                                        ) from None
             if own != vocab:
                 raise ValueError(f"{source} classes {vocab} differ from {self._data_source()} {own}, and no label "
                                  "fingerprint was saved with them to confirm their order: the heads' outputs could be "

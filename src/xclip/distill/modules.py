@@ -218,7 +218,8 @@ class MultimodalClassifierModule(pl.LightningModule):
                 keys = [f"{stage}/{task}_{m}" for m in ("macro_f1", "acc", "auroc")]
                 if keys[0] in metrics:
                     note = self._notes.get(keys[2])
-                    name = f"{task} ({stage}{n}): macro F1 | accuracy | OvR AUROC" + (f" (AUROC {note})" if note else "")
+                    name = f"{task} ({stage}{n}): macro F1 | accuracy | OvR AUROC"
+                    name += f" (AUROC {note})" if note else ""
                     rows.append(ReportRow(f"distill ({self.role})", name,
                                           dict(zip(("macro F1", "accuracy", "AUROC"), (metrics[k] for k in keys))), keys))
             key = f"{stage}/mean_macro_f1"
@@ -266,7 +267,8 @@ class MultimodalClassifierModule(pl.LightningModule):
                 "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"labels": self.model.tasks, "label_fingerprint": label_fingerprint(self.model.tasks),
+        checkpoint[CHECKPOINT_KEY] = {"labels": self.model.tasks,
+                                      "label_fingerprint": label_fingerprint(self.model.tasks),
                                       "model": self.model.config(),
                                       "tokenizer": self.tokenizer.backend_tokenizer.to_str(),
                                       "special_tokens": self.tokenizer.special_tokens_map, "max_length": self.max_length}
@@ -289,10 +291,9 @@ class MultimodalClassifierModule(pl.LightningModule):
         self.tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(saved["tokenizer"]),
                                                  **saved["special_tokens"])
         self.max_length = int(saved["max_length"])
-        if self.model is not None and labels != self.model.tasks:
-            if self.label_source is not None:
-                raise ValueError(f"the checkpoint's classes {labels} differ from {self.label_source} "
-                                 f"{self.model.tasks}")
+        if self.model is not None and labels != self.model.tasks and self.label_source is not None:
+            raise ValueError(f"the checkpoint's classes {labels} differ from {self.label_source} {self.model.tasks}")
+        if self.model is None or labels != self.model.tasks:  # not built yet (load_from_checkpoint), or from the data
             self._build(labels)
         self.label_source, self.label_order_checked = "the checkpoint's", True
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None

@@ -221,7 +221,8 @@ def token_bar_chart(tokens: Sequence[str], scores, title: str = "", *,
         fig.set_size_inches(width_in, height(len(lines)))
     legend_in = 0.0
     if legend:  # under the figure, clear of the axis label
-        handles = [Patch(color="tab:red", label=f"> 0: {legend[0]}"), Patch(color="tab:blue", label=f"< 0: {legend[1]}")]
+        handles = [Patch(color="tab:red", label=f"> 0: {legend[0]}"),
+                   Patch(color="tab:blue", label=f"< 0: {legend[1]}")]
         fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
         legend_in = 0.3
     fig.tight_layout(rect=(0.0, legend_in / fig.get_size_inches()[1], 1.0, 1.0))
