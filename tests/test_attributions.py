@@ -4,6 +4,8 @@ itself, output shapes, IG completeness, word merging, and the callbacks writing 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -202,3 +204,60 @@ def test_attribution_measurements_on_hand_cases():
     mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]])
     ranks, counts = deciding_word_ranks(tokens, scores, mask, ["sand", "sky"])
     assert ranks == [1, 2] and counts == [2, 2]
+
+
+# ----------------------------------------------------------------------------- callbacks on files
+
+
+def test_word_chart_title_fits_the_figure_and_a_legend_names_the_signs():
+    from xclip.explain.render import explanation_title, token_bar_chart
+
+    title = explanation_title("on a sand background: one small red object in the top left corner, next to a tree",
+                              "integrated_gradients", "W" * 90, "val | task background | class sand")
+    fig = token_bar_chart(["on", "a_very_long_word_piece_label_pushing_the_axes", "sand"], [0.1, -0.2, 0.9], title,
+                          legend=("towards 'sand'", "away from 'sand'"))
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = fig.axes[0].title.get_window_extent(renderer)
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height  # nothing cut off
+    assert "W" * 40 in fig.axes[0].get_title()  # the id is wrapped, not dropped
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["> 0: towards 'sand'", "< 0: away from 'sand'"]
+    colours = [tuple(h.get_facecolor()) for h in legend.legend_handles]
+    bars = {p.get_width() > 0: tuple(p.get_facecolor()) for p in fig.axes[0].patches}
+    assert colours == [bars[True], bars[False]]  # the legend's colours are the bars'
+    legend_box = legend.get_window_extent(renderer)
+    assert legend_box.y1 <= fig.axes[0].xaxis.label.get_window_extent(renderer).y0  # clear of the axis label
+
+
+def test_explanation_files_are_named_by_the_image_file_and_record_its_path(tmp_path):
+    import json
+
+    import lightning.pytorch as pl
+    from distill_fixtures import shapes_csv_layout
+    from lightning.pytorch.loggers import CSVLogger
+
+    from xclip.callbacks import CaptumCallback, SHAPCallback
+    from xclip.distill import DistillDataModule, MultimodalClassifierModule
+
+    root = shapes_csv_layout(tmp_path / "data", {"train": 8, "dev": 4, "test": 2})
+    lines = (root / "metadata_dev.csv").read_text().splitlines()
+    lines[3] = "images/dev_0.png" + lines[3][lines[3].index(","):]  # data row 3 reuses row 1's image
+    (root / "metadata_dev.csv").write_text("\n".join(lines) + "\n")
+    torch.manual_seed(0)
+    module = MultimodalClassifierModule(model=TEACHER_ARGS,
+                                        labels={"type": TASKS["shape"], "severity": TASKS["background"]})
+    data = DistillDataModule(source="csv", data_root=str(root), image_size=64, batch_size=2)
+    callbacks = [SHAPCallback(max_samples=3, background_size=2, nsamples=4, tasks=["type"]),
+                 CaptumCallback(max_samples=3, n_steps=4, tasks=["type"])]
+    trainer = pl.Trainer(logger=CSVLogger(tmp_path, name="run"), callbacks=callbacks, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.validate(module, datamodule=data)
+    for explainer in ("shap", "integrated_gradients"):
+        folder = Path(trainer.log_dir) / "explanations" / explainer
+        items = json.loads((folder / "val_index.json").read_text())["items"]
+        assert [(r["item_id"], r["index"], r["path"]) for r in items] == [
+            ("dev_0", 0, "images/dev_0.png"), ("dev_1", 1, "images/dev_1.png"), ("dev_0-2", 2, "images/dev_0.png")]
+        for r in items:
+            assert (folder / f"val_type_{r['item_id']}.png").is_file() and r["png"] == f"val_type_{r['item_id']}.png"
+            assert (folder / r["token_png"]).is_file() and (folder / r["npy"]).is_file()

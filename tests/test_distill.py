@@ -4,7 +4,10 @@ against scikit-learn, the checkpoint format."""
 
 from __future__ import annotations
 
+import json
 import math
+import re
+import warnings
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ from xclip.distill import (
     MultimodalClassifier,
     MultitaskClassificationMetrics,
     distillation_loss,
+    label_fingerprint,
     load_classifier,
     load_tokenizer,
     save_classifier,
@@ -202,7 +206,14 @@ def test_csv_unknown_dev_label_is_an_error_naming_file_row_and_value(tmp_path):
     _replace_cell(root / "metadata_dev.csv", 4, "severity", "lava")
     dm = DistillDataModule(source="csv", data_root=str(root), image_size=32)
     dm.setup("fit")
-    with pytest.raises(CSVFormatError, match=r"metadata_dev\.csv, row 4: unknown 'severity' label 'lava'"):
+    with pytest.raises(CSVFormatError, match=r"metadata_dev\.csv, data row 3 \(line 4\): unknown 'severity' "
+                                             r"label 'lava'; the training split's \(metadata_train\.csv\) "
+                                             r"'severity' classes"):
+        dm.val_dataloader()
+    # with a checkpoint's classes the message says they are the checkpoint's, not the training split's
+    dm.use_label_vocabulary({"type": list(SHAPES), "severity": list(BACKGROUNDS)}, "the checkpoint xclip:x's")
+    with pytest.raises(CSVFormatError, match=rf"data row 3 \(line 4\): unknown 'severity' label 'lava'; the checkpoint "
+                                             rf"xclip:x's 'severity' classes are {re.escape(str(list(BACKGROUNDS)))}"):
         dm.val_dataloader()
 
 
@@ -216,12 +227,84 @@ def test_csv_format_errors_name_the_file_and_field(tmp_path):
     DistillDataModule(source="csv", data_root=str(root)).setup("fit")
     (root / "metadata_train.csv").write_text(text)
     _replace_cell(root / "metadata_train.csv", 3, "type", " ")
-    with pytest.raises(CSVFormatError, match=r"metadata_train\.csv, row 3: empty 'type'"):
+    with pytest.raises(CSVFormatError, match=r"metadata_train\.csv, data row 2 \(line 3\): empty 'type'"):
         DistillDataModule(source="csv", data_root=str(root)).setup("fit")
     with pytest.raises(CSVFormatError, match=r"missing column\(s\) \['grade'\]"):
         DistillDataModule(source="csv", data_root=str(root), label_columns=["type", "grade"]).setup("fit")
     with pytest.raises(FileNotFoundError, match="metadata_train.csv"):
         DistillDataModule(source="csv", data_root=str(tmp_path / "nowhere")).setup("fit")
+
+
+def _train_rows(root):
+    return (root / "metadata_train.csv").read_text().splitlines()
+
+
+def _setup_fit(root, **kwargs):
+    dm = DistillDataModule(source="csv", data_root=str(root), image_size=32, **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+@pytest.mark.parametrize("marker", ["NaN", "nan", "NA", "null", "<NA>"])
+def test_csv_a_missing_value_marker_is_not_a_class(tmp_path, marker):
+    root = shapes_csv_layout(tmp_path)
+    _replace_cell(root / "metadata_train.csv", 5, "type", marker)
+    with pytest.raises(CSVFormatError, match=rf"metadata_train\.csv, data row 4 \(line 5\): 'type' is '{marker}', a "
+                                             "missing-value marker"):
+        _setup_fit(root)
+    _replace_cell(root / "metadata_train.csv", 5, "type", "circle")  # a real class reads as before
+    assert marker not in _setup_fit(root).label_vocabulary["type"]
+
+
+def test_csv_a_row_with_more_or_fewer_fields_than_the_header_is_refused(tmp_path):
+    root = shapes_csv_layout(tmp_path)
+    lines = _train_rows(root)
+    # an unquoted comma in the description: the csv module would put ", one small object" aside
+    lines[3] = lines[3].split(",\"")[0] + ",on a sand background, one small object"
+    (root / "metadata_train.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(CSVFormatError, match=r"metadata_train\.csv, data row 3 \(line 4\): 5 fields, the header has "
+                                             r"4: an unquoted comma in a value\?"):
+        _setup_fit(root)
+    lines[3] = "images/train_2.png,circle"
+    (root / "metadata_train.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(CSVFormatError, match=r"data row 3 \(line 4\): 2 fields, the header has 4"):
+        _setup_fit(root)
+
+
+def test_csv_a_repeated_column_name_is_refused(tmp_path):
+    root = shapes_csv_layout(tmp_path)
+    lines = _train_rows(root)
+    lines = [lines[0] + ",type"] + [ln + ",square" for ln in lines[1:]]  # a second 'type' column
+    (root / "metadata_train.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(CSVFormatError, match=r"metadata_train\.csv, line 1 \(header\): repeated column name\(s\): "
+                                             r"'type' is columns \[2, 5\]"):
+        _setup_fit(root)
+
+
+def test_csv_a_file_that_is_not_utf8_names_the_row_and_column(tmp_path):
+    root = shapes_csv_layout(tmp_path)
+    lines = _train_rows(root)
+    lines[2] = lines[2].replace("background", "arri\u00e8re-plan", 1)
+    (root / "metadata_train.csv").write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+    with pytest.raises(CSVFormatError, match=r"metadata_train\.csv, data row 2 \(line 3\), column 'description': not "
+                                             r"UTF-8 \(byte 0xe8\); save the file as UTF-8"):
+        _setup_fit(root)
+    (root / "metadata_train.csv").write_bytes(("\n".join(lines) + "\n").encode("utf-8-sig"))  # UTF-8 with a BOM
+    assert _setup_fit(root).label_vocabulary["type"]
+
+
+def test_csv_data_rows_and_lines_differ_after_a_quoted_line_break(tmp_path):
+    root = shapes_csv_layout(tmp_path)
+    lines = _train_rows(root)
+    lines[1] = lines[1][:-1] + '\nsecond line of the note"'  # data row 1 spans lines 2-3
+    (root / "metadata_train.csv").write_text("\n".join(lines) + "\n")
+    dm = _setup_fit(root)
+    records = dm._split_records("train")
+    assert [(r.row, r.line) for r in records[:3]] == [(1, 2), (2, 4), (3, 5)]
+    assert records[0].text.endswith("second line of the note")
+    _replace_cell(root / "metadata_train.csv", 6, "severity", "")  # file line 6: data row 4
+    with pytest.raises(CSVFormatError, match=r"metadata_train\.csv, data row 4 \(line 6\): empty 'severity'"):
+        _setup_fit(root)
 
 
 def test_csv_unreadable_image_is_skipped_and_reported(tmp_path):
@@ -265,6 +348,115 @@ def test_multitask_metrics_match_scikit_learn_and_drop_repeated_items():
     assert scores["t_macro_f1"] == pytest.approx(f1_score(labels.numpy(), pred, average="macro", labels=range(k)))
     assert scores["t_auroc"] == pytest.approx(roc_auc_score(labels.numpy(), probs.numpy(), multi_class="ovr"), abs=1e-6)
     assert scores["mean_macro_f1"] == scores["t_macro_f1"]
+
+
+def test_auroc_of_one_evaluated_class_is_undefined_not_zero():
+    probs = torch.tensor([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.7, 0.2, 0.1]])  # a perfect model, all class 0
+    metric = MultitaskClassificationMetrics({"t": 3}, class_names={"t": ["a", "b", "c"]})
+    metric.update_batch({"t": probs}, {"t": torch.zeros(3, dtype=torch.long)}, torch.arange(3))
+    scores = metric.scores()
+    assert math.isnan(scores["t_auroc"]) and scores["t_acc"] == 1.0
+    assert metric.notes == {"t_auroc": "undefined: all 3 evaluated items are 'a'; one-vs-rest AUROC needs items of "
+                                       "two classes or more"}
+
+
+def test_metrics_with_absent_classes_match_scikit_learn_without_torchmetrics_warnings():
+    g = torch.Generator().manual_seed(1)
+    probs = torch.rand(9, 5, generator=g).softmax(1)
+    labels = torch.tensor([0, 2, 2, 0, 3, 2, 0, 3, 3])  # classes 1 and 4 absent
+    metric = MultitaskClassificationMetrics({"t": 5})
+    metric.update_batch({"t": probs}, {"t": labels}, torch.arange(9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torchmetrics warned "No positive samples in targets" per absent class
+        scores = metric.scores()
+    per_class = [roc_auc_score((labels == c).numpy(), probs[:, c].numpy()) for c in (0, 2, 3)]
+    assert scores["t_auroc"] == pytest.approx(sum(per_class) / 3, abs=1e-6) and not metric.notes
+    pred = probs.argmax(1).numpy()
+    assert scores["t_macro_f1"] == pytest.approx(f1_score(labels.numpy(), pred, average="macro"))
+
+
+def test_nan_probabilities_are_refused_naming_the_items():
+    probs = torch.full((3, 2), 0.5)
+    probs[1] = float("nan")
+    metric = MultitaskClassificationMetrics({"t": 2})
+    with pytest.raises(ValueError, match=r"task 't': the class probabilities of items \[11\] are NaN"):
+        metric.update_batch({"t": probs}, {"t": torch.tensor([0, 1, 0])}, torch.tensor([10, 11, 12]))
+
+
+def test_a_task_may_be_named_like_a_module_attribute(tokenizer):
+    # the CSV layout's default label columns are `type` and `severity`: nn.ModuleDict has a .type()
+    tasks = {"type": ["a", "b"], "severity": ["x", "y", "z"], "a.b": ["u", "v"]}
+    model = MultimodalClassifier(**with_vocab(STUDENT_ARGS, tokenizer), tasks=tasks).eval()
+    enc = tokenizer(["a note", "another note"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(model.pixel_values(torch.rand(2, 3, 64, 64)), enc["input_ids"], enc["attention_mask"])
+    assert {t: v.shape[1] for t, v in out.logits.items()} == {"type": 2, "severity": 3, "a.b": 2}
+    assert "heads.severity.1.weight" in model.state_dict()  # names that fit keep their key (shipped checkpoints)
+    assert model.explain_target("type").class_names == ["a", "b"]
+
+
+# ----------------------------------------------------------------------------- label fingerprints
+
+
+def _saved(tmp_path, tokenizer, tasks=None):
+    model = MultimodalClassifier(**with_vocab(STUDENT_ARGS, tokenizer), tasks=tasks or TASKS).eval()
+    return save_classifier(model, tokenizer, tmp_path / "ckpt", max_length=24, dtype=torch.float32)
+
+
+def _edit_config(folder, edit):
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_a_checkpoint_whose_config_lists_the_classes_in_another_order_is_refused(tmp_path, tokenizer):
+    folder = _saved(tmp_path, tokenizer)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["label_fingerprint"] == label_fingerprint(TASKS) and load_classifier(folder)[2]["label_order_checked"]
+    swapped = ["square", "circle", *TASKS["shape"][2:]]
+    _edit_config(folder, lambda c: c["model"]["tasks"].update(shape=swapped))
+    with pytest.raises(ValueError, match=r"config\.json: `model.tasks` lists the classes .*'square', 'circle'.*but "
+                                         r"model\.safetensors was saved with another label vocabulary .*'circle', "
+                                         r"'square'.*reordered"):
+        load_classifier(folder)
+    _edit_config(folder, lambda c: c.pop("label_fingerprint"))  # the weights still know
+    with pytest.raises(ValueError, match="model.safetensors was saved with another label vocabulary"):
+        load_classifier(folder)
+
+
+def test_the_fingerprint_changes_with_any_class_or_order():
+    assert label_fingerprint({"a": ["x", "y"]}) == label_fingerprint({"a": ("x", "y")})
+    variants = [{"a": ["y", "x"]}, {"a": ["x", "z"]}, {"b": ["x", "y"]}, {"a": ["x", "y", "z"]},
+                {"a": ["x", "y"], "b": ["u", "v"]}, {"a": ["x,y", ""]}]
+    prints = {label_fingerprint(v) for v in variants} | {label_fingerprint({"a": ["x", "y"]})}
+    assert len(prints) == len(variants) + 1
+
+
+@pytest.mark.parametrize("name", ["distill-teacher-shapes", "distill-student-shapes"])
+def test_shipped_checkpoints_without_a_fingerprint_load_with_their_stored_order(name):
+    model, _, config = load_classifier(f"xclip:{name}")
+    assert "label_fingerprint" not in config and config["label_order_checked"] is False
+    assert model.tasks == {"shape": list(SHAPES), "background": list(BACKGROUNDS)}
+
+
+def test_a_checkpoint_without_a_fingerprint_must_list_the_datas_classes_in_order(tmp_path, tokenizer):
+    root = shapes_csv_layout(tmp_path / "data")
+    vocab = _setup_fit(root).label_vocabulary
+    dm = DistillDataModule(source="csv", data_root=str(root))
+    dm.use_label_vocabulary(vocab, "the checkpoint old's", check_order=True)  # the same order: accepted
+    permuted = {"type": vocab["type"][::-1], "severity": vocab["severity"]}
+    with pytest.raises(ValueError, match=r"the checkpoint old's classes .* differ from the training split's "
+                                         r"\(metadata_train\.csv\) .*no label fingerprint"):
+        DistillDataModule(source="csv", data_root=str(root)).use_label_vocabulary(permuted, "the checkpoint old's",
+                                                                                 check_order=True)
+    # with a fingerprint the checkpoint's order is trusted and labels are encoded by name
+    dm = DistillDataModule(source="csv", data_root=str(root))
+    dm.use_label_vocabulary(permuted, "the checkpoint new's")
+    names = [r.labels["type"] for r in dm._split_records("val")]
+    assert [permuted["type"][i] for i in (b["labels"]["type"] for b in dm.dataset("val"))] == names
+    (root / "metadata_train.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="no label fingerprint .* checked against this data's training split"):
+        DistillDataModule(source="csv", data_root=str(root)).use_label_vocabulary(vocab, "old", check_order=True)
 
 
 def test_tiny_clip_image_tower_converts_exactly_and_keeps_chosen_blocks():

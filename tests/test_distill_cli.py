@@ -12,18 +12,20 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
-from distill_fixtures import STUDENT_ARGS, TASKS, TEACHER_ARGS
+from distill_fixtures import STUDENT_ARGS, TASKS, TEACHER_ARGS, shapes_csv_layout
 from PIL import Image
+from safetensors import safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from xclip.cli import main
-from xclip.distill import DistillDataModule, StudentModule, load_classifier
+from xclip.distill import DistillDataModule, StudentModule, TeacherModule, label_fingerprint, load_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER_CONFIG = ROOT / "configs" / "distill_teacher_shapes.yaml"
@@ -67,6 +69,11 @@ def test_fit_keeps_the_best_checkpoint_by_mean_macro_f1_and_exports_it(teacher_r
     ckpt = torch.load(best[0], map_location="cpu", weights_only=False)
     state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint"))
     assert state["monitor"] == "val/mean_macro_f1" and ckpt["xclip_distill"]["labels"] == TASKS
+    assert ckpt["xclip_distill"]["label_fingerprint"] == label_fingerprint(TASKS)
+    restored = TeacherModule.load_from_checkpoint(best[0], map_location="cpu")  # Lightning's own (safe) load
+    assert restored.model.tasks == TASKS
+    torch.testing.assert_close(restored.model.state_dict(), {k.removeprefix("model."): v for k, v in
+                                                             ckpt["state_dict"].items() if k.startswith("model.")})
     # three validations (one per step): the kept one is the step with the highest mean macro F1
     events = EventAccumulator(str(run)).Reload()
     logged = {e.step: e.value for e in events.Scalars("val/mean_macro_f1")}
@@ -75,6 +82,9 @@ def test_fit_keeps_the_best_checkpoint_by_mean_macro_f1_and_exports_it(teacher_r
     assert ckpt["global_step"] in [s for s, v in logged.items() if v == pytest.approx(max(logged.values()))]
     model, tokenizer, config = load_classifier(run / "model")  # exported into the run's log directory
     assert config["role"] == "teacher" and config["best_checkpoint"] == str(best[0])
+    assert config["label_fingerprint"] == label_fingerprint(TASKS) and config["label_order_checked"]
+    with safe_open(str(run / "model" / "model.safetensors"), framework="pt") as weights:
+        assert json.loads(weights.metadata()["xclip_labels"]) == TASKS
     for key, value in model.state_dict().items():  # the export holds the best checkpoint's weights (fp16)
         torch.testing.assert_close(value, ckpt["state_dict"][f"model.{key}"].half().to(value.dtype))
     assert tokenizer.get_vocab() == load_classifier(run / "model")[1].get_vocab()
@@ -168,12 +178,49 @@ def test_validate_a_saved_checkpoint_with_shap_and_captum_callbacks(teacher_run,
         record = index["items"][0]
         assert set(record["totals"]) == {"image", "text", "image_abs", "text_abs", "image_share"}
         assert record["words"] and all(not w.startswith("##") for w, _ in record["words"])
+        assert record["path"] is None and record["item_id"] == str(record["index"])  # generated: named by index
         png = Image.open(out / "explanations" / explainer / record["png"])
         assert record["text"] in png.text["Title"].replace("\n", " ") or record["text"][:20] in png.text["Title"]
         paths = {"shap": {"joint"}, "integrated_gradients": {"image", "text"}}[explainer]
         assert set(record["deltas"]) == paths
     shap_index = json.loads((out / "explanations" / "shap" / "val_index.json").read_text())
     assert shap_index["settings"]["background_size"] == 3 and shap_index["settings"]["nsamples"] == 8
+
+
+def test_validate_a_checkpoint_on_a_small_csv(teacher_run, tmp_path, capsys):
+    """The checkpoint's classes (ShapesWorld's order) replace those of the CSV's training split
+    (sorted) the model was first built with; the dev split holds one shape only: its AUROC is
+    undefined (null, with a note), never 0; every report row says how many items it scored; and
+    torchmetrics has nothing to warn about although most classes are absent from 6 items."""
+    _, cfg, run = teacher_run
+    (best,) = sorted((run / "checkpoints").glob("best-*.ckpt"))
+    root = shapes_csv_layout(tmp_path / "data")
+    for split in ("train", "dev", "test"):
+        path = root / f"metadata_{split}.csv"
+        lines = path.read_text().splitlines()
+        lines[0] = lines[0].replace("type", "shape").replace("severity", "background")
+        if split == "dev":  # every dev item a circle
+            lines[1:] = [",".join([ln.split(",")[0], "circle", *ln.split(",", 2)[2:]]) for ln in lines[1:]]
+        path.write_text("\n".join(lines) + "\n")
+    config = yaml.safe_load(cfg.read_text())
+    config["data"]["init_args"] = {"source": "csv", "data_root": str(root), "label_columns": ["shape", "background"],
+                                   "image_size": 64, "batch_size": 4}
+    path = tmp_path / "csv.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["validate", "--config", str(path), "--ckpt_path", str(best),
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")])
+    assert not [str(w.message) for w in caught if "torchmetrics" in w.filename]
+    results = json.loads(next((tmp_path / "logs").glob("*/version_*/results.json")).read_text())
+    assert results["distill"]["tasks"] == TASKS and results["distill"]["n_items"] == 6
+    assert results["metrics"]["val/shape_auroc"] is None and results["metrics"]["val/shape_acc"] is not None
+    note = "undefined: all 6 evaluated items are 'circle'; one-vs-rest AUROC needs items of two classes or more"
+    assert results["distill"]["notes"] == {"val/shape_auroc": note}
+    report = capsys.readouterr().out
+    assert f"shape (val, n=6): macro F1 | accuracy | OvR AUROC (AUROC {note})" in report
+    assert "background (val, n=6): macro F1 | accuracy | OvR AUROC " in report
+    assert "mean macro F1 over tasks (val, n=6)" in report
 
 
 @pytest.mark.parametrize("alpha,beta", [(1.0, 100.0), (0.0, 0.0)])

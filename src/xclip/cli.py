@@ -25,6 +25,8 @@ import importlib
 import json
 import logging
 import os
+import pickle
+import re
 import sys
 import traceback
 import warnings
@@ -84,6 +86,21 @@ class XClipCLI(LightningCLI):
             # xclip prints its own report (one table, every metric once, full names)
             parser.set_defaults(verbose=False)
         return parser
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads a --ckpt_path's hyper-parameters with torch.load(weights_only=True): a file
+        # that pickles anything else is refused there; say which file and why, without torch's advice
+        # to retry with weights_only=False (which would run whatever the file asks for)
+        try:
+            super()._parse_ckpt_path()
+        except pickle.UnpicklingError as err:
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            asked = re.search(r"GLOBAL (\S+)", str(err))
+            what = f"it asks to call {asked.group(1)}" if asked else f"{str(err).splitlines()[0]}"
+            raise ValueError(f"checkpoint {path} refused: it holds pickled objects other than tensors and plain data "
+                             f"({what}). xclip reads checkpoints with torch.load(weights_only=True) only, since "
+                             "unpickling anything else can run code. Pass a checkpoint written by `xclip fit`."
+                             ) from None
 
     def _config_summary(self) -> dict[str, Any]:
         cfg = self.config.get(self.subcommand, self.config)

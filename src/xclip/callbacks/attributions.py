@@ -10,9 +10,13 @@ need no training state.
 Per item and output head (``task``): ``<stage>_<task>_<id>.png`` (the image, the |attribution|
 summed over channels over it, colour bar, raw maximum, titled with the text, explainer, item and
 explained class), ``<stage>_<task>_<id>_tokens.png`` (word scores: sub-words merged, special
-tokens dropped), the raw map as ``.npy`` + JSON sidecar, and one record in ``<stage>_index.json``
-with the per-modality totals, the modality share, the completeness gap(s) and the word scores.
-TensorBoard tags: ``explain/<explainer>/<stage>/<task>/<id>`` and ``.../tokens``.
+tokens dropped; a legend says which sign pushes towards the explained class), the raw map as
+``.npy`` + JSON sidecar, and one record in ``<stage>_index.json`` with the item's dataset index
+and image file (``path``; null for generated items), the per-modality totals, the modality share,
+the completeness gap(s) and the word scores. ``<id>`` is the image file's name (without suffix;
+``-<index>`` added when two explained items share one) or, for an item without a file, its
+dataset index (see `xclip.explain.multimodal.item_id`). TensorBoard tags:
+``explain/<explainer>/<stage>/<task>/<id>`` and ``.../tokens``.
 """
 
 from __future__ import annotations
@@ -38,9 +42,15 @@ from xclip.io import atomic_write_text
 from xclip.results import run_directory
 
 
-def item_seed(seed: int, item_id: str, position: int) -> int:
-    """The per-item seed of an explanation: the same item gets the same draws in any batch."""
-    return seed * 100_003 + (int(item_id) if item_id.isdigit() else position)
+def item_seed(seed: int, index: int) -> int:
+    """The per-item seed of an explanation from the item's dataset index: the same item gets the
+    same draws in any batch."""
+    return seed * 100_003 + int(index)
+
+
+def item_indexes(inputs: MultimodalInputs) -> list[int]:
+    """The items' dataset indices (their positions in the batch when the module gives none)."""
+    return list(inputs.indexes) if inputs.indexes is not None else list(range(len(inputs)))
 
 
 class AttributionCallback(pl.Callback):
@@ -70,6 +80,7 @@ class AttributionCallback(pl.Callback):
         self.alpha, self.panel_px, self.subdir, self.seed = alpha, int(panel_px), subdir, int(seed)
         self._records: list[dict[str, Any]] = []
         self._explained = 0
+        self._names: dict[str, int] = {}  # file name id -> the dataset index it was given to (this stage)
 
     # ---- what subclasses provide -----------------------------------------------------------------
     def prepare(self, trainer, pl_module) -> None:
@@ -80,7 +91,7 @@ class AttributionCallback(pl.Callback):
 
     # ---- Lightning hooks -------------------------------------------------------------------------
     def _start(self, trainer, pl_module) -> None:
-        self._records, self._explained = [], 0
+        self._records, self._explained, self._names = [], 0, {}
         if not isinstance(pl_module, MultimodalExplainable):
             raise TypeError(f"{type(self).__name__} needs a module with attribution_targets() and "
                             f"attribution_inputs(batch); {type(pl_module).__name__} has not")
@@ -129,11 +140,14 @@ class AttributionCallback(pl.Callback):
         out_dir = run_directory(trainer) / self.subdir / name
         experiments = [lg.experiment for lg in trainer.loggers if hasattr(getattr(lg, "experiment", None), "add_image")]
         images01 = inputs.images01.detach().float().cpu()
+        indexes = item_indexes(inputs)
+        paths = inputs.paths if inputs.paths is not None else [None] * len(inputs)
+        ids = [self._unique_id(item, index) for item, index in zip(inputs.ids, indexes)]
         for slot in range(attribution.classes.shape[1]):
             maps = attribution.image_map(slot, self.cell)
             token_scores = attribution.token_scores(slot)
             totals = attribution.modality_totals(slot)
-            for i, item_id in enumerate(inputs.ids):
+            for i, item_id in enumerate(ids):
                 cls = int(attribution.classes[i, slot])
                 cls_name = class_names[cls] if cls < len(class_names) else str(cls)
                 suffix = "" if attribution.classes.shape[1] == 1 else f"_c{cls}"
@@ -142,14 +156,16 @@ class AttributionCallback(pl.Callback):
                 title = explanation_title(inputs.texts[i], name, item_id, where)
                 n_tok = int(inputs.attention_mask[i].sum())
                 words = merge_subwords(inputs.tokens[i][:n_tok], token_scores[i, :n_tok].tolist())
-                info = {"text": inputs.texts[i], "explainer": name, "item_id": item_id, "task": task, "class": cls,
-                        "class_name": cls_name, "title": title, "value": "|attribution| summed over channels"}
+                info = {"text": inputs.texts[i], "explainer": name, "item_id": item_id, "index": indexes[i],
+                        "path": paths[i], "task": task, "class": cls, "class_name": cls_name, "title": title,
+                        "value": "|attribution| summed over channels"}
                 npy, _ = save_map_npy(maps[i].numpy(), out_dir / f"{stem}.npy", tuple(images01.shape[-2:]), extra=info)
                 panel = figure_to_array(panels_figure(
                     [("image", images01[i], None), (f"|{name}| for {cls_name}", images01[i], maps[i].numpy())],
                     title, alpha=self.alpha, panel_px=self.panel_px))
                 png = save_png(panel, out_dir / f"{stem}.png", text={"Title": title})
-                chart = figure_to_array(token_bar_chart([w for w, _ in words], [s for _, s in words], title=title))
+                chart = figure_to_array(token_bar_chart([w for w, _ in words], [s for _, s in words], title=title,
+                                                        legend=(f"towards {cls_name!r}", f"away from {cls_name!r}")))
                 token_png = save_png(chart, out_dir / f"{stem}_tokens.png", text={"Title": title})
                 record = {**info, "stage": stage, "png": png.name, "token_png": token_png.name, "npy": npy.name,
                           "output": float(attribution.output[i, slot]),
@@ -162,6 +178,16 @@ class AttributionCallback(pl.Callback):
                     tag = f"explain/{name}/{stage}/{task}/{item_id}{suffix}"
                     exp.add_image(tag, panel, trainer.global_step, dataformats="HWC")
                     exp.add_image(f"{tag}/tokens", chart, trainer.global_step, dataformats="HWC")
+
+    def _unique_id(self, item_id: str, index: int) -> str:
+        """`item_id`, or ``<item_id>-<index>`` when another item of this stage already has it (two rows
+        with the same image file, or files of the same name in two folders)."""
+        owner = self._names.setdefault(item_id, index)
+        if owner == index:
+            return item_id
+        unique = f"{item_id}-{index}"
+        self._names.setdefault(unique, index)
+        return unique
 
     def _write_index(self, trainer, stage: str) -> None:
         if not self._records or not trainer.is_global_zero:
@@ -218,7 +244,7 @@ class SHAPCallback(AttributionCallback):
     def explain(self, target, inputs, classes, trainer) -> MultimodalAttribution:
         explainer = SHAPExplainer(target, self.background, nsamples=self.nsamples, batch_size=self.batch_size,
                                   seed=self.seed, engine=self.engine, precision=str(trainer.precision))
-        seeds = [item_seed(self.seed, item_id, i) for i, item_id in enumerate(inputs.ids)]
+        seeds = [item_seed(self.seed, index) for index in item_indexes(inputs)]
         return explainer.explain(inputs, classes, seeds=seeds)
 
     def settings(self) -> dict[str, Any]:

@@ -1,15 +1,25 @@
 """The shipped format of a trained Teacher/Student model: a folder with ``model.safetensors``,
 ``config.json`` (the architecture with the towers' resolved configs, the tasks and their class
 names, the text length) and the tokenizer files (``save_pretrained``), written to a temporary
-folder and renamed into place."""
+folder and renamed into place.
+
+The heads' outputs are the classes in the order config.json lists them, so that order is bound to
+the weights: the label vocabulary and its fingerprint (`label_fingerprint`) are stored in the
+weights file's metadata and in config.json, and a folder whose config.json lists other classes or
+another order than its weights were saved with is refused. Folders saved before the fingerprint
+existed (the shipped ``distill-*-shapes``) load with their stored order, flagged
+``label_order_checked: False`` so that the modules compare it with the data's own classes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
@@ -18,6 +28,15 @@ from xclip.io import atomic_directory
 
 FORMAT = "xclip-distill-classifier"
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+LABELS_KEY, FINGERPRINT_KEY = "xclip_labels", "label_fingerprint"  # safetensors metadata / config.json
+
+
+def label_fingerprint(tasks: Mapping[str, Sequence[str]]) -> str:
+    """``sha256:<16 hex>`` of the tasks and their classes in label-id order: any renamed, added,
+    removed or reordered class (or task) changes it."""
+    canonical = json.dumps([[str(t), [str(c) for c in classes]] for t, classes in tasks.items()],
+                           ensure_ascii=False, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
 def resolve_checkpoint(spec: str | Path) -> Path:
@@ -41,22 +60,47 @@ def save_classifier(model: MultimodalClassifier, tokenizer: PreTrainedTokenizerB
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (or another folder) to replace it")
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
              for k, v in model.state_dict().items()}
-    config = {"format": FORMAT, "model": model.config(), "max_length": int(max_length), **(extra or {})}
+    fingerprint = label_fingerprint(model.tasks)
+    config = {"format": FORMAT, "model": model.config(), FINGERPRINT_KEY: fingerprint, "max_length": int(max_length),
+              **(extra or {})}
+    metadata = {LABELS_KEY: json.dumps(model.tasks, ensure_ascii=False), FINGERPRINT_KEY: fingerprint}
     with atomic_directory(out_dir) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME))
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata=metadata)
         tokenizer.save_pretrained(str(tmp))
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
 
 
+def check_label_order(path: Path, config: Mapping[str, Any]) -> bool:
+    """Whether config.json's classes are those `path`'s weights were saved with (True), or cannot be
+    checked (False: saved before label fingerprints). Raises when they differ."""
+    tasks = config["model"]["tasks"]
+    actual = label_fingerprint(tasks)
+    with safe_open(str(path / WEIGHTS_NAME), framework="pt") as weights:
+        metadata = weights.metadata() or {}
+    trained = metadata.get(FINGERPRINT_KEY)
+    listed = config.get(FINGERPRINT_KEY)
+    for stored, where in ((trained, f"{WEIGHTS_NAME} was saved with"), (listed, f"{CONFIG_NAME} records")):
+        if stored is not None and stored != actual:
+            saved_labels = f" {json.loads(metadata[LABELS_KEY])}" if LABELS_KEY in metadata else ""
+            raise ValueError(f"{path / CONFIG_NAME}: `model.tasks` lists the classes {tasks} (label fingerprint "
+                             f"{actual}), but {where} another label vocabulary{saved_labels} (fingerprint {stored}): "
+                             "the classes were reordered, renamed or changed after saving, and every head would "
+                             "report its outputs under the wrong names. Restore the saved classes in their order.")
+    return trained is not None or listed is not None
+
+
 def load_classifier(spec: str | Path) -> tuple[MultimodalClassifier, PreTrainedTokenizerBase, dict[str, Any]]:
-    """(the model in fp32, eval mode; its tokenizer; the config.json contents) of a checkpoint folder."""
+    """(the model in fp32, eval mode; its tokenizer; the config.json contents plus
+    ``label_order_checked``: whether a label fingerprint confirmed the class order, see
+    `check_label_order`) of a checkpoint folder."""
     from xclip.distill.tokenizer import load_tokenizer
 
     path = resolve_checkpoint(spec)
     config = json.loads((path / CONFIG_NAME).read_text())
     if config.get("format") != FORMAT:
         raise ValueError(f"{path / CONFIG_NAME}: format {config.get('format')!r}, expected {FORMAT!r}")
+    config["label_order_checked"] = check_label_order(path, config)
     model = MultimodalClassifier(**config["model"])
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path / WEIGHTS_NAME)).items()}
     model.load_state_dict(state)

@@ -6,8 +6,10 @@ column (``file_path`` or ``img_path``: relative to `<root>`, or to ``<root>/imag
 label columns (configurable; ``type`` and ``severity`` by default) and a ``description``. The
 label vocabulary of each task is fixed from the training split (sorted values) and saved with the
 checkpoint; a dev/test value outside it is an error naming the file, the row and the value, never
-a silent class 0. Images are read by `xclip.data.images`; an unreadable file is skipped and
-reported (``skipped_paths``).
+a silent class 0. The files are UTF-8 and parsed strictly (`read_metadata`): a repeated column
+name, a row with more or fewer fields than the header, an empty cell or a label that is a
+missing-value marker such as ``NaN`` is an error naming the file and the data row. Images are read
+by `xclip.data.images`; an unreadable file is skipped and reported (``skipped_paths``).
 
 Batches: ``{"image" [B,3,S,S] in [0,1], "text" [B] str, "labels" {task: [B] long}, "index" [B],
 "skipped", "skipped_index", "skipped_paths"}`` (+ ``"path"`` for CSV rows; ``"mask"`` and
@@ -17,6 +19,7 @@ Batches: ``{"image" [B,3,S,S] in [0,1], "text" [B] str, "labels" {task: [B] long
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,49 +39,115 @@ LabelVocabulary = dict[str, list[str]]
 
 
 class CSVFormatError(ValueError):
-    """A metadata CSV that does not fit the layout; the message names the file, row and field."""
+    """A metadata CSV that does not fit the layout; the message names the file, the data row and its
+    line (``data row 5 (line 6)``: the fifth row after the header, starting on line 6), and the field."""
+
+
+# what pandas' read_csv reads as a missing value (its default na_values, less the empty string,
+# which is refused as empty): as a label such a cell is a missing label, never a class
+MISSING_VALUE_MARKERS = frozenset({"#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
+                                   "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
 
 
 @dataclass
 class CSVRecord:
-    line: int  # the row's line number in the file (the header is line 1)
+    row: int  # 1-based among the data rows (the header is not one)
+    line: int  # the file line the row starts on (the header is line 1)
     image: Path
     text: str
     labels: dict[str, str]
 
+    @property
+    def where(self) -> str:
+        return f"data row {self.row} (line {self.line})"
+
+
+def _undecodable(cell: str) -> str | None:
+    """The first byte of `cell` that was not UTF-8 (decoded with ``surrogateescape``), as ``0xNN``."""
+    bad = next((ch for ch in cell if "\udc80" <= ch <= "\udcff"), None)
+    return None if bad is None else f"0x{ord(bad) - 0xDC00:02x}"
+
+
+def _csv_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """(start line, cells) of every non-blank row of a UTF-8 CSV file (a byte-order mark is dropped;
+    other bytes that are not UTF-8 are kept as surrogates and refused by the caller with their row)."""
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows = []
+    while True:
+        start = reader.line_num + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return rows
+        except csv.Error as err:
+            raise CSVFormatError(f"{path}, line {reader.line_num}: not valid CSV ({err}); quote values that "
+                                 'contain commas, quotes or line breaks ("a, b"; a quote inside one is doubled)'
+                                 ) from None
+        if cells:
+            rows.append((start, cells))
+
 
 def read_metadata(path: Path, label_columns: Sequence[str], text_column: str = "description",
                   image_column: str | None = None) -> list[CSVRecord]:
-    """The rows of one metadata CSV, checked: the columns exist, no label or text cell is empty."""
+    """The rows of one metadata CSV, parsed strictly: UTF-8; column names unique; every row has as
+    many fields as the header (an unquoted comma in a value would shift or drop the rest of the
+    row); no label, text or image cell empty; no label that is a missing-value marker (``NaN``,
+    ``NA``, ``null``, ... as pandas reads them). Every error names the file and the data row."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such metadata file (expected metadata_train/dev/test.csv under the "
                                 "data root)")
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        header = reader.fieldnames or []
+    rows = _csv_rows(path)
+    if not rows:
+        raise CSVFormatError(f"{path}: empty file (expected a header line and data rows)")
+    header_line, header = rows[0]
+    header = [name.strip() for name in header]
+    for column in header:
+        if _undecodable(column):
+            raise CSVFormatError(f"{path}, line {header_line} (header): not UTF-8 (byte {_undecodable(column)}); "
+                                 f"save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 {path.name}`)")
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    if repeated:
+        where = "; ".join(f"{c!r} is columns {[i + 1 for i, h in enumerate(header) if h == c]}" for c in repeated)
+        raise CSVFormatError(f"{path}, line {header_line} (header): repeated column name(s): {where}; "
+                             "rename or remove the repeats")
+    if image_column is None:
+        image_column = next((c for c in IMAGE_COLUMNS if c in header), None)
         if image_column is None:
-            image_column = next((c for c in IMAGE_COLUMNS if c in header), None)
-            if image_column is None:
-                raise CSVFormatError(f"{path}: no image column; expected one of {list(IMAGE_COLUMNS)}, found {header}")
-        needed = [image_column, text_column, *label_columns]
-        missing = [c for c in needed if c not in header]
-        if missing:
-            raise CSVFormatError(f"{path}: missing column(s) {missing}; found {header} (set label_columns / "
-                                 "text_column to the file's names)")
-        records = []
-        for row in reader:
-            line = reader.line_num
-            for column in needed:
-                if row[column] is None or not row[column].strip():
-                    raise CSVFormatError(f"{path}, row {line}: empty {column!r}")
-            rel = Path(row[image_column].strip())
-            image = rel if rel.is_absolute() else path.parent / rel
-            if not rel.is_absolute() and not image.exists() and (path.parent / "images" / rel).exists():
-                image = path.parent / "images" / rel
-            records.append(CSVRecord(line, image, row[text_column].strip(),
-                                     {c: row[c].strip() for c in label_columns}))
+            raise CSVFormatError(f"{path}: no image column; expected one of {list(IMAGE_COLUMNS)}, found {header}")
+    needed = [image_column, text_column, *label_columns]
+    missing = [c for c in needed if c not in header]
+    if missing:
+        raise CSVFormatError(f"{path}: missing column(s) {missing}; found {header} (set label_columns / "
+                             "text_column to the file's names)")
+    records = []
+    for number, (line, cells) in enumerate(rows[1:], start=1):
+        where = f"{path}, data row {number} (line {line})"
+        if len(cells) != len(header):
+            hint = ("an unquoted comma in a value? Quote values that contain commas (\"a, b\")"
+                    if len(cells) > len(header) else "a missing field?")
+            raise CSVFormatError(f"{where}: {len(cells)} fields, the header has {len(header)}: {hint}")
+        row = dict(zip(header, cells))
+        for column, value in row.items():
+            if _undecodable(value):
+                raise CSVFormatError(f"{where}, column {column!r}: not UTF-8 (byte {_undecodable(value)}); save the "
+                                     f"file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 {path.name}`)")
+        for column in needed:
+            if not row[column].strip():
+                raise CSVFormatError(f"{where}: empty {column!r}")
+        for column in label_columns:
+            if row[column].strip() in MISSING_VALUE_MARKERS:
+                raise CSVFormatError(f"{where}: {column!r} is {row[column].strip()!r}, a missing-value marker (pandas "
+                                     "reads it as NaN), not a class: fill in the label or drop the row (a class "
+                                     "really named so needs another name)")
+        rel = Path(row[image_column].strip())
+        image = rel if rel.is_absolute() else path.parent / rel
+        if not rel.is_absolute() and not image.exists() and (path.parent / "images" / rel).exists():
+            image = path.parent / "images" / rel
+        records.append(CSVRecord(number, line, image, row[text_column].strip(),
+                                 {c: row[c].strip() for c in label_columns}))
     if not records:
-        raise CSVFormatError(f"{path}: no rows")
+        raise CSVFormatError(f"{path}: no data rows (only a header)")
     return records
 
 
@@ -92,8 +161,10 @@ def label_vocabulary(records: Sequence[CSVRecord], label_columns: Sequence[str])
     return vocab
 
 
-def encode_labels(records: Sequence[CSVRecord], vocab: LabelVocabulary, path: Path) -> list[dict[str, int]]:
-    """Class ids of every row; a value outside the vocabulary is an error naming file, row and value."""
+def encode_labels(records: Sequence[CSVRecord], vocab: LabelVocabulary, path: Path,
+                  source: str = "the training split's") -> list[dict[str, int]]:
+    """Class ids of every row; a value outside the vocabulary is an error naming file, row and
+    value, and whose classes they are (`source`, e.g. ``"the checkpoint xclip:...'s"``)."""
     index = {task: {name: i for i, name in enumerate(classes)} for task, classes in vocab.items()}
     out = []
     for r in records:
@@ -101,8 +172,8 @@ def encode_labels(records: Sequence[CSVRecord], vocab: LabelVocabulary, path: Pa
         for task, lookup in index.items():
             value = r.labels[task]
             if value not in lookup:
-                raise CSVFormatError(f"{path}, row {r.line}: unknown {task!r} label {value!r}; the training split's "
-                                     f"labels are {vocab[task]}")
+                raise CSVFormatError(f"{path}, {r.where}: unknown {task!r} label {value!r}; {source} {task!r} "
+                                     f"classes are {vocab[task]}")
             ids[task] = lookup[value]
         out.append(ids)
     return out
@@ -156,28 +227,54 @@ class DistillDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self._records: dict[str, list[CSVRecord]] = {}
         self._vocabulary: LabelVocabulary | None = None
+        self._vocabulary_source = ""
 
     # ---- the label vocabulary --------------------------------------------------------------------
     @property
     def label_vocabulary(self) -> LabelVocabulary:
-        """Task -> class names: ShapesWorld's fixed classes, a checkpoint's (`use_label_vocabulary`),
-        or the training split's values."""
+        """Task -> class names: a checkpoint's (`use_label_vocabulary`), else this data's own
+        (`data_vocabulary`)."""
         if self._vocabulary is None:
-            if self.source == "shapes":
-                self._vocabulary = {t: list(c) for t, c in ShapesNotes.label_names.items()}
-            else:
-                self._vocabulary = label_vocabulary(self._split_records("train"), self.label_columns)
+            self._vocabulary, self._vocabulary_source = self.data_vocabulary(), self._data_source()
         return self._vocabulary
 
-    def use_label_vocabulary(self, vocab: Mapping[str, Sequence[str]]) -> None:
-        """Encode labels with `vocab` (e.g. a checkpoint's) instead of reading the training split."""
+    def _data_source(self) -> str:
+        return "ShapesWorld's" if self.source == "shapes" else f"the training split's ({SPLIT_FILES['train']})"
+
+    def data_vocabulary(self) -> LabelVocabulary:
+        """This data's own classes: ShapesWorld's fixed ones, or the training split's values (sorted)."""
+        if self.source == "shapes":
+            return {t: list(c) for t, c in ShapesNotes.label_names.items()}
+        return label_vocabulary(self._split_records("train"), self.label_columns)
+
+    def use_label_vocabulary(self, vocab: Mapping[str, Sequence[str]], source: str = "the checkpoint's",
+                             check_order: bool = False) -> None:
+        """Encode labels with `vocab` (e.g. a checkpoint's) instead of this data's own classes.
+
+        Args:
+            source: whose classes they are, for messages (``"the checkpoint xclip:...'s"``).
+            check_order: `vocab`'s order is not confirmed by a label fingerprint (a checkpoint
+                saved before xclip stored one): it must equal this data's own vocabulary.
+        """
         vocab = {str(t): [str(c) for c in classes] for t, classes in vocab.items()}
         expected = set(ShapesNotes.label_names) if self.source == "shapes" else set(self.label_columns)
         if set(vocab) != expected:
-            raise ValueError(f"the checkpoint's tasks {sorted(vocab)} differ from this data's {sorted(expected)}")
-        if self.source == "shapes" and vocab != {t: list(c) for t, c in ShapesNotes.label_names.items()}:
-            raise ValueError(f"the checkpoint's classes {vocab} are not ShapesWorld's {ShapesNotes.label_names}")
-        self._vocabulary = vocab
+            raise ValueError(f"{source} tasks {sorted(vocab)} differ from this data's {sorted(expected)}")
+        if self.source == "shapes" and vocab != self.data_vocabulary():
+            raise ValueError(f"{source} classes {vocab} are not ShapesWorld's {ShapesNotes.label_names}")
+        if check_order:
+            try:
+                own = self.data_vocabulary()
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"{source} classes carry no label fingerprint (saved before xclip stored one), "
+                                        f"so their order is checked against this data's training split: {err}"
+                                        ) from None
+            if own != vocab:
+                raise ValueError(f"{source} classes {vocab} differ from {self._data_source()} {own}, and no label "
+                                 "fingerprint was saved with them to confirm their order: the heads' outputs could be "
+                                 "read under the wrong names. Evaluate on data with the same classes, or re-export "
+                                 "the checkpoint (which stores a fingerprint)")
+        self._vocabulary, self._vocabulary_source = vocab, source
 
     # ---- datasets --------------------------------------------------------------------------------
     def _split_records(self, split: str) -> list[CSVRecord]:
@@ -194,7 +291,8 @@ class DistillDataModule(pl.LightningDataModule):
             seed = self.seed if split == "train" else self.seed + 1000
             return ShapesNotes(self.sizes[split], seed=seed, image_size=self.image_size, split=split)
         records = self._split_records(split)
-        labels = encode_labels(records, self.label_vocabulary, self.data_root / SPLIT_FILES[split])
+        vocab = self.label_vocabulary
+        labels = encode_labels(records, vocab, self.data_root / SPLIT_FILES[split], self._vocabulary_source)
         return MetadataDataset(records, labels, self.data_root, self.image_size)
 
     def setup(self, stage: str | None = None) -> None:

@@ -23,6 +23,19 @@ class ClassifierOutput:
     features: Tensor
 
 
+def head_keys(tasks: Sequence[str]) -> dict[str, str]:
+    """Task name -> its head's key in ``heads`` (and so in the state dict): the name itself, or
+    ``task<i>_<name>`` for a name `nn.ModuleDict` cannot hold (an attribute of it such as
+    ``type``, the reference layout's first label column, or a name with a dot)."""
+    keys = {}
+    for i, task in enumerate(tasks):
+        safe = task and "." not in task and not hasattr(nn.ModuleDict, task)
+        keys[task] = task if safe else f"task{i}_{task.replace('.', '_')}"
+    if len(set(keys.values())) != len(keys):
+        raise ValueError(f"task names {list(tasks)} give clashing head names {list(keys.values())}; rename a task")
+    return keys
+
+
 class MultimodalClassifier(nn.Module):
     """Image + text -> one class per task.
 
@@ -52,7 +65,8 @@ class MultimodalClassifier(nn.Module):
         self.text_projection = nn.Linear(self.text.feature_size, fusion_dim)
         self.fusion_name, self.fusion_options = fusion, dict(fusion_options or {})
         self.fusion = build_fusion(fusion, fusion_dim, **self.fusion_options)
-        self.heads = nn.ModuleDict({t: nn.Sequential(nn.Dropout(dropout), nn.Linear(fusion_dim, len(c)))
+        self.head_keys = head_keys(self.tasks)
+        self.heads = nn.ModuleDict({self.head_keys[t]: nn.Sequential(nn.Dropout(dropout), nn.Linear(fusion_dim, len(c)))
                                     for t, c in self.tasks.items()})
         self.fusion_dim, self.text_pooling, self.dropout = int(fusion_dim), text_pooling, float(dropout)
 
@@ -80,12 +94,12 @@ class MultimodalClassifier(nn.Module):
         image = TowerOutput(self.image_projection(image.pooled), self.image_projection(image.tokens), image.mask)
         text = TowerOutput(self.text_projection(text.pooled), self.text_projection(text.tokens), text.mask)
         fused = self.fusion(image, text)
-        return ClassifierOutput({t: head(fused) for t, head in self.heads.items()}, fused)
+        return ClassifierOutput({t: self.heads[key](fused) for t, key in self.head_keys.items()}, fused)
 
     def explain_target(self, task: str) -> MultimodalTarget:
         """What the SHAP / Captum explainers need to explain `task`'s logits."""
-        if task not in self.heads:
-            raise KeyError(f"unknown task {task!r}; this model has {sorted(self.heads)}")
+        if task not in self.tasks:
+            raise KeyError(f"unknown task {task!r}; this model has {sorted(self.tasks)}")
         return MultimodalTarget(
             name=task,
             module=self,

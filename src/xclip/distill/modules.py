@@ -24,12 +24,12 @@ import torch
 from torch import Tensor
 
 from xclip.backbones.inputs import check_texts
-from xclip.distill.checkpoint import load_classifier, save_classifier
+from xclip.distill.checkpoint import label_fingerprint, load_classifier, save_classifier
 from xclip.distill.kd_loss import FeatureProjection, distillation_loss
 from xclip.distill.metrics import MultitaskClassificationMetrics
 from xclip.distill.model import ClassifierOutput, MultimodalClassifier
 from xclip.distill.tokenizer import load_tokenizer
-from xclip.explain.multimodal import MultimodalInputs, MultimodalTarget
+from xclip.explain.multimodal import MultimodalInputs, MultimodalTarget, item_id
 from xclip.metrics import gather_objects
 from xclip.results import ReportRow, export_target, refuse_export_over
 
@@ -81,6 +81,10 @@ class MultimodalClassifierModule(pl.LightningModule):
         self.export, self.export_dir, self.overwrite, self.frozen = export, export_dir, overwrite, list(frozen)
         self.model: MultimodalClassifier | None = None
         self.labels = _vocabulary(labels) if labels else None
+        # whose classes the model has (in messages; None: the data's, taken in setup), and whether
+        # their order is known to be the one the weights were trained with (a label fingerprint)
+        self.label_source: str | None = "the `labels` argument's" if labels else None
+        self.label_order_checked = True
         if init_from is not None:
             self.model, self.tokenizer, config = load_classifier(init_from)
             self.max_length = int(config.get("max_length", self.max_length))
@@ -89,6 +93,8 @@ class MultimodalClassifierModule(pl.LightningModule):
             if self.labels is not None and self.labels != self.model.tasks:
                 raise ValueError(f"labels {self.labels} differ from the checkpoint's {self.model.tasks}")
             self.labels = self.model.tasks
+            self.label_source = f"the checkpoint {init_from}'s"
+            self.label_order_checked = config["label_order_checked"]
             self._freeze()
         else:
             self.tokenizer = load_tokenizer(tokenizer)
@@ -97,6 +103,8 @@ class MultimodalClassifierModule(pl.LightningModule):
         self.metrics: MultitaskClassificationMetrics | None = None
         self._skipped: list[str] = []
         self._scores: dict[str, float] = {}
+        self._n_scored: dict[str, int] = {}  # stage -> items scored
+        self._notes: dict[str, str] = {}  # logged metric key -> why its value is NaN
 
     # ---- building --------------------------------------------------------------------------------
     def _build(self, labels: Mapping[str, Sequence[str]]) -> None:
@@ -116,13 +124,6 @@ class MultimodalClassifierModule(pl.LightningModule):
         for part in self.frozen:
             parts[part].requires_grad_(False)
 
-    def _checkpoint_labels(self) -> dict[str, list[str]] | None:
-        path = getattr(self.trainer, "ckpt_path", None) if self._trainer is not None else None
-        if not path or not Path(path).is_file():
-            return None
-        saved = torch.load(path, map_location="cpu", weights_only=False).get(CHECKPOINT_KEY, {})
-        return saved.get("labels")
-
     def export_path(self) -> Path | None:
         """Where fit exports (None: `export` is off); see `xclip.results.export_target`."""
         return export_target(self.trainer, self.export, self.export_dir)
@@ -131,18 +132,16 @@ class MultimodalClassifierModule(pl.LightningModule):
         if stage == "fit":  # refuse an export that would replace weights before training, not after it
             refuse_export_over(self.export_path(), self.overwrite, "checkpoints/distill-*-shapes")
         datamodule = getattr(self.trainer, "datamodule", None)
-        labels = self.labels or self._checkpoint_labels()
-        if labels is None:
+        if self.model is None:
             if datamodule is None or not hasattr(datamodule, "label_vocabulary"):
                 raise ValueError(f"{type(self).__name__}: no labels: pass `labels`, `init_from`, or a datamodule "
                                  "with a label_vocabulary (DistillDataModule)")
-            labels = datamodule.label_vocabulary
-        if self.model is None:
-            self._build(labels)
-        elif _vocabulary(labels) != self.model.tasks:
-            raise ValueError(f"the checkpoint's classes {_vocabulary(labels)} differ from the model's {self.model.tasks}")
-        if datamodule is not None and hasattr(datamodule, "use_label_vocabulary"):
-            datamodule.use_label_vocabulary(self.model.tasks)  # dev/test labels encoded with these classes
+            # a checkpoint restored after setup may bring other classes: `on_load_checkpoint` rebuilds
+            self._build(datamodule.label_vocabulary)
+        elif datamodule is not None and hasattr(datamodule, "use_label_vocabulary"):
+            # dev/test labels encoded with the model's classes (by name)
+            datamodule.use_label_vocabulary(self.model.tasks, self.label_source or "the model's",
+                                            check_order=not self.label_order_checked)
 
     # ---- forward ---------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
@@ -158,7 +157,8 @@ class MultimodalClassifierModule(pl.LightningModule):
 
     # ---- evaluation ------------------------------------------------------------------------------
     def _eval_start(self) -> None:
-        self.metrics = MultitaskClassificationMetrics({t: len(c) for t, c in self.model.tasks.items()}).to(self.device)
+        self.metrics = MultitaskClassificationMetrics({t: len(c) for t, c in self.model.tasks.items()},
+                                                      class_names=self.model.tasks).to(self.device)
         self._skipped = []
 
     def on_validation_start(self) -> None:
@@ -186,6 +186,9 @@ class MultimodalClassifierModule(pl.LightningModule):
     def _eval_end(self, stage: str) -> None:
         scores = self.metrics.scores()
         self._scores = scores
+        self._n_scored[stage] = int(scores["n_items"])
+        self._notes = {k: v for k, v in self._notes.items() if not k.startswith(f"{stage}/")}
+        self._notes.update({f"{stage}/{name}": note for name, note in self.metrics.notes.items()})
         for name, value in scores.items():
             if name != "n_items":
                 self.log(f"{stage}/{name}", value, prog_bar=name == "mean_macro_f1")
@@ -199,22 +202,29 @@ class MultimodalClassifierModule(pl.LightningModule):
         self._eval_end("test")
 
     def extra_results(self) -> dict[str, Any]:
-        """results.json: the role, classes, item count, parameter count and skipped files."""
+        """results.json: the role, classes, item count, parameter count, skipped files and why a metric
+        is NaN (``notes``: logged key -> reason)."""
         return {"distill": {"role": self.role, "tasks": self.model.tasks, "n_items": int(self._scores.get("n_items", 0)),
                             "parameters": sum(p.numel() for p in self.model.parameters()),
-                            "skipped_paths": self._skipped}}
+                            "skipped_paths": self._skipped, "notes": dict(self._notes)}}
 
     def report_rows(self, metrics: Mapping[str, float | None]) -> list[ReportRow]:
+        """Per task: macro F1, accuracy and AUROC with the number of items scored (and why AUROC is
+        n/a when it is undefined); the mean macro F1 over the tasks."""
         rows = []
         for stage in ("val", "test"):
+            n = f", n={self._n_scored[stage]}" if stage in self._n_scored else ""
             for task in self.model.tasks:
                 keys = [f"{stage}/{task}_{m}" for m in ("macro_f1", "acc", "auroc")]
                 if keys[0] in metrics:
-                    rows.append(ReportRow(f"distill ({self.role})", f"{task} ({stage}): macro F1 | accuracy | OvR AUROC",
+                    note = self._notes.get(keys[2])
+                    name = f"{task} ({stage}{n}): macro F1 | accuracy | OvR AUROC"
+                    name += f" (AUROC {note})" if note else ""
+                    rows.append(ReportRow(f"distill ({self.role})", name,
                                           dict(zip(("macro F1", "accuracy", "AUROC"), (metrics[k] for k in keys))), keys))
             key = f"{stage}/mean_macro_f1"
             if key in metrics:
-                rows.append(ReportRow(f"distill ({self.role})", f"mean macro F1 over tasks ({stage})",
+                rows.append(ReportRow(f"distill ({self.role})", f"mean macro F1 over tasks ({stage}{n})",
                                       {"": metrics[key]}, [key]))
         return rows
 
@@ -228,10 +238,12 @@ class MultimodalClassifierModule(pl.LightningModule):
         images = batch["image"].to(self.device)
         ids, mask = self.tokenize(batch["text"])
         index = batch.get("index")
-        item_ids = [str(int(i)) for i in index] if index is not None else [str(i) for i in range(len(images))]
+        indexes = [int(i) for i in index] if index is not None else list(range(len(images)))
+        paths = [str(p) for p in batch["path"]] if "path" in batch else [None] * len(images)
         return MultimodalInputs(images, self.model.pixel_values(images), ids, mask,
                                 [self.tokenizer.convert_ids_to_tokens(row) for row in ids.tolist()],
-                                list(batch["text"]), item_ids, int(self.tokenizer.pad_token_id))
+                                list(batch["text"]), [item_id(p, i) for p, i in zip(paths, indexes)],
+                                int(self.tokenizer.pad_token_id), indexes, paths)
 
     # ---- training --------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -255,22 +267,38 @@ class MultimodalClassifierModule(pl.LightningModule):
                 "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"labels": self.model.tasks, "model": self.model.config(),
+        checkpoint[CHECKPOINT_KEY] = {"labels": self.model.tasks,
+                                      "label_fingerprint": label_fingerprint(self.model.tasks),
+                                      "model": self.model.config(),
                                       "tokenizer": self.tokenizer.backend_tokenizer.to_str(),
                                       "special_tokens": self.tokenizer.special_tokens_map, "max_length": self.max_length}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the tokenizer and the text length; the checkpoint's classes (checked against its
+        label fingerprint) must be the model's, unless the model's came from the data in `setup`:
+        then it is rebuilt with the checkpoint's (its weights are the checkpoint's next)."""
         saved = checkpoint.get(CHECKPOINT_KEY)
         if saved is None:
             raise ValueError(f"not a {type(self).__name__} checkpoint (no {CHECKPOINT_KEY!r} entry)")
-        if self.model is not None and _vocabulary(saved["labels"]) != self.model.tasks:
-            raise ValueError(f"the checkpoint's classes {saved['labels']} differ from the model's {self.model.tasks}")
+        labels = _vocabulary(saved["labels"])
+        stored = saved.get("label_fingerprint")  # absent in checkpoints written before it was stored
+        if stored is not None and stored != label_fingerprint(labels):
+            raise ValueError(f"the checkpoint's classes {labels} do not match its label fingerprint ({stored} vs "
+                             f"{label_fingerprint(labels)}): its label vocabulary was changed after saving")
         from tokenizers import Tokenizer
         from transformers import PreTrainedTokenizerFast
 
         self.tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(saved["tokenizer"]),
                                                  **saved["special_tokens"])
         self.max_length = int(saved["max_length"])
+        if self.model is not None and labels != self.model.tasks and self.label_source is not None:
+            raise ValueError(f"the checkpoint's classes {labels} differ from {self.label_source} {self.model.tasks}")
+        if self.model is None or labels != self.model.tasks:  # not built yet (load_from_checkpoint), or from the data
+            self._build(labels)
+        self.label_source, self.label_order_checked = "the checkpoint's", True
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "use_label_vocabulary"):
+            datamodule.use_label_vocabulary(labels, self.label_source)
 
     def on_fit_end(self) -> None:
         target = self.export_path()
@@ -279,7 +307,7 @@ class MultimodalClassifierModule(pl.LightningModule):
         callback = self.trainer.checkpoint_callback
         best = getattr(callback, "best_model_path", "") if callback is not None else ""
         if best:
-            state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
             self.model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
         score = getattr(callback, "best_model_score", None)
         extra = {"role": self.role, "best_checkpoint": str(best) or None,
@@ -321,6 +349,8 @@ class StudentModule(MultimodalClassifierModule):
         super().__init__(model=model, labels=labels, **kwargs)
         if self.model.tasks != teacher_model.tasks:
             raise ValueError(f"the student's classes {self.model.tasks} differ from the teacher's {teacher_model.tasks}")
+        self.label_source = f"the teacher {teacher}'s"
+        self.label_order_checked = teacher_config["label_order_checked"]
         self.teacher_spec, self.alpha, self.beta, self.temperature = teacher, float(alpha), float(beta), float(temperature)
         teacher_model.requires_grad_(False).eval()
         object.__setattr__(self, "teacher", teacher_model)  # not a submodule: not trained, not checkpointed

@@ -11,8 +11,11 @@ the generic callbacks (`xclip.callbacks.SHAPCallback`, `CaptumCallback`) impleme
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -51,7 +54,9 @@ class MultimodalTarget:
 class MultimodalInputs:
     """A batch to explain: ``images01`` [N,3,H,W] in [0, 1] (shown in figures), ``pixel_values``
     (the model's input), ``input_ids`` / ``attention_mask`` [N, T], the token strings of each row
-    (``tokens[i]`` has T entries), the texts and item ids."""
+    (``tokens[i]`` has T entries), the texts and item ids (what output files are named by: the
+    image file's name, see `item_id`, or the dataset index of a generated item), and optionally
+    each item's dataset index (its explanation's seed) and image file (None for generated items)."""
 
     images01: Tensor
     pixel_values: Tensor
@@ -61,6 +66,8 @@ class MultimodalInputs:
     texts: list[str]
     ids: list[str]
     pad_token_id: int = 0
+    indexes: list[int] | None = None
+    paths: list[str | None] | None = None
 
     def __post_init__(self):
         check_images01(self.images01, "images01")  # NaN, uint8, 0-255 floats, channels last
@@ -72,6 +79,9 @@ class MultimodalInputs:
         if not (self.images01.shape[0] == self.input_ids.shape[0] == len(self.tokens) == len(self.texts)
                 == len(self.ids) == n):
             raise ValueError("images01, pixel_values, input_ids, tokens, texts and ids must have one entry per sample")
+        for name in ("indexes", "paths"):
+            if getattr(self, name) is not None and len(getattr(self, name)) != n:
+                raise ValueError(f"{name} must have one entry per sample ({n}), got {len(getattr(self, name))}")
 
     def __len__(self) -> int:
         return self.pixel_values.shape[0]
@@ -84,7 +94,21 @@ class MultimodalInputs:
         t = int(mask.sum(1).max()) if len(idx) else 0
         return MultimodalInputs(self.images01[index], self.pixel_values[index], self.input_ids[index, :t], mask[:, :t],
                                 [self.tokens[i][:t] for i in idx], [self.texts[i] for i in idx],
-                                [self.ids[i] for i in idx], self.pad_token_id)
+                                [self.ids[i] for i in idx], self.pad_token_id,
+                                None if self.indexes is None else [self.indexes[i] for i in idx],
+                                None if self.paths is None else [self.paths[i] for i in idx])
+
+
+def item_id(path: str | None, index: int, max_chars: int = 60) -> str:
+    """What an item's explanation files are named by: its image file's name without the suffix
+    (characters outside ``[A-Za-z0-9._-]`` replaced, a long name shortened with a hash of it), or
+    its dataset index when it has no file (a generated item)."""
+    if not path:
+        return str(int(index))
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", PurePath(path).stem) or "item"
+    if len(stem) > max_chars:
+        stem = f"{stem[:max_chars - 9]}-{hashlib.sha1(path.encode('utf-8')).hexdigest()[:8]}"
+    return stem
 
 
 @runtime_checkable

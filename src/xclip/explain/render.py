@@ -31,6 +31,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from PIL import Image, ImageDraw, ImageFont
 
 from xclip.io import atomic_write_bytes, atomic_write_text
@@ -162,16 +163,25 @@ def figure_to_array(fig: Figure) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-def token_bar_chart(tokens: Sequence[str], scores, title: str = "") -> Figure:
+def _wrap_lines(title: str, width: int) -> list[str]:
+    """`title`'s lines, each wrapped to at most `width` characters (long words broken)."""
+    return [piece for line in title.splitlines() for piece in (textwrap.wrap(line, width) or [""])] if title else []
+
+
+def token_bar_chart(tokens: Sequence[str], scores, title: str = "", *,
+                    legend: tuple[str, str] | None = None) -> Figure:
     """Horizontal bar chart of per-token scores, first token at the top, one bar per token.
 
-    Positive bars are red, negative ones blue. The figure lives on an Agg canvas (no display);
-    render it with :func:`figure_to_array` or ``fig.savefig``.
+    Positive bars are red, negative ones blue; `legend` names what each sign means (e.g.
+    ``("towards 'sand'", "away from 'sand'")``). Every title line is wrapped to the figure's
+    width (a long text or item id is never cut off). The figure lives on an Agg canvas (no
+    display); render it with :func:`figure_to_array` or ``fig.savefig``.
 
     Args:
         tokens: ``T`` labels.
         scores: ``T`` floats (list, numpy or tensor, any shape with ``T`` elements).
-        title: axes title.
+        title: axes title (may hold several lines).
+        legend: (meaning of a positive bar, of a negative bar); None: no legend.
 
     Raises:
         ValueError: ``len(tokens) != number of scores``.
@@ -180,7 +190,14 @@ def token_bar_chart(tokens: Sequence[str], scores, title: str = "") -> Figure:
     tokens = [str(t) for t in tokens]
     if len(tokens) != vals.size:
         raise ValueError(f"{len(tokens)} tokens but {vals.size} scores")
-    fig = Figure(figsize=(6.0, max(2.0, 0.35 * len(tokens) + 1.0)), dpi=100)
+    width_in, title_pt = 7.0, 9.0
+    # DejaVu Sans averages ~0.6 em per character: wrap to that first, then measure (below)
+    lines = _wrap_lines(title, int(width_in * 72 / (title_pt * 0.65)) - 4)
+
+    def height(n_lines: int) -> float:
+        return max(2.0, 0.35 * len(tokens) + 1.0) + 0.17 * n_lines + (0.4 if legend else 0.0)
+
+    fig = Figure(figsize=(width_in, height(len(lines))), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     y = np.arange(len(tokens))
@@ -191,9 +208,27 @@ def token_bar_chart(tokens: Sequence[str], scores, title: str = "") -> Figure:
     ax.invert_yaxis()
     ax.axvline(0.0, color="black", linewidth=0.8)
     ax.set_xlabel("score")
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
+    if lines:
+        ax.set_title("\n".join(lines), fontsize=title_pt)
+        renderer = fig.canvas.get_renderer()
+        for _ in range(3):  # wide glyphs (W, M, CJK): re-wrap until the measured title fits the figure
+            ratio = ax.title.get_window_extent(renderer).width / (0.96 * fig.bbox.width)
+            if ratio <= 1:
+                break
+            longest = max(len(line) for line in lines)
+            lines = _wrap_lines(title, max(8, int(longest / ratio) - 1))
+            ax.set_title("\n".join(lines), fontsize=title_pt)
+        fig.set_size_inches(width_in, height(len(lines)))
+    legend_in = 0.0
+    if legend:  # under the figure, clear of the axis label
+        handles = [Patch(color="tab:red", label=f"> 0: {legend[0]}"),
+                   Patch(color="tab:blue", label=f"< 0: {legend[1]}")]
+        fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
+        legend_in = 0.3
+    fig.tight_layout(rect=(0.0, legend_in / fig.get_size_inches()[1], 1.0, 1.0))
+    if lines:  # centred on the figure, not on the axes (which long token labels push to the right)
+        box = ax.get_position()
+        ax.title.set_x((0.5 - box.x0) / box.width)
     return fig
 
 
