@@ -254,10 +254,10 @@ def test_explanation_files_are_named_by_the_image_file_and_record_its_path(tmp_p
                          enable_model_summary=False, default_root_dir=tmp_path)
     trainer.validate(module, datamodule=data)
     for explainer in ("shap", "integrated_gradients"):
-        folder = Path(trainer.log_dir) / "explanations" / explainer
-        items = json.loads((folder / "val_index.json").read_text())["items"]
+        folder = Path(trainer.log_dir) / "explanations" / explainer / "val"
+        items = json.loads((folder / "index.json").read_text())["items"]
         assert [(r["item_id"], r["index"], r["path"]) for r in items] == [
             ("dev_0", 0, "images/dev_0.png"), ("dev_1", 1, "images/dev_1.png"), ("dev_0-2", 2, "images/dev_0.png")]
         for r in items:
-            assert (folder / f"val_type_{r['item_id']}.png").is_file() and r["png"] == f"val_type_{r['item_id']}.png"
+            assert (folder / f"type_{r['item_id']}.png").is_file() and r["png"] == f"type_{r['item_id']}.png"
             assert (folder / r["token_png"]).is_file() and (folder / r["npy"]).is_file()

@@ -68,7 +68,7 @@ def test_fit_keeps_the_best_checkpoint_by_mean_macro_f1_and_exports_it(teacher_r
     assert len(best) == 1 and (run / "checkpoints" / "latest-step=3.ckpt").is_file()
     ckpt = torch.load(best[0], map_location="cpu", weights_only=False)
     state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint"))
-    assert state["monitor"] == "val/mean_macro_f1" and ckpt["xclip_distill"]["labels"] == TASKS
+    assert state["monitor"] == "val/distill/mean_macro_f1" and ckpt["xclip_distill"]["labels"] == TASKS
     assert ckpt["xclip_distill"]["label_fingerprint"] == label_fingerprint(TASKS)
     restored = TeacherModule.load_from_checkpoint(best[0], map_location="cpu")  # Lightning's own (safe) load
     assert restored.model.tasks == TASKS
@@ -76,7 +76,7 @@ def test_fit_keeps_the_best_checkpoint_by_mean_macro_f1_and_exports_it(teacher_r
                                                              ckpt["state_dict"].items() if k.startswith("model.")})
     # three validations (one per step): the kept one is the step with the highest mean macro F1
     events = EventAccumulator(str(run)).Reload()
-    logged = {e.step: e.value for e in events.Scalars("val/mean_macro_f1")}
+    logged = {e.step: e.value for e in events.Scalars("val/distill/mean_macro_f1")}
     assert len(logged) == 3
     assert float(state["best_model_score"]) == pytest.approx(max(logged.values()))
     assert ckpt["global_step"] in [s for s, v in logged.items() if v == pytest.approx(max(logged.values()))]
@@ -163,27 +163,28 @@ def test_validate_a_saved_checkpoint_with_shap_and_captum_callbacks(teacher_run,
     (out,) = sorted((tmp_path / cfg["trainer"]["logger"]["init_args"]["name"]).glob("version_*"))
     results = json.loads((out / "results.json").read_text())
     assert results["distill"]["n_items"] == 7 and results["distill"]["role"] == "teacher"
-    assert set(results["metrics"]) >= {"val/mean_macro_f1", "val/shape_macro_f1", "val/background_auroc"}
+    assert set(results["metrics"]) >= {"val/distill/mean_macro_f1", "val/distill/shape_macro_f1",
+                                       "val/distill/background_auroc"}
     events = EventAccumulator(str(out), size_guidance={"images": 0}).Reload()
     tags = set(events.Tags()["images"])
     for explainer in ("shap", "integrated_gradients"):
         for task in ("shape", "background"):
             for item in ("0", "1"):
-                tag = f"explain/{explainer}/val/{task}/{item}"
-                assert tag in tags and f"{tag}/tokens" in tags, tag
+                tag = f"val/explanations/{explainer}/{task}_{item}"
+                assert tag in tags and f"{tag}_tokens" in tags, tag
                 image = events.Images(tag)[0]
                 assert image.width > 300 and image.height > 150  # a rendered panel, not an empty image
-        index = json.loads((out / "explanations" / explainer / "val_index.json").read_text())
+        index = json.loads((out / "explanations" / explainer / "val" / "index.json").read_text())
         assert len(index["items"]) == 4
         record = index["items"][0]
         assert set(record["totals"]) == {"image", "text", "image_abs", "text_abs", "image_share"}
         assert record["words"] and all(not w.startswith("##") for w, _ in record["words"])
         assert record["path"] is None and record["item_id"] == str(record["index"])  # generated: named by index
-        png = Image.open(out / "explanations" / explainer / record["png"])
+        png = Image.open(out / "explanations" / explainer / "val" / record["png"])
         assert record["text"] in png.text["Title"].replace("\n", " ") or record["text"][:20] in png.text["Title"]
         paths = {"shap": {"joint"}, "integrated_gradients": {"image", "text"}}[explainer]
         assert set(record["deltas"]) == paths
-    shap_index = json.loads((out / "explanations" / "shap" / "val_index.json").read_text())
+    shap_index = json.loads((out / "explanations" / "shap" / "val" / "index.json").read_text())
     assert shap_index["settings"]["background_size"] == 3 and shap_index["settings"]["nsamples"] == 8
 
 
@@ -214,9 +215,9 @@ def test_validate_a_checkpoint_on_a_small_csv(teacher_run, tmp_path, capsys):
     assert not [str(w.message) for w in caught if "torchmetrics" in w.filename]
     results = json.loads(next((tmp_path / "logs").glob("*/version_*/results.json")).read_text())
     assert results["distill"]["tasks"] == TASKS and results["distill"]["n_items"] == 6
-    assert results["metrics"]["val/shape_auroc"] is None and results["metrics"]["val/shape_acc"] is not None
+    assert results["metrics"]["val/distill/shape_auroc"] is None and results["metrics"]["val/distill/shape_acc"] is not None
     note = "undefined: all 6 evaluated items are 'circle'; one-vs-rest AUROC needs items of two classes or more"
-    assert results["distill"]["notes"] == {"val/shape_auroc": note}
+    assert results["distill"]["notes"] == {"val/distill/shape_auroc": note}
     report = capsys.readouterr().out
     assert f"shape (val, n=6): macro F1 | accuracy | OvR AUROC (AUROC {note})" in report
     assert "background (val, n=6): macro F1 | accuracy | OvR AUROC " in report
@@ -268,5 +269,5 @@ def test_two_processes_give_the_numbers_of_one(teacher_run, tmp_path):
     assert str(two["config"]["trainer"]["devices"]) == "2"
     assert one["distill"]["n_items"] == two["distill"]["n_items"] == 7  # whole batches per process: 4 + 3
     for key, value in one["metrics"].items():
-        if key != "val/loss":  # Lightning syncs a logged loss as the mean of per-process means
+        if key != "val/distill/loss":  # Lightning syncs a logged loss as the mean of per-process means
             assert two["metrics"][key] == value, key

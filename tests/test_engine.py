@@ -76,8 +76,9 @@ class _Toy(EvaluationModule):
 
 def test_evaluation_base_hooks_keys_and_hyperparameters():
     toy = _Toy(width=5, backbone=torch.nn.Linear(1, 1))
-    assert dict(toy.hparams) == {"width": 5}  # model objects are not hyperparameters
-    assert dict(_Toy(width=2).hparams) == {"width": 2, "backbone": "xclip:tiny-shapes"}  # a spec is
+    path = f"{__name__}._Toy"  # how LightningCLI re-applies a checkpoint's hyperparameters
+    assert dict(toy.hparams) == {"_class_path": path, "width": 5}  # model objects are not hyperparameters
+    assert dict(_Toy(width=2).hparams) == {"_class_path": path, "width": 2, "backbone": "xclip:tiny-shapes"}
     assert isinstance(toy, ReportsResults)
     toy.on_validation_epoch_start()
     assert toy.validation_step({"task": "classification", "image": [1, 2]}, 0) == {"n": 2}

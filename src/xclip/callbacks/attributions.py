@@ -7,26 +7,26 @@ and ``attribution_inputs(batch)``), e.g. `xclip.distill.TeacherModule` / `Studen
 callbacks work on a restored checkpoint (``xclip validate --config ... --ckpt_path ...``): they
 need no training state.
 
-Per item and output head (``task``): ``<stage>_<task>_<id>.png`` (the image, the |attribution|
-summed over channels over it, colour bar, raw maximum, titled with the text, explainer, item and
-explained class), ``<stage>_<task>_<id>_tokens.png`` (word scores: sub-words merged, special
-tokens dropped; a legend says which sign pushes towards the explained class), the raw map as
-``.npy`` + JSON sidecar, and one record in ``<stage>_index.json`` with the item's dataset index
+Per item and output head (``task``), in ``<run dir>/explanations/<explainer>/<stage>/``:
+``<task>_<id>.png`` (the image, the |attribution| summed over channels over it, colour bar, raw
+maximum, titled with the text, explainer, item and explained class), ``<task>_<id>_tokens.png``
+(word scores: sub-words merged, special tokens dropped; a legend says which sign pushes towards the
+explained class), the raw map as ``.npy`` + JSON sidecar, and one record in ``index.json`` with
+the item's dataset index
 and image file (``path``; null for generated items), the per-modality totals, the modality share,
 the completeness gap(s) and the word scores. ``<id>`` is the image file's name (without suffix;
 ``-<index>`` added when two explained items share one) or, for an item without a file, its
 dataset index (see `xclip.explain.multimodal.item_id`). TensorBoard tags:
-``explain/<explainer>/<stage>/<task>/<id>`` and ``.../tokens``.
+``<stage>/explanations/<explainer>/<task>_<id>`` and ``..._tokens`` (`xclip.engine.StageCallback`).
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 
+from xclip.engine import StageCallback
 from xclip.explain.captum_explainers import CaptumExplainer
 from xclip.explain.multimodal import MultimodalAttribution, MultimodalExplainable, MultimodalInputs, merge_subwords
 from xclip.explain.render import (
@@ -38,8 +38,6 @@ from xclip.explain.render import (
     token_bar_chart,
 )
 from xclip.explain.shap_explainer import SHAPExplainer
-from xclip.io import atomic_write_text
-from xclip.results import run_directory
 
 
 def item_seed(seed: int, index: int) -> int:
@@ -53,7 +51,7 @@ def item_indexes(inputs: MultimodalInputs) -> list[int]:
     return list(inputs.indexes) if inputs.indexes is not None else list(range(len(inputs)))
 
 
-class AttributionCallback(pl.Callback):
+class AttributionCallback(StageCallback):
     """Base of `SHAPCallback` and `CaptumCallback`: explain up to `max_samples` items per stage.
 
     Args:
@@ -68,6 +66,7 @@ class AttributionCallback(pl.Callback):
     """
 
     name = "attribution"
+    workflow = "explanations"
 
     def __init__(self, max_samples: int = 4, tasks: list[str] | None = None, classes: str = "predicted",
                  cell: int | None = None, alpha: float = 0.5, panel_px: int = 192, subdir: str = "explanations",
@@ -76,9 +75,9 @@ class AttributionCallback(pl.Callback):
             raise ValueError("max_samples must be >= 0")
         if classes not in ("predicted", "all"):
             raise ValueError(f"classes must be 'predicted' or 'all', got {classes!r}")
+        super().__init__(f"{subdir}/{self.name}")
         self.max_samples, self.tasks, self.classes, self.cell = int(max_samples), tasks, classes, cell
-        self.alpha, self.panel_px, self.subdir, self.seed = alpha, int(panel_px), subdir, int(seed)
-        self._records: list[dict[str, Any]] = []
+        self.alpha, self.panel_px, self.seed = alpha, int(panel_px), int(seed)
         self._explained = 0
         self._names: dict[str, int] = {}  # file name id -> the dataset index it was given to (this stage)
 
@@ -89,37 +88,18 @@ class AttributionCallback(pl.Callback):
     def explain(self, target, inputs: MultimodalInputs, classes, trainer) -> MultimodalAttribution:
         raise NotImplementedError
 
-    # ---- Lightning hooks -------------------------------------------------------------------------
-    def _start(self, trainer, pl_module) -> None:
-        self._records, self._explained, self._names = [], 0, {}
+    def start(self, trainer, pl_module, stage: str) -> None:
+        self._explained, self._names = 0, {}
         if not isinstance(pl_module, MultimodalExplainable):
             raise TypeError(f"{type(self).__name__} needs a module with attribution_targets() and "
                             f"attribution_inputs(batch); {type(pl_module).__name__} has not")
         if self.max_samples and trainer.is_global_zero:
             self.prepare(trainer, pl_module)
 
-    def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self._start(trainer, pl_module)
-
-    def on_test_epoch_start(self, trainer, pl_module) -> None:
-        self._start(trainer, pl_module)
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._explain_batch(trainer, pl_module, batch, "val")
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._explain_batch(trainer, pl_module, batch, "test")
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        self._write_index(trainer, "val")
-
-    def on_test_epoch_end(self, trainer, pl_module) -> None:
-        self._write_index(trainer, "test")
-
     # ---- work ------------------------------------------------------------------------------------
-    def _explain_batch(self, trainer, pl_module, batch, stage: str) -> None:
+    def on_batch(self, trainer, pl_module, outputs, batch, dataloader_idx: int, stage: str) -> None:
         remaining = self.max_samples - self._explained
-        if remaining <= 0 or trainer.sanity_checking or not trainer.is_global_zero:
+        if remaining <= 0:
             return
         inputs = pl_module.attribution_inputs(batch)
         if inputs is None or not len(inputs):
@@ -137,8 +117,7 @@ class AttributionCallback(pl.Callback):
     def _emit(self, trainer, stage: str, class_names: list[str], inputs: MultimodalInputs,
               attribution: MultimodalAttribution) -> None:
         name, task = attribution.explainer, attribution.target
-        out_dir = run_directory(trainer) / self.subdir / name
-        experiments = [lg.experiment for lg in trainer.loggers if hasattr(getattr(lg, "experiment", None), "add_image")]
+        out_dir = self.stage_dir(trainer, stage)
         images01 = inputs.images01.detach().float().cpu()
         indexes = item_indexes(inputs)
         paths = inputs.paths if inputs.paths is not None else [None] * len(inputs)
@@ -151,7 +130,7 @@ class AttributionCallback(pl.Callback):
                 cls = int(attribution.classes[i, slot])
                 cls_name = class_names[cls] if cls < len(class_names) else str(cls)
                 suffix = "" if attribution.classes.shape[1] == 1 else f"_c{cls}"
-                stem = f"{stage}_{task}_{item_id}{suffix}"
+                stem = f"{task}_{item_id}{suffix}"
                 where = f"{stage} | task {task} | class {cls_name}"
                 title = explanation_title(inputs.texts[i], name, item_id, where)
                 n_tok = int(inputs.attention_mask[i].sum())
@@ -173,11 +152,9 @@ class AttributionCallback(pl.Callback):
                           "deltas": {k: float(v[i, slot]) for k, v in attribution.deltas.items()},
                           "totals": {k: float(v[i]) for k, v in totals.items()},
                           "words": [[w, s] for w, s in words], "map_max": float(maps[i].max())}
-                self._records.append(record)
-                for exp in experiments:
-                    tag = f"explain/{name}/{stage}/{task}/{item_id}{suffix}"
-                    exp.add_image(tag, panel, trainer.global_step, dataformats="HWC")
-                    exp.add_image(f"{tag}/tokens", chart, trainer.global_step, dataformats="HWC")
+                self.records.append(record)
+                self.log_image(trainer, stage, name, stem, panel)
+                self.log_image(trainer, stage, name, f"{stem}_tokens", chart)
 
     def _unique_id(self, item_id: str, index: int) -> str:
         """`item_id`, or ``<item_id>-<index>`` when another item of this stage already has it (two rows
@@ -189,13 +166,8 @@ class AttributionCallback(pl.Callback):
         self._names.setdefault(unique, index)
         return unique
 
-    def _write_index(self, trainer, stage: str) -> None:
-        if not self._records or not trainer.is_global_zero:
-            return
-        name = self._records[0]["explainer"]
-        payload = {"explainer": name, "stage": stage, "settings": self.settings(), "items": self._records}
-        atomic_write_text(run_directory(trainer) / self.subdir / name / f"{stage}_index.json",
-                          json.dumps(payload, indent=2))
+    def index_payload(self, trainer, stage: str) -> dict[str, Any]:
+        return {"explainer": self.records[0]["explainer"], "settings": self.settings()}
 
     def settings(self) -> dict[str, Any]:
         return {"max_samples": self.max_samples, "classes": self.classes, "cell": self.cell, "seed": self.seed}

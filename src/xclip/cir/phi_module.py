@@ -24,7 +24,7 @@ from xclip.cir.oti import OTIConfig, oti_invert
 from xclip.cir.phi import Phi, save_phi
 from xclip.cir.query import encode_with_pseudo_tokens, query_features
 from xclip.data.embedding_cache import weights_fingerprint
-from xclip.engine import ExportMixin
+from xclip.engine import EXPORT_ARGUMENTS, ExportMixin
 from xclip.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class PhiTrainingModule(ExportMixin, CIREvaluation):
     """
 
     shipped_folder = "checkpoints/searle-phi-tiny-shapes"
+    not_hyperparameters = EXPORT_ARGUMENTS
 
     def __init__(self, backbone: str | Backbone = "xclip:tiny-shapes", dropout: float = 0.5, lr: float = 1e-4,
                  weight_decay: float = 0.01, temperature: float = 0.25, lambda_distil: float = 1.0,
@@ -73,6 +74,7 @@ class PhiTrainingModule(ExportMixin, CIREvaluation):
                  export: bool = True, export_dir: str | None = None, overwrite: bool = False, seed: int = 0,
                  cache_dir: str | None = None):
         super().__init__(backbone, ("searle",), None, cache_dir)
+        self.set_export(export, export_dir, overwrite)
         known = {f.name for f in fields(OTIConfig)}
         if oti and set(oti) - known:
             raise ValueError(f"unknown OTI settings {sorted(set(oti) - known)}: use {sorted(known)}")
@@ -151,7 +153,6 @@ class PhiTrainingModule(ExportMixin, CIREvaluation):
 
     def export_model(self, path: Path) -> None:
         extra = {"backbone": self.backbone_spec, "backbone_weights_sha256": weights_fingerprint(self.backbone),
-                 "recipe": {k: v for k, v in self.hparams.items()
-                            if k not in ("export", "export_dir", "overwrite", "oti_cache_dir", "cache_dir")},
+                 "recipe": {k: v for k, v in self.hparams.items() if k not in ("oti_cache_dir", "cache_dir")},
                  "oti": self.oti_config.to_dict(), "n_train": len(self.trainer.datamodule.training_images)}
-        save_phi(self.phi, path, extra, overwrite=self.hparams.overwrite)
+        save_phi(self.phi, path, extra, overwrite=self.overwrite)

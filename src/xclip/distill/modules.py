@@ -1,8 +1,8 @@
 """`TeacherModule` and `StudentModule`: Lightning training and evaluation of multimodal multi-task
 classifiers, the student distilled from a frozen teacher.
 
-Both log ``{stage}/<task>_macro_f1``, ``_acc``, ``_auroc`` and ``{stage}/mean_macro_f1`` (the
-checkpoint monitor: the best checkpoint is the one with the highest mean macro F1 over the tasks),
+Both log ``{stage}/distill/<task>_macro_f1``, ``_acc``, ``_auroc`` and ``{stage}/distill/mean_macro_f1``
+(the checkpoint monitor: the best checkpoint is the one with the highest mean macro F1 over the tasks),
 save the label vocabulary and the tokenizer inside every Lightning checkpoint, resume from one
 (``xclip fit --ckpt_path``), evaluate one (``xclip validate --ckpt_path``) and (into the run directory
 or `export_dir`)
@@ -14,12 +14,10 @@ They implement `xclip.explain.multimodal.MultimodalExplainable`, so `SHAPCallbac
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
@@ -29,9 +27,10 @@ from xclip.distill.kd_loss import FeatureProjection, distillation_loss
 from xclip.distill.metrics import MultitaskClassificationMetrics
 from xclip.distill.model import ClassifierOutput, MultimodalClassifier
 from xclip.distill.tokenizer import load_tokenizer
+from xclip.engine import EXPORT_ARGUMENTS, STAGES, EvaluationModule, ExportMixin, warmup_cosine_scheduler
 from xclip.explain.multimodal import MultimodalInputs, MultimodalTarget, item_id
 from xclip.metrics import gather_objects
-from xclip.results import ReportRow, export_target, refuse_export_over
+from xclip.results import ReportRow
 
 CHECKPOINT_KEY = "xclip_distill"
 
@@ -40,7 +39,7 @@ def _vocabulary(labels: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
     return {str(t): [str(c) for c in classes] for t, classes in labels.items()}
 
 
-class MultimodalClassifierModule(pl.LightningModule):
+class MultimodalClassifierModule(ExportMixin, EvaluationModule):
     """What the teacher and the student share: building the model, tokenising, metrics, checkpoints.
     On its own it evaluates and explains a saved model (``init_from``; no training step).
 
@@ -64,6 +63,9 @@ class MultimodalClassifierModule(pl.LightningModule):
     """
 
     role = "model"
+    workflow = "distill"
+    shipped_folder = "checkpoints/distill-*-shapes"
+    not_hyperparameters = EXPORT_ARGUMENTS
 
     def __init__(self, model: dict[str, Any] | None = None, init_from: str | None = None,
                  labels: dict[str, list[str]] | None = None, tokenizer: str = "shapes-wordpiece",
@@ -71,14 +73,12 @@ class MultimodalClassifierModule(pl.LightningModule):
                  export: bool = True, export_dir: str | None = None, overwrite: bool = False,
                  frozen: Sequence[str] = ()):
         super().__init__()
-        # where to export is not a property of the model: a resumed fit (whose checkpoint's
-        # hyper-parameters LightningCLI re-applies) may export elsewhere
-        self.save_hyperparameters(ignore=["export", "export_dir", "overwrite"])
+        self.set_export(export, export_dir, overwrite)
         if (model is None) == (init_from is None):
             raise ValueError("give exactly one of `model` (an architecture) and `init_from` (a checkpoint folder)")
         self.model_args, self.init_from = dict(model or {}), init_from
         self.max_length, self.lr, self.weight_decay, self.warmup_steps = int(max_length), lr, weight_decay, warmup_steps
-        self.export, self.export_dir, self.overwrite, self.frozen = export, export_dir, overwrite, list(frozen)
+        self.frozen = list(frozen)
         self.model: MultimodalClassifier | None = None
         self.labels = _vocabulary(labels) if labels else None
         # whose classes the model has (in messages; None: the data's, taken in setup), and whether
@@ -124,13 +124,8 @@ class MultimodalClassifierModule(pl.LightningModule):
         for part in self.frozen:
             parts[part].requires_grad_(False)
 
-    def export_path(self) -> Path | None:
-        """Where fit exports (None: `export` is off); see `xclip.results.export_target`."""
-        return export_target(self.trainer, self.export, self.export_dir)
-
     def setup(self, stage: str) -> None:
-        if stage == "fit":  # refuse an export that would replace weights before training, not after it
-            refuse_export_over(self.export_path(), self.overwrite, "checkpoints/distill-*-shapes")
+        super().setup(stage)  # the export check of a fit (ExportMixin)
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.model is None:
             if datamodule is None or not hasattr(datamodule, "label_vocabulary"):
@@ -156,50 +151,33 @@ class MultimodalClassifierModule(pl.LightningModule):
         return self.model(self.model.pixel_values(images01), ids, mask)
 
     # ---- evaluation ------------------------------------------------------------------------------
-    def _eval_start(self) -> None:
+    def start(self, stage: str) -> None:
         self.metrics = MultitaskClassificationMetrics({t: len(c) for t, c in self.model.tasks.items()},
                                                       class_names=self.model.tasks).to(self.device)
         self._skipped = []
 
-    def on_validation_start(self) -> None:
-        self._eval_start()
-
-    def on_test_start(self) -> None:
-        self._eval_start()
-
-    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+    def step(self, batch: dict[str, Any], stage: str) -> None:
         self._skipped.extend(batch.get("skipped_paths", []))
         if "image" not in batch:  # every item of the batch was unreadable
             return
         out = self(batch["image"], batch["text"])
         labels = batch["labels"]
         loss = sum(torch.nn.functional.cross_entropy(out.logits[t], labels[t]) for t in self.model.tasks)
-        self.log(f"{stage}/loss", loss, batch_size=len(batch["text"]), sync_dist=True)
+        self.log_metric(stage, "loss", loss, batch_size=len(batch["text"]), sync_dist=True)
         self.metrics.update_batch({t: v.float().softmax(-1) for t, v in out.logits.items()}, labels, batch["index"])
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def _eval_end(self, stage: str) -> None:
+    def finish(self, stage: str) -> None:
+        if self.trainer.sanity_checking:
+            return
         scores = self.metrics.scores()
         self._scores = scores
         self._n_scored[stage] = int(scores["n_items"])
         self._notes = {k: v for k, v in self._notes.items() if not k.startswith(f"{stage}/")}
-        self._notes.update({f"{stage}/{name}": note for name, note in self.metrics.notes.items()})
+        self._notes.update({self.metric_key(stage, name): note for name, note in self.metrics.notes.items()})
         for name, value in scores.items():
             if name != "n_items":
-                self.log(f"{stage}/{name}", value, prog_bar=name == "mean_macro_f1")
+                self.log_metric(stage, name, value, prog_bar=name == "mean_macro_f1")
         self._skipped = sorted({p for paths in gather_objects(self._skipped) for p in paths})
-
-    def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking:
-            self._eval_end("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_end("test")
 
     def extra_results(self) -> dict[str, Any]:
         """results.json: the role, classes, item count, parameter count, skipped files and why a metric
@@ -212,17 +190,17 @@ class MultimodalClassifierModule(pl.LightningModule):
         """Per task: macro F1, accuracy and AUROC with the number of items scored (and why AUROC is
         n/a when it is undefined); the mean macro F1 over the tasks."""
         rows = []
-        for stage in ("val", "test"):
+        for stage in STAGES:
             n = f", n={self._n_scored[stage]}" if stage in self._n_scored else ""
             for task in self.model.tasks:
-                keys = [f"{stage}/{task}_{m}" for m in ("macro_f1", "acc", "auroc")]
+                keys = [self.metric_key(stage, f"{task}_{m}") for m in ("macro_f1", "acc", "auroc")]
                 if keys[0] in metrics:
                     note = self._notes.get(keys[2])
                     name = f"{task} ({stage}{n}): macro F1 | accuracy | OvR AUROC"
                     name += f" (AUROC {note})" if note else ""
                     rows.append(ReportRow(f"distill ({self.role})", name,
                                           dict(zip(("macro F1", "accuracy", "AUROC"), (metrics[k] for k in keys))), keys))
-            key = f"{stage}/mean_macro_f1"
+            key = self.metric_key(stage, "mean_macro_f1")
             if key in metrics:
                 rows.append(ReportRow(f"distill ({self.role})", f"mean macro F1 over tasks ({stage}{n})",
                                       {"": metrics[key]}, [key]))
@@ -256,15 +234,7 @@ class MultimodalClassifierModule(pl.LightningModule):
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.lr)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warm = min(self.warmup_steps, total // 2)
-
-        def schedule(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(total - warm, 1))))
-
-        return {"optimizer": opt,
-                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}}
+        return {"optimizer": opt, "lr_scheduler": warmup_cosine_scheduler(opt, total, self.warmup_steps)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {"labels": self.model.tasks,
@@ -300,10 +270,8 @@ class MultimodalClassifierModule(pl.LightningModule):
         if datamodule is not None and hasattr(datamodule, "use_label_vocabulary"):
             datamodule.use_label_vocabulary(labels, self.label_source)
 
-    def on_fit_end(self) -> None:
-        target = self.export_path()
-        if target is None or not self.trainer.is_global_zero:
-            return
+    def export_model(self, path: Path) -> None:
+        """The best checkpoint of the fit (by mean macro F1; the last weights without one)."""
         callback = self.trainer.checkpoint_callback
         best = getattr(callback, "best_model_path", "") if callback is not None else ""
         if best:
@@ -312,8 +280,7 @@ class MultimodalClassifierModule(pl.LightningModule):
         score = getattr(callback, "best_model_score", None)
         extra = {"role": self.role, "best_checkpoint": str(best) or None,
                  "best_val_mean_macro_f1": None if score is None else float(score)}
-        save_classifier(self.model, self.tokenizer, target, self.max_length, extra=extra, overwrite=self.overwrite)
-        print(f"exported the {self.role} ({'best' if best else 'last'} weights) to {target}")
+        save_classifier(self.model, self.tokenizer, path, self.max_length, extra=extra, overwrite=self.overwrite)
 
 
 class TeacherModule(MultimodalClassifierModule):

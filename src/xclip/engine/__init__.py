@@ -10,9 +10,9 @@ from xclip.engine.evaluation import (
     ReportsResults,
     default_explanation_inputs,
 )
-from xclip.engine.export import ExportMixin
+from xclip.engine.export import EXPORT_ARGUMENTS, ExportMixin
 from xclip.engine.schedule import warmup_cosine, warmup_cosine_scheduler
 from xclip.engine.stage_callback import StageCallback, tensorboard_writers
 
-__all__ = ["STAGES", "EvaluationModule", "ExplanationInputs", "ExportMixin", "ReportsResults", "StageCallback",
+__all__ = ["EXPORT_ARGUMENTS", "STAGES", "EvaluationModule", "ExplanationInputs", "ExportMixin", "ReportsResults", "StageCallback",
            "default_explanation_inputs", "tensorboard_writers", "warmup_cosine", "warmup_cosine_scheduler"]

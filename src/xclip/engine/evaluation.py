@@ -89,8 +89,9 @@ class EvaluationModule(pl.LightningModule):
             for local in collect_init_args(frame, [], classes=(EvaluationModule,)):
                 arguments.update(local)
         del frame
-        self.save_hyperparameters({k: v for k, v in arguments.items()
-                                   if k not in self.not_hyperparameters and not isinstance(v, nn.Module)})
+        kept = {k: v for k, v in arguments.items() if k not in self.not_hyperparameters and not isinstance(v, nn.Module)}
+        # `_class_path` is how LightningCLI re-applies a checkpoint's hyperparameters (``--ckpt_path``)
+        self.save_hyperparameters({"_class_path": f"{type(self).__module__}.{type(self).__qualname__}", **kept})
 
     # ---- what a workflow writes -------------------------------------------------------------
     def start(self, stage: str) -> None:
