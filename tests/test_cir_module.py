@@ -22,7 +22,8 @@ from xclip.backbones import load_backbone
 from xclip.backbones.base import PLACEHOLDER_TOKEN_ID
 from xclip.cir.benchmark import ShapesCIRBenchmark, load_cir_image
 from xclip.cir.phi import Phi, load_phi, save_phi
-from xclip.cli import XClipCLI, main
+from xclip.cli import main
+from xclip.engine.lightning_cli import XClipCLI
 from xclip.results import run_directory
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -42,7 +42,7 @@ def run(root: Path, gallery: Path, reference: Path, out: str, *extra: str) -> di
 
 
 def test_registered():
-    assert COMMANDS["cir-query"] == "xclip.cir.query_cli:main"
+    assert COMMANDS["cir-query"][0] == "xclip.cir.cli:main"
 
 
 def test_query_ranks_the_folder_explains_and_caches(folder, capsys):
@@ -165,11 +165,11 @@ def test_an_empty_caption_says_what_to_pass(folder, capsys, caption):
 
 @pytest.mark.parametrize("side", ["gallery", "query"])
 def test_nan_embeddings_are_refused_naming_the_files(folder, tmp_path, monkeypatch, capsys, side):
-    from xclip.cir import query_cli
+    from xclip.cir import folder_query
 
     root, gallery, reference = folder
     if side == "gallery":
-        embed = query_cli.gallery_embeddings
+        embed = folder_query.gallery_embeddings
 
         def nan_row(*args, **kwargs):
             files, emb, skipped, status = embed(*args, **kwargs)
@@ -177,10 +177,10 @@ def test_nan_embeddings_are_refused_naming_the_files(folder, tmp_path, monkeypat
             emb[3] = float("nan")  # ranked first before the check
             return files, emb, skipped, status
 
-        monkeypatch.setattr(query_cli, "gallery_embeddings", nan_row)
+        monkeypatch.setattr(folder_query, "gallery_embeddings", nan_row)
         expected = "NaN or infinite embeddings for 1 gallery images, e.g. " + str(sorted(gallery.rglob("*.png"))[3])
     else:
-        monkeypatch.setattr(query_cli, "query_features", lambda *a, **k: torch.full((1, 128), float("nan")))
+        monkeypatch.setattr(folder_query, "query_features", lambda *a, **k: torch.full((1, 128), float("nan")))
         expected = f"NaN or infinite embeddings for the query (reference {reference})"
     with pytest.raises(SystemExit) as err:
         main(query(root, gallery, reference, "--out", str(tmp_path / "out")))

@@ -11,7 +11,7 @@ from format_fixtures import write_coco
 from negalign_fixtures import write_placesbg, write_waterbirds
 
 from xclip.cir.phi import Phi, save_phi
-from xclip.cli import XClipCLI
+from xclip.engine.lightning_cli import XClipCLI
 from xclip.ood.vocabulary import builtin_wordlist
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from xclip.cli import XClipCLI, main
+from xclip.cli import main
+from xclip.engine.lightning_cli import XClipCLI
 from xclip.retrieval import RetrievalDataModule, RetrievalModule
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,16 +1,8 @@
-"""The ``xclip`` command: a LightningCLI (fit / validate / test) driven by YAML configs.
-
-After validate and test it writes ``results.json`` (the metrics, anything the module adds through
-``extra_results()``, and a summary of the run's config) into the logger's log directory and
-prints one report: a table of the results grouped by workflow with full metric names (rows come
-from the modules' ``report_rows``), then where everything went (results.json, the TensorBoard
-command, explanation folders, plots). Lightning's own per-dataloader tables and tips are off.
-
-``predict`` is not a subcommand: the evaluation modules write their per-item outputs during
-validate/test (``per_image.csv``, ``failures.csv``, explanation indexes).
-
-Commands that are not a Lightning loop (``xclip vocab ...``, ``xclip cir-query ...``) are listed in
-`COMMANDS` as ``"module:function"`` and imported only when called; each takes its argument list.
+"""The ``xclip`` command: ``fit`` / ``validate`` / ``test`` run the LightningCLI of
+`xclip.engine.lightning_cli` on YAML configs; commands that are not a Lightning loop (``xclip
+cir-query``, ``vocab``, ``app``, ``annotations``) are listed in `COMMANDS` as ``"module:function"``
+and imported only when called (each takes its argument list). ``xclip --help`` and the other
+commands' ``--help`` print without importing torch.
 
 Errors end the run with one paragraph, not a chained traceback: a config file that is not valid
 YAML is named with the line of the problem; an error raised while building or running the
@@ -22,131 +14,22 @@ shows the full traceback instead.
 from __future__ import annotations
 
 import importlib
-import json
-import logging
 import os
-import pickle
-import re
 import sys
 import traceback
-import warnings
 from pathlib import Path
-from typing import Any
 
-import lightning.pytorch as pl
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-from xclip.engine import ReportsResults
-from xclip.results import (
-    ReportRow,
-    discard_failed_run,
-    format_report,
-    metric_values,
-    output_listing,
-    run_directory,
-    write_results,
-)
-
-# Lightning's advertisements, and deprecation notices raised inside Lightning itself about its own
-# internals: nothing a user can act on. Every other warning still shows.
-_TIP_MARKER = "💡 Tip:"
-_KNOWN_NOISE = (
-    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-    r"LightningCLI's args parameter is intended to run from within Python",  # main() passes the filtered argv
-)
-
-
-class _DropTips(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return _TIP_MARKER not in record.getMessage()
-
-
-def quiet_lightning() -> None:
-    """Silence Lightning's tips and its known internal deprecation notices (idempotent)."""
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropTips) for f in logger.filters):
-            logger.addFilter(_DropTips())
-    for pattern in _KNOWN_NOISE:
-        warnings.filterwarnings("ignore", message=pattern)
-
-
-class XClipCLI(LightningCLI):
-    """LightningCLI that writes results.json and prints the report after validate/test."""
-
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        subcommands = dict(LightningCLI.subcommands())
-        subcommands.pop("predict", None)
-        return subcommands
-
-    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        if "verbose" in self._subcommand_method_arguments.get(subcommand, {}):
-            # xclip prints its own report (one table, every metric once, full names)
-            parser.set_defaults(verbose=False)
-        return parser
-
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads a --ckpt_path's hyper-parameters with torch.load(weights_only=True): a file
-        # that pickles anything else is refused there; say which file and why, without torch's advice
-        # to retry with weights_only=False (which would run whatever the file asks for)
-        try:
-            super()._parse_ckpt_path()
-        except pickle.UnpicklingError as err:
-            path = self.config[self.config.subcommand].get("ckpt_path")
-            asked = re.search(r"GLOBAL (\S+)", str(err))
-            what = f"it asks to call {asked.group(1)}" if asked else f"{str(err).splitlines()[0]}"
-            raise ValueError(f"checkpoint {path} refused: it holds pickled objects other than tensors and plain data "
-                             f"({what}). xclip reads checkpoints with torch.load(weights_only=True) only, since "
-                             "unpickling anything else can run code. Pass a checkpoint written by `xclip fit`."
-                             ) from None
-
-    def _config_summary(self) -> dict[str, Any]:
-        cfg = self.config.get(self.subcommand, self.config)
-        summary = {}
-        for key in ("model", "data", "ckpt_path", "seed_everything"):
-            if key in cfg:
-                summary[key] = json.loads(json.dumps(cfg[key], default=lambda o: getattr(o, "__dict__", str(o))))
-        summary["trainer"] = {k: cfg["trainer"].get(k) for k in ("accelerator", "devices", "precision",
-                                                                   "limit_val_batches", "limit_test_batches")}
-        return summary
-
-    def before_fit(self) -> None:
-        if type(self.model).training_step is pl.LightningModule.training_step:
-            raise SystemExit(f"xclip: {type(self.model).__name__} is evaluation-only (it has no training step): "
-                             f"run `xclip validate` or `xclip test` with this config")
-
-    def _after_eval(self, stage: str) -> None:
-        if not self.trainer.is_global_zero:
-            return
-        path = write_results(self.trainer, self.model, stage, self._config_summary())
-        metrics = metric_values(self.trainer.callback_metrics)
-        rows: list[ReportRow] = self.model.report_rows(metrics) if isinstance(self.model, ReportsResults) else []
-        print(f"\nxclip {stage}: results\n{format_report(rows, metrics)}\n")
-        print(output_listing(run_directory(self.trainer), path))
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        try:
-            super()._run_subcommand(subcommand)
-        except BaseException:
-            if self.trainer.is_global_zero and self.trainer.logger is not None:
-                discard_failed_run(run_directory(self.trainer))
-            raise
-
-    def after_validate(self) -> None:
-        self._after_eval("validate")
-
-    def after_test(self) -> None:
-        self._after_eval("test")
-
-
-# name -> "module:function(argv: list[str]) -> int | None", for commands outside the Lightning loops
-COMMANDS: dict[str, str] = {
-    "cir-query": "xclip.cir.query_cli:main",
-    "vocab": "xclip.ood.cli:main",
-    "app": "xclip.faithfulness.app:main",
-    "annotations": "xclip.retrieval.cli:main",
+LIGHTNING_COMMANDS: dict[str, str] = {
+    "fit": "train a recipe: xclip fit --config configs/<recipe>.yaml",
+    "validate": "evaluate on validation data; writes results.json, TensorBoard logs, explanations",
+    "test": "evaluate on held-out test data (same outputs)",
+}
+# name -> ("module:function(argv: list[str]) -> int | None", what it does), outside the Lightning loops
+COMMANDS: dict[str, tuple[str, str]] = {
+    "cir-query": ("xclip.cir.cli:main", "one composed query against your own image folder, with explanations"),
+    "vocab": ("xclip.ood.cli:main", "build NegLabel's negative word lists (WordNet)"),
+    "app": ("xclip.faithfulness.cli:main", "browse and score a TiPAI database in the browser"),
+    "annotations": ("xclip.retrieval.cli:main", "merge filled failure-annotation sheets into a report"),
 }
 DEBUG_FLAG, DEBUG_ENV = "--debug", "XCLIP_DEBUG"
 
@@ -227,20 +110,42 @@ def root_cause(error: BaseException) -> BaseException:
     return chain[-1]
 
 
+def overview() -> str:
+    """``xclip --help``: every command in one screen (no torch import)."""
+    width = max(map(len, [*LIGHTNING_COMMANDS, *COMMANDS]))
+    rows = [f"  {name:<{width}}  {text}" for name, text in LIGHTNING_COMMANDS.items()]
+    others = [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join([
+        "usage: xclip <command> [options]", "",
+        "xclip: evaluate, explain and fine-tune CLIP-family vision-language models.", "",
+        "Lightning commands (YAML recipes in configs/):", *rows, "",
+        "Other commands:", *others, "",
+        "`xclip <command> --help` shows a command's options. Add --debug (or XCLIP_DEBUG=1) for the full traceback",
+        "of an error."])
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``xclip`` console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if args is None else args)
     debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes")
     argv = [a for a in argv if a != DEBUG_FLAG]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(overview())
+        raise SystemExit(0 if argv else 2)
     try:
-        if argv and argv[0] in COMMANDS:
-            module, _, function = COMMANDS[argv[0]].partition(":")
+        if argv[0] in COMMANDS:
+            module, _, function = COMMANDS[argv[0]][0].partition(":")
             code = getattr(importlib.import_module(module), function)(argv[1:])
             if code:
                 raise SystemExit(code)
             return
+        if argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
+            raise SystemExit(f"xclip: error: unknown command {argv[0]!r}: choose from "
+                             f"{', '.join([*LIGHTNING_COMMANDS, *COMMANDS])} (xclip --help)")
         check_config_files(argv)
+        from xclip.engine.lightning_cli import XClipCLI, quiet_lightning
+
         quiet_lightning()
         others = ", ".join(f"xclip {name} --help" for name in COMMANDS)
         XClipCLI(save_config_kwargs={"overwrite": True}, args=argv,

@@ -5,31 +5,35 @@ Plain math (no Lightning): `phi` (the network, SEARLE's released state dicts, xc
 inversion), `losses`, `concepts` (ShapesWorld concepts and phrases), `explain` (A-D batched over
 candidates), `benchmark` / `loaders` (ShapesWorld, CIRR, CIRCO, FashionIQ), `scoring`.
 Lightning: `CIRDataModule`, `CIRModule` (eval), `PhiTrainingModule` (fit), `CIRExplanationCallback`.
-Command: ``xclip cir-query`` (`query_cli`).
+Command: ``xclip cir-query`` (`cli` parses, `folder_query` runs).
 """
 
-from xclip.cir.benchmark import (
-           CIRBenchmark,
-           CIRQuery,
-           FileCIRBenchmark,
-           ShapesCIRBenchmark,
-)
-from xclip.cir.callback import CIRExplanationCallback
-from xclip.cir.cir_module import CIRModule
-from xclip.cir.datamodule import CIRDataModule
-from xclip.cir.explain import CIRExplainer, CIRExplanation
-from xclip.cir.loaders import CIRAnnotationError, load_circo, load_cirr, load_fashioniq
-from xclip.cir.oti import OTIConfig, oti_invert
-from xclip.cir.phi import Phi, load_phi, load_searle_phi
-from xclip.cir.phi_module import PhiTrainingModule
-from xclip.cir.query import (
-           compose_query,
-           encode_with_pseudo_tokens,
-           fashioniq_queries,
-           query_features,
-)
+from xclip.lazy_exports import lazy_exports
 
-__all__ = ["CIRAnnotationError", "CIRBenchmark", "CIRDataModule", "CIRExplainer", "CIRExplanation",
-           "CIRExplanationCallback", "CIRModule", "CIRQuery", "FileCIRBenchmark", "OTIConfig", "Phi",
-           "PhiTrainingModule", "ShapesCIRBenchmark", "compose_query", "encode_with_pseudo_tokens", "fashioniq_queries",
-           "load_circo", "load_cirr", "load_fashioniq", "load_phi", "load_searle_phi", "oti_invert", "query_features"]
+_EXPORTS = {
+    "CIRAnnotationError": ".loaders",
+    "CIRBenchmark": ".benchmark",
+    "CIRDataModule": ".datamodule",
+    "CIRExplainer": ".explain",
+    "CIRExplanation": ".explain",
+    "CIRExplanationCallback": ".callback",
+    "CIRModule": ".cir_module",
+    "CIRQuery": ".benchmark",
+    "FileCIRBenchmark": ".benchmark",
+    "OTIConfig": ".oti",
+    "Phi": ".phi",
+    "PhiTrainingModule": ".phi_module",
+    "ShapesCIRBenchmark": ".benchmark",
+    "compose_query": ".query",
+    "encode_with_pseudo_tokens": ".query",
+    "fashioniq_queries": ".query",
+    "load_circo": ".loaders",
+    "load_cirr": ".loaders",
+    "load_fashioniq": ".loaders",
+    "load_phi": ".phi",
+    "load_searle_phi": ".phi",
+    "oti_invert": ".oti",
+    "query_features": ".query",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -12,14 +12,17 @@ Data: ``waterbirds.py``, ``datamodule.py`` (``OODDataModule``). Lightning wiring
 ``xclip vocab`` is ``cli.py``.
 """
 
-from xclip.ood.callback import OODExplanationCallback
-from xclip.ood.datamodule import OODDataModule
-from xclip.ood.negalign import NegAlignScorer
-from xclip.ood.negalign_features import NegAlignFeatures
-from xclip.ood.negalign_module import NegAlignModule
-from xclip.ood.negalign_sweep import NegAlignTerms
-from xclip.ood.neglabel import NegLabelScorer
-from xclip.ood.waterbirds import WaterBirds
+from xclip.lazy_exports import lazy_exports
 
-__all__ = ["NegAlignFeatures", "NegAlignModule", "NegAlignScorer", "NegAlignTerms", "NegLabelScorer",
-           "OODDataModule", "OODExplanationCallback", "WaterBirds"]
+_EXPORTS = {
+    "NegAlignFeatures": ".negalign_features",
+    "NegAlignModule": ".negalign_module",
+    "NegAlignScorer": ".negalign",
+    "NegAlignTerms": ".negalign_sweep",
+    "NegLabelScorer": ".neglabel",
+    "OODDataModule": ".datamodule",
+    "OODExplanationCallback": ".callback",
+    "WaterBirds": ".waterbirds",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

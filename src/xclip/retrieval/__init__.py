@@ -8,11 +8,18 @@
   Lightning wiring); ``cli.py``: ``xclip annotations merge``.
 """
 
-from xclip.retrieval.coco import AnnotationError, load_coco_captions, load_karpathy
-from xclip.retrieval.datamodule import RetrievalDataModule
-from xclip.retrieval.callback import RetrievalExplanationCallback
-from xclip.retrieval.gallery import CaptionGallery, FileGallery, ShapesGallery
-from xclip.retrieval.retrieval_module import RetrievalModule
+from xclip.lazy_exports import lazy_exports
 
-__all__ = ["AnnotationError", "CaptionGallery", "FileGallery", "RetrievalDataModule", "RetrievalExplanationCallback",
-           "RetrievalModule", "ShapesGallery", "load_coco_captions", "load_karpathy"]
+_EXPORTS = {
+    "AnnotationError": ".coco",
+    "CaptionGallery": ".gallery",
+    "FileGallery": ".gallery",
+    "RetrievalDataModule": ".datamodule",
+    "RetrievalExplanationCallback": ".callback",
+    "RetrievalModule": ".retrieval_module",
+    "ShapesGallery": ".gallery",
+    "load_coco_captions": ".coco",
+    "load_karpathy": ".coco",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -1,7 +1,5 @@
-"""``xclip cir-query``: one composed query against your own image folder, with explanations.
-
-    xclip cir-query --reference ref.png --caption "is blue instead of red" --gallery photos/ \
-        --top-k 10 --explain [--out results/]
+"""What ``xclip cir-query`` runs (`xclip.cir.cli` parses its arguments): one composed query against
+a folder of images, with explanations.
 
 The gallery folder is embedded once and cached (`--cache-dir`, default ``~/.cache/xclip/cir``,
 keyed by the model, its weights, the image size and every file's name, size and modification
@@ -28,9 +26,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from xclip.backbones import load_backbone
+from xclip.cir.cli import DEFAULT_OUT
 from xclip.cir.explain import CIRExplainer
 from xclip.cir.phi import check_compatible, load_phi
-from xclip.cir.query import EXAMPLE_CAPTION, compose_query, query_features
+from xclip.cir.query import compose_query, query_features
 from xclip.cir.report import write_query_explanation
 from xclip.data.embedding_cache import (
     META_NAME,
@@ -42,8 +41,6 @@ from xclip.data.image_folder import ImageFolder, collate_skipping
 from xclip.data.images import ImageReadError, read_rgb, resize_center_crop
 from xclip.io import atomic_write_text
 from xclip.metrics.cir import rank_gallery
-
-DEFAULT_OUT = Path("runs") / "cir_query"
 
 
 def new_run_folder(root: Path) -> Path:
@@ -57,24 +54,6 @@ def new_run_folder(root: Path) -> Path:
             return root / f"version_{n}"
         except FileExistsError:
             n += 1
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xclip cir-query", description="Composed image retrieval (SEARLE) on an image folder.")
-    p.add_argument("--reference", required=True, help="the reference image file")
-    p.add_argument("--caption", required=True, help=f'the relative caption, e.g. "{EXAMPLE_CAPTION}"')
-    p.add_argument("--gallery", required=True, help="an image folder, or a cache entry written by an earlier run")
-    p.add_argument("--top-k", type=int, default=10, help="candidates to return (default 10)")
-    p.add_argument("--explain", action="store_true", help="write explanations A-D for the top-k candidates")
-    p.add_argument("--out", default=None, help=f"output folder (default: a new {DEFAULT_OUT}/version_N)")
-    p.add_argument("--backbone", default="xclip:tiny-shapes", help="backbone spec (default xclip:tiny-shapes)")
-    p.add_argument("--phi", default="xclip:searle-phi-tiny-shapes",
-                   help="phi: xclip:<name>, searle:ViT-B/32, a directory or a SEARLE .pt (default xclip:searle-phi-tiny-shapes)")
-    p.add_argument("--image-size", type=int, default=None, help="image side (default: the backbone's input size)")
-    p.add_argument("--cache-dir", default=None, help="gallery cache root (default ~/.cache/xclip/cir)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cpu")
-    return p
 
 
 def _folder_key(backbone, spec: str, root: Path, files: list[Path], image_size: int) -> dict:
@@ -126,19 +105,10 @@ def gallery_embeddings(backbone, spec: str, gallery: Path, image_size: int, cach
     return [keys[int(i)] for i in index], emb, skipped, cache.status
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def run_query(args: argparse.Namespace) -> int:
+    """Rank the gallery for one composed query (the parsed arguments of ``xclip cir-query``), write
+    results.json and, with ``--explain``, explanations A-D; returns the exit status."""
     reference, gallery = Path(args.reference), Path(args.gallery)
-    if args.top_k < 1:
-        print("xclip cir-query: --top-k must be >= 1", file=sys.stderr)
-        return 2
-    if not args.caption.strip():
-        print(f'xclip cir-query: --caption is empty: pass the change to make to the reference, e.g. --caption '
-              f'"{EXAMPLE_CAPTION}"', file=sys.stderr)
-        return 2
-    if not gallery.is_dir():
-        print(f"xclip cir-query: --gallery {gallery} is not a folder", file=sys.stderr)
-        return 2
     try:
         backbone = load_backbone(args.backbone, device=args.device).requires_grad_(False)
         phi = load_phi(args.phi).to(backbone.device)
