@@ -1,7 +1,7 @@
 """Explainers (Grad-ECLIP, Grad-CAM, GAME, random) on tiny offline CLIP models.
 
 The numeric checks compare the library against naive re-implementations written here from the
-method descriptions (REFERENCE.md section 2): hand-computed tensors, per-(image, text) autograd
+method descriptions (the Grad-ECLIP, Grad-CAM and GAME papers): hand-computed tensors, per-(image, text) autograd
 through the whole forward, and the official Grad-ECLIP computation rebuilt from the raw weights.
 """
 from __future__ import annotations

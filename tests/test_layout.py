@@ -1,4 +1,4 @@
-"""The package layout's dependency rules (DESIGN.md "Layout"): shared layers below, one package per
+"""The package layout's dependency rules: shared layers below, one package per
 workflow above, dependencies pointing down only."""
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Conventions
 * ``images``: float ``[N, 3, H, W]`` with ``H = gh * patch`` (other sizes work: maps are
   resized to the image).
 
-Metrics (see REFERENCE.md section 2, "Explanation quality metrics"):
+Metrics:
 
 * pointing game (Zhang et al. 2018), with empty masks *skipped* (Quantus scores them as hits
   because a NaN assigned into a bool array becomes True);

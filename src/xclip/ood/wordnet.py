@@ -34,7 +34,7 @@ LEXNAMES = (
 DEFAULT_SOURCES = (Path("/usr/share/wordnet"), Path.home() / "nltk_data" / "corpora" / "wordnet",
                    Path.home() / "nltk_data" / "corpora" / "wordnet.zip", Path("/usr/share/nltk_data/corpora/wordnet"),
                    Path("/usr/share/nltk_data/corpora/wordnet.zip"))
-NEGLABEL_LINES = 79_455  # lines of NegLabel's own noun.* + adj.* files before de-duplication (REFERENCE.md)
+NEGLABEL_LINES = 79_455  # lines of NegLabel's own noun.* + adj.* files before de-duplication (NegLabel, ICLR 2024)
 _MARKER = re.compile(r"\((a|p|ip)\)$")
 
 

@@ -1,4 +1,5 @@
-"""The failure taxonomy for top-1 retrieval failures (REFERENCE section 3) and its spellings.
+"""The failure taxonomy for top-1 retrieval failures (Ambiguous, Attribute, Action, Count, Context,
+Spatial, Object) and its spellings.
 
 One label per failure. Canonical labels are the category names, with the Ambiguous subtypes
 written ``Ambiguous/underspecified`` and ``Ambiguous/nearduplicate``; a bare ``Ambiguous`` (unsure,
