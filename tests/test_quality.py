@@ -20,11 +20,11 @@ from xclip.explain.quality import (
     nan_mean,
     pointing_game,
     pointing_on,
-    random_baseline_maps,
     randomize_top_blocks,
     spearman_rank_correlation,
     upsample_maps,
 )
+from xclip.explain.random_map import random_values
 from xclip.explain.shapes_eval import REGIONS, patch_regions, region_profile
 
 P = 4  # patch size in the hand-made cases
@@ -258,7 +258,7 @@ def test_deletion_and_insertion_auc_ordering():
     obj, perfect, inverted = _object_setup()
     n_rand = 8
     imgs = _images(2 + n_rand)
-    rand = random_baseline_maps(n_rand, 1, (G, G), seed=5)[:, 0]
+    rand = random_values((n_rand, 1, G, G), 5)[:, 0]
     maps = torch.cat([perfect[None], inverted[None], rand])
     oracle = _Oracle(imgs, _weights_from_grid(obj).expand(len(maps), -1, -1))
     dele = auc(deletion_insertion_curves(oracle, imgs, maps, steps=16, mode="deletion", fill="black"))
@@ -418,9 +418,9 @@ def test_randomize_top_blocks():
 
 # ------------------------------------------------------------------------------------ baseline
 def test_random_baseline_maps():
-    a = random_baseline_maps(3, 2, (5, 7), seed=11)
-    b = random_baseline_maps(3, 2, (5, 7), seed=11)
-    c = random_baseline_maps(3, 2, (5, 7), seed=12)
+    a = random_values((3, 2, 5, 7), 11)
+    b = random_values((3, 2, 5, 7), 11)
+    c = random_values((3, 2, 5, 7), 12)
     assert a.shape == (3, 2, 5, 7) and torch.equal(a, b) and not torch.equal(a, c)
     assert a.min() >= 0 and a.max() < 1
     ref = torch.rand(3, 2, 5, 7, generator=torch.Generator().manual_seed(11))

@@ -22,6 +22,7 @@ from xclip.cir.benchmark import ShapesCIRBenchmark
 from xclip.cir.explain import CIRExplainer
 from xclip.cir.phi import Phi
 from xclip.explain.quality import pointing_game
+from xclip.explain.random_map import random_values
 
 
 def pseudo_token_rank(words: Sequence[str], scores: Tensor) -> int:
@@ -72,5 +73,5 @@ def random_maps(like: dict[str, Tensor], seed: int = 0) -> dict[str, Tensor]:
     """Uniform random maps and a uniformly random ``$`` rank, shaped like `collect_maps`' output."""
     g = torch.Generator().manual_seed(seed)
     n = like["n_words"]
-    return {"B": torch.rand(like["B"].shape, generator=g), "C": torch.rand(like["C"].shape, generator=g),
-            "dollar_rank": (torch.rand(n.shape, generator=g) * n).long(), "n_words": n}
+    return {"B": random_values(like["B"].shape, g), "C": random_values(like["C"].shape, g),
+            "dollar_rank": (random_values(n.shape, g) * n).long(), "n_words": n}

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from xclip.explain.multimodal import MultimodalAttribution, merge_subwords, word_rank
+from xclip.explain.random_map import random_values
 
 
 def mass_on_region(maps: Tensor, masks: Tensor) -> Tensor:
@@ -44,8 +45,8 @@ def deciding_word_ranks(tokens: Sequence[Sequence[str]], scores: Tensor, attenti
 def random_attribution_like(attribution: MultimodalAttribution, seed: int) -> MultimodalAttribution:
     """The random baseline: i.i.d. N(0, 1) values of the same shapes (masked tokens stay 0)."""
     g = torch.Generator().manual_seed(seed)
-    image = torch.randn(attribution.image.shape, generator=g, dtype=torch.float64)
-    tokens = torch.randn(attribution.tokens.shape, generator=g, dtype=torch.float64)
+    image = random_values(attribution.image.shape, g, normal=True, dtype=torch.float64)
+    tokens = random_values(attribution.tokens.shape, g, normal=True, dtype=torch.float64)
     tokens = tokens * attribution.attention_mask[:, :, None, None].to(tokens.dtype)
     return MultimodalAttribution("random", attribution.target, image, tokens, attribution.attention_mask,
                                  attribution.classes, attribution.output, attribution.references, attribution.deltas)

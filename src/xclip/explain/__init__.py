@@ -15,7 +15,7 @@ from xclip.explain.multimodal import (
     merge_subwords,
     word_rank,
 )
-from xclip.explain.random_map import RandomMap
+from xclip.explain.random_map import RandomMap, random_values
 from xclip.explain.shap_explainer import SHAPExplainer
 from xclip.explain.targets import ClassSoftmax, cosine, resolve_target
 
@@ -23,4 +23,5 @@ EXPLAINERS = {"grad_eclip": GradECLIP, "grad_cam": GradCAM, "game": GAME, "rando
 
 __all__ = ["EXPLAINERS", "GAME", "CaptumExplainer", "ClassSoftmax", "Explainer", "GradCAM", "GradECLIP", "GradECLIPTerms",
            "MultimodalAttribution", "MultimodalExplainable", "MultimodalInputs", "MultimodalTarget", "RandomMap",
-           "SHAPExplainer", "TextMaps", "cosine", "explaining", "merge_subwords", "resolve_target", "word_rank"]
+           "SHAPExplainer", "TextMaps", "cosine", "explaining", "merge_subwords", "random_values", "resolve_target",
+           "word_rank"]

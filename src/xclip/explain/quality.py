@@ -20,7 +20,7 @@ Metrics:
 * deletion / insertion curves and their AUC, normalised by the number of steps (Quantus'
   ``get_auc_score`` is *not* normalised: it is the raw trapezoid area over unit-spaced x);
 * model-randomisation sanity check (Adebayo et al. 2018) with a tie-aware Spearman correlation;
-* uniform random baseline maps.
+* (the uniform random baseline maps are `xclip.explain.random_map.random_values`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ __all__ = [
     "spearman_rank_correlation",
     "randomize_top_blocks",
     "model_randomisation_check",
-    "random_baseline_maps",
 ]
 
 
@@ -528,20 +527,3 @@ def model_randomisation_check(maps_trained: Tensor, maps_random: Tensor) -> dict
     rho = spearman_rank_correlation(a.reshape(-1, a.shape[-2] * a.shape[-1]), b.reshape(-1, b.shape[-2] * b.shape[-1]))
     rho = rho.reshape(lead)
     return {"mean_spearman": nan_mean(rho), "per_image": rho}
-
-
-# --------------------------------------------------------------------------------------------
-# random baseline
-# --------------------------------------------------------------------------------------------
-def random_baseline_maps(
-    n: int,
-    k: int,
-    grid: tuple[int, int],
-    seed: int = 0,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """Uniform ``[0, 1)`` maps ``[n, k, gh, gw]`` from a seeded CPU ``torch.Generator`` (identical on
-    every device; moved to ``device`` afterwards if given)."""
-    g = torch.Generator(device="cpu").manual_seed(int(seed))
-    out = torch.rand((int(n), int(k), int(grid[0]), int(grid[1])), generator=g)
-    return out if device is None else out.to(device)
