@@ -55,7 +55,7 @@ def holds_model(path: str | Path) -> bool:
 
 def save_folder(path: str | Path, architecture: str, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
                 *, card: str | None = None, dtype: torch.dtype | None = None, overwrite: bool = False,
-                write_extra: Callable[[Path], None] | None = None) -> Path:
+                metadata: Mapping[str, str] | None = None, write_extra: Callable[[Path], None] | None = None) -> Path:
     """Write a model folder atomically and return its path.
 
     Args:
@@ -65,6 +65,7 @@ def save_folder(path: str | Path, architecture: str, config: Mapping[str, Any], 
             are added in front.
         tensors: the state dict to store; floating tensors are cast to `dtype` when given.
         card: the README.md to write when the folder has none yet (a card already there is kept).
+        metadata: string metadata stored in the safetensors header (e.g. a label vocabulary).
         write_extra: called with the temporary folder to add more files (a tokenizer).
 
     Raises:
@@ -80,7 +81,7 @@ def save_folder(path: str | Path, architecture: str, config: Mapping[str, Any], 
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in tensors.items()}
     with atomic_directory(path) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", **(metadata or {})})
         (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
         if write_extra is not None:
             write_extra(tmp)

@@ -1,7 +1,7 @@
-"""The shipped format of a trained Teacher/Student model: a folder with ``model.safetensors``,
-``config.json`` (the architecture with the towers' resolved configs, the tasks and their class
-names, the text length) and the tokenizer files (``save_pretrained``), written to a temporary
-folder and renamed into place.
+"""The shipped format of a trained Teacher/Student model: a model folder (`xclip.model_folder`,
+architecture ``xclip-distill-classifier``): ``model.safetensors``, ``config.json`` (the towers'
+resolved configs, the tasks and their class names, the text length) and the tokenizer files
+(``save_pretrained``), written atomically.
 
 The heads' outputs are the classes in the order config.json lists them, so that order is bound to
 the weights: the label vocabulary and its fingerprint (`label_fingerprint`) are stored in the
@@ -20,14 +20,12 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
 from xclip.distill.model import MultimodalClassifier
-from xclip.io import atomic_directory
+from xclip.model_folder import CONFIG_NAME, WEIGHTS_NAME, load_state, read_folder, save_folder
 
 FORMAT = "xclip-distill-classifier"
-CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 LABELS_KEY, FINGERPRINT_KEY = "xclip_labels", "label_fingerprint"  # safetensors metadata / config.json
 
 
@@ -54,21 +52,13 @@ def save_classifier(model: MultimodalClassifier, tokenizer: PreTrainedTokenizerB
                     max_length: int, extra: dict[str, Any] | None = None, dtype: torch.dtype = torch.float16,
                     overwrite: bool = False) -> Path:
     """Write `model` (weights stored as `dtype`) and `tokenizer` to `out_dir`; `extra` goes into
-    config.json (e.g. the recipe). An existing folder is replaced only with `overwrite`."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (or another folder) to replace it")
-    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
-             for k, v in model.state_dict().items()}
+    config.json (e.g. the recipe). A folder that already holds a model is replaced only with
+    `overwrite`."""
     fingerprint = label_fingerprint(model.tasks)
-    config = {"format": FORMAT, "model": model.config(), FINGERPRINT_KEY: fingerprint, "max_length": int(max_length),
-              **(extra or {})}
+    config = {"model": model.config(), FINGERPRINT_KEY: fingerprint, "max_length": int(max_length), **(extra or {})}
     metadata = {LABELS_KEY: json.dumps(model.tasks, ensure_ascii=False), FINGERPRINT_KEY: fingerprint}
-    with atomic_directory(out_dir) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata=metadata)
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    return out_dir
+    return save_folder(out_dir, FORMAT, config, model.state_dict(), dtype=dtype, overwrite=overwrite,
+                       metadata=metadata, write_extra=lambda tmp: tokenizer.save_pretrained(str(tmp)))
 
 
 def check_label_order(path: Path, config: Mapping[str, Any]) -> bool:
@@ -96,12 +86,8 @@ def load_classifier(spec: str | Path) -> tuple[MultimodalClassifier, PreTrainedT
     `check_label_order`) of a checkpoint folder."""
     from xclip.distill.tokenizer import load_tokenizer
 
-    path = resolve_checkpoint(spec)
-    config = json.loads((path / CONFIG_NAME).read_text())
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{path / CONFIG_NAME}: format {config.get('format')!r}, expected {FORMAT!r}")
-    config["label_order_checked"] = check_label_order(path, config)
-    model = MultimodalClassifier(**config["model"])
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path / WEIGHTS_NAME)).items()}
-    model.load_state_dict(state)
-    return model.eval(), load_tokenizer(path), config
+    folder = read_folder(resolve_checkpoint(spec), FORMAT)
+    config = folder.config
+    config["label_order_checked"] = check_label_order(folder.path, config)
+    model = load_state(MultimodalClassifier(**config["model"]), folder)
+    return model.eval(), load_tokenizer(folder.path), config
