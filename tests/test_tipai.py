@@ -231,6 +231,10 @@ def test_a_changed_image_is_rescored_and_its_pairs_rebuilt(tmp_path):
                                             "prompts_scored", "prompts_from_database")} == {
         "images_scored": 0, "images_rescored": 1, "images_from_database": 10, "prompts_scored": 2,
         "prompts_from_database": 1}
+    prompts = json.loads((folder / "prompts.json").read_text())
+    (folder / "prompts.json").write_text(json.dumps({**prompts, "prompt_002": "a blue square"}))  # all 4 re-scored
+    third = _run(FOLDER, tmp_path / "logs", db, *small)["tipai"]["counts"]
+    assert (third["images_rescored"], third["images_from_database"], third["prompts_from_database"]) == (4, 7, 2)
     # what a new database of the changed folder holds, pairs included
     _run(FOLDER, tmp_path / "logs", tmp_path / "fresh.db", *small)
     _assert_same_scores(_stored(db), _stored(tmp_path / "fresh.db"))

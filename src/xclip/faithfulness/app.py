@@ -1,10 +1,11 @@
 """``xclip app --db runs/.../tipai.db``: a local Gradio app to browse a TiPAI database.
 
-Pick a prompt: its images with their global scores, which one is chosen and which rejected, and
-one comparison figure with every stored heatmap (crops, dense, Grad-ECLIP, the TSPO head's patch
-scores when the database holds them or ``--head`` is given). A second tab scores an uploaded
-image against a typed prompt with the database's backbone (global score, crops and dense
-heatmaps, and the head's patch scores with ``--head``).
+Pick a prompt (the first one is shown when the page opens): its images with their global scores,
+which one is chosen and which rejected, and one comparison figure with every stored heatmap
+(crops, dense, Grad-ECLIP, the TSPO head's patch scores when the database holds them or ``--head``
+is given). A second tab scores an uploaded image file against a typed prompt with the database's
+scoring configuration (global score, crops and dense heatmaps, and the head's patch scores with
+``--head``). Errors reach the page as their message (`shown_errors`).
 
 Needs the optional extra: ``pip install "xclip[app]"`` (Gradio).
 """
@@ -226,7 +227,8 @@ def build_app(browser: Browser) -> Any:
             prompt = gr.Dropdown(choices=choices, value=choices[0][1] if choices else None, label="prompt",
                                  elem_id="prompt-select")
             table = gr.Markdown(elem_id="prompt-table")
-            gallery = gr.Gallery(label="images (role, global score)", columns=6, height=180, elem_id="prompt-images")
+            gallery = gr.Gallery(label="images (role, global score)", columns=8, height="auto", object_fit="contain",
+                                 elem_id="prompt-images")
             heatmaps = gr.Image(label="heatmaps: red = bad, green = good", elem_id="prompt-heatmaps",
                                 type="numpy", interactive=False)
             prompt.change(view, inputs=prompt, outputs=[table, gallery, heatmaps])
