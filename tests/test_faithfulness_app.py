@@ -178,6 +178,7 @@ def test_app_in_headless_chromium(scored):
         pytest.skip("needs Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver")
     pytest.importorskip("gradio", reason='needs the app extra: pip install "xclip[app]"')
     webdriver = pytest.importorskip("selenium.webdriver", reason='needs selenium: pip install "xclip[test]"')
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -214,13 +215,23 @@ def test_app_in_headless_chromium(scored):
         driver.get(url)
         assert "TiPAI" in _wait(lambda: driver.find_elements(By.TAG_NAME, "h1"), 60, "the page")[0].text
 
+        def text(css: str) -> str:
+            """The text of the element `css`, "" while the page has not rendered it (or re-renders it)."""
+            try:
+                return "\n".join(e.text for e in driver.find_elements(By.CSS_SELECTOR, css))
+            except StaleElementReferenceException:
+                return ""
+
         def heatmap_loaded() -> bool:
-            images = [i for i in driver.find_elements(By.CSS_SELECTOR, "#prompt-heatmaps img") if i.get_attribute("src")]
-            return bool(images) and driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth",
-                                                          images[0]) > 500
+            try:
+                images = [i for i in driver.find_elements(By.CSS_SELECTOR, "#prompt-heatmaps img") if i.get_attribute("src")]
+                return bool(images) and driver.execute_script(
+                    "return arguments[0].complete && arguments[0].naturalWidth", images[0]) > 500
+            except StaleElementReferenceException:
+                return False
 
         # the first prompt is shown without touching the picker
-        _wait(lambda: "odd_0" in driver.find_element(By.CSS_SELECTOR, "#prompt-table").text, 120, "the first prompt")
+        _wait(lambda: "odd_0" in text("#prompt-table"), 120, "the first prompt")
         _wait(heatmap_loaded, 60, "the first prompt's heatmaps")
         assert len(driver.find_elements(By.CSS_SELECTOR, "#prompt-images img")) == 3
         _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#prompt-select input"), 60, "the prompt picker")[0].click()
@@ -228,9 +239,8 @@ def test_app_in_headless_chromium(scored):
                               "the prompt options")
         assert [o.get_attribute("aria-label").split(":")[0] for o in options_shown] == pids
         options_shown[pids.index("prompt_001")].click()
-        _wait(lambda: "prompt_001_0" in driver.find_element(By.CSS_SELECTOR, "#prompt-table").text, 120,
-              "the selected prompt's table")
-        table = driver.find_element(By.CSS_SELECTOR, "#prompt-table").text
+        table = _wait(lambda: "prompt_001_0" in text("#prompt-table") and text("#prompt-table"), 120,
+                      "the selected prompt's table")
         assert "chosen" in table and "rejected" in table
         _wait(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#prompt-images img")) == 4, 60, "its 4 images")
 
@@ -242,15 +252,14 @@ def test_app_in_headless_chromium(scored):
         prompt = driver.find_element(By.CSS_SELECTOR, "#upload-prompt textarea")
         prompt.send_keys("a red circle")
         driver.find_element(By.CSS_SELECTOR, "#upload-score").click()
-        result = _wait(lambda: re.search(r"global score \(cosine with the prompt\): ([-0-9.]+)",
-                                         driver.find_element(By.CSS_SELECTOR, "#upload-result").text), 120, "the score")
+        result = _wait(lambda: re.search(r"global score \(cosine with the prompt\): ([-0-9.]+)", text("#upload-result")),
+                       120, "the score")
         assert result[1] == f"{odd_score:.4f}"
         # an error reaches the page as its message
         prompt.send_keys(Keys.CONTROL, "a")
         prompt.send_keys(Keys.BACK_SPACE)
         driver.find_element(By.CSS_SELECTOR, "#upload-score").click()
-        _wait(lambda: "type a prompt to score the image against" in driver.find_element(By.TAG_NAME, "body").text, 60,
-              "the error message")
+        _wait(lambda: "type a prompt to score the image against" in text("body"), 60, "the error message")
     finally:
         if driver is not None:
             driver.quit()
