@@ -65,7 +65,11 @@ def main() -> None:
         driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
         driver.get(url)
         wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#prompt-select input"), 60)[0].click()
-        wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#prompt-select [role=option]"), 30)[args.prompt].click()
+        option = wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#prompt-select [role=option]"), 30)[args.prompt]
+        pid = option.get_attribute("aria-label").split(":")[0]
+        option.click()
+        # the app opens on the first prompt: wait for the chosen one's table, then for its figure
+        wait(lambda: f"{pid}_" in driver.find_element(By.CSS_SELECTOR, "#prompt-table").text, 300)
         image = wait(lambda: [i for i in driver.find_elements(By.CSS_SELECTOR, "#prompt-heatmaps img")
                               if i.get_attribute("src")], 300)[0]
         wait(lambda: driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image), 60)

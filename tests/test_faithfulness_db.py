@@ -128,3 +128,44 @@ def test_another_scoring_configuration_is_refused_and_empty_files_are_adopted(cl
         assert db.counts()["prompts"] == 0 and db.stored_config() == writer.CONFIG
     with pytest.raises(FileNotFoundError, match="no such TiPAI database"):
         FaithfulnessDatabase(tmp_path / "missing.db", readonly=True)
+
+
+@pytest.mark.parametrize("folder", ["run%41", "run#1", "run?x=1"])
+def test_read_only_opening_keeps_url_characters_of_folder_names(clean, tmp_path, folder):
+    """The read-only URI quotes the path: 'run%41' is not 'runA', '#' and '?' stay in the name."""
+    target = tmp_path / folder / "tipai.db"
+    target.parent.mkdir()
+    target.write_bytes(clean.read_bytes())
+    decoy = tmp_path / "runA" / "tipai.db"  # what an unquoted 'run%41' would open
+    decoy.parent.mkdir()
+    with FaithfulnessDatabase(decoy, writer.CONFIG) as db:
+        db.write([writer.prompt_record(0, 0)])
+
+    def files() -> list[str]:  # SQLite's own -wal / -shm files beside a WAL database aside
+        return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if not p.name.endswith(("-wal", "-shm")))
+
+    before = files()
+    with FaithfulnessDatabase(target, readonly=True) as db:
+        assert db.counts()["prompts"] == writer.N_BATCHES * writer.PER_BATCH
+    assert files() == before  # no stray file ('run' for 'run#1')
+
+
+def test_a_version_1_database_is_refused_with_what_to_do(clean, tmp_path):
+    old = tmp_path / "v1.db"
+    old.write_bytes(clean.read_bytes())
+    with sqlite3.connect(old) as conn:
+        conn.execute("PRAGMA user_version = 1")
+    for readonly in (False, True):
+        with pytest.raises(FaithfulnessDatabaseError, match=f"{old}: TiPAI schema version 1, written by an older xclip .*"
+                           "score the images again into a new database"):
+            FaithfulnessDatabase(old, None if readonly else writer.CONFIG, readonly=readonly)
+
+
+def test_image_paths_must_be_files_of_the_prompts_folder(tmp_path):
+    rec = writer.prompt_record(0, 0)
+    rec.images[0].path = "/data/../etc/p00_0.png"
+    with FaithfulnessDatabase(tmp_path / "tipai.db", writer.CONFIG) as db:
+        with pytest.raises(ValueError, match=r"image paths must be absolute paths of files directly inside the "
+                                             r"prompt's root '/data', got \['/data/../etc/p00_0.png'\]"):
+            db.write([rec])
+        assert db.counts()["images"] == 0

@@ -2,8 +2,11 @@
 folder configs run through `xclip validate` into the database and figures, a re-run reads the
 database back, an interrupted run resumes, and bad inputs are refused by name."""
 
+import hashlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from format_fixtures import write_bomb_png
 from tipai_fixtures import write_prompt_folder
 
 from xclip.backbones import shared_backbone
@@ -26,6 +30,7 @@ from xclip.faithfulness import (
     export_head,
     read_prompts,
 )
+from xclip.faithfulness.datamodule import check_prompt_id
 from xclip.faithfulness.grid import cell_edges, resample_to_cells
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,19 +164,125 @@ def test_rerun_reads_the_database_and_interrupted_run_resumes(shapes_run, tmp_pa
         assert reopened.dump() == clean
 
 
-def test_folder_config_skips_an_unreadable_image(tmp_path):
+def test_folder_config_skips_unreadable_images_and_reports_its_counts(tmp_path, capsys):
     folder = tmp_path / "generated"
     write_prompt_folder(folder, n=2)
     (folder / "prompt_001_7.png").write_bytes(b"not a png")
-    results = _run(FOLDER, tmp_path / "logs", tmp_path / "tipai.db", "--data.init_args.root", str(folder))
+    write_bomb_png(folder / "prompt_000_9.png")  # declares 30000 x 30000 pixels: over MAX_PIXELS
+    db = tmp_path / "tipai.db"
+    results = _run(FOLDER, tmp_path / "logs", db, "--data.init_args.root", str(folder))
     tipai = results["tipai"]
-    assert tipai["skipped_paths"] == [str(folder / "prompt_001_7.png")]
+    assert tipai["skipped_paths"] == [str(folder / "prompt_000_9.png"), str(folder / "prompt_001_7.png")]
     assert tipai["database_rows"]["images"] == 8 and tipai["database_rows"]["pairs"] == 2
     assert "pair_accuracy" not in tipai["metrics"]  # a folder has no ground truth
-    with FaithfulnessDatabase(tmp_path / "tipai.db", readonly=True) as db:
-        images = db.images("prompt_001")
+    with FaithfulnessDatabase(db, readonly=True) as stored:
+        images = stored.images("prompt_001")
+        glob = {pid: [stored.scores(pid)[f"{pid}_{s}"]["clip"].global_score for s in range(4)]
+                for pid in ("prompt_000", "prompt_001")}
     assert [im.seed for im in images] == [0, 1, 2, 3]
     assert images[0].path == str(folder / "prompt_001_0.png") and images[0].faithful is None
+    assert images[0].sha256 == hashlib.sha256((folder / "prompt_001_0.png").read_bytes()).hexdigest()
+    # the counts are in results.json's metrics and printed, with the database's path
+    n = {k.rsplit("/n_", 1)[1]: v for k, v in results["metrics"].items() if "/n_" in k}
+    assert n == {"prompts": 2, "prompts_without_images": 0, "prompts_scored": 2, "prompts_from_database": 0,
+                 "images": 8, "images_scored": 8, "images_rescored": 0, "images_from_database": 0, "images_skipped": 2,
+                 "pairs": 2}
+    chosen, rejected = [max(g) for g in glob.values()], [min(g) for g in glob.values()]
+    assert results["metrics"]["val/tipai/pairs/mean_chosen_score"] == pytest.approx(sum(chosen) / 2, abs=1e-6)
+    assert results["metrics"]["val/tipai/pairs/mean_score_gap"] == pytest.approx(
+        (sum(chosen) - sum(rejected)) / 2, abs=1e-6)
+    out = capsys.readouterr().out
+    assert f"TiPAI database: {db} (2 prompts, 8 images, 2 pairs)" in out
+    assert "images [val]: 8 (8 new, 0 changed and re-scored, 0 read back from the database); 2 unreadable" in out
+
+
+def _stored(db: Path) -> dict:
+    """prompt_id -> (prompt, {image_id: (path, sha256, global score, crops grid)}, pairs)."""
+    with FaithfulnessDatabase(db, readonly=True) as stored:
+        out = {}
+        for pid, prompt in stored.prompts():
+            scores = stored.scores(pid)
+            images = {im.image_id: (im.path, im.sha256, scores[im.image_id]["clip"].global_score,
+                                    scores[im.image_id]["crops"].grid) for im in stored.images(pid)}
+            out[pid] = (prompt, images, [(p.chosen_id, p.rejected_id) for p in stored.pairs(pid)])
+    return out
+
+
+def _assert_same_scores(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for pid, (prompt, images, pairs) in want.items():
+        assert got[pid][0] == prompt and got[pid][2] == pairs, pid
+        assert got[pid][1].keys() == images.keys(), pid
+        for image_id, (path, digest, glob, crops) in images.items():
+            assert got[pid][1][image_id][:2] == (path, digest)
+            assert got[pid][1][image_id][2] == pytest.approx(glob, abs=1e-5)
+            assert torch.allclose(torch.from_numpy(got[pid][1][image_id][3]), torch.from_numpy(crops), atol=1e-5)
+
+
+def test_a_changed_image_is_rescored_and_its_pairs_rebuilt(tmp_path):
+    folder = tmp_path / "generated"
+    write_prompt_folder(folder, n=3)
+    db, small = tmp_path / "tipai.db", ["--data.init_args.root", str(folder), "--model.init_args.methods", "[crops]"]
+    _run(FOLDER, tmp_path / "logs", db, *small)
+    shutil.copy(folder / "prompt_001_2.png", folder / "prompt_000_1.png")  # same name, other picture
+    (folder / "prompt_001_3.png").unlink()
+    again = _run(FOLDER, tmp_path / "logs", db, *small)["tipai"]
+    assert {k: again["counts"][k] for k in ("images_scored", "images_rescored", "images_from_database",
+                                            "prompts_scored", "prompts_from_database")} == {
+        "images_scored": 0, "images_rescored": 1, "images_from_database": 10, "prompts_scored": 2,
+        "prompts_from_database": 1}
+    prompts = json.loads((folder / "prompts.json").read_text())
+    (folder / "prompts.json").write_text(json.dumps({**prompts, "prompt_002": "a blue square"}))  # all 4 re-scored
+    third = _run(FOLDER, tmp_path / "logs", db, *small)["tipai"]["counts"]
+    assert (third["images_rescored"], third["images_from_database"], third["prompts_from_database"]) == (4, 7, 2)
+    # what a new database of the changed folder holds, pairs included
+    _run(FOLDER, tmp_path / "logs", tmp_path / "fresh.db", *small)
+    _assert_same_scores(_stored(db), _stored(tmp_path / "fresh.db"))
+
+
+def test_a_second_folder_gets_its_own_prompt_ids_or_is_refused(tmp_path):
+    first, db, small = tmp_path / "first", tmp_path / "tipai.db", ["--model.init_args.methods", "[crops]"]
+    write_prompt_folder(first, n=1)
+    _run(FOLDER, tmp_path / "logs", db, "--data.init_args.root", str(first), *small)
+    same_names = tmp_path / "same_names"
+    write_prompt_folder(same_names, n=1, seed=8)  # prompt_000 again, other pictures
+    with pytest.raises(SystemExit, match=re.escape(f"{db}: prompt 'prompt_000' was scored from {first}; this run reads "
+                                                   f"it from {same_names}. A database holds each prompt id from one "
+                                                   "folder")):
+        _run(FOLDER, tmp_path / "logs", db, "--data.init_args.root", str(same_names), *small)
+    other_ids = tmp_path / "other_ids"
+    other_ids.mkdir()
+    (other_ids / "prompts.json").write_text(json.dumps({"cat": "a red circle"}))
+    for s in range(2):
+        shutil.copy(same_names / f"prompt_000_{s}.png", other_ids / f"cat_{s}.png")
+    _run(FOLDER, tmp_path / "logs", db, "--data.init_args.root", str(other_ids), *small)
+    with FaithfulnessDatabase(db, readonly=True) as stored:
+        assert stored.roots() == sorted([str(first), str(other_ids)])
+        assert [pid for pid, _ in stored.prompts()] == ["cat", "prompt_000"]
+        assert stored.images("prompt_000")[0].path == str(first / "prompt_000_0.png")
+        assert stored.images("cat")[1].path == str(other_ids / "cat_1.png")
+
+
+def test_file_names_that_cannot_be_written_are_refused_before_anything_is(tmp_path):
+    folder = tmp_path / "generated"
+    write_prompt_folder(folder, n=1)
+    (folder / "prompt_000_99999999999999999999.png").write_bytes((folder / "prompt_000_0.png").read_bytes())
+    with pytest.raises(ValueError, match=re.escape(f"{folder / 'prompt_000_99999999999999999999.png'}: seed "
+                                                   "99999999999999999999 does not fit a 64-bit integer")):
+        PromptFolder(folder, 64)
+    (folder / "prompt_000_99999999999999999999.png").unlink()
+    long_id = "p" * 250  # its figure val_<id>.png would be 258 bytes: over the file system's 255
+    (folder / "prompts.json").write_text(json.dumps({"prompt_000": "a red circle", long_id: "a blue square"}))
+    message = re.escape(f"{folder / 'prompts.json'}: prompt id '{'p' * 40}...{'p' * 10}' is 250 bytes long (UTF-8), "
+                        "over the limit of 200")
+    with pytest.raises(ValueError, match=message):
+        PromptFolder(folder, 64)
+    with pytest.raises(SystemExit, match=message):
+        _run(FOLDER, tmp_path / "logs", tmp_path / "tipai.db", "--data.init_args.root", str(folder))
+    assert not (tmp_path / "tipai.db").exists() and not list(tmp_path.glob("logs/**/*.png"))
+    for bad in ("a\nb", "..", ""):
+        with pytest.raises(ValueError, match="prompt id"):
+            check_prompt_id(bad, "prompts.json")
 
 
 @pytest.mark.slow  # two Lightning processes: ~1-3 min on 2 cores

@@ -29,6 +29,29 @@ def write_prompt_folder(root: Path, n: int = 3, seed: int = 7, image_size: int =
     return truth
 
 
+def write_odd_images(root: Path, pid: str = "odd", prompt: str = "a red circle") -> dict[str, str]:
+    """Add a prompt whose images are what users upload: an RGBA PNG whose transparent half hides
+    dark blue pixels (composited on white by xclip's reader, black-ish if the alpha is dropped),
+    a 300x200 and a 128x96 RGB image (resized and centre-cropped like any folder image). Returns
+    {file name: what it is}."""
+    rng = np.random.default_rng(5)
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[..., 2] = 90  # the colour under the transparent pixels
+    rgba[:, :32, :3] = (200, 30, 30)
+    rgba[:, :32, 3] = 255  # the left half opaque red, the right half transparent
+    Image.fromarray(rgba, mode="RGBA").save(root / f"{pid}_0.png")
+    wide = np.full((200, 300, 3), 240, np.uint8)
+    wide[60:140, 40:120] = (210, 20, 20)
+    Image.fromarray(wide).save(root / f"{pid}_1.png")
+    small = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    Image.fromarray(small).save(root / f"{pid}_2.png")
+    prompts_file = root / "prompts.json"
+    prompts = json.loads(prompts_file.read_text())
+    prompts[pid] = prompt
+    prompts_file.write_text(json.dumps(prompts, indent=2) + "\n")
+    return {f"{pid}_0.png": "RGBA 64x64", f"{pid}_1.png": "RGB 300x200", f"{pid}_2.png": "RGB 128x96"}
+
+
 def write_database(path: Path, n: int = 3, grid: int = 3, seed: int = 7) -> list[str]:
     """A TiPAI database of `n` ShapesWorld prompts with made-up patch grids (for the app): returns
     the prompt ids."""

@@ -5,10 +5,13 @@ Tables (schema version `SCHEMA_VERSION`, also in ``PRAGMA user_version``; ``PRAG
 application_id`` = `APPLICATION_ID` marks the file as xclip's):
 
 - ``meta(key, value)``: ``schema_version``, ``created_by``, ``scoring_config`` (canonical JSON);
-- ``prompts(prompt_id, prompt, n_images, complete)``;
-- ``images(image_id, prompt_id, seed, source, path, png, height, width, error, faithful)``: a
-  folder image by its path, a generated (ShapesWorld) image as PNG bytes; ``error``/``faithful``
-  are known for ShapesWorld only (NULL otherwise);
+- ``prompts(prompt_id, prompt, root, n_images, complete)``: ``root`` is the resolved absolute
+  folder the prompt's images were read from (NULL for generated images);
+- ``images(image_id, prompt_id, seed, source, path, sha256, png, height, width, error, faithful)``:
+  a folder image by its resolved absolute path (inside its prompt's ``root``), a generated
+  (ShapesWorld) image as PNG bytes; ``sha256`` is the hash of the content that was scored (the
+  file's bytes, or the generated pixels); ``error``/``faithful`` are known for ShapesWorld only
+  (NULL otherwise);
 - ``scores(image_id, method, global_score, grid_size, patch_grid)``: ``method`` ``clip`` (the
   global cosine, no grid), ``crops`` / ``dense`` / ``dense_gradeclip`` (goodness per cell) or
   ``head`` (the TSPO head's reward and its per-patch error probability); ``patch_grid`` is
@@ -20,13 +23,21 @@ then ``complete = 1``): a run killed mid-batch leaves the earlier batches comple
 the interrupted one, and writing a prompt again replaces its rows (idempotent: no duplicates). A
 database is bound to one scoring configuration; a run with another one is refused instead of
 mixing scores. A file that is not an SQLite database, is damaged, belongs to another application
-or has another schema version is refused with a message naming it.
+or has another schema version is refused with a message naming it (and saying what to do).
+
+Stored scores are reused only for the same content: a reader (`prompt_states`) gets each stored
+image's path and hash, and the writer re-scores an image whose file changed (`TiPAIModule`).
+Schema version 1 (before xclip stored hashes and absolute paths) cannot be checked that way and
+is refused with the command to re-score.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import sqlite3
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,7 +49,7 @@ import numpy as np
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x58435446  # "XCTF": xclip TiPAI faithfulness
 SQLITE_HEADER = b"SQLite format 3\x00"
 TABLES = ("meta", "prompts", "images", "scores", "pairs")
@@ -46,11 +57,12 @@ TABLES = ("meta", "prompts", "images", "scores", "pairs")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS prompts (
-    prompt_id TEXT PRIMARY KEY, prompt TEXT NOT NULL, n_images INTEGER NOT NULL, complete INTEGER NOT NULL DEFAULT 0);
+    prompt_id TEXT PRIMARY KEY, prompt TEXT NOT NULL, root TEXT, n_images INTEGER NOT NULL,
+    complete INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS images (
     image_id TEXT PRIMARY KEY, prompt_id TEXT NOT NULL REFERENCES prompts(prompt_id), seed INTEGER NOT NULL,
-    source TEXT NOT NULL, path TEXT, png BLOB, height INTEGER NOT NULL, width INTEGER NOT NULL, error TEXT,
-    faithful INTEGER);
+    source TEXT NOT NULL, path TEXT, sha256 TEXT NOT NULL, png BLOB, height INTEGER NOT NULL, width INTEGER NOT NULL,
+    error TEXT, faithful INTEGER);
 CREATE INDEX IF NOT EXISTS images_by_prompt ON images(prompt_id);
 CREATE TABLE IF NOT EXISTS scores (
     image_id TEXT NOT NULL REFERENCES images(image_id), method TEXT NOT NULL, global_score REAL,
@@ -67,9 +79,33 @@ class FaithfulnessDatabaseError(ValueError):
     """A database file xclip will not read or write; the message names the file and why."""
 
 
+def sha256_hex(data: bytes) -> str:
+    """The SHA-256 of `data` as 64 hex digits (how images are keyed by content)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def in_root(path: str, root: str | None) -> bool:
+    """Whether `path` names a file directly inside the folder `root` (both absolute; compared
+    after removing ``..`` and ``.``, without following links: a crafted ``root/../x`` is outside)."""
+    if root is None or not Path(path).is_absolute() or not Path(root).is_absolute():
+        return False
+    return Path(os.path.normpath(path)).parent == Path(os.path.normpath(root))
+
+
 @dataclass
 class ImageRecord:
-    """One image of a prompt: a file (`path`) or generated pixels (`png` bytes)."""
+    """One image of a prompt: a file (`path`, resolved and absolute) or generated pixels (`png`
+    bytes); `sha256` is the hash of the scored content (required for a file; a generated image
+    without one is keyed by its PNG bytes)."""
 
     image_id: str
     prompt_id: str
@@ -81,6 +117,18 @@ class ImageRecord:
     png: bytes | None = None
     error: str | None = None
     faithful: bool | None = None
+    sha256: str | None = None
+
+
+@dataclass
+class StoredPrompt:
+    """What the database holds of a prompt, to decide what a run may reuse: its text, folder,
+    whether it is complete, and image_id -> (path, sha256) of its images."""
+
+    prompt: str
+    root: str | None
+    complete: bool
+    images: dict[str, tuple[str | None, str]]
 
 
 @dataclass
@@ -112,6 +160,7 @@ class PromptRecord:
     images: list[ImageRecord] = field(default_factory=list)
     scores: list[ScoreRecord] = field(default_factory=list)
     pairs: list[PairRecord] = field(default_factory=list)
+    root: str | None = None
 
 
 def grid_to_blob(grid: np.ndarray) -> tuple[int, bytes]:
@@ -159,7 +208,9 @@ class FaithfulnessDatabase:
                     "pass another db_path or move the file away")
         elif not readonly:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        uri = f"file:{self.path.resolve()}?mode=ro" if readonly else str(self.path)
+        # the URI form is what opens read-only; the path is quoted so '%', '#' and '?' in folder names
+        # stay part of the file name (unquoted, 'run%41' would open 'runA')
+        uri = f"file:{urllib.parse.quote(str(self.path.resolve()))}?mode=ro" if readonly else str(self.path)
         self._conn = sqlite3.connect(uri, uri=readonly, timeout=timeout, isolation_level=None, check_same_thread=False)
         try:
             self._check_or_create()
@@ -186,8 +237,15 @@ class FaithfulnessDatabase:
         elif app_id != APPLICATION_ID:
             raise self._refuse(f"an SQLite database of another application (application_id {app_id:#x}, tables "
                                f"{tables}), not an xclip TiPAI database")
+        elif version < SCHEMA_VERSION:
+            raise FaithfulnessDatabaseError(
+                f"{self.path}: TiPAI schema version {version}, written by an older xclip that keyed images by name only "
+                f"(its stored scores cannot be checked against the files); this xclip reads and writes version "
+                f"{SCHEMA_VERSION}: score the images again into a new database (delete or move {self.path}, or pass "
+                "another db_path, then run the same `xclip validate` command)")
         elif version != SCHEMA_VERSION:
-            raise self._refuse(f"TiPAI schema version {version}, this xclip reads and writes version {SCHEMA_VERSION}")
+            raise self._refuse(f"TiPAI schema version {version}, written by a newer xclip; this xclip reads and writes "
+                               f"version {SCHEMA_VERSION} (upgrade xclip to read it)")
         try:
             check = [r[0] for r in conn.execute("PRAGMA quick_check")]
         except sqlite3.DatabaseError as err:
@@ -250,18 +308,28 @@ class FaithfulnessDatabase:
 
     def write(self, records: Iterable[PromptRecord]) -> int:
         """Store prompts (replacing any earlier rows of the same prompts) and mark them complete,
-        all in one transaction; returns the number of rows written."""
+        all in one transaction; a prompt without images is removed. Returns the number of rows
+        written."""
         rows = 0
         with self.transaction() as conn:
             for rec in records:
+                outside = [im.path for im in rec.images if im.path is not None and not in_root(im.path, rec.root)]
+                if outside:
+                    raise ValueError(f"{self.path}: prompt {rec.prompt_id!r}: image paths must be absolute paths of "
+                                     f"files directly inside the prompt's root {rec.root!r}, got {outside[:3]}")
                 pid = (rec.prompt_id,)
                 conn.execute("DELETE FROM pairs WHERE prompt_id = ?", pid)
                 conn.execute("DELETE FROM scores WHERE image_id IN (SELECT image_id FROM images WHERE prompt_id = ?)", pid)
                 conn.execute("DELETE FROM images WHERE prompt_id = ?", pid)
-                conn.execute("INSERT OR REPLACE INTO prompts VALUES (?, ?, ?, 0)", (rec.prompt_id, rec.prompt, len(rec.images)))
-                conn.executemany("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [
-                    (im.image_id, im.prompt_id, int(im.seed), im.source, im.path, im.png, int(im.height), int(im.width),
-                     im.error, None if im.faithful is None else int(bool(im.faithful))) for im in rec.images])
+                if not rec.images:  # a prompt without (readable) images leaves the database
+                    conn.execute("DELETE FROM prompts WHERE prompt_id = ?", pid)
+                    continue
+                conn.execute("INSERT OR REPLACE INTO prompts VALUES (?, ?, ?, ?, 0)",
+                             (rec.prompt_id, rec.prompt, rec.root, len(rec.images)))
+                conn.executemany("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [
+                    (im.image_id, im.prompt_id, int(im.seed), im.source, im.path, self._content_key(im), im.png,
+                     int(im.height), int(im.width), im.error, None if im.faithful is None else int(bool(im.faithful)))
+                    for im in rec.images])
                 conn.executemany("INSERT INTO scores VALUES (?, ?, ?, ?, ?)", [
                     (s.image_id, s.method, None if s.global_score is None else float(s.global_score),
                      *((None, None) if s.grid is None else grid_to_blob(s.grid))) for s in rec.scores])
@@ -272,7 +340,35 @@ class FaithfulnessDatabase:
                 rows += 1 + len(rec.images) + len(rec.scores) + len(rec.pairs)
         return rows
 
+    def _content_key(self, image: ImageRecord) -> str:
+        if image.sha256:
+            return image.sha256
+        if image.png is None:
+            raise ValueError(f"{self.path}: image {image.image_id!r} ({image.path}) has no sha256 of its content: "
+                             "a file image is stored with the hash of the bytes that were scored")
+        return sha256_hex(image.png)
+
     # ---- reading ----------------------------------------------------------------------------
+    def prompt_states(self, prompt_ids: Iterable[str]) -> dict[str, StoredPrompt]:
+        """The stored prompts among `prompt_ids` (complete or not) with their images' paths and hashes."""
+        out: dict[str, StoredPrompt] = {}
+        for pid in dict.fromkeys(prompt_ids):
+            row = self._conn.execute("SELECT prompt, root, complete FROM prompts WHERE prompt_id = ?", (pid,)).fetchone()
+            if row is None:
+                continue
+            images = {r[0]: (r[1], r[2]) for r in self._conn.execute(
+                "SELECT image_id, path, sha256 FROM images WHERE prompt_id = ?", (pid,))}
+            out[pid] = StoredPrompt(row[0], row[1], bool(row[2]), images)
+        return out
+
+    def roots(self) -> list[str]:
+        """The folders the database's images were read from (resolved, absolute), sorted."""
+        return [r[0] for r in self._conn.execute("SELECT DISTINCT root FROM prompts WHERE root IS NOT NULL ORDER BY root")]
+
+    def prompt_root(self, prompt_id: str) -> str | None:
+        row = self._conn.execute("SELECT root FROM prompts WHERE prompt_id = ?", (prompt_id,)).fetchone()
+        return None if row is None else row[0]
+
     def complete_prompts(self) -> set[str]:
         return {r[0] for r in self._conn.execute("SELECT prompt_id FROM prompts WHERE complete = 1")}
 
@@ -289,9 +385,9 @@ class FaithfulnessDatabase:
         return list(self._conn.execute("SELECT prompt_id, prompt FROM prompts WHERE complete = 1 ORDER BY prompt_id"))
 
     def images(self, prompt_id: str) -> list[ImageRecord]:
-        rows = self._conn.execute("SELECT image_id, prompt_id, seed, source, height, width, path, png, error, faithful "
-                                  "FROM images WHERE prompt_id = ? ORDER BY seed, image_id", (prompt_id,))
-        return [ImageRecord(*r[:9], faithful=None if r[9] is None else bool(r[9])) for r in rows]
+        rows = self._conn.execute("SELECT image_id, prompt_id, seed, source, height, width, path, png, error, faithful, "
+                                  "sha256 FROM images WHERE prompt_id = ? ORDER BY seed, image_id", (prompt_id,))
+        return [ImageRecord(*r[:9], faithful=None if r[9] is None else bool(r[9]), sha256=r[10]) for r in rows]
 
     def scores(self, prompt_id: str) -> dict[str, dict[str, ScoreRecord]]:
         """image_id -> method -> `ScoreRecord` for every image of a prompt."""

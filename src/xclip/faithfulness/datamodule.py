@@ -8,18 +8,27 @@ Folder layout::
     root/<prompt_id>_<seed>.png   any text-to-image model's outputs, one file per seed
 
 Images are read by `xclip.data.images` (RGB, shorter side resized to `image_size`, centre crop);
-an unreadable file is skipped and reported with its path, the prompt keeps its other images.
+an unreadable file (also one over `xclip.data.images.MAX_PIXELS` pixels) is skipped and reported
+with its path, the prompt keeps its other images. Each image carries the SHA-256 of what was read
+(the file's bytes; a generated image's float32 pixels) and folder images their resolved absolute
+path, so the database can tell a changed file from a stored one.
+
+File names are checked before anything is scored: a prompt id is at most `MAX_PROMPT_ID_BYTES`
+UTF-8 bytes without path separators or control characters (it becomes part of image and figure
+file names), and a seed is an integer that fits 64 bits.
 
 Batches (``task = "faithfulness"``) hold B prompts and all their M images flattened:
 ``prompt_id`` / ``prompt`` [B], ``index`` [B] (dataset index), ``images`` [M, 3, S, S] in [0, 1],
 ``prompt_of`` [M] (the prompt's position in the batch), ``seed`` [M], ``image_id`` [M],
-``path`` [M] (None for generated images), ``faithful`` [M] (1 / 0, -1 unknown), ``error`` [M]
+``path`` [M] (None for generated images), ``sha256`` [M] (content hashes), ``root`` [B] (the
+resolved folder, None for generated images), ``faithful`` [M] (1 / 0, -1 unknown), ``error`` [M]
 (the ShapesWorld error kind or None), ``error_masks`` [M, S, S] (ShapesWorld only) and
 ``skipped_paths`` (unreadable files).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -33,11 +42,30 @@ from torch.utils.data import DataLoader, Dataset
 from xclip.data.images import IMAGE_EXTENSIONS, load_image01
 from xclip.data.sampling import eval_loader
 from xclip.data.shapes import ShapesFaithfulness
+from xclip.faithfulness.database import file_sha256
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("shapes", "folder")
 _STEM = re.compile(r"^(?P<prompt_id>.+)_(?P<seed>-?\d+)$")
+# a prompt id becomes <prompt_id>_<seed>.<ext> and the figure <stage>_<prompt_id>.png: both must fit
+# the usual 255-byte limit of a file name with room for a 20-digit seed and the extension
+MAX_PROMPT_ID_BYTES = 200
+SEED_RANGE = (-(2**63), 2**63 - 1)  # stored as SQLite INTEGER and torch.long
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_prompt_id(pid: str, where: str | Path) -> None:
+    """Raise naming `where` when `pid` cannot be part of a file name (see the module docstring)."""
+    shown = pid if len(pid) <= 60 else f"{pid[:40]}...{pid[-10:]}"
+    if not pid or pid in (".", "..") or "/" in pid or "\\" in pid:
+        raise ValueError(f"{where}: prompt id {shown!r} must be a non-empty name without path separators")
+    if _CONTROL.search(pid):
+        raise ValueError(f"{where}: prompt id {shown!r} holds a control character; use printable characters")
+    n = len(pid.encode("utf-8"))
+    if n > MAX_PROMPT_ID_BYTES:
+        raise ValueError(f"{where}: prompt id {shown!r} is {n} bytes long (UTF-8), over the limit of "
+                         f"{MAX_PROMPT_ID_BYTES}: it becomes part of the image and figure file names; use a shorter id")
 
 
 def read_prompts(path: str | Path) -> dict[str, str]:
@@ -63,8 +91,7 @@ def read_prompts(path: str | Path) -> dict[str, str]:
     prompts: dict[str, str] = {}
     for pid, prompt in entries:
         pid = str(pid)
-        if not pid or "/" in pid or "\\" in pid:
-            raise ValueError(f"{path}: prompt id {pid!r} must be a non-empty name without path separators")
+        check_prompt_id(pid, path)
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"{path}: prompt {pid!r} must be a non-empty string, got {prompt!r}")
         if pid in prompts:
@@ -84,9 +111,10 @@ class PromptFolder(Dataset):
     """
 
     def __init__(self, root: str | Path, image_size: int = 224, prompts_file: str = "prompts.json"):
-        self.root, self.image_size = Path(root), int(image_size)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder {self.root}: no such directory")
+        self.image_size = int(image_size)
+        if not Path(root).expanduser().is_dir():
+            raise FileNotFoundError(f"image folder {root}: no such directory")
+        self.root = Path(root).expanduser().resolve()  # stored paths resolve from any working directory
         prompts = read_prompts(self.root / prompts_file)
         files: dict[str, list[tuple[int, Path]]] = {}
         unknown = []
@@ -96,10 +124,14 @@ class PromptFolder(Dataset):
             match = _STEM.match(p.stem)
             if match is None:
                 raise ValueError(f"{p}: image files must be named <prompt_id>_<seed>{p.suffix} (seed an integer)")
+            seed = int(match["seed"])
+            if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+                raise ValueError(f"{p}: seed {match['seed']} does not fit a 64-bit integer; name the file "
+                                 f"<prompt_id>_<seed>{p.suffix} with a seed in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
             if match["prompt_id"] not in prompts:
                 unknown.append(p.name)
                 continue
-            files.setdefault(match["prompt_id"], []).append((int(match["seed"]), p))
+            files.setdefault(match["prompt_id"], []).append((seed, p))
         if unknown:
             raise ValueError(f"{self.root}: images of prompt ids missing from {prompts_file}: {unknown[:10]}"
                              + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
@@ -122,16 +154,23 @@ class PromptFolder(Dataset):
         pid, prompt, seeds = self.entries[index]
         images, kept, skipped = [], [], []
         for seed, path in seeds:
-            image = load_image01(path, self.image_size)
+            try:
+                digest = file_sha256(path)
+            except OSError as err:
+                log.warning("skipping unreadable image: %s: %s", path, err)
+                image = None
+            else:
+                image = load_image01(path, self.image_size)
             if image is None:
                 skipped.append(str(path))
             else:
                 images.append(image)
-                kept.append((seed, str(path)))
+                kept.append((seed, str(path), digest))
         size = self.image_size
-        return {"prompt_id": pid, "prompt": prompt, "index": index,
+        return {"prompt_id": pid, "prompt": prompt, "index": index, "root": str(self.root),
                 "images": torch.stack(images) if images else torch.zeros(0, 3, size, size),
-                "seeds": [s for s, _ in kept], "paths": [p for _, p in kept], "skipped_paths": skipped}
+                "seeds": [k[0] for k in kept], "paths": [k[1] for k in kept], "sha256": [k[2] for k in kept],
+                "skipped_paths": skipped}
 
 
 class ShapesPrompts(Dataset):
@@ -149,8 +188,10 @@ class ShapesPrompts(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.data[index]
         r = item["images"].shape[0]
-        return {"prompt_id": f"{self.tag}-{index:05d}", "prompt": item["prompt"], "index": index,
-                "images": item["images"], "seeds": list(range(r)), "paths": [None] * r, "skipped_paths": [],
+        images = item["images"].float().contiguous()
+        return {"prompt_id": f"{self.tag}-{index:05d}", "prompt": item["prompt"], "index": index, "root": None,
+                "images": images, "seeds": list(range(r)), "paths": [None] * r, "skipped_paths": [],
+                "sha256": [hashlib.sha256(im.numpy().tobytes()).hexdigest() for im in images],
                 "errors": item["errors"], "error_masks": item["error_masks"], "faithful": item["faithful"]}
 
 
@@ -167,6 +208,8 @@ def collate_prompts(items: list[dict[str, Any]]) -> dict[str, Any]:
         "seed": torch.tensor([s for it in items for s in it["seeds"]], dtype=torch.long),
         "image_id": [f"{it['prompt_id']}_{s}" for it in items for s in it["seeds"]],
         "path": [p for it in items for p in it["paths"]],
+        "sha256": [h for it in items for h in it["sha256"]],
+        "root": [it["root"] for it in items],
         "skipped_paths": [p for it in items for p in it["skipped_paths"]],
     }
     if all("faithful" in it for it in items):

@@ -3,8 +3,10 @@ figure per prompt (its images sorted by global score, chosen and rejected marked
 
 Cells are painted over exactly the pixels they cover (the crop grid's edges), never smoothed, and
 each map column shares one colour scale over the prompt's images, so chosen and rejected can be
-compared by colour; the colour bar reads the raw values (cosine, Grad-ECLIP evidence, or the
-head's 1 - error probability).
+compared by colour; the colour bar under each map column reads the raw values (cosine,
+Grad-ECLIP evidence, or the head's 1 - error probability). A column whose maps all hold one value
+(e.g. an all-zero Grad-ECLIP map) has no colour scale: it is painted grey, not as "bad", and
+labelled; a single image's constant map on a shared scale keeps its colour and is labelled too.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 from xclip.faithfulness.grid import cells_to_pixels
 
 CMAP = "RdYlGn"  # red = bad, yellow, green = good
+NEUTRAL = (0.6, 0.6, 0.6)  # a map without a colour scale (one value everywhere)
+BAR_INCHES = 0.14  # height of a colour bar
 MAP_TITLES = {"crops": "crops\ncosine", "dense": "dense\npatch cosine", "dense_gradeclip": "dense\nGrad-ECLIP",
               "head": "TSPO head\n1 - P(error)"}
 
@@ -35,8 +40,17 @@ def heatmap_rgb(grid: Tensor, size: tuple[int, int], lo: float, hi: float) -> np
     """A [G, G] goodness grid painted cell by cell over `size` (h, w) pixels with red-yellow-green
     on the scale [lo, hi]: float [h, w, 3] in [0, 1]."""
     painted = cells_to_pixels(grid.detach().float().cpu()[None], size)[0].numpy()
-    span = hi - lo if hi > lo else 1.0
-    return matplotlib.colormaps[CMAP](np.clip((painted - lo) / span, 0, 1))[..., :3]
+    if not hi > lo:  # one value on the whole scale: nothing is better or worse than anything else
+        return np.broadcast_to(np.asarray(NEUTRAL), (*painted.shape, 3)).copy()
+    return matplotlib.colormaps[CMAP](np.clip((painted - lo) / (hi - lo), 0, 1))[..., :3]
+
+
+def constant_label(grid: Tensor) -> str | None:
+    """``"all-zero map"`` / ``"constant map (v)"`` for a map holding one value, else None."""
+    lo, hi = float(grid.min()), float(grid.max())
+    if hi > lo:
+        return None
+    return "all-zero map" if hi == 0.0 else f"constant map ({hi:.3g})"
 
 
 def overlay_rgb(image01: Tensor, grid: Tensor, lo: float, hi: float, alpha: float = 0.5) -> np.ndarray:
@@ -67,7 +81,7 @@ def prompt_figure(prompt: str, images01: Tensor, global_scores: Tensor, maps: di
             columns.append(("crops\nheatmap", name))
         columns.append((MAP_TITLES.get(name, name), name))
     scales = {name: (float(m.min()), float(m.max())) for name, m in maps.items()}
-    fig = Figure(figsize=(panel_px / 100 * 1.15 * len(columns) + 0.8, panel_px / 100 * r + 1.8), dpi=100)
+    fig = Figure(figsize=(panel_px / 100 * 1.15 * len(columns) + 0.8, panel_px / 100 * r + 2.1), dpi=100)
     FigureCanvasAgg(fig)
     axes = np.atleast_2d(fig.subplots(r, len(columns), squeeze=False))
     for row, i in enumerate(order):
@@ -76,22 +90,38 @@ def prompt_figure(prompt: str, images01: Tensor, global_scores: Tensor, maps: di
             if name is None:
                 ax.imshow(_image_hwc(images01[i]))
                 role = f"{roles[i]} " if roles[i] else ""
-                ax.set_ylabel(f"{role}{float(global_scores[i]):.3f}\n{labels[i]}", fontsize=6)
-            elif caption == "crops\nheatmap":
-                ax.imshow(heatmap_rgb(maps[name][i], tuple(images01.shape[-2:]), *scales[name]))
+                ax.set_ylabel(f"{role}{float(global_scores[i]):.3f}\n{labels[i]}", fontsize=7)
             else:
-                ax.imshow(np.clip(overlay_rgb(images01[i], maps[name][i], *scales[name], alpha), 0, 1))
+                if caption == "crops\nheatmap":
+                    ax.imshow(heatmap_rgb(maps[name][i], tuple(images01.shape[-2:]), *scales[name]))
+                else:
+                    ax.imshow(np.clip(overlay_rgb(images01[i], maps[name][i], *scales[name], alpha), 0, 1))
+                label = constant_label(maps[name][i])
+                if label:
+                    ax.text(0.5, 0.5, label, transform=ax.transAxes, ha="center", va="center", fontsize=7,
+                            color="white", bbox={"facecolor": "black", "alpha": 0.7, "edgecolor": "none", "pad": 2})
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
-                ax.set_title(caption, fontsize=6)
-    for col, (caption, name) in enumerate(columns):
-        if name is not None and (caption == "crops\nheatmap" or name != "crops"):
-            bar = fig.colorbar(ScalarMappable(Normalize(*scales[name]), cmap=CMAP), ax=axes[:, col].tolist(),
-                               orientation="horizontal", fraction=0.04, pad=0.02)
-            bar.ax.tick_params(labelsize=5)
+                ax.set_title(caption, fontsize=8)
     height = fig.get_size_inches()[1]
-    fig.subplots_adjust(top=1 - 1.05 / height, bottom=0.9 / height, left=0.08, right=0.98, hspace=0.08, wspace=0.08)
+    bottom = 1.15 / height  # room for the colour bars and their labels
+    fig.subplots_adjust(top=1 - 1.05 / height, bottom=bottom, left=0.08, right=0.98, hspace=0.08, wspace=0.08)
+    for col, (caption, name) in enumerate(columns):
+        if name is None:
+            continue
+        box = axes[-1, col].get_position()
+        cax = fig.add_axes((box.x0, bottom - 0.32 / height, box.width, BAR_INCHES / height))
+        lo, hi = scales[name]
+        if hi > lo:
+            bar = fig.colorbar(ScalarMappable(Normalize(lo, hi), cmap=CMAP), cax=cax, orientation="horizontal")
+            bar.ax.xaxis.set_major_locator(MaxNLocator(3))
+            bar.ax.tick_params(labelsize=8, length=3)
+            bar.set_label("bad  -  good", fontsize=7, labelpad=1)
+        else:  # no scale: say so where the bar would be
+            cax.set_axis_off()
+            cax.text(0.5, 0.0, f"one value: {hi:.3g}\n(no colour scale)", ha="center", va="top", fontsize=7,
+                     transform=cax.transAxes)
     fig.suptitle(f"{title}\nrows sorted by global cosine with the prompt (left label); red = bad, green = good",
-                 fontsize=7)
+                 fontsize=8)
     return fig

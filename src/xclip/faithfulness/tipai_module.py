@@ -25,6 +25,7 @@ from xclip.backbones import Backbone, resolve_backbone
 from xclip.data.embedding_cache import weights_fingerprint
 from xclip.faithfulness.database import (
     FaithfulnessDatabase,
+    FaithfulnessDatabaseError,
     ImageRecord,
     PairRecord,
     PromptRecord,
@@ -47,6 +48,11 @@ from xclip.metrics.score_table import ScoreTable
 from xclip.results import ReportRow, run_directory
 
 METRIC_NAMES = {v: k for k, v in METRIC_KEYS.items()}
+# what a run counts (results.json, the console report): prompts seen, without a readable image, written
+# (scored now) or read back whole; images scored for the first time, re-scored because their file or
+# prompt changed, read back from the database; pairs
+COUNTS = ("prompts", "prompts_without_images", "prompts_scored", "prompts_from_database", "images_scored",
+          "images_rescored", "images_from_database", "pairs")
 
 
 class TiPAIModule(pl.LightningModule):
@@ -93,27 +99,35 @@ class TiPAIModule(pl.LightningModule):
         ints = ("index", "seed", "faithful", *(f"{m}_hit" for m in self.baselines))
         self.table = ScoreTable(floats, ints, unique_by=("index", "seed"))
         self.db: FaithfulnessDatabase | None = None
-        self._counts = {"scored": 0, "from_database": 0}
+        self._counts = dict.fromkeys(COUNTS, 0)
+        self._pair_sums = torch.zeros(3, dtype=torch.float64)
         self._skipped: list[str] = []
         self._results: dict[str, Any] = {}
 
     # ---- database -------------------------------------------------------------------------
-    def db_config(self) -> dict[str, Any]:
-        """What the stored scores depend on (a database holds one configuration)."""
+    def db_config(self, image_size: int) -> dict[str, Any]:
+        """What the stored scores depend on (a database holds one configuration); `image_size` is
+        the side the images were resized and cropped to before scoring."""
         return {"backbone": self.backbone_spec, "weights_sha256": weights_fingerprint(self.backbone),
                 "grid": self.grid, "methods": list(self.methods), "pair_rule": self.pair_rule, "margin": self.margin,
-                "head": None if self.head is None else self.head.fingerprint}
+                "head": None if self.head is None else self.head.fingerprint, "image_size": int(image_size),
+                "precision": self.scorer.precision or "32"}
 
     def database_path(self) -> Path:
         return Path(self.db_path) if self.db_path else run_directory(self.trainer) / "tipai.db"
 
     def _start(self) -> None:
         self.table.reset()
-        self._counts = {"scored": 0, "from_database": 0}
+        self._counts = dict.fromkeys(COUNTS, 0)
+        self._pair_sums = torch.zeros(3, dtype=torch.float64)  # chosen score, rejected score, their gap
         self._skipped, self._results = [], {}
         self.scorer.precision = None if str(self.trainer.precision) in ("32", "32-true") else str(self.trainer.precision)
+
+    def _open(self, image_size: int) -> FaithfulnessDatabase:
+        """The database, opened at the first batch (its configuration includes the image size)."""
         if self.db is None:
-            self.db = FaithfulnessDatabase(self.database_path(), self.db_config())
+            self.db = FaithfulnessDatabase(self.database_path(), self.db_config(image_size))
+        return self.db
 
     def on_validation_start(self) -> None:
         self._start()
@@ -121,28 +135,85 @@ class TiPAIModule(pl.LightningModule):
     def on_test_start(self) -> None:
         self._start()
 
+    def on_validation_end(self) -> None:
+        self._say_where()
+
+    def on_test_end(self) -> None:
+        self._say_where()
+
+    def _say_where(self) -> None:
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero or self.db is None:
+            return
+        rows = self.db.counts()
+        path = self.db.path.resolve()
+        print(f"\nTiPAI database: {path} ({rows['prompts']} prompts, {rows['images']} images, {rows['pairs']} pairs); "
+              f"browse it with: xclip app --db {path}", flush=True)
+
     def teardown(self, stage: str) -> None:
         if self.db is not None:
             self.db.close()
             self.db = None
 
     # ---- scoring --------------------------------------------------------------------------
+    def _reusable(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, list[bool]]:
+        """Which images of the batch the database holds with the same content, which it holds with
+        other content (re-scored), and which prompts need writing.
+
+        An image's stored scores are reused only when its prompt is complete with the same text and
+        folder and the image's resolved path and content hash are the stored ones; a prompt is
+        written again when any of its images is scored now or its set of images changed (its pairs
+        are rebuilt). Returns [M] bool reuse, [M] bool rescored and [B] write flags.
+        """
+        db = self.db
+        prompt_of = batch["prompt_of"].tolist()
+        states = db.prompt_states(batch["prompt_id"])
+        for b, pid in enumerate(batch["prompt_id"]):
+            state = states.get(pid)
+            if state is not None and state.root != batch["root"][b]:
+                raise FaithfulnessDatabaseError(
+                    f"{db.path}: prompt {pid!r} was scored from {state.root or 'generated (ShapesWorld) images'}; this "
+                    f"run reads it from {batch['root'][b] or 'generated (ShapesWorld) images'}. A database holds each "
+                    "prompt id from one folder (another folder's prompt ids get their own rows): pass another db_path "
+                    "for this folder (e.g. --model.init_args.db_path runs/<name>/tipai.db)")
+        reuse, rescored = [], []
+        for i, b in enumerate(prompt_of):
+            state = states.get(batch["prompt_id"][b])
+            stored = None if state is None or not state.complete else state.images.get(batch["image_id"][i])
+            same = (stored is not None and state.prompt == batch["prompt"][b]
+                    and stored == (batch["path"][i], batch["sha256"][i]))
+            reuse.append(self.resume and same)
+            rescored.append(stored is not None and not reuse[-1])
+        write = []
+        for b, pid in enumerate(batch["prompt_id"]):
+            state = states.get(pid)
+            rows = [i for i, p in enumerate(prompt_of) if p == b]
+            unchanged = (state is not None and state.complete and all(reuse[i] for i in rows)
+                         and set(state.images) == {batch["image_id"][i] for i in rows})
+            write.append(not unchanged)
+        return torch.tensor(reuse, dtype=torch.bool), torch.tensor(rescored, dtype=torch.bool), write
+
     def faithfulness_step(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Score (or read back) one batch of prompts, store it, update the metric table; returns
         what the figure callback draws."""
         if batch.get("task") != "faithfulness":
             raise ValueError(f"TiPAIModule evaluates 'faithfulness' batches, got task {batch.get('task')!r}")
         self._skipped.extend(batch.get("skipped_paths", []))
+        self._open(int(batch["images"].shape[-1]))
         prompt_of = batch["prompt_of"].to(self.device)
         m = prompt_of.shape[0]
-        if m == 0:
+        reuse, rescored, write = self._reusable(batch)
+        present = torch.zeros(len(write), dtype=torch.bool)
+        present[batch["prompt_of"]] = True  # prompts with at least one readable image
+        self._counts["prompts"] += len(write)
+        self._counts["prompts_without_images"] += int((~present).sum())
+        if m == 0:  # no readable image: the batch's prompts leave the database
+            self.db.write(PromptRecord(batch["prompt_id"][b], batch["prompt"][b], root=batch["root"][b])
+                          for b in range(len(write)))
             return {}
-        done = self.db.complete_prompts() if self.resume else set()
-        stored = torch.tensor([pid in done for pid in batch["prompt_id"]], dtype=torch.bool)
         global_score = torch.zeros(m, device=self.device)
         maps = {name: torch.zeros(m, self.grid, self.grid, device=self.device) for name in self.map_names}
         head_reward = torch.full((m,), float("nan"), device=self.device)  # the TSPO head's reward (with `head`)
-        todo_img = ~stored.to(self.device)[prompt_of]
+        todo_img = ~reuse.to(self.device)
         if todo_img.any():
             scored = self._score(batch, todo_img)
             global_score[todo_img] = scored.pop("global")
@@ -157,10 +228,16 @@ class TiPAIModule(pl.LightningModule):
                 head_reward[~todo_img] = loaded.pop("head_reward")
             for name, value in loaded.items():
                 maps[name][~todo_img] = value
-        self._counts["scored"] += int((~stored).sum())
-        self._counts["from_database"] += int(stored.sum())
+        self._counts["prompts_scored"] += sum(w and bool(p) for w, p in zip(write, present.tolist()))
+        self._counts["prompts_from_database"] += sum(not w and bool(p) for w, p in zip(write, present.tolist()))
+        self._counts["images_scored"] += int((~reuse & ~rescored).sum())
+        self._counts["images_rescored"] += int(rescored.sum())
+        self._counts["images_from_database"] += int(reuse.sum())
         pairs = select_pairs(global_score, prompt_of, self.pair_rule, self.margin)
-        new_prompts = [b for b in range(len(batch["prompt_id"])) if not stored[b]]
+        chosen, rejected = global_score[pairs[:, 0]].double().cpu(), global_score[pairs[:, 1]].double().cpu()
+        self._counts["pairs"] += int(pairs.shape[0])
+        self._pair_sums += torch.stack([chosen.sum(), rejected.sum(), (chosen - rejected).sum()])
+        new_prompts = [b for b in range(len(batch["prompt_id"])) if write[b]]  # without images: removed
         if new_prompts:
             self.db.write(self._records(batch, new_prompts, global_score, maps, pairs, head_reward))
         self._update_table(batch, global_score, maps)
@@ -209,14 +286,14 @@ class TiPAIModule(pl.LightningModule):
         for b in prompts:
             pid = batch["prompt_id"][b]
             rows = [i for i, p in enumerate(prompt_of) if p == b]
-            rec = PromptRecord(pid, batch["prompt"][b])
+            rec = PromptRecord(pid, batch["prompt"][b], root=batch["root"][b])
             for i in rows:
                 path = batch["path"][i]
                 rec.images.append(ImageRecord(
                     batch["image_id"][i], pid, int(batch["seed"][i]), "shapes" if path is None else "folder",
                     int(images.shape[-2]), int(images.shape[-1]), path=path,
                     png=_png(images[i]) if path is None else None, error=batch["error"][i],
-                    faithful=None if faithful[i] < 0 else bool(faithful[i])))
+                    faithful=None if faithful[i] < 0 else bool(faithful[i]), sha256=batch["sha256"][i]))
                 rec.scores.append(ScoreRecord(batch["image_id"][i], "clip", float(global_score[i])))
                 for name in self.map_names:
                     rec.scores.append(ScoreRecord(batch["image_id"][i], name,
@@ -269,8 +346,14 @@ class TiPAIModule(pl.LightningModule):
             return
         rows = {k: v.cpu() for k, v in self.table.rows().items()}
         skipped = sorted({p for part in gather_objects(self._skipped) for p in part})
-        counts = [c for c in gather_objects(self._counts)]
+        counts = {k: sum(c[k] for c in gather_objects(self._counts)) for k in COUNTS}
+        counts.update(images=int(rows["index"].numel()), images_skipped=len(skipped))
+        pair_sums = torch.stack([s.cpu() for s in gather_objects(self._pair_sums)]).sum(0)
         metrics: dict[str, float] = {}
+        if counts["pairs"]:
+            mean = (pair_sums / counts["pairs"]).tolist()
+            metrics.update({"pairs/mean_chosen_score": mean[0], "pairs/mean_rejected_score": mean[1],
+                            "pairs/mean_score_gap": mean[2]})
         if rows["index"].numel():
             stats = pair_statistics(rows["global"], rows["index"], rows["faithful"])
             if stats["n_pairs"]:
@@ -295,15 +378,18 @@ class TiPAIModule(pl.LightningModule):
                     metrics["agreement/chance"] = float(share.square().mean())
         for key, value in metrics.items():
             self.log(f"{stage}/tipai/{key}", value, sync_dist=True)
+        for key, value in counts.items():  # the gathered totals: the same on every process
+            self.log(f"{stage}/tipai/n_{key}", float(value), sync_dist=True)
         counts_db = self.db.counts() if self.db is not None else {}
         self._results = {
-            "database": str(self.database_path()),
+            "database": str(self.database_path().resolve()),
             "database_rows": counts_db,
             "grid": self.grid, "methods": list(self.methods), "maps": list(self.map_names),
             "pair_rule": self.pair_rule, "margin": self.margin, "head": self.head_dir,
             "n_images": int(rows["index"].numel()),
             "n_error_images": int(((rows["faithful"] == 0) & rows["error_share"].isfinite()).sum()),
-            "prompts_scored": sum(c["scored"] for c in counts), "prompts_from_database": sum(c["from_database"] for c in counts),
+            "prompts_scored": counts["prompts_scored"], "prompts_from_database": counts["prompts_from_database"],
+            "counts": counts,
             "skipped_paths": skipped,
             "metrics": metrics,
             "conventions": {
@@ -319,10 +405,30 @@ class TiPAIModule(pl.LightningModule):
         }
 
     def report_rows(self, metrics: Mapping[str, float | None]) -> list[ReportRow]:
-        """One row for the pair statistics, one per map (incl. the random map) with its localisation."""
+        """The run's counts (prompts, images, pairs), one row for the pair statistics, one per map
+        (incl. the random map) with its localisation."""
         rows = []
         for stage in ("val", "test"):
             pre = f"{stage}/tipai/"
+            if pre + "n_prompts" in metrics:
+                n = {k: int(metrics.get(f"{pre}n_{k}") or 0) for k in (*COUNTS, "images", "images_skipped")}
+                rows.append(ReportRow(
+                    "text-to-image faithfulness",
+                    f"prompts [{stage}]: {n['prompts']} ({n['prompts_scored']} written (new or changed), "
+                    f"{n['prompts_from_database']} unchanged in the database, {n['prompts_without_images']} without a "
+                    "readable image)", {}, [pre + f"n_{k}" for k in COUNTS if k.startswith("prompts")]))
+                rows.append(ReportRow(
+                    "text-to-image faithfulness",
+                    f"images [{stage}]: {n['images']} ({n['images_scored']} new, {n['images_rescored']} changed and "
+                    f"re-scored, {n['images_from_database']} read back from the database); {n['images_skipped']} "
+                    "unreadable and skipped", {}, [pre + f"n_{k}" for k in (*COUNTS, "images", "images_skipped")
+                                         if k.startswith("images")]))
+                keys = [pre + k for k in ("pairs/mean_chosen_score", "pairs/mean_rejected_score", "pairs/mean_score_gap")
+                        if pre + k in metrics]
+                names = {"mean_chosen_score": "chosen", "mean_rejected_score": "rejected", "mean_score_gap": "gap"}
+                rows.append(ReportRow("text-to-image faithfulness",
+                                      f"{n['pairs']} chosen/rejected pairs: mean global score [{stage}]",
+                                      {names[k.rsplit("/", 1)[1]]: metrics[k] for k in keys}, [pre + "n_pairs", *keys]))
             keys = [pre + k for k in ("pair_accuracy", "chosen_is_faithful", "rejected_is_erroneous") if pre + k in metrics]
             if keys:
                 rows.append(ReportRow("text-to-image faithfulness", f"global CLIP score: pairs [{stage}]",
