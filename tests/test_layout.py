@@ -8,7 +8,8 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "xclip"
 WORKFLOWS = {"clip", "retrieval", "ood", "cir", "faithfulness", "distill"}
-SHARED = {"backbones", "explain", "metrics", "data", "callbacks", "io", "results", "timing"}
+SHARED = {"backbones", "explain", "metrics", "data", "callbacks", "engine", "io", "results", "timing", "model_folder",
+          "lazy_exports"}
 TOP = {"suite", "cli"}
 
 
@@ -65,6 +66,81 @@ def test_workflows_never_import_another_workflow():
     assert not bad, f"cross-workflow imports: {bad}"
     bad = [(f, m) for f, layer, m in _edges() if layer in WORKFLOWS and _layer(m) in TOP]
     assert not bad, f"workflows importing the suite or CLI: {bad}"
+
+
+def _lightning_importers() -> list[str]:
+    """Files (relative to the package) that import lightning."""
+    out = []
+    for path in sorted(SRC.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level]
+        if any(name == "lightning" or name.startswith(("lightning.", "pytorch_lightning")) for name in names):
+            out.append(str(path.relative_to(SRC)))
+    return out
+
+
+def _is_wiring(rel: str) -> bool:
+    """Lightning-wiring files: the engine, the generic callbacks and the suite, and in any package a
+    ``*_module.py``, ``datamodule.py`` / ``*_datamodule.py`` or ``callback.py``."""
+    name = rel.rsplit("/", 1)[-1]
+    return (rel.startswith(("engine/", "callbacks/")) or rel == "suite.py" or name.endswith("_module.py")
+            or name in ("datamodule.py", "callback.py") or name.endswith("_datamodule.py"))
+
+
+def test_only_the_lightning_wiring_imports_lightning():
+    importers = _lightning_importers()
+    assert "engine/evaluation.py" in importers  # the checker sees real imports
+    bad = [f for f in importers if not _is_wiring(f)]
+    assert not bad, f"plain code importing lightning (move the math out, or name the file by its role): {bad}"
+
+
+def _package_classes(base: type) -> list[type]:
+    import importlib
+    import inspect
+
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC.parent).with_suffix("")
+        module = importlib.import_module(".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts))
+        found += [c for _, c in inspect.getmembers(module, inspect.isclass)
+                  if issubclass(c, base) and c.__module__ == module.__name__]
+    return found
+
+
+def test_every_lightning_module_derives_from_the_one_evaluation_base():
+    import lightning.pytorch as pl
+
+    from xclip.engine import EvaluationModule
+
+    modules = _package_classes(pl.LightningModule)
+    assert len(modules) >= 10, modules  # the checker finds the workflows' modules
+    bad = [c.__qualname__ for c in modules if not issubclass(c, EvaluationModule)]
+    assert not bad, f"LightningModules outside the evaluation contract (xclip.engine.EvaluationModule): {bad}"
+
+
+def test_every_callback_writing_per_item_files_derives_from_the_stage_callback():
+    import lightning.pytorch as pl
+
+    from xclip.engine import StageCallback
+
+    callbacks = _package_classes(pl.Callback)
+    assert len(callbacks) >= 6, callbacks
+    bad = [c.__qualname__ for c in callbacks if not issubclass(c, StageCallback)]
+    assert not bad, f"callbacks outside xclip.engine.StageCallback: {bad}"
+
+
+def test_every_export_goes_through_the_one_model_folder_format():
+    from xclip.engine import ExportMixin
+
+    writers = [str(p.relative_to(SRC)) for p in sorted(SRC.rglob("*.py"))
+               if "save_file" in {a.name for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.ImportFrom)
+                                  and n.module == "safetensors.torch" for a in n.names}]
+    assert writers == ["model_folder.py"], writers
+    import lightning.pytorch as pl
+
+    exporters = [c for c in _package_classes(pl.LightningModule) if "export_model" in vars(c)]
+    assert len(exporters) >= 4 and all(issubclass(c, ExportMixin) for c in exporters), exporters
 
 
 def test_the_checker_sees_real_edges():

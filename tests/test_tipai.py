@@ -130,8 +130,8 @@ def test_shapes_config_writes_the_database_figures_and_results(shapes_run):
     assert tipai["database_rows"] == {"meta": 3, "prompts": 3, "images": 12, "scores": 12 * 4, "pairs": 3}
     metrics = tipai["metrics"]
     for name in ("crops", "dense", "dense_gradeclip", "random"):
-        assert f"{name}/AUC-Judd" in metrics and f"val/tipai/{name}/KLD" in results["metrics"]
-    assert metrics["pair_accuracy"] == pytest.approx(results["metrics"]["val/tipai/pair_accuracy"], abs=1e-6)
+        assert f"{name}/AUC-Judd" in metrics and f"val/faithfulness/tipai/{name}/KLD" in results["metrics"]
+    assert metrics["pair_accuracy"] == pytest.approx(results["metrics"]["val/faithfulness/tipai/pair_accuracy"], abs=1e-6)
     with FaithfulnessDatabase(root / "tipai.db", readonly=True) as db:
         prompts = db.prompts()
         pid = prompts[0][0]
@@ -142,8 +142,8 @@ def test_shapes_config_writes_the_database_figures_and_results(shapes_run):
     worst = min(images, key=lambda im: scores[im.image_id]["clip"].global_score)
     assert [(p.chosen_id, p.rejected_id) for p in pairs] == [(best.image_id, worst.image_id)]
     assert scores[best.image_id]["crops"].grid.shape == (2, 2)
-    figures = sorted((root / "logs").glob("*/version_0/explanations/tipai/val_*.png"))
-    assert [f.name for f in figures] == [f"val_shapes-val-1000-0000{i}.png" for i in range(3)]
+    figures = sorted((root / "logs").glob("*/version_0/explanations/tipai/val/*.png"))
+    assert [f.name for f in figures] == [f"shapes-val-1000-0000{i}.png" for i in range(3)]
 
 
 @pytest.mark.slow  # three Lightning runs (the database's own crash test is fast: test_faithfulness_db.py)
@@ -188,8 +188,8 @@ def test_folder_config_skips_unreadable_images_and_reports_its_counts(tmp_path, 
                  "images": 8, "images_scored": 8, "images_rescored": 0, "images_from_database": 0, "images_skipped": 2,
                  "pairs": 2}
     chosen, rejected = [max(g) for g in glob.values()], [min(g) for g in glob.values()]
-    assert results["metrics"]["val/tipai/pairs/mean_chosen_score"] == pytest.approx(sum(chosen) / 2, abs=1e-6)
-    assert results["metrics"]["val/tipai/pairs/mean_score_gap"] == pytest.approx(
+    assert results["metrics"]["val/faithfulness/tipai/pairs/mean_chosen_score"] == pytest.approx(sum(chosen) / 2, abs=1e-6)
+    assert results["metrics"]["val/faithfulness/tipai/pairs/mean_score_gap"] == pytest.approx(
         (sum(chosen) - sum(rejected)) / 2, abs=1e-6)
     out = capsys.readouterr().out
     assert f"TiPAI database: {db} (2 prompts, 8 images, 2 pairs)" in out

@@ -109,7 +109,7 @@ def test_export_load_and_score_round_trip(bb, features, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["head"]  # no temporary or backup directory left
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text(json.dumps({"architecture": "openclip"}))
-    with pytest.raises(ValueError, match="is not 'tspo-head'"):
+    with pytest.raises(ValueError, match="architecture 'openclip', expected 'tspo-head'"):
         load_head(tmp_path / "bad")
 
 
@@ -137,7 +137,7 @@ def test_fit_exports_and_test_measures_on_cached_features(tmp_path):
     metrics = results["tspo"]["test"]["metrics"]
     assert results["tspo"]["test"]["n_prompts"] == 1
     for key in ("head_pair_accuracy", "zero_shot_pair_accuracy", "head_patch_iou", "crops_patch_iou", "crops_patch_auc"):
-        assert key in metrics and f"test/tspo/{key}" in results["metrics"]
+        assert key in metrics and f"test/faithfulness/tspo/{key}" in results["metrics"]
 
 
 @pytest.mark.slow

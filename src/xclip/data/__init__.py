@@ -2,7 +2,7 @@
 `CombinedDataModule` (several workflows' loaders in one run). Workflow-specific loaders live in
 their workflow package (``xclip.retrieval``, ``xclip.ood``, ...)."""
 
-from xclip.data.combined import CombinedDataModule
+from xclip.data.combined_datamodule import CombinedDataModule
 from xclip.data.embedding_cache import EmbeddingCache, GalleryEmbeddings
 from xclip.data.image_folder import ImageFolder
 from xclip.data.shapes import ShapesWorldDataModule

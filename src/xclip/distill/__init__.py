@@ -3,12 +3,12 @@ fusions by name, one head per task (`MultimodalClassifier`), the KD loss, the CS
 data (`DistillDataModule`), `TeacherModule` / `StudentModule` and the shipped checkpoint format."""
 
 from xclip.distill.checkpoint import label_fingerprint, load_classifier, resolve_checkpoint, save_classifier
-from xclip.distill.data import CSVFormatError, DistillDataModule
+from xclip.distill.datamodule import CSVFormatError, DistillDataModule
 from xclip.distill.fusion import FUSIONS, build_fusion
 from xclip.distill.kd_loss import DistillationLoss, FeatureProjection, distillation_loss, kd_kl
 from xclip.distill.metrics import MultitaskClassificationMetrics
 from xclip.distill.model import ClassifierOutput, MultimodalClassifier
-from xclip.distill.modules import MultimodalClassifierModule, StudentModule, TeacherModule
+from xclip.distill.classifier_module import MultimodalClassifierModule, StudentModule, TeacherModule
 from xclip.distill.tokenizer import load_tokenizer, train_wordpiece
 from xclip.distill.towers import TextTower, VisionTower
 

@@ -247,21 +247,8 @@ def build_app(browser: Browser) -> Any:
     return demo
 
 
-def main(argv: list[str]) -> int:
-    """``xclip app --db PATH [--head DIR] [--backbone SPEC] [--host H] [--port P]``."""
-    parser = argparse.ArgumentParser(prog="xclip app", description="Browse a TiPAI database in a local web app (Gradio).")
-    parser.add_argument("--db", required=True, help="the TiPAI database (tipai.db of a TiPAI run)")
-    parser.add_argument("--head", default=None, help="an exported TSPO head directory (e.g. checkpoints/tspo-head-tiny-shapes)")
-    parser.add_argument("--backbone", default=None, help="backbone spec for scoring uploads (default: the database's)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=7860)
-    args = parser.parse_args(argv)
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        print('xclip app needs Gradio: pip install "xclip[app]"')
-        return 2
+def serve(args: argparse.Namespace) -> int:
+    """Run the app for the parsed arguments of ``xclip app`` (`xclip.faithfulness.cli`)."""
     browser = Browser(args.db, args.head, args.backbone)
     demo = build_app(browser)
     print(f"xclip app: {browser.summary()}\nserving on http://{args.host}:{args.port}", flush=True)

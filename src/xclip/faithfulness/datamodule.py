@@ -86,7 +86,7 @@ def read_prompts(path: str | Path) -> dict[str, str]:
                 raise ValueError(f"{path}: entry {i} must be an object with \"prompt_id\" and \"prompt\", got {rec!r}")
             entries.append((rec["prompt_id"], rec["prompt"]))
     else:
-        raise ValueError(f"{path}: expected an object {{prompt_id: prompt}} or a list of "  # noqa: TRY004 (a malformed file, not a wrong argument)
+        raise ValueError(f"{path}: expected an object {{prompt_id: prompt}} or a list of "
                          f"{{\"prompt_id\", \"prompt\"}} records, got {type(data).__name__}")
     prompts: dict[str, str] = {}
     for pid, prompt in entries:

@@ -125,3 +125,27 @@ def prompt_figure(prompt: str, images01: Tensor, global_scores: Tensor, maps: di
     fig.suptitle(f"{title}\nrows sorted by global cosine with the prompt (left label); red = bad, green = good",
                  fontsize=8)
     return fig
+
+
+def patch_prediction_figure(rows: list[tuple], grid: tuple[int, int]) -> Figure:
+    """The TSPO head's patch predictions: image | error target | head P(error) | crops badness, one row
+    per rendering (`rows`: (prompt, error name, image01 [3, H, W], target [P], P(error) [P], crops [P] or None)).
+    """
+    cols = 4 if any(r[5] is not None for r in rows) else 3
+    fig = Figure(figsize=(1.6 * cols, 1.6 * len(rows) + 0.4), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = np.atleast_2d(fig.subplots(len(rows), cols, squeeze=False))
+    for k, (prompt, error, image, target, prob, crops) in enumerate(rows):
+        panels = [(image.permute(1, 2, 0).numpy(), f"{error}"), (target.view(grid).float().numpy(), "error patches"),
+                  (prob.view(grid).float().numpy(), "head P(error)")]
+        if cols == 4:
+            panels.append(((crops if crops is not None else torch.zeros(grid)).view(grid).numpy(), "crops badness"))
+        for c, (arr, title) in enumerate(panels):
+            ax = axes[k, c]
+            ax.imshow(arr, vmin=0, vmax=1, cmap=None if arr.ndim == 3 else "magma")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(title, fontsize=6)
+        axes[k, 0].set_ylabel(prompt[:40], fontsize=5)
+    fig.tight_layout()
+    return fig

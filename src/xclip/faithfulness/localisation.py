@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from xclip.explain.random_map import random_values
 from xclip.faithfulness.grid import cell_means, cells_to_pixels
 from xclip.faithfulness.scoring import badness, worst_cell
 from xclip.metrics.saliency import SALIENCY_METRICS
@@ -43,7 +44,7 @@ def localisation(goodness: Tensor, masks: Tensor) -> dict[str, Tensor]:
 def random_goodness(index: Tensor, seed: Tensor, grid: int, base_seed: int = 0) -> Tensor:
     """Uniform random maps [N, G, G], one per (prompt index, image seed) and the same in any batch
     or process (the random-map baseline)."""
-    maps = [torch.rand(grid, grid, generator=torch.Generator().manual_seed(hash((base_seed, i, s)) & 0x7FFFFFFF))
+    maps = [random_values((grid, grid), hash((base_seed, i, s)) & 0x7FFFFFFF)  # ints hash the same in every process
             for i, s in zip(index.tolist(), seed.tolist())]
     return torch.stack(maps) if maps else torch.zeros(0, grid, grid)
 

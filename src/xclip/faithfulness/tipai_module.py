@@ -10,52 +10,32 @@ images whose worst cell touches the error, and the global score's pair accuracy.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from xclip.backbones import Backbone, resolve_backbone
 from xclip.data.embedding_cache import weights_fingerprint
-from xclip.faithfulness.database import (
-    FaithfulnessDatabase,
-    FaithfulnessDatabaseError,
-    ImageRecord,
-    PairRecord,
-    PromptRecord,
-    ScoreRecord,
-)
+from xclip.engine import STAGES, EvaluationModule
+from xclip.faithfulness.database import FaithfulnessDatabase, PromptRecord
+from xclip.faithfulness.evaluation import METRIC_NAMES, tipai_metrics
 from xclip.faithfulness.grid import resample_to_cells
-from xclip.faithfulness.localisation import (
-    METRIC_KEYS,
-    error_cells,
-    localisation,
-    pair_statistics,
-    random_goodness,
-    rejected_images,
-)
+from xclip.faithfulness.localisation import error_cells, localisation, random_goodness
 from xclip.faithfulness.pairs import select_pairs
+from xclip.faithfulness.records import prompt_records, reusable_images
+from xclip.faithfulness.report import COUNTS, tipai_report_rows
 from xclip.faithfulness.scoring import METHODS, TiPAIScorer
 from xclip.faithfulness.tspo_head import TSPOHead, load_head
 from xclip.metrics.gather import gather_objects
 from xclip.metrics.score_table import ScoreTable
 from xclip.results import ReportRow, run_directory
 
-METRIC_NAMES = {v: k for k, v in METRIC_KEYS.items()}
-# what a run counts (results.json, the console report): prompts seen, without a readable image, written
-# (scored now) or read back whole; images scored for the first time, re-scored because their file or
-# prompt changed, read back from the database; pairs
-COUNTS = ("prompts", "prompts_without_images", "prompts_scored", "prompts_from_database", "images_scored",
-          "images_rescored", "images_from_database", "pairs")
 
-
-class TiPAIModule(pl.LightningModule):
+class TiPAIModule(EvaluationModule):
     """TiPAI scoring of prompts x generated images.
 
     Args:
@@ -73,7 +53,12 @@ class TiPAIModule(pl.LightningModule):
             patch error probabilities are stored as method ``head`` (needs ``dense``, whose
             forward it reads).
         random_seed: seed of the random-map baseline.
+
+    Metrics are logged as ``{stage}/faithfulness/tipai/...``.
     """
+
+    workflow = "faithfulness"
+    tasks = ("faithfulness",)
 
     def __init__(self, backbone: str | Backbone = "xclip:tiny-shapes", grid: int = 7,
                  methods: Sequence[str] = METHODS, crop_batch_size: int = 256, pair_rule: str = "best_worst",
@@ -116,7 +101,7 @@ class TiPAIModule(pl.LightningModule):
     def database_path(self) -> Path:
         return Path(self.db_path) if self.db_path else run_directory(self.trainer) / "tipai.db"
 
-    def _start(self) -> None:
+    def start(self, stage: str) -> None:
         self.table.reset()
         self._counts = dict.fromkeys(COUNTS, 0)
         self._pair_sums = torch.zeros(3, dtype=torch.float64)  # chosen score, rejected score, their gap
@@ -128,12 +113,6 @@ class TiPAIModule(pl.LightningModule):
         if self.db is None:
             self.db = FaithfulnessDatabase(self.database_path(), self.db_config(image_size))
         return self.db
-
-    def on_validation_start(self) -> None:
-        self._start()
-
-    def on_test_start(self) -> None:
-        self._start()
 
     def on_validation_end(self) -> None:
         self._say_where()
@@ -155,53 +134,15 @@ class TiPAIModule(pl.LightningModule):
             self.db = None
 
     # ---- scoring --------------------------------------------------------------------------
-    def _reusable(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, list[bool]]:
-        """Which images of the batch the database holds with the same content, which it holds with
-        other content (re-scored), and which prompts need writing.
-
-        An image's stored scores are reused only when its prompt is complete with the same text and
-        folder and the image's resolved path and content hash are the stored ones; a prompt is
-        written again when any of its images is scored now or its set of images changed (its pairs
-        are rebuilt). Returns [M] bool reuse, [M] bool rescored and [B] write flags.
-        """
-        db = self.db
-        prompt_of = batch["prompt_of"].tolist()
-        states = db.prompt_states(batch["prompt_id"])
-        for b, pid in enumerate(batch["prompt_id"]):
-            state = states.get(pid)
-            if state is not None and state.root != batch["root"][b]:
-                raise FaithfulnessDatabaseError(
-                    f"{db.path}: prompt {pid!r} was scored from {state.root or 'generated (ShapesWorld) images'}; this "
-                    f"run reads it from {batch['root'][b] or 'generated (ShapesWorld) images'}. A database holds each "
-                    "prompt id from one folder (another folder's prompt ids get their own rows): pass another db_path "
-                    "for this folder (e.g. --model.init_args.db_path runs/<name>/tipai.db)")
-        reuse, rescored = [], []
-        for i, b in enumerate(prompt_of):
-            state = states.get(batch["prompt_id"][b])
-            stored = None if state is None or not state.complete else state.images.get(batch["image_id"][i])
-            same = (stored is not None and state.prompt == batch["prompt"][b]
-                    and stored == (batch["path"][i], batch["sha256"][i]))
-            reuse.append(self.resume and same)
-            rescored.append(stored is not None and not reuse[-1])
-        write = []
-        for b, pid in enumerate(batch["prompt_id"]):
-            state = states.get(pid)
-            rows = [i for i, p in enumerate(prompt_of) if p == b]
-            unchanged = (state is not None and state.complete and all(reuse[i] for i in rows)
-                         and set(state.images) == {batch["image_id"][i] for i in rows})
-            write.append(not unchanged)
-        return torch.tensor(reuse, dtype=torch.bool), torch.tensor(rescored, dtype=torch.bool), write
-
-    def faithfulness_step(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def step(self, batch: dict[str, Any], stage: str) -> dict[str, Any]:
         """Score (or read back) one batch of prompts, store it, update the metric table; returns
-        what the figure callback draws."""
-        if batch.get("task") != "faithfulness":
-            raise ValueError(f"TiPAIModule evaluates 'faithfulness' batches, got task {batch.get('task')!r}")
+        what the explanation callback draws."""
         self._skipped.extend(batch.get("skipped_paths", []))
         self._open(int(batch["images"].shape[-1]))
         prompt_of = batch["prompt_of"].to(self.device)
         m = prompt_of.shape[0]
-        reuse, rescored, write = self._reusable(batch)
+        reuse, rescored, write = reusable_images(batch, self.db.prompt_states(batch["prompt_id"]), self.resume,
+                                                 self.db.path)
         present = torch.zeros(len(write), dtype=torch.bool)
         present[batch["prompt_of"]] = True  # prompts with at least one readable image
         self._counts["prompts"] += len(write)
@@ -239,7 +180,7 @@ class TiPAIModule(pl.LightningModule):
         self._pair_sums += torch.stack([chosen.sum(), rejected.sum(), (chosen - rejected).sum()])
         new_prompts = [b for b in range(len(batch["prompt_id"])) if write[b]]  # without images: removed
         if new_prompts:
-            self.db.write(self._records(batch, new_prompts, global_score, maps, pairs, head_reward))
+            self.db.write(prompt_records(batch, new_prompts, global_score, maps, pairs, head_reward, self.pair_rule))
         self._update_table(batch, global_score, maps)
         return {"prompt_id": batch["prompt_id"], "prompt": batch["prompt"], "images": batch["images"].detach().cpu(),
                 "prompt_of": batch["prompt_of"].cpu(), "image_id": batch["image_id"], "error": batch["error"],
@@ -276,36 +217,6 @@ class TiPAIModule(pl.LightningModule):
             out["head_reward"] = torch.tensor([float("nan") if r is None else r for r in rewards], dtype=torch.float32)
         return {k: v.to(self.device) for k, v in out.items()}
 
-    def _records(self, batch: dict[str, Any], prompts: list[int], global_score: Tensor, maps: dict[str, Tensor],
-                 pairs: Tensor, head_reward: Tensor) -> list[PromptRecord]:
-        prompt_of = batch["prompt_of"].tolist()
-        images, faithful = batch["images"], batch["faithful"].tolist()
-        cpu_maps = {k: v.detach().cpu().numpy() for k, v in maps.items()}
-        rewards = head_reward.detach().cpu().tolist()
-        records = []
-        for b in prompts:
-            pid = batch["prompt_id"][b]
-            rows = [i for i, p in enumerate(prompt_of) if p == b]
-            rec = PromptRecord(pid, batch["prompt"][b], root=batch["root"][b])
-            for i in rows:
-                path = batch["path"][i]
-                rec.images.append(ImageRecord(
-                    batch["image_id"][i], pid, int(batch["seed"][i]), "shapes" if path is None else "folder",
-                    int(images.shape[-2]), int(images.shape[-1]), path=path,
-                    png=_png(images[i]) if path is None else None, error=batch["error"][i],
-                    faithful=None if faithful[i] < 0 else bool(faithful[i]), sha256=batch["sha256"][i]))
-                rec.scores.append(ScoreRecord(batch["image_id"][i], "clip", float(global_score[i])))
-                for name in self.map_names:
-                    rec.scores.append(ScoreRecord(batch["image_id"][i], name,
-                                                  float(cpu_maps[name][i].mean()) if name != "head" else rewards[i],
-                                                  cpu_maps[name][i]))
-            for c, r in pairs.tolist():
-                if prompt_of[c] == b:
-                    rec.pairs.append(PairRecord(pid, batch["image_id"][c], batch["image_id"][r], float(global_score[c]),
-                                                float(global_score[r]), self.pair_rule))
-            records.append(rec)
-        return records
-
     def _update_table(self, batch: dict[str, Any], global_score: Tensor, maps: dict[str, Tensor]) -> None:
         m = global_score.shape[0]
         index = batch["index"].to(self.device)[batch["prompt_of"].to(self.device)]
@@ -313,7 +224,8 @@ class TiPAIModule(pl.LightningModule):
         cols: dict[str, Tensor] = {"global": global_score, "index": index, "seed": seed,
                                    "faithful": batch["faithful"].to(self.device)}
         masks = batch.get("error_masks")
-        all_maps = {**maps, "random": random_goodness(index.cpu(), seed.cpu(), self.grid, self.random_seed).to(self.device)}
+        random = random_goodness(index.cpu(), seed.cpu(), self.grid, self.random_seed).to(self.device)
+        all_maps = {**maps, "random": random}
         if masks is None:
             nan = torch.full((m,), float("nan"), device=self.device)
             cols["error_share"] = nan
@@ -328,20 +240,8 @@ class TiPAIModule(pl.LightningModule):
                     cols[f"{name}_{key}"] = value
         self.table.update(**cols)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        return self.faithfulness_step(batch)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        return self.faithfulness_step(batch)
-
     # ---- epoch end ------------------------------------------------------------------------
-    def on_validation_epoch_end(self) -> None:
-        self._finish("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._finish("test")
-
-    def _finish(self, stage: str) -> None:
+    def finish(self, stage: str) -> None:
         if self.trainer.sanity_checking:
             return
         rows = {k: v.cpu() for k, v in self.table.rows().items()}
@@ -349,37 +249,11 @@ class TiPAIModule(pl.LightningModule):
         counts = {k: sum(c[k] for c in gather_objects(self._counts)) for k in COUNTS}
         counts.update(images=int(rows["index"].numel()), images_skipped=len(skipped))
         pair_sums = torch.stack([s.cpu() for s in gather_objects(self._pair_sums)]).sum(0)
-        metrics: dict[str, float] = {}
-        if counts["pairs"]:
-            mean = (pair_sums / counts["pairs"]).tolist()
-            metrics.update({"pairs/mean_chosen_score": mean[0], "pairs/mean_rejected_score": mean[1],
-                            "pairs/mean_score_gap": mean[2]})
-        if rows["index"].numel():
-            stats = pair_statistics(rows["global"], rows["index"], rows["faithful"])
-            if stats["n_pairs"]:
-                metrics.update({k: stats[k] for k in ("pair_accuracy", "chosen_is_faithful", "rejected_is_erroneous")})
-            error = rows["error_share"].isfinite() & (rows["faithful"] == 0)
-            if error.any():
-                for name in self.baselines:
-                    for key, label in METRIC_NAMES.items():
-                        metrics[f"{name}/{label}"] = float(rows[f"{name}_{key}"][error].nanmean())
-                    metrics[f"{name}/worst_cell_on_error"] = float(rows[f"{name}_hit"][error].double().mean())
-                share = rows["error_share"][error]
-                metrics["random_pick/worst_cell_on_error"] = float(share.mean())
-                # the images a user would look at: each prompt's rejected one, when it has an error
-                rejected = error & rejected_images(rows["global"], rows["index"])
-                if rejected.any():
-                    for name in self.baselines:
-                        metrics[f"{name}/rejected_worst_cell_on_error"] = float(rows[f"{name}_hit"][rejected].double().mean())
-                    metrics["random_pick/rejected_worst_cell_on_error"] = float(rows["error_share"][rejected].mean())
-                if {"crops", "dense"} <= set(self.map_names):
-                    both = (rows["crops_hit"][error] == 1) & (rows["dense_hit"][error] == 1)
-                    metrics["agreement/crops_and_dense_worst_cell_on_error"] = float(both.double().mean())
-                    metrics["agreement/chance"] = float(share.square().mean())
-        for key, value in metrics.items():
-            self.log(f"{stage}/tipai/{key}", value, sync_dist=True)
-        for key, value in counts.items():  # the gathered totals: the same on every process
-            self.log(f"{stage}/tipai/n_{key}", float(value), sync_dist=True)
+        metrics = tipai_metrics(rows, self.baselines, self.map_names, counts["pairs"], pair_sums)
+        for key, value in metrics.items():  # from the gathered table and totals: the same on every process
+            self.log_metric(stage, f"tipai/{key}", value)
+        for key, value in counts.items():
+            self.log_metric(stage, f"tipai/n_{key}", float(value))
         counts_db = self.db.counts() if self.db is not None else {}
         self._results = {
             "database": str(self.database_path().resolve()),
@@ -406,65 +280,15 @@ class TiPAIModule(pl.LightningModule):
 
     def report_rows(self, metrics: Mapping[str, float | None]) -> list[ReportRow]:
         """The run's counts (prompts, images, pairs), one row for the pair statistics, one per map
-        (incl. the random map) with its localisation."""
-        rows = []
-        for stage in ("val", "test"):
-            pre = f"{stage}/tipai/"
-            if pre + "n_prompts" in metrics:
-                n = {k: int(metrics.get(f"{pre}n_{k}") or 0) for k in (*COUNTS, "images", "images_skipped")}
-                rows.append(ReportRow(
-                    "text-to-image faithfulness",
-                    f"prompts [{stage}]: {n['prompts']} ({n['prompts_scored']} written (new or changed), "
-                    f"{n['prompts_from_database']} unchanged in the database, {n['prompts_without_images']} without a "
-                    "readable image)", {}, [pre + f"n_{k}" for k in COUNTS if k.startswith("prompts")]))
-                rows.append(ReportRow(
-                    "text-to-image faithfulness",
-                    f"images [{stage}]: {n['images']} ({n['images_scored']} new, {n['images_rescored']} changed and "
-                    f"re-scored, {n['images_from_database']} read back from the database); {n['images_skipped']} "
-                    "unreadable and skipped", {}, [pre + f"n_{k}" for k in (*COUNTS, "images", "images_skipped")
-                                         if k.startswith("images")]))
-                keys = [pre + k for k in ("pairs/mean_chosen_score", "pairs/mean_rejected_score", "pairs/mean_score_gap")
-                        if pre + k in metrics]
-                names = {"mean_chosen_score": "chosen", "mean_rejected_score": "rejected", "mean_score_gap": "gap"}
-                rows.append(ReportRow("text-to-image faithfulness",
-                                      f"{n['pairs']} chosen/rejected pairs: mean global score [{stage}]",
-                                      {names[k.rsplit("/", 1)[1]]: metrics[k] for k in keys}, [pre + "n_pairs", *keys]))
-            keys = [pre + k for k in ("pair_accuracy", "chosen_is_faithful", "rejected_is_erroneous") if pre + k in metrics]
-            if keys:
-                rows.append(ReportRow("text-to-image faithfulness", f"global CLIP score: pairs [{stage}]",
-                                      {k.rsplit("/", 1)[1].replace("_", " "): metrics[k] for k in keys}, keys))
-            for name in self.baselines:
-                keys = [f"{pre}{name}/{m}" for m in (*METRIC_KEYS, "worst_cell_on_error", "rejected_worst_cell_on_error")
-                        if f"{pre}{name}/{m}" in metrics]
-                if keys:
-                    label = {"random": "random map"}.get(name, name)
-                    names = {"worst_cell_on_error": "worst cell on error",
-                             "rejected_worst_cell_on_error": "rejected: worst cell on error"}
-                    rows.append(ReportRow("text-to-image faithfulness",
-                                          f"{label} {self.grid}x{self.grid}: badness vs error mask [{stage}]",
-                                          {names.get(k.rsplit("/", 1)[1], k.rsplit("/", 1)[1]): metrics[k] for k in keys},
-                                          keys))
-            labels = {"random_pick/worst_cell_on_error": "random cell on error",
-                      "random_pick/rejected_worst_cell_on_error": "random cell on a rejected image's error",
-                      "agreement/crops_and_dense_worst_cell_on_error": "crops and dense both on error",
-                      "agreement/chance": "both by chance"}
-            keys = [pre + k for k in labels if pre + k in metrics]
-            if keys:
-                rows.append(ReportRow("text-to-image faithfulness", f"worst cell: chance and agreement [{stage}]",
-                                      {labels[k[len(pre):]]: metrics[k] for k in keys}, keys))
-        return rows
+        (incl. the random map) with its localisation (`xclip.faithfulness.report`)."""
+        return [row for stage in STAGES
+                for row in tipai_report_rows(metrics, self.metric_key(stage, "tipai/"), stage, self.baselines,
+                                             self.grid)]
 
     def extra_results(self) -> dict[str, Any]:
-        return {"backbone": self.backbone_spec, "tipai": self._results}
+        return {**super().extra_results(), "tipai": self._results}
 
 
 def _to_grid(patch_map: Tensor, grid: int, image_size: tuple[int, int]) -> Tensor:
     """A ViT-grid map [N, gh, gw] -> [N, G, G] (area resampling)."""
     return resample_to_cells(patch_map.double(), grid, image_size).float()
-
-
-def _png(image01: Tensor) -> bytes:
-    arr = (image01.detach().float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()

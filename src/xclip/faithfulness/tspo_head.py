@@ -13,32 +13,29 @@ text-conditioned MLP with a learned position per patch (HPSv2's regional head is
 ``Linear(width -> 1)`` without the text); the reward also reads the mean and max of the
 text-conditioned patch features and the whole maps of error logits and patch similarities.
 
-Export format (a directory): ``model.safetensors`` (float32), ``config.json``
-(``{"architecture": "tspo-head", "format_version", "head": {...}, "backbone": spec,
-"backbone_weights_sha256", "patch_grid": [gh, gw], ...}``) and a ``README.md`` card.
+Export format: a model folder (`xclip.model_folder`, architecture ``tspo-head``): float32
+``model.safetensors``, ``config.json`` (``"head": {...}, "backbone": spec,
+"backbone_weights_sha256", ...``) and a ``README.md`` card.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from xclip.backbones import Backbone, checkpoint_path, load_backbone
 from xclip.backbones.base import ImageTrace
 from xclip.data.embedding_cache import weights_fingerprint
 from xclip.explain import explaining
-from xclip.io import atomic_directory
+from xclip.model_folder import load_state, read_folder, save_folder
+from xclip.model_folder import read_config as read_model_config
 
 ARCHITECTURE = "tspo-head"
-FORMAT_VERSION = 1
-CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
 
 
 @dataclass
@@ -182,51 +179,55 @@ class TSPOScorer:
 
 # ---- export / load ----------------------------------------------------------------------------
 def read_config(path: str | Path) -> dict[str, Any]:
-    """config.json of an exported head (``xclip:<name>`` or a directory), checked."""
-    path = checkpoint_path(path)
-    file = path / CONFIG_NAME
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} not found: an exported TSPO head is a directory with {CONFIG_NAME} + {WEIGHTS_NAME}")
-    config = json.loads(file.read_text())
-    if config.get("architecture") != ARCHITECTURE:
-        raise ValueError(f"{file}: architecture {config.get('architecture')!r} is not {ARCHITECTURE!r}")
-    if config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{file}: format_version {config.get('format_version')!r}, this xclip reads {FORMAT_VERSION}")
-    return config
+    """config.json of an exported head (``xclip:<name>`` or a model folder), checked."""
+    return read_model_config(checkpoint_path(path), ARCHITECTURE)
+
+
+def head_from_config(config: dict[str, Any]) -> TSPOHead:
+    """A freshly initialised head of the architecture in `config` (a head's ``config`` or an
+    export's ``config.json`` ``head`` entry)."""
+    cfg = dict(config)
+    return TSPOHead(cfg.pop("embed_dim"), cfg.pop("token_width"), tuple(cfg.pop("patch_grid")), **cfg)
+
+
+def with_weights(head: TSPOHead, weights: dict[str, Tensor]) -> TSPOHead:
+    """A copy of `head` (eval mode) holding `weights` (e.g. the best validation epoch's)."""
+    copy = head_from_config(head.config)
+    copy.load_state_dict(weights)
+    return copy.eval()
 
 
 def load_head(path: str | Path) -> TSPOHead:
     """An exported head (eval mode)."""
-    config = read_config(path)
-    cfg = dict(config["head"])
-    head = TSPOHead(cfg.pop("embed_dim"), cfg.pop("token_width"), tuple(cfg.pop("patch_grid")), **cfg)
-    head.load_state_dict(load_file(str(checkpoint_path(path) / WEIGHTS_NAME)), strict=True)
-    return head.eval()
+    folder = read_folder(checkpoint_path(path), ARCHITECTURE)
+    return load_state(head_from_config(folder.config["head"]), folder).eval()
 
 
 def export_head(head: TSPOHead, path: str | Path, backbone: Backbone, backbone_spec: str, extra: dict[str, Any] | None = None,
                 card: str | None = None, overwrite: bool = False) -> Path:
-    """Write `head` as ``path/{model.safetensors, config.json, README.md}`` through a temporary
-    sibling directory renamed into place (`xclip.io.atomic_directory`: the old directory is kept as
-    a backup until the new one is complete). An existing `path` is replaced only with `overwrite`;
-    its own ``README.md`` (a hand-written card) is kept.
+    """Write `head` as a model folder (`xclip.model_folder`: float32 weights, config.json, a card),
+    atomically. A folder that already holds a model is replaced only with `overwrite`; a card
+    already there (hand-written) is kept.
 
     Raises:
-        FileExistsError: `path` exists and `overwrite` is False.
+        FileExistsError: `path` holds a model and `overwrite` is False.
     """
-    path = Path(path).expanduser()
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists: export the head to a new directory, or pass overwrite=True to replace "
-                              "it on purpose")
-    config = {"architecture": ARCHITECTURE, "format_version": FORMAT_VERSION, "head": head.config,
-              "backbone": backbone_spec, "backbone_weights_sha256": weights_fingerprint(backbone),
+    config = {"head": head.config, "backbone": backbone_spec, "backbone_weights_sha256": weights_fingerprint(backbone),
               "features": "prompt + image embeddings (normalised), patch tokens before ln_post, patch-token cosine",
               **(extra or {})}
-    text = json.dumps(config, indent=2, default=str)
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}
-    with atomic_directory(path) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(text + "\n")
-        if not (path / CARD_NAME).is_file():  # a hand-written card already there is carried over
-            (tmp / CARD_NAME).write_text(card or f"# TSPO head\n\nBackbone: `{backbone_spec}`.\n")
-    return path
+    return save_folder(path, ARCHITECTURE, config, head.state_dict(), dtype=torch.float32, overwrite=overwrite,
+                       card=card or f"# TSPO head\n\nBackbone: `{backbone_spec}`.\n")
+
+
+def head_card(spec: str, val: dict[str, Any], steps: int) -> str:
+    """The model card written with an export (the recipe's validation numbers)."""
+    metrics = val.get("metrics", {})
+    lines = ["# TSPO head", "", (f"An MLP on frozen `{spec}` features (see `xclip.faithfulness.tspo_head`), trained "
+                                 f"{steps} steps with `xclip fit --config configs/tspo_head_shapes.yaml`; exported: the "
+                                 f"weights of validation epoch {val.get('epoch', '?')} (step {val.get('step', '?')}), "
+                                 "the best head pair accuracy."), "",
+             f"Validation ({val.get('n_prompts', '?')} prompts, {val.get('n_error_images', '?')} erroneous images):", "",
+             "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
+    return "\n".join(lines) + "\n\nTest numbers: run `xclip test --config configs/tspo_head_shapes.yaml " \
+                              "--model.init_args.head_checkpoint <this directory>`.\n"

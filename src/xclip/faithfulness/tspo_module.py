@@ -7,7 +7,7 @@ PickScore's 1 / pairs-of-the-prompt weights) plus ``patch_weight`` x the patch t
 MSE(sigmoid(logit), patch target) (HPSv2's region loss, here text-conditioned), plus
 ``residual_penalty`` x mean(g^2) of the reward's learned residual over the zero-shot score.
 
-Validation / test metrics (``{stage}/tspo/...``): pairwise accuracy of the head's reward and of the
+Validation / test metrics (``{stage}/faithfulness/tspo/...``): pairwise accuracy of the head's reward and of the
 zero-shot cosine on the faithful-vs-erroneous pairs; patch IoU at 0.5 and patch AUC over the
 erroneous images for the head, the dense patch-cosine map and (when cached) the crop heatmap, the
 baselines scaled to [0, 1] per image (`patch_metrics.minmax_badness`). The head's patch
@@ -17,26 +17,30 @@ predictions of the first prompts are drawn to TensorBoard. After fit the head is
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
-import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from torch import Tensor
 
 from xclip.backbones import Backbone, resolve_backbone
+from xclip.engine import (
+    EXPORT_ARGUMENTS,
+    STAGES,
+    EvaluationModule,
+    ExportMixin,
+    tensorboard_writers,
+    warmup_cosine_scheduler,
+)
 from xclip.explain.render import figure_to_array
+from xclip.faithfulness.figures import patch_prediction_figure
 from xclip.faithfulness.localisation import pair_statistics
 from xclip.faithfulness.pairs import bradley_terry_loss, pairwise_accuracy
 from xclip.faithfulness.patch_metrics import minmax_badness, patch_auc, patch_iou
-from xclip.faithfulness.tspo_head import HeadFeatures, TSPOHead, export_head, load_head
+from xclip.faithfulness.tspo_head import HeadFeatures, TSPOHead, export_head, head_card, load_head, with_weights
 from xclip.metrics.score_table import ScoreTable
-from xclip.results import ReportRow, export_target, refuse_export_over
+from xclip.results import ReportRow
 
 BASELINES = ("head", "dense", "crops")
 
@@ -54,7 +58,7 @@ def pair_labels(faithful: Tensor, i: Tensor, j: Tensor) -> Tensor:
     return 0.5 + 0.5 * (fi - fj)
 
 
-class TSPOHeadModule(pl.LightningModule):
+class TSPOHeadModule(ExportMixin, EvaluationModule):
     """Train / evaluate the TSPO head on `TSPOFeatureDataModule` batches.
 
     Args:
@@ -77,12 +81,17 @@ class TSPOHeadModule(pl.LightningModule):
         log_prompts: held-out prompts whose patch predictions go to TensorBoard.
     """
 
+    workflow = "faithfulness"
+    tasks = ("tspo",)
+    shipped_folder = "checkpoints/tspo-head-tiny-shapes"
+    not_hyperparameters = EXPORT_ARGUMENTS
+
     def __init__(self, backbone: str | Backbone = "xclip:tiny-shapes", hidden: int = 256, dropout: float = 0.1,
                  init_scale: float = 10.0, lr: float = 1e-3, weight_decay: float = 1e-4, patch_weight: float = 1.0,
                  residual_penalty: float = 0.0, export: bool = True, export_dir: str | None = None,
                  overwrite: bool = False, head_checkpoint: str | None = None, log_prompts: int = 4):
         super().__init__()
-        self.save_hyperparameters(ignore=["backbone"])
+        self.set_export(export, export_dir, overwrite)
         backbone, self.backbone_spec = resolve_backbone(backbone)
         # the frozen backbone only sizes the head and is fingerprinted in the export: kept out of the
         # module tree so Lightning checkpoints hold the head alone
@@ -134,11 +143,14 @@ class TSPOHeadModule(pl.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.head.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return {"optimizer": opt, "lr_scheduler": warmup_cosine_scheduler(opt, total, warmup_steps=0)}
 
     # ---- evaluation ----------------------------------------------------------------------------
-    def _eval_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def start(self, stage: str) -> None:
+        self.table.reset()
+        self._figure_batch = None
+
+    def step(self, batch: dict[str, Tensor], stage: str) -> None:
         reward, logits = self(batch)
         b, r = reward.shape
         target = batch["patch_target"].bool().flatten(0, 1)
@@ -154,28 +166,11 @@ class TSPOHeadModule(pl.LightningModule):
         self.table.update(**cols, index=batch["index"].to(reward.device).repeat_interleave(r),
                           render=torch.arange(r, device=reward.device).repeat(b),
                           faithful=batch["faithful"].flatten().long(), has_error=target.any(1).long())
-        if batch_idx == 0:
+        if self._figure_batch is None:  # the epoch's first batch
             self._figure_batch = {k: v[: self.hparams.log_prompts].detach().cpu() for k, v in
                                   {**batch, "prob": logits.sigmoid()}.items() if isinstance(v, Tensor)}
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx)
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx)
-
-    def on_validation_epoch_start(self) -> None:
-        self.table.reset()
-
-    on_test_epoch_start = on_validation_epoch_start
-
-    def on_validation_epoch_end(self) -> None:
-        self._finish("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._finish("test")
-
-    def _finish(self, stage: str) -> None:
+    def finish(self, stage: str) -> None:
         rows = {k: v.cpu() for k, v in self.table.rows().items()}
         if not rows["index"].numel() or self.trainer.sanity_checking:
             return
@@ -188,7 +183,7 @@ class TSPOHeadModule(pl.LightningModule):
                 if values.isfinite().any():
                     metrics[f"{name}_patch_{m}"] = float(values.nanmean())
         for k, v in metrics.items():
-            self.log(f"{stage}/tspo/{k}", v, sync_dist=True)
+            self.log_metric(stage, f"tspo/{k}", v)  # from the gathered table: the same on every process
         self._results[stage] = {"metrics": metrics, "n_prompts": int(rows["index"].unique().numel()),
                                 "n_images": int(rows["index"].numel()), "n_error_images": int(error.sum()),
                                 "epoch": self.current_epoch, "step": self.global_step}
@@ -211,37 +206,25 @@ class TSPOHeadModule(pl.LightningModule):
                 crops = minmax_badness(batch["crops"][k, r][None])[0] if "crops" in batch else None
                 rows.append((item["prompt"], item["errors"][r], item["images"][r], batch["patch_target"][k, r],
                              batch["prob"][k, r], crops))
-        array = figure_to_array(_patch_figure(rows[: 4 * self.hparams.log_prompts], (gh, gw)))
-        for lg in self.trainer.loggers:
-            if hasattr(getattr(lg, "experiment", None), "add_image"):
-                lg.experiment.add_image(f"tspo/{stage}/patch_predictions", array, self.global_step, dataformats="HWC")
+        array = figure_to_array(patch_prediction_figure(rows[: 4 * self.hparams.log_prompts], (gh, gw)))
+        for writer in tensorboard_writers(self.trainer):
+            writer.add_image(self.metric_key(stage, "tspo/patch_predictions"), array, self.global_step,
+                             dataformats="HWC")
 
-    def export_path(self) -> Path | None:
-        """Where fit exports (None: `export` is off); see `xclip.results.export_target`."""
-        return export_target(self.trainer, self.hparams.export, self.hparams.export_dir)
-
-    def setup(self, stage: str) -> None:
-        if stage == "fit":  # refuse an export that would replace weights before training, not after it
-            refuse_export_over(self.export_path(), self.hparams.overwrite, "checkpoints/tspo-head-tiny-shapes")
-
-    def on_fit_end(self) -> None:
-        target = self.export_path()
-        if target is None or not self.trainer.is_global_zero:
-            return
+    def export_model(self, path: Path) -> None:
+        """The weights of the best validation epoch (by head pair accuracy; the last ones without
+        validation), with the recipe and the validation numbers in config.json and the card."""
         head, val = self.head, self._results.get("val", {})
-        if self._best is not None:  # the best validation epoch's weights
-            head = load_state(self.head, self._best[2])
-            val = self._best[3]
-        skip = ("export", "export_dir", "overwrite", "head_checkpoint")
-        extra = {"trained_with": {k: v for k, v in self.hparams.items() if k not in skip}, "validation": val}
+        if self._best is not None:
+            head, val = with_weights(self.head, self._best[2]), self._best[3]
+        extra = {"trained_with": {k: v for k, v in self.hparams.items() if k != "head_checkpoint"}, "validation": val}
         card = head_card(self.backbone_spec, val, self.trainer.global_step)
-        export_head(head, target, self.backbone, self.backbone_spec, extra, card, overwrite=self.hparams.overwrite)
-        print(f"exported the TSPO head (validation epoch {val.get('epoch')}) to {target}")
+        export_head(head, path, self.backbone, self.backbone_spec, extra, card, overwrite=self.overwrite)
 
     def report_rows(self, metrics: Mapping[str, float | None]) -> list[ReportRow]:
         rows = []
-        for stage in ("val", "test"):
-            pre = f"{stage}/tspo/"
+        for stage in STAGES:
+            pre = self.metric_key(stage, "tspo/")
             keys = [pre + k for k in ("head_pair_accuracy", "zero_shot_pair_accuracy") if pre + k in metrics]
             if keys:
                 labels = {"head_pair_accuracy": "head", "zero_shot_pair_accuracy": "zero-shot CLIP"}
@@ -255,49 +238,4 @@ class TSPOHeadModule(pl.LightningModule):
         return rows
 
     def extra_results(self) -> dict[str, Any]:
-        return {"backbone": self.backbone_spec, "tspo": self._results}
-
-
-def load_state(head: TSPOHead, weights: dict[str, Tensor]) -> TSPOHead:
-    """A copy of `head` holding `weights`."""
-    copy = TSPOHead(**{k: v for k, v in head.config.items() if k not in ("embed_dim", "token_width", "patch_grid")},
-                    embed_dim=head.config["embed_dim"], token_width=head.config["token_width"],
-                    patch_grid=tuple(head.config["patch_grid"]))
-    copy.load_state_dict(weights)
-    return copy.eval()
-
-
-def _patch_figure(rows: list[tuple], grid: tuple[int, int]) -> Figure:
-    """Image | error target | head P(error) | crops badness, one row per rendering."""
-    cols = 4 if any(r[5] is not None for r in rows) else 3
-    fig = Figure(figsize=(1.6 * cols, 1.6 * len(rows) + 0.4), dpi=100)
-    FigureCanvasAgg(fig)
-    axes = np.atleast_2d(fig.subplots(len(rows), cols, squeeze=False))
-    for k, (prompt, error, image, target, prob, crops) in enumerate(rows):
-        panels = [(image.permute(1, 2, 0).numpy(), f"{error}"), (target.view(grid).float().numpy(), "error patches"),
-                  (prob.view(grid).float().numpy(), "head P(error)")]
-        if cols == 4:
-            panels.append(((crops if crops is not None else torch.zeros(grid)).view(grid).numpy(), "crops badness"))
-        for c, (arr, title) in enumerate(panels):
-            ax = axes[k, c]
-            ax.imshow(arr, vmin=0, vmax=1, cmap=None if arr.ndim == 3 else "magma")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(title, fontsize=6)
-        axes[k, 0].set_ylabel(prompt[:40], fontsize=5)
-    fig.tight_layout()
-    return fig
-
-
-def head_card(spec: str, val: dict[str, Any], steps: int) -> str:
-    """The model card written with an export (the recipe's validation numbers)."""
-    metrics = val.get("metrics", {})
-    lines = ["# TSPO head", "", (f"An MLP on frozen `{spec}` features (see `xclip.faithfulness.tspo_head`), trained "
-                                 f"{steps} steps with `xclip fit --config configs/tspo_head_shapes.yaml`; exported: the "
-                                 f"weights of validation epoch {val.get('epoch', '?')} (step {val.get('step', '?')}), "
-                                 "the best head pair accuracy."), "",
-             f"Validation ({val.get('n_prompts', '?')} prompts, {val.get('n_error_images', '?')} erroneous images):", "",
-             "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
-    return "\n".join(lines) + "\n\nTest numbers: run `xclip test --config configs/tspo_head_shapes.yaml " \
-                              "--model.init_args.head_checkpoint <this directory>`.\n"
+        return {**super().extra_results(), "tspo": self._results}

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from xclip.backbones import Backbone, resolve_backbone
-from xclip.data.combined import CombinedDataModule
+from xclip.data.combined_datamodule import CombinedDataModule
 from xclip.data.embedding_cache import EmbeddingCache, GalleryEmbeddings, weights_fingerprint
 from xclip.data.shapes.datamodule import ShapesWorldDataModule
 from xclip.engine import EvaluationModule
