@@ -1,0 +1,137 @@
+"""ClipPretrainModule: a short fit lowers the loss, exports an xclip checkpoint, and a second stage
+warm-starts from it; no recipe can overwrite the shipped checkpoint by accident."""
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from xclip.backbones import load_checkpoint
+from xclip.cli import main
+from xclip.clip import ClipPretrainModule, clip_contrastive_loss
+from xclip.data import ShapesWorldDataModule
+
+MODEL_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def batch_loss(module, batch) -> float:
+    with torch.no_grad():
+        scale = module.model.logit_scale.exp()
+        return clip_contrastive_loss(module.embed_images(batch["image"]), module.embed_texts(batch["texts"]), scale)[0].item()
+
+
+def fit(module, tmp_path, steps):
+    data = ShapesWorldDataModule(train_task="pretrain", val_tasks=["classification", "retrieval"], image_size=32,
+                                 n_train=10_000, n_val=16, batch_size=16)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=1, val_check_interval=steps, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
+def test_fit_exports_and_second_stage_warm_starts(tmp_path):
+    torch.manual_seed(0)
+    export = tmp_path / "tiny"
+    module = ClipPretrainModule(MODEL_CFG, lr=1e-3, warmup_steps=2, export_dir=str(export))
+    batch = next(iter(ShapesWorldDataModule(train_task="pretrain", image_size=32, batch_size=16).train_dataloader()))
+    before = batch_loss(module, batch)
+    fit(module, tmp_path, steps=12)
+    after = batch_loss(module, batch)
+    assert after < before  # twelve steps of InfoNCE already separate this batch better
+
+    backbone = load_checkpoint(export)
+    assert backbone.model_cfg["vision_cfg"] == MODEL_CFG["vision_cfg"]
+    for name, param in module.model.state_dict().items():  # fp16 storage of the trained weights
+        torch.testing.assert_close(backbone.model.state_dict()[name], param.float(), atol=2e-3, rtol=2e-3)
+
+    stage2 = ClipPretrainModule(MODEL_CFG, init_checkpoint=str(export))
+    for name, param in backbone.model.state_dict().items():
+        assert torch.equal(stage2.model.state_dict()[name], param)
+
+
+def test_init_checkpoint_with_another_architecture_is_rejected(tmp_path):
+    export = tmp_path / "tiny"
+    fit(ClipPretrainModule(MODEL_CFG, export_dir=str(export)), tmp_path, steps=1)
+    other = {**MODEL_CFG, "embed_dim": 16}
+    with pytest.raises(ValueError, match="model_cfg"):
+        ClipPretrainModule(other, init_checkpoint=str(export))
+
+
+def test_context_length_must_match_the_text_config():
+    with pytest.raises(ValueError, match="context_length"):
+        ClipPretrainModule(MODEL_CFG, context_length=16)
+
+
+# ---- recipes never destroy shipped weights ----------------------------------------------------
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = ROOT / "checkpoints" / "tiny-shapes"
+RECIPES = [("pretrain_tiny_shapes.yaml",),
+           ("pretrain_tiny_shapes.yaml", "pretrain_tiny_shapes_stage2.yaml"),
+           ("pretrain_tiny_shapes.yaml", "pretrain_tiny_shapes_stage3.yaml")]
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def short_fit(tmp_path: Path, configs: tuple[str, ...], *extra: str) -> None:
+    args = ["fit"]
+    for name in configs:
+        args += ["--config", str(ROOT / "configs" / name)]
+    main(args + ["--trainer.max_steps", "2", "--trainer.precision", "32", "--trainer.enable_progress_bar", "false",
+                 "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.default_root_dir", str(tmp_path),
+                 "--data.init_args.batch_size", "8", "--data.init_args.n_val", "8", *extra])
+
+
+@pytest.mark.parametrize("configs", RECIPES, ids=["stage1", "stage2", "stage3"])
+def test_a_short_fit_of_every_recipe_leaves_the_shipped_weights_unchanged(tmp_path, configs):
+    before = digests(SHIPPED)
+    short_fit(tmp_path, configs)
+    assert digests(SHIPPED) == before
+    (run,) = [p for p in tmp_path.rglob("version_0") if (p / "model").is_dir()]
+    exported = load_checkpoint(run / "model")  # the export went into the run's log directory
+    assert exported.model_cfg == load_checkpoint(SHIPPED).model_cfg
+
+
+def test_exporting_over_a_checkpoint_needs_overwrite_and_is_checked_before_training(tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(SHIPPED, target)
+    before = digests(target)
+    with pytest.raises(SystemExit, match=r"already exists.*overwrite: true"):
+        short_fit(tmp_path / "runs", RECIPES[0], "--model.init_args.export_dir", str(target))
+    assert digests(target) == before and not list((tmp_path / "runs").rglob("*.ckpt"))  # no step was taken
+    short_fit(tmp_path / "runs2", RECIPES[0], "--model.init_args.export_dir", str(target),
+              "--model.init_args.overwrite", "true")
+    after = digests(target)
+    assert after["model.safetensors"] != before["model.safetensors"]
+    assert after["README.md"] == before["README.md"]  # the model card is carried over
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "runs", "runs2"]  # no backup or temp left
+
+
+def test_save_checkpoint_is_atomic_and_refuses_to_overwrite(tmp_path, monkeypatch):
+    from xclip.backbones import loading, save_checkpoint
+
+    target = tmp_path / "copy"
+    shutil.copytree(SHIPPED, target)
+    before = digests(target)
+    model = ClipPretrainModule(MODEL_CFG, export=False).model
+    pre = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
+    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+        save_checkpoint(model, MODEL_CFG, pre, 32, target)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(loading, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(model, MODEL_CFG, pre, 32, target, overwrite=True)
+    assert digests(target) == before  # a failed export leaves the old weights untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # and no temporary directory behind
