@@ -35,7 +35,7 @@ def random_twin(backbone: Backbone, seed: int = 0) -> Backbone:
 
 def evaluate(backbone: Backbone | str, n: int, grid: int, workdir: Path, name: str) -> dict:
     module = TiPAIModule(backbone=backbone, grid=grid, db_path=str(workdir / f"{name}.db"))
-    data = TiPAIDataModule(source="shapes", n=n, seed=1000, batch_size=8)
+    data = TiPAIDataModule(source="shapes", n=n, seed=0, batch_size=8)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_checkpointing=False, default_root_dir=str(workdir))
     trainer.test(module, datamodule=data, verbose=False)

@@ -43,14 +43,15 @@ _BOOKKEEPING = ("config.yaml", "hparams.yaml")
 
 
 def _events_hold_results(file: Path) -> bool:
-    """Whether a TensorBoard event file holds anything but the file header and hyperparameters."""
+    """Whether a TensorBoard event file holds anything but the file header and hyperparameters (with
+    the ``hp_metric`` placeholder TensorBoardLogger writes beside them)."""
     from google.protobuf.message import DecodeError
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
     try:
         for event in EventFileLoader(str(file)).Load():
             if event.HasField("summary") and any(v.metadata.plugin_data.plugin_name != "hparams"
-                                                 for v in event.summary.value):
+                                                 and v.tag != "hp_metric" for v in event.summary.value):
                 return True
     except (OSError, ValueError, DecodeError):  # an unreadable event file is not ours to judge: keep it
         return True

@@ -106,7 +106,7 @@ def test_the_callback_writes_explanations_of_the_first_queries(single):
     run = Path(single["cir"]["embedding_cache"]["dir"]).parents[1] / "logs"
     folder = next(run.glob("*/version_*/explanations/cir/val"))
     index = json.loads((folder / "index.json").read_text())["items"]
-    assert [e["query"] for e in index] == ["0", "1", "2", "3"]  # n_queries: 4
+    assert [e["query"] for e in index] == ["0", "1", "2", "3"]  # max_items: 4
     for entry in index:
         assert [c["rank"] for c in entry["candidates"]] == [1, 2, 3, 4, 5]
         assert all(c["file"] != entry["reference"] for c in entry["candidates"])  # the reference is never a candidate

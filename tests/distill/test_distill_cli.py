@@ -152,7 +152,7 @@ def test_validate_a_saved_checkpoint_with_shap_and_captum_callbacks(teacher_run,
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
     cfg["trainer"]["enable_progress_bar"] = False
     for cb in cfg["trainer"]["callbacks"]:
-        cb["init_args"].update({"max_samples": 2})
+        cb["init_args"].update({"max_items": 2})
         if cb["class_path"].endswith("SHAPCallback"):
             cb["init_args"].update({"background_size": 3, "nsamples": 8})
         else:

@@ -52,7 +52,7 @@ def scored(tmp_path_factory) -> tuple[Path, Path, dict[str, str]]:
     root = tmp_path_factory.mktemp("scored")
     folder = shutil.copytree(ROOT / "examples" / "tipai_folder", root / "images")
     odd = write_odd_images(folder)
-    main(["validate", "--config", str(ROOT / "configs" / "tipai_folder.yaml"), "--data.init_args.root", str(folder),
+    main(["validate", "--config", str(ROOT / "configs" / "tipai_folder.yaml"), "--data.init_args.data_root", str(folder),
           "--model.init_args.db_path", str(root / "tipai.db"), "--model.init_args.grid", "3",
           "--trainer.logger.init_args.save_dir", str(root / "logs"), "--trainer.enable_progress_bar", "false"])
     return folder, root / "tipai.db", odd

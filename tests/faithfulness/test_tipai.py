@@ -169,7 +169,7 @@ def test_folder_config_skips_unreadable_images_and_reports_its_counts(tmp_path, 
     (folder / "prompt_001_7.png").write_bytes(b"not a png")
     write_bomb_png(folder / "prompt_000_9.png")  # declares 30000 x 30000 pixels: over MAX_PIXELS
     db = tmp_path / "tipai.db"
-    results = _run(FOLDER, tmp_path / "logs", db, "--data.init_args.root", str(folder))
+    results = _run(FOLDER, tmp_path / "logs", db, "--data.init_args.data_root", str(folder))
     tipai = results["tipai"]
     assert tipai["skipped_paths"] == [str(folder / "prompt_000_9.png"), str(folder / "prompt_001_7.png")]
     assert tipai["database_rows"]["images"] == 8 and tipai["database_rows"]["pairs"] == 2
@@ -221,7 +221,7 @@ def _assert_same_scores(got: dict, want: dict) -> None:
 def test_a_changed_image_is_rescored_and_its_pairs_rebuilt(tmp_path):
     folder = tmp_path / "generated"
     write_prompt_folder(folder, n=3)
-    db, small = tmp_path / "tipai.db", ["--data.init_args.root", str(folder), "--model.init_args.methods", "[crops]"]
+    db, small = tmp_path / "tipai.db", ["--data.init_args.data_root", str(folder), "--model.init_args.methods", "[crops]"]
     _run(FOLDER, tmp_path / "logs", db, *small)
     shutil.copy(folder / "prompt_001_2.png", folder / "prompt_000_1.png")  # same name, other picture
     (folder / "prompt_001_3.png").unlink()
@@ -242,19 +242,19 @@ def test_a_changed_image_is_rescored_and_its_pairs_rebuilt(tmp_path):
 def test_a_second_folder_gets_its_own_prompt_ids_or_is_refused(tmp_path):
     first, db, small = tmp_path / "first", tmp_path / "tipai.db", ["--model.init_args.methods", "[crops]"]
     write_prompt_folder(first, n=1)
-    _run(FOLDER, tmp_path / "logs", db, "--data.init_args.root", str(first), *small)
+    _run(FOLDER, tmp_path / "logs", db, "--data.init_args.data_root", str(first), *small)
     same_names = tmp_path / "same_names"
     write_prompt_folder(same_names, n=1, seed=8)  # prompt_000 again, other pictures
     with pytest.raises(SystemExit, match=re.escape(f"{db}: prompt 'prompt_000' was scored from {first}; this run reads "
                                                    f"it from {same_names}. A database holds each prompt id from one "
                                                    "folder")):
-        _run(FOLDER, tmp_path / "logs", db, "--data.init_args.root", str(same_names), *small)
+        _run(FOLDER, tmp_path / "logs", db, "--data.init_args.data_root", str(same_names), *small)
     other_ids = tmp_path / "other_ids"
     other_ids.mkdir()
     (other_ids / "prompts.json").write_text(json.dumps({"cat": "a red circle"}))
     for s in range(2):
         shutil.copy(same_names / f"prompt_000_{s}.png", other_ids / f"cat_{s}.png")
-    _run(FOLDER, tmp_path / "logs", db, "--data.init_args.root", str(other_ids), *small)
+    _run(FOLDER, tmp_path / "logs", db, "--data.init_args.data_root", str(other_ids), *small)
     with FaithfulnessDatabase(db, readonly=True) as stored:
         assert stored.roots() == sorted([str(first), str(other_ids)])
         assert [pid for pid, _ in stored.prompts()] == ["cat", "prompt_000"]
@@ -277,7 +277,7 @@ def test_file_names_that_cannot_be_written_are_refused_before_anything_is(tmp_pa
     with pytest.raises(ValueError, match=message):
         PromptFolder(folder, 64)
     with pytest.raises(SystemExit, match=message):
-        _run(FOLDER, tmp_path / "logs", tmp_path / "tipai.db", "--data.init_args.root", str(folder))
+        _run(FOLDER, tmp_path / "logs", tmp_path / "tipai.db", "--data.init_args.data_root", str(folder))
     assert not (tmp_path / "tipai.db").exists() and not list(tmp_path.glob("logs/**/*.png"))
     for bad in ("a\nb", "..", ""):
         with pytest.raises(ValueError, match="prompt id"):

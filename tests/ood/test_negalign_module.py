@@ -86,7 +86,7 @@ def fixture_dirs(tmp_path_factory):
 
 
 def fixture_datamodule(dirs):
-    return OODDataModule(source="waterbirds", root=str(dirs[0]), ood_dirs={"placesbg": str(dirs[1])},
+    return OODDataModule(source="waterbirds", data_root=str(dirs[0]), ood_dirs={"placesbg": str(dirs[1])},
                          image_size=64, batch_size=4)
 
 
@@ -102,7 +102,7 @@ def fixture_run(fixture_dirs, tmp_path_factory, small):
     """`xclip test` on the fixture: lambda chosen on the validation partition, test reported."""
     module = NegAlignModule(**small, breakdown_csv=True, backbone=load_backbone("xclip:tiny-shapes"))
     calls = count_vision_calls(module.backbone)  # the module's own backbone, discarded with it
-    trainer = evaluate(module, fixture_dirs, tmp_path_factory.mktemp("runs"), [OODExplanationCallback(max_per_split=2)])
+    trainer = evaluate(module, fixture_dirs, tmp_path_factory.mktemp("runs"), [OODExplanationCallback(max_items=2)])
     return module, trainer, calls
 
 

@@ -88,7 +88,7 @@ def test_image_folder_errors(tmp_path):
 
 
 def test_ood_datamodule_waterbirds_tags_batches(waterbirds, placesbg):
-    dm = OODDataModule(source="waterbirds", root=str(waterbirds), ood_dirs={"placesbg": str(placesbg)},
+    dm = OODDataModule(source="waterbirds", data_root=str(waterbirds), ood_dirs={"placesbg": str(placesbg)},
                        image_size=32, batch_size=4)
     tags = lambda loaders: [(b["split"], b["role"], b["partition"], b["task"])  # noqa: E731
                             for b in (next(iter(dl)) for dl in loaders)]
@@ -107,11 +107,11 @@ def test_ood_datamodule_waterbirds_tags_batches(waterbirds, placesbg):
     test_paths = {p for b in test_loaders[4] for p in b["path"]}
     assert not val_paths & test_paths and len(val_paths | test_paths) == 7
     with pytest.raises(ValueError, match="ood_dirs"):
-        OODDataModule(source="waterbirds", root=str(waterbirds))
+        OODDataModule(source="waterbirds", data_root=str(waterbirds))
     with pytest.raises(ValueError, match="source"):
         OODDataModule(source="imagenet")
     with pytest.raises(ValueError, match="calib_split 'val' is also an evaluated split"):
-        OODDataModule(source="waterbirds", root=str(waterbirds), ood_dirs={"p": str(placesbg)}, calib_split="val")
+        OODDataModule(source="waterbirds", data_root=str(waterbirds), ood_dirs={"p": str(placesbg)}, calib_split="val")
 
 
 def test_ood_datamodule_shapes_sets():

@@ -37,12 +37,12 @@ def run(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("failure_run")
-    callback = RetrievalExplanationCallback(n_failures=N_FAILURES, seed=0, n_annotators=N_ANNOTATORS,
+    callback = RetrievalExplanationCallback(max_items=N_FAILURES, seed=0, n_annotators=N_ANNOTATORS,
                                        per_annotator=PER_ANNOTATOR, overlap=OVERLAP, card_size=64, log_cards=2)
     module = RetrievalModule()
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=TensorBoardLogger(root, name="run"), callbacks=[callback],
                          enable_progress_bar=False, enable_model_summary=False)
-    trainer.validate(module, RetrievalDataModule(source="shapes", n=N_IMAGES, seed=1000, batch_size=125), verbose=False)
+    trainer.validate(module, RetrievalDataModule(source="shapes", n=N_IMAGES, seed=0, batch_size=125), verbose=False)
     yield SimpleNamespace(trainer=trainer, module=module, dir=root / "run" / "version_0")
     torch.set_num_threads(threads)
 
@@ -169,7 +169,7 @@ def test_cards_and_improvements_are_logged_to_tensorboard(run):
 
 def test_labels_csv_defines_the_improvement_subsets(run, expected, tmp_path):
     merged_csv = run.dir / "failures" / "val" / "auto" / "merged.csv"
-    callback = RetrievalExplanationCallback(n_failures=4, n_annotators=1, per_annotator=4, overlap=0, cards=False,
+    callback = RetrievalExplanationCallback(max_items=4, n_annotators=1, per_annotator=4, overlap=0, cards=False,
                                        autolabel=False, labels_csv=str(merged_csv), poolings=["max"],
                                        templates=["{}", "a photo of {}."])
     trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, logger=SimpleNamespace(log_dir=str(tmp_path)),
@@ -223,7 +223,7 @@ def test_too_few_failures_shrink_the_sheets_with_a_warning(tmp_path):
     text_emb = torch.eye(6)[owner]
     text_emb[[0, 2, 4]] = torch.eye(6)[[1, 3, 5]]  # captions 0, 2, 4 retrieve the next image
     trainer, module = stub_run(tmp_path, torch.eye(6), text_emb, owner, gallery)
-    callback = RetrievalExplanationCallback(n_failures=10, n_annotators=2, per_annotator=5, overlap=2, cards=False,
+    callback = RetrievalExplanationCallback(max_items=10, n_annotators=2, per_annotator=5, overlap=2, cards=False,
                                        improvements=False)
     with pytest.warns(UserWarning, match="per_annotator=0, overlap=2"):
         summary = callback.analyse(trainer, module)

@@ -88,7 +88,7 @@ def test_coco_config_parses(tmp_path, monkeypatch):
     data, model = cli.datamodule, cli.model
     assert isinstance(data, RetrievalDataModule) and isinstance(model, RetrievalModule)
     assert (data.source, data.data_root, data.n, data.image_size) == ("coco", "data/coco", 5000, 224)
-    assert model.cache_dir == "runs/embedding_cache" and model.recall_ks == (1, 5, 10)
+    assert model.cache_dir == "runs/embedding_cache" and model.ks == (1, 5, 10)
     spec = cli.config["model"]["init_args"]["backbone"]
     assert spec == "xclip:tiny-shapes"  # overridden above; the file's own spec must be a real pretrained tag
     file_spec = [line.split(":", 1)[1].strip() for line in COCO.read_text().splitlines() if "backbone:" in line][0]

@@ -248,8 +248,8 @@ def test_explanation_files_are_named_by_the_image_file_and_record_its_path(tmp_p
     module = MultimodalClassifierModule(model=TEACHER_ARGS,
                                         labels={"type": TASKS["shape"], "severity": TASKS["background"]})
     data = DistillDataModule(source="csv", data_root=str(root), image_size=64, batch_size=2)
-    callbacks = [SHAPCallback(max_samples=3, background_size=2, nsamples=4, tasks=["type"]),
-                 CaptumCallback(max_samples=3, n_steps=4, tasks=["type"])]
+    callbacks = [SHAPCallback(max_items=3, background_size=2, nsamples=4, tasks=["type"]),
+                 CaptumCallback(max_items=3, n_steps=4, tasks=["type"])]
     trainer = pl.Trainer(logger=CSVLogger(tmp_path, name="run"), callbacks=callbacks, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=tmp_path)
     trainer.validate(module, datamodule=data)

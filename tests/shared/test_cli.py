@@ -78,7 +78,7 @@ def direct(demo_run):
             heads = F.normalize(text.view(len(names), len(prompts), -1).mean(1), dim=-1)
             pred = (img @ heads.T).argmax(1)
             out[f"val/zeroshot/{attr}_acc"] = float((pred == torch.tensor([it[attr] for it in items])).float().mean())
-        gallery = RetrievalDataModule(source="shapes", n=40, seed=1000).gallery
+        gallery = RetrievalDataModule(source="shapes", n=40, seed=0).gallery
         g_img = F.normalize(bb.encode_image(bb.normalize(torch.stack([gallery.image(i) for i in range(40)]))), dim=-1)
         texts, owner = gallery.all_captions()
         g_txt = F.normalize(bb.encode_text(texts), dim=-1)
@@ -411,7 +411,7 @@ def test_help_of_every_command_without_a_model_imports_no_torch(command):
 def test_a_run_that_fails_before_any_result_leaves_no_run_folder(tmp_path, capsys):
     config = Path(DEMO).parents[1] / "configs" / "tipai_folder.yaml"
     with pytest.raises(SystemExit, match="image folder .*missing: no such directory"):
-        main(["validate", "--config", str(config), "--data.init_args.root", str(tmp_path / "missing"),
+        main(["validate", "--config", str(config), "--data.init_args.data_root", str(tmp_path / "missing"),
               "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])
     assert not any((tmp_path / "runs").rglob("version_*")), list((tmp_path / "runs").rglob("*"))
 

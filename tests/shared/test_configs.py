@@ -38,7 +38,7 @@ def data(tmp_path_factory):
 def overrides(name: str, data: dict, tmp: Path) -> list[str]:
     common = ["--trainer.logger.init_args.save_dir", str(tmp)]
     if name == "ood_waterbirds.yaml":
-        return common + ["--data.init_args.root", str(data["waterbirds"]),
+        return common + ["--data.init_args.data_root", str(data["waterbirds"]),
                          "--data.init_args.ood_dirs", json.dumps({"placesbg": str(data["placesbg"])}),
                          "--data.init_args.num_workers", "0", "--data.init_args.image_size", "224",
                          "--model.init_args.backbone", "openclip:ViT-B-16",

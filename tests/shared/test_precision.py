@@ -64,7 +64,7 @@ def _validate(precision: str, save_dir, text_cache, with_ood: bool, callbacks=()
     members = {"zeroshot": ZeroShotModule(), "retrieval": RetrievalModule()}
     routes = {"classification": "zeroshot", "retrieval": "retrieval"}
     data = {"classification": ShapesWorldDataModule(val_tasks=["classification"], n_val=200, batch_size=100),
-            "retrieval": RetrievalDataModule(source="shapes", n=200, seed=1000, batch_size=100)}
+            "retrieval": RetrievalDataModule(source="shapes", n=200, seed=0, batch_size=100)}
     if with_ood:
         members["ood"] = NegAlignModule(n_groups=4, m1_topk=2, lambdas=(0.0, 1.0), text_cache_dir=str(text_cache))
         routes["ood"] = "ood"
@@ -83,7 +83,7 @@ def _agree(full: dict[str, float], half: dict[str, float]) -> None:
 
 def test_eval_modules_and_callbacks_follow_trainer_precision(tmp_path):
     full = _validate("32", tmp_path / "fp32", tmp_path / "text_cache", with_ood=False)
-    callback = GradECLIPCallback(max_samples=4, text_maps=False)
+    callback = GradECLIPCallback(max_items=4, text_maps=False)
     half = _validate("bf16-mixed", tmp_path / "bf16", tmp_path / "text_cache", with_ood=False, callbacks=[callback])
     assert len(full) == 8  # shape and colour accuracy, Recall@{1,5,10} both ways
     _agree(full, half)

@@ -91,7 +91,7 @@ def _shapes_data(n=6):
 
     return CombinedDataModule({"classification": ShapesWorldDataModule(val_tasks=["classification"], n_val=n,
                                                                         batch_size=n),
-                               "retrieval": RetrievalDataModule(source="shapes", n=n, seed=1000, batch_size=n)})
+                               "retrieval": RetrievalDataModule(source="shapes", n=n, seed=0, batch_size=n)})
 
 
 def test_members_naming_the_same_spec_share_one_backbone_object():
@@ -123,7 +123,7 @@ def test_explanations_use_the_backbone_of_the_member_each_batch_is_routed_to(tmp
     with pytest.raises(RuntimeError, match="2 different backbones"):
         suite.backbone  # noqa: B018
     trainer = pl.Trainer(accelerator="cpu", logger=TensorBoardLogger(str(tmp_path), name="run"),
-                         callbacks=[GradECLIPCallback(max_samples=12, text_maps=False)],
+                         callbacks=[GradECLIPCallback(max_items=12, text_maps=False)],
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(suite, datamodule=data, verbose=False)
     out = tmp_path / "run" / "version_0" / "explanations" / "grad_eclip" / "val"
@@ -148,7 +148,7 @@ def test_failure_analysis_finds_the_retrieval_member_of_a_suite(tmp_path):
     from xclip.retrieval import RetrievalExplanationCallback
 
     suite, data = _shapes_suite("xclip:tiny-shapes"), _shapes_data(n=40)
-    callback = RetrievalExplanationCallback(n_failures=4, per_annotator=1, overlap=1, improvements=False, cards=True)
+    callback = RetrievalExplanationCallback(max_items=4, per_annotator=1, overlap=1, improvements=False, cards=True)
     trainer = pl.Trainer(accelerator="cpu", logger=TensorBoardLogger(str(tmp_path), name="run"), callbacks=[callback],
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(suite, datamodule=data, verbose=False)

@@ -52,10 +52,10 @@ def item_indexes(inputs: MultimodalInputs) -> list[int]:
 
 
 class AttributionCallback(StageCallback):
-    """Base of `SHAPCallback` and `CaptumCallback`: explain up to `max_samples` items per stage.
+    """Base of `SHAPCallback` and `CaptumCallback`: explain up to `max_items` items per stage.
 
     Args:
-        max_samples: items explained per stage (each for every task in `tasks`).
+        max_items: items explained per stage (each for every task in `tasks`).
         tasks: output heads to explain (None: all the module's).
         classes: ``"predicted"`` (each item's arg-max class) or ``"all"`` (one map per class).
         cell: None: maps at pixel resolution; an int: |attribution| summed over cell x cell pixel
@@ -68,15 +68,15 @@ class AttributionCallback(StageCallback):
     name = "attribution"
     workflow = "explanations"
 
-    def __init__(self, max_samples: int = 4, tasks: list[str] | None = None, classes: str = "predicted",
+    def __init__(self, max_items: int = 4, tasks: list[str] | None = None, classes: str = "predicted",
                  cell: int | None = None, alpha: float = 0.5, panel_px: int = 192, subdir: str = "explanations",
                  seed: int = 0):
-        if max_samples < 0:
-            raise ValueError("max_samples must be >= 0")
+        if max_items < 0:
+            raise ValueError("max_items must be >= 0")
         if classes not in ("predicted", "all"):
             raise ValueError(f"classes must be 'predicted' or 'all', got {classes!r}")
         super().__init__(f"{subdir}/{self.name}")
-        self.max_samples, self.tasks, self.classes, self.cell = int(max_samples), tasks, classes, cell
+        self.max_items, self.tasks, self.classes, self.cell = int(max_items), tasks, classes, cell
         self.alpha, self.panel_px, self.seed = alpha, int(panel_px), int(seed)
         self._explained = 0
         self._names: dict[str, int] = {}  # file name id -> the dataset index it was given to (this stage)
@@ -93,12 +93,12 @@ class AttributionCallback(StageCallback):
         if not isinstance(pl_module, MultimodalExplainable):
             raise TypeError(f"{type(self).__name__} needs a module with attribution_targets() and "
                             f"attribution_inputs(batch); {type(pl_module).__name__} has not")
-        if self.max_samples and trainer.is_global_zero:
+        if self.max_items and trainer.is_global_zero:
             self.prepare(trainer, pl_module)
 
     # ---- work ------------------------------------------------------------------------------------
     def on_batch(self, trainer, pl_module, outputs, batch, dataloader_idx: int, stage: str) -> None:
-        remaining = self.max_samples - self._explained
+        remaining = self.max_items - self._explained
         if remaining <= 0:
             return
         inputs = pl_module.attribution_inputs(batch)
@@ -170,7 +170,7 @@ class AttributionCallback(StageCallback):
         return {"explainer": self.records[0]["explainer"], "settings": self.settings()}
 
     def settings(self) -> dict[str, Any]:
-        return {"max_samples": self.max_samples, "classes": self.classes, "cell": self.cell, "seed": self.seed}
+        return {"max_items": self.max_items, "classes": self.classes, "cell": self.cell, "seed": self.seed}
 
 
 class SHAPCallback(AttributionCallback):

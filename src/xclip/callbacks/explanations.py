@@ -35,12 +35,12 @@ from xclip.explain.render import (
 
 
 class ExplanationCallback(StageCallback):
-    """Explain the first `max_samples` items of validate/test with any explainer.
+    """Explain the first `max_items` items of validate/test with any explainer.
 
     Args:
         explainer: a name in ``xclip.explain.EXPLAINERS`` (``grad_eclip``, ``grad_cam``, ``game``, ``random``).
         explainer_kwargs: constructor arguments of the explainer (e.g. ``{"mode": "reference"}``).
-        max_samples: items explained per stage (across all dataloaders).
+        max_items: items explained per stage (across all dataloaders).
         text_maps: also explain the texts (Grad-ECLIP only): token bar charts and word scores.
         dataloader_idx: only this dataloader (None: any).
         alpha: overlay opacity.
@@ -52,20 +52,20 @@ class ExplanationCallback(StageCallback):
     workflow = "explanations"
 
     def __init__(self, explainer: str = "grad_eclip", explainer_kwargs: dict[str, Any] | None = None,
-                 max_samples: int = 8, text_maps: bool = True, dataloader_idx: int | None = None,
+                 max_items: int = 8, text_maps: bool = True, dataloader_idx: int | None = None,
                  alpha: float = 0.5, panel_px: int = 192, subdir: str = "explanations"):
         if explainer not in EXPLAINERS:
             raise ValueError(f"unknown explainer {explainer!r}; choose from {sorted(EXPLAINERS)}")
-        if max_samples < 0:
-            raise ValueError("max_samples must be >= 0")
+        if max_items < 0:
+            raise ValueError("max_items must be >= 0")
         super().__init__(f"{subdir}/{EXPLAINERS[explainer].name}")
         self.explainer_name, self.explainer_kwargs = explainer, dict(explainer_kwargs or {})
-        self.max_samples, self.text_maps, self.dataloader_idx = max_samples, text_maps, dataloader_idx
+        self.max_items, self.text_maps, self.dataloader_idx = max_items, text_maps, dataloader_idx
         self.alpha, self.panel_px = alpha, int(panel_px)
         self._explainers: dict[int, Explainer] = {}  # id(backbone) -> explainer (a suite may hold several)
 
     def on_batch(self, trainer, pl_module, outputs, batch, dataloader_idx: int, stage: str) -> None:
-        remaining = self.max_samples - len(self.records)
+        remaining = self.max_items - len(self.records)
         if remaining <= 0:
             return
         if self.dataloader_idx is not None and dataloader_idx != self.dataloader_idx:
@@ -140,14 +140,14 @@ class ExplanationCallback(StageCallback):
 class GradECLIPCallback(ExplanationCallback):
     """Grad-ECLIP image maps and word scores (see `ExplanationCallback`)."""
 
-    def __init__(self, max_samples: int = 8, mode: str = "model", text_maps: bool = True, **kwargs):
-        super().__init__(explainer="grad_eclip", explainer_kwargs={"mode": mode}, max_samples=max_samples,
+    def __init__(self, max_items: int = 8, mode: str = "model", text_maps: bool = True, **kwargs):
+        super().__init__(explainer="grad_eclip", explainer_kwargs={"mode": mode}, max_items=max_items,
                          text_maps=text_maps, **kwargs)
 
 
 class CAMCallback(ExplanationCallback):
     """Grad-CAM maps on the last block's ln_1 (or `layer="block_input"`), see `ExplanationCallback`."""
 
-    def __init__(self, max_samples: int = 8, layer: str = "ln_1", **kwargs):
-        super().__init__(explainer="grad_cam", explainer_kwargs={"layer": layer}, max_samples=max_samples,
+    def __init__(self, max_items: int = 8, layer: str = "ln_1", **kwargs):
+        super().__init__(explainer="grad_cam", explainer_kwargs={"layer": layer}, max_items=max_items,
                          text_maps=False, **kwargs)

@@ -14,7 +14,7 @@ from xclip.engine import StageCallback
 
 
 class CIRExplanationCallback(StageCallback):
-    """Explain the first `n_queries` queries of the epoch with their `top_k` candidates.
+    """Explain the first `max_items` queries of the epoch with their `top_k` candidates.
 
     Reads what `CIRModule` leaves after an epoch (``rankings[method]``, ``benchmark``, ``backbone``,
     ``phi``), so it runs in ``on_validation_end`` / ``on_test_end``. Each query gets one batched
@@ -23,7 +23,7 @@ class CIRExplanationCallback(StageCallback):
     ``<stage>/cir/<panel>/<query id>``.
 
     Args:
-        n_queries: queries explained per stage (the first ones by query index).
+        max_items: queries explained per stage (the first ones by query index).
         top_k: candidates per query (reference removed, as in the ranking the metrics use).
         method: whose ranking supplies the candidates (``searle``).
         subdir: folder under the run directory.
@@ -31,11 +31,11 @@ class CIRExplanationCallback(StageCallback):
 
     workflow = "cir"
 
-    def __init__(self, n_queries: int = 4, top_k: int = 5, method: str = "searle", subdir: str = "explanations/cir"):
-        if n_queries < 0 or top_k < 1:
-            raise ValueError(f"n_queries must be >= 0 and top_k >= 1, got {n_queries} and {top_k}")
+    def __init__(self, max_items: int = 4, top_k: int = 5, method: str = "searle", subdir: str = "explanations/cir"):
+        if max_items < 0 or top_k < 1:
+            raise ValueError(f"max_items must be >= 0 and top_k >= 1, got {max_items} and {top_k}")
         super().__init__(subdir)
-        self.n_queries, self.top_k, self.method = n_queries, top_k, method
+        self.max_items, self.top_k, self.method = max_items, top_k, method
 
     def end(self, trainer: pl.Trainer, module: Any, stage: str) -> None:
         if trainer.is_global_zero:
@@ -43,7 +43,7 @@ class CIRExplanationCallback(StageCallback):
         self.write_index(trainer, stage)
 
     def _explain(self, trainer: pl.Trainer, module: Any, stage: str) -> None:
-        if self.n_queries == 0 or self.method not in getattr(module, "rankings", {}):
+        if self.max_items == 0 or self.method not in getattr(module, "rankings", {}):
             return
         if getattr(module, "phi", None) is None:
             raise ValueError("CIRExplanationCallback needs a module with phi (method 'searle')")
@@ -52,7 +52,7 @@ class CIRExplanationCallback(StageCallback):
         reference_index, target_index = bench.reference_index(), bench.target_index()
         explainer = CIRExplainer(bb, module.phi, precision=str(trainer.precision))
         out = self.stage_dir(trainer, stage)
-        for row in range(min(self.n_queries, len(query_index))):  # a few queries; each one is batched
+        for row in range(min(self.max_items, len(query_index))):  # a few queries; each one is batched
             q = int(query_index[row])
             ref01 = bench.reference_image(q)
             if ref01 is None:

@@ -44,9 +44,9 @@ class ClipPretrainModule(ZeroShotEvaluation):
     def __init__(self, model_cfg: dict[str, Any], context_length: int = 32, lr: float = 1e-3,
                  weight_decay: float = 0.1, warmup_steps: int = 200, image_mean: tuple[float, ...] = OPENAI_DATASET_MEAN,
                  image_std: tuple[float, ...] = OPENAI_DATASET_STD, export: bool = True, export_dir: str | None = None,
-                 overwrite: bool = False, init_checkpoint: str | None = None, classes: dict[str, list[str]] | None = None,
+                 overwrite: bool = False, init_checkpoint: str | None = None, class_names: dict[str, list[str]] | None = None,
                  prompts: dict[str, list[str]] | None = None):
-        super().__init__(classes=classes, prompts=prompts)
+        super().__init__(class_names=class_names, prompts=prompts)
         self.save_hyperparameters()
         text_cfg = dict(model_cfg.get("text_cfg", {}))
         if text_cfg.get("context_length", context_length) != context_length:

@@ -35,27 +35,27 @@ class ZeroShotEvaluation(EvaluationModule):
     ``{stage}/zeroshot/{t2i,i2t}_R@k``. Subclasses implement `embed_images`/`embed_texts`.
 
     Args:
-        classes: attribute -> class names; each attribute must be a label key of the batch.
+        class_names: attribute -> class names; each attribute must be a label key of the batch.
         prompts: attribute -> prompt templates with ``{}`` for the class name.
-        recall_ks: the K of Recall@K.
+        ks: the K of Recall@K.
     """
 
     workflow = "zeroshot"
     tasks = ("classification", "retrieval")
 
-    def __init__(self, classes: dict[str, list[str]] | None = None, prompts: dict[str, list[str]] | None = None,
-                 recall_ks: tuple[int, ...] = (1, 5, 10)):
+    def __init__(self, class_names: dict[str, list[str]] | None = None, prompts: dict[str, list[str]] | None = None,
+                 ks: tuple[int, ...] = (1, 5, 10)):
         super().__init__()
-        self.classes = dict(classes if classes is not None else DEFAULT_CLASSES)
+        self.class_names = dict(class_names if class_names is not None else DEFAULT_CLASSES)
         self.prompts = dict(prompts if prompts is not None else DEFAULT_PROMPTS)
-        missing = sorted(set(self.classes) - set(self.prompts))
+        missing = sorted(set(self.class_names) - set(self.prompts))
         if missing:
             raise ValueError(f"no prompt templates for attribute(s) {missing}: add them under `prompts`")
         # per-item predictions keyed by dataset index: the padded repeats of a DistributedSampler are
         # scored once, so several processes give exactly the single-process accuracy
-        columns = ("index", *(f"{a}_{kind}" for a in self.classes for kind in ("pred", "label")))
+        columns = ("index", *(f"{a}_{kind}" for a in self.class_names for kind in ("pred", "label")))
         self.predictions = ScoreTable((), columns, unique_by=("index",))
-        self.recall = RetrievalRecall(recall_ks)
+        self.recall = RetrievalRecall(ks)
         self._heads: dict[str, Tensor] = {}
         self.n_classified = 0  # distinct images behind the last accuracies
 
@@ -68,7 +68,7 @@ class ZeroShotEvaluation(EvaluationModule):
         raise NotImplementedError
 
     def start(self, stage: str) -> None:
-        self._heads = {a: zero_shot_weights(self.embed_texts, c, self.prompts[a]) for a, c in self.classes.items()}
+        self._heads = {a: zero_shot_weights(self.embed_texts, c, self.prompts[a]) for a, c in self.class_names.items()}
 
     def step(self, batch: dict[str, Any], stage: str) -> None:
         if batch["task"] == "classification":
@@ -89,7 +89,7 @@ class ZeroShotEvaluation(EvaluationModule):
     def finish(self, stage: str) -> None:
         rows = self.predictions.gathered_rows(self.trainer.strategy)
         if rows is not None:
-            for attr in self.classes:
+            for attr in self.class_names:
                 correct = (rows[f"{attr}_pred"] == rows[f"{attr}_label"]).double()
                 self.log_metric(stage, f"{attr}_acc", correct.mean().item())  # same on every process
             self.n_classified = int(rows["index"].numel())
@@ -103,7 +103,7 @@ class ZeroShotEvaluation(EvaluationModule):
         """Console report rows of this module's logged metrics (see `xclip.results`)."""
         rows = []
         for stage in STAGES:
-            for attr, names in self.classes.items():
+            for attr, names in self.class_names.items():
                 key = self.metric_key(stage, f"{attr}_acc")
                 if key in metrics:
                     rows.append(ReportRow("zero-shot classification", f"accuracy, {attr} ({len(names)} classes), "
@@ -126,10 +126,10 @@ class ZeroShotModule(ZeroShotEvaluation):
         text_batch_size: texts embedded per forward (prompt sets can be large).
     """
 
-    def __init__(self, backbone: str | Backbone = "xclip:tiny-shapes", classes: dict[str, list[str]] | None = None,
-                 prompts: dict[str, list[str]] | None = None, recall_ks: tuple[int, ...] = (1, 5, 10),
+    def __init__(self, backbone: str | Backbone = "xclip:tiny-shapes", class_names: dict[str, list[str]] | None = None,
+                 prompts: dict[str, list[str]] | None = None, ks: tuple[int, ...] = (1, 5, 10),
                  text_batch_size: int = 256):
-        super().__init__(classes=classes, prompts=prompts, recall_ks=recall_ks)
+        super().__init__(class_names=class_names, prompts=prompts, ks=ks)
         self.backbone, self.backbone_spec = resolve_backbone(backbone)
         self.backbone.eval().requires_grad_(False)
         self.text_batch_size = text_batch_size

@@ -1,6 +1,6 @@
 """`FaithfulnessExplanationCallback`: one comparison figure per prompt (its images sorted by global
 score, chosen and rejected marked, every patch map as a red-yellow-green heatmap / overlay) for
-the first `max_prompts` prompts of a validate/test run, to TensorBoard
+the first `max_items` prompts of a validate/test run, to TensorBoard
 (``<stage>/faithfulness/tipai/<prompt_id>``) and as PNG under ``<run dir>/<subdir>/<stage>/``, with
 an ``index.json`` there. The maps drawn are those the module scored and stored, so nothing is
 recomputed."""
@@ -13,16 +13,16 @@ from xclip.faithfulness.figures import prompt_figure
 
 
 class FaithfulnessExplanationCallback(StageCallback):
-    """Args: max_prompts: prompts drawn per run; alpha: overlay opacity; subdir: folder under the
+    """Args: max_items: prompts drawn per run; alpha: overlay opacity; subdir: folder under the
     run directory."""
 
     workflow = "faithfulness"
 
-    def __init__(self, max_prompts: int = 8, alpha: float = 0.5, subdir: str = "explanations/tipai"):
-        if max_prompts < 0:
-            raise ValueError("max_prompts must be >= 0")
+    def __init__(self, max_items: int = 8, alpha: float = 0.5, subdir: str = "explanations/tipai"):
+        if max_items < 0:
+            raise ValueError("max_items must be >= 0")
         super().__init__(subdir)
-        self.max_prompts, self.alpha = max_prompts, alpha
+        self.max_items, self.alpha = max_items, alpha
 
     def on_batch(self, trainer, pl_module, outputs, batch, dataloader_idx: int, stage: str) -> None:
         if not isinstance(outputs, dict) or "maps" not in outputs:
@@ -31,7 +31,7 @@ class FaithfulnessExplanationCallback(StageCallback):
         chosen = {int(c) for c, _ in outputs["pairs"].tolist()}
         rejected = {int(r) for _, r in outputs["pairs"].tolist()}
         for b, pid in enumerate(outputs["prompt_id"]):
-            if len(self.records) >= self.max_prompts:
+            if len(self.records) >= self.max_items:
                 return
             rows = (outputs["prompt_of"] == b).nonzero().flatten()
             if rows.numel() == 0:

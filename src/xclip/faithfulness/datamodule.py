@@ -227,37 +227,40 @@ class TiPAIDataModule(pl.LightningDataModule):
 
     Args:
         source: ``shapes`` (ShapesWorld faithfulness sets, the embedded default) or ``folder``.
-        root: the folder of ``source: folder`` (validate); ``test_root``: its held-out folder
-            for ``xclip test`` (a folder has no split of its own).
+        data_root: the folder of ``source: folder`` (validate); ``test_data_root``: its held-out
+            folder for ``xclip test`` (a folder has no split of its own).
         prompts_file: the prompts file name inside the folder.
-        n, seed, n_renderings: ShapesWorld: prompts per split, the seed (test prompts come from the
-            disjoint test key family), images per prompt.
+        n, seed, n_renderings: ShapesWorld: prompts per split, the base seed (validation prompts use
+            ``seed + 1000``, test prompts ``seed + 1000`` in the disjoint test key family), images per
+            prompt.
         image_size: side of the square images (the crop grid is cut from these pixels).
         batch_size: prompts per batch (each batch is one database transaction).
     """
 
-    def __init__(self, source: str = "shapes", root: str | None = None, test_root: str | None = None,
-                 prompts_file: str = "prompts.json", n: int = 200, seed: int = 1000, n_renderings: int = 4,
+    def __init__(self, source: str = "shapes", data_root: str | None = None, test_data_root: str | None = None,
+                 prompts_file: str = "prompts.json", n: int = 200, seed: int = 0, n_renderings: int = 4,
                  image_size: int = 64, batch_size: int = 8, num_workers: int = 0):
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"unknown TiPAI source {source!r}; choose from {SOURCES}")
-        if source == "folder" and not root:
-            raise ValueError("source='folder' needs root: the folder holding prompts.json and <prompt_id>_<seed>.png files")
-        self.source, self.root, self.test_root, self.prompts_file = source, root, test_root, prompts_file
+        if source == "folder" and not data_root:
+            raise ValueError("source='folder' needs data_root: the folder holding prompts.json and "
+                             "<prompt_id>_<seed>.png files")
+        self.source, self.data_root, self.test_data_root = source, data_root, test_data_root
+        self.prompts_file = prompts_file
         self.n, self.seed, self.n_renderings, self.image_size = n, seed, n_renderings, image_size
         self.batch_size, self.num_workers = batch_size, num_workers
 
     def dataset(self, split: str) -> Dataset:
         """The prompts of ``val`` or ``test``."""
         if self.source == "shapes":
-            return ShapesPrompts(self.n, self.seed, self.image_size, self.n_renderings, split)
+            return ShapesPrompts(self.n, self.seed + 1000, self.image_size, self.n_renderings, split)
         if split == "test":
-            if not self.test_root:
-                raise ValueError("source 'folder' has no held-out split: set test_root for `xclip test`, or run "
-                                 "`xclip validate` on root")
-            return PromptFolder(self.test_root, self.image_size, self.prompts_file)
-        return PromptFolder(self.root, self.image_size, self.prompts_file)
+            if not self.test_data_root:
+                raise ValueError("source 'folder' has no held-out split: set test_data_root for `xclip test`, or run "
+                                 "`xclip validate` on data_root")
+            return PromptFolder(self.test_data_root, self.image_size, self.prompts_file)
+        return PromptFolder(self.data_root, self.image_size, self.prompts_file)
 
     def _loader(self, split: str) -> DataLoader:
         return eval_loader(self.dataset(split), self.batch_size, collate_prompts, self.num_workers)

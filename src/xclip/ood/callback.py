@@ -2,7 +2,7 @@
 background region.
 
 The maps are the ones the module scored with (``NegAlignModule.step`` returns them), so nothing
-is recomputed. Per split, the first `max_per_split` images go to TensorBoard
+is recomputed. Per split, the first `max_items` images go to TensorBoard
 (``<stage>/ood/cam/<split>_<index>``) and to ``<run dir>/<subdir>/<stage>/`` as PNG (titled with the
 explained class, the explainer and the item, with a colour bar and the CAM's raw maximum) plus the
 raw CAM as NPY (patch grid) with its JSON sidecar, and ``index.json`` there.
@@ -27,10 +27,10 @@ def background_view(image01: torch.Tensor, fg_mask: torch.Tensor, dim: float = 0
 
 
 class OODExplanationCallback(StageCallback):
-    """Log NegAlign's CAM foreground/background for the first `max_per_split` images of each split.
+    """Log NegAlign's CAM foreground/background for the first `max_items` images of each split.
 
     Args:
-        max_per_split: images per split (ID, each OOD set; calibration is skipped).
+        max_items: images per split (ID, each OOD set; calibration is skipped).
         alpha: CAM overlay opacity.
         panel_px: side of each panel of the PNG / TensorBoard images.
         subdir: folder under the log directory.
@@ -38,12 +38,12 @@ class OODExplanationCallback(StageCallback):
 
     workflow = "ood"
 
-    def __init__(self, max_per_split: int = 4, alpha: float = 0.5, panel_px: int = 192,
+    def __init__(self, max_items: int = 4, alpha: float = 0.5, panel_px: int = 192,
                  subdir: str = "explanations/ood"):
-        if max_per_split < 0:
-            raise ValueError("max_per_split must be >= 0")
+        if max_items < 0:
+            raise ValueError("max_items must be >= 0")
         super().__init__(subdir)
-        self.max_per_split, self.alpha, self.panel_px = max_per_split, alpha, int(panel_px)
+        self.max_items, self.alpha, self.panel_px = max_items, alpha, int(panel_px)
 
     def on_batch(self, trainer, pl_module, outputs, batch, dataloader_idx: int, stage: str) -> None:
         if batch.get("role") == "calib":
@@ -54,7 +54,7 @@ class OODExplanationCallback(StageCallback):
             return
         split = batch.get("split", "?")
         done = sum(r["split"] == split for r in self.records)
-        take = min(self.max_per_split - done, outputs["cam"].shape[0])
+        take = min(self.max_items - done, outputs["cam"].shape[0])
         if take <= 0:
             return
         out_dir = self.stage_dir(trainer, stage)

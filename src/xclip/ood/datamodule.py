@@ -60,7 +60,7 @@ class OODDataModule(pl.LightningDataModule):
 
     Args:
         source: ``shapes`` or ``waterbirds``.
-        root: WaterBirds root (``metadata.csv`` + image folders).
+        data_root: WaterBirds root (``metadata.csv`` + image folders).
         ood_dirs: OOD set name -> image folder (searched recursively), for ``waterbirds``.
         val_split, test_split: WaterBirds splits of the validation and test ID sets.
         calib_split: WaterBirds split of the ID calibration set (None: no calibration); must differ
@@ -73,7 +73,7 @@ class OODDataModule(pl.LightningDataModule):
             base seed and extra :class:`SpuriousShapes` arguments (classes, places, correlation).
     """
 
-    def __init__(self, source: str = "shapes", root: str | None = None, ood_dirs: dict[str, str] | None = None,
+    def __init__(self, source: str = "shapes", data_root: str | None = None, ood_dirs: dict[str, str] | None = None,
                  val_split: int | str = "val", test_split: int | str = "test", calib_split: int | str | None = "train",
                  ood_test_fraction: float = 0.5, holdout_seed: int = 0, image_size: int | None = None,
                  n_id: int = 1000, n_ood: int = 1000, n_calib: int = 500, seed: int = 0,
@@ -81,15 +81,15 @@ class OODDataModule(pl.LightningDataModule):
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-        if source == "waterbirds" and (root is None or not ood_dirs):
-            raise ValueError("source 'waterbirds' needs `root` (the WaterBirds folder) and `ood_dirs` "
+        if source == "waterbirds" and (data_root is None or not ood_dirs):
+            raise ValueError("source 'waterbirds' needs `data_root` (the WaterBirds folder) and `ood_dirs` "
                              "(name -> image folder, e.g. {placesbg: data/placesbg})")
         if calib_split is not None and calib_split in (val_split, test_split):
             raise ValueError(f"calib_split {calib_split!r} is also an evaluated split: calibration statistics must "
                              "come from other ID data (e.g. calib_split: train)")
         if not 0.0 < ood_test_fraction < 1.0:
             raise ValueError(f"ood_test_fraction must lie in (0, 1), got {ood_test_fraction}")
-        self.source, self.root, self.ood_dirs = source, root, dict(ood_dirs or {})
+        self.source, self.data_root, self.ood_dirs = source, data_root, dict(ood_dirs or {})
         self.val_split, self.test_split, self.calib_split = val_split, test_split, calib_split
         self.ood_test_fraction, self.holdout_seed = ood_test_fraction, holdout_seed
         self.image_size = image_size or (64 if source == "shapes" else 224)
@@ -120,7 +120,7 @@ class OODDataModule(pl.LightningDataModule):
                     ("ood_background", "ood", shapes(self.n_ood, base + 1, "background")),
                     ("ood_novel_shape", "ood", shapes(self.n_ood, base + 2, "novel_shape"))]
         split = self.test_split if partition == "test" else self.val_split
-        out: list[tuple[str, str, Dataset]] = [("id", "id", WaterBirds(self.root, split, self.image_size))]
+        out: list[tuple[str, str, Dataset]] = [("id", "id", WaterBirds(self.data_root, split, self.image_size))]
         out.extend((f"ood_{name}", "ood", self._holdout_part(ImageFolder(path, self.image_size), partition))
                    for name, path in self.ood_dirs.items())
         return out
@@ -132,7 +132,7 @@ class OODDataModule(pl.LightningDataModule):
                 return None
             return SpuriousShapes(n=self.n_calib, seed=self.seed + 2000, image_size=self.image_size,
                                   **self.shapes_options)
-        return None if self.calib_split is None else WaterBirds(self.root, self.calib_split, self.image_size)
+        return None if self.calib_split is None else WaterBirds(self.data_root, self.calib_split, self.image_size)
 
     def _loader(self, ds: Dataset, split: str, role: str, partition: str) -> DataLoader:
         return eval_loader(ds, self.batch_size, TaggedCollate(split, role, partition), self.num_workers)

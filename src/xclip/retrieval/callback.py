@@ -60,7 +60,7 @@ class RetrievalExplanationCallback(StageCallback):
     ``<stage>/retrieval/improvements/all``.
 
     Args:
-        n_failures: size of the seeded failure sample that gets cards and sheets.
+        max_items: size of the seeded failure sample that gets cards and sheets.
         seed: seed of the sample and of the sheet assignment.
         n_annotators, per_annotator, overlap: sheets ``annotator_1..n``, each with `per_annotator`
             own failures plus the `overlap` shared ones (shrunk, with a warning, when the sample
@@ -75,19 +75,19 @@ class RetrievalExplanationCallback(StageCallback):
         templates, poolings, tau: the ensembling (``{}`` is the caption; ``mean|max|logsumexp``).
         rerank_k, rerank_weight, lexical: re-rank the top `rerank_k` by
             ``score + rerank_weight * lexical`` (``tfidf|overlap``).
-        recall_ks: the K of the improvement table.
+        ks: the K of the improvement table.
         subdir: folder under the run directory.
     """
 
     workflow = "retrieval"
     write_empty_index = True  # "no failure" is a result
 
-    def __init__(self, n_failures: int = 50, seed: int = 0, n_annotators: int = 2, per_annotator: int = 20,
+    def __init__(self, max_items: int = 50, seed: int = 0, n_annotators: int = 2, per_annotator: int = 20,
                  overlap: int = 10, cards: bool = True, card_batch_size: int = 8, card_size: int = 256,
                  log_cards: int = 4, autolabel: bool = True, labels_csv: str | None = None,
                  improvements: bool = True, templates: Sequence[str] = DEFAULT_TEMPLATES,
                  poolings: Sequence[str] = POOLINGS, tau: float = 0.01, rerank_k: int = 10,
-                 rerank_weight: float = 0.1, lexical: str = "tfidf", recall_ks: Sequence[int] = (1, 5, 10),
+                 rerank_weight: float = 0.1, lexical: str = "tfidf", ks: Sequence[int] = (1, 5, 10),
                  subdir: str = "failures"):
         super().__init__(subdir)
         unknown = [p for p in poolings if p not in POOLINGS]
@@ -96,13 +96,13 @@ class RetrievalExplanationCallback(StageCallback):
                              f"(got {lexical!r})")
         if any("{}" not in t for t in templates):
             raise ValueError(f"every template needs a '{{}}' for the caption, got {list(templates)}")
-        self.n_failures, self.seed = n_failures, seed
+        self.max_items, self.seed = max_items, seed
         self.n_annotators, self.per_annotator, self.overlap = n_annotators, per_annotator, overlap
         self.cards, self.card_batch_size, self.card_size, self.log_cards = cards, card_batch_size, card_size, log_cards
         self.autolabel, self.labels_csv = autolabel, labels_csv
         self.improvements, self.templates, self.poolings, self.tau = improvements, list(templates), list(poolings), tau
         self.rerank_k, self.rerank_weight, self.lexical = rerank_k, rerank_weight, lexical
-        self.recall_ks = tuple(recall_ks)
+        self.ks = tuple(ks)
         self._summary: dict[str, Any] = {}
 
     def end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -127,7 +127,7 @@ class RetrievalExplanationCallback(StageCallback):
         auto = autolabel_failures(failures, gallery.scene) if self.autolabel and hasattr(gallery, "scene") else None
         write_failures_csv(out / "failures.csv", failures, {"auto_label": auto} if auto is not None else None)
 
-        sample = sample_failures(failures, self.n_failures, self.seed)
+        sample = sample_failures(failures, self.max_items, self.seed)
         cards = self._cards(trainer, stage, module.backbone, sample, gallery, out / "cards") \
             if self.cards and sample else {}
         per_annotator, overlap = feasible_counts(len(sample), self.n_annotators, self.per_annotator, self.overlap)
@@ -152,7 +152,7 @@ class RetrievalExplanationCallback(StageCallback):
         if self.improvements:
             labels = self._subset_labels(failures, auto)
             rows = self._improvements(module.backbone, emb, captions, top1["text_index"], labels, row_text_ids)
-            _, png = write_improvements(out, rows, self.recall_ks)
+            _, png = write_improvements(out, rows, self.ks)
             summary["improvements"] = rows
             self._log_png(trainer, stage, "improvements", "all", png)
         self._summary = summary
@@ -205,7 +205,7 @@ class RetrievalExplanationCallback(StageCallback):
             rows = [row_of[t] for t, lab in labels.items() if lab == label and t in row_of]
             if rows:
                 subsets[f"failures:{label}"] = torch.tensor(sorted(rows), dtype=torch.long)
-        return improvement_rows(ranks, subsets, self.recall_ks, params)
+        return improvement_rows(ranks, subsets, self.ks, params)
 
 
 def retrieval_member(pl_module: pl.LightningModule) -> pl.LightningModule:

@@ -31,7 +31,8 @@ class RetrievalDataModule(pl.LightningDataModule):
     Args:
         source: ``shapes`` | ``coco`` | ``karpathy``.
         n: gallery size (shapes), or the seeded subset size (coco, karpathy; None = all).
-        seed: the ShapesWorld seed, or the seed of the subset draw.
+        seed: the base seed: ShapesWorld galleries use ``seed + 1000`` (the test gallery in the
+            disjoint test key family); coco / karpathy draw their subset with it.
         image_size: side of the square images (resized shorter side + centre crop for files).
         data_root: coco: the COCO directory; karpathy: the directory ``filepath/filename`` is under.
         annotations: relative to `data_root`; default ``annotations/captions_val2017.json`` (coco),
@@ -42,7 +43,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         max_objects, captions_per_image: shapes only.
     """
 
-    def __init__(self, source: str = "shapes", n: int | None = 1000, seed: int = 1000, image_size: int = 64,
+    def __init__(self, source: str = "shapes", n: int | None = 1000, seed: int = 0, image_size: int = 64,
                  data_root: str | None = None, annotations: str | None = None, images: str = "val2017",
                  val_split: str = "val", test_split: str = "test", max_objects: int = 3,
                  captions_per_image: int = 2, batch_size: int = 128, num_workers: int = 0):
@@ -75,7 +76,7 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def _build(self, split: str) -> CaptionGallery:
         if self.source == "shapes":
-            return ShapesGallery(n=self.n, seed=self.seed, image_size=self.image_size, max_objects=self.max_objects,
+            return ShapesGallery(n=self.n, seed=self.seed + 1000, image_size=self.image_size, max_objects=self.max_objects,
                                  captions_per_image=self.captions_per_image, split=split)
         if self.source == "coco":
             if split == "test":

@@ -43,7 +43,7 @@ class RetrievalModule(EvaluationModule):
     Args:
         backbone: a ``load_backbone`` spec (loaded once per process and shared, see
             `xclip.backbones.shared_backbone`) or a `Backbone` object.
-        recall_ks: the K of Recall@K.
+        ks: the K of Recall@K.
         text_batch_size: captions embedded per forward.
         cache_dir: root of the embedding cache (None: no cache). A hit skips the model and, with a
             ``RetrievalDataModule``, reading the images.
@@ -52,14 +52,14 @@ class RetrievalModule(EvaluationModule):
     workflow = "retrieval"
     tasks = ("retrieval",)
 
-    def __init__(self, backbone: str | Backbone = "xclip:tiny-shapes", recall_ks: tuple[int, ...] = (1, 5, 10),
+    def __init__(self, backbone: str | Backbone = "xclip:tiny-shapes", ks: tuple[int, ...] = (1, 5, 10),
                  text_batch_size: int = 256, cache_dir: str | None = None):
         super().__init__()
         self.backbone, self.backbone_spec = resolve_backbone(backbone)
-        self.recall_ks = tuple(recall_ks)
+        self.ks = tuple(ks)
         self.backbone.eval().requires_grad_(False)
         self.text_batch_size, self.cache_dir = text_batch_size, cache_dir
-        self.recall = RetrievalRecall(self.recall_ks)
+        self.recall = RetrievalRecall(self.ks)
         self.gallery: CaptionGallery | None = None
         self.gallery_embeddings: GalleryEmbeddings | None = None
         self.recall_values: dict[str, float] = {}  # exact fractions (logged metrics are float32)
@@ -120,7 +120,7 @@ class RetrievalModule(EvaluationModule):
         if emb is None:
             return
         self.gallery_embeddings = emb
-        metrics = retrieval_recall_at_k(emb.image_emb, emb.text_emb, emb.text_to_image, self.recall_ks)
+        metrics = retrieval_recall_at_k(emb.image_emb, emb.text_emb, emb.text_to_image, self.ks)
         self.recall_values = {self.metric_key(stage, k): v for k, v in metrics.items()}
         for name, value in metrics.items():
             self.log_metric(stage, name, value)  # computed from the gathered gallery: same on every process
