@@ -453,10 +453,9 @@ def test_hf_hub_id_from_cache_loads_offline(empty_caches, monkeypatch):
 
 # ---- unsupported variants ------------------------------------------------------------------
 @pytest.mark.parametrize("overrides,message", [
-    (dict(vision_cfg={**VISION_CFG, "pool_type": "avg"}), "pool_type"),
-    (dict(vision_cfg={**VISION_CFG, "attentional_pool": True}), "attention pooling"),
     (dict(vision_cfg={**VISION_CFG, "scaled_cosine_attn": True}), "scaled-cosine"),
-    (dict(text_cfg={**TEXT_CFG, "no_causal_mask": True}), "non-causal"),
+    (dict(vision_cfg={**VISION_CFG, "qk_norm": True}), "qk-norm"),
+    (dict(text_cfg={**TEXT_CFG, "scale_heads": True}), "per-head attention scaling"),
 ])
 def test_unsupported_variants_rejected(overrides, message):
     with pytest.raises(NotImplementedError, match=message):

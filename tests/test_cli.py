@@ -317,7 +317,8 @@ def _module_at(path: Path, source: str):
 def test_the_error_named_comes_from_the_package_not_a_venv_in_a_folder_named_xclip(tmp_path, monkeypatch):
     """A clone named `xclip` holds its venv (`xclip/.venv/...`): a dependency's frames there are not
     xclip's own, and an error raised `from None` does not hand over to its suppressed context."""
-    import xclip.backbones.loading as loading
+    import xclip.backbones.backends.xclip_checkpoint as loading
+    from xclip.backbones import load_backbone
     from xclip.cli import is_own_frame, root_cause
 
     dependency = _module_at(tmp_path / "xclip" / ".venv" / "lib" / "python3.11" / "site-packages" / "fakesafe.py",
@@ -330,7 +331,7 @@ def test_the_error_named_comes_from_the_package_not_a_venv_in_a_folder_named_xcl
 
     shutil.copytree(Path(DEMO).parents[1] / "checkpoints" / "tiny-shapes", copy)
     with pytest.raises(ValueError) as exc:
-        loading.load_backbone(str(copy))
+        load_backbone(str(copy))
     assert isinstance(exc.value.__context__, RuntimeError)  # the dependency's error is still attached
     try:
         raise RuntimeError("a wrapper's message") from exc.value  # how jsonargparse/Lightning wrap it

@@ -117,7 +117,8 @@ def test_exporting_over_a_checkpoint_needs_overwrite_and_is_checked_before_train
 
 
 def test_save_checkpoint_is_atomic_and_refuses_to_overwrite(tmp_path, monkeypatch):
-    from xclip.backbones import loading, save_checkpoint
+    from xclip.backbones import save_checkpoint
+    from xclip.backbones.backends import xclip_checkpoint as loading
 
     target = tmp_path / "copy"
     shutil.copytree(SHIPPED, target)

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from xclip.backbones import Backbone
-from xclip.backbones.loading import checkpoint_path
+from xclip.backbones import checkpoint_path
 from xclip.io import atomic_directory
 
 SEARLE_URL = "https://github.com/miccunifi/SEARLE/releases/download/weights/{file}"
@@ -74,9 +74,7 @@ class Phi(nn.Module):
 
 def token_width(backbone: Backbone) -> int:
     """Width W of the backbone's token embeddings (what a pseudo token must have)."""
-    probe = torch.full((1, 1), backbone.sot_id, dtype=torch.long, device=backbone.device)
-    with torch.no_grad():
-        return int(backbone.token_embedding(probe).shape[-1])
+    return int(backbone.text.width)
 
 
 def check_compatible(phi: Phi, backbone: Backbone) -> None:

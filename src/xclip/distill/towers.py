@@ -49,15 +49,15 @@ def ensure_hub_files(repo: str, what: str, filename: str = "config.json") -> boo
     download and where when it is not."""
     from huggingface_hub import constants
 
-    from xclip.backbones.loading import _ensure_online, _hub_address  # the backbones' offline probe
+    from xclip.backbones.network import ensure_online, hub_address  # the backbones' offline probe
 
     if isinstance(try_to_load_from_cache(repo, filename), str):
         return True
-    _ensure_online(f"{what} {repo!r}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and no such "
+    ensure_online(f"{what} {repo!r}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and no such "
                    "local directory",
                    f"Download it on a connected machine with `hf download {repo}` and copy the cache here (set "
                    "HF_HUB_CACHE if it lives elsewhere), or pass a config dict with `model_type` to build the "
-                   "tower offline.", _hub_address())
+                   "tower offline.", hub_address())
     return False
 
 

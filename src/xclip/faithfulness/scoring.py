@@ -142,8 +142,8 @@ class TiPAIScorer:
             with torch.no_grad(), autocast(self.backbone.device, self.precision):
                 trace = self.backbone.trace_image(x, n_blocks=1)
                 image_emb = F.normalize(trace.embedding.float(), dim=-1)
-                patches = F.normalize(self.backbone.image_head(trace.patch_tokens).float(), dim=-1)  # [N, P, D]
-            similarity = (patches * t[:, None]).sum(-1).unflatten(1, self.backbone.patch_grid(x))
+                patches = F.normalize(self.backbone.patch_features(trace).float(), dim=-1)  # [N, P, D]
+            similarity = (patches * t[:, None]).sum(-1).unflatten(1, trace.grid)
             terms = self.explainer.terms(x, t, pairs=True, trace=trace)
             evidence = combine_terms(terms.spatial, terms.channel)[:, 0]
         maps = {"dense": resample_to_cells(similarity.double(), self.grid, size).float(),
