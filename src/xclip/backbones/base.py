@@ -221,8 +221,9 @@ class PoolTrace:
     tokens [N, L, C]: what the pooling step reads (prefix tokens first; for a ViT the last block's
     normalised input, for SigLIP / PE the trunk's normalised output, for ResNet the last feature map,
     for ConvNeXt / FastViT / Swin the last stage's features): the activations Grad-CAM weighs.
-    ``forward(tokens) -> embedding [N, D]`` recomputes the pooling step and the head from them.
-    attention: the read-out when the pooling is attention (None for average pooling).
+    ``forward(tokens) -> embedding [N, D]`` recomputes the pooling step and the head from them (for
+    the trace's own N images: a class-token row keeps its residual). attention: the read-out when
+    the pooling is attention (None for average pooling).
     """
 
     tokens: Tensor
@@ -292,8 +293,9 @@ class VisionTower(ABC):
     family: str = "image tower"
     pooling: str = "average"
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, encode_fn: Callable[[Tensor], Tensor] | None = None):
         self.module = module
+        self._encode_fn = encode_fn
 
     @property
     def has_attention_pool(self) -> bool:
@@ -316,9 +318,9 @@ class VisionTower(ABC):
         """Whether inputs of other sizes than `image_size` are supported (interpolated positions)."""
         return False
 
-    @abstractmethod
     def encode(self, images: Tensor) -> Tensor:
         """The library's own image encoder at the model's input size: [N, 3, S, S] -> [N, D]."""
+        return self._encode_fn(images) if self._encode_fn is not None else self.module(images)
 
     @abstractmethod
     def trace(self, images: Tensor, n_blocks: int) -> ImageTrace:

@@ -10,6 +10,8 @@ built-in one (causal or not; argmax, EOS, last-token or CoCa class-token pooling
 
 from __future__ import annotations
 
+from functools import partial
+
 import open_clip
 import torch
 import torch.nn.functional as F
@@ -111,8 +113,8 @@ class OpenCLIPViTTower(SequenceVisionTower):
 
     prefix = 1
 
-    def __init__(self, visual: VisionTransformer):
-        super().__init__(visual)
+    def __init__(self, visual: VisionTransformer, encode_fn=None):
+        super().__init__(visual, encode_fn)
         self._image_size = _side(visual.image_size)
         if getattr(visual, "attn_pool_type", "") in ("parallel", "cascade") or getattr(
                 visual, "attn_pool_contrastive", None) is not None:
@@ -149,9 +151,6 @@ class OpenCLIPViTTower(SequenceVisionTower):
     @property
     def other_sizes(self) -> bool:
         return True
-
-    def encode(self, images: Tensor) -> Tensor:
-        return self.module(images)
 
     def embed(self, images: Tensor, grid: tuple[int, int]) -> Tensor:
         v = self.module
@@ -225,9 +224,6 @@ class ModifiedResNetTower(VisionTower):
     @property
     def token_width(self) -> int:
         return self.module.attnpool.k_proj.in_features
-
-    def encode(self, images: Tensor) -> Tensor:
-        return self.module(images)
 
     def _features(self, images: Tensor) -> Tensor:
         m = self.module
@@ -354,8 +350,9 @@ class HFTextEncoderTower(TextTower):
 
     causal = False
 
-    def __init__(self, text: nn.Module):
+    def __init__(self, text: nn.Module, encode_fn):
         super().__init__(text)
+        self._encode_fn = encode_fn
         self.family = f"{text.config.model_type} text encoder ({type(text.pooler).__name__})"
 
     @property
@@ -363,7 +360,7 @@ class HFTextEncoderTower(TextTower):
         return self.module.transformer.get_input_embeddings().weight.shape[1]
 
     def encode(self, tokens: Tensor) -> Tensor:
-        return self.module(tokens)
+        return self._encode_fn(tokens)
 
     def token_embedding(self, tokens: Tensor) -> Tensor:
         return self.module.transformer.get_input_embeddings()(tokens)
@@ -387,11 +384,11 @@ def _vision_towers() -> list[type]:
     return [OpenCLIPViTTower, ModifiedResNetTower, *TIMM_TOWERS]
 
 
-def _vision_tower(visual: nn.Module) -> VisionTower:
+def _vision_tower(model: nn.Module) -> VisionTower:
     for cls in _vision_towers():
-        if cls.matches(visual):
-            return cls(visual)
-    raise _unsupported(f"a {type(visual).__name__} image tower")
+        if cls.matches(model.visual):
+            return cls(model.visual, partial(model.encode_image, normalize=False))  # CoCa normalises by default
+    raise _unsupported(f"a {type(model.visual).__name__} image tower")
 
 
 def _text_tower(model: nn.Module) -> TextTower:
@@ -399,12 +396,13 @@ def _text_tower(model: nn.Module) -> TextTower:
 
     if isinstance(model, CustomTextCLIP) or hasattr(model, "text"):
         text = model.text
+        encode = partial(model.encode_text, normalize=False)
         if isinstance(text, HFTextEncoder):
-            return HFTextEncoderTower(text)
+            return HFTextEncoderTower(text, encode)
         if isinstance(text, TextTransformer):
-            return OpenCLIPTextTower(text, model.encode_text)
+            return OpenCLIPTextTower(text, encode)
         raise _unsupported(f"a {type(text).__name__} text tower")
-    return OpenCLIPTextTower(model, model.encode_text)
+    return OpenCLIPTextTower(model, partial(model.encode_text, normalize=False))
 
 
 class OpenCLIPBackbone(Backbone):
@@ -418,7 +416,7 @@ class OpenCLIPBackbone(Backbone):
                  preprocess_cfg: PreprocessCfg | None = None, model_cfg: dict | None = None):
         if not isinstance(model, (CLIP, CustomTextCLIP)) and not hasattr(model, "visual"):
             raise _unsupported(f"model class {type(model).__name__}")
-        vision = _vision_tower(model.visual)
+        vision = _vision_tower(model)
         text = _text_tower(model)
         if preprocess_cfg is None:
             oc_cfg = getattr(model.visual, "preprocess_cfg", None) or {}
@@ -453,9 +451,20 @@ def default_tokenizer(model: nn.Module) -> TextTokenizer:
     text = getattr(model, "text", model)
     vocab = getattr(text, "vocab_size", None)
     if vocab == 49408 and hasattr(model, "context_length"):
-        return ClipBPETokenizer(model.context_length)
+        return ClipBPETokenizer(text_context_length(model))
     raise ValueError(f"the text tower's vocabulary ({vocab} tokens) is not the CLIP BPE's: pass tokenizer= "
                      "(e.g. open_clip.get_tokenizer('<arch>'), or any transformers tokenizer)")
+
+
+def text_context_length(model: nn.Module) -> int:
+    """The context the tokenizer pads to: the model's, except for Hugging Face text towers, whose
+    ``context_length`` is their position table (514 for RoBERTa, none for mT5): open_clip
+    tokenizes those to 77 tokens."""
+    from open_clip.hf_model import HFTextEncoder
+
+    if isinstance(getattr(model, "text", None), HFTextEncoder):
+        return min(model.context_length, 77) if model.context_length else 77
+    return int(model.context_length)
 
 
 def openclip_tokenizer(arch: str, context_length: int) -> TextTokenizer:

@@ -79,7 +79,8 @@ def reduced_config(arch: str) -> dict:
                 v["attn_pooler_queries"] = min(int(v.get("attn_pooler_queries", 256)), 8)
     t = cfg["text_cfg"]
     if t.get("hf_model_name") is None:
-        t.update(width=WIDTH, heads=2, layers=2)
+        # a text tower without projection outputs its own width as the embedding
+        t.update(width=cfg["embed_dim"] if t.get("proj_type") == "none" else WIDTH, heads=2, layers=2)
         t.pop("mlp_ratio", None)
         if t.get("vocab_size", 49408) != 49408:
             t["vocab_size"] = OFFLINE_VOCAB_SIZE  # the offline stand-in tokenizer's

@@ -87,28 +87,35 @@ def _scale(gamma: Tensor | None) -> Callable[[Tensor], Tensor]:
 
 
 def timm_block_view(block: nn.Module, rope: Tensor | None) -> BlockView:
-    """A timm ``Block`` or ``EvaBlock`` as a view (post-norm blocks are refused)."""
+    """A timm ``Block``, ``EvaBlock`` or ``EvaBlockPostNorm`` as a view. A post-norm block
+    (``x + norm1(attn(x))``, ``x + norm2(mlp(x))``, EVA02-E) is the same recompute with identity
+    pre-norms and its norms in the residual branches' scale slots."""
     name = type(block).__name__
-    if name not in ("Block", "EvaBlock"):
-        raise _unsupported(f"{name} blocks (only pre-norm Block / EvaBlock)")
+    if name not in ("Block", "EvaBlock", "EvaBlockPostNorm"):
+        raise _unsupported(f"{name} blocks (only Block / EvaBlock / EvaBlockPostNorm)")
     attn = block.attn
+    identity = nn.Identity()
+    out_proj = lambda a: attn.proj(attn.norm(a))  # noqa: E731
+    qkv = _attention_qkv(attn, rope)
     if name == "Block":
-        ls_1, ls_2 = block.ls1, block.ls2
-        native = lambda x, mask: block(x)  # noqa: E731  (vision blocks run without a mask)
-    else:
-        ls_1, ls_2 = _scale(block.gamma_1), _scale(block.gamma_2)
-        native = lambda x, mask: block(x, rope=rope)  # noqa: E731
-    return BlockView(ln_1=block.norm1, qkv=_attention_qkv(attn, rope), num_heads=attn.num_heads,
-                     out_proj=lambda a: attn.proj(attn.norm(a)), ls_1=ls_1, ln_2=block.norm2, mlp=block.mlp,
-                     ls_2=ls_2, native=native)
+        return BlockView(ln_1=block.norm1, qkv=qkv, num_heads=attn.num_heads, out_proj=out_proj, ls_1=block.ls1,
+                         ln_2=block.norm2, mlp=block.mlp, ls_2=block.ls2,
+                         native=lambda x, mask: block(x))  # vision blocks run without a mask
+    native = lambda x, mask: block(x, rope=rope)  # noqa: E731
+    if name == "EvaBlockPostNorm":
+        return BlockView(ln_1=identity, qkv=qkv, num_heads=attn.num_heads, out_proj=out_proj, ls_1=block.norm1,
+                         ln_2=identity, mlp=block.mlp, ls_2=block.norm2, native=native)
+    return BlockView(ln_1=block.norm1, qkv=qkv, num_heads=attn.num_heads, out_proj=out_proj,
+                     ls_1=_scale(block.gamma_1), ln_2=block.norm2, mlp=block.mlp, ls_2=_scale(block.gamma_2),
+                     native=native)
 
 
 # ---- ViT / Eva trunks ---------------------------------------------------------------------------------
 class TimmViTTower(SequenceVisionTower):
     """A timm ``VisionTransformer`` or ``Eva`` trunk (see the module docstring)."""
 
-    def __init__(self, visual: nn.Module):
-        super().__init__(visual)
+    def __init__(self, visual: nn.Module, encode_fn=None):
+        super().__init__(visual, encode_fn)
         trunk = visual.trunk
         self.trunk = trunk
         self.eva = type(trunk).__name__ == "Eva"
@@ -150,9 +157,6 @@ class TimmViTTower(SequenceVisionTower):
     @property
     def token_width(self) -> int:
         return int(self.trunk.embed_dim)
-
-    def encode(self, images: Tensor) -> Tensor:
-        return self.module(images)
 
     def _rope(self, grid: tuple[int, int]) -> Tensor | None:
         rope = getattr(self.trunk, "rope", None)
@@ -221,8 +225,8 @@ class TimmFeatureMapTower(VisionTower):
 
     pooling = "average"
 
-    def __init__(self, visual: nn.Module):
-        super().__init__(visual)
+    def __init__(self, visual: nn.Module, encode_fn=None):
+        super().__init__(visual, encode_fn)
         self.trunk = visual.trunk
         name = type(self.trunk).__name__
         self.family = {"ConvNeXt": "ConvNeXt", "FastVit": "FastViT (MobileCLIP-S)",
@@ -250,9 +254,6 @@ class TimmFeatureMapTower(VisionTower):
     @property
     def token_width(self) -> int:
         return int(self.trunk.num_features)
-
-    def encode(self, images: Tensor) -> Tensor:
-        return self.module(images)
 
     def _to_map(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
         x = tokens.unflatten(1, grid)  # [N, h, w, C]
@@ -294,8 +295,8 @@ class TimmEncodeOnlyTower(VisionTower):
 
     pooling = "untraced"
 
-    def __init__(self, visual: nn.Module):
-        super().__init__(visual)
+    def __init__(self, visual: nn.Module, encode_fn=None):
+        super().__init__(visual, encode_fn)
         self.family = f"timm {type(visual.trunk).__name__}"
 
     @staticmethod
@@ -318,9 +319,6 @@ class TimmEncodeOnlyTower(VisionTower):
     @property
     def token_width(self) -> int:
         return int(self.module.trunk.num_features)
-
-    def encode(self, images: Tensor) -> Tensor:
-        return self.module(images)
 
     def _refuse(self, what: str) -> UnsupportedFamily:
         return UnsupportedFamily(f"{what} is not available for {self.family}: its attention adds a learned "

@@ -102,12 +102,13 @@ def adapt_tokenizer(tokenizer: object | None, context_length: int) -> TextTokeni
         if tokenizer.reduction_fn is not None:
             raise NotImplementedError("open_clip tokenizers with a reduction strategy (random/shuffle/syntax masks) "
                                       "are training-time augmentations: pass the plain SimpleTokenizer")
-        return ClipBPETokenizer(context_length, tokenizer)
+        return ClipBPETokenizer(tokenizer.context_length or context_length, tokenizer)
     if isinstance(tokenizer, HFTokenizer):
         if tokenizer.tokenizer_mode:
             raise NotImplementedError(f"open_clip HFTokenizer mode {tokenizer.tokenizer_mode!r} (appends a class "
                                       "token after padding) is not supported: pass its .tokenizer instead")
-        return HFTokenizerAdapter(tokenizer.tokenizer, context_length, tokenizer.clean_fn, tokenizer.strip_sep_token)
+        return HFTokenizerAdapter(tokenizer.tokenizer, tokenizer.context_length or context_length, tokenizer.clean_fn,
+                                  tokenizer.strip_sep_token)
     if hasattr(tokenizer, "convert_ids_to_tokens"):
         return HFTokenizerAdapter(tokenizer, context_length)
     raise TypeError(f"unsupported tokenizer {type(tokenizer).__name__}: pass an open_clip or transformers tokenizer, "

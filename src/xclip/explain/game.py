@@ -20,7 +20,7 @@ from torch import Tensor
 
 from xclip.backbones.base import UnsupportedFamily
 from xclip.explain.base import Explainer, Texts, explaining, per_text_gradients
-from xclip.explain.targets import Target, resolve_target
+from xclip.explain.targets import Target
 
 
 def rollout(attentions: list[Tensor], grads: list[Tensor]) -> Tensor:
@@ -67,7 +67,7 @@ class GAME(Explainer):
         return (blocks if cls else blocks + 1), cls
 
     def _maps(self, images: Tensor, texts: Texts, target: str | Target, pairs: bool) -> Tensor:
-        target_fn = resolve_target(target)
+        target_fn = self.target_fn(target)
         depth, cls = self._depth()
         start = self.start_layer + depth if self.start_layer < 0 else self.start_layer
         if not 0 <= start < depth:

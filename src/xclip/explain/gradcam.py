@@ -23,7 +23,7 @@ from torch import Tensor
 
 from xclip.backbones.base import BlockView, ImageTrace, UnsupportedFamily, attention_readout, head_view
 from xclip.explain.base import Explainer, Texts, explaining, per_text_gradients
-from xclip.explain.targets import Target, resolve_target
+from xclip.explain.targets import Target
 
 LAYERS = ("ln_1", "block_input")
 
@@ -72,7 +72,7 @@ class GradCAM(Explainer):
             return self.maps_from_block_input(trace.blocks[-1].x_in, texts, target, pairs, grid=trace.grid)
         if trace.pool is None:
             raise ValueError("the trace has no pooling step: trace the images with n_blocks >= 1")
-        target_fn = resolve_target(target)
+        target_fn = self.target_fn(target)
         pool = trace.pool
         with explaining(self.backbone.model):
             text_emb = self.text_embeddings(texts)
@@ -92,7 +92,7 @@ class GradCAM(Explainer):
         if self.backbone.vision.pooling != "class token":
             raise UnsupportedFamily(f"maps_from_block_input needs a class-token ViT, not {self.backbone.vision.family}: "
                                     "use maps_from_trace(backbone.trace_image(images, 1), texts)")
-        target_fn = resolve_target(target)
+        target_fn = self.target_fn(target)
         view = self.backbone.vision_blocks()[-1]
         prefix = self.backbone.vision.prefix
         gh, gw = grid or self.backbone.grid_size

@@ -71,7 +71,7 @@ from xclip.backbones.base import (
     trace_block,
 )
 from xclip.explain.base import Explainer, Texts, as_text_list, check_pairs, explaining, minmax, per_text_gradients
-from xclip.explain.targets import Target, cosine, resolve_target
+from xclip.explain.targets import Target, cosine
 
 MODES = ("model", "reference")
 
@@ -166,7 +166,8 @@ class GradECLIP(Explainer):
 
     ``image_maps(images [N,3,S,S], texts) -> [N, K, gh, gw]`` raw non-negative maps;
     ``text_maps(images, texts) -> TextMaps``. `texts` are K strings or (image maps only) K text
-    embeddings [K, D]; `target` is ``"cosine"``, ``"softmax"`` or a callable (see `targets`).
+    embeddings [K, D]; `target` is ``"cosine"``, ``"softmax"``, ``"probability"`` (the model's own, see
+    `Explainer.target_fn`) or a callable (see `targets`).
 
     Args:
         backbone: an xclip backbone (open_clip or HF).
@@ -202,7 +203,7 @@ class GradECLIP(Explainer):
         if pairs:
             check_pairs(images, texts)
         self.require_attention_pool()
-        target_fn = resolve_target(target)
+        target_fn = self.target_fn(target)
         images = images.to(self.backbone.device)
         with explaining(self.backbone.model), self.autocast():
             text_emb = self.text_embeddings(texts)
@@ -252,7 +253,7 @@ class GradECLIP(Explainer):
         image forward then). With `pseudo_tokens` [K, W] (SEARLE), the first ``$`` of text k reads
         pseudo token k instead of its token embedding; ``$`` keeps its score as a word of its own.
         """
-        target_fn = resolve_target(target)
+        target_fn = self.target_fn(target)
         if images.ndim == 2:  # embeddings: the model-input checks do not apply
             if images.shape[1] != self.backbone.embed_dim:
                 raise ValueError(f"image embeddings must be [N, {self.backbone.embed_dim}], got {tuple(images.shape)}")

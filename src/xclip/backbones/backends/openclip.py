@@ -29,7 +29,7 @@ def load_openclip(ref: str) -> Backbone:
     """``<arch>[/<tag or weights file>]`` -> an `OpenCLIPBackbone` with the arch's tokenizer."""
     import open_clip
 
-    from ..openclip import OpenCLIPBackbone, openclip_tokenizer
+    from ..openclip import OpenCLIPBackbone, openclip_tokenizer, text_context_length
 
     arch, _, weights = ref.partition("/")
     if arch not in open_clip.list_models():
@@ -65,7 +65,7 @@ def load_openclip(ref: str) -> Backbone:
                 f"openclip:{ref}: {weights!r} is neither a pretrained tag of {arch} nor an existing file; "
                 f"tags for {arch}: {open_clip.list_pretrained_tags_by_model(arch)} (see open_clip.list_pretrained())"
             )
-    tokenizer = openclip_tokenizer(arch, model.context_length)
+    tokenizer = openclip_tokenizer(arch, text_context_length(model))
     return OpenCLIPBackbone(model, tokenizer, model_cfg=model_cfg)
 
 
@@ -121,9 +121,9 @@ def _claims_model(model: nn.Module) -> bool:
 
 
 def _wrap(model: nn.Module, tokenizer: object | None, preprocess_cfg: PreprocessCfg | None) -> Backbone:
-    from ..openclip import OpenCLIPBackbone, adapt_tokenizer
+    from ..openclip import OpenCLIPBackbone, adapt_tokenizer, text_context_length
 
-    return OpenCLIPBackbone(model, adapt_tokenizer(tokenizer, model.context_length), preprocess_cfg)
+    return OpenCLIPBackbone(model, adapt_tokenizer(tokenizer, text_context_length(model)), preprocess_cfg)
 
 
 register_backend(Backend(
