@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from xclip.backbones import Backbone, wrap_model
-from xclip.backbones.reduced import OFFLINE_VOCAB_SIZE, offline_tokenizer, offline_tokenizer_for, reduced_openclip
+from xclip.backbones.reduced import offline_tokenizer_for, reduced_hf, reduced_openclip
 
 # family -> the open_clip architecture it is reduced from ("hf-*": a transformers model)
 FAMILIES = {
@@ -37,30 +37,12 @@ AVERAGE_POOLED = {"mobileclip-fastvit", "convnext", "swin", "vitamin", "clipa"}
 UNTRACED_TEXT = {"roberta-text", "mt5-text", "nllb-text-siglip"}
 
 
-def _hf_model(kind: str):
-    from transformers import CLIPConfig, CLIPModel, Siglip2Config, Siglip2Model, SiglipConfig, SiglipModel
-
-    torch.manual_seed(0)
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                max_position_embeddings=16)
-    vision = dict(patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    if kind == "CLIPModel":
-        return CLIPModel(CLIPConfig(text_config={**text, "vocab_size": 49408}, vision_config={**vision, "image_size": 32},
-                                    projection_dim=16)).eval(), None
-    special = dict(vocab_size=OFFLINE_VOCAB_SIZE, pad_token_id=1, eos_token_id=1, bos_token_id=None)
-    if kind == "SiglipModel":
-        model = SiglipModel(SiglipConfig(text_config={**text, **special}, vision_config={**vision, "image_size": 32}))
-    else:
-        model = Siglip2Model(Siglip2Config(text_config={**text, **special}, vision_config={**vision, "num_patches": 16}))
-    return model.eval(), offline_tokenizer("siglip")
-
-
 @functools.lru_cache(maxsize=None)
 def family_backbone(family: str) -> Backbone:
     """The family's small instance, wrapped (cached per test session: tests must not edit it)."""
     arch = FAMILIES[family]
     if arch.startswith("hf:"):
-        model, tokenizer = _hf_model(arch.removeprefix("hf:"))
+        model, tokenizer = reduced_hf(arch.removeprefix("hf:"))
     else:
         model, tokenizer = reduced_openclip(arch), offline_tokenizer_for(arch)
     return wrap_model(model, tokenizer).eval()

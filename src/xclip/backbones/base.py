@@ -339,6 +339,12 @@ class VisionTower(ABC):
         """The embedding of a region: the pooling step restricted to grid cells with `weights`
         [N, gh*gw] >= 0 (an average for average pooling, the attention re-weighted otherwise) -> [N, D]."""
 
+    def refusal(self, what: str, instead: str) -> UnsupportedFamily:
+        """The error for an explainer this tower cannot support: names the family, why, and what
+        to use instead."""
+        return UnsupportedFamily(f"{what} is not available for {self.family}: it pools without attention (no query, "
+                                 f"so no spatial weights); use {instead}")
+
     def image_head(self, tokens: Tensor) -> Tensor:
         """Final norm and projection of tokens [..., W] -> [..., D] (class-token towers only)."""
         raise UnsupportedFamily(f"{self.family} pools with its {self.pooling}, not a per-token head: use "

@@ -167,6 +167,34 @@ def reduced_openclip(arch: str, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+HF_CLASSES = ("CLIPModel", "SiglipModel", "Siglip2Model")
+
+
+def reduced_hf(kind: str, seed: int = 0) -> tuple[nn.Module, Any]:
+    """A small random-init transformers ``CLIPModel`` / ``SiglipModel`` / ``Siglip2Model`` (eval
+    mode) and a tokenizer for it (None: the CLIP BPE, offline; SigLIP's: `offline_tokenizer`)."""
+    import transformers
+
+    if kind not in HF_CLASSES:
+        raise ValueError(f"kind must be one of {HF_CLASSES}, got {kind!r}")
+    torch.manual_seed(seed)
+    text = dict(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=16)
+    vision = dict(patch_size=8, hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2,
+                  num_attention_heads=2)
+    if kind == "CLIPModel":
+        config = transformers.CLIPConfig(text_config={**text, "vocab_size": 49408},
+                                         vision_config={**vision, "image_size": 32}, projection_dim=16)
+        return transformers.CLIPModel(config).eval(), None
+    special = dict(vocab_size=OFFLINE_VOCAB_SIZE, pad_token_id=OFFLINE_EOS_ID, eos_token_id=OFFLINE_EOS_ID,
+                   bos_token_id=None)
+    if kind == "SiglipModel":
+        config = transformers.SiglipConfig(text_config={**text, **special}, vision_config={**vision, "image_size": 32})
+    else:
+        config = transformers.Siglip2Config(text_config={**text, **special}, vision_config={**vision, "num_patches": 16})
+    return getattr(transformers, kind)(config).eval(), offline_tokenizer("siglip")
+
+
 # ---- an offline stand-in for tokenizers that need a download -------------------------------------
 OFFLINE_PAD_ID, OFFLINE_EOS_ID, OFFLINE_UNK_ID, OFFLINE_BOS_ID = 0, 1, 2, 3
 _WORDS = ("a photo of the an and that with on in red green blue yellow purple orange circle square triangle star "

@@ -325,6 +325,9 @@ class TimmEncodeOnlyTower(VisionTower):
                                  "relative-position bias xclip does not recompute; use encode_image (retrieval, "
                                  "zero-shot, crop scores) or SHAP/Captum on the pixels")
 
+    def refusal(self, what: str, instead: str) -> UnsupportedFamily:
+        return self._refuse(what)
+
     def trace(self, images: Tensor, n_blocks: int) -> ImageTrace:
         raise self._refuse("the traced forward (maps, dense features, NegAlign's CAM)")
 

@@ -57,8 +57,7 @@ class GAME(Explainer):
         class-token row of the last block)."""
         vision = self.backbone.vision
         if not vision.has_attention_pool:
-            raise UnsupportedFamily(f"GAME is not available for {vision.family}: it pools without attention (nothing "
-                                    "to roll out); use GradCAM(backbone) (Grad-CAM on the last feature map)")
+            raise vision.refusal("GAME", "GradCAM(backbone) (Grad-CAM on the last feature map)")
         try:
             blocks = len(self.backbone.vision_blocks())
         except UnsupportedFamily:

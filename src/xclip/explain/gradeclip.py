@@ -223,9 +223,8 @@ class GradECLIP(Explainer):
     def require_attention_pool(self) -> None:
         vision = self.backbone.vision
         if not vision.has_attention_pool:
-            raise UnsupportedFamily(f"Grad-ECLIP image maps are not available for {vision.family}: it pools without "
-                                    "attention (no query, so no spatial weights); use GradCAM(backbone) (Grad-CAM on "
-                                    "the last feature map) or SHAP/Captum")
+            raise vision.refusal("Grad-ECLIP image maps", "GradCAM(backbone) (Grad-CAM on the last feature map) or "
+                                                          "SHAP/Captum")
         if self.mode == "reference" and vision.pooling != "class token":
             raise UnsupportedFamily(f"Grad-ECLIP mode='reference' reproduces the official code for OpenAI CLIP's "
                                     f"class-token ViT, not {vision.family}: use mode='model'")
