@@ -280,3 +280,25 @@ def test_wrap_model_names_what_to_pass_for_a_tokenizer_that_needs_a_download():
 
     with pytest.raises(ValueError, match="pass tokenizer="):
         wrap_model(reduced_openclip("ViT-B-16-SigLIP"))
+
+
+def test_distill_towers_take_siglip_towers():
+    """SigLIP's towers as Teacher/Student towers: the text tower runs from token embeddings (SHAP /
+    Captum) exactly as from ids, with the padding mask."""
+    from xclip.distill.towers import TextTower, VisionTower
+
+    torch.manual_seed(0)
+    text = TextTower({"model_type": "siglip_text_model", "vocab_size": 100, "hidden_size": 32,
+                      "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                      "max_position_embeddings": 16}, pooling="mean").eval()
+    ids = torch.randint(0, 100, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    with torch.no_grad():
+        by_ids, by_embeds = text(ids, mask), text.forward_embeds(text.embed(ids), mask)
+    torch.testing.assert_close(by_embeds.pooled, by_ids.pooled, atol=1e-6, rtol=0)
+    vision = VisionTower({"model_type": "siglip_vision_model", "image_size": 32, "patch_size": 8, "hidden_size": 32,
+                          "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}).eval()
+    with torch.no_grad():
+        pooled = vision(vision.pixel_values(torch.rand(2, 3, 32, 32))).pooled
+    assert pooled.shape == (2, vision.feature_size)
