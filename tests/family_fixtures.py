@@ -37,7 +37,7 @@ AVERAGE_POOLED = {"mobileclip-fastvit", "convnext", "swin", "vitamin", "clipa"}
 UNTRACED_TEXT = {"roberta-text", "mt5-text", "nllb-text-siglip"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def family_backbone(family: str) -> Backbone:
     """The family's small instance, wrapped (cached per test session: tests must not edit it)."""
     arch = FAMILIES[family]

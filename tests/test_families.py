@@ -23,7 +23,6 @@ from family_fixtures import (
 
 from xclip.backbones import UnsupportedFamily, wrap_model
 from xclip.explain import GAME, GradCAM, GradECLIP
-from xclip.explain.gradeclip import combine_terms
 
 TEXTS = ["a photo of a red circle", "two blue squares on water"]
 ATTENTION_FAMILIES = [f for f in FAMILIES if f not in AVERAGE_POOLED]

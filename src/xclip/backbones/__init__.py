@@ -27,7 +27,13 @@ from .base import (
 from .network import OfflineWeightsError
 from .openclip import OpenCLIPBackbone
 from .prompts import prompt_texts, zero_shot_weights
-from .registry import load_backbone, register_backend, resolve_backbone, shared_backbone, wrap_model
+from .registry import (
+    load_backbone,
+    register_backend,
+    resolve_backbone,
+    shared_backbone,
+    wrap_model,
+)
 from .tokenizers import ClipBPETokenizer
 
 __all__ = [

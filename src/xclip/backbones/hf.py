@@ -77,7 +77,7 @@ class HFVisionTower(SequenceVisionTower):
     @property
     def image_size(self) -> int:
         if self.kind == "Siglip2Model":
-            return int(round(self.cfg.num_patches ** 0.5)) * self.cfg.patch_size
+            return round(self.cfg.num_patches ** 0.5) * self.cfg.patch_size
         return int(self.cfg.image_size)
 
     @property

@@ -17,7 +17,12 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP, CustomTextCLIP
 from open_clip.modified_resnet import ModifiedResNet
-from open_clip.transformer import Attention, CustomResidualAttentionBlock, TextTransformer, VisionTransformer
+from open_clip.transformer import (
+    Attention,
+    CustomResidualAttentionBlock,
+    TextTransformer,
+    VisionTransformer,
+)
 from torch import Tensor, nn
 
 from .base import (

@@ -96,8 +96,7 @@ def reduced_config(arch: str) -> dict:
 @contextmanager
 def _small_builders(cfg: dict) -> Iterator[None]:
     """timm.create_model and transformers' AutoConfig made small while open_clip builds `cfg`."""
-    import open_clip.hf_model as hf_model
-    import open_clip.timm_model as timm_model
+    from open_clip import hf_model, timm_model
 
     create = timm_model.timm.create_model
     side = cfg["vision_cfg"]["image_size"]
@@ -197,9 +196,7 @@ def reduced_hf(kind: str, seed: int = 0) -> tuple[nn.Module, Any]:
 
 # ---- an offline stand-in for tokenizers that need a download -------------------------------------
 OFFLINE_PAD_ID, OFFLINE_EOS_ID, OFFLINE_UNK_ID, OFFLINE_BOS_ID = 0, 1, 2, 3
-_WORDS = ("a photo of the an and that with on in red green blue yellow purple orange circle square triangle star "
-          "cross heart left right above below big small two three one background water sky sand grass $ cat dog "
-          "is are it this picture").split()
+_WORDS = ["a", "photo", "of", "the", "an", "and", "that", "with", "on", "in", "red", "green", "blue", "yellow", "purple", "orange", "circle", "square", "triangle", "star", "cross", "heart", "left", "right", "above", "below", "big", "small", "two", "three", "one", "background", "water", "sky", "sand", "grass", "$", "cat", "dog", "is", "are", "it", "this", "picture"]
 OFFLINE_VOCAB_SIZE = 4 + len(_WORDS) + 4
 
 

@@ -95,13 +95,13 @@ def timm_block_view(block: nn.Module, rope: Tensor | None) -> BlockView:
         raise _unsupported(f"{name} blocks (only Block / EvaBlock / EvaBlockPostNorm)")
     attn = block.attn
     identity = nn.Identity()
-    out_proj = lambda a: attn.proj(attn.norm(a))  # noqa: E731
+    out_proj = lambda a: attn.proj(attn.norm(a))
     qkv = _attention_qkv(attn, rope)
     if name == "Block":
         return BlockView(ln_1=block.norm1, qkv=qkv, num_heads=attn.num_heads, out_proj=out_proj, ls_1=block.ls1,
                          ln_2=block.norm2, mlp=block.mlp, ls_2=block.ls2,
                          native=lambda x, mask: block(x))  # vision blocks run without a mask
-    native = lambda x, mask: block(x, rope=rope)  # noqa: E731
+    native = lambda x, mask: block(x, rope=rope)
     if name == "EvaBlockPostNorm":
         return BlockView(ln_1=identity, qkv=qkv, num_heads=attn.num_heads, out_proj=out_proj, ls_1=block.norm1,
                          ln_2=identity, mlp=block.mlp, ls_2=block.norm2, native=native)

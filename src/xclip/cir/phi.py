@@ -24,8 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from xclip.backbones import Backbone
-from xclip.backbones import checkpoint_path
+from xclip.backbones import Backbone, checkpoint_path
 from xclip.io import atomic_directory
 
 SEARLE_URL = "https://github.com/miccunifi/SEARLE/releases/download/weights/{file}"

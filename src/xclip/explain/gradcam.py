@@ -21,7 +21,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from xclip.backbones.base import BlockView, ImageTrace, UnsupportedFamily, attention_readout, head_view
+from xclip.backbones.base import (
+    BlockView,
+    ImageTrace,
+    UnsupportedFamily,
+    attention_readout,
+    head_view,
+)
 from xclip.explain.base import Explainer, Texts, explaining, per_text_gradients
 from xclip.explain.targets import Target
 

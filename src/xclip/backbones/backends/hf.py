@@ -21,7 +21,14 @@ log = logging.getLogger(__name__)
 def load_hf(ref: str) -> Backbone:
     """``<hub id or dir>`` -> an HF backbone (model class from the config, its tokenizer if usable)."""
     from huggingface_hub import constants as hf_constants
-    from transformers import AutoConfig, AutoTokenizer, CLIPModel, CLIPTokenizerFast, Siglip2Model, SiglipModel
+    from transformers import (
+        AutoConfig,
+        AutoTokenizer,
+        CLIPModel,
+        CLIPTokenizerFast,
+        Siglip2Model,
+        SiglipModel,
+    )
 
     from ..hf import HFCLIPBackbone
     from ..tokenizers import HFTokenizerAdapter
