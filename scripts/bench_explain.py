@@ -16,6 +16,12 @@ H200: ViT-B/32 at batch 256, >= 3x the fp32 ~2,900 images/s).
 
 On a GPU: `python scripts/bench_explain.py --device cuda --batch 64`, and
 `python scripts/bench_explain.py --device cuda --batch 256 --precision bf16 --models openclip:ViT-B-32`.
+
+Families: ``--models`` takes any backbone spec. Random-init open_clip models whose tokenizer needs a
+download (SigLIP, CLIPA, the multilingual towers) can be timed offline as ``offline:<arch>``: the
+full-size architecture with an offline stand-in tokenizer (timing only; the texts are embedded once
+before the timed calls). Towers without a pooling attention (ConvNeXt, FastViT, ...) refuse
+Grad-ECLIP: their row times Grad-CAM and leaves the Grad-ECLIP columns empty.
 """
 
 from __future__ import annotations
@@ -37,6 +43,20 @@ TEXTS = [f"a photo of a {c} {s}" for c, s in zip(["red", "green", "blue", "yello
                                                     "circle", "heart", "square"])]
 
 
+def load(spec: str, device: str) -> Backbone:
+    """A backbone for a spec, or for ``offline:<arch>`` a random-init open_clip arch with an offline
+    stand-in tokenizer (timing only)."""
+    if not spec.startswith("offline:"):
+        return load_backbone(spec, device=device)
+    import open_clip
+
+    from xclip.backbones import wrap_model
+    from xclip.backbones.reduced import offline_tokenizer_for
+
+    arch = spec.removeprefix("offline:")
+    return wrap_model(open_clip.create_model(arch, pretrained_hf=False), offline_tokenizer_for(arch)).to(device).eval()
+
+
 def bench(backbone: Backbone, batch: int, repeats: int, loop_images: int, precision: str | None = None) -> dict[str, float]:
     s, device = backbone.image_size, backbone.device
     images = torch.randn(batch, 3, s, s, device=device)
@@ -49,9 +69,11 @@ def bench(backbone: Backbone, batch: int, repeats: int, loop_images: int, precis
             backbone.encode_image(images)
 
     t_enc = median_time(encode, repeats, device)
+    t_cam = median_time(lambda: cam.image_maps(images, text1), repeats, device)
+    if not backbone.vision.has_attention_pool:  # Grad-ECLIP is refused: time Grad-CAM only
+        return {"encode_image_s": t_enc, "grad_cam_1_text_s": t_cam, "ratio_grad_cam_vs_encode": t_cam / t_enc}
     t_ge1 = median_time(lambda: ge.image_maps(images, text1), repeats, device)
     t_ge10 = median_time(lambda: ge.image_maps(images, text10), repeats, device)
-    t_cam = median_time(lambda: cam.image_maps(images, text1), repeats, device)
 
     def loop():  # the reference way: one image, one text, one gradient call at a time
         for i in range(loop_images):
@@ -94,12 +116,14 @@ def main() -> None:
     for spec in args.models:
         where = args.device if args.device != "cpu" else f"{torch.get_num_threads()} CPU threads"
         print(f"benchmarking {spec} at batch {args.batch} on {where} ...", flush=True)
-        rows[spec] = bench(load_backbone(spec, device=args.device), args.batch, args.repeats, args.loop_images,
-                           args.precision)
-    keys = [k for k in next(iter(rows.values())) if k.startswith("ratio")]
-    print("| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
+        backbone = load(spec, args.device)
+        rows[spec] = {"family": backbone.family, **bench(backbone, args.batch, args.repeats, args.loop_images,
+                                                          args.precision)}
+    keys = list(dict.fromkeys(k for row in rows.values() for k in row if k.startswith("ratio")))
+    print("| model | family | " + " | ".join(keys) + " |\n|---|---|" + "---|" * len(keys))
     for spec, row in rows.items():
-        print(f"| {spec} | " + " | ".join(f"{row[k]:.2f}" for k in keys) + " |")
+        print(f"| {spec} | {row['family']} | " + " | ".join(f"{row[k]:.2f}" if k in row else "refused" for k in keys)
+              + " |")
     if args.out:
         atomic_write_text(args.out, json.dumps({"batch": args.batch, "threads": torch.get_num_threads(),
                                                 "device": args.device, "precision": args.precision,

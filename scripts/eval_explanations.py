@@ -3,6 +3,9 @@ random-init model of the same architecture (objects are high-contrast, so even a
 points at them often: the table shows how much of a score the training earned).
 
     python scripts/eval_explanations.py --out outputs/explanation_quality
+    python scripts/eval_explanations.py --checkpoint xclip:tiny-shapes-siglip --out outputs/explanation_quality_siglip
+
+Explainers a family refuses (Grad-ECLIP's reference mode outside OpenAI-style ViTs) are left out.
 
 Writes `<out>.json` and `<out>.md` (the table in the README).
 """
@@ -16,7 +19,7 @@ from pathlib import Path
 import open_clip
 import torch
 
-from xclip.backbones import Backbone, load_backbone, wrap_model
+from xclip.backbones import Backbone, UnsupportedFamily, load_backbone, wrap_model
 from xclip.explain import GAME, GradCAM, GradECLIP, RandomMap
 from xclip.explain.gradeclip import combine_terms
 from xclip.explain.quality import randomize_top_blocks
@@ -48,9 +51,15 @@ def random_twin(backbone: Backbone, seed: int = 0) -> Backbone:
     return wrap_model(open_clip.model.CLIP(**backbone.model_cfg).eval(), preprocess_cfg=backbone.preprocess_cfg)
 
 
+def vision_block_modules(backbone: Backbone) -> list[torch.nn.Module]:
+    """The image tower's transformer blocks: open_clip's ViT or a timm trunk's."""
+    visual = backbone.model.visual
+    return list(visual.trunk.blocks) if hasattr(visual, "trunk") else list(visual.transformer.resblocks)
+
+
 def top_blocks_randomised(backbone: Backbone, n_blocks: int) -> Backbone:
     """Adebayo et al.'s model randomisation: the top `n_blocks` vision blocks re-initialised."""
-    blocks = list(backbone.model.visual.transformer.resblocks)[-n_blocks:]
+    blocks = vision_block_modules(backbone)[-n_blocks:]
     return wrap_model(randomize_top_blocks(backbone.model, blocks, seed=0).eval(), preprocess_cfg=backbone.preprocess_cfg)
 
 
@@ -60,6 +69,11 @@ def evaluate_all(spec: str, n: int, sanity_blocks: int, tolerances: list[int]) -
     randomised = top_blocks_randomised(trained, sanity_blocks)
     results: dict[str, dict[str, dict[str, float]]] = {"trained": {}, "random init": {}}
     for name, make in EXPLAINERS.items():
+        try:
+            make(trained).image_maps(trained.normalize(single.images[:1]), single.texts[:1])
+        except UnsupportedFamily as err:
+            print(f"skipping {name}: {err}", flush=True)
+            continue
         print(f"evaluating {name} ...", flush=True)
         row = evaluate_explainer(make(trained), single, double, tolerances=tolerances)
         maps_trained = paired_maps(make(trained), trained, single.images, single.texts)

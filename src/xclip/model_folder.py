@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from xclip.io import atomic_directory
+from xclip.io import atomic_directory, stranded_backups
 
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
 FORMAT_VERSION = 1
@@ -90,6 +90,25 @@ def save_folder(path: str | Path, architecture: str, config: Mapping[str, Any], 
     return path
 
 
+def read_json(file: Path) -> dict[str, Any]:
+    """A JSON object from `file`; a corrupt file is an error naming it."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file}: not valid JSON ({err}); restore the file or re-export the model") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _missing_folder(path: Path) -> FileNotFoundError:
+    backups = stranded_backups(path)
+    if backups:  # an export was killed after moving this folder aside: say how to get it back
+        return FileNotFoundError(f"{path}: no such model folder, but {backups[-1]} holds its previous version (an "
+                                 f"export was interrupted): restore it with `mv {backups[-1]} {path}`")
+    return FileNotFoundError(f"{path}: no such model folder (expected a folder with {CONFIG_NAME} + {WEIGHTS_NAME})")
+
+
 def read_config(path: str | Path, architectures: str | Iterable[str]) -> dict[str, Any]:
     """The config.json of a model folder, checked: it exists, is a JSON object, names one of
     `architectures` and a format version this xclip reads. Every error names the file."""
@@ -97,15 +116,10 @@ def read_config(path: str | Path, architectures: str | Iterable[str]) -> dict[st
     wanted = (architectures,) if isinstance(architectures, str) else tuple(architectures)
     file = path / CONFIG_NAME
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such model folder (expected a folder with {CONFIG_NAME} + {WEIGHTS_NAME})")
+        raise _missing_folder(path)
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: a model folder holds {CONFIG_NAME} + {WEIGHTS_NAME}")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{file}: not valid JSON ({err}); restore the file or re-export the model") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    config = read_json(file)
     architecture = config.get("architecture", config.get("format"))  # distill folders before format_version
     if architecture not in wanted:
         raise ValueError(f"{file}: architecture {architecture!r}, expected {' or '.join(map(repr, wanted))}")
@@ -120,6 +134,8 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The weights of a model folder, floating tensors as fp32; a missing or corrupt file is an error
     naming it."""
     file = Path(path).expanduser() / WEIGHTS_NAME
+    if not file.parent.is_dir():
+        raise _missing_folder(file.parent)
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: a model folder holds {CONFIG_NAME} + {WEIGHTS_NAME}")
     try:

@@ -2,6 +2,7 @@
 warm-starts from it; no recipe can overwrite the shipped checkpoint by accident."""
 
 import hashlib
+import math
 import shutil
 from pathlib import Path
 
@@ -117,21 +118,58 @@ def test_exporting_over_a_checkpoint_needs_overwrite_and_is_checked_before_train
 
 
 def test_save_checkpoint_is_atomic_and_refuses_to_overwrite(tmp_path, monkeypatch):
-    from xclip.backbones import loading, save_checkpoint
+    from xclip.backbones import save_checkpoint
+    import xclip.model_folder as model_folder
 
     target = tmp_path / "copy"
     shutil.copytree(SHIPPED, target)
     before = digests(target)
     model = ClipPretrainModule(MODEL_CFG, export=False).model
     pre = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
-    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+    with pytest.raises(FileExistsError, match="already holds a model"):
         save_checkpoint(model, MODEL_CFG, pre, 32, target)
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(loading, "save_file", crash)
+    monkeypatch.setattr(model_folder, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(model, MODEL_CFG, pre, 32, target, overwrite=True)
     assert digests(target) == before  # a failed export leaves the old weights untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # and no temporary directory behind
+
+
+def test_sigmoid_loss_is_the_mean_per_image_sum_of_pairwise_log_sigmoids():
+    from xclip.clip import sigmoid_contrastive_loss
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
+    brute = 0.0
+    for i in range(4):
+        for j in range(4):
+            z = 1.0 if i == j else -1.0
+            brute -= math.log(1 / (1 + math.exp(-z * (scale.item() * float(img[i] @ txt[j]) + bias.item()))))
+    loss, acc = sigmoid_contrastive_loss(img, txt, scale, bias)
+    assert loss.item() == pytest.approx(brute / 4, rel=1e-5)
+    assert 0.0 <= acc.item() <= 1.0
+
+
+def test_warm_start_renames_an_openclip_vit_into_a_timm_trunk_and_keeps_the_loss_parameters_fresh():
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "pretrain_tiny_shapes_siglip.yaml").read_text())
+    model_cfg = cfg["model"]["init_args"]["model_cfg"]
+    from xclip.backbones import checkpoint_path
+
+    shipped = checkpoint_path("xclip:tiny-shapes")
+    module = ClipPretrainModule(model_cfg, export=False, warm_start=str(shipped))
+    source = load_checkpoint(shipped).model.state_dict()
+    own = module.model.state_dict()
+    assert torch.equal(own["visual.trunk.blocks.5.attn.qkv.weight"], source["visual.transformer.resblocks.5.attn.in_proj_weight"])
+    assert torch.equal(own["visual.trunk.pos_embed"][0], source["visual.positional_embedding"][1:])  # class row dropped
+    assert torch.equal(own["visual.head.proj.weight"], source["visual.proj"].T)
+    assert torch.equal(own["transformer.resblocks.0.attn.in_proj_weight"], source["transformer.resblocks.0.attn.in_proj_weight"])
+    assert own["logit_scale"].item() == pytest.approx(math.log(10), rel=1e-5)  # SigLIP's init, not the CLIP temperature
+    assert own["logit_bias"].item() == -10.0

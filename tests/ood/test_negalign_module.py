@@ -62,13 +62,13 @@ def test_features_match_standalone_gradcam_and_dense_pooling(bb, images):
 
 
 def count_vision_calls(backbone, set_attr=setattr) -> dict[str, int]:
-    """Count the backbone's vision-tower entries: patch embedding (traced path) and encode_image."""
+    """Count the backbone's vision-tower entries: the traced forward and the library's encode_image."""
     calls = {"embed": 0, "encode": 0}
-    for key, name in (("embed", "_embed_image"), ("encode", "_encode_image")):
-        def counting(x, _key=key, _fn=getattr(backbone, name)):
+    for key, name in (("embed", "trace"), ("encode", "encode")):
+        def counting(*args, _key=key, _fn=getattr(backbone.vision, name)):
             calls[_key] += 1
-            return _fn(x)
-        set_attr(backbone, name, counting)
+            return _fn(*args)
+        set_attr(backbone.vision, name, counting)
     return calls
 
 

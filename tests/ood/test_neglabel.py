@@ -197,11 +197,12 @@ def test_background_embedding_and_fallback():
     fg = torch.tensor([[[True, True], [False, False]], [[True, True], [True, True]]])
     seen = []
 
-    def head(pooled):
+    def embed_region(weights):  # a mean-then-head region embedding, as a CLIP ViT's
+        pooled = torch.einsum("np,npw->nw", weights, tokens) / weights.sum(1, keepdim=True)
         seen.append(pooled)
         return 2 * pooled
 
-    emb, fell_back = background_embedding(tokens, fg, head)
+    emb, fell_back = background_embedding(fg, embed_region)
     assert fell_back.tolist() == [False, True]
     torch.testing.assert_close(seen[0][0], tokens[0, 2:].mean(0))  # patches 2, 3 of image 0
     torch.testing.assert_close(seen[0][1], tokens[1].mean(0))  # all patches: fallback

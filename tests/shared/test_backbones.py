@@ -282,13 +282,13 @@ def test_save_load_checkpoint_roundtrip(oc_model, images, tmp_path, monkeypatch)
     preprocess = {"image_size": 32, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
     save_checkpoint(oc_model, MODEL_CFG, preprocess, 16, path)
     (path / "README.md").write_text("model card")
-    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+    with pytest.raises(FileExistsError, match="already holds a model"):
         save_checkpoint(oc_model, MODEL_CFG, preprocess, 16, path)
     save_checkpoint(oc_model, MODEL_CFG, preprocess, 16, path, overwrite=True)  # replacing it on purpose
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-shapes"]  # no temp dirs left behind
     assert (path / "README.md").read_text() == "model card"  # a re-export keeps the model card
     config = json.loads((path / "config.json").read_text())
-    assert config == {"architecture": "openclip", "model_cfg": json.loads(json.dumps(MODEL_CFG)),
+    assert config == {"architecture": "openclip", "format_version": 1, "model_cfg": json.loads(json.dumps(MODEL_CFG)),
                       "preprocess": preprocess, "tokenizer": {"context_length": 16}}
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         assert f.get_tensor("visual.proj").dtype == torch.float16
@@ -410,10 +410,9 @@ def test_hf_hub_id_from_cache_loads_offline(empty_caches, monkeypatch):
 
 # ---- unsupported variants ------------------------------------------------------------------
 @pytest.mark.parametrize("overrides,message", [
-    (dict(vision_cfg={**VISION_CFG, "pool_type": "avg"}), "pool_type"),
-    (dict(vision_cfg={**VISION_CFG, "attentional_pool": True}), "attention pooling"),
     (dict(vision_cfg={**VISION_CFG, "scaled_cosine_attn": True}), "scaled-cosine"),
-    (dict(text_cfg={**TEXT_CFG, "no_causal_mask": True}), "non-causal"),
+    (dict(vision_cfg={**VISION_CFG, "qk_norm": True}), "qk-norm"),
+    (dict(text_cfg={**TEXT_CFG, "scale_heads": True}), "per-head attention scaling"),
 ])
 def test_unsupported_variants_rejected(overrides, message):
     with pytest.raises(NotImplementedError, match=message):

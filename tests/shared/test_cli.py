@@ -317,20 +317,22 @@ def _module_at(path: Path, source: str):
 def test_the_error_named_comes_from_the_package_not_a_venv_in_a_folder_named_xclip(tmp_path, monkeypatch):
     """A clone named `xclip` holds its venv (`xclip/.venv/...`): a dependency's frames there are not
     xclip's own, and an error raised `from None` does not hand over to its suppressed context."""
-    import xclip.backbones.loading as loading
+    import xclip.backbones.backends.xclip_checkpoint as loading
+    import xclip.model_folder as model_folder
+    from xclip.backbones import load_backbone
     from xclip.cli import is_own_frame, root_cause
 
     dependency = _module_at(tmp_path / "xclip" / ".venv" / "lib" / "python3.11" / "site-packages" / "fakesafe.py",
                             "def load_file(path):\n    raise RuntimeError('incomplete metadata')\n")
     assert not is_own_frame(dependency.__file__)
     assert is_own_frame(loading.__file__)
-    monkeypatch.setattr(loading, "load_file", dependency.load_file)
+    monkeypatch.setattr(model_folder, "load_file", dependency.load_file)
     copy = tmp_path / "xclip" / "ckpt"
     import shutil
 
     shutil.copytree(Path(DEMO).parents[1] / "checkpoints" / "tiny-shapes", copy)
     with pytest.raises(ValueError) as exc:
-        loading.load_backbone(str(copy))
+        load_backbone(str(copy))
     assert isinstance(exc.value.__context__, RuntimeError)  # the dependency's error is still attached
     try:
         raise RuntimeError("a wrapper's message") from exc.value  # how jsonargparse/Lightning wrap it

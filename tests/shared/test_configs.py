@@ -15,7 +15,9 @@ from xclip.engine.lightning_cli import XClipCLI
 from xclip.ood.vocabulary import builtin_wordlist
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-OVERLAYS = {"pretrain_tiny_shapes_stage2.yaml", "pretrain_tiny_shapes_stage3.yaml"}  # used on top of stage 1
+# used on top of stage 1 (the SigLIP-style recipe too: same data and schedule keys)
+OVERLAYS = {"pretrain_tiny_shapes_stage2.yaml", "pretrain_tiny_shapes_stage3.yaml", "pretrain_tiny_shapes_siglip.yaml"}
+STAGES = {"pretrain_tiny_shapes_stage2.yaml", "pretrain_tiny_shapes_stage3.yaml"}
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +120,18 @@ def test_config_builds_model_and_datamodule_and_serves_a_batch(name, data, tmp_p
         assert mine and len(nouns) > 300 and len(adjectives) > 150
 
 
-@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+@pytest.mark.parametrize("overlay", sorted(STAGES))
 def test_recipe_stages_build_on_top_of_stage_one(overlay, tmp_path):
     cli = build(["pretrain_tiny_shapes.yaml", overlay], overrides("pretrain_tiny_shapes.yaml", {}, tmp_path))
     assert cli.model.hparams.init_checkpoint == "checkpoints/tiny-shapes"  # read only, never exported over
-    assert cli.model.export_path is not None and cli.model.hparams.export_dir is None
+    assert cli.model.export_path is not None and cli.model.export_dir is None
+
+
+def test_siglip_recipe_builds_a_sigmoid_model_warm_started_from_tiny_shapes(tmp_path):
+    cli = build(["pretrain_tiny_shapes.yaml", "pretrain_tiny_shapes_siglip.yaml"],
+                overrides("pretrain_tiny_shapes.yaml", {}, tmp_path))
+    module = cli.model
+    assert module.hparams.warm_start == "checkpoints/tiny-shapes" and module.hparams.init_checkpoint is None
+    assert module.model.logit_bias is not None and module.model.visual.trunk.attn_pool is not None
+    assert module.model.text_pool_type == "last" and module.model.attn_mask is None  # non-causal, last position
+    assert module.export_path is not None and module.export_dir is None  # never over the shipped folder

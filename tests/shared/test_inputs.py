@@ -27,8 +27,9 @@ def no_model_calls(bb, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model ran before the input was checked")
 
-    for name in ("_embed_image", "_encode_image", "_encode_text", "token_embedding"):
-        monkeypatch.setattr(bb, name, refuse)
+    for tower, name in ((bb.vision, "trace"), (bb.vision, "encode"), (bb.text, "encode"),
+                        (bb.text, "token_embedding"), (bb.text, "encode_embeddings")):
+        monkeypatch.setattr(tower, name, refuse)
     return bb
 
 

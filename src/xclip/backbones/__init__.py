@@ -1,28 +1,40 @@
-"""One interface over open_clip and HF CLIP models (see :class:`Backbone`)."""
+"""One interface over CLIP-family models of open_clip and Hugging Face (see :class:`Backbone`).
+
+`load_backbone` / `wrap_model` dispatch through the backend registry (`xclip.backbones.registry`):
+one module per backend under `xclip.backbones.backends` (open_clip, HF, xclip checkpoint folders).
+"""
+from . import tiny_towers  # noqa: F401  (registers xclip's timm entry points)
+from .backends.xclip_checkpoint import (
+    checkpoint_path,
+    checkpoints_dir,
+    is_checkpoint_dir,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .base import (
     PLACEHOLDER_TOKEN_ID,
     Backbone,
     BlockTrace,
     BlockView,
     ImageTrace,
+    PoolAttention,
+    PoolTrace,
     PreprocessCfg,
     TextTokenizer,
     TextTrace,
+    UnsupportedFamily,
 )
-from .loading import (
-    OfflineWeightsError,
-    checkpoint_path,
-    checkpoints_dir,
-    is_checkpoint_dir,
+from .network import OfflineWeightsError
+from .openclip import OpenCLIPBackbone
+from .prompts import prompt_texts, zero_shot_weights
+from .registry import (
     load_backbone,
-    load_checkpoint,
+    register_backend,
     resolve_backbone,
-    save_checkpoint,
     shared_backbone,
     wrap_model,
 )
-from .openclip import ClipBPETokenizer, OpenCLIPBackbone
-from .prompts import prompt_texts, zero_shot_weights
+from .tokenizers import ClipBPETokenizer
 
 __all__ = [
     "PLACEHOLDER_TOKEN_ID",
@@ -33,14 +45,18 @@ __all__ = [
     "ImageTrace",
     "OfflineWeightsError",
     "OpenCLIPBackbone",
+    "PoolAttention",
+    "PoolTrace",
     "PreprocessCfg",
     "TextTokenizer",
     "TextTrace",
+    "UnsupportedFamily",
     "checkpoint_path",
     "checkpoints_dir",
     "is_checkpoint_dir",
     "load_backbone",
     "load_checkpoint",
+    "register_backend",
     "resolve_backbone",
     "save_checkpoint",
     "shared_backbone",

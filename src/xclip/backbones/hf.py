@@ -1,41 +1,36 @@
-"""HuggingFace transformers adapter: ``CLIPModel`` (pre-LN encoder layers, q/k/v projections)."""
+"""Hugging Face transformers adapter: ``CLIPModel``, ``SiglipModel`` and ``Siglip2Model``.
+
+All three have pre-LN encoder layers with q/k/v projections. CLIP pools the vision tower at the
+class token and the text tower at EOT behind a causal mask; SigLIP pools the vision tower with
+``SiglipMultiheadAttentionPoolingHead`` (a learned probe attending over all patch tokens through
+``nn.MultiheadAttention``, then ``x + mlp(layernorm(x))``) and the text tower at the last position
+of the padded sequence, without a causal mask; SigLIP 2 takes NaFlex inputs (patches, their
+spatial shape and a padding mask), which xclip builds from ``[N, 3, H, W]`` images.
+"""
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import CLIPModel
 
-from .base import Backbone, BlockView, PreprocessCfg, TextTokenizer, resize_position_embedding
-from .openclip import ClipBPETokenizer
+from .base import (
+    Backbone,
+    BlockView,
+    PreprocessCfg,
+    TextTokenizer,
+    UnsupportedFamily,
+    _features,
+    head_view,
+    resize_position_embedding,
+)
+from .sequence import SequenceTextTower, SequenceVisionTower
+from .tokenizers import ClipBPETokenizer, HFTokenizerAdapter
+
+__all__ = ["HFCLIPBackbone", "HFTokenizerAdapter"]
 
 CLIP_BPE_VOCAB = 49408
-
-
-class HFTokenizerAdapter:
-    """A transformers CLIP tokenizer padded/truncated to the model's context length."""
-
-    def __init__(self, tokenizer, context_length: int):
-        self._tok = tokenizer
-        self.context_length = context_length
-        self.sot_id = tokenizer.bos_token_id
-        self.eot_id = tokenizer.eos_token_id
-
-    def __call__(self, texts: Sequence[str]) -> Tensor:
-        enc = self._tok(
-            list(texts), padding="max_length", max_length=self.context_length, truncation=True, return_tensors="pt"
-        )
-        return enc["input_ids"]
-
-    def decode_tokens(self, ids: Sequence[int]) -> list[str]:
-        # decode() (unlike convert_tokens_to_string) also strips the "</w>" end-of-word marker.
-        return [self._tok.decode([i]).strip() for i in ids]
-
-
-def _features(out) -> Tensor:
-    # transformers 5 returns a ModelOutput whose pooler_output holds the projected features.
-    return out if isinstance(out, Tensor) else out.pooler_output
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
 def _block_view(layer: nn.Module) -> BlockView:
@@ -44,105 +39,187 @@ def _block_view(layer: nn.Module) -> BlockView:
     def qkv(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
 
-    def native(x: Tensor, mask: Optional[Tensor]) -> Tensor:
-        # HF layers take a broadcastable additive [N, 1, L, L] mask; older versions return tuples.
-        out = layer(x, None if mask is None else mask.to(x.dtype)[None, None])
+    def native(x: Tensor, mask: Tensor | None) -> Tensor:
+        # HF layers take a broadcastable additive [N, 1|H, L, L] mask; older versions return tuples.
+        if mask is not None and mask.ndim == 2:
+            mask = mask[None, None]
+        out = layer(x, None if mask is None else mask.to(x.dtype))
         return out[0] if isinstance(out, tuple) else out
 
-    return BlockView(
-        ln_1=layer.layer_norm1, qkv=qkv, num_heads=attn.num_heads, out_proj=attn.out_proj, ls_1=nn.Identity(),
-        ln_2=layer.layer_norm2, mlp=layer.mlp, ls_2=nn.Identity(), native=native,
-    )
+    return BlockView(ln_1=layer.layer_norm1, qkv=qkv, num_heads=attn.num_heads, out_proj=attn.out_proj,
+                     ls_1=nn.Identity(), ln_2=layer.layer_norm2, mlp=layer.mlp, ls_2=nn.Identity(), native=native)
 
 
-class HFCLIPBackbone(Backbone):
-    """Backbone over a transformers ``CLIPModel``.
+def _kind(model: nn.Module) -> str:
+    name = type(model).__name__
+    if name not in ("CLIPModel", "SiglipModel", "Siglip2Model"):
+        raise UnsupportedFamily(f"xclip backbones support transformers CLIPModel, SiglipModel and Siglip2Model, "
+                                f"not {name}")
+    return name
 
-    Without a tokenizer the open_clip CLIP BPE tokenizer is used (same vocabulary, offline) when
-    the text vocabulary has 49408 entries.
-    """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        tokenizer: Optional[TextTokenizer] = None,
-        preprocess_cfg: Optional[PreprocessCfg] = None,
-    ):
-        if not isinstance(model, CLIPModel):
-            raise NotImplementedError(
-                f"xclip backbones support transformers CLIPModel only, not {type(model).__name__}"
-            )
-        vcfg, tcfg = model.config.vision_config, model.config.text_config
-        if tokenizer is None:
-            if tcfg.vocab_size != CLIP_BPE_VOCAB:
-                raise ValueError(
-                    f"text vocab size {tcfg.vocab_size} is not the CLIP BPE's {CLIP_BPE_VOCAB}: pass tokenizer="
-                )
-            tokenizer = ClipBPETokenizer(tcfg.max_position_embeddings)
-        preprocess_cfg = preprocess_cfg or PreprocessCfg(vcfg.image_size)
-        if preprocess_cfg.image_size != vcfg.image_size:
-            raise ValueError(f"preprocess image_size {preprocess_cfg.image_size} != model input size {vcfg.image_size}")
-        super().__init__(model, tokenizer, preprocess_cfg)
+# ---- image towers -------------------------------------------------------------------------------------
+class HFVisionTower(SequenceVisionTower):
+    """The vision model of a CLIPModel (class token) or SiglipModel / Siglip2Model (attention-pool head)."""
 
-    # ---- properties ----------------------------------------------------------------------
+    def __init__(self, model: nn.Module, kind: str):
+        super().__init__(model.vision_model)
+        self.model, self.kind = model, kind
+        self.cfg = model.config.vision_config
+        if kind == "CLIPModel":
+            self.prefix, self.pooling, self.family = 1, "class token", "HF CLIP ViT (class token)"
+        else:
+            if not getattr(self.module, "use_head", True):
+                raise UnsupportedFamily(f"{kind} without its attention-pool head (vision_use_head=False)")
+            self.prefix, self.pooling = 0, "latent query"
+            self.family = f"HF {'SigLIP 2' if kind == 'Siglip2Model' else 'SigLIP'} ViT (probe attention pool)"
+
+    @property
+    def image_size(self) -> int:
+        if self.kind == "Siglip2Model":
+            return round(self.cfg.num_patches ** 0.5) * self.cfg.patch_size
+        return int(self.cfg.image_size)
+
     @property
     def patch_size(self) -> int:
-        return self.model.config.vision_config.patch_size
+        return int(self.cfg.patch_size)
 
     @property
-    def embed_dim(self) -> int:
-        return self.model.config.projection_dim
+    def token_width(self) -> int:
+        return int(self.cfg.hidden_size)
 
     @property
-    def logit_scale(self) -> Tensor:
-        return self.model.logit_scale.exp()
+    def other_sizes(self) -> bool:
+        return True
 
-    # ---- library encoders ----------------------------------------------------------------
-    def _encode_image(self, images: Tensor) -> Tensor:
-        return _features(self.model.get_image_features(pixel_values=images))
+    def _naflex(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """[N, 3, H, W] -> SigLIP 2's (patches [N, P, p*p*3], attention mask [N, P], spatial shapes
+        [N, 2]); patches row-major, each flattened (p, p, C) as its image processor does."""
+        n, c, h, w = images.shape
+        p = self.patch_size
+        patches = images.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(n, -1, p * p * c)
+        mask = torch.ones(patches.shape[:2], dtype=torch.long, device=images.device)
+        shapes = torch.tensor([[h // p, w // p]] * n, device=images.device)
+        return patches, mask, shapes
 
-    def _encode_text(self, tokens: Tensor) -> Tensor:
-        return _features(self.model.get_text_features(input_ids=tokens))
+    def encode(self, images: Tensor) -> Tensor:
+        if self.kind == "Siglip2Model":
+            patches, mask, shapes = self._naflex(images)
+            return _features(self.model.get_image_features(pixel_values=patches, pixel_attention_mask=mask,
+                                                           spatial_shapes=shapes))
+        out = _features(self.model.get_image_features(pixel_values=images))
+        return out
 
-    # ---- blocks --------------------------------------------------------------------------
-    def vision_blocks(self) -> list[BlockView]:
-        return [_block_view(layer) for layer in self.model.vision_model.encoder.layers]
-
-    def text_blocks(self) -> list[BlockView]:
-        return [_block_view(layer) for layer in self.model.text_model.encoder.layers]
-
-    # ---- vision steps --------------------------------------------------------------------
-    def _embed_image(self, images: Tensor) -> Tensor:
-        vm = self.model.vision_model
-        grid = self.patch_grid(images)
-        if grid == self.grid_size:
-            return vm.pre_layrnorm(vm.embeddings(images))
+    def embed(self, images: Tensor, grid: tuple[int, int]) -> Tensor:
+        vm = self.module
         emb = vm.embeddings
+        if self.kind == "Siglip2Model":
+            patches, _, shapes = self._naflex(images)
+            return emb(patches, shapes)
+        default = (self.image_size // self.patch_size,) * 2
+        if self.kind == "SiglipModel":
+            return emb(images, interpolate_pos_encoding=grid != default)
+        if grid == default:
+            return vm.pre_layrnorm(emb(images))
         x = emb.patch_embedding(images.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
         cls = emb.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         pos = resize_position_embedding(emb.position_embedding.weight, grid)
         return vm.pre_layrnorm(torch.cat([cls, x], dim=1) + pos.to(x.dtype))
 
-    def image_head(self, tokens: Tensor) -> Tensor:
-        return self.model.visual_projection(self.model.vision_model.post_layernorm(tokens))
+    def blocks(self, grid: tuple[int, int]) -> list[BlockView]:
+        return [_block_view(layer) for layer in self.module.encoder.layers]
 
-    # ---- text steps ----------------------------------------------------------------------
+    # CLIP: post_layernorm + visual_projection on the class token
+    def head(self, x: Tensor) -> Tensor:
+        return self.model.visual_projection(self.module.post_layernorm(x))
+
+    # SigLIP: post_layernorm, then the probe's attention pool; no projection after it
+    def final_norm(self, x: Tensor) -> Tensor:
+        return self.module.post_layernorm(x)
+
+    def pool_qkv(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        pool = self.module.head
+        attn = pool.attention
+        heads = attn.num_heads
+        wq, wk, wv = attn.in_proj_weight.chunk(3)
+        bq, bk, bv = attn.in_proj_bias.chunk(3)
+        q = F.linear(pool.probe[0, 0], wq, bq).view(1, heads, -1).expand(tokens.shape[0], -1, -1)
+        return q, head_view(F.linear(tokens, wk, bk), heads), head_view(F.linear(tokens, wv, bv), heads)
+
+    def pool_tail(self, attn_out: Tensor) -> Tensor:
+        pool = self.module.head
+        x = pool.attention.out_proj(attn_out)
+        return x + pool.mlp(pool.layernorm(x))
+
+
+# ---- text towers --------------------------------------------------------------------------------------
+class HFTextTower(SequenceTextTower):
+    """CLIPTextModel (causal, EOT pooling, projection) or the SigLIP text model (no causal mask,
+    the last position of the padded sequence, a linear head)."""
+
+    def __init__(self, model: nn.Module, kind: str):
+        super().__init__(model.text_model)
+        self.model, self.kind = model, kind
+        self.causal = kind == "CLIPModel"
+        self.family = ("HF CLIP text transformer (causal, EOT pooling)" if self.causal
+                       else "HF SigLIP text transformer (non-causal, last-token pooling)")
+
+    @property
+    def width(self) -> int:
+        return int(self.model.config.text_config.hidden_size)
+
+    def encode(self, tokens: Tensor) -> Tensor:
+        return _features(self.model.get_text_features(input_ids=tokens))
+
     def token_embedding(self, tokens: Tensor) -> Tensor:
-        return self.model.text_model.embeddings.token_embedding(tokens.to(self.device))
+        return self.module.embeddings.token_embedding(tokens)
 
-    def _embed_text(self, token_embeds: Tensor) -> Tensor:
-        pos = self.model.text_model.embeddings.position_embedding.weight[: token_embeds.shape[1]]
-        return token_embeds + pos
+    def embed(self, token_embeds: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor | None]:
+        length = token_embeds.shape[1]
+        x = token_embeds + self.module.embeddings.position_embedding.weight[:length]
+        if not self.causal:
+            return x, None
+        return x, torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu(1)
 
-    def causal_mask(self, length: int, like: Tensor) -> Tensor:
-        return torch.full((length, length), float("-inf"), device=like.device, dtype=like.dtype).triu(1)
+    def blocks(self) -> list[BlockView]:
+        return [_block_view(layer) for layer in self.module.encoder.layers]
 
-    def eot_index(self, tokens: Tensor) -> Tensor:
-        eos = self.model.text_model.eos_token_id
+    def pool_index(self, tokens: Tensor) -> Tensor:
+        if not self.causal:
+            return torch.full_like(tokens[:, 0], tokens.shape[1] - 1)
+        eos = self.module.eos_token_id
         if eos == 2:  # legacy configs: EOT is the largest id
             return tokens.argmax(dim=-1)
         return (tokens == eos).int().argmax(dim=-1)
 
-    def text_head(self, x: Tensor, eot_index: Tensor) -> Tensor:
-        pooled = x[torch.arange(x.shape[0], device=x.device), eot_index]
-        return self.model.text_projection(self.model.text_model.final_layer_norm(pooled))
+    def head(self, x: Tensor, pool_index: Tensor) -> Tensor:
+        pooled = self.module.final_layer_norm(x[torch.arange(x.shape[0], device=x.device), pool_index])
+        return self.model.text_projection(pooled) if self.causal else self.module.head(pooled)
+
+    def trims_padding(self) -> bool:
+        return self.causal
+
+
+class HFCLIPBackbone(Backbone):
+    """Backbone over a transformers ``CLIPModel``, ``SiglipModel`` or ``Siglip2Model``.
+
+    Without a tokenizer the open_clip CLIP BPE tokenizer is used (same vocabulary, offline) when
+    the text vocabulary has 49408 entries; SigLIP's need `tokenizer=` (or a local hub cache).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: TextTokenizer | None = None,
+                 preprocess_cfg: PreprocessCfg | None = None):
+        kind = _kind(model)
+        vision, text = HFVisionTower(model, kind), HFTextTower(model, kind)
+        tcfg = model.config.text_config
+        if tokenizer is None:
+            if tcfg.vocab_size != CLIP_BPE_VOCAB:
+                raise ValueError(f"text vocab size {tcfg.vocab_size} is not the CLIP BPE's {CLIP_BPE_VOCAB}: "
+                                 "pass tokenizer= (the model's own, e.g. AutoTokenizer.from_pretrained(<id>))")
+            tokenizer = ClipBPETokenizer(tcfg.max_position_embeddings)
+        if preprocess_cfg is None:
+            clip = kind == "CLIPModel"
+            preprocess_cfg = PreprocessCfg(vision.image_size) if clip else PreprocessCfg(vision.image_size, SIGLIP_MEAN,
+                                                                                            SIGLIP_STD)
+        embed_dim = model.config.projection_dim if kind == "CLIPModel" else model.text_model.head.out_features
+        super().__init__(model, tokenizer, preprocess_cfg, vision, text, int(embed_dim))

@@ -16,9 +16,9 @@ s_1..s_K) that gives every image gradient at once; D adds one batched VJP over t
 through the traced text blocks (`GradECLIP.text_maps`). No Python loop over candidates.
 
 The Grad-ECLIP image map of a target t on an image (see `xclip.explain.gradeclip`) needs
-dt/do_cls (o: the last block's attention output before out_proj): the CLS row is re-run from o
-through the block's tail and the image head, and everything after it (phi, the text encoder,
-the cosines) is ordinary differentiable code.
+dt/do (o: the pooling attention's read-out before its out-projection: a ViT's class-token row, a
+SigLIP head's latent query): the pooling step's tail is re-run from o (`PoolAttention.tail`), and
+everything after it (phi, the text encoder, the cosines) is ordinary differentiable code.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from xclip.backbones import Backbone
-from xclip.backbones.base import BlockTrace, BlockView
+from xclip.backbones.base import PoolAttention
 from xclip.cir.phi import Phi, check_compatible
 from xclip.cir.query import compose_query, encode_with_pseudo_tokens
 from xclip.explain import GradECLIP, TextMaps, explaining
@@ -63,17 +63,9 @@ class CIRExplanation:
     candidate_emb: Tensor
 
 
-def _cls_tail(backbone: Backbone, view: BlockView, x_cls: Tensor, attn_cls: Tensor) -> Tensor:
-    """The rest of the last vision block and the image head on the CLS row: [N, W] -> [N, D]
-    (the same few lines as GradECLIP's; the CLS row's embedding as a function of o_cls)."""
-    x = x_cls + view.ls_1(view.out_proj(attn_cls))
-    x = x + view.ls_2(view.mlp(view.ln_2(x)))
-    return backbone.image_head(x)
-
-
-def _maps(trace: BlockTrace, grad: Tensor, grid: tuple[int, int]) -> Tensor:
-    """Grad-ECLIP maps from gradients at the CLS attention output: grad [N, T, W] -> [N, T, gh, gw]."""
-    spatial, channel = grad_eclip_terms(grad, trace.q_heads[:, :, 0], trace.k_heads[:, :, 1:], trace.v_heads[:, :, 1:])
+def _maps(attention: PoolAttention, grad: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Grad-ECLIP maps from gradients at the pooling read-out: grad [N, T, W] -> [N, T, gh, gw]."""
+    spatial, channel = grad_eclip_terms(grad, attention.q, *attention.grid_keys())
     return combine_terms(spatial, channel).float().unflatten(-1, grid)
 
 
@@ -92,6 +84,7 @@ class CIRExplainer:
         check_compatible(phi, backbone)
         self.backbone, self.phi, self.self_prompt = backbone, phi, self_prompt
         self.grad_eclip = GradECLIP(backbone, text_blocks=text_blocks, precision=precision)
+        self.grad_eclip.require_attention_pool()
 
     def explain(self, reference: Tensor, caption: str, candidates: Tensor) -> CIRExplanation:
         """A-D for one query: reference [1, 3, H, W] and candidates [K, 3, H', W'] are model inputs
@@ -102,17 +95,16 @@ class CIRExplainer:
             raise ValueError(f"candidates must be model inputs [K, 3, H, W] with K >= 1, got {tuple(candidates.shape)}")
         prompt = compose_query(caption)
         bb, k = self.backbone, candidates.shape[0]
-        view = bb.vision_blocks()[-1]
         reference, candidates = reference.to(bb.device), candidates.to(bb.device)
         with explaining(bb.model), explaining(self.phi), self.grad_eclip.autocast():
             with torch.no_grad():
-                ref_last = bb.trace_image(reference, n_blocks=1).blocks[-1]
-                cand_last = bb.trace_image(candidates, n_blocks=1).blocks[-1]
-            cls_r = ref_last.attn_out[:, 0].detach().requires_grad_(True)
-            cls_c = cand_last.attn_out[:, 0].detach().requires_grad_(True)
+                ref_pool = bb.trace_image(reference, n_blocks=1).pool.attention
+                cand_pool = bb.trace_image(candidates, n_blocks=1).pool.attention
+            cls_r = ref_pool.attn_out.detach().requires_grad_(True)
+            cls_c = cand_pool.attn_out.detach().requires_grad_(True)
             with torch.enable_grad():
-                f_r = _cls_tail(bb, view, ref_last.x_in[:, 0], cls_r)  # [1, D]
-                f_c = _cls_tail(bb, view, cand_last.x_in[:, 0], cls_c)  # [K, D]
+                f_r = ref_pool.tail(cls_r)  # [1, D]
+                f_c = cand_pool.tail(cls_c)  # [K, D]
                 token = self.phi(f_r.float())  # [1, W]
                 texts = encode_with_pseudo_tokens(bb, [prompt, self.self_prompt], token.expand(2, -1))
                 query, self_text = texts[:1], texts[1:]
@@ -123,8 +115,8 @@ class CIRExplainer:
                 g_r, g_c = torch.autograd.grad(targets, [cls_r, cls_c], grad_outputs=eye, is_grads_batched=True,
                                                materialize_grads=True)  # [K+2, 1, W], [K+2, K, W]
             rows = torch.arange(k, device=g_c.device)
-            ref_maps = _maps(ref_last, g_r.transpose(0, 1), bb.patch_grid(reference))[0]  # [K+2, gh, gw]
-            cand_maps = _maps(cand_last, g_c[2 + rows, rows][:, None], bb.patch_grid(candidates))[:, 0]  # [K, gh, gw]
+            ref_maps = _maps(ref_pool, g_r.transpose(0, 1), bb.patch_grid(reference))[0]  # [K+2, gh, gw]
+            cand_maps = _maps(cand_pool, g_c[2 + rows, rows][:, None], bb.patch_grid(candidates))[:, 0]  # [K, gh, gw]
             token, f_r, f_c = token.detach(), f_r.detach().float(), f_c.detach().float()
         prompt_words = self.grad_eclip.text_maps(f_c, [prompt], pseudo_tokens=token)
         self_words = self.grad_eclip.text_maps(f_r, [self.self_prompt], pseudo_tokens=token)

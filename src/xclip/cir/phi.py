@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from xclip.backbones import Backbone
-from xclip.backbones.loading import checkpoint_path
+from xclip.backbones import Backbone, checkpoint_path
 from xclip.model_folder import load_state, read_folder, save_folder
 
 SEARLE_URL = "https://github.com/miccunifi/SEARLE/releases/download/weights/{file}"
@@ -70,9 +69,7 @@ class Phi(nn.Module):
 
 def token_width(backbone: Backbone) -> int:
     """Width W of the backbone's token embeddings (what a pseudo token must have)."""
-    probe = torch.full((1, 1), backbone.sot_id, dtype=torch.long, device=backbone.device)
-    with torch.no_grad():
-        return int(backbone.token_embedding(probe).shape[-1])
+    return int(backbone.text.width)
 
 
 def check_compatible(phi: Phi, backbone: Backbone) -> None:

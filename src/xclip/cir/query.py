@@ -6,8 +6,9 @@ ShapesWorld). FashionIQ has two captions per query: each is stripped of ``.?, ``
 they are joined both ways (``"{c1} and {c2}"``, ``"{c2} and {c1}"``), each goes through the
 template, each query feature is L2-normalised, the two are averaged and normalised again.
 
-The pseudo token replaces the token embedding at the FIRST ``$`` (id 259) of each row
-(`xclip.backbones.base.inject_pseudo_tokens`; a row without ``$`` is an error naming the row).
+The pseudo token replaces the token embedding at the FIRST ``$`` of each row (id 259 in the CLIP
+BPE; `Backbone.placeholder_id` in other tokenizers; `xclip.backbones.base.inject_pseudo_tokens`;
+a row without ``$`` is an error naming the row).
 A prompt with several ``$`` keeps the later ones as the plain ``$`` token: SEARLE's bookkeeping
 reads one slot per row (LinCIR's port replaces every ``$``; use one ``$`` per prompt to avoid the
 question).
@@ -59,11 +60,10 @@ def trim_to_eot(backbone: Backbone, tokens: Tensor) -> Tensor:
 
     CLIP's text tower is causal and pooled at EOT, so positions after EOT never reach the output:
     the embedding is unchanged (tested) and short prompts run on ~10 positions instead of 77.
+    Towers where padding matters (SigLIP pools the last position; no causal mask) keep every
+    position (`Backbone.trim_padding`).
     """
-    if tokens.shape[0] == 0:
-        return tokens
-    length = int(backbone.eot_index(tokens).max()) + 1
-    return tokens[:, :length]
+    return backbone.trim_padding(tokens)
 
 
 def tokenize_prompts(backbone: Backbone, prompts: Sequence[str]) -> Tensor:

@@ -1,10 +1,15 @@
-"""The CLIP contrastive objective."""
+"""The contrastive objectives: CLIP's symmetric InfoNCE and SigLIP's pairwise sigmoid loss."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def _matching_accuracy(logits: Tensor) -> Tensor:
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * ((logits.argmax(1) == target).float().mean() + (logits.argmax(0) == target).float().mean())
 
 
 def clip_contrastive_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor) -> tuple[Tensor, Tensor]:
@@ -21,5 +26,22 @@ def clip_contrastive_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tens
     logits = logit_scale * image_emb @ text_emb.T
     target = torch.arange(logits.shape[0], device=logits.device)
     loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-    acc = 0.5 * ((logits.argmax(1) == target).float().mean() + (logits.argmax(0) == target).float().mean())
-    return loss, acc
+    return loss, _matching_accuracy(logits)
+
+
+def sigmoid_contrastive_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor,
+                             logit_bias: Tensor) -> tuple[Tensor, Tensor]:
+    """SigLIP's pairwise sigmoid loss (Zhai et al., ICCV 2023, eq. 1): every (image, text) pair is
+    a binary problem, ``-1/B sum_ij log sigmoid(z_ij (t cos_ij + b))`` with z = +1 on the
+    diagonal and -1 elsewhere.
+
+    Args:
+        image_emb, text_emb: [B, D] L2-normalised; row i matches text row i.
+        logit_scale: scalar t (exp'd), logit_bias: scalar b.
+    Returns:
+        ``(loss, accuracy)``; accuracy as in `clip_contrastive_loss` (argmax of each row/column).
+    """
+    logits = logit_scale * image_emb @ text_emb.T + logit_bias
+    sign = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1
+    loss = -F.logsigmoid(sign * logits).sum() / logits.shape[0]
+    return loss, _matching_accuracy(logits)

@@ -9,7 +9,9 @@ Pooling, per ``model_type``:
   reference project's defect);
 - ViT, DeiT, DINOv2: the [CLS] row ``last_hidden_state[:, 0]``;
 - any other vision model: ``pooler_output`` when its output is a feature map, else the [CLS] row;
-- text (BERT, DistilBERT, RoBERTa, ...): the [CLS] row, or the masked mean (``text_pooling="mean"``).
+- text (BERT, DistilBERT, RoBERTa, ...): the [CLS] row, or the masked mean (``text_pooling="mean"``);
+  SigLIP's text tower (no [CLS]: use ``"mean"``) runs from token embeddings through its own
+  embeddings, blocks and final norm, so SHAP / Captum reach its tokens too.
 
 A tower spec is a hub id or ``save_pretrained`` folder (``"google/vit-base-patch16-224"``,
 ``"apple/mobilevit-small"``, ``"prajjwal1/bert-mini"``), an xclip open_clip checkpoint for the image
@@ -40,7 +42,11 @@ NO_POOLER = {"vit", "deit", "bert", "roberta", "xlm-roberta", "camembert", "elec
 # composite hub configs -> the tower class to take out of them
 COMPOSITE = {"clip": ("CLIPVisionModel", "CLIPTextModel"), "siglip": ("SiglipVisionModel", "SiglipTextModel")}
 # text models whose pooled output needs the token ids (no `inputs_embeds` path for SHAP)
-TEXT_NEEDS_IDS = {"clip", "clip_text_model", "siglip", "siglip_text_model"}
+TEXT_NEEDS_IDS = {"clip", "clip_text_model"}
+# text models whose forward takes ids only: xclip runs their modules from token embeddings itself
+EMBEDS_BY_MODULES = {"siglip_text_model"}
+# tower configs AutoModel does not map to a class
+TOWER_CLASSES = {"siglip_text_model": "SiglipTextModel"}
 
 
 def ensure_hub_files(repo: str, what: str, filename: str = "config.json") -> bool:
@@ -49,15 +55,15 @@ def ensure_hub_files(repo: str, what: str, filename: str = "config.json") -> boo
     download and where when it is not."""
     from huggingface_hub import constants
 
-    from xclip.backbones.loading import _ensure_online, _hub_address  # the backbones' offline probe
+    from xclip.backbones.network import ensure_online, hub_address  # the backbones' offline probe
 
     if isinstance(try_to_load_from_cache(repo, filename), str):
         return True
-    _ensure_online(f"{what} {repo!r}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and no such "
+    ensure_online(f"{what} {repo!r}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and no such "
                    "local directory",
                    f"Download it on a connected machine with `hf download {repo}` and copy the cache here (set "
                    "HF_HUB_CACHE if it lives elsewhere), or pass a config dict with `model_type` to build the "
-                   "tower offline.", _hub_address())
+                   "tower offline.", hub_address())
     return False
 
 
@@ -78,6 +84,8 @@ def _load_model(spec: str | dict[str, Any], kind: str) -> tuple[nn.Module, str |
 
     if isinstance(spec, dict):
         config = _config_from_dict(spec)
+        if config.model_type in TOWER_CLASSES:
+            return getattr(transformers, TOWER_CLASSES[config.model_type])(config), None
         model = AutoModel.from_config(config, **({"add_pooling_layer": False} if config.model_type in NO_POOLER else {}))
         return model, None
     path = Path(spec).expanduser()
@@ -230,6 +238,14 @@ class TextTower(nn.Module):
                           attention_mask)
 
     def forward_embeds(self, token_embeds: Tensor, attention_mask: Tensor) -> TowerOutput:
+        if self.model_type in EMBEDS_BY_MODULES:  # SigLIP: its forward insists on ids
+            from transformers.masking_utils import create_bidirectional_mask
+
+            m = self.model
+            hidden = m.embeddings(inputs_embeds=token_embeds)
+            mask = create_bidirectional_mask(config=m.config, inputs_embeds=hidden, attention_mask=attention_mask)
+            hidden = m.final_layer_norm(m.encoder(inputs_embeds=hidden, attention_mask=mask).last_hidden_state)
+            return self._pool(hidden, attention_mask)
         return self._pool(self.model(inputs_embeds=token_embeds, attention_mask=attention_mask).last_hidden_state,
                           attention_mask)
 

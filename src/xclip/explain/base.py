@@ -10,7 +10,7 @@ from torch import Tensor
 
 from xclip.backbones import Backbone
 from xclip.backbones.inputs import check_texts
-from xclip.explain.targets import Target
+from xclip.explain.targets import Target, resolve_target
 
 Texts = Sequence[str] | Tensor
 
@@ -82,6 +82,14 @@ class Explainer:
         self.backbone = backbone
         autocast_dtype(precision)  # fail on an unknown name now, not at the first explanation
         self.precision = None if precision is None else str(precision)
+
+    def target_fn(self, target: str | Target) -> Target:
+        """The scalar target: ``"cosine"``, ``"softmax"``, a callable, or ``"probability"``: the
+        backbone's own pair probability (a softmax over the texts for CLIP, SigLIP's
+        ``sigmoid(logit_scale * cos + logit_bias)`` per pair; `Backbone.probabilities`)."""
+        if target == "probability":
+            return self.backbone.probabilities
+        return resolve_target(target)
 
     def autocast(self) -> AbstractContextManager:
         """The autocast context of this explainer's `precision` on the backbone's device."""

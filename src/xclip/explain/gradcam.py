@@ -1,10 +1,19 @@
-"""Grad-CAM for CLIP's vision transformer.
+"""Grad-CAM for every CLIP image tower, on the activations its pooling step reads.
 
-On CLIP the *output* of the last block gets zero gradient at the patch tokens (only the CLS token
-reaches the embedding), so a CAM there is all zeros. The activations explained here are the last
-block's ``ln_1`` output (default) or its input: their patch tokens reach the embedding through
-the CLS query's attention. Only the CLS row is computed after them, so the gradient crosses the
-last block alone, for the whole batch and all K targets in one batched backward.
+On a CLIP ViT the *output* of the last block gets zero gradient at the patch tokens (only the class
+token reaches the embedding), so a CAM there is all zeros. The activations explained here are the
+tokens the pooling step reads (`xclip.backbones.PoolTrace.tokens`):
+
+- class-token ViTs (OpenAI-style, EVA, HF CLIP): the last block's ``ln_1`` output (default) or its
+  input (``layer="block_input"``); their patch tokens reach the embedding through the class token's
+  attention. Only the class-token row is computed after them;
+- attention-pool heads (SigLIP, SigLIP 2, PE, CoCa): the trunk's normalised output that the learned
+  query attends over; ResNet: the last feature map its mean-token attention pool reads;
+- average-pooled towers (ConvNeXt, FastViT / MobileCLIP-S, Swin, ViTamin, CLIPA): the last feature
+  map (stage output) before the global average, i.e. the classic Grad-CAM layer.
+
+The gradient crosses the pooling step alone, for the whole batch and all K targets in one batched
+backward.
 """
 
 from __future__ import annotations
@@ -12,9 +21,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from xclip.backbones.base import BlockView
+from xclip.backbones.base import (
+    BlockView,
+    ImageTrace,
+    UnsupportedFamily,
+    attention_readout,
+    head_view,
+)
 from xclip.explain.base import Explainer, Texts, explaining, per_text_gradients
-from xclip.explain.targets import Target, resolve_target
+from xclip.explain.targets import Target
 
 LAYERS = ("ln_1", "block_input")
 
@@ -32,8 +47,8 @@ class GradCAM(Explainer):
     """``GradCAM(backbone, layer="ln_1").image_maps(images, texts) -> [N, K, gh, gw]``.
 
     Args:
-        layer: ``"ln_1"`` (the last block's ln_1 output) or ``"block_input"`` (the output of the
-            block before it).
+        layer: ``"ln_1"``: the tokens the pooling step reads (see the module docstring; a ViT's last
+            block's ln_1 output), or ``"block_input"`` (class-token ViTs only: the last block's input).
         precision: autocast precision (``"bf16-mixed"``, ...; see `Explainer`).
     """
 
@@ -43,25 +58,52 @@ class GradCAM(Explainer):
         super().__init__(backbone, precision)
         if layer not in LAYERS:
             raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
+        if layer == "block_input" and backbone.vision.pooling != "class token":
+            raise UnsupportedFamily(f"GradCAM(layer='block_input') is not available for {backbone.vision.family}: "
+                                    "it has no class-token block; use GradCAM(backbone) (the pooling step's input)")
         self.layer = layer
 
     def _maps(self, images: Tensor, texts: Texts, target: str | Target, pairs: bool) -> Tensor:
         with explaining(self.backbone.model), torch.no_grad():
-            x_in = self.backbone.trace_image(images.to(self.backbone.device), n_blocks=1).blocks[-1].x_in
-        return self.maps_from_block_input(x_in, texts, target, pairs, grid=self.backbone.patch_grid(images))
+            trace = self.backbone.trace_image(images.to(self.backbone.device), n_blocks=1)
+        return self.maps_from_trace(trace, texts, target, pairs)
+
+    def maps_from_trace(self, trace: ImageTrace, texts: Texts, target: str | Target = "cosine",
+                        pairs: bool = False) -> Tensor:
+        """Maps from a forward already run (``backbone.trace_image(images, 1)``, no graph needed):
+        [N, K, gh, gw], or [N, 1, gh, gw] with image n explained for text n when `pairs`. Only the
+        pooling step is recomputed, so a caller that also needs the forward's patch tokens or
+        embedding runs the image tower once."""
+        if self.layer == "block_input":
+            return self.maps_from_block_input(trace.blocks[-1].x_in, texts, target, pairs, grid=trace.grid)
+        if trace.pool is None:
+            raise ValueError("the trace has no pooling step: trace the images with n_blocks >= 1")
+        target_fn = self.target_fn(target)
+        pool = trace.pool
+        with explaining(self.backbone.model):
+            text_emb = self.text_embeddings(texts)
+            with torch.enable_grad():
+                acts = pool.tokens.detach().requires_grad_(True)
+                (grads,) = per_text_gradients(target_fn(pool.forward(acts), text_emb), [acts], pairs)  # [K, N, L, C]
+            p = pool.prefix
+            cam = cam_from_gradients(acts.detach()[:, p:], grads.transpose(0, 1)[:, :, p:])
+        return cam.reshape(acts.shape[0], -1, *trace.grid)
 
     def maps_from_block_input(self, x_in: Tensor, texts: Texts, target: str | Target = "cosine",
                               pairs: bool = False, grid: tuple[int, int] | None = None) -> Tensor:
-        """Maps from the last block's input x_in [N, 1 + gh*gw, W] of a forward already run
-        (``trace_image(images, 1).blocks[-1].x_in``): [N, K, gh, gw], or [N, 1, gh, gw] with image n
-        explained for text n when `pairs`. Only the last block's CLS row is recomputed, so a caller
-        that also needs the forward's patch tokens or embedding runs the vision tower once.
-        `grid`: the images' patch grid (default: the model's own, `backbone.grid_size`)."""
-        target_fn = resolve_target(target)
+        """Class-token ViTs: maps from the last block's input x_in [N, 1 + gh*gw, W] of a forward
+        already run (``trace_image(images, 1).blocks[-1].x_in``): [N, K, gh, gw] (or [N, 1, gh, gw]
+        with `pairs`). Only the last block's class-token row is recomputed. `grid`: the images'
+        patch grid (default: the model's own, `backbone.grid_size`)."""
+        if self.backbone.vision.pooling != "class token":
+            raise UnsupportedFamily(f"maps_from_block_input needs a class-token ViT, not {self.backbone.vision.family}: "
+                                    "use maps_from_trace(backbone.trace_image(images, 1), texts)")
+        target_fn = self.target_fn(target)
         view = self.backbone.vision_blocks()[-1]
+        prefix = self.backbone.vision.prefix
         gh, gw = grid or self.backbone.grid_size
-        if gh * gw != x_in.shape[1] - 1:
-            raise ValueError(f"x_in has {x_in.shape[1] - 1} patch tokens, not a {gh}x{gw} grid: pass grid=")
+        if gh * gw != x_in.shape[1] - prefix:
+            raise ValueError(f"x_in has {x_in.shape[1] - prefix} patch tokens, not a {gh}x{gw} grid: pass grid=")
         x_in = x_in.detach()
         with explaining(self.backbone.model):
             text_emb = self.text_embeddings(texts)
@@ -73,16 +115,13 @@ class GradCAM(Explainer):
                     acts = x_in.clone().requires_grad_(True)
                     emb = self._cls_forward(view, acts[:, 0], view.ln_1(acts))
                 (grads,) = per_text_gradients(target_fn(emb, text_emb), [acts], pairs)  # [K, N, L, C]
-            cam = cam_from_gradients(acts.detach()[:, 1:], grads.transpose(0, 1)[:, :, 1:])
+            cam = cam_from_gradients(acts.detach()[:, prefix:], grads.transpose(0, 1)[:, :, prefix:])
         return cam.reshape(x_in.shape[0], -1, gh, gw)
 
     def _cls_forward(self, view: BlockView, x_cls: Tensor, normed: Tensor) -> Tensor:
-        """The last block from its ln_1 output, computing the CLS row only: -> [N, D]."""
-        n, length, width = normed.shape
-        heads = view.num_heads
-        q, k, v = (t.view(n, length, heads, width // heads).transpose(1, 2) for t in view.qkv(normed))
-        probs = ((q[:, :, :1] * (width // heads) ** -0.5) @ k.transpose(-1, -2)).softmax(-1)  # [N, H, 1, L]
-        attn_cls = (probs @ v).reshape(n, width)
+        """The last block from its ln_1 output, computing the class-token row only: -> [N, D]."""
+        q, k, v = (head_view(t, view.num_heads) for t in view.qkv(normed))
+        attn_cls = attention_readout(q[:, :, 0], k, v)[1]
         x = x_cls + view.ls_1(view.out_proj(attn_cls))
         x = x + view.ls_2(view.mlp(view.ln_2(x)))
         return self.backbone.image_head(x)

@@ -7,8 +7,10 @@
 - ``dense``: one traced forward per image gives the image embedding (the global score), the patch
   tokens (their cosine with the prompt after the model's own final norm and projection, on the
   ViT grid) and, reusing that pass, the prompt's Grad-ECLIP map; both maps are area-resampled to
-  the G x G cells. ``dense`` is the patch-token similarity and ``dense_gradeclip`` the Grad-ECLIP
-  evidence map.
+  the G x G cells. ``dense`` is the patch-token similarity (`Backbone.patch_features`: for an
+  attention-pool head each token's value through the head) and ``dense_gradeclip`` the Grad-ECLIP
+  evidence map (Grad-CAM on the last feature map for towers that pool by averaging: ConvNeXt,
+  FastViT, Swin, ViTamin, CLIPA have no pooling query for Grad-ECLIP).
 
 Every patch map here is a *goodness* map (high = the prompt is matched there); `badness` turns
 one into the non-negative map the localisation metrics compare with an error mask.
@@ -25,7 +27,7 @@ from torch import Tensor
 
 from xclip.backbones import Backbone
 from xclip.backbones.base import ImageTrace
-from xclip.explain import GradECLIP, explaining
+from xclip.explain import GradCAM, GradECLIP, explaining
 from xclip.explain.base import autocast
 from xclip.explain.gradeclip import combine_terms
 from xclip.faithfulness.grid import crop_cells, resample_to_cells
@@ -80,7 +82,8 @@ class TiPAIScorer:
             raise ValueError(f"crop_batch_size must be >= 1, got {crop_batch_size}")
         self.backbone, self.grid, self.methods = backbone, int(grid), tuple(methods)
         self.crop_batch_size, self.precision = int(crop_batch_size), precision
-        self.explainer = GradECLIP(backbone, precision=precision)
+        self.explainer = (GradECLIP(backbone, precision=precision) if backbone.vision.has_attention_pool
+                          else GradCAM(backbone, precision=precision))
 
     @property
     def map_names(self) -> tuple[str, ...]:
@@ -142,10 +145,13 @@ class TiPAIScorer:
             with torch.no_grad(), autocast(self.backbone.device, self.precision):
                 trace = self.backbone.trace_image(x, n_blocks=1)
                 image_emb = F.normalize(trace.embedding.float(), dim=-1)
-                patches = F.normalize(self.backbone.image_head(trace.patch_tokens).float(), dim=-1)  # [N, P, D]
-            similarity = (patches * t[:, None]).sum(-1).unflatten(1, self.backbone.patch_grid(x))
-            terms = self.explainer.terms(x, t, pairs=True, trace=trace)
-            evidence = combine_terms(terms.spatial, terms.channel)[:, 0]
+                patches = F.normalize(self.backbone.patch_features(trace).float(), dim=-1)  # [N, P, D]
+            similarity = (patches * t[:, None]).sum(-1).unflatten(1, trace.grid)
+            if isinstance(self.explainer, GradECLIP):
+                terms = self.explainer.terms(x, t, pairs=True, trace=trace)
+                evidence = combine_terms(terms.spatial, terms.channel)[:, 0]
+            else:
+                evidence = self.explainer.maps_from_trace(trace, t, pairs=True)[:, 0]
         maps = {"dense": resample_to_cells(similarity.double(), self.grid, size).float(),
                 "dense_gradeclip": resample_to_cells(evidence.double(), self.grid, size).float()}
         return TiPAIScores(global_score=(image_emb * t).sum(-1), maps=maps, trace=trace)

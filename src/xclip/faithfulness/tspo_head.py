@@ -57,7 +57,7 @@ def features_from_trace(backbone: Backbone, trace: ImageTrace, text_emb: Tensor)
     [N, D] (any norm)."""
     text = F.normalize(text_emb.float(), dim=-1)
     image = F.normalize(trace.embedding.float(), dim=-1)
-    projected = F.normalize(backbone.image_head(trace.patch_tokens).float(), dim=-1)
+    projected = F.normalize(backbone.patch_features(trace).float(), dim=-1)
     return HeadFeatures(text, image, trace.patch_tokens.float(), (projected * text[:, None]).sum(-1))
 
 

@@ -96,7 +96,7 @@ class TSPOHeadModule(ExportMixin, EvaluationModule):
         # the frozen backbone only sizes the head and is fingerprinted in the export: kept out of the
         # module tree so Lightning checkpoints hold the head alone
         self.__dict__["backbone"] = backbone
-        width = self.backbone.vision_blocks()[-1].out_proj.out_features
+        width = self.backbone.token_width
         if head_checkpoint is not None:
             self.head = load_head(head_checkpoint)
             self.head.check_backbone(self.backbone)

@@ -75,26 +75,23 @@ def foreground_mask(cam: Tensor, percentile: float = 80.0, dilation: int = 1) ->
     return fg, valid
 
 
-def background_embedding(patch_tokens: Tensor, fg_mask: Tensor,
-                         head: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+def background_embedding(fg_mask: Tensor, embed_region: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
     """Embedding of each image's background: ``(emb [N, D], fell_back bool [N])``.
 
     Args:
-        patch_tokens: [N, P, W] final-block patch tokens (no CLS token).
         fg_mask: [N, P] or [N, gh, gw] bool foreground from :func:`foreground_mask`.
-        head: maps pooled tokens [N, W] to the joint space [N, D]; pass the backbone's image head
-            (``ln_post`` then ``proj``): pooling happens before ``ln_post``, as for the CLS token.
+        embed_region: maps grid-cell weights [N, P] (1 on the background) to the joint space [N, D];
+            pass the backbone's ``region_embedding`` of the same forward (for a CLIP ViT the image
+            head, ``ln_post`` then ``proj``, of the mean background token: pooling happens before
+            ``ln_post``, as for the CLS token).
     Returns:
-        The head applied to the mean background token. Images with no background patch fall back
-        to the mean of all patches and are flagged in ``fell_back``.
+        The region embedding of the background. Images with no background patch fall back to all
+        patches and are flagged in ``fell_back``.
     """
     bg = ~fg_mask.flatten(1)
-    if bg.shape != patch_tokens.shape[:2]:
-        raise ValueError(f"fg_mask has {bg.shape[1]} patches, patch_tokens {patch_tokens.shape[1]}")
     fell_back = ~bg.any(dim=1)
-    weights = (bg | fell_back[:, None]).to(patch_tokens.dtype)  # [N, P]
-    pooled = torch.einsum("np,npw->nw", weights, patch_tokens) / weights.sum(dim=1, keepdim=True)
-    return head(pooled), fell_back
+    weights = (bg | fell_back[:, None]).float()  # [N, P]
+    return embed_region(weights), fell_back
 
 
 def p_align(bg_emb: Tensor, pred_class_emb: Tensor, neg_bg_emb: Tensor, k: int = 5) -> Tensor:

@@ -1,11 +1,13 @@
 """NegAlign's image side in one forward: embedding, CAM foreground and background embedding.
 
-:class:`NegAlignFeatures` runs the vision tower once per batch (the last block traced), takes the
-Grad-CAM of each image's predicted ID class at the last block's ``ln_1`` (there the patch tokens
-get non-zero gradients; at the block's output they get none, only the CLS token reaches the
-embedding), and pools the same forward's final patch tokens outside the CAM foreground through
-the image head (``ln_post`` then ``proj``). The CAM's gradient crosses only the last block's CLS
-row, so the whole batch costs one forward plus one small backward.
+:class:`NegAlignFeatures` runs the vision tower once per batch (the pooling step traced), takes the
+Grad-CAM of each image's predicted ID class on the tokens the pooling step reads (a ViT's last
+block's ``ln_1``: there the patch tokens get non-zero gradients, at the block's output they get
+none; SigLIP's normalised trunk output; a ConvNeXt's last feature map), and embeds the same
+forward's background (the grid cells outside the CAM foreground) with `Backbone.region_embedding`:
+for a class-token ViT the image head (``ln_post`` then ``proj``) of the mean background token, for
+an attention-pool head its read-out restricted to the background. The CAM's gradient crosses only
+the pooling step, so the whole batch costs one forward plus one small backward.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class NegAlignFeatures(nn.Module):
     """``forward(images [N,3,S,S] model-ready, id_emb [C, D]) -> ImageFeatures``, batched.
 
     Args:
-        backbone: any xclip :class:`Backbone` (its ``trace_image`` and ``image_head`` are used).
+        backbone: any xclip :class:`Backbone` (its ``trace_image`` and ``region_embedding`` are used).
         percentile, dilation: :func:`foreground_mask` settings (NegAlign: 80 and 1 patch).
     """
 
@@ -63,8 +65,8 @@ class NegAlignFeatures(nn.Module):
         image_emb = trace.embedding.detach().float()
         pred = (F.normalize(image_emb, dim=-1) @ F.normalize(id_emb, dim=-1).T).argmax(dim=1)
         # one plain backward: image n differentiates cos(emb_n, T(c_hat_n)) only
-        cam = self.cam.maps_from_block_input(trace.blocks[-1].x_in, id_emb[pred], "cosine", pairs=True)[:, 0]
+        cam = self.cam.maps_from_trace(trace, id_emb[pred], "cosine", pairs=True)[:, 0]
         fg, valid = foreground_mask(cam, self.percentile, self.dilation)
         with explaining(bb.model), torch.no_grad():
-            bg_emb, fell_back = background_embedding(trace.patch_tokens.detach(), fg, bb.image_head)
+            bg_emb, fell_back = background_embedding(fg, lambda weights: bb.region_embedding(trace, weights))
         return ImageFeatures(image_emb, bg_emb.float(), pred, cam.detach(), fg, valid, fell_back)
