@@ -124,3 +124,16 @@ def test_refuse_export_over_restores_a_stranded_backup_and_then_refuses_it(tmp_p
         refuse_export_over(target, overwrite=False, shipped="checkpoints/x")
     assert (target / "notes" / "eval.txt").is_file()
     assert os.listdir(tmp_path) == ["model"]
+
+
+def test_loading_a_folder_whose_export_was_killed_names_the_backup_and_how_to_restore_it(tmp_path, repo_root):
+    import shutil
+
+    from xclip.backbones import load_backbone
+
+    target = tmp_path / "model"
+    shutil.copytree(repo_root / "checkpoints" / "tiny-shapes", target)
+    _kill_during_export(target, "after-backup")
+    (backup,) = stranded_backups(target)
+    with pytest.raises(FileNotFoundError, match=rf"{backup} holds its previous version .*`mv {backup} {target}`"):
+        load_backbone(str(target))
