@@ -101,7 +101,9 @@ def read_json(file: Path) -> dict[str, Any]:
     return data
 
 
-def _missing_folder(path: Path) -> FileNotFoundError:
+def missing_folder_error(path: Path) -> FileNotFoundError:
+    """The error for a model folder that is not there: it names a backup a killed export left and the
+    command that restores it."""
     backups = stranded_backups(path)
     if backups:  # an export was killed after moving this folder aside: say how to get it back
         return FileNotFoundError(f"{path}: no such model folder, but {backups[-1]} holds its previous version (an "
@@ -116,7 +118,7 @@ def read_config(path: str | Path, architectures: str | Iterable[str]) -> dict[st
     wanted = (architectures,) if isinstance(architectures, str) else tuple(architectures)
     file = path / CONFIG_NAME
     if not path.is_dir():
-        raise _missing_folder(path)
+        raise missing_folder_error(path)
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: a model folder holds {CONFIG_NAME} + {WEIGHTS_NAME}")
     config = read_json(file)
@@ -135,7 +137,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     naming it."""
     file = Path(path).expanduser() / WEIGHTS_NAME
     if not file.parent.is_dir():
-        raise _missing_folder(file.parent)
+        raise missing_folder_error(file.parent)
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: a model folder holds {CONFIG_NAME} + {WEIGHTS_NAME}")
     try:

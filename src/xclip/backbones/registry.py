@@ -20,6 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from xclip.io import stranded_backups
+from xclip.model_folder import missing_folder_error
+
 from .base import Backbone, PreprocessCfg
 
 # registration order = the order local paths and built models are offered to the backends
@@ -101,6 +104,8 @@ def load_backbone(spec: str, device: str | torch.device = "cpu") -> Backbone:
 def _load_local(spec: str) -> Backbone:
     path = Path(spec).expanduser()
     if not path.exists():
+        if stranded_backups(path):  # an export was killed after moving this folder aside
+            raise missing_folder_error(path)
         kinds = "; ".join(b.describe for b in backends())
         raise FileNotFoundError(f"{spec!r}: no such file or directory ({path}); expected an xclip checkpoint "
                                 f"directory (or a save_pretrained one), or a spec with a known scheme ({kinds})")
