@@ -69,9 +69,9 @@ class EvaluationSuite(EvaluationModule):
         return {name: getattr(m, "backbone_spec", "?") for name, m in self.members.items()
                 if getattr(m, "backbone", None) is not None}
 
-    def backbone_for(self, batch: dict[str, Any]) -> Backbone | None:
+    def backbone_for(self, batch: Mapping[str, Any]) -> Backbone | None:
         """The backbone of the member that `batch` is routed to."""
-        return getattr(self.member_for(batch), "backbone", None)
+        return self.member_for(batch).backbone_for(batch)
 
     def _attach(self, member: EvaluationModule) -> EvaluationModule:
         """Let a member log through this run: same trainer, same running hook."""

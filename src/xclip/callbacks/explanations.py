@@ -1,12 +1,12 @@
 """Explanation callbacks: explain items during validate/test, log overlays and token charts to
 TensorBoard and write PNG / NPY / JSON next to the run's metrics.
 
-Which items and texts: a module may define ``explanation_inputs(batch) -> (images01 [n,3,H,W],
-texts [n], ids [n]) | None`` (e.g. only its failures); otherwise the callback takes the batch's
-``image`` with its ``caption`` (or each image's first caption in ``texts``).
+Which items and texts: the module's ``explanation_inputs(batch) -> (images01 [n,3,H,W], texts [n],
+ids [n]) | None`` (`xclip.engine.EvaluationModule`; by default the batch's ``image`` with its
+``caption``, or each image's first caption in ``texts``).
 
-Which model: ``pl_module.backbone_for(batch)`` when the module has it (an ``EvaluationSuite``
-answers with the backbone of the member the batch is routed to), else ``pl_module.backbone``.
+Which model: ``pl_module.backbone_for(batch)`` (an ``EvaluationSuite`` answers with the backbone of
+the member the batch is routed to).
 Explanations run under the trainer's precision (``bf16-mixed``, ``16-mixed``...), like the steps.
 
 Every PNG shows the image and the map with a colour bar, under a title with the explained text,
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from xclip.engine import StageCallback, default_explanation_inputs
+from xclip.engine import ReportsResults, StageCallback, default_explanation_inputs
 from xclip.explain import EXPLAINERS, Explainer, GradECLIP
 from xclip.explain.render import (
     explanation_figure,
@@ -70,16 +70,15 @@ class ExplanationCallback(StageCallback):
             return
         if self.dataloader_idx is not None and dataloader_idx != self.dataloader_idx:
             return
-        picker = getattr(pl_module, "explanation_inputs", None)
-        picked = picker(batch) if picker is not None else default_explanation_inputs(batch)
+        contract = isinstance(pl_module, ReportsResults)
+        picked = pl_module.explanation_inputs(batch) if contract else default_explanation_inputs(batch)
         if picked is None:
             return
         images, texts, ids = picked
         images, texts, ids = images[:remaining], list(texts[:remaining]), list(ids[:remaining])
         if not len(texts):
             return
-        pick = getattr(pl_module, "backbone_for", None)
-        backbone = pick(batch) if pick is not None else getattr(pl_module, "backbone", None)
+        backbone = pl_module.backbone_for(batch) if contract else getattr(pl_module, "backbone", None)
         if backbone is None:
             raise AttributeError(f"{type(pl_module).__name__} has no `backbone`: the explanation callbacks "
                                  "need a module that wraps an xclip backbone")

@@ -62,6 +62,8 @@ class ReportsResults(Protocol):
 
     def explanation_inputs(self, batch: Mapping[str, Any]) -> ExplanationInputs | None: ...
 
+    def backbone_for(self, batch: Mapping[str, Any]) -> Any: ...
+
 
 class EvaluationModule(pl.LightningModule):
     """Base of every xclip LightningModule that validates or tests (see the module docstring).
@@ -117,6 +119,11 @@ class EvaluationModule(pl.LightningModule):
     def explanation_inputs(self, batch: Mapping[str, Any]) -> ExplanationInputs | None:
         """The images, texts and ids the explanation callbacks explain for `batch`."""
         return default_explanation_inputs(batch)
+
+    def backbone_for(self, batch: Mapping[str, Any]) -> Any:
+        """The backbone that scored `batch` (what the explanation callbacks explain it with); None
+        for a module without one."""
+        return getattr(self, "backbone", None)
 
     # ---- helpers ------------------------------------------------------------------------------------
     def metric_key(self, stage: str, name: str) -> str:
