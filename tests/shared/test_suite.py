@@ -157,3 +157,28 @@ def test_failure_analysis_finds_the_retrieval_member_of_a_suite(tmp_path):
     top1 = (emb.text_emb @ emb.image_emb.T).argmax(1)  # brute force: every top-1 text->image miss
     assert summary["n_failures"] == int((top1 != emb.text_to_image).sum()) > 0
     assert len(list((tmp_path / "run" / "version_0" / "failures" / "val" / "cards").glob("*.png"))) == min(4, summary["n_failures"])
+
+
+def test_cam_callback_writes_the_grad_cam_maps_of_the_explained_items(tmp_path):
+    import json
+
+    import numpy as np
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from xclip.callbacks import CAMCallback
+    from xclip.explain import GradCAM
+
+    suite, data = _shapes_suite("xclip:tiny-shapes"), _shapes_data()
+    trainer = pl.Trainer(accelerator="cpu", logger=TensorBoardLogger(str(tmp_path), name="run"),
+                         callbacks=[CAMCallback(max_items=4)], enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(suite, datamodule=data, verbose=False)
+    out = tmp_path / "run" / "version_0" / "explanations" / "grad_cam" / "val"
+    index = json.loads((out / "index.json").read_text())
+    assert index["explainer"] == "grad_cam" and len(index["items"]) == 4
+    cls = data.datamodules["classification"].dataset("classification", "val")
+    bb = suite.members["zeroshot"].backbone
+    cam = GradCAM(bb)
+    for item in index["items"]:
+        sample = cls[int(item["id"])]
+        want = cam.pair_maps(bb.normalize(sample["image"][None]), [sample["caption"]])[0]
+        np.testing.assert_allclose(np.load(out / item["npy"]), want.numpy(), atol=1e-5)
