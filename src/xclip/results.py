@@ -128,7 +128,7 @@ class ReportRow:
 
     workflow: str
     name: str
-    values: dict[str, float]
+    values: Mapping[str, float | None]  # None: not measured (shown as n/a)
     keys: list[str] = field(default_factory=list)
 
 

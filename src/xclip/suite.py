@@ -48,7 +48,8 @@ class EvaluationSuite(EvaluationModule):
         unused = sorted(set(modules) - set(routes.values()))
         if unused:
             raise ValueError(f"member(s) {unused} receive no batches: route a task to them under `routes`")
-        self.members = torch.nn.ModuleDict(modules)
+        self.members = torch.nn.ModuleDict(modules)  # registers them: devices, state_dict
+        self._members = dict(modules)  # the same modules, typed as what they are
         self.routes = dict(routes)
 
     @property
@@ -62,11 +63,12 @@ class EvaluationSuite(EvaluationModule):
 
     def backbones(self) -> dict[str, Backbone]:
         """member name -> its backbone (members without one are left out)."""
-        return {name: m.backbone for name, m in self.members.items() if getattr(m, "backbone", None) is not None}
+        found = {name: getattr(m, "backbone", None) for name, m in self._members.items()}
+        return {name: bb for name, bb in found.items() if bb is not None}
 
     def backbone_specs(self) -> dict[str, str]:
         """member name -> the spec of its backbone."""
-        return {name: getattr(m, "backbone_spec", "?") for name, m in self.members.items()
+        return {name: getattr(m, "backbone_spec", "?") for name, m in self._members.items()
                 if getattr(m, "backbone", None) is not None}
 
     def backbone_for(self, batch: Mapping[str, Any]) -> Backbone | None:
@@ -80,7 +82,7 @@ class EvaluationSuite(EvaluationModule):
         return member
 
     def _each(self, hook: str, *args: Any) -> None:
-        for member in self.members.values():
+        for member in self._members.values():
             getattr(self._attach(member), hook)(*args)
 
     def member_for(self, batch: Mapping[str, Any]) -> EvaluationModule:
@@ -88,7 +90,7 @@ class EvaluationSuite(EvaluationModule):
         if task not in self.routes:
             raise ValueError(f"no member module for batches of task {task!r}: add it under `routes` "
                              f"(routed tasks: {sorted(self.routes)})")
-        return self._attach(self.members[self.routes[task]])
+        return self._attach(self._members[self.routes[task]])
 
     # ---- the contract, delegated ------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -117,7 +119,7 @@ class EvaluationSuite(EvaluationModule):
 
     def report_rows(self, metrics: Mapping[str, float | None]) -> list[ReportRow]:
         """Every member's console report rows, in member order (see `xclip.results`)."""
-        return [row for m in self.members.values() for row in m.report_rows(metrics)]
+        return [row for m in self._members.values() for row in m.report_rows(metrics)]
 
     def extra_results(self) -> dict[str, Any]:
         """Each member's `extra_results()` under its name, the routes and which members share a
@@ -128,6 +130,6 @@ class EvaluationSuite(EvaluationModule):
         specs = self.backbone_specs()
         out: dict[str, Any] = {"routes": self.routes,
                                "backbones": [{"spec": specs[names[0]], "members": names} for names in shared.values()]}
-        for name, member in self.members.items():
+        for name, member in self._members.items():
             out[name] = member.extra_results()
         return out

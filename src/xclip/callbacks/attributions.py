@@ -119,6 +119,7 @@ class AttributionCallback(StageCallback):
         name, task = attribution.explainer, attribution.target
         out_dir = self.stage_dir(trainer, stage)
         images01 = inputs.images01.detach().float().cpu()
+        image_size = (images01.shape[-2], images01.shape[-1])
         indexes = item_indexes(inputs)
         paths = inputs.paths if inputs.paths is not None else [None] * len(inputs)
         ids = [self._unique_id(item, index) for item, index in zip(inputs.ids, indexes)]
@@ -138,7 +139,7 @@ class AttributionCallback(StageCallback):
                 info = {"text": inputs.texts[i], "explainer": name, "item_id": item_id, "index": indexes[i],
                         "path": paths[i], "task": task, "class": cls, "class_name": cls_name, "title": title,
                         "value": "|attribution| summed over channels"}
-                npy, _ = save_map_npy(maps[i].numpy(), out_dir / f"{stem}.npy", tuple(images01.shape[-2:]), extra=info)
+                npy, _ = save_map_npy(maps[i].numpy(), out_dir / f"{stem}.npy", image_size, extra=info)
                 panel = figure_to_array(panels_figure(
                     [("image", images01[i], None), (f"|{name}| for {cls_name}", images01[i], maps[i].numpy())],
                     title, alpha=self.alpha, panel_px=self.panel_px))
@@ -214,6 +215,7 @@ class SHAPCallback(AttributionCallback):
         self.background = pl_module.attribution_inputs(pl_module.transfer_batch_to_device(batch, pl_module.device, 0))
 
     def explain(self, target, inputs, classes, trainer) -> MultimodalAttribution:
+        assert self.background is not None  # drawn in prepare, before the stage's first batch
         explainer = SHAPExplainer(target, self.background, nsamples=self.nsamples, batch_size=self.batch_size,
                                   seed=self.seed, engine=self.engine, precision=str(trainer.precision))
         seeds = [item_seed(self.seed, index) for index in item_indexes(inputs)]

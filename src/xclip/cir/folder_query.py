@@ -89,20 +89,24 @@ def gallery_embeddings(backbone, spec: str, gallery: Path, image_size: int, cach
         kept = cached.image_index.tolist()
         return [keys[i] for i in kept], cached.image_emb, [], "hit"
     loader = DataLoader(folder, batch_size=batch_size, collate_fn=collate_skipping)
-    embs, index, skipped = [], [], []
+    embs: list[torch.Tensor] = []
+    indexes: list[torch.Tensor] = []
+    skipped: list[str] = []
     with torch.no_grad():
         for batch in loader:
             skipped.extend(str((gallery / p).resolve()) for p in batch["skipped_paths"])
             if "image" in batch:
-                embs.append(backbone.encode_image(backbone.normalize(batch["image"].to(backbone.device)), normalize=True).float().cpu())
-                index.append(batch["index"])
+                images = backbone.normalize(batch["image"].to(backbone.device))
+                embs.append(backbone.encode_image(images, normalize=True).float().cpu())
+                indexes.append(batch["index"])
     if not embs:
         raise ValueError(f"no image in {gallery} could be read ({len(skipped)} unreadable files, e.g. "
                          f"{', '.join(skipped[:3])}): point --gallery at a folder of images")
-    emb, index = torch.cat(embs), torch.cat(index)
+    image_emb, index = torch.cat(embs), torch.cat(indexes)
     if not skipped:  # only complete galleries are cached (the cache checks rows against its keys)
-        cache.save(GalleryEmbeddings(emb, torch.zeros(0, emb.shape[1]), torch.zeros(0, dtype=torch.long), index), keys, [])
-    return [keys[int(i)] for i in index], emb, skipped, cache.status
+        no_text_emb, no_text_owner = torch.zeros(0, image_emb.shape[1]), torch.zeros(0, dtype=torch.long)
+        cache.save(GalleryEmbeddings(image_emb, no_text_emb, no_text_owner, index), keys, [])
+    return [keys[int(i)] for i in index], image_emb, skipped, cache.status
 
 
 def run_query(args: argparse.Namespace) -> int:

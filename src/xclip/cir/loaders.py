@@ -61,7 +61,7 @@ def _field(entry: Any, name: str, kind: type, path: Path, where: str) -> Any:
         value = int(value)
     if not isinstance(value, kind) or isinstance(value, bool):
         raise CIRAnnotationError(f"{path}: {where} field {name!r} must be {kind.__name__}, got {value!r}")
-    if kind is str and not value.strip():
+    if isinstance(value, str) and not value.strip():
         raise CIRAnnotationError(f"{path}: {where} field {name!r} is empty")
     return value
 
@@ -113,7 +113,8 @@ def load_cirr(root: str | Path, split: str = "val", image_size: int = 224, annot
         raise CIRAnnotationError(f"{captions_path}: expected a list of triplets, got {type(entries).__name__}")
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
         raise CIRAnnotationError(f"{listing}: expected an object mapping image names to relative paths")
-    queries, needed, pairids = [], [], {}
+    queries, needed = [], []
+    pairids: dict[int, int] = {}  # pairid -> entry index
     for i, entry in enumerate(entries):
         pair = entry.get("pairid") if isinstance(entry, dict) else None
         where = f"entry [{i}]" + (f" (pairid {pair})" if pair is not None else "")
@@ -166,7 +167,8 @@ def load_circo(root: str | Path, split: str = "val", image_size: int = 224,
             raise CIRAnnotationError(f"{info_path}: images[{i}] repeats image id {key}")
         files[key] = str(Path("COCO2017_unlabeled") / "unlabeled2017" / _field(image, "file_name", str, info_path,
                                                                                 f"images[{i}]"))
-    queries, needed, query_ids = [], [], {}
+    queries, needed = [], []
+    query_ids: dict[int, int] = {}  # id -> entry index
     for i, entry in enumerate(entries):
         qid = entry.get("id") if isinstance(entry, dict) else None
         where = f"entry [{i}]" + (f" (id {qid})" if qid is not None else "")
@@ -175,7 +177,8 @@ def load_circo(root: str | Path, split: str = "val", image_size: int = 224,
         reference = _known(str(_field(entry, "reference_img_id", int, ann_path, where)), files, ann_path, where,
                            "reference_img_id", info_path)
         caption = _field(entry, "relative_caption", str, ann_path, where)
-        target, ground_truth = None, ()
+        target: str | None = None
+        ground_truth: tuple[str, ...] = ()
         if split == "val":
             target = _known(str(_field(entry, "target_img_id", int, ann_path, where)), files, ann_path, where,
                             "target_img_id", info_path)

@@ -99,27 +99,28 @@ def oti_invert(backbone: Backbone, image_features: Tensor, keys: Sequence[int],
         raise ValueError(f"{len(keys)} keys for {n} image features")
     if n == 0:
         return image_features.new_zeros(0, token_width(backbone))
-    use_reg = concepts is not None and config.lambda_reg > 0
-    if use_reg:
+    reg_bank: PhraseBank | None = None  # L_reg's phrases; None: no regulariser
+    concept_ids: list[list[int]] = [[] for _ in range(n)]  # each image's concepts as indices into the bank
+    if concepts is not None and config.lambda_reg > 0:
         if bank is None:
             raise ValueError("oti_invert: concepts need a PhraseBank (bank=...)")
         if len(concepts) != n:
             raise ValueError(f"{len(concepts)} concept lists for {n} images")
         empty = [i for i, c in enumerate(concepts) if not c]
         if empty:
-            raise ValueError(f"images {empty[:10]} have no concept: give every image at least one, or pass concepts=None")
-        concept_ids = [[bank.index_of(c) for c in cs] for cs in concepts]
+            raise ValueError(f"images {empty[:10]} have no concept: give every image at least one, "
+                             "or pass concepts=None")
+        reg_bank, concept_ids = bank, [[bank.index_of(c) for c in cs] for cs in concepts]
     width = token_width(backbone)
     device = backbone.device
-    draws = [_choices(config, k, concept_ids[i] if use_reg else [],
-                      [int(bank.count[c]) for c in concept_ids[i]] if use_reg else [], width)
-             for i, k in enumerate(keys)]
+    counts = [[int(reg_bank.count[c]) for c in ids] if reg_bank is not None else [] for ids in concept_ids]
+    draws = [_choices(config, k, concept_ids[i], counts[i], width) for i, k in enumerate(keys)]
     templates = np.stack([d[0] for d in draws])  # [N, S]
     token = torch.nn.Parameter(torch.stack([d[3] for d in draws]).to(device))
     ema = token.detach().clone()
     optimizer = torch.optim.AdamW([token], lr=config.lr, weight_decay=config.weight_decay)
     target = image_features.detach().float().to(device)
-    total_w = config.lambda_cos + (config.lambda_reg if use_reg else 0.0)
+    total_w = config.lambda_cos + (config.lambda_reg if reg_bank is not None else 0.0)
     rows = np.arange(n)
     with explaining(backbone.model):
         for step in range(config.steps):
@@ -128,13 +129,13 @@ def oti_invert(backbone: Backbone, image_features: Tensor, keys: Sequence[int],
                 feats = encode_with_pseudo_tokens(backbone, prompts, token)
                 loss_cos = 1 - F.cosine_similarity(feats.float(), target, dim=-1)  # [N]
                 loss = config.lambda_cos * loss_cos
-                if use_reg:
+                if reg_bank is not None:
                     chosen = [concept_ids[i][draws[i][1][step] % len(concept_ids[i])] for i in rows]
-                    phrase_idx = [int(bank.start[c]) + int(draws[i][2][step]) for i, c in zip(rows, chosen)]
-                    pseudo = [replace_concept(bank.phrases[p], bank.concepts[c], every=False)
+                    phrase_idx = [int(reg_bank.start[c]) + int(draws[i][2][step]) for i, c in zip(rows, chosen)]
+                    pseudo = [replace_concept(reg_bank.phrases[p], reg_bank.concepts[c], every=False)
                               for p, c in zip(phrase_idx, chosen)]
                     reg_feats = encode_with_pseudo_tokens(backbone, pseudo, token)
-                    real = bank.features[phrase_idx].to(device)
+                    real = reg_bank.features[phrase_idx].to(device)
                     loss_reg = 1 - F.cosine_similarity(reg_feats.float(), real, dim=-1)
                     loss = loss + config.lambda_reg * loss_reg
             optimizer.zero_grad(set_to_none=True)
@@ -143,5 +144,6 @@ def oti_invert(backbone: Backbone, image_features: Tensor, keys: Sequence[int],
             with torch.no_grad():
                 ema.mul_(config.ema_decay).add_(token.detach(), alpha=1 - config.ema_decay)
             if on_step is not None:
-                on_step(step, float(loss_cos.detach().mean()), float(loss_reg.detach().mean()) if use_reg else 0.0)
+                mean_reg = float(loss_reg.detach().mean()) if reg_bank is not None else 0.0
+                on_step(step, float(loss_cos.detach().mean()), mean_reg)
     return ema.float()

@@ -79,6 +79,10 @@ class PhiTrainingModule(ExportMixin, CIREvaluation):
         if oti and set(oti) - known:
             raise ValueError(f"unknown OTI settings {sorted(set(oti) - known)}: use {sorted(known)}")
         self.oti_config = OTIConfig(**(oti or {}))
+        self.lr, self.weight_decay, self.temperature = lr, weight_decay, temperature
+        self.lambda_distil, self.lambda_reg = lambda_distil, lambda_reg
+        self.oti_batch_size, self.phrases_per_concept = oti_batch_size, phrases_per_concept
+        self.oti_cache_dir = oti_cache_dir
         self.phi = Phi.for_backbone(self.backbone, dropout)
         self.features: Tensor | None = None
         self.oti_tokens: Tensor | None = None
@@ -91,7 +95,7 @@ class PhiTrainingModule(ExportMixin, CIREvaluation):
         key = {"backbone": self.backbone_spec, "weights_sha256": weights_fingerprint(self.backbone),
                "images": {"n": len(images), "seed": images.scenes.seed, "image_size": images.scenes.image_size,
                           "max_objects": images.scenes.max_objects, "concepts": images.concept_kind},
-               "oti": self.oti_config.to_dict(), "phrases_per_concept": self.hparams.phrases_per_concept}
+               "oti": self.oti_config.to_dict(), "phrases_per_concept": self.phrases_per_concept}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
     def prepare_targets(self) -> None:
@@ -104,15 +108,15 @@ class PhiTrainingModule(ExportMixin, CIREvaluation):
                                                   .to(self.device))).float()
                      for s in range(0, len(images), 256)]
         self.features = torch.cat(feats)
-        self.bank = PhraseBank.build(bb, images.concept_kind, self.hparams.phrases_per_concept, seed=self.oti_config.seed)
-        cache = Path(self.hparams.oti_cache_dir) / f"{self._oti_key(data)}.safetensors" if self.hparams.oti_cache_dir else None
+        self.bank = PhraseBank.build(bb, images.concept_kind, self.phrases_per_concept, seed=self.oti_config.seed)
+        cache = Path(self.oti_cache_dir) / f"{self._oti_key(data)}.safetensors" if self.oti_cache_dir else None
         if cache is not None and cache.is_file():
             self.oti_tokens = load_file(str(cache))["oti_tokens"].to(self.device)
             log.info("OTI tokens read from %s", cache)
             return
         chunks, n = [], len(images)
-        for s in range(0, n, self.hparams.oti_batch_size):
-            idx = list(range(s, min(s + self.hparams.oti_batch_size, n)))
+        for s in range(0, n, self.oti_batch_size):
+            idx = list(range(s, min(s + self.oti_batch_size, n)))
             chunks.append(oti_invert(bb, self.features[idx], idx, [images.concepts(i) for i in idx], self.bank,
                                      self.oti_config, precision=str(self.trainer.precision)))
             log.info("OTI: %d / %d images", idx[-1] + 1, n)
@@ -128,23 +132,26 @@ class PhiTrainingModule(ExportMixin, CIREvaluation):
 
     # ---- training ----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        idx = batch["index"].to(self.features.device)
+        features, oti_tokens, bank = self.features, self.oti_tokens, self.bank
+        assert features is not None and oti_tokens is not None and bank is not None  # made in on_fit_start
+        idx = batch["index"].to(features.device)
         self.phi.train()
-        pred = self.phi(self.features[idx])
-        distil = nt_xent(self.oti_tokens[idx], pred, self.hparams.temperature)
+        pred = self.phi(features[idx])
+        distil = nt_xent(oti_tokens[idx], pred, self.temperature)
         concepts = [self._rng.choice(c) for c in batch["concepts"]]
-        phrase_ids = [int(self.bank.start[self.bank.index_of(c)]) + self._rng.randrange(int(self.bank.count[self.bank.index_of(c)]))
+        phrase_ids = [int(bank.start[bank.index_of(c)]) + self._rng.randrange(int(bank.count[bank.index_of(c)]))
                       for c in concepts]
-        pseudo = [replace_concept(self.bank.phrases[p], c, every=True) for p, c in zip(phrase_ids, concepts)]
-        reg = cosine_loss(encode_with_pseudo_tokens(self.backbone, pseudo, pred), self.bank.features[phrase_ids].to(pred.device))
-        loss = self.hparams.lambda_distil * distil + self.hparams.lambda_reg * reg
+        pseudo = [replace_concept(bank.phrases[p], c, every=True) for p, c in zip(phrase_ids, concepts)]
+        reg = cosine_loss(encode_with_pseudo_tokens(self.backbone, pseudo, pred),
+                          bank.features[phrase_ids].to(pred.device))
+        loss = self.lambda_distil * distil + self.lambda_reg * reg
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/distil", distil)
         self.log("train/reg", reg)
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.phi.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return torch.optim.AdamW(self.phi.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
     # ---- validation: SEARLE's recall on ShapesWorld ------------------------------------------
     def query_features(self, features: Tensor, batch: dict[str, Any]) -> dict[str, Tensor]:

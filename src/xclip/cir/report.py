@@ -43,7 +43,7 @@ def write_query_explanation(out_dir: str | Path, query_id: str, caption: str, re
     """
     folder = Path(out_dir) / _safe(str(query_id))
     ex = explanation
-    size = tuple(reference01.shape[-2:])
+    size = (reference01.shape[-2], reference01.shape[-1])
     images: list[tuple[str, np.ndarray]] = []
     title = f'query {query_id}: "{ex.prompt}" | {EXPLAINER}'
     fig = panels_figure([("reference", reference01, None),
@@ -78,7 +78,8 @@ def write_query_explanation(out_dir: str | Path, query_id: str, caption: str, re
         chart = token_bar_chart([w for w, _ in d_words], [s for _, s in d_words], f"D: words of the query, rank {rank}")
         images.append((f"{stem}_D", figure_to_array(chart)))
         cmeta = {**meta, "candidate": candidate_names[k], "rank": int(rank), "score": score}
-        save_map_npy(ex.candidate_maps[k], folder / f"{stem}_B.npy", tuple(cand.shape[-2:]), {**cmeta, "map": "B"})
+        save_map_npy(ex.candidate_maps[k], folder / f"{stem}_B.npy", (cand.shape[-2], cand.shape[-1]),
+                     {**cmeta, "map": "B"})
         save_map_npy(ex.reference_maps[k], folder / f"{stem}_C.npy", size, {**cmeta, "map": "C"})
         entry["candidates"].append({"rank": int(rank), "file": candidate_names[k], "score": score,
                                     "is_target": bool(is_target[k]) if is_target is not None else None,

@@ -118,10 +118,12 @@ class EmbeddingCache:
             raise _Invalid(f"{TENSORS_NAME} does not parse: {err}") from err
         if meta.get("image_keys") != image_keys or meta.get("captions") != captions:
             raise _Invalid("the gallery's images or captions differ from the cached order")
-        emb = GalleryEmbeddings(t.get("image_emb"), t.get("text_emb"), t.get("text_to_image"), t.get("image_index"))
+        missing = [name for name in ("image_emb", "text_emb", "text_to_image", "image_index") if name not in t]
+        if missing:
+            raise _Invalid(f"{TENSORS_NAME} has no {', '.join(missing)}")
+        emb = GalleryEmbeddings(t["image_emb"], t["text_emb"], t["text_to_image"], t["image_index"])
         n_img, n_txt = len(image_keys), len(captions)
-        if (emb.image_emb is None or emb.text_emb is None or emb.text_to_image is None or emb.image_index is None
-                or emb.image_emb.shape[0] != n_img or emb.text_emb.shape[0] != n_txt
+        if (emb.image_emb.shape[0] != n_img or emb.text_emb.shape[0] != n_txt
                 or emb.text_to_image.tolist() != meta.get("text_to_image")
                 or not torch.equal(emb.image_index, torch.arange(n_img))):
             raise _Invalid(f"tensor shapes or caption owners disagree with {META_NAME}")

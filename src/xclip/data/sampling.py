@@ -14,7 +14,7 @@ It subclasses ``DistributedSampler`` so Lightning keeps it instead of inserting 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -32,6 +32,9 @@ class BatchAlignedSampler(DistributedSampler):
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int | None = None, rank: int | None = None):
+        if not isinstance(dataset, Sized):
+            raise TypeError("BatchAlignedSampler needs a dataset with a length (map-style), "
+                            f"got {type(dataset).__name__}")
         if num_replicas is None:
             num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if rank is None:

@@ -57,8 +57,12 @@ def save_classifier(model: MultimodalClassifier, tokenizer: PreTrainedTokenizerB
     fingerprint = label_fingerprint(model.tasks)
     config = {"model": model.config(), FINGERPRINT_KEY: fingerprint, "max_length": int(max_length), **(extra or {})}
     metadata = {LABELS_KEY: json.dumps(model.tasks, ensure_ascii=False), FINGERPRINT_KEY: fingerprint}
+
+    def write_tokenizer(tmp: Path) -> None:
+        tokenizer.save_pretrained(str(tmp))
+
     return save_folder(out_dir, FORMAT, config, model.state_dict(), dtype=dtype, overwrite=overwrite,
-                       metadata=metadata, write_extra=lambda tmp: tokenizer.save_pretrained(str(tmp)))
+                       metadata=metadata, write_extra=write_tokenizer)
 
 
 def check_label_order(path: Path, config: Mapping[str, Any]) -> bool:
@@ -89,5 +93,6 @@ def load_classifier(spec: str | Path) -> tuple[MultimodalClassifier, PreTrainedT
     folder = read_folder(resolve_checkpoint(spec), FORMAT)
     config = folder.config
     config["label_order_checked"] = check_label_order(folder.path, config)
-    model = load_state(MultimodalClassifier(**config["model"]), folder)
+    model = MultimodalClassifier(**config["model"])
+    load_state(model, folder)
     return model.eval(), load_tokenizer(folder.path), config

@@ -116,8 +116,16 @@ class MultimodalClassifierModule(ExportMixin, EvaluationModule):
         self.labels = self.model.tasks
         self._freeze()
 
+    @property
+    def classifier(self) -> MultimodalClassifier:
+        """`model`, once built: in __init__ (`labels`, `init_from`) or in `setup` (the data's labels)."""
+        if self.model is None:
+            raise RuntimeError(f"{type(self).__name__}: the model is not built yet; without `labels` or `init_from` "
+                               "it is built in setup from the datamodule's label vocabulary")
+        return self.model
+
     def _freeze(self) -> None:
-        parts = dict(self.model.named_children())
+        parts = dict(self.classifier.named_children())
         unknown = [p for p in self.frozen if p not in parts]
         if unknown:
             raise ValueError(f"frozen parts {unknown} are not parts of the model; choose from {sorted(parts)}")
@@ -148,27 +156,29 @@ class MultimodalClassifierModule(ExportMixin, EvaluationModule):
     def forward(self, images01: Tensor, texts: Sequence[str]) -> ClassifierOutput:
         """images01 [B, 3, H, W] in [0, 1] and B texts -> `ClassifierOutput`."""
         ids, mask = self.tokenize(texts)
-        return self.model(self.model.pixel_values(images01), ids, mask)
+        return self.classifier(self.classifier.pixel_values(images01), ids, mask)
 
     # ---- evaluation ------------------------------------------------------------------------------
     def start(self, stage: str) -> None:
-        self.metrics = MultitaskClassificationMetrics({t: len(c) for t, c in self.model.tasks.items()},
-                                                      class_names=self.model.tasks).to(self.device)
+        self.metrics = MultitaskClassificationMetrics({t: len(c) for t, c in self.classifier.tasks.items()},
+                                                      class_names=self.classifier.tasks).to(self.device)
         self._skipped = []
 
     def step(self, batch: dict[str, Any], stage: str) -> None:
         self._skipped.extend(batch.get("skipped_paths", []))
         if "image" not in batch:  # every item of the batch was unreadable
             return
+        assert self.metrics is not None  # made in start
         out = self(batch["image"], batch["text"])
         labels = batch["labels"]
-        loss = sum(torch.nn.functional.cross_entropy(out.logits[t], labels[t]) for t in self.model.tasks)
+        loss = distillation_loss(out.logits, None, labels, alpha=0.0, beta=0.0).ce  # CE summed over the tasks
         self.log_metric(stage, "loss", loss, batch_size=len(batch["text"]), sync_dist=True)
         self.metrics.update_batch({t: v.float().softmax(-1) for t, v in out.logits.items()}, labels, batch["index"])
 
     def finish(self, stage: str) -> None:
         if self.trainer.sanity_checking:
             return
+        assert self.metrics is not None  # made in start
         scores = self.metrics.scores()
         self._scores = scores
         self._n_scored[stage] = int(scores["n_items"])
@@ -182,8 +192,9 @@ class MultimodalClassifierModule(ExportMixin, EvaluationModule):
     def extra_results(self) -> dict[str, Any]:
         """results.json: the role, classes, item count, parameter count, skipped files and why a metric
         is NaN (``notes``: logged key -> reason)."""
-        return {"distill": {"role": self.role, "tasks": self.model.tasks, "n_items": int(self._scores.get("n_items", 0)),
-                            "parameters": sum(p.numel() for p in self.model.parameters()),
+        return {"distill": {"role": self.role, "tasks": self.classifier.tasks,
+                            "n_items": int(self._scores.get("n_items", 0)),
+                            "parameters": sum(p.numel() for p in self.classifier.parameters()),
                             "skipped_paths": self._skipped, "notes": dict(self._notes)}}
 
     def report_rows(self, metrics: Mapping[str, float | None]) -> list[ReportRow]:
@@ -192,7 +203,7 @@ class MultimodalClassifierModule(ExportMixin, EvaluationModule):
         rows = []
         for stage in STAGES:
             n = f", n={self._n_scored[stage]}" if stage in self._n_scored else ""
-            for task in self.model.tasks:
+            for task in self.classifier.tasks:
                 keys = [self.metric_key(stage, f"{task}_{m}") for m in ("macro_f1", "acc", "auroc")]
                 if keys[0] in metrics:
                     note = self._notes.get(keys[2])
@@ -208,7 +219,7 @@ class MultimodalClassifierModule(ExportMixin, EvaluationModule):
 
     # ---- explanations (MultimodalExplainable) ----------------------------------------------------
     def attribution_targets(self) -> dict[str, MultimodalTarget]:
-        return {task: self.model.explain_target(task) for task in self.model.tasks}
+        return {task: self.classifier.explain_target(task) for task in self.classifier.tasks}
 
     def attribution_inputs(self, batch: dict[str, Any]) -> MultimodalInputs | None:
         if "image" not in batch:
@@ -217,15 +228,16 @@ class MultimodalClassifierModule(ExportMixin, EvaluationModule):
         ids, mask = self.tokenize(batch["text"])
         index = batch.get("index")
         indexes = [int(i) for i in index] if index is not None else list(range(len(images)))
-        paths = [str(p) for p in batch["path"]] if "path" in batch else [None] * len(images)
-        return MultimodalInputs(images, self.model.pixel_values(images), ids, mask,
-                                [self.tokenizer.convert_ids_to_tokens(row) for row in ids.tolist()],
+        paths: list[str | None] = [str(p) for p in batch["path"]] if "path" in batch else [None] * len(images)
+        # transformers types the tokens of a list of ids as str | list[str]
+        tokens: list[list[str]] = [self.tokenizer.convert_ids_to_tokens(r) for r in ids.tolist()]  # type: ignore[misc]
+        return MultimodalInputs(images, self.classifier.pixel_values(images), ids, mask, tokens,
                                 list(batch["text"]), [item_id(p, i) for p, i in zip(paths, indexes)],
                                 int(self.tokenizer.pad_token_id), indexes, paths)
 
     # ---- training --------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+        return [p for p in self.classifier.parameters() if p.requires_grad]
 
     def configure_optimizers(self):
         decay, no_decay = [], []
@@ -237,9 +249,9 @@ class MultimodalClassifierModule(ExportMixin, EvaluationModule):
         return {"optimizer": opt, "lr_scheduler": warmup_cosine_scheduler(opt, total, self.warmup_steps)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"labels": self.model.tasks,
-                                      "label_fingerprint": label_fingerprint(self.model.tasks),
-                                      "model": self.model.config(),
+        checkpoint[CHECKPOINT_KEY] = {"labels": self.classifier.tasks,
+                                      "label_fingerprint": label_fingerprint(self.classifier.tasks),
+                                      "model": self.classifier.config(),
                                       "tokenizer": self.tokenizer.backend_tokenizer.to_str(),
                                       "special_tokens": self.tokenizer.special_tokens_map, "max_length": self.max_length}
 
@@ -276,11 +288,12 @@ class MultimodalClassifierModule(ExportMixin, EvaluationModule):
         best = getattr(callback, "best_model_path", "") if callback is not None else ""
         if best:
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-            self.model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+            self.classifier.load_state_dict({k.removeprefix("model."): v for k, v in state.items()
+                                             if k.startswith("model.")})
         score = getattr(callback, "best_model_score", None)
         extra = {"role": self.role, "best_checkpoint": str(best) or None,
                  "best_val_mean_macro_f1": None if score is None else float(score)}
-        save_classifier(self.model, self.tokenizer, path, self.max_length, extra=extra, overwrite=self.overwrite)
+        save_classifier(self.classifier, self.tokenizer, path, self.max_length, extra=extra, overwrite=self.overwrite)
 
 
 class TeacherModule(MultimodalClassifierModule):
@@ -308,14 +321,16 @@ class StudentModule(MultimodalClassifierModule):
     """
 
     role = "student"
+    teacher: MultimodalClassifier  # set past nn.Module's registration: not a submodule
 
     def __init__(self, teacher: str, model: dict[str, Any] | None = None, alpha: float = 1.0, beta: float = 100.0,
                  temperature: float = 2.0, **kwargs):
         teacher_model, teacher_tokenizer, teacher_config = load_classifier(teacher)
         labels = kwargs.pop("labels", None) or teacher_model.tasks
         super().__init__(model=model, labels=labels, **kwargs)
-        if self.model.tasks != teacher_model.tasks:
-            raise ValueError(f"the student's classes {self.model.tasks} differ from the teacher's {teacher_model.tasks}")
+        if self.classifier.tasks != teacher_model.tasks:
+            raise ValueError(f"the student's classes {self.classifier.tasks} differ from the teacher's "
+                             f"{teacher_model.tasks}")
         self.label_source = f"the teacher {teacher}'s"
         self.label_order_checked = teacher_config["label_order_checked"]
         self.teacher_spec, self.alpha, self.beta, self.temperature = teacher, float(alpha), float(beta), float(temperature)
@@ -327,7 +342,7 @@ class StudentModule(MultimodalClassifierModule):
         if beta > 0:
             # drawn aside from the global generator: the KD and no-KD students see the same batches
             with torch.random.fork_rng(devices=[]):
-                self.kd_projection = FeatureProjection(teacher_model.fusion_dim, self.model.fusion_dim)
+                self.kd_projection = FeatureProjection(teacher_model.fusion_dim, self.classifier.fusion_dim)
         if self.alpha == 0 and self.beta == 0:
             self.role = "student (no KD)"
 
@@ -340,8 +355,8 @@ class StudentModule(MultimodalClassifierModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         ids, mask = self.tokenize(batch["text"])
-        pixel_values = self.model.pixel_values(batch["image"])
-        out = self.model(pixel_values, ids, mask)
+        pixel_values = self.classifier.pixel_values(batch["image"])
+        out = self.classifier(pixel_values, ids, mask)
         teacher_logits = projected = None
         if self.alpha > 0 or self.beta > 0:
             self.teacher.eval()

@@ -59,8 +59,9 @@ def clip_vision_state_dict(openclip_state: dict[str, torch.Tensor], layers: list
             out[f"{dst}self_attn.{part}_proj.weight"], out[f"{dst}self_attn.{part}_proj.bias"] = w, b
         pairs = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
                  "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-        for a, b in pairs.items():
-            out[f"{dst}{b}.weight"], out[f"{dst}{b}.bias"] = s[f"{src}{a}.weight"], s[f"{src}{a}.bias"]
+        for oc_name, hf_name in pairs.items():
+            for kind in ("weight", "bias"):
+                out[f"{dst}{hf_name}.{kind}"] = s[f"{src}{oc_name}.{kind}"]
     return out
 
 

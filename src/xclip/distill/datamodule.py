@@ -73,7 +73,7 @@ def _csv_rows(path: Path) -> list[tuple[int, list[str]]]:
     other bytes that are not UTF-8 are kept as surrogates and refused by the caller with their row)."""
     text = path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    rows = []
+    rows: list[tuple[int, list[str]]] = []
     while True:
         start = reader.line_num + 1
         try:
@@ -256,12 +256,12 @@ class DistillDataModule(pl.LightningDataModule):
             check_order: `vocab`'s order is not confirmed by a label fingerprint (a checkpoint
                 saved before xclip stored one): it must equal this data's own vocabulary.
         """
-        vocab = {str(t): [str(c) for c in classes] for t, classes in vocab.items()}
+        classes: LabelVocabulary = {str(t): [str(c) for c in names] for t, names in vocab.items()}
         expected = set(ShapesNotes.label_names) if self.source == "shapes" else set(self.label_columns)
-        if set(vocab) != expected:
-            raise ValueError(f"{source} tasks {sorted(vocab)} differ from this data's {sorted(expected)}")
-        if self.source == "shapes" and vocab != self.data_vocabulary():
-            raise ValueError(f"{source} classes {vocab} are not ShapesWorld's {ShapesNotes.label_names}")
+        if set(classes) != expected:
+            raise ValueError(f"{source} tasks {sorted(classes)} differ from this data's {sorted(expected)}")
+        if self.source == "shapes" and classes != self.data_vocabulary():
+            raise ValueError(f"{source} classes {classes} are not ShapesWorld's {ShapesNotes.label_names}")
         if check_order:
             try:
                 own = self.data_vocabulary()
@@ -269,17 +269,24 @@ class DistillDataModule(pl.LightningDataModule):
                 raise FileNotFoundError(f"{source} classes carry no label fingerprint (saved before xclip stored one), "
                                         f"so their order is checked against this data's training split: {err}"
                                         ) from None
-            if own != vocab:
-                raise ValueError(f"{source} classes {vocab} differ from {self._data_source()} {own}, and no label "
+            if own != classes:
+                raise ValueError(f"{source} classes {classes} differ from {self._data_source()} {own}, and no label "
                                  "fingerprint was saved with them to confirm their order: the heads' outputs could be "
                                  "read under the wrong names. Evaluate on data with the same classes, or re-export "
                                  "the checkpoint (which stores a fingerprint)")
-        self._vocabulary, self._vocabulary_source = vocab, source
+        self._vocabulary, self._vocabulary_source = classes, source
 
     # ---- datasets --------------------------------------------------------------------------------
+    @property
+    def csv_root(self) -> Path:
+        """`data_root` of the CSV layout (``source="csv"``, which __init__ refuses without one)."""
+        if self.data_root is None:
+            raise ValueError(f"source={self.source!r} reads no CSV files (only source='csv' with data_root does)")
+        return self.data_root
+
     def _split_records(self, split: str) -> list[CSVRecord]:
         if split not in self._records:
-            self._records[split] = read_metadata(self.data_root / SPLIT_FILES[split], self.label_columns,
+            self._records[split] = read_metadata(self.csv_root / SPLIT_FILES[split], self.label_columns,
                                                  self.text_column, self.image_column)
         return self._records[split]
 
@@ -292,8 +299,8 @@ class DistillDataModule(pl.LightningDataModule):
             return ShapesNotes(self.sizes[split], seed=seed, image_size=self.image_size, split=split)
         records = self._split_records(split)
         vocab = self.label_vocabulary
-        labels = encode_labels(records, vocab, self.data_root / SPLIT_FILES[split], self._vocabulary_source)
-        return MetadataDataset(records, labels, self.data_root, self.image_size)
+        labels = encode_labels(records, vocab, self.csv_root / SPLIT_FILES[split], self._vocabulary_source)
+        return MetadataDataset(records, labels, self.csv_root, self.image_size)
 
     def setup(self, stage: str | None = None) -> None:
         if self.source == "csv":  # read and check the files now: a bad file fails before any model runs

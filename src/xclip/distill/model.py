@@ -3,7 +3,7 @@ width, a fusion chosen by name, and one classification head per task (plain ``nn
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ class ClassifierOutput:
     features: Tensor
 
 
-def head_keys(tasks: Sequence[str]) -> dict[str, str]:
+def head_keys(tasks: Collection[str]) -> dict[str, str]:
     """Task name -> its head's key in ``heads`` (and so in the state dict): the name itself, or
     ``task<i>_<name>`` for a name `nn.ModuleDict` cannot hold (an attribute of it such as
     ``type``, the reference layout's first label column, or a name with a dot)."""

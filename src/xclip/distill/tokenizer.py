@@ -8,7 +8,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 SHAPES_WORDPIECE = "shapes-wordpiece"
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -42,7 +42,7 @@ def shapes_wordpiece(n_notes: int = 3000, seed: int = 0, vocab_size: int = 160) 
     return train_wordpiece([notes.note(i) for i in range(n_notes)], vocab_size)
 
 
-def load_tokenizer(spec: str | Path) -> PreTrainedTokenizerFast:
+def load_tokenizer(spec: str | Path) -> PreTrainedTokenizerBase:
     """``"shapes-wordpiece"`` (trained offline, see `shapes_wordpiece`), a folder written by
     ``save_pretrained`` (e.g. a shipped checkpoint), or a Hugging Face hub id such as
     ``"prajjwal1/bert-mini"`` (from the local cache, else downloaded; offline it fails fast with

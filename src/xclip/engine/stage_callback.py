@@ -25,7 +25,8 @@ from xclip.results import run_directory
 
 def tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
     """The ``SummaryWriter``-like experiments of the trainer's loggers (those that take images)."""
-    return [lg.experiment for lg in trainer.loggers if hasattr(getattr(lg, "experiment", None), "add_image")]
+    experiments = (getattr(lg, "experiment", None) for lg in trainer.loggers)  # not every Logger has one
+    return [ex for ex in experiments if hasattr(ex, "add_image")]
 
 
 class StageCallback(pl.Callback):

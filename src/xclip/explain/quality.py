@@ -239,7 +239,7 @@ def energy_pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
         :func:`energy_pointing_mean`) to average.
     """
     maps, masks = _maps_and_masks(maps, masks)
-    up = upsample_maps(maps, masks.shape[-2:]).clamp(min=0).flatten(-2)
+    up = upsample_maps(maps, (masks.shape[-2], masks.shape[-1])).clamp(min=0).flatten(-2)
     m = masks.flatten(-2)
     total = up.sum(-1)
     inside = (up * m).sum(-1)
@@ -487,7 +487,7 @@ def randomize_top_blocks(
     Raises:
         ValueError: a block is not a submodule of ``model``.
     """
-    names = {}
+    names: dict[int, str] = {}  # id(module) -> its first name
     for name, mod in model.named_modules(remove_duplicate=False):
         names.setdefault(id(mod), name)
     wanted = []

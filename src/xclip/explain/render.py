@@ -198,7 +198,7 @@ def token_bar_chart(tokens: Sequence[str], scores, title: str = "", *,
         return max(2.0, 0.35 * len(tokens) + 1.0) + 0.17 * n_lines + (0.4 if legend else 0.0)
 
     fig = Figure(figsize=(width_in, height(len(lines))), dpi=100)
-    FigureCanvasAgg(fig)
+    canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     y = np.arange(len(tokens))
     colours = ["tab:red" if v >= 0 else "tab:blue" for v in vals]
@@ -210,7 +210,7 @@ def token_bar_chart(tokens: Sequence[str], scores, title: str = "", *,
     ax.set_xlabel("score")
     if lines:
         ax.set_title("\n".join(lines), fontsize=title_pt)
-        renderer = fig.canvas.get_renderer()
+        renderer = canvas.get_renderer()
         for _ in range(3):  # wide glyphs (W, M, CJK): re-wrap until the measured title fits the figure
             ratio = ax.title.get_window_extent(renderer).width / (0.96 * fig.bbox.width)
             if ratio <= 1:
@@ -326,11 +326,12 @@ def image_grid(
     rows = math.ceil(n / cols)
     ch = max(a.shape[0] for a in arrs)
     cw = max(a.shape[1] for a in arrs)
-    font = ImageFont.load_default() if titles is not None else None
+    font = None
     title_h = 0
     if titles is not None:
+        font = ImageFont.load_default()
         boxes = [font.getbbox(str(t) or " ") for t in titles]
-        title_h = max(b[3] for b in boxes) + 4
+        title_h = math.ceil(max(b[3] for b in boxes)) + 4
     H = rows * (ch + title_h) + (rows + 1) * pad
     W = cols * cw + (cols + 1) * pad
     grid = np.full((H, W, 3), pad_value, dtype=np.uint8)

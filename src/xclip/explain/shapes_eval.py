@@ -56,7 +56,7 @@ def probe_set(n: int, n_objects: int, seed: int = 3000, size: int = 64) -> Probe
     """`n` deterministic probes with 1 or 2 objects (two-object scenes have distinct nouns)."""
     if n_objects not in (1, 2):
         raise ValueError("probe sets have 1 or 2 objects")
-    items = []
+    items: list[tuple[Tensor, str, Tensor, Tensor]] = []
     index = 0
     while len(items) < n:
         rng = sample_rng(seed + n_objects, "classification", index)
@@ -99,6 +99,10 @@ def evaluate_explainer(explainer: Explainer, single: ProbeSet, double: ProbeSet,
     The pointing keys are exact; for every t in `tolerances` the same three are added with a
     margin of t pixels (``pointing_single_t4`` ...; see `quality.pointing_game`).
     """
+    other_masks = double.other_masks
+    if other_masks is None:
+        raise ValueError("evaluate_explainer: `double` must be a two-object probe set (probe_set(n, 2)), "
+                         "the one with other_masks")
     bb = explainer.backbone
     maps1 = paired_maps(explainer, bb, single.images, single.texts)
     pg = pointing_game(maps1, single.named_masks)
@@ -112,7 +116,7 @@ def evaluate_explainer(explainer: Explainer, single: ProbeSet, double: ProbeSet,
         "all_zero_rate_single": pg.all_zero_rate,
         "energy_pointing_single": energy_pointing_mean(maps1, single.named_masks),
         "pointing_named_two": pointing_on(maps2, double.named_masks).float().mean().item(),
-        "pointing_other_two": pointing_on(maps2, double.other_masks).float().mean().item(),
+        "pointing_other_two": pointing_on(maps2, other_masks).float().mean().item(),
         "all_zero_rate_two": constant2.float().mean().item(),
         "deletion_auc": auc(deletion).mean().item(),
         "insertion_auc": auc(insertion).mean().item(),
@@ -120,7 +124,7 @@ def evaluate_explainer(explainer: Explainer, single: ProbeSet, double: ProbeSet,
     for t in tolerances:
         row[f"pointing_single_t{t}"] = pointing_game(maps1, single.named_masks, tolerance=t).accuracy
         row[f"pointing_named_two_t{t}"] = pointing_on(maps2, double.named_masks, tolerance=t).float().mean().item()
-        row[f"pointing_other_two_t{t}"] = pointing_on(maps2, double.other_masks, tolerance=t).float().mean().item()
+        row[f"pointing_other_two_t{t}"] = pointing_on(maps2, other_masks, tolerance=t).float().mean().item()
     return row
 
 
@@ -156,7 +160,7 @@ def region_profile(values: Tensor, named_masks: Tensor, other_masks: Tensor | No
     lies in each region (a constant map has no maximum and counts in no region, as in the pointing
     game). NaN for a region no patch belongs to.
     """
-    regions = patch_regions(named_masks, other_masks, tuple(values.shape[-2:])).flatten(1)
+    regions = patch_regions(named_masks, other_masks, (values.shape[-2], values.shape[-1])).flatten(1)
     flat = values.detach().double().flatten(1)
     std = flat.std(1, keepdim=True)
     keep = (std > 0)[:, 0]

@@ -185,6 +185,7 @@ class Browser:
     def score_upload(self, path: str | Path | None, prompt: str) -> tuple[str, np.ndarray]:
         """An uploaded image file against `prompt`: (markdown, figure)."""
         image, out = self.score_file(path, prompt)
+        assert path is not None  # score_file refuses a missing upload
         maps = {k: v.cpu() for k, v in out.maps.items()}
         lines = [f"global score (cosine with the prompt): **{float(out.global_score[0]):.4f}**"]
         if self.head_dir is not None:

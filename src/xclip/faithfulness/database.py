@@ -387,7 +387,9 @@ class FaithfulnessDatabase:
     def images(self, prompt_id: str) -> list[ImageRecord]:
         rows = self._conn.execute("SELECT image_id, prompt_id, seed, source, height, width, path, png, error, faithful, "
                                   "sha256 FROM images WHERE prompt_id = ? ORDER BY seed, image_id", (prompt_id,))
-        return [ImageRecord(*r[:9], faithful=None if r[9] is None else bool(r[9]), sha256=r[10]) for r in rows]
+        return [ImageRecord(image_id, pid, seed, source, height, width, path, png, error,
+                            faithful=None if faithful is None else bool(faithful), sha256=sha256)
+                for image_id, pid, seed, source, height, width, path, png, error, faithful, sha256 in rows]
 
     def scores(self, prompt_id: str) -> dict[str, dict[str, ScoreRecord]]:
         """image_id -> method -> `ScoreRecord` for every image of a prompt."""

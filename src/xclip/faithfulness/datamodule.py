@@ -260,6 +260,7 @@ class TiPAIDataModule(pl.LightningDataModule):
                 raise ValueError("source 'folder' has no held-out split: set test_data_root for `xclip test`, or run "
                                  "`xclip validate` on data_root")
             return PromptFolder(self.test_data_root, self.image_size, self.prompts_file)
+        assert self.data_root is not None  # __init__ refuses source 'folder' without data_root
         return PromptFolder(self.data_root, self.image_size, self.prompts_file)
 
     def _loader(self, split: str) -> DataLoader:

@@ -76,10 +76,10 @@ def prompt_figure(prompt: str, images01: Tensor, global_scores: Tensor, maps: di
     r = images01.shape[0]
     order = torch.argsort(global_scores.detach().cpu(), descending=True, stable=True).tolist()
     columns: list[tuple[str, str | None]] = [("image", None)]
-    for name in maps:
-        if name == "crops":
-            columns.append(("crops\nheatmap", name))
-        columns.append((MAP_TITLES.get(name, name), name))
+    for map_name in maps:
+        if map_name == "crops":
+            columns.append(("crops\nheatmap", map_name))
+        columns.append((MAP_TITLES.get(map_name, map_name), map_name))
     scales = {name: (float(m.min()), float(m.max())) for name, m in maps.items()}
     fig = Figure(figsize=(panel_px / 100 * 1.15 * len(columns) + 0.8, panel_px / 100 * r + 2.1), dpi=100)
     FigureCanvasAgg(fig)
@@ -93,7 +93,7 @@ def prompt_figure(prompt: str, images01: Tensor, global_scores: Tensor, maps: di
                 ax.set_ylabel(f"{role}{float(global_scores[i]):.3f}\n{labels[i]}", fontsize=7)
             else:
                 if caption == "crops\nheatmap":
-                    ax.imshow(heatmap_rgb(maps[name][i], tuple(images01.shape[-2:]), *scales[name]))
+                    ax.imshow(heatmap_rgb(maps[name][i], (images01.shape[-2], images01.shape[-1]), *scales[name]))
                 else:
                     ax.imshow(np.clip(overlay_rgb(images01[i], maps[name][i], *scales[name], alpha), 0, 1))
                 label = constant_label(maps[name][i])
@@ -107,7 +107,7 @@ def prompt_figure(prompt: str, images01: Tensor, global_scores: Tensor, maps: di
     height = fig.get_size_inches()[1]
     bottom = 1.15 / height  # room for the colour bars and their labels
     fig.subplots_adjust(top=1 - 1.05 / height, bottom=bottom, left=0.08, right=0.98, hspace=0.08, wspace=0.08)
-    for col, (caption, name) in enumerate(columns):
+    for col, (_, name) in enumerate(columns):
         if name is None:
             continue
         box = axes[-1, col].get_position()

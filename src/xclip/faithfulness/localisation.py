@@ -33,7 +33,7 @@ def localisation(goodness: Tensor, masks: Tensor) -> dict[str, Tensor]:
     """
     g = goodness.shape[-1]
     has_error = masks.flatten(1).any(1)
-    painted = cells_to_pixels(badness(goodness.double()), tuple(masks.shape[-2:]))
+    painted = cells_to_pixels(badness(goodness.double()), (masks.shape[-2], masks.shape[-1]))
     out = {METRIC_KEYS[name]: fn(painted, masks.double()) for name, fn in SALIENCY_METRICS.items()}
     cells = error_cells(masks, g).flatten(1)
     hit = cells.gather(1, worst_cell(goodness)[:, None].to(cells.device))[:, 0].long()

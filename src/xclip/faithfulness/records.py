@@ -49,7 +49,7 @@ def reusable_images(batch: Mapping[str, Any], states: Mapping[str, StoredPrompt]
     for i, b in enumerate(prompt_of):
         state = states.get(batch["prompt_id"][b])
         stored = None if state is None or not state.complete else state.images.get(batch["image_id"][i])
-        same = (stored is not None and state.prompt == batch["prompt"][b]
+        same = (state is not None and stored is not None and state.prompt == batch["prompt"][b]
                 and stored == (batch["path"][i], batch["sha256"][i]))
         reuse.append(resume and same)
         rescored.append(stored is not None and not reuse[-1])

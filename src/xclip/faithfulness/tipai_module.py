@@ -138,18 +138,17 @@ class TiPAIModule(EvaluationModule):
         """Score (or read back) one batch of prompts, store it, update the metric table; returns
         what the explanation callback draws."""
         self._skipped.extend(batch.get("skipped_paths", []))
-        self._open(int(batch["images"].shape[-1]))
+        db = self._open(int(batch["images"].shape[-1]))
         prompt_of = batch["prompt_of"].to(self.device)
         m = prompt_of.shape[0]
-        reuse, rescored, write = reusable_images(batch, self.db.prompt_states(batch["prompt_id"]), self.resume,
-                                                 self.db.path)
+        reuse, rescored, write = reusable_images(batch, db.prompt_states(batch["prompt_id"]), self.resume, db.path)
         present = torch.zeros(len(write), dtype=torch.bool)
         present[batch["prompt_of"]] = True  # prompts with at least one readable image
         self._counts["prompts"] += len(write)
         self._counts["prompts_without_images"] += int((~present).sum())
         if m == 0:  # no readable image: the batch's prompts leave the database
-            self.db.write(PromptRecord(batch["prompt_id"][b], batch["prompt"][b], root=batch["root"][b])
-                          for b in range(len(write)))
+            db.write(PromptRecord(batch["prompt_id"][b], batch["prompt"][b], root=batch["root"][b])
+                     for b in range(len(write)))
             return {}
         global_score = torch.zeros(m, device=self.device)
         maps = {name: torch.zeros(m, self.grid, self.grid, device=self.device) for name in self.map_names}
@@ -163,7 +162,7 @@ class TiPAIModule(EvaluationModule):
             for name, value in scored.items():
                 maps[name][todo_img] = value
         if (~todo_img).any():
-            loaded = self._load(batch, ~todo_img)
+            loaded = self._load(db, batch, ~todo_img)
             global_score[~todo_img] = loaded.pop("global")
             if "head_reward" in loaded:
                 head_reward[~todo_img] = loaded.pop("head_reward")
@@ -180,7 +179,7 @@ class TiPAIModule(EvaluationModule):
         self._pair_sums += torch.stack([chosen.sum(), rejected.sum(), (chosen - rejected).sum()])
         new_prompts = [b for b in range(len(batch["prompt_id"])) if write[b]]  # without images: removed
         if new_prompts:
-            self.db.write(prompt_records(batch, new_prompts, global_score, maps, pairs, head_reward, self.pair_rule))
+            db.write(prompt_records(batch, new_prompts, global_score, maps, pairs, head_reward, self.pair_rule))
         self._update_table(batch, global_score, maps)
         return {"prompt_id": batch["prompt_id"], "prompt": batch["prompt"], "images": batch["images"].detach().cpu(),
                 "prompt_of": batch["prompt_of"].cpu(), "image_id": batch["image_id"], "error": batch["error"],
@@ -193,21 +192,22 @@ class TiPAIModule(EvaluationModule):
         out = self.scorer.score(images, text[prompt_of])
         result = {"global": out.global_score, **out.maps}
         if self.head is not None:
+            assert out.trace is not None  # the head needs the 'dense' method (checked in __init__), which traces
             with torch.no_grad():
                 reward, error_prob = self.head.score_trace(self.backbone, out.trace, text[prompt_of])
             result["head"] = 1 - _to_grid(error_prob, self.grid, tuple(images.shape[-2:]))
             result["head_reward"] = reward
         return result
 
-    def _load(self, batch: dict[str, Any], rows: Tensor) -> dict[str, Tensor]:
-        """The stored scores of the images in `rows` (their prompts are complete in the database)."""
+    def _load(self, db: FaithfulnessDatabase, batch: dict[str, Any], rows: Tensor) -> dict[str, Tensor]:
+        """The stored scores of the images in `rows` (their prompts are complete in `db`)."""
         wanted = [batch["image_id"][i] for i in rows.nonzero().flatten().tolist()]
         by_image: dict[str, dict] = {}
         for pid in {batch["prompt_id"][int(batch["prompt_of"][i])] for i in rows.nonzero().flatten().tolist()}:
-            by_image.update(self.db.scores(pid))
+            by_image.update(db.scores(pid))
         missing = [i for i in wanted if i not in by_image]
         if missing:
-            raise ValueError(f"{self.db.path}: images {missing[:5]} of complete prompts are not stored: the folder "
+            raise ValueError(f"{db.path}: images {missing[:5]} of complete prompts are not stored: the folder "
                              "changed since the database was written; pass another db_path")
         out = {"global": torch.tensor([by_image[i]["clip"].global_score for i in wanted], dtype=torch.float32)}
         for name in self.map_names:

@@ -44,7 +44,8 @@ class _Collate:
 
     def __call__(self, indices: list[int]) -> dict[str, Any]:
         idx = torch.tensor(indices, dtype=torch.long)
-        batch = {k: (v[idx].float() if v.is_floating_point() else v[idx]) for k, v in self.tensors.items()}
+        batch: dict[str, Any] = {k: (v[idx].float() if v.is_floating_point() else v[idx])
+                                 for k, v in self.tensors.items()}
         batch["index"] = idx
         batch["task"] = "tspo"
         return batch

@@ -149,6 +149,9 @@ class OODMetrics(Metric):
 
     is_differentiable = False
     full_state_update = False
+    scores: list[Tensor]  # [B] float64 per update
+    is_id: list[Tensor]  # [B] uint8
+    index: list[Tensor]  # [B] int64
 
     def __init__(self, convention: Convention = "neglabel", **kwargs):
         super().__init__(**kwargs)

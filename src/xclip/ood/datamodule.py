@@ -49,7 +49,7 @@ class TaggedCollate:
             raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
         self.split, self.role, self.partition = split, role, partition
 
-    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch = collate_skipping(items)
         batch.update(task="ood", split=self.split, role=self.role, partition=self.partition)
         return batch
@@ -120,6 +120,7 @@ class OODDataModule(pl.LightningDataModule):
                     ("ood_background", "ood", shapes(self.n_ood, base + 1, "background")),
                     ("ood_novel_shape", "ood", shapes(self.n_ood, base + 2, "novel_shape"))]
         split = self.test_split if partition == "test" else self.val_split
+        assert self.data_root is not None  # __init__ refuses source 'waterbirds' without data_root
         out: list[tuple[str, str, Dataset]] = [("id", "id", WaterBirds(self.data_root, split, self.image_size))]
         out.extend((f"ood_{name}", "ood", self._holdout_part(ImageFolder(path, self.image_size), partition))
                    for name, path in self.ood_dirs.items())
@@ -132,7 +133,10 @@ class OODDataModule(pl.LightningDataModule):
                 return None
             return SpuriousShapes(n=self.n_calib, seed=self.seed + 2000, image_size=self.image_size,
                                   **self.shapes_options)
-        return None if self.calib_split is None else WaterBirds(self.data_root, self.calib_split, self.image_size)
+        if self.calib_split is None:
+            return None
+        assert self.data_root is not None  # __init__ refuses source 'waterbirds' without data_root
+        return WaterBirds(self.data_root, self.calib_split, self.image_size)
 
     def _loader(self, ds: Dataset, split: str, role: str, partition: str) -> DataLoader:
         return eval_loader(ds, self.batch_size, TaggedCollate(split, role, partition), self.num_workers)

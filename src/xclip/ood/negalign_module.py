@@ -23,6 +23,7 @@ from xclip.engine import STAGES, EvaluationModule, tensorboard_writers
 from xclip.explain.render import figure_to_array, save_png
 from xclip.io import atomic_write_csv, atomic_write_text
 from xclip.metrics.gather import gather_objects
+from xclip.metrics.ood import Convention
 from xclip.metrics.score_table import ScoreTable
 from xclip.ood.evaluation import OODEvaluation, evaluate, in_set_order, report_names, set_masks
 from xclip.ood.negalign import NegAlignScorer
@@ -84,7 +85,7 @@ class NegAlignModule(EvaluationModule):
                  role_tau: float = 0.05, cam_percentile: float = 80.0, dilation: int = 1, k: int = 5,
                  m1_topk: int = 5, m1: bool = False, m2: bool = False, m3: bool = True, use_p_align: bool = True,
                  lam: float = 1.0, lambdas: Sequence[float] = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0),
-                 convention: str = "neglabel", text_batch_size: int = 256, text_cache_dir: str | None = None,
+                 convention: Convention = "neglabel", text_batch_size: int = 256, text_cache_dir: str | None = None,
                  breakdown_csv: bool = False):
         super().__init__()
         backbone, spec = resolve_backbone(backbone)
@@ -95,6 +96,12 @@ class NegAlignModule(EvaluationModule):
         self.id_prompts = dict(id_prompts) if isinstance(id_prompts, Mapping) else list(id_prompts)
         self.variant = Variant(m1, m2, m3, use_p_align)
         self.lam, self.lambdas = float(lam), [float(x) for x in lambdas]
+        # the text side (build_text_side)
+        self.neg_labels_dir, self.nouns, self.adjectives = neg_labels_dir, nouns, adjectives
+        self.noun_templates, self.adj_templates = noun_templates, adj_templates
+        self.percentile, self.keep_ratio, self.role_tau = percentile, keep_ratio, role_tau
+        self.n_groups, self.seed, self.tau, self.m1_topk, self.k = n_groups, seed, tau, m1_topk, k
+        self.convention, self.breakdown_csv = convention, breakdown_csv
         self.backbone.eval().requires_grad_(False)
         self.features = NegAlignFeatures(self.backbone, cam_percentile, dilation)
         self.texts = TextEmbeddings(self.backbone, self.backbone_spec, text_batch_size, text_cache_dir)
@@ -111,53 +118,52 @@ class NegAlignModule(EvaluationModule):
     # ---- text side (once per run) ---------------------------------------------------------------
     def _vocabulary(self) -> tuple[list[str], list[str], bool]:
         """(nouns, adjectives, mine?) from saved negative labels or the candidate word lists."""
-        hp = self.hparams
-        if hp.neg_labels_dir is not None:
-            folder = Path(hp.neg_labels_dir)
+        if self.neg_labels_dir is not None:
+            folder = Path(self.neg_labels_dir)
             nouns, adjs = (read_words(folder / NEG_LABEL_FILES[p]) if (folder / NEG_LABEL_FILES[p]).is_file() else []
                            for p in ("noun", "adj"))
             if not nouns and not adjs:
                 raise ValueError(f"`neg_labels_dir` ({folder}) holds no words in {sorted(NEG_LABEL_FILES.values())}")
             return nouns, adjs, False
-        nouns = resolve_words(hp.nouns, "nouns", "nouns")
+        nouns = resolve_words(self.nouns, "nouns", "nouns")
         # an ID class name is no negative of itself (NegLabel skips them among the nouns)
         id_names = {c.strip().lower() for c in self.class_names}
         kept = [w for w in nouns if w.strip().lower() not in id_names]
         self.dropped_id_names = len(nouns) - len(kept)
-        return kept, resolve_words(hp.adjectives, "adjectives", "adjectives"), True
+        return kept, resolve_words(self.adjectives, "adjectives", "adjectives"), True
 
     def build_text_side(self) -> NegAlignTerms:
         """ID embeddings, negatives (mined or loaded), role split and the scorer; cached for the run."""
         if self.terms is not None:
             return self.terms
-        hp = self.hparams
         id_emb = id_embeddings(self.texts, self.class_names, self.id_prompts)
         nouns, adjs, mine = self._vocabulary()
-        neg = build_negatives(self.texts, id_emb, nouns, adjs, hp.noun_templates, hp.adj_templates, mine=mine,
-                              percentile=hp.percentile, keep_ratio=hp.keep_ratio, role_tau=hp.role_tau)
+        neg = build_negatives(self.texts, id_emb, nouns, adjs, self.noun_templates, self.adj_templates, mine=mine,
+                              percentile=self.percentile, keep_ratio=self.keep_ratio, role_tau=self.role_tau)
         n_obj, n_bg = neg.roles["object"].numel(), neg.roles["background"].numel()
-        has_m2, has_bg = n_obj >= hp.n_groups, n_bg > 0
+        has_m2, has_bg = n_obj >= self.n_groups, n_bg > 0
         self.unavailable = {}
         if not has_m2:
-            self.unavailable["m2"] = (f"only {n_obj} of {len(neg.words)} negatives lean object (r > {hp.role_tau}), "
-                                      f"fewer than n_groups={hp.n_groups}")
+            self.unavailable["m2"] = (f"only {n_obj} of {len(neg.words)} negatives lean object (r > {self.role_tau}), "
+                                      f"fewer than n_groups={self.n_groups}")
         if not has_bg:
-            self.unavailable["p_align"] = (f"no negative of {len(neg.words)} leans background (r < -{hp.role_tau})")
-        for flag, term in (("m2", "m2"), ("use_p_align", "p_align")):
-            if hp[flag] and term in self.unavailable:
+            self.unavailable["p_align"] = (f"no negative of {len(neg.words)} leans background (r < -{self.role_tau})")
+        for flag, on, term in (("m2", self.variant.m2, "m2"), ("use_p_align", self.variant.p_align, "p_align")):
+            if on and term in self.unavailable:
                 raise ValueError(f"`{flag}` is on but {self.unavailable[term]}: set `{flag}` false, lower "
                                  "`role_tau` or `n_groups`, or add words")
         # scores in float64: NegLabel's sigmoid saturates near 1 in float32 and ties would hide the ranking
         id_emb, neg_emb = id_emb.double(), neg.emb.double()
         scorer = NegAlignScorer(id_emb, neg_emb, object_idx=neg.roles["object"] if has_m2 else None,
                                 neg_bg_emb=neg_emb[neg.roles["background"]] if has_bg else None,
-                                n_groups=hp.n_groups, seed=hp.seed, tau=hp.tau, m1_topk=hp.m1_topk,
-                                m2_role_aware=has_m2, use_p_align=has_bg, k=hp.k)
+                                n_groups=self.n_groups, seed=self.seed, tau=self.tau, m1_topk=self.m1_topk,
+                                m2_role_aware=has_m2, use_p_align=has_bg, k=self.k)
         self.negatives, self.terms = neg, NegAlignTerms(scorer).to(self.device)
         return self.terms
 
     def _write_vocabulary(self, out_dir: Path) -> None:
         neg = self.negatives
+        assert neg is not None  # build_text_side ran first (_start_pass)
         for pos, name in NEG_LABEL_FILES.items():
             atomic_write_text(out_dir / name, "".join(f"{w}\n" for w, p in zip(neg.words, neg.pos) if p == pos))
         role_of = {i: role for role in ROLES for i in neg.roles[role].tolist()}
@@ -228,8 +234,8 @@ class NegAlignModule(EvaluationModule):
         empty = [names[c][0] for c in names if names[c][1] != "calib" and not (rows["split"] == c).any()]
         if empty:
             raise ValueError(f"no readable image in split(s) {empty} (unreadable images skipped: {skipped_paths})")
-        hp = self.hparams
-        result = evaluate(rows, self._splits, evaluated, self.variant, self.lam, self.lambdas, hp.convention,
+        assert self.terms is not None  # built at the pass start (_start_pass)
+        result = evaluate(rows, self._splits, evaluated, self.variant, self.lam, self.lambdas, self.convention,
                           self.terms.available)
         for vname, per_split in result.variants.items():
             for split, values in per_split.items():
@@ -237,7 +243,7 @@ class NegAlignModule(EvaluationModule):
                     self.log_metric(stage, f"{split}/{vname}/{key}", value, add_dataloader_idx=False)
         self._results = {
             "config": self._config(),
-            "convention": hp.convention,
+            "convention": self.convention,
             "evaluated_partition": evaluated,
             "splits": split_statistics(rows, names, skipped, result.configured),
             "skipped_paths": skipped_paths,
@@ -265,6 +271,7 @@ class NegAlignModule(EvaluationModule):
 
     def _config(self) -> dict[str, Any]:
         neg = self.negatives
+        assert neg is not None  # built at the pass start (_start_pass)
         return {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hparams.items()},
                 "variant": self.variant.name, "n_negatives": len(neg.words),
                 "n_roles": {r: neg.roles[r].numel() for r in ROLES}, "text_encoded": self.texts.encoded,
@@ -290,7 +297,7 @@ class NegAlignModule(EvaluationModule):
             save_png(array, out_dir / f"{stage}_{name}.png")
             for writer in tensorboard_writers(self.trainer):
                 writer.add_image(self.metric_key(stage, name), array, self.global_step, dataformats="HWC")
-        if self.hparams.breakdown_csv:
+        if self.breakdown_csv:
             write_breakdown(out_dir / f"{stage}_per_image.csv", rows, names, result.configured, self.class_names,
                             unreadable)
 

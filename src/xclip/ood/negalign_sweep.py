@@ -60,6 +60,7 @@ class NegAlignTerms(nn.Module):
         if scorer.m1_topk is None:
             raise ValueError("NegAlignTerms needs a scorer built with m1_topk (M1's k)")
         self.scorer = scorer
+        self.m1_topk: int = scorer.m1_topk
 
     @property
     def id_emb(self) -> Tensor:
@@ -80,7 +81,7 @@ class NegAlignTerms(nn.Module):
         out = {}
         for (m1, m2), column in STAR_COLUMNS.items():
             g = groups.get(m2)
-            out[column] = nan if g is None else g.topk(sc.m1_topk, dim=1).values.mean(dim=1) if m1 else g.mean(dim=1)
+            out[column] = nan if g is None else g.topk(self.m1_topk, dim=1).values.mean(dim=1) if m1 else g.mean(dim=1)
         pred = nl.predicted_class(image_emb)
         if sc.neg_bg_emb is None:
             out["p_align"] = nan

@@ -105,6 +105,10 @@ class NegLabelScorer(nn.Module):
         tau: softmax temperature (0.01 = CLIP's logit scale 100).
     """
 
+    id_emb: Tensor  # [C, D]
+    neg_emb: Tensor  # [M, D]
+    groups: Tensor  # [G, M // G] rows of neg_emb
+
     def __init__(self, id_emb: Tensor, neg_emb: Tensor, n_groups: int = 100, seed: int = 0, tau: float = 0.01):
         super().__init__()
         self.tau = tau

@@ -50,7 +50,10 @@ class TextEmbeddings:
         payload = json.dumps(texts, ensure_ascii=False).encode()
         return hashlib.sha256(payload).hexdigest()
 
-    def _disk_path(self, key: str) -> Path:
+    def _disk_path(self, key: str) -> Path | None:
+        """The disk cache file of `key`, None without a cache directory."""
+        if self.cache_dir is None:
+            return None
         if self._fingerprint is None:
             self._fingerprint = weights_fingerprint(self.backbone.model)
         name = hashlib.sha256(f"{self.spec}|{self._fingerprint}|{key}".encode()).hexdigest()[:32]
@@ -63,7 +66,7 @@ class TextEmbeddings:
         key = self._key(texts)
         if key in self._memory:
             return self._memory[key]
-        path = self._disk_path(key) if self.cache_dir is not None else None
+        path = self._disk_path(key)
         emb = self._load(path, len(texts)) if path is not None else None
         if emb is None:
             emb = self._encode(texts)

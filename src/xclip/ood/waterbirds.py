@@ -23,7 +23,7 @@ CLASS_NAMES = ("landbird", "waterbird")
 
 def split_code(split: int | str) -> int:
     """``train``/``val``/``test`` or 0/1/2 -> 0/1/2."""
-    code = SPLITS.get(split, split) if isinstance(split, str) else split
+    code = SPLITS.get(split, -1) if isinstance(split, str) else split  # -1: an unknown name
     if code not in SPLITS.values():
         raise ValueError(f"WaterBirds split must be one of {sorted(SPLITS)} or 0/1/2, got {split!r}")
     return code

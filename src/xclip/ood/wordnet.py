@@ -22,7 +22,7 @@ from pathlib import Path
 
 # lexicographer file numbers -> names (WordNet's lexnames(5WN); a ``lexnames`` file, when present,
 # takes precedence)
-LEXNAMES = (
+LEXNAMES: tuple[str, ...] = (
     "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact", "noun.attribute",
     "noun.body", "noun.cognition", "noun.communication", "noun.event", "noun.feeling", "noun.food", "noun.group",
     "noun.location", "noun.motive", "noun.object", "noun.person", "noun.phenomenon", "noun.plant",
@@ -76,7 +76,10 @@ class _Database:
 
     def lines(self, name: str) -> Iterator[str]:
         if self.zip:
-            with self.zip.open(self._member(name)) as fh:
+            member = self._member(name)
+            if member is None:
+                raise WordNetError(f"{self.root} has no {name}")
+            with self.zip.open(member) as fh:
                 yield from io.TextIOWrapper(fh, encoding="latin-1")
         else:
             with (self.root / name).open(encoding="latin-1") as fh:

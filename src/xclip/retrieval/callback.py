@@ -223,8 +223,9 @@ def _row_captions(gallery, image_index: Tensor, text_to_image: Tensor) -> tuple[
     row's gallery caption index [T]."""
     texts, owner = gallery.all_captions()
     counts = torch.bincount(owner, minlength=len(gallery))
-    offsets = torch.cumsum(counts, 0) - counts
-    ids = torch.cat([offsets[i] + torch.arange(counts[i]) for i in image_index.tolist()]) if len(image_index) \
+    bounds = torch.cumsum(counts, 0)
+    starts, ends = (bounds - counts).tolist(), bounds.tolist()
+    ids = torch.cat([torch.arange(starts[i], ends[i]) for i in image_index.tolist()]) if len(image_index) \
         else torch.empty(0, dtype=torch.long)
     if ids.numel() != text_to_image.numel():
         raise ValueError(f"the embeddings hold {text_to_image.numel()} captions, but their images have {ids.numel()} "

@@ -76,8 +76,10 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def _build(self, split: str) -> CaptionGallery:
         if self.source == "shapes":
-            return ShapesGallery(n=self.n, seed=self.seed + 1000, image_size=self.image_size, max_objects=self.max_objects,
-                                 captions_per_image=self.captions_per_image, split=split)
+            assert self.n is not None  # __init__ refuses shapes without n
+            return ShapesGallery(n=self.n, seed=self.seed + 1000, image_size=self.image_size,
+                                 max_objects=self.max_objects, captions_per_image=self.captions_per_image, split=split)
+        assert self.data_root is not None  # __init__ refuses coco / karpathy without data_root
         if self.source == "coco":
             if split == "test":
                 raise ValueError("source 'coco' reads captions_val2017.json, which has no held-out test split: "

@@ -124,7 +124,8 @@ class RetrievalModule(EvaluationModule):
         self.recall_values = {self.metric_key(stage, k): v for k, v in metrics.items()}
         for name, value in metrics.items():
             self.log_metric(stage, name, value)  # computed from the gathered gallery: same on every process
-        if self._cached is None and self._cache is not None and self.trainer.is_global_zero and self._complete(emb):
+        if (self._cached is None and self._cache is not None and self.gallery is not None
+                and self.trainer.is_global_zero and _complete(emb, self.gallery)):
             texts, _ = self.gallery.all_captions()
             self._cache.save(emb, self.gallery.keys(), texts)
 
@@ -134,12 +135,6 @@ class RetrievalModule(EvaluationModule):
             return None
         index, img, txt, owner = self.recall.ordered()
         return GalleryEmbeddings(img.cpu(), txt.cpu(), owner.cpu(), index.cpu())
-
-    def _complete(self, emb: GalleryEmbeddings) -> bool:
-        """Whether `emb` covers the whole gallery in order (e.g. not under ``limit_val_batches``)."""
-        n = len(self.gallery)
-        return emb.image_index.numel() == n and torch.equal(emb.image_index, torch.arange(n)) and \
-            torch.equal(emb.text_to_image, self.gallery.all_captions()[1])
 
     def report_rows(self, metrics: Mapping[str, float | None]) -> list[ReportRow]:
         """Console report rows of this module's logged metrics (see `xclip.results`)."""
@@ -183,3 +178,10 @@ def _gallery_of(datamodule: Any, split: str) -> CaptionGallery | None:
         n = datamodule.n_test if split == "test" else datamodule.n_val
         return ShapesGallery(n=n, seed=datamodule.seed + 1000, image_size=datamodule.image_size, split=split, **opts)
     return None
+
+
+def _complete(emb: GalleryEmbeddings, gallery: CaptionGallery) -> bool:
+    """Whether `emb` covers the whole `gallery` in order (e.g. not under ``limit_val_batches``)."""
+    n = len(gallery)
+    return emb.image_index.numel() == n and torch.equal(emb.image_index, torch.arange(n)) and \
+        torch.equal(emb.text_to_image, gallery.all_captions()[1])

@@ -60,7 +60,7 @@ def write_annotation_report(sheet_dir: str | Path, out_dir: str | Path) -> dict:
                      "kappa": fleiss})
     atomic_write_csv(out_dir / "agreement.csv", AGREEMENT_COLUMNS, rows)
     ties = [m for m in merged if m.is_tie]
-    summary = write_summary(out_dir, [m.label for m in merged if not m.is_tie])
+    summary = write_summary(out_dir, [m.label for m in merged if m.label is not None])  # None: a tie
     report = {
         "sheets": str(sheet_dir),
         "n_annotations": len(annotations),
