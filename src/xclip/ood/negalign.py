@@ -135,6 +135,9 @@ class NegAlignScorer(nn.Module):
         k: TopKMean size in :func:`p_align`.
     """
 
+    object_groups: Tensor | None  # buffers (None when the toggle that needs them is off)
+    neg_bg_emb: Tensor | None
+
     def __init__(self, id_emb: Tensor, neg_emb: Tensor, *, object_idx: Tensor | None = None,
                  neg_bg_emb: Tensor | None = None, n_groups: int = 100, seed: int = 0, tau: float = 0.01,
                  m1_topk: int | None = None, m2_role_aware: bool = False, m3_zscore: bool = False,
