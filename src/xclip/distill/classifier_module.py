@@ -53,7 +53,10 @@ class MultimodalClassifierModule(ExportMixin, EvaluationModule):
             checkpoint's when one is given.
         tokenizer: see `xclip.distill.tokenizer.load_tokenizer`.
         max_length: longest tokenised text (longer ones are cut).
-        lr, weight_decay, warmup_steps: AdamW, linear warm-up then cosine decay to 0 (per step).
+        lr: AdamW's learning rate, after a linear warm-up of `warmup_steps` then a cosine decay to 0
+            (per step).
+        weight_decay: AdamW's weight decay (matrices only).
+        warmup_steps: optimiser steps of the linear warm-up.
         export: at the end of fit, write the best checkpoint in the shipped format.
         export_dir: where (None: ``<log dir>/model``); never the shipped ``checkpoints/`` by default.
         overwrite: allow `export_dir` to be an existing checkpoint folder (replaced atomically; a
@@ -316,8 +319,10 @@ class StudentModule(MultimodalClassifierModule):
 
     Args:
         teacher: the teacher's checkpoint folder (``xclip:<name>`` or a path); it fixes the classes.
-        alpha, beta, temperature: the KD weights and T (reference: 1, 100, 2).
-        (the rest: see `MultimodalClassifierModule`)
+        alpha: weight of the KL term (reference: 1).
+        beta: weight of the feature MSE term (reference: 100).
+        temperature: T of the KL term (reference: 2).
+        model: the student's architecture; the other arguments: see `MultimodalClassifierModule`.
     """
 
     role = "student"

@@ -38,7 +38,8 @@ class CaptumExplainer:
 
     Args:
         target: the model head (`MultimodalTarget`).
-        n_steps, method: Captum's integration steps and rule (``gausslegendre``, ``riemann_trapezoid``...).
+        n_steps: Captum's integration steps.
+        method: Captum's integration rule (``gausslegendre``, ``riemann_trapezoid``...).
         internal_batch_size: rows per forward pass inside Captum (None: all ``n_steps x N`` at once).
         image_baseline: the constant [0, 1] value of the baseline image.
         precision: autocast precision of the forward passes (None: fp32).

@@ -93,7 +93,8 @@ def grad_eclip_terms(grad: Tensor, q_pooled: Tensor, k: Tensor, v: Tensor) -> tu
     Args:
         grad: [N, K, W] gradient of each target w.r.t. the pooled (CLS) attention output.
         q_pooled: [N, H, dh] the pooled token's query per head (W = H * dh).
-        k, v: [N, H, J, dh] keys and values of the J explained tokens per head.
+        k: [N, H, J, dh] keys of the J explained tokens per head.
+        v: [N, H, J, dh] their values.
     Returns:
         spatial [N, H, J]: lambda, min-max cos(q_pooled, k_j) (text-independent);
         channel [N, K, H, J]: sum_c g_hc v_hjc (the target's direction read on each token's value).

@@ -513,7 +513,8 @@ def model_randomisation_check(maps_trained: Tensor, maps_random: Tensor) -> dict
     A faithful explainer gives a *low* correlation (the map depends on the weights).
 
     Args:
-        maps_trained, maps_random: ``[N, gh, gw]`` (or ``[..., gh, gw]``), same shape.
+        maps_trained: ``[N, gh, gw]`` (or ``[..., gh, gw]``) of the trained model.
+        maps_random: the same explainer's maps after the randomisation, same shape.
 
     Returns:
         ``{"mean_spearman": float (NaN-ignoring mean), "per_image": Tensor [N] float64 (NaN for

@@ -64,8 +64,11 @@ class TSPOHeadModule(ExportMixin, EvaluationModule):
     Args:
         backbone: the frozen CLIP the features come from (spec or `Backbone`; sizes the head and
             is recorded in the export).
-        hidden, dropout, init_scale: the head (see `TSPOHead`).
-        lr, weight_decay: AdamW; the learning rate decays with a cosine to 0 over the run.
+        hidden: the head's hidden width (see `TSPOHead`).
+        dropout: the head's dropout.
+        init_scale: the initial scale of the reward's zero-shot term.
+        lr: AdamW's learning rate, decayed with a cosine to 0 over the run.
+        weight_decay: AdamW's weight decay.
         patch_weight: weight of the patch term.
         residual_penalty: weight of mean(g^2), g = reward - scale * zero-shot cosine (the learned
             residual): keeps the reward anchored at the zero-shot score where the features give

@@ -54,22 +54,33 @@ class NegAlignModule(EvaluationModule):
             `xclip.backbones.shared_backbone`) or a `Backbone` object.
         class_names: ID class names, in label order.
         id_prompts: templates with ``{}`` for every class, or class name -> prompts.
-        nouns, adjectives: candidate negative words: a word-list file, a list, or None for the
-            shipped ShapesWorld lists (``xclip/ood/wordlists``).
+        nouns: candidate negative nouns: a word-list file, a list, or None for the shipped
+            ShapesWorld list (``xclip/ood/wordlists``).
+        adjectives: candidate negative adjectives, the same way.
         neg_labels_dir: a folder with saved ``neg_labels_noun.txt`` / ``neg_labels_adj.txt``
             (NegRefine's format, or a previous run's output): used as the negatives, no mining.
-        noun_templates, adj_templates: prompts of the candidate words (NegLabel: ``the nice {}``,
-            ``This is a {} photo``).
-        percentile, keep_ratio: NegMining (0.95, lowest 15%).
-        n_groups, seed, tau: NegLabel's groups, grouping seed and temperature.
+        noun_templates: prompts of the candidate nouns (NegLabel: ``the nice {}``).
+        adj_templates: prompts of the candidate adjectives (NegLabel: ``This is a {} photo``).
+        percentile: NegMining's percentile of a word's similarity to the ID classes (0.95).
+        keep_ratio: the share of the least ID-like words kept as negatives (0.15).
+        n_groups: NegLabel's number of groups.
+        seed: the seed of NegLabel's grouping.
+        tau: NegLabel's temperature.
         role_tau: the r-score margin of the object / background / ambiguous split.
-        cam_percentile, dilation: the CAM foreground (top 20% of patches, dilated by 1 patch).
+        cam_percentile: the CAM foreground's percentile (80: the top 20% of patches).
+        dilation: patches the foreground is dilated by.
         k: TopKMean size of P_align.
         m1_topk: M1's k (largest group scores averaged).
-        m1, m2, m3, use_p_align, lam: the configured NegAlign variant (``negalign`` in the metrics).
+        m1: M1, top-k aggregation of the group scores (the configured NegAlign variant, ``negalign``
+            in the metrics).
+        m2: M2, role-aware negatives (object-leaning only).
+        m3: M3, z-score scale stabilisation.
+        use_p_align: add lam * P_align.
+        lam: the configured lambda.
         lambdas: the lambda sweep of the configured variant (every ablation row is swept too).
         convention: FPR95 convention of :func:`xclip.metrics.ood_metrics`.
-        text_batch_size, text_cache_dir: text encoding batch and an optional disk cache folder.
+        text_batch_size: texts encoded per forward.
+        text_cache_dir: an optional disk cache folder of the vocabulary's text embeddings.
         breakdown_csv: also write ``per_image.csv``.
     """
 

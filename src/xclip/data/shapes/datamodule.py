@@ -87,7 +87,9 @@ class ShapesWorldDataModule(pl.LightningDataModule):
         seed: training seed; validation sets use ``seed + 1000`` so they never share a sample
             stream with training; test sets use ``seed + 1000`` in the test key family of
             :func:`~xclip.data.shapes.generator.sample_rng`, disjoint from both.
-        n_train, n_val, n_test: dataset sizes (``n_test`` None: ``n_val``).
+        n_train: training set size.
+        n_val: validation set size.
+        n_test: test set size (None: ``n_val``).
         task_options: extra constructor arguments per task, e.g. ``{"spurious": {"ood": "background"}}``.
     """
 
