@@ -121,7 +121,7 @@ def _normalised_heat(map_, hw: tuple[int, int]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 def overlay(
     image,
-    map,  # noqa: A002 - the public name asked for
+    map,  # the public name (shadows the builtin inside these functions only)
     alpha: float = 0.5,
     cmap: str = "jet",
     size: tuple[int, int] | None = None,
@@ -285,7 +285,7 @@ def panels_figure(panels: Sequence[tuple[str, object, object]], title: str, alph
     return fig
 
 
-def explanation_figure(image, map, title: str, alpha: float = 0.5, cmap: str = "jet",  # noqa: A002
+def explanation_figure(image, map, title: str, alpha: float = 0.5, cmap: str = "jet",
                        extra_panels: Sequence[tuple[str, object]] = (), panel_px: int = 192) -> Figure:
     """The image, then the map over it (colour bar, raw maximum, all-zero label; see
     `panels_figure`), then optional ``(caption, image)`` extra panels, under `title`."""
@@ -369,7 +369,7 @@ def _json_float(v: float) -> float | None:
     return float(v) if math.isfinite(v) else None
 
 
-def save_map_npy(map, path: str | os.PathLike, image_size: tuple[int, int],  # noqa: A002
+def save_map_npy(map, path: str | os.PathLike, image_size: tuple[int, int],
                  extra: dict | None = None) -> tuple[Path, Path]:
     """Save the RAW patch-grid map (float32 ``[gh, gw]``, not upsampled, not normalised) as
     ``.npy`` plus a sidecar JSON (``path`` with suffix ``.json``)::
