@@ -528,3 +528,49 @@ def test_normalize_native_size(bb):
     torch.testing.assert_close(bb.normalize(exact, size="native"), (exact - mean) / std)  # no resampling
     with pytest.raises(ValueError, match="size must be None, 'native' or"):
         bb.normalize(images01, size="big")
+
+
+# ---- the backend registry ------------------------------------------------------------------------
+def test_a_new_backend_is_one_registration(monkeypatch, oc_model):
+    """A backend module registers its scheme, loader and the models it wraps; load_backbone and
+    wrap_model find it with nothing else edited."""
+    from xclip.backbones import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.backends()  # the shipped ones first
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = oc_model
+
+    calls = []
+
+    def wrap(model, tokenizer, preprocess_cfg):
+        calls.append("wrap")
+        return wrap_model(model.inner, tokenizer, preprocess_cfg)
+
+    registry.register_backend(registry.Backend(
+        scheme="toy", load=lambda ref: wrap(Toy(), None, None), describe="toy:<anything>",
+        claims_model=lambda model: isinstance(model, Toy), wrap=wrap))
+    bb = load_backbone("toy:whatever")
+    assert bb.spec == "toy:whatever" and calls == ["wrap"]
+    assert wrap_model(Toy()).model is oc_model and calls == ["wrap", "wrap"]
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register_backend(registry.Backend(scheme="toy", load=lambda ref: None, describe=""))
+
+
+def test_shipped_checkpoints_load_their_files_tensor_for_tensor():
+    from safetensors.torch import load_file
+
+    from xclip.backbones import checkpoint_path, checkpoints_dir
+
+    names = sorted(p.name for p in checkpoints_dir().iterdir()
+                   if (p / "config.json").is_file() and '"architecture": "openclip"' in (p / "config.json").read_text())
+    assert "tiny-shapes" in names
+    for name in names:
+        state = load_backbone(f"xclip:{name}").model.state_dict()
+        stored = load_file(str(checkpoint_path(f"xclip:{name}") / "model.safetensors"))
+        assert state.keys() == stored.keys()
+        for key, value in stored.items():
+            assert torch.equal(state[key], value.float() if value.is_floating_point() else value), (name, key)
