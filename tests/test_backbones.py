@@ -440,6 +440,28 @@ def test_hf_local_directory(tmp_path, images):
         torch.testing.assert_close(bb.encode_text(TEXTS), expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["SiglipModel", "Siglip2Model"])
+def test_hf_siglip_directories_load_with_their_tokenizer_and_siglip_normalisation(kind, tmp_path):
+    from xclip.backbones.reduced import reduced_hf
+
+    model, tokenizer = reduced_hf(kind, seed=2)
+    model.save_pretrained(tmp_path / "siglip")
+    tokenizer.save_pretrained(tmp_path / "siglip")
+    bb = load_backbone(str(tmp_path / "siglip"))
+    assert type(bb.model).__name__ == kind and bb.model.config._attn_implementation == "eager"
+    assert bb.image_mean == (0.5, 0.5, 0.5) and bb.logit_bias is not None
+    from transformers import AutoTokenizer
+
+    own = AutoTokenizer.from_pretrained(tmp_path / "siglip")  # the directory's tokenizer, as transformers loads it
+    assert bb.tokenize(TEXTS).tolist() == own(TEXTS, padding="max_length", max_length=16)["input_ids"]
+    images = torch.randn(2, 3, bb.image_size, bb.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(bb.encode_image(images), wrap_model(model, tokenizer).encode_image(images))
+    model.save_pretrained(tmp_path / "no_tok")
+    with pytest.raises(ValueError, match="no usable tokenizer"):
+        load_backbone(str(tmp_path / "no_tok"))
+
+
 def test_hf_hub_id_from_cache_loads_offline(empty_caches, monkeypatch):
     model = tiny_hf_clip(seed=6)
     snapshot = fake_hub_snapshot(empty_caches / "hub", "xclip-test/tiny-hf")
