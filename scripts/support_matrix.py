@@ -47,7 +47,8 @@ TEST_FAMILIES = {
     "openai-vit": "ViT-B-32", "siglip": "ViT-B-16-SigLIP", "pe-core": "PE-Core-B-16", "eva02": "EVA02-B-16",
     "eva02-postnorm": "EVA02-E-14", "mobileclip-vit": "MobileCLIP-B", "mobileclip-fastvit": "MobileCLIP-S1",
     "convnext": "convnext_base", "swin": "swin_base_patch4_window7_224", "vitamin": "ViTamin-S", "resnet": "RN50",
-    "coca": "coca_ViT-B-32", "clipa": "ViT-H-14-CLIPA", "roberta-text": "roberta-ViT-B-32",
+    "coca": "coca_ViT-B-32", "clipa": "ViT-H-14-CLIPA", "worldwide-eos": "ViT-L-14-worldwide",
+    "roberta-text": "roberta-ViT-B-32",
     "mt5-text": "mt5-base-ViT-B-32", "nllb-text-siglip": "nllb-clip-base-siglip",
     "hf-clip": "hf:CLIPModel", "hf-siglip": "hf:SiglipModel", "hf-siglip2": "hf:Siglip2Model",
 }

@@ -167,7 +167,8 @@ def test_warm_start_renames_an_openclip_vit_into_a_timm_trunk_and_keeps_the_loss
     module = ClipPretrainModule(model_cfg, export=False, warm_start=str(shipped))
     source = load_checkpoint(shipped).model.state_dict()
     own = module.model.state_dict()
-    assert torch.equal(own["visual.trunk.blocks.5.attn.qkv.weight"], source["visual.transformer.resblocks.5.attn.in_proj_weight"])
+    assert torch.equal(own["visual.trunk.blocks.4.attn.qkv.weight"], source["visual.transformer.resblocks.4.attn.in_proj_weight"])
+    assert "visual.trunk.blocks.5.attn.qkv.weight" not in own  # the sixth block is left out
     assert torch.equal(own["visual.trunk.pos_embed"][0], source["visual.positional_embedding"][1:])  # class row dropped
     assert torch.equal(own["visual.head.proj.weight"], source["visual.proj"].T)
     assert torch.equal(own["transformer.resblocks.0.attn.in_proj_weight"], source["transformer.resblocks.0.attn.in_proj_weight"])

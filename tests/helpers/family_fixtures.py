@@ -26,6 +26,7 @@ FAMILIES = {
     "resnet": "RN50",
     "coca": "coca_ViT-B-32",
     "clipa": "ViT-H-14-CLIPA",
+    "worldwide-eos": "ViT-L-14-worldwide",
     "roberta-text": "roberta-ViT-B-32",
     "mt5-text": "mt5-base-ViT-B-32",
     "nllb-text-siglip": "nllb-clip-base-siglip",

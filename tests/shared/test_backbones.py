@@ -397,6 +397,28 @@ def test_hf_local_directory(tmp_path, images):
         torch.testing.assert_close(bb.encode_text(TEXTS), expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["SiglipModel", "Siglip2Model"])
+def test_hf_siglip_directories_load_with_their_tokenizer_and_siglip_normalisation(kind, tmp_path):
+    from xclip.backbones.reduced import reduced_hf
+
+    model, tokenizer = reduced_hf(kind, seed=2)
+    model.save_pretrained(tmp_path / "siglip")
+    tokenizer.save_pretrained(tmp_path / "siglip")
+    bb = load_backbone(str(tmp_path / "siglip"))
+    assert type(bb.model).__name__ == kind and bb.model.config._attn_implementation == "eager"
+    assert bb.image_mean == (0.5, 0.5, 0.5) and bb.logit_bias is not None
+    from transformers import AutoTokenizer
+
+    own = AutoTokenizer.from_pretrained(tmp_path / "siglip")  # the directory's tokenizer, as transformers loads it
+    assert bb.tokenize(TEXTS).tolist() == own(TEXTS, padding="max_length", max_length=16)["input_ids"]
+    images = torch.randn(2, 3, bb.image_size, bb.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(bb.encode_image(images), wrap_model(model, tokenizer).encode_image(images))
+    model.save_pretrained(tmp_path / "no_tok")
+    with pytest.raises(ValueError, match="no usable tokenizer"):
+        load_backbone(str(tmp_path / "no_tok"))
+
+
 def test_hf_hub_id_from_cache_loads_offline(empty_caches, monkeypatch):
     model = tiny_hf_clip(seed=6)
     snapshot = fake_hub_snapshot(empty_caches / "hub", "xclip-test/tiny-hf")
@@ -485,3 +507,49 @@ def test_normalize_native_size(bb):
     torch.testing.assert_close(bb.normalize(exact, size="native"), (exact - mean) / std)  # no resampling
     with pytest.raises(ValueError, match="size must be None, 'native' or"):
         bb.normalize(images01, size="big")
+
+
+# ---- the backend registry ------------------------------------------------------------------------
+def test_a_new_backend_is_one_registration(monkeypatch, oc_model):
+    """A backend module registers its scheme, loader and the models it wraps; load_backbone and
+    wrap_model find it with nothing else edited."""
+    from xclip.backbones import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.backends()  # the shipped ones first
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = oc_model
+
+    calls = []
+
+    def wrap(model, tokenizer, preprocess_cfg):
+        calls.append("wrap")
+        return wrap_model(model.inner, tokenizer, preprocess_cfg)
+
+    registry.register_backend(registry.Backend(
+        scheme="toy", load=lambda ref: wrap(Toy(), None, None), describe="toy:<anything>",
+        claims_model=lambda model: isinstance(model, Toy), wrap=wrap))
+    bb = load_backbone("toy:whatever")
+    assert bb.spec == "toy:whatever" and calls == ["wrap"]
+    assert wrap_model(Toy()).model is oc_model and calls == ["wrap", "wrap"]
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register_backend(registry.Backend(scheme="toy", load=lambda ref: None, describe=""))
+
+
+def test_shipped_checkpoints_load_their_files_tensor_for_tensor():
+    from safetensors.torch import load_file
+
+    from xclip.backbones import checkpoint_path, checkpoints_dir
+
+    names = sorted(p.name for p in checkpoints_dir().iterdir()
+                   if (p / "config.json").is_file() and '"architecture": "openclip"' in (p / "config.json").read_text())
+    assert "tiny-shapes" in names
+    for name in names:
+        state = load_backbone(f"xclip:{name}").model.state_dict()
+        stored = load_file(str(checkpoint_path(f"xclip:{name}") / "model.safetensors"))
+        assert state.keys() == stored.keys()
+        for key, value in stored.items():
+            assert torch.equal(state[key], value.float() if value.is_floating_point() else value), (name, key)

@@ -92,3 +92,24 @@ def test_evaluate_explainer_reports_tolerant_pointing_next_to_the_exact_game(set
         assert row[key] <= row[f"{key}_t2"] <= row[f"{key}_t6"]
     assert row["pointing_single_t6"] > row["pointing_single"]
     assert "pointing_single_t4" not in row
+
+
+@pytest.fixture(scope="module")
+def siglip_setup():
+    """The shipped SigLIP-style model (timm `map` head: a learned latent query, no class token) and
+    its random-init twin."""
+    trained = load_backbone("xclip:tiny-shapes-siglip")
+    torch.manual_seed(0)
+    random_init = wrap_model(open_clip.model.CLIP(**trained.model_cfg).eval(), preprocess_cfg=trained.preprocess_cfg)
+    return trained, random_init, probe_set(N_TWO, 2)
+
+
+@pytest.mark.parametrize("name", ["grad_eclip", "game"])
+def test_the_map_follows_the_text_on_the_siglip_style_model(siglip_setup, name):
+    """The same criterion on a non-class-token pooling head: Grad-ECLIP's and GAME's maps on the
+    latent query's attention pool (README: SIGLIP_NUMBERS)."""
+    trained, random_init, double = siglip_setup
+    named, other = named_minus_other(EXPLAINERS[name](trained), trained, double)
+    r_named, r_other = named_minus_other(EXPLAINERS[name](random_init), random_init, double)
+    assert named - other >= 0.30, (named, other)
+    assert (named - other) - (r_named - r_other) >= 0.25, ((named, other), (r_named, r_other))

@@ -301,3 +301,18 @@ def test_distill_towers_take_siglip_towers():
     with torch.no_grad():
         pooled = vision(vision.pixel_values(torch.rand(2, 3, 32, 32))).pooled
     assert pooled.shape == (2, vision.feature_size)
+
+
+@pytest.mark.parametrize("family", ["siglip", "coca", "roberta-text", "hf-siglip2"])
+def test_cir_queries_keep_the_padding_where_the_tower_reads_it(family):
+    """CIR's prompts are trimmed after EOT only for causal EOT-pooled towers; SigLIP (last position),
+    CoCa (appended class token) and mean-pooled HF encoders encode the full padded row."""
+    from xclip.cir.query import encode_plain, encode_with_pseudo_tokens
+
+    bb = family_backbone(family)
+    slot, word = bb.tokenize(["a photo of $"]), bb.tokenize(["a photo of cat"])
+    pseudo = bb.token_embedding(word)[:, int((slot[0] == bb.placeholder_id).nonzero()[0])].detach()
+    with torch.no_grad():
+        plain = bb.encode_text(["a photo of cat"])
+        torch.testing.assert_close(encode_with_pseudo_tokens(bb, ["a photo of $"], pseudo), plain, atol=1e-5, rtol=0)
+        torch.testing.assert_close(encode_plain(bb, ["a photo of cat"]), plain, atol=1e-5, rtol=0)

@@ -138,11 +138,10 @@ def small_hf_text_config(name: str):
     """A small transformers config of the model family behind a hub name (offline)."""
     from transformers import M2M100Config, MT5Config, RobertaConfig, XLMRobertaConfig
 
-    small = dict(vocab_size=OFFLINE_VOCAB_SIZE, pad_token_id=OFFLINE_PAD_ID, bos_token_id=OFFLINE_BOS_ID,
-                 eos_token_id=OFFLINE_EOS_ID)
+    small = dict(vocab_size=OFFLINE_VOCAB_SIZE, **offline_special_ids("t5" if "mt5" in name else "xlmr"))
     if "mt5" in name:
         return MT5Config(d_model=WIDTH, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=1, num_heads=2,
-                         decoder_start_token_id=OFFLINE_PAD_ID, **small)
+                         decoder_start_token_id=small["pad_token_id"], **small)
     if "nllb" in name:
         return M2M100Config(d_model=WIDTH, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
                             decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
@@ -185,7 +184,8 @@ def reduced_hf(kind: str, seed: int = 0) -> tuple[nn.Module, Any]:
         config = transformers.CLIPConfig(text_config={**text, "vocab_size": 49408},
                                          vision_config={**vision, "image_size": 32}, projection_dim=16)
         return transformers.CLIPModel(config).eval(), None
-    special = dict(vocab_size=OFFLINE_VOCAB_SIZE, pad_token_id=OFFLINE_EOS_ID, eos_token_id=OFFLINE_EOS_ID,
+    ids = offline_special_ids("siglip")
+    special = dict(vocab_size=OFFLINE_VOCAB_SIZE, pad_token_id=ids["pad_token_id"], eos_token_id=ids["eos_token_id"],
                    bos_token_id=None)
     if kind == "SiglipModel":
         config = transformers.SiglipConfig(text_config={**text, **special}, vision_config={**vision, "image_size": 32})
@@ -195,39 +195,64 @@ def reduced_hf(kind: str, seed: int = 0) -> tuple[nn.Module, Any]:
 
 
 # ---- an offline stand-in for tokenizers that need a download -------------------------------------
-OFFLINE_PAD_ID, OFFLINE_EOS_ID, OFFLINE_UNK_ID, OFFLINE_BOS_ID = 0, 1, 2, 3
-_WORDS = ["a", "photo", "of", "the", "an", "and", "that", "with", "on", "in", "red", "green", "blue", "yellow", "purple", "orange", "circle", "square", "triangle", "star", "cross", "heart", "left", "right", "above", "below", "big", "small", "two", "three", "one", "background", "water", "sky", "sand", "grass", "$", "cat", "dog", "is", "are", "it", "this", "picture"]
+_WORDS = ("a photo of the an and that with on in red green blue yellow purple orange circle square triangle star "
+          "cross heart left right above below big small two three one background water sky sand grass $ cat dog "
+          "is are it this picture").split()
 OFFLINE_VOCAB_SIZE = 4 + len(_WORDS) + 4
+# kind -> (the four special tokens in id order, the template, the pad token): the real tokenizers'
+# conventions (SigLIP: "</s>" appended and padded with; T5/mT5: "<pad>" = 0, "</s>" = 1;
+# BERT-style (CLIPA): start and end tokens; XLM-R / XLM-V / NLLB: "<s>" = 0, "<pad>" = 1, "</s>" = 2)
+_KINDS = {
+    "siglip": (["<pad>", "</s>", "<unk>", "<s>"], "$A </s>", "</s>"),
+    "t5": (["<pad>", "</s>", "<unk>", "<s>"], "$A </s>", "<pad>"),
+    "bert": (["<pad>", "</s>", "<unk>", "<s>"], "<s> $A </s>", "<pad>"),
+    "xlmr": (["<s>", "<pad>", "</s>", "<unk>"], "<s> $A </s>", "<pad>"),
+}
+
+
+def offline_special_ids(kind: str) -> dict[str, int]:
+    """pad / eos / bos ids of an offline stand-in kind."""
+    specials, _, pad = _KINDS[kind]
+    return {"pad_token_id": specials.index(pad), "eos_token_id": specials.index("</s>"),
+            "bos_token_id": specials.index("<s>")}
 
 
 def offline_tokenizer(kind: str = "siglip"):
     """A transformers fast tokenizer built in memory with the interface of the real one it stands
-    for: ``"siglip"`` (no start token, ``</s>`` appended, pad = ``</s>`` as SigLIP's) or ``"bert"``
-    (``[CLS] ... [SEP]``, pad 0; CLIPA, RoBERTa-style towers). A word-level vocabulary of
-    ShapesWorld's words; unknown words map to ``<unk>``."""
+    for (see `_KINDS`: which special tokens it adds and pads with, at which ids). A word-level
+    vocabulary of ShapesWorld's words; unknown words map to ``<unk>``."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "</s>", "<unk>", "<s>"]
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {sorted(_KINDS)}, got {kind!r}")
+    specials, template, pad = _KINDS[kind]
     vocab = {w: i for i, w in enumerate(specials + list(_WORDS))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    if kind == "siglip":
-        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="</s>", unk_token="<unk>")
-    if kind == "bert":
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 3), ("</s>", 1)])
-        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", cls_token="<s>", eos_token="</s>",
-                                       sep_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    raise ValueError(f"kind must be 'siglip' or 'bert', got {kind!r}")
+    used = [t for t in ("<s>", "</s>") if t in template]
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(t, vocab[t]) for t in used])
+    extra = {"bos_token": "<s>", "cls_token": "<s>", "sep_token": "</s>"} if "<s>" in template else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token=pad, unk_token="<unk>", **extra)
+
+
+def offline_tokenizer_kind(arch: str) -> str | None:
+    """Which stand-in `arch`'s tokenizer needs, or None when it is the CLIP BPE (offline already)."""
+    t = open_clip.get_model_config(arch)["text_cfg"]
+    name = str(t.get("hf_tokenizer_name") or t.get("hf_model_name") or "")
+    if not name and t.get("vocab_size", 49408) == 49408:
+        return None
+    if "mt5" in name:
+        return "t5"
+    if "bert-base" in name:
+        return "bert"
+    if "xlm" in name or "roberta" in name or "nllb" in name:
+        return "xlmr"
+    return "siglip"
 
 
 def offline_tokenizer_for(arch: str):
-    """The offline stand-in for `arch`'s tokenizer, or None when it is the CLIP BPE (offline already)."""
-    t = open_clip.get_model_config(arch)["text_cfg"]
-    if t.get("hf_model_name"):
-        return offline_tokenizer("bert")
-    if t.get("vocab_size", 49408) == 49408:
-        return None
-    return offline_tokenizer("bert" if "bert" in str(t.get("hf_tokenizer_name", "")) else "siglip")
+    """The offline stand-in for `arch`'s tokenizer, or None when it is the CLIP BPE."""
+    kind = offline_tokenizer_kind(arch)
+    return None if kind is None else offline_tokenizer(kind)

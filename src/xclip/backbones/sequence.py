@@ -31,7 +31,6 @@ from .base import (
     PoolTrace,
     TextTower,
     TextTrace,
-    UnsupportedFamily,
     VisionTower,
     attention_readout,
     head_view,
@@ -132,9 +131,8 @@ class SequenceVisionTower(VisionTower):
     def patch_features(self, trace: ImageTrace) -> Tensor:
         if self.pooling == "class token":
             return self.head(trace.patch_tokens)
-        tokens = self.final_norm(trace.patch_tokens)
         if self.pooling == "average":
-            return self.pooled_head(tokens)
+            return self.pooled_head(self.final_norm(trace.patch_tokens))
         attention = trace.pool.attention
         _, v_grid = attention.grid_keys()
         return attention.tail(v_grid.transpose(1, 2).flatten(2))  # each token's value as the read-out
@@ -178,7 +176,3 @@ class SequenceTextTower(TextTower):
         index = self.pool_index(tokens)
         return TextTrace(traces, self.head(x, index), index, tokens, attn_mask=mask)
 
-
-def refuse(family: str, what: str, instead: str) -> UnsupportedFamily:
-    """The one refusal message: which family cannot do what, and what to use instead."""
-    return UnsupportedFamily(f"{what} is not available for {family}: {instead}")

@@ -22,10 +22,14 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def xclip_vit_siglip_shapes_64(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """A SigLIP-style ViT for 64 x 64 ShapesWorld images: patch 8 (8 x 8 grid), width 192, 6 blocks,
+    """A SigLIP-style ViT for 64 x 64 ShapesWorld images: patch 8 (8 x 8 grid), width 192, 5 blocks,
     3 heads, no class token, pre-norm (as CLIP's ``ln_pre``, so a CLIP ViT trunk can warm-start it)
-    and timm's ``map`` head (`AttentionPoolLatent`: one learned latent query over the patch tokens)."""
-    args = dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3, class_token=False,
+    and timm's ``map`` head (`AttentionPoolLatent`: one learned latent query over the patch tokens).
+
+    Five blocks, not tiny-shapes' six: a CLIP ViT's last block is trained only through its class
+    token, so its patch outputs carry no trained features; the warm start takes the first five
+    blocks, whose outputs the sixth block's attention was trained to read, and the pool reads those."""
+    args = dict(img_size=64, patch_size=8, embed_dim=192, depth=5, num_heads=3, class_token=False,
                 global_pool="map", pre_norm=True, norm_layer=partial(nn.LayerNorm, eps=1e-5))
     return _create_vision_transformer("xclip_vit_siglip_shapes_64", pretrained=pretrained, **dict(args, **kwargs))
 

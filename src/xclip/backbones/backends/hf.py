@@ -56,25 +56,41 @@ def load_hf(ref: str) -> Backbone:
                          f"(supported: {sorted(classes)})")
     model = classes[model_type].from_pretrained(source, attn_implementation="eager", local_files_only=local_only)
     text_cfg = model.config.text_config
-    tokenizer_class = CLIPTokenizerFast if model_type == "clip" else AutoTokenizer
-    try:
-        hf_tokenizer = tokenizer_class.from_pretrained(source, local_files_only=local_only)
-        problem = "" if len(hf_tokenizer) >= min(text_cfg.vocab_size, 1000) else f"{len(hf_tokenizer)} tokens"
-        if model_type == "clip" and len(hf_tokenizer) != text_cfg.vocab_size:
-            problem = f"{len(hf_tokenizer)} tokens"
-    except (OSError, ValueError, TypeError) as err:
-        problem = str(err)
-    if problem:
-        if model_type != "clip":
-            raise ValueError(f"hf:{ref}: no usable tokenizer ({problem}); save the model's tokenizer with "
-                             "save_pretrained into the same directory, or wrap_model(model, tokenizer)")
-        # transformers 5 builds a near-empty tokenizer instead of failing when the files are absent.
-        log.warning("hf:%s: no usable tokenizer (%s); using the CLIP BPE tokenizer shipped with open_clip", ref, problem)
-        tokenizer = None
-    else:
+    if model_type == "clip":
+        try:
+            hf_tokenizer = CLIPTokenizerFast.from_pretrained(source, local_files_only=local_only)
+            problem = "" if len(hf_tokenizer) == text_cfg.vocab_size else f"{len(hf_tokenizer)} tokens"
+        except (OSError, ValueError, TypeError) as err:
+            problem = str(err)
+        if problem:
+            # transformers 5 builds a near-empty tokenizer instead of failing when the files are absent.
+            log.warning("hf:%s: no usable tokenizer (%s); using the CLIP BPE tokenizer shipped with open_clip", ref,
+                        problem)
+            tokenizer = None
+        else:
+            tokenizer = HFTokenizerAdapter(hf_tokenizer, text_cfg.max_position_embeddings)
+    else:  # SigLIP's tokenizers have no offline stand-in: their files must be there
+        if not _has_tokenizer_files(source, local_only):
+            raise ValueError(f"hf:{ref}: no usable tokenizer (no tokenizer files next to the model); save the model's "
+                             "tokenizer with save_pretrained into the same directory, or wrap_model(model, tokenizer)")
+        hf_tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        if len(hf_tokenizer) > text_cfg.vocab_size:
+            raise ValueError(f"hf:{ref}: no usable tokenizer: it has {len(hf_tokenizer)} tokens, the text tower "
+                             f"{text_cfg.vocab_size}")
         tokenizer = HFTokenizerAdapter(hf_tokenizer, text_cfg.max_position_embeddings)
     backbone = HFCLIPBackbone(model, tokenizer)
     return HFCLIPBackbone(model, tokenizer, _preprocess(source, backbone.preprocess_cfg))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "tokenizer.model")
+
+
+def _has_tokenizer_files(source: str, local: bool) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    if Path(source).is_dir():
+        return any((Path(source) / f).is_file() for f in TOKENIZER_FILES)
+    return any(isinstance(try_to_load_from_cache(source, f), str) for f in TOKENIZER_FILES)
 
 
 def _repo_cached(repo: str) -> bool:
