@@ -57,6 +57,13 @@ def resize_position_embedding(pos: Tensor, grid: tuple[int, int], prefix: int = 
     return torch.cat([pos[:prefix], patches.permute(0, 2, 3, 1).reshape(-1, pos.shape[1]).to(pos.dtype)])
 
 
+def _rgb(values: Sequence[float], name: str) -> tuple[float, float, float]:
+    if len(values) != 3:
+        raise ValueError(f"preprocessing {name} needs one value per RGB channel, got {list(values)}")
+    r, g, b = map(float, values)
+    return r, g, b
+
+
 @dataclass(frozen=True)
 class PreprocessCfg:
     """Image preprocessing of a model: square input side and per-channel mean/std."""
@@ -67,7 +74,7 @@ class PreprocessCfg:
 
     @classmethod
     def from_dict(cls, d: dict) -> PreprocessCfg:
-        return cls(int(d["image_size"]), tuple(map(float, d["mean"])), tuple(map(float, d["std"])))
+        return cls(int(d["image_size"]), _rgb(d["mean"], "mean"), _rgb(d["std"], "std"))
 
     def to_dict(self) -> dict:
         return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
@@ -248,6 +255,19 @@ class ImageTrace:
     grid: tuple[int, int] = (0, 0)
     pool: PoolTrace | None = None
 
+    def traced_pool(self) -> PoolTrace:
+        """`pool`, or a readable error when the pooling step was not traced."""
+        if self.pool is None:
+            raise ValueError("the trace has no pooling step: trace the images with n_blocks >= 1")
+        return self.pool
+
+    def pool_attention(self) -> PoolAttention:
+        """The pooling step's attention read-out (towers that pool with attention; see `PoolAttention`)."""
+        attention = self.traced_pool().attention
+        if attention is None:
+            raise ValueError("the trace's pooling step is an average: it has no attention read-out")
+        return attention
+
 
 @dataclass
 class TextTrace:
@@ -296,6 +316,11 @@ class VisionTower(ABC):
     def __init__(self, module: nn.Module, encode_fn: Callable[[Tensor], Tensor] | None = None):
         self.module = module
         self._encode_fn = encode_fn
+
+    @staticmethod
+    def matches(visual: nn.Module) -> bool:
+        """Whether this family reads the library's image tower `visual` (an adapter tries its families in order)."""
+        return False
 
     @property
     def has_attention_pool(self) -> bool:
@@ -446,7 +471,7 @@ class Backbone(nn.Module):
     @property
     def logit_scale(self) -> Tensor:
         """exp(learned log-scale): scalar multiplying cosine similarities."""
-        return self.model.logit_scale.exp()
+        return self.model.get_parameter("logit_scale").exp()
 
     @property
     def logit_bias(self) -> Tensor | None:
@@ -575,8 +600,9 @@ class Backbone(nn.Module):
         """
         from xclip.data.images import read_rgb, to_rgb
 
-        single = isinstance(images, (Image.Image, str, Path))
-        items = [images] if single else list(images)
+        if isinstance(images, (Image.Image, str, Path)):
+            return self.preprocess([images], size)[0]
+        items = list(images)
         if not items:
             raise ValueError("preprocess needs at least one image")
         pil = [read_rgb(x) if isinstance(x, (str, Path)) else x for x in items]
@@ -600,7 +626,7 @@ class Backbone(nn.Module):
                 raise ValueError(f"preprocess(size='native') of a list needs images of one size, got {sorted(shapes)}: "
                                  "preprocess them one at a time (maps follow each image's own grid)")
             out = torch.cat([self.normalize(pil_to_tensor(x).float().div(255.0)[None], size=size) for x in pil])
-        return out[0] if single else out
+        return out
 
     def normalize(self, images01: Tensor, size: None | str | tuple[int, int] = None) -> Tensor:
         """Float images in [0, 1], [N, 3, H, W] -> model input: [N, 3, S, S] at the model's size
@@ -615,7 +641,8 @@ class Backbone(nn.Module):
             size = (self.image_size, self.image_size)
         elif size == "native":
             p = self.patch_size
-            size = tuple(max(p, round(side / p) * p) for side in images01.shape[-2:])
+            h, w = images01.shape[-2:]
+            size = (max(p, round(h / p) * p), max(p, round(w / p) * p))
         elif isinstance(size, str):
             raise ValueError(f"size must be None, 'native' or (h, w), got {size!r}")
         if tuple(images01.shape[-2:]) != tuple(size):

@@ -10,7 +10,9 @@ built-in one (causal or not; argmax, EOS, last-token or CoCa class-token pooling
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING, TypeAlias
 
 import open_clip
 import torch
@@ -46,6 +48,17 @@ from .base import (
 from .sequence import SequenceTextTower, SequenceVisionTower
 from .tokenizers import ClipBPETokenizer, adapt_tokenizer
 
+if TYPE_CHECKING:
+    # open_clip ships no type information: mypy sees its classes as Any, so these annotations say
+    # what a tower holds without checking the attribute access on it
+    from open_clip.coca_model import CoCa
+    from open_clip.hf_model import HFTextEncoder
+    from open_clip.transformer import CustomTransformer, ResidualAttentionBlock, Transformer
+
+    OpenCLIPModel: TypeAlias = CLIP | CustomTextCLIP | CoCa
+    OpenCLIPTransformer: TypeAlias = Transformer | CustomTransformer
+    OpenCLIPBlock: TypeAlias = ResidualAttentionBlock | CustomResidualAttentionBlock
+
 __all__ = ["ClipBPETokenizer", "OpenCLIPBackbone", "adapt_tokenizer", "openclip_tokenizer"]
 
 
@@ -54,7 +67,7 @@ def _unsupported(what: str) -> UnsupportedFamily:
 
 
 # ---- open_clip transformer blocks -----------------------------------------------------------------
-def _is_batch_first(transformer: nn.Module, block: nn.Module) -> bool:
+def _is_batch_first(transformer: OpenCLIPTransformer, block: OpenCLIPBlock) -> bool:
     """Layout of the tensors a block consumes. nn.MultiheadAttention says it directly; open_clip's
     own Attention follows its Transformer (no ``batch_first`` attribute = <= 2.24 = sequence-first)."""
     if isinstance(block.attn, nn.MultiheadAttention):
@@ -62,7 +75,7 @@ def _is_batch_first(transformer: nn.Module, block: nn.Module) -> bool:
     return getattr(transformer, "batch_first", False)
 
 
-def check_block(block: nn.Module) -> None:
+def check_block(block: OpenCLIPBlock) -> None:
     """Raise for open_clip blocks whose attention xclip cannot recompute exactly."""
     attn = block.attn
     if hasattr(block, "ln_1_kv"):
@@ -84,13 +97,14 @@ def check_block(block: nn.Module) -> None:
         raise _unsupported("a norm after attention (scale_attn)")
 
 
-def block_view(transformer: nn.Module, block: nn.Module) -> BlockView:
+def block_view(transformer: OpenCLIPTransformer, block: OpenCLIPBlock) -> BlockView:
     attn = block.attn
     batch_first = _is_batch_first(transformer, block)
     heads = attn.num_heads
 
     def qkv(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        return q, k, v
 
     def native(x: Tensor, mask: Tensor | None) -> Tensor:
         if mask is not None and mask.ndim == 4:  # per-sample masks: nn.MultiheadAttention wants [N*H, L, L]
@@ -117,8 +131,9 @@ class OpenCLIPViTTower(SequenceVisionTower):
     or CoCa's attentional pooler (its first query is the contrastive one)."""
 
     prefix = 1
+    module: VisionTransformer
 
-    def __init__(self, visual: VisionTransformer, encode_fn=None):
+    def __init__(self, visual: VisionTransformer, encode_fn: Callable[[Tensor], Tensor] | None = None):
         super().__init__(visual, encode_fn)
         self._image_size = _side(visual.image_size)
         if getattr(visual, "attn_pool_type", "") in ("parallel", "cascade") or getattr(
@@ -213,6 +228,7 @@ class ModifiedResNetTower(VisionTower):
 
     family = "ResNet (attention pool, mean-token query)"
     pooling = "mean query"
+    module: ModifiedResNet
 
     @staticmethod
     def matches(visual: nn.Module) -> bool:
@@ -251,25 +267,26 @@ class ModifiedResNetTower(VisionTower):
 
     def trace(self, images: Tensor, n_blocks: int) -> ImageTrace:
         feats = self._features(images)  # [N, C, h, w]
-        grid = tuple(feats.shape[-2:])
+        h, w = feats.shape[-2:]
         tokens = feats.flatten(2).transpose(1, 2)  # [N, h*w, C]
         attention = self._attention(tokens)
         pool = PoolTrace(tokens, 0, self._forward, attention)
-        return ImageTrace([], attention.tail(attention.attn_out), tokens, grid, pool)
+        return ImageTrace([], attention.tail(attention.attn_out), tokens, (h, w), pool)
 
     def patch_features(self, trace: ImageTrace) -> Tensor:
         # MaskCLIP's dense ResNet features: each token's value through c_proj
-        _, v = trace.pool.attention.grid_keys()
-        return trace.pool.attention.tail(v.transpose(1, 2).flatten(2))
+        attention = trace.pool_attention()
+        _, v = attention.grid_keys()
+        return attention.tail(v.transpose(1, 2).flatten(2))
 
     def region_embedding(self, trace: ImageTrace, weights: Tensor) -> Tensor:
-        attention = trace.pool.attention
+        attention = trace.pool_attention()
         keys = torch.cat([weights.new_zeros(weights.shape[0], 1), weights], dim=1)
         return attention.tail(attention_readout(attention.q, attention.k, attention.v, keys)[1])
 
 
 # ---- text towers ----------------------------------------------------------------------------------
-def _text_pool(text: nn.Module) -> tuple[str, int | None]:
+def _text_pool(text: TextTransformer | CLIP) -> tuple[str, int | None]:
     """(pool type, eos id): CLIP stores them as text_pool_type/text_eos_id, TextTransformer as
     pool_type/eos_id; open_clip < 2.23 had neither and always pooled at argmax."""
     if isinstance(text, TextTransformer):
@@ -281,7 +298,9 @@ class OpenCLIPTextTower(SequenceTextTower):
     """open_clip ``TextTransformer`` or CLIP's built-in text tower: causal or not, a padding mask or
     not, pooled at argmax (EOT), the first EOS, the last position, or CoCa's appended class token."""
 
-    def __init__(self, text: nn.Module, encode_fn):
+    module: TextTransformer | CLIP  # CLIP's built-in text tower is the model itself
+
+    def __init__(self, text: TextTransformer | CLIP, encode_fn: Callable[[Tensor], Tensor]):
         super().__init__(text)
         self._encode_fn = encode_fn
         self.cls = getattr(text, "cls_emb", None) is not None
@@ -332,6 +351,7 @@ class OpenCLIPTextTower(SequenceTextTower):
         if self.pool_type == "first":
             return torch.zeros_like(tokens[:, 0])
         if self.pool_type == "eos":
+            assert self.eos_id is not None  # open_clip's EOS pooling comes with its eos_id
             return (tokens == self.eos_id).int().argmax(dim=-1)
         return tokens.argmax(dim=-1)  # EOT has the largest id in the CLIP vocabulary
 
@@ -354,8 +374,9 @@ class HFTextEncoderTower(TextTower):
     ``inputs_embeds``."""
 
     causal = False
+    module: HFTextEncoder
 
-    def __init__(self, text: nn.Module, encode_fn):
+    def __init__(self, text: HFTextEncoder, encode_fn: Callable[[Tensor], Tensor]):
         super().__init__(text)
         self._encode_fn = encode_fn
         self.family = f"{text.config.model_type} text encoder ({type(text.pooler).__name__})"
@@ -383,20 +404,20 @@ class HFTextEncoderTower(TextTower):
 
 
 # ---- the backbone ---------------------------------------------------------------------------------
-def _vision_towers() -> list[type]:
+def _vision_towers() -> list[type[VisionTower]]:
     from .timm_towers import TIMM_TOWERS
 
     return [OpenCLIPViTTower, ModifiedResNetTower, *TIMM_TOWERS]
 
 
-def _vision_tower(model: nn.Module) -> VisionTower:
+def _vision_tower(model: OpenCLIPModel) -> VisionTower:
     for cls in _vision_towers():
         if cls.matches(model.visual):
             return cls(model.visual, partial(model.encode_image, normalize=False))  # CoCa normalises by default
     raise _unsupported(f"a {type(model.visual).__name__} image tower")
 
 
-def _text_tower(model: nn.Module) -> TextTower:
+def _text_tower(model: OpenCLIPModel) -> TextTower:
     from open_clip.hf_model import HFTextEncoder
 
     if isinstance(model, CustomTextCLIP) or hasattr(model, "text"):
@@ -434,7 +455,7 @@ class OpenCLIPBackbone(Backbone):
         self.model_cfg = model_cfg
 
 
-def _embed_dim(model: nn.Module) -> int:
+def _embed_dim(model: OpenCLIPModel) -> int:
     with torch.no_grad():
         proj = getattr(model, "text_projection", None)
         if isinstance(proj, nn.Linear):
@@ -450,7 +471,7 @@ def _embed_dim(model: nn.Module) -> int:
         return int(model.visual.output_dim)
 
 
-def default_tokenizer(model: nn.Module) -> TextTokenizer:
+def default_tokenizer(model: OpenCLIPModel) -> TextTokenizer:
     """The CLIP BPE when the text vocabulary is CLIP's (offline); otherwise the caller must pass the
     model's tokenizer (SigLIP's, the HF ones need a download)."""
     text = getattr(model, "text", model)
@@ -461,7 +482,7 @@ def default_tokenizer(model: nn.Module) -> TextTokenizer:
                      "(e.g. open_clip.get_tokenizer('<arch>'), or any transformers tokenizer)")
 
 
-def text_context_length(model: nn.Module) -> int:
+def text_context_length(model: OpenCLIPModel) -> int:
     """The context the tokenizer pads to: the model's, except for Hugging Face text towers, whose
     ``context_length`` is their position table (514 for RoBERTa, none for mT5): open_clip
     tokenizes those to 77 tokens."""

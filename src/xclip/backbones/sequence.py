@@ -133,14 +133,14 @@ class SequenceVisionTower(VisionTower):
             return self.head(trace.patch_tokens)
         if self.pooling == "average":
             return self.pooled_head(self.final_norm(trace.patch_tokens))
-        attention = trace.pool.attention
+        attention = trace.pool_attention()
         _, v_grid = attention.grid_keys()
         return attention.tail(v_grid.transpose(1, 2).flatten(2))  # each token's value as the read-out
 
     def region_embedding(self, trace: ImageTrace, weights: Tensor) -> Tensor:
         w = weights.to(trace.patch_tokens.dtype)
         if self.pooling == "latent query":
-            attention = trace.pool.attention
+            attention = trace.pool_attention()
             keys = torch.cat([w.new_zeros(w.shape[0], attention.prefix), w], dim=1)
             return attention.tail(attention_readout(attention.q, attention.k, attention.v, keys)[1])
         mean = torch.einsum("np,npw->nw", w, trace.patch_tokens) / w.sum(1, keepdim=True).clamp_min(1e-12)

@@ -14,6 +14,7 @@ encode, and every map explainer refuses them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,14 @@ from .base import (
     head_view,
 )
 from .sequence import SequenceVisionTower
+
+if TYPE_CHECKING:
+    from open_clip.timm_model import TimmModel
+    from timm.models.convnext import ConvNeXt
+    from timm.models.eva import Eva
+    from timm.models.fastvit import FastVit
+    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.vision_transformer import VisionTransformer
 
 
 def _unsupported(what: str) -> UnsupportedFamily:
@@ -114,9 +123,11 @@ def timm_block_view(block: nn.Module, rope: Tensor | None) -> BlockView:
 class TimmViTTower(SequenceVisionTower):
     """A timm ``VisionTransformer`` or ``Eva`` trunk (see the module docstring)."""
 
-    def __init__(self, visual: nn.Module, encode_fn=None):
+    module: TimmModel
+
+    def __init__(self, visual: TimmModel, encode_fn: Callable[[Tensor], Tensor] | None = None):
         super().__init__(visual, encode_fn)
-        trunk = visual.trunk
+        trunk: VisionTransformer | Eva = visual.trunk
         self.trunk = trunk
         self.eva = type(trunk).__name__ == "Eva"
         if any(isinstance(m, nn.Module) and type(m).__name__ in ("RotAttentionPool2d", "AttentionPool2d")
@@ -224,10 +235,11 @@ class TimmFeatureMapTower(VisionTower):
     per-vector layers (ConvNeXt, FastViT / MobileCLIP-S, Swin): no pooling attention."""
 
     pooling = "average"
+    module: TimmModel
 
-    def __init__(self, visual: nn.Module, encode_fn=None):
+    def __init__(self, visual: TimmModel, encode_fn: Callable[[Tensor], Tensor] | None = None):
         super().__init__(visual, encode_fn)
-        self.trunk = visual.trunk
+        self.trunk: ConvNeXt | FastVit | SwinTransformer = visual.trunk
         name = type(self.trunk).__name__
         self.family = {"ConvNeXt": "ConvNeXt", "FastVit": "FastViT (MobileCLIP-S)",
                        "SwinTransformer": "Swin"}.get(name, name) + " (average pooling)"
@@ -294,8 +306,9 @@ class TimmEncodeOnlyTower(VisionTower):
     encoding, retrieval and zero-shot work; map explainers and dense features are refused."""
 
     pooling = "untraced"
+    module: TimmModel
 
-    def __init__(self, visual: nn.Module, encode_fn=None):
+    def __init__(self, visual: TimmModel, encode_fn: Callable[[Tensor], Tensor] | None = None):
         super().__init__(visual, encode_fn)
         self.family = f"timm {type(visual.trunk).__name__}"
 

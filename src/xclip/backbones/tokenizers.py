@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from functools import lru_cache
+from typing import TypeGuard, overload
 
 from torch import Tensor
 
@@ -90,13 +91,21 @@ class HFTokenizerAdapter:
         return [self._tok.decode([i]).strip() for i in ids]
 
 
+def _follows_protocol(tokenizer: object) -> TypeGuard[TextTokenizer]:
+    return all(hasattr(tokenizer, a) for a in ("sot_id", "eot_id", "decode_tokens"))
+
+
+@overload
+def adapt_tokenizer(tokenizer: None, context_length: int) -> None: ...
+@overload
+def adapt_tokenizer(tokenizer: object, context_length: int) -> TextTokenizer: ...
 def adapt_tokenizer(tokenizer: object | None, context_length: int) -> TextTokenizer | None:
     """An xclip tokenizer for what a user passes: None (the backend's default), an object that
     already follows `TextTokenizer`, an open_clip ``SimpleTokenizer`` / ``HFTokenizer``, or a
     transformers tokenizer."""
     from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
-    if tokenizer is None or all(hasattr(tokenizer, a) for a in ("sot_id", "eot_id", "decode_tokens")):
+    if tokenizer is None or _follows_protocol(tokenizer):
         return tokenizer
     if isinstance(tokenizer, SimpleTokenizer):
         if tokenizer.reduction_fn is not None:
