@@ -111,6 +111,7 @@ class CIREvaluation(pl.LightningModule):
         self.benchmark: CIRBenchmark | None = None
         self.metrics: dict[str, dict[str, float]] = {}
         self.per_kind: dict[str, dict[str, float]] = {}
+        self.per_kind_subset: dict[str, dict[str, float]] = {}
         self.rankings: dict[str, tuple[Tensor, Tensor]] = {}
         self.gallery: GalleryEmbeddings | None = None
         self.submissions: list[str] = []
@@ -202,7 +203,7 @@ class CIREvaluation(pl.LightningModule):
         self.query_rows.reset()
         self.skipped = {k: sorted({p for part in gather_objects(v) for p in part}) for k, v in self._skipped.items()}
         self._skipped = {"gallery": [], "query": []}
-        self.metrics, self.per_kind, self.rankings, self.submissions = {}, {}, {}, []
+        self.metrics, self.per_kind, self.per_kind_subset, self.rankings, self.submissions = {}, {}, {}, {}, []
         if bench is None or not g_cols or not q_cols or self.trainer.sanity_checking:
             return  # (the sanity check sees a few batches: no full gallery to rank)
         self.gallery = GalleryEmbeddings(g_cols["emb"].cpu(), torch.zeros(0, g_cols["emb"].shape[1]),
@@ -216,6 +217,7 @@ class CIREvaluation(pl.LightningModule):
                 self.metrics[method] = benchmark_metrics(bench, q_index.cpu(), ranked, self.ks)
                 if bench.name == "shapes":
                     self.per_kind[method] = per_category_recall(bench, q_index.cpu(), ranked, 1)
+                    self.per_kind_subset[method] = per_category_recall(bench, q_index.cpu(), ranked, 1, subset=True)
                 for name, value in self.metrics[method].items():
                     # identical on every process (computed from the gathered rows)
                     self.log(f"{stage}/{method}/{name}", value, sync_dist=True)
@@ -255,6 +257,8 @@ class CIREvaluation(pl.LightningModule):
         return {"backbone": self.backbone_spec, "cir": {
             "benchmark": None if bench is None else {"name": bench.name, "split": bench.split, "queries": len(bench),
                                                      "gallery": bench.n_gallery},
-            "metrics": self.metrics, "recall_at_1_per_kind": self.per_kind, "submissions": self.submissions,
+            "metrics": self.metrics, "recall_at_1_per_kind": self.per_kind,
+            "subset_recall_at_1_per_kind": self.per_kind_subset,
+            "chance": bench.subset_chance() if hasattr(bench, "subset_chance") else {}, "submissions": self.submissions,
             "skipped": self.skipped,
             "embedding_cache": None if cache is None else {"dir": str(Path(cache.dir)), "status": cache.status}}}

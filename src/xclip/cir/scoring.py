@@ -52,7 +52,7 @@ def benchmark_metrics(bench: CIRBenchmark, query_index: Tensor, ranked: Tensor,
                       ks: tuple[int, ...] | None = None) -> dict[str, float]:
     """The dataset's official metrics (fractions) for the ranked queries.
 
-    shapes / CIRR: ``R@k`` with the reference removed (+ ``R_subset@k`` for CIRR); CIRCO:
+    shapes: see `shapes_metrics`; CIRR: ``R@k`` with the reference removed and ``R_subset@k``; CIRCO:
     ``mAP@k`` and ``R@k`` of the first ground truth; FashionIQ: ``{category}_R@k`` and their
     average ``R@k``.
     """
@@ -62,11 +62,12 @@ def benchmark_metrics(bench: CIRBenchmark, query_index: Tensor, ranked: Tensor,
     if bool((target < 0).any()):
         raise ValueError(f"{bench.name} {bench.split}: some queries have no target (a test split): "
                          "write a submission instead of scoring it")
-    if bench.name in ("shapes", "cirr"):
+    if bench.name == "shapes":
+        return shapes_metrics(bench, qi, ranked, ks)
+    if bench.name == "cirr":
         reference = bench.reference_index()[qi]
         out = cirr_recall(ranked, target, reference, ks)
-        if bench.name == "cirr":
-            out.update(cirr_subset_recall(ranked, target, reference, bench.members_index()[qi], SUBSET_KS))
+        out.update(cirr_subset_recall(ranked, target, reference, bench.members_index()[qi], SUBSET_KS))
         return out
     if bench.name == "circo":
         gts = bench.ground_truth_index()
@@ -84,15 +85,41 @@ def benchmark_metrics(bench: CIRBenchmark, query_index: Tensor, ranked: Tensor,
     return out
 
 
-def per_category_recall(bench: CIRBenchmark, query_index: Tensor, ranked: Tensor, k: int = 1) -> dict[str, float]:
-    """Recall@k (reference removed) per query category: ShapesWorld's edit kinds."""
+def shapes_metrics(bench: CIRBenchmark, query_index: Tensor, ranked: Tensor,
+                   ks: tuple[int, ...] | None = None) -> dict[str, float]:
+    """ShapesWorld CIR: over the single-edit queries CIRR's ``R@k`` (whole gallery, reference
+    removed) and ``R_subset@1,2,3`` (the reference's variant set); over the CIRCO-style ones
+    (``ground_truth`` set) CIRCO's ``mAP@5,10,25,50``."""
+    qi = query_index.long()
+    loose = torch.tensor([bool(bench.queries[int(i)].ground_truth) for i in qi], dtype=torch.bool)
+    out: dict[str, float] = {}
+    if bool((~loose).any()):
+        single, rows = qi[~loose], ranked[~loose]
+        target, reference = bench.target_index()[single], bench.reference_index()[single]
+        out.update(cirr_recall(rows, target, reference, tuple(ks or DEFAULT_KS["shapes"])))
+        out.update(cirr_subset_recall(rows, target, reference, bench.members_index()[single], SUBSET_KS))
+    if bool(loose.any()):
+        gts = bench.ground_truth_index()
+        out.update(circo_map_at_k(ranked[loose], [gts[int(i)] for i in qi[loose]], DEFAULT_KS["circo"]))
+    return out
+
+
+def per_category_recall(bench: CIRBenchmark, query_index: Tensor, ranked: Tensor, k: int = 1,
+                        subset: bool = False) -> dict[str, float]:
+    """Recall@k (reference removed; ``subset``: within the query's ``members``) per query category:
+    ShapesWorld's edit kinds (queries with a ground-truth set are left out)."""
     qi = query_index.long()
     target, reference = bench.target_index()[qi], bench.reference_index()[qi]
     cats = [bench.queries[int(i)].category for i in qi]
+    loose = [bool(bench.queries[int(i)].ground_truth) for i in qi]
     out = {}
-    for cat in sorted(set(cats)):
-        rows = torch.tensor([c == cat for c in cats])
-        out[cat] = cirr_recall(ranked[rows], target[rows], reference[rows], (k,))[f"R@{k}"]
+    for cat in sorted({c for c, lo in zip(cats, loose) if not lo}):
+        rows = torch.tensor([c == cat and not lo for c, lo in zip(cats, loose)])
+        if subset:
+            members = bench.members_index()[qi][rows]
+            out[cat] = cirr_subset_recall(ranked[rows], target[rows], reference[rows], members, (k,))[f"R_subset@{k}"]
+        else:
+            out[cat] = cirr_recall(ranked[rows], target[rows], reference[rows], (k,))[f"R@{k}"]
     return out
 
 
