@@ -15,7 +15,8 @@ from xclip.cli import XClipCLI
 from xclip.ood.vocabulary import builtin_wordlist
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-OVERLAYS = {"pretrain_tiny_shapes_stage2.yaml", "pretrain_tiny_shapes_stage3.yaml"}  # used on top of stage 1
+OVERLAYS = {"pretrain_tiny_shapes_stage2.yaml", "pretrain_tiny_shapes_stage3.yaml",  # used on top of stage 1
+            "pretrain_tiny_shapes_cir.yaml"}
 
 
 @pytest.fixture(scope="module")

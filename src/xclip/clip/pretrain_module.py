@@ -39,13 +39,15 @@ class ClipPretrainModule(ZeroShotEvaluation):
             the old weights kept as a backup until the new ones are complete).
         init_checkpoint: an xclip checkpoint directory to start from (a warm restart of an
             earlier stage); its architecture must equal `model_cfg`.
+        lock_image_tower: train the text tower (and the temperature) only, the image tower frozen
+            (LiT, Zhai et al., CVPR 2022): about 3x fewer FLOPs per step, image features unchanged.
     """
 
     def __init__(self, model_cfg: dict[str, Any], context_length: int = 32, lr: float = 1e-3,
                  weight_decay: float = 0.1, warmup_steps: int = 200, image_mean: tuple[float, ...] = OPENAI_DATASET_MEAN,
                  image_std: tuple[float, ...] = OPENAI_DATASET_STD, export: bool = True, export_dir: str | None = None,
                  overwrite: bool = False, init_checkpoint: str | None = None, classes: dict[str, list[str]] | None = None,
-                 prompts: dict[str, list[str]] | None = None):
+                 prompts: dict[str, list[str]] | None = None, lock_image_tower: bool = False):
         super().__init__(classes=classes, prompts=prompts)
         self.save_hyperparameters()
         text_cfg = dict(model_cfg.get("text_cfg", {}))
@@ -56,6 +58,8 @@ class ClipPretrainModule(ZeroShotEvaluation):
         self.model = open_clip.model.CLIP(**self.model_cfg)
         if init_checkpoint:
             self._load_initial_weights(Path(init_checkpoint))
+        if lock_image_tower:
+            self.model.visual.requires_grad_(False)
         self.register_buffer("mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
         self._tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
@@ -81,7 +85,8 @@ class ClipPretrainModule(ZeroShotEvaluation):
         return normalized(self.model.encode_text(self.tokenize(texts)))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        img = self.embed_images(batch["image"])
+        with torch.set_grad_enabled(not self.hparams.lock_image_tower):
+            img = self.embed_images(batch["image"])
         txt = self.embed_texts(batch["texts"])
         scale = self.model.logit_scale.exp().clamp(max=100.0)
         loss, acc = clip_contrastive_loss(img, txt, scale)
@@ -93,6 +98,8 @@ class ClipPretrainModule(ZeroShotEvaluation):
     def configure_optimizers(self):
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
             # norms, biases, embeddings and the temperature are not weight-decayed (CLIP recipe)
             (no_decay if p.ndim < 2 or "embedding" in name or "logit_scale" in name else decay).append(p)
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
