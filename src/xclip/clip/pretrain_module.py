@@ -71,12 +71,14 @@ class ClipPretrainModule(ZeroShotEvaluation):
         self.model.load_state_dict(start.model.state_dict())
 
     @lru_cache(maxsize=200_000)
-    def _tokens(self, text: str) -> Tensor:
-        return self._tokenizer([text])[0]
+    def _tokens(self, text: str) -> tuple[int, ...]:
+        # plain ints: 200k cached small tensors pinned the allocator's heap (RSS grew ~5 MB a step
+        # on fresh captions until the out-of-memory killer stopped a long run)
+        return tuple(self._tokenizer([text])[0].tolist())
 
     def tokenize(self, texts: list[str]) -> Tensor:
         """[K, context_length] token ids (cached per string: captions repeat a lot)."""
-        return torch.stack([self._tokens(t) for t in texts]).to(self.device)
+        return torch.tensor([self._tokens(t) for t in texts], dtype=torch.long, device=self.device)
 
     def embed_images(self, images: Tensor) -> Tensor:
         return normalized(self.model.encode_image((images - self.mean) / self.std))
