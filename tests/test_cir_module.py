@@ -43,7 +43,9 @@ def phi_dir(tmp_path_factory) -> Path:
 def shapes_args(root: Path, phi: Path, explain: bool = False) -> list[str]:
     return ["--config", str(SHAPES), "--trainer.logger.init_args.save_dir", str(root / "logs"),
             "--model.init_args.cache_dir", str(root / "cache"), "--model.init_args.phi", str(phi),
-            "--data.init_args.n", str(N), "--data.init_args.n_circo", str(N_CIRCO), "--data.init_args.batch_size", "8", *([] if explain else ["--trainer.callbacks", "[]"]),
+            "--data.init_args.n", str(N), "--data.init_args.n_circo", str(N_CIRCO), "--data.init_args.batch_size", "8",
+            "--model.init_args.backbone", "xclip:tiny-shapes", "--model.init_args.methods",
+            "[searle, image, text, image_text]", *([] if explain else ["--trainer.callbacks", "[]"]),
             *QUIET]
 
 
@@ -239,7 +241,9 @@ def test_phi_fit_leaves_the_shipped_phi_and_overwrites_a_checkpoint_only_on_requ
     assert after["README.md"] == before["README.md"]  # the model card is carried over
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "copy"]  # no backup or temp left
     config = json.loads((target / "config.json").read_text())
-    assert config["architecture"] == "searle-phi" and config["backbone"] == "xclip:tiny-shapes"
+    recipe_backbone = next(line.split(":", 1)[1].strip() for line in PHI_FIT.read_text().splitlines()
+                           if line.strip().startswith("backbone:"))
+    assert config["architecture"] == "searle-phi" and config["backbone"] == recipe_backbone
     assert (config["input_dim"], config["hidden_dim"], config["output_dim"]) == (128, 512, 128)
     assert len(list((tmp_path / "b" / "oti").glob("*.safetensors"))) == 1
     load_phi(target)
