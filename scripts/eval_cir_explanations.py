@@ -1,6 +1,6 @@
-"""Explanation quality of SEARLE's maps on ShapesWorld (see `xclip.cir.quality`): the shipped tiny
-CLIP + shipped phi, next to a random-init CLIP of the same architecture with a random-init phi,
-and random maps.
+"""Explanation quality of SEARLE's maps on ShapesWorld (see `xclip.cir.quality`): the backbone and phi
+of configs/cir_shapes.yaml (the tiny CLIP that read relative captions and its phi), next to a
+random-init CLIP of the same architecture with a random-init phi, and random maps.
 
     python scripts/eval_cir_explanations.py --n 300 --out outputs/cir_explanations.json
 """
@@ -27,9 +27,9 @@ COLUMNS = [("B_on_modified", "B on modified object"), ("B_on_other_objects", "B 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", default="xclip:tiny-shapes")
-    p.add_argument("--phi", default="xclip:searle-phi-tiny-shapes")
-    p.add_argument("--n", type=int, default=300, help="queries (ShapesWorld CIR triplets)")
+    p.add_argument("--backbone", default="xclip:tiny-shapes-cir")
+    p.add_argument("--phi", default="xclip:searle-phi-tiny-shapes-cir")
+    p.add_argument("--n", type=int, default=300, help="single-edit queries (50 reference sets x 6 edits)")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--out", default="outputs/cir_explanations.json")

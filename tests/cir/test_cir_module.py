@@ -29,7 +29,7 @@ from xclip.results import run_directory
 ROOT = Path(__file__).resolve().parents[2]
 SHAPES, CIRR, CIRCO, FIQ, PHI_FIT = (ROOT / "configs" / f"cir_{n}.yaml" for n in ("shapes", "cirr", "circo", "fashioniq",
                                                                                      "phi_shapes"))
-N = 45  # odd: under DDP one process gets a padded repeat of a query
+N, N_CIRCO = 45, 4  # 49 queries, odd: under DDP one process gets a padded repeat of a query
 QUIET = ["--trainer.enable_progress_bar", "false"]
 
 
@@ -44,7 +44,9 @@ def phi_dir(tmp_path_factory) -> Path:
 def shapes_args(root: Path, phi: Path, explain: bool = False) -> list[str]:
     return ["--config", str(SHAPES), "--trainer.logger.init_args.save_dir", str(root / "logs"),
             "--model.init_args.cache_dir", str(root / "cache"), "--model.init_args.phi", str(phi),
-            "--data.init_args.n", str(N), "--data.init_args.batch_size", "8", *([] if explain else ["--trainer.callbacks", "[]"]),
+            "--data.init_args.n", str(N), "--data.init_args.n_circo", str(N_CIRCO), "--data.init_args.batch_size", "8",
+            "--model.init_args.backbone", "xclip:tiny-shapes", "--model.init_args.methods",
+            "[searle, image, text, image_text]", *([] if explain else ["--trainer.callbacks", "[]"]),
             *QUIET]
 
 
@@ -60,18 +62,20 @@ def single(tmp_path_factory, phi_dir):
 
 
 def brute_force(phi_path: Path) -> dict[str, dict[str, float]]:
-    """The four methods' Recall@K from scratch: plain encoders, the injection written out by hand,
-    a full argsort, the reference dropped from a Python list."""
+    """The four methods' metrics from scratch: plain encoders, the injection written out by hand,
+    a full argsort, CIRR's and CIRCO's definitions over Python lists."""
     bb, phi = load_backbone("xclip:tiny-shapes"), load_phi(phi_path)
-    bench = ShapesCIRBenchmark(N, 1000, 64, "val")
+    bench = ShapesCIRBenchmark(N, 1000, 64, "val", n_circo=N_CIRCO)
+    n_q = len(bench)
     with torch.no_grad():
-        gallery = F.normalize(bb.encode_image(bb.normalize(torch.stack([bench.gallery_image(i) for i in range(2 * N)]))), dim=-1)
-        feats = bb.encode_image(bb.normalize(torch.stack([bench.reference_image(q) for q in range(N)])))
+        gallery = F.normalize(bb.encode_image(bb.normalize(torch.stack([bench.gallery_image(i)
+                                                                         for i in range(bench.n_gallery)]))), dim=-1)
+        feats = bb.encode_image(bb.normalize(torch.stack([bench.reference_image(q) for q in range(n_q)])))
         captions = [q.captions[0] for q in bench.queries]
         tokens = bb.tokenize([f"a photo of $ that {c}" for c in captions])
         embeds = bb.token_embedding(tokens).clone()
         slot = (tokens == PLACEHOLDER_TOKEN_ID).int().argmax(1)
-        embeds[torch.arange(N), slot] = phi(feats)
+        embeds[torch.arange(n_q), slot] = phi(feats)
         searle = F.normalize(bb.encode_text_from_embeddings(embeds, tokens), dim=-1)
         text = F.normalize(bb.encode_text(captions), dim=-1)
     image = F.normalize(feats, dim=-1)
@@ -79,26 +83,41 @@ def brute_force(phi_path: Path) -> dict[str, dict[str, float]]:
     out = {}
     for name, q in queries.items():
         order = torch.argsort(q @ gallery.T, dim=1, descending=True, stable=True).tolist()
-        hits = dict.fromkeys((1, 5, 10, 50), 0)
+        hits = {f"R@{k}": 0 for k in (1, 5, 10, 50)} | {f"R_subset@{k}": 0 for k in (1, 2, 3)}
+        aps: dict[int, list[float]] = {k: [] for k in (5, 10, 25, 50)}
         for i, row in enumerate(order):
-            row = [g for g in row if g != 2 * i]  # the reference
-            for k in hits:
-                hits[k] += (2 * i + 1) in row[:k]
-        out[name] = {f"R@{k}": v / N for k, v in hits.items()}
+            query = bench.queries[i]
+            if query.ground_truth:  # CIRCO-style: AP@K over every image that satisfies the caption
+                gts = {bench.index_of(g) for g in query.ground_truth}
+                for k, values in aps.items():
+                    values.append(sum(sum(g in gts for g in row[: j + 1]) / (j + 1) for j in range(k) if row[j] in gts)
+                                  / min(len(gts), k))
+                continue
+            row = [g for g in row if g != bench.index_of(query.reference)]
+            target = bench.index_of(query.target)
+            for k in (1, 5, 10, 50):
+                hits[f"R@{k}"] += target in row[:k]
+            subset = [g for g in row if bench.gallery_keys[g] in query.members]
+            for k in (1, 2, 3):
+                hits[f"R_subset@{k}"] += target in subset[:k]
+        out[name] = {k: v / N for k, v in hits.items()} | {f"mAP@{k}": sum(v) / N_CIRCO for k, v in aps.items()}
     return out
 
 
 def test_shapes_validate_equals_brute_force(single, phi_dir):
     cir = single["cir"]
-    assert cir["benchmark"] == {"name": "shapes", "split": "val", "n_queries": N, "n_evaluated": N, "n_gallery": 2 * N,
-                                "n_gallery_read": 2 * N, "not_evaluated": {"unreadable_reference": [], "not_loaded": []},
-                                "target_not_read": []}
+    gallery = 8 * 7 + N_CIRCO * 5
+    assert cir["benchmark"] == {"name": "shapes", "split": "val", "n_queries": N + N_CIRCO, "n_evaluated": N + N_CIRCO,
+                                "n_gallery": gallery, "n_gallery_read": gallery,
+                                "not_evaluated": {"unreadable_reference": [], "not_loaded": []}, "target_not_read": []}
     expected = brute_force(phi_dir)
     for method, values in expected.items():
         for name, value in values.items():
             assert cir["metrics"][method][name] == pytest.approx(value, abs=1e-9), (method, name)
             assert single["metrics"][f"val/cir/{method}/{name}"] == pytest.approx(value, abs=1e-6)
-    assert set(cir["recall_at_1_per_kind"]["searle"]) <= {"colour", "shape", "size", "background", "add", "remove"}
+    assert set(cir["recall_at_1_per_kind"]["searle"]) == set(cir["subset_recall_at_1_per_kind"]["searle"]) == \
+        {"colour", "shape", "size", "count", "position", "background"}
+    assert cir["chance"] == pytest.approx({"R_subset@1": 1 / 6, "R_subset@2": 2 / 6, "R_subset@3": 3 / 6})
     assert cir["embedding_cache"]["status"] == "miss; written" and cir["skipped"] == {"gallery": [], "query": []}
 
 
@@ -309,7 +328,9 @@ def test_phi_fit_leaves_the_shipped_phi_and_overwrites_a_checkpoint_only_on_requ
     assert after["README.md"] == before["README.md"]  # the model card is carried over
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "copy"]  # no backup or temp left
     config = json.loads((target / "config.json").read_text())
-    assert config["architecture"] == "searle-phi" and config["backbone"] == "xclip:tiny-shapes"
+    recipe_backbone = next(line.split(":", 1)[1].strip() for line in PHI_FIT.read_text().splitlines()
+                           if line.strip().startswith("backbone:"))
+    assert config["architecture"] == "searle-phi" and config["backbone"] == recipe_backbone
     assert (config["input_dim"], config["hidden_dim"], config["output_dim"]) == (128, 512, 128)
     assert len(list((tmp_path / "b" / "oti").glob("*.safetensors"))) == 1
     load_phi(target)

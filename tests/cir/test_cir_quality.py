@@ -1,7 +1,9 @@
-"""The issue's ShapesWorld criteria on the held-out triplets, at the README's sizes (slow: minutes
-on 2 CPU cores): SEARLE's retrieval ordering against the baselines, and the explanation criteria
-(B on the modified object, C on the shared one, ``$`` in D's top 2; margins over a random-init
-model). The unmet ones are strict xfails carrying the measured numbers."""
+"""The issue's ShapesWorld criteria on the held-out CIR benchmark, at the README's sizes (slow: tens
+of minutes on 2 CPU cores, SEARLE-OTI included), with the backbone and phi that
+configs/cir_shapes.yaml names: SEARLE (phi) and SEARLE-OTI against the baselines on R_subset@1,
+R@1 and R@5, and the explanation criteria (B on the modified object, C on the shared one, ``$`` in
+D's top 2; margins over a random-init model). Unmet ones are strict xfails carrying the measured
+numbers."""
 
 from __future__ import annotations
 

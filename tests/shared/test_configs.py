@@ -15,8 +15,9 @@ from xclip.engine.lightning_cli import XClipCLI
 from xclip.ood.vocabulary import builtin_wordlist
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-# used on top of stage 1 (the SigLIP-style recipe too: same data and schedule keys)
-OVERLAYS = {"pretrain_tiny_shapes_stage2.yaml", "pretrain_tiny_shapes_stage3.yaml", "pretrain_tiny_shapes_siglip.yaml"}
+# used on top of stage 1 (the SigLIP-style and the relative-caption recipes too: same data and schedule keys)
+OVERLAYS = {"pretrain_tiny_shapes_stage2.yaml", "pretrain_tiny_shapes_stage3.yaml", "pretrain_tiny_shapes_siglip.yaml",
+            "pretrain_tiny_shapes_cir.yaml"}
 STAGES = {"pretrain_tiny_shapes_stage2.yaml", "pretrain_tiny_shapes_stage3.yaml"}
 
 

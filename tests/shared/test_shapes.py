@@ -7,6 +7,7 @@ Everything runs at 64 px (a few checks at 224 px) so the whole file stays well u
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections import Counter
@@ -28,6 +29,7 @@ from xclip.data.shapes import (
     ShapeObject,
     ShapesCaptions,
     ShapesCIR,
+    ShapesCIRCO,
     ShapesClassification,
     ShapesFaithfulness,
     ShapesMultimodal,
@@ -38,6 +40,7 @@ from xclip.data.shapes import (
     generate,
     object_mask,
     render,
+    satisfies_edit,
 )
 from xclip.data.shapes.scene import BACKGROUND_PHRASES, RELATIONS, article
 
@@ -572,46 +575,141 @@ def test_spurious_bad_inputs():
         SpuriousShapes(10, ood="bogus")
 
 
-def test_cir_triplets_change_exactly_what_the_caption_says():
-    ds = ShapesCIR(200, seed=0, image_size=S)
-    kinds = Counter()
-    for i in range(len(ds)):
-        ref, text, tgt, kind, _ = ds.triplet(i)
-        item = ds[i]
-        assert item["kind"] == kind and item["caption"] == text and kind in CIR_KINDS
-        kinds[kind] += 1
-        ref_img, tgt_img = to_uint8(item["reference"]), to_uint8(item["target"])
-        assert not np.array_equal(ref_img, tgt_img)
-        for scene, img in ((ref, ref_img), (tgt, tgt_img)):  # images show their scenes
-            for obj in scene.objects:
+ATTRIBUTES = ("shape", "colour", "size", "cx", "cy")
+POSITION_WORDS = ("in the top left", "in the top right", "in the bottom left", "in the bottom right", "on the left",
+                  "on the right", "at the top", "at the bottom", "in the center")
+
+
+def cell(obj: ShapeObject) -> str:
+    """The 3 x 3 cell of an object, written out here (not `position_phrase`)."""
+    col = "left" if obj.cx < 0.4 else "right" if obj.cx > 0.6 else ""
+    row = "top" if obj.cy < 0.4 else "bottom" if obj.cy > 0.6 else ""
+    return {("top", "left"): "in the top left", ("top", "right"): "in the top right", ("bottom", "left"):
+            "in the bottom left", ("bottom", "right"): "in the bottom right", ("", "left"): "on the left",
+            ("", "right"): "on the right", ("top", ""): "at the top", ("bottom", ""): "at the bottom"}.get(
+        (row, col), "in the center")
+
+
+def test_cir_variants_differ_from_the_reference_in_exactly_the_named_attribute():
+    ds = ShapesCIR(6 * 60, seed=0, image_size=S)
+    for r in range(ds.n_sets):
+        cir_set = ds.reference_set(r)
+        ref, i = cir_set.reference, cir_set.edited
+        assert len({o.noun for o in ref.objects}) == len(ref.objects) <= 2
+        for kind, tgt, text in zip(CIR_KINDS, cir_set.variants, cir_set.captions):
+            o = ref.objects[i]
+            if kind == "background":
+                assert tgt.objects == ref.objects and tgt.background != ref.background
+                assert text == f"is {BACKGROUND_PHRASES[tgt.background]} instead of {BACKGROUND_PHRASES[ref.background]}"
+                continue
+            assert tgt.background == ref.background
+            if kind == "count":  # a copy of the object added elsewhere, nothing else touched
+                assert tgt.objects[:-1] == ref.objects and len(tgt.objects) == len(ref.objects) + 1
+                copy = tgt.objects[-1]
+                assert (copy.shape, copy.colour, copy.size) == (o.shape, o.colour, o.size)
+                assert text == f"has two {o.colour} {PLURALS[o.shape]} instead of one"
+                continue
+            assert len(tgt.objects) == len(ref.objects)
+            assert all(a == b for j, (a, b) in enumerate(zip(ref.objects, tgt.objects)) if j != i)
+            new = tgt.objects[i]
+            changed = {f for f in ATTRIBUTES if getattr(o, f) != getattr(new, f)}
+            if kind == "position":
+                assert changed <= {"cx", "cy"} and changed and cell(new) != cell(o)
+                assert text == f"has the {o.colour} {o.shape} {cell(new)} instead of {cell(o)}"
+            else:
+                assert changed == {kind}
+                expected = {"colour": f"has {article(f'a {new.colour} {o.shape}')} instead of {article(f'a {o.colour} one')}",
+                            "shape": f"has {article(f'a {o.colour} {new.shape}')} instead of {article(f'a {o.colour} {o.shape}')}",
+                            "size": f"has a {new.size} {o.colour} {o.shape} instead of a {o.size} one"}[kind]
+                assert text == expected
+            for a, b in itertools.combinations(tgt.objects, 2):  # nothing overlaps after the edit
+                assert math.hypot(a.cx - b.cx, a.cy - b.cy) >= a.extent + b.extent
+
+
+def describe_by_hand(scene: Scene) -> Counter:
+    return Counter((o.shape, o.colour, o.size, cell(o)) for o in scene.objects) + Counter({scene.background: 1})
+
+
+def test_cir_target_is_the_only_member_of_its_set_the_caption_describes():
+    ds = ShapesCIR(6 * 60, seed=1, image_size=S)
+    for r in range(ds.n_sets):
+        cir_set = ds.reference_set(r)
+        for k, edit in enumerate(cir_set.edits):
+            # what the caption asks for, built by hand from the reference's words and the edit
+            want = describe_by_hand(cir_set.reference)
+            o = cir_set.reference.objects[cir_set.edited]
+            old = (o.shape, o.colour, o.size, cell(o))
+            if edit.kind == "background":
+                want = want - Counter({cir_set.reference.background: 1}) + Counter({edit.new: 1})
+            elif edit.kind == "count":  # one more such object, anywhere: its cell is the target's
+                copy = cir_set.variants[k].objects[-1]
+                want[(o.shape, o.colour, o.size, cell(copy))] += 1
+            else:
+                changed = dict(zip(("shape", "colour", "size", "position"), old))
+                changed[edit.kind] = edit.new
+                want = want - Counter({old: 1}) + Counter({tuple(changed.values()): 1})
+            members = cir_set.scenes()
+            matches = [j for j, scene in enumerate(members) if describe_by_hand(scene) == want]
+            assert matches == [1 + k], (r, edit.kind)
+            assert [j for j, scene in enumerate(members) if satisfies_edit(cir_set.reference, edit, scene)] == [1 + k]
+
+
+def test_cir_queries_cover_every_kind_of_each_set_and_render_the_set_once():
+    ds = ShapesCIR(6 * 4, seed=2, image_size=S)
+    assert ds.n_sets == 4
+    for r in range(4):
+        items = [ds[6 * r + k] for k in range(6)]
+        assert [it["kind"] for it in items] == list(CIR_KINDS)
+        assert all(torch.equal(items[0]["reference"], it["reference"]) for it in items)  # one reference image
+        cir_set = ds.reference_set(r)
+        for it, scene in zip(items, cir_set.variants):
+            img = to_uint8(it["target"])
+            assert not np.array_equal(img, to_uint8(it["reference"]))
+            for obj in scene.objects:  # each target shows its scene
                 assert (img[object_mask(obj, S)] == COLOURS[obj.colour]).all()
-        changed = [(a, b) for a, b in zip(ref.objects, tgt.objects) if a != b]
-        if kind in ("colour", "shape", "size"):
-            assert len(ref.objects) == len(tgt.objects) and len(changed) == 1
-            (a, b), attr = changed[0], kind
-            assert getattr(b, attr) != getattr(a, attr)
-            assert {f for f in ("shape", "colour", "size", "cx", "cy") if getattr(a, f) != getattr(b, f)} == {attr}
-            assert re.search(rf"\b{getattr(b, attr)}\b", text) and re.search(rf"\b{getattr(a, attr)}\b", text)
-            assert text.index(getattr(b, attr)) < text.index("instead of")
-        elif kind == "background":
-            assert tgt.objects == ref.objects and tgt.background != ref.background
-            assert text == f"is {BACKGROUND_PHRASES[tgt.background]}"
-        elif kind == "add":
-            assert tgt.objects[:-1] == ref.objects and len(tgt.objects) == len(ref.objects) + 1
-            assert text.endswith(tgt.objects[-1].noun)
-        else:  # remove
-            assert len(tgt.objects) == len(ref.objects) - 1
-            (removed,) = set(ref.objects) - set(tgt.objects)
-            assert text == f"has no {removed.noun}"
-    assert set(kinds) == set(CIR_KINDS)
+    with pytest.raises(IndexError):
+        ds[24]
 
 
-def test_cir_remove_caption_is_true_of_the_target():
-    ds = ShapesCIR(5000, seed=0, image_size=S)
-    for i in range(0, 1000):
-        _, text, tgt, kind, _ = ds.triplet(i)
-        if kind == "remove":
-            assert all(o.noun != text[len("has no "):] for o in tgt.objects), (i, text)
+def test_circo_queries_plant_ground_truths_and_near_misses():
+    ds = ShapesCIRCO(40, seed=0, image_size=S)
+    for q in range(len(ds)):
+        cq = ds.query(q)
+        ref = cq.reference
+        assert len(ref.objects) == 1 and cq.loose.shape == ref.objects[0].shape and cq.loose.colour != ref.objects[0].colour
+        text = cq.loose.caption()
+        assert text == f"shows a {cq.loose.size} {cq.loose.colour} one {BACKGROUND_PHRASES[cq.loose.background]}"
+        wanted = (cq.loose.shape, cq.loose.colour, cq.loose.size)
+        for scene in cq.planted:
+            assert scene.background == cq.loose.background
+            assert any((o.shape, o.colour, o.size) == wanted for o in scene.objects)
+        for scene in cq.negatives:
+            assert not (scene.background == cq.loose.background
+                        and any((o.shape, o.colour, o.size) == wanted for o in scene.objects))
+    item = ds[3]
+    assert item["planted"].shape == (3, 3, S, S) and item["negatives"].shape == (2, 3, S, S)
+    img = to_uint8(item["planted"][0])
+    obj = next(o for o in ds.query(3).planted[0].objects if o.colour == ds.query(3).loose.colour)
+    assert (img[object_mask(obj, S)] == COLOURS[obj.colour]).all()
+
+
+def test_pretrain_relative_captions_name_the_difference_and_fit_the_context():
+    import open_clip
+
+    tok = open_clip.tokenizer.SimpleTokenizer(context_length=32)
+    ds = ShapesPretrain(400, seed=0, twin_edits="all", relative_caption_p=1.0)
+    for i in range(len(ds)):
+        scene, twin, captions, _ = ds.pair(i)
+        assert captions[0] != captions[1]
+        for cap in captions:
+            assert cap.startswith("a photo of ") and " that " in cap
+            assert len(tok.encode(cap)) <= 30, cap  # start and end of text fit too: nothing is cut
+        diff = describe_by_hand(scene) != describe_by_hand(twin)
+        assert diff, i  # the twins differ in what words can say
+    plain = ShapesPretrain(50, seed=0, twin_edits="all")
+    assert all(" that " not in c or "a photo of" in c for i in range(50) for c in plain.pair(i)[2])
+    with pytest.raises(ValueError, match="twin_edits='all'"):
+        ShapesPretrain(5, relative_caption_p=0.5)
 
 
 def test_faithfulness_errors_masks_and_renderings(monkeypatch):

@@ -11,6 +11,7 @@ ShapesWorld triplets and knows the truth the explanations are judged against.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from xclip.cir.concepts import scene_concepts
 from xclip.data.images import ImageReadError, read_rgb, resize_center_crop
-from xclip.data.shapes import ShapesCIR
+from xclip.data.shapes import CIR_KINDS, ShapesCIR, ShapesCIRCO, image_tensor
 from xclip.data.shapes.render import object_mask
 from xclip.data.shapes.scene import Scene
 
@@ -192,11 +193,12 @@ class FileCIRBenchmark(CIRBenchmark):
 
 @dataclass
 class ShapesTruth:
-    """Where the answer lies in a ShapesWorld triplet (masks [S, S] bool).
+    """Where the answer lies in a ShapesWorld query (masks [S, S] bool).
 
-    ``modified``: the target's changed or added object (empty for background changes and
-    removals); ``target_other``: the target's other objects; ``shared``: reference objects the
-    target keeps unchanged; ``reference_other``: the reference's changed or removed objects.
+    ``modified``: the target's objects the caption names as changed (the recoloured, reshaped,
+    resized or moved object; both copies for a count edit; the caption's object for a CIRCO-style
+    query; empty for a background edit); ``target_other``: the target's other objects; ``shared``:
+    reference objects the target keeps unchanged; ``reference_other``: the reference's other objects.
     """
 
     kind: str
@@ -206,65 +208,111 @@ class ShapesTruth:
     reference_other: Tensor
 
 
+def _union_mask(objects, size: int) -> Tensor:
+    out = np.zeros((size, size), bool)
+    for o in objects:
+        out |= object_mask(o, size)
+    return torch.from_numpy(out)
+
+
 def shapes_truth(reference: Scene, target: Scene, kind: str, size: int) -> ShapesTruth:
-    """Masks of the modified / shared objects of a triplet from its two scene graphs."""
-    empty = np.zeros((size, size), bool)
-
-    def union(objs) -> Tensor:
-        out = empty.copy()
-        for o in objs:
-            out |= object_mask(o, size)
-        return torch.from_numpy(out)
-
+    """Masks of the modified / shared objects of a single-edit query from its two scene graphs."""
+    added = [o for o in target.objects if o not in reference.objects]
+    if kind == "count":  # "two red circles instead of one" names both copies
+        nouns = {o.noun for o in added}
+        added = [o for o in target.objects if o.noun in nouns]
     kept = [o for o in reference.objects if o in target.objects]
-    return ShapesTruth(
-        kind=kind,
-        modified=union([o for o in target.objects if o not in reference.objects]),
-        target_other=union([o for o in target.objects if o in reference.objects]),
-        shared=union(kept),
-        reference_other=union([o for o in reference.objects if o not in target.objects]),
-    )
+    return ShapesTruth(kind, _union_mask(added, size), _union_mask([o for o in target.objects if o not in added], size),
+                       _union_mask(kept, size), _union_mask([o for o in reference.objects if o not in kept], size))
 
 
 class ShapesCIRBenchmark(CIRBenchmark):
-    """ShapesWorld CIR triplets as a CIRR-style benchmark.
+    """ShapesWorld composed image retrieval with hard negatives (`xclip.data.shapes.ShapesCIR`,
+    `ShapesCIRCO`), scored the way CIRR and CIRCO are.
 
-    The gallery holds every triplet's reference and target (gallery index ``2 i`` = reference i,
-    ``2 i + 1`` = target i); as in CIRR, each query's reference is removed from its ranking.
-    Keys are ``"shapes/<split>/<seed>/<i>/reference|target"``. Captions are ShapesCIR's relative
-    captions (``"is blue instead of red"``, ``"also has a star"``, ``"is on water"``...).
+    - ``n`` single-edit queries (CIRR-style): reference set ``r = i // 6`` gives its reference and
+      its 6 single-edit variants to the gallery; query ``i`` asks for variant ``i % 6`` by its caption.
+      ``members`` (CIRR's ``img_set``) = the 7 images of the set, so Recall_subset@K ranks the 6
+      variants once the reference is removed: chance K / 6, and a method blind to the caption (image
+      only) scores exactly that when every set is queried once per kind (``n`` a multiple of 6).
+      Global Recall@K ranks the whole gallery, the reference removed.
+    - ``n_circo`` CIRCO-style queries: a one-object reference (not in the gallery) and a caption that
+      several images satisfy ("shows a small blue one on water"); each plants 3 ground truths and 2
+      near misses in the gallery, and its ground-truth set is *every* gallery image that satisfies the
+      caption (the planted target first). Scored with mAP@K.
+
+    Keys are ``"shapes/<split>/<seed>/set<r>/<slot>"`` (slot ``reference`` or an edit kind) and
+    ``"shapes/<split>/<seed>/circo<q>/<slot>"`` (``reference``, ``gt<j>``, ``neg<j>``).
     """
 
     name = "shapes"
+    SUBSET_CHANCE_DENOMINATOR = len(CIR_KINDS)
 
-    def __init__(self, n: int = 500, seed: int = 1000, image_size: int = 64, split: str = "val"):
-        self.triplets = ShapesCIR(n=n, seed=seed, image_size=image_size, split=split)
+    def __init__(self, n: int = 600, seed: int = 1000, image_size: int = 64, split: str = "val", n_circo: int = 0):
+        if n < 0 or n_circo < 0 or n + n_circo == 0:
+            raise ValueError(f"a ShapesWorld CIR benchmark needs queries: got n={n} single-edit and n_circo={n_circo}")
+        self.single = ShapesCIR(n=max(n, 1), seed=seed, image_size=image_size, split=split)
+        self.circo = ShapesCIRCO(n=max(n_circo, 1), seed=seed, image_size=image_size, split=split)
+        self.n_single, self.n_circo = n, n_circo
         self.seed, self.image_size = seed, image_size
         prefix = f"shapes/{split}/{seed}"
-        keys, queries = [], []
-        for i in range(n):  # scene graphs only (no rendering): captions and keys
-            _, text, _, kind, _ = self.triplets.triplet(i)
-            ref, tgt = f"{prefix}/{i}/reference", f"{prefix}/{i}/target"
-            keys += [ref, tgt]
-            queries.append(CIRQuery(reference=ref, captions=(text,), target=tgt, query_id=str(i), category=kind))
+        keys: list[str] = []
+        self._slots: list[tuple[str, int, int]] = []  # per gallery image: (source, set or query, slot)
+        self._scenes: list[Scene] = []
+        sets = -(-n // len(CIR_KINDS))
+        for r in range(sets):  # scene graphs only (no rendering): captions, keys, ground truths
+            cir_set = self.single.reference_set(r)
+            for slot, (name, scene) in enumerate(zip(("reference", *CIR_KINDS), cir_set.scenes())):
+                keys.append(f"{prefix}/set{r}/{name}")
+                self._slots.append(("set", r, slot))
+                self._scenes.append(scene)
+        for q in range(n_circo):
+            cq = self.circo.query(q)
+            names = [f"gt{j}" for j in range(len(cq.planted))] + [f"neg{j}" for j in range(len(cq.negatives))]
+            for slot, (name, scene) in enumerate(zip(names, cq.scenes()[1:]), start=1):
+                keys.append(f"{prefix}/circo{q}/{name}")
+                self._slots.append(("circo", q, slot))
+                self._scenes.append(scene)
+        queries = []
+        for i in range(n):
+            r, k = divmod(i, len(CIR_KINDS))
+            members = tuple(f"{prefix}/set{r}/{name}" for name in ("reference", *CIR_KINDS))
+            queries.append(CIRQuery(reference=members[0], captions=(self.single.reference_set(r).captions[k],),
+                                    target=members[1 + k], members=members, query_id=str(i), category=CIR_KINDS[k]))
+        for q in range(n_circo):
+            loose = self.circo.query(q).loose
+            target = f"{prefix}/circo{q}/gt0"
+            truth = [target] + [key for key, scene in zip(keys, self._scenes)
+                                if key != target and loose.satisfied_by(scene)]
+            queries.append(CIRQuery(reference=f"{prefix}/circo{q}/reference", captions=(loose.caption(),),
+                                    target=target, ground_truth=tuple(truth), query_id=f"circo{q}", category="circo"))
         super().__init__(split, keys, queries)
 
-    def _render(self, i: int) -> tuple[Tensor, Tensor]:
-        item = self.triplets[i]
-        return item["reference"], item["target"]
+    def is_circo(self, query: int) -> bool:
+        return query >= self.n_single
 
     def gallery_image(self, index: int) -> Tensor:
-        return self._render(index // 2)[index % 2]
+        source, i, slot = self._slots[index]
+        data = self.single if source == "set" else self.circo
+        return image_tensor(data.render_slot(i, slot)[0])
+
+    def gallery_scene(self, index: int) -> Scene:
+        return self._scenes[index]
 
     def reference_image(self, query: int) -> Tensor:
-        return self._render(query)[0]
+        if self.is_circo(query):
+            return image_tensor(self.circo.render_slot(query - self.n_single, 0)[0])
+        return image_tensor(self.single.render_slot(query // len(CIR_KINDS), 0)[0])
 
     def target_image(self, query: int) -> Tensor:
-        return self._render(query)[1]
+        return self.gallery_image(self.index_of(self.queries[query].target))
 
     def scenes(self, query: int) -> tuple[Scene, Scene, str]:
-        """(reference scene, target scene, kind) of a query."""
-        ref, _, tgt, kind, _ = self.triplets.triplet(query)
+        """(reference scene, target scene, kind) of a query (kind ``circo`` for CIRCO-style ones)."""
+        if self.is_circo(query):
+            cq = self.circo.query(query - self.n_single)
+            return cq.reference, cq.planted[0], "circo"
+        ref, _, tgt, kind = self.single.triplet(query)
         return ref, tgt, kind
 
     def concepts(self, query: int, kind: str = "shape") -> list[str]:
@@ -273,8 +321,20 @@ class ShapesCIRBenchmark(CIRBenchmark):
 
     def truth(self, query: int) -> ShapesTruth:
         ref, tgt, kind = self.scenes(query)
-        return shapes_truth(ref, tgt, kind, self.image_size)
+        if kind != "circo":
+            return shapes_truth(ref, tgt, kind, self.image_size)
+        loose = self.circo.query(query - self.n_single).loose
+        named = [o for o in tgt.objects if (o.shape, o.colour, o.size) == (loose.shape, loose.colour, loose.size)]
+        size = self.image_size
+        return ShapesTruth(kind, _union_mask(named, size), _union_mask([o for o in tgt.objects if o not in named], size),
+                           _union_mask([], size), _union_mask(ref.objects, size))
+
+    def subset_chance(self, ks: tuple[int, ...] = (1, 2, 3)) -> dict[str, float]:
+        """Recall_subset@K of a method that ignores the caption: K / 6 (the variants of a set)."""
+        return {f"R_subset@{k}": min(k / self.SUBSET_CHANCE_DENOMINATOR, 1.0) for k in ks}
 
     def fingerprint(self) -> dict:
-        return {"benchmark": "shapes", "n": len(self.triplets), "seed": self.seed, "image_size": self.image_size,
-                "split": self.split}
+        """Sizes, seed, split and a digest of every gallery scene graph (a generator change is a new gallery)."""
+        scenes = hashlib.sha256(json.dumps([s.to_dict() for s in self._scenes], sort_keys=True).encode()).hexdigest()
+        return {"benchmark": "shapes", "n": self.n_single, "n_circo": self.n_circo, "seed": self.seed,
+                "image_size": self.image_size, "split": self.split, "scenes_sha256": scenes}

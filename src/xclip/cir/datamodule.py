@@ -129,8 +129,10 @@ class CIRDataModule(pl.LightningDataModule):
     Args:
         source: ``shapes`` | ``cirr`` | ``circo`` | ``fashioniq``.
         data_root: the dataset folder (not for shapes).
-        n: ShapesWorld triplets per split (the gallery holds 2 n images).
-        seed: ShapesWorld seed of the evaluation triplets.
+        n: ShapesWorld single-edit queries per split (6 per reference set: the gallery holds 7 images
+            per set; see `ShapesCIRBenchmark`).
+        n_circo: ShapesWorld CIRCO-style queries per split (each plants 5 gallery images).
+        seed: ShapesWorld seed of the evaluation queries.
         image_size: image side S (ShapesWorld render size; files: shorter side resized, centre crop).
         val_split, test_split: the dataset's split names (defaults per source).
         categories: FashionIQ categories.
@@ -141,11 +143,11 @@ class CIRDataModule(pl.LightningDataModule):
         batch_size, num_workers: loader settings.
     """
 
-    def __init__(self, source: str = "shapes", data_root: str | None = None, n: int = 500, seed: int = 1000,
+    def __init__(self, source: str = "shapes", data_root: str | None = None, n: int = 600, seed: int = 1000,
                  image_size: int = 64, val_split: str | None = None, test_split: str | None = None,
                  categories: list[str] | None = None, n_train: int = 2000, train_seed: int = 0,
                  train_max_objects: int = 3, concept_kind: str = "shape", pad_ratio: float | None = 1.25,
-                 batch_size: int = 128, num_workers: int = 0):
+                 batch_size: int = 128, num_workers: int = 0, n_circo: int = 0):
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"unknown CIR source {source!r}; choose from {SOURCES}")
@@ -154,6 +156,7 @@ class CIRDataModule(pl.LightningDataModule):
         defaults = {"shapes": ("val", "test"), "cirr": ("val", "test1"), "circo": ("val", "test"),
                     "fashioniq": ("val", "test")}[source]
         self.source, self.data_root, self.n, self.seed, self.image_size = source, data_root, n, seed, image_size
+        self.n_circo = n_circo
         self.val_split, self.test_split = val_split or defaults[0], test_split or defaults[1]
         self.categories = list(categories or FASHIONIQ_CATEGORIES)
         self.n_train, self.train_seed, self.train_max_objects = n_train, train_seed, train_max_objects
@@ -176,7 +179,7 @@ class CIRDataModule(pl.LightningDataModule):
         if split not in self._benchmarks:
             name = self.val_split if split == "val" else self.test_split
             if self.source == "shapes":
-                bench = ShapesCIRBenchmark(self.n, self.seed, self.image_size, split=split)
+                bench = ShapesCIRBenchmark(self.n, self.seed, self.image_size, split=split, n_circo=self.n_circo)
             elif self.source == "cirr":
                 bench = load_cirr(self.data_root, name, self.image_size, pad_ratio=self.pad_ratio)
             elif self.source == "circo":

@@ -83,6 +83,7 @@ class CIREvaluation(EvaluationModule):
         self.benchmark: CIRBenchmark | None = None
         self.metrics: dict[str, dict[str, float]] = {}
         self.per_kind: dict[str, dict[str, float]] = {}
+        self.per_kind_subset: dict[str, dict[str, float]] = {}
         self.rankings: dict[str, tuple[Tensor, Tensor]] = {}
         self.coverage: dict[str, Any] = {}
         self.gallery: GalleryEmbeddings | None = None
@@ -171,7 +172,8 @@ class CIREvaluation(EvaluationModule):
         self._skipped = {"gallery": [], "query": []}
         unreadable_queries = sorted({i for part in gather_objects(self._unreadable_queries) for i in part})
         self._unreadable_queries = []
-        self.metrics, self.per_kind, self.rankings, self.submissions, self.coverage = {}, {}, {}, [], {}
+        self.metrics, self.per_kind, self.per_kind_subset, self.rankings, self.submissions = {}, {}, {}, {}, []
+        self.coverage = {}
         if bench is None or self.trainer.sanity_checking:
             return  # (the sanity check sees a few batches: no full gallery to rank)
         if not g_cols or not q_cols:
@@ -195,6 +197,7 @@ class CIREvaluation(EvaluationModule):
                 self.metrics[method] = benchmark_metrics(bench, q_index, ranked, self.ks, gallery_index=g_index)
                 if bench.name == "shapes":
                     self.per_kind[method] = per_category_recall(bench, q_index, ranked, 1)
+                    self.per_kind_subset[method] = per_category_recall(bench, q_index, ranked, 1, subset=True)
                 for name, value in self.metrics[method].items():
                     self.log_metric(stage, f"{method}/{name}", value)  # from the gathered rows: same everywhere
             elif self.trainer.is_global_zero:
@@ -254,6 +257,9 @@ class CIREvaluation(EvaluationModule):
             "benchmark": None if bench is None else {"name": bench.name, "split": bench.split,
                                                      **(self.coverage or {"n_queries": len(bench),
                                                                           "n_gallery": bench.n_gallery})},
-            "metrics": self.metrics, "recall_at_1_per_kind": self.per_kind, "submissions": self.submissions,
+            "metrics": self.metrics, "recall_at_1_per_kind": self.per_kind,
+            "subset_recall_at_1_per_kind": self.per_kind_subset,
+            "chance": bench.subset_chance() if bench is not None and hasattr(bench, "subset_chance") else {},
+            "submissions": self.submissions,
             "skipped": self.skipped,
             "embedding_cache": None if cache is None else {"dir": str(Path(cache.dir)), "status": cache.status}}}

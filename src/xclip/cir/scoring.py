@@ -85,7 +85,7 @@ def benchmark_metrics(bench: CIRBenchmark, query_index: Tensor, ranked: Tensor, 
     `ranked` [Q', W] holds the rankings of the evaluated queries `query_index` [Q'] over the
     gallery images that were read (`gallery_index`, default all). A query that was not evaluated
     (its reference could not be read) and a query whose target was not read count as misses.
-    shapes / CIRR: ``R@k`` with the reference removed (+ ``R_subset@k`` for CIRR); CIRCO:
+    shapes: see `shapes_metrics`; CIRR: ``R@k`` with the reference removed and ``R_subset@k``; CIRCO:
     ``mAP@k`` and ``R@k`` of the first ground truth; FashionIQ: ``{category}_R@k`` and their
     average ``R@k``.
     """
@@ -98,11 +98,12 @@ def benchmark_metrics(bench: CIRBenchmark, query_index: Tensor, ranked: Tensor, 
     evaluated = torch.zeros(len(bench), dtype=torch.bool)
     evaluated[query_index.long()] = True
     target = torch.where(evaluated, _if_read(bench.target_index(), read), -1)
-    if bench.name in ("shapes", "cirr"):
+    if bench.name == "shapes":
+        return shapes_metrics(bench, ranked, target, read, ks)
+    if bench.name == "cirr":
         reference = bench.reference_index()
         out = cirr_recall(ranked, target, reference, ks)
-        if bench.name == "cirr":
-            out.update(cirr_subset_recall(ranked, target, reference, _if_read(bench.members_index(), read), SUBSET_KS))
+        out.update(cirr_subset_recall(ranked, target, reference, _if_read(bench.members_index(), read), SUBSET_KS))
         return out
     if bench.name == "circo":
         gts = bench.ground_truth_index()  # unread ones are absent from every ranking: never found
@@ -132,8 +133,8 @@ def coverage(bench: CIRBenchmark, query_index: Tensor, gallery_index: Tensor,
     ids = [q.query_id or str(i) for i, q in enumerate(bench.queries)]
     missing = [i for i in range(len(bench)) if i not in evaluated]
     targets = [[t] if t >= 0 else [] for t in bench.target_index().tolist()]
-    if bench.name == "circo" and bench.has_targets():
-        targets = bench.ground_truth_index()
+    if bench.has_targets():  # CIRCO and ShapesWorld's CIRCO-style queries: every ground truth
+        targets = [gts or ts for gts, ts in zip(bench.ground_truth_index(), targets)]
     return {"n_queries": len(bench), "n_evaluated": len(evaluated), "n_gallery": bench.n_gallery,
             "n_gallery_read": int(read.sum()),
             "not_evaluated": {"unreadable_reference": [ids[i] for i in missing if i in unreadable],
@@ -154,15 +155,45 @@ def coverage_note(cov: Mapping[str, Any]) -> str:
             f"{cov['n_gallery']} images read; counted as misses: {', '.join(parts)}")
 
 
-def per_category_recall(bench: CIRBenchmark, query_index: Tensor, ranked: Tensor, k: int = 1) -> dict[str, float]:
-    """Recall@k (reference removed) per query category: ShapesWorld's edit kinds."""
+def shapes_metrics(bench: CIRBenchmark, ranked: Tensor, target: Tensor, read: Tensor,
+                   ks: tuple[int, ...] | None = None) -> dict[str, float]:
+    """ShapesWorld CIR over every query: for the single-edit queries CIRR's ``R@k`` (whole gallery,
+    reference removed) and ``R_subset@1,2,3`` (the reference's variant set); for the CIRCO-style
+    ones (``ground_truth`` set) CIRCO's ``mAP@5,10,25,50``.
+
+    `ranked` [n_queries, W] (rows of queries that were not evaluated hold -1), `target` [n_queries]
+    (-1: a miss), `read` [n_gallery] bool: the gallery images that were embedded.
+    """
+    loose = torch.tensor([bool(q.ground_truth) for q in bench.queries], dtype=torch.bool)
+    out: dict[str, float] = {}
+    if bool((~loose).any()):
+        reference = bench.reference_index()[~loose]
+        members = _if_read(bench.members_index(), read)[~loose]
+        out.update(cirr_recall(ranked[~loose], target[~loose], reference, tuple(ks or DEFAULT_KS["shapes"])))
+        out.update(cirr_subset_recall(ranked[~loose], target[~loose], reference, members, SUBSET_KS))
+    if bool(loose.any()):
+        gts = bench.ground_truth_index()
+        out.update(circo_map_at_k(ranked[loose], [gts[i] for i in torch.nonzero(loose).flatten().tolist()],
+                                  DEFAULT_KS["circo"]))
+    return out
+
+
+def per_category_recall(bench: CIRBenchmark, query_index: Tensor, ranked: Tensor, k: int = 1,
+                        subset: bool = False) -> dict[str, float]:
+    """Recall@k (reference removed; ``subset``: within the query's ``members``) per query category:
+    ShapesWorld's edit kinds (queries with a ground-truth set are left out)."""
     qi = query_index.long()
     target, reference = bench.target_index()[qi], bench.reference_index()[qi]
     cats = [bench.queries[int(i)].category for i in qi]
+    loose = [bool(bench.queries[int(i)].ground_truth) for i in qi]
     out = {}
-    for cat in sorted(set(cats)):
-        rows = torch.tensor([c == cat for c in cats])
-        out[cat] = cirr_recall(ranked[rows], target[rows], reference[rows], (k,))[f"R@{k}"]
+    for cat in sorted({c for c, lo in zip(cats, loose) if not lo}):
+        rows = torch.tensor([c == cat and not lo for c, lo in zip(cats, loose)])
+        if subset:
+            members = bench.members_index()[qi][rows]
+            out[cat] = cirr_subset_recall(ranked[rows], target[rows], reference[rows], members, (k,))[f"R_subset@{k}"]
+        else:
+            out[cat] = cirr_recall(ranked[rows], target[rows], reference[rows], (k,))[f"R@{k}"]
     return out
 
 

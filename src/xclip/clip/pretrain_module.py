@@ -48,6 +48,8 @@ class ClipPretrainModule(ExportMixin, ZeroShotEvaluation):
             parameter with the same name and shape (e.g. the SigLIP-style model's ViT trunk and
             text tower from tiny-shapes; an open_clip ViT is renamed for a timm ViT trunk first);
             the rest keep their fresh init and are listed in the log.
+        lock_image_tower: train the text tower (and the temperature) only, the image tower frozen
+            (LiT, Zhai et al., CVPR 2022): about 3x fewer FLOPs per step, image features unchanged.
     """
 
     shipped_folder = "checkpoints/tiny-shapes"
@@ -58,7 +60,7 @@ class ClipPretrainModule(ExportMixin, ZeroShotEvaluation):
                  image_std: tuple[float, ...] = OPENAI_DATASET_STD, export: bool = True, export_dir: str | None = None,
                  overwrite: bool = False, init_checkpoint: str | None = None,
                  class_names: dict[str, list[str]] | None = None, prompts: dict[str, list[str]] | None = None,
-                 warm_start: str | None = None):
+                 warm_start: str | None = None, lock_image_tower: bool = False):
         super().__init__(class_names=class_names, prompts=prompts)
         self.set_export(export, export_dir, overwrite)
         text_cfg = dict(model_cfg.get("text_cfg", {}))
@@ -73,6 +75,8 @@ class ClipPretrainModule(ExportMixin, ZeroShotEvaluation):
             self._load_initial_weights(Path(init_checkpoint))
         if warm_start:
             self._warm_start(Path(warm_start))
+        if lock_image_tower:
+            self.model.visual.requires_grad_(False)
         self.register_buffer("mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
         self._tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
@@ -98,12 +102,14 @@ class ClipPretrainModule(ExportMixin, ZeroShotEvaluation):
         fresh = sorted(set(own) - set(taken))
         log.info("warm start from %s: %d of %d tensors loaded; fresh init: %s", path, len(taken), len(own), fresh)
 
-    def _token_ids(self, text: str) -> Tensor:
-        return self._tokenizer([text])[0]
+    def _token_ids(self, text: str) -> tuple[int, ...]:
+        # plain ints: 200k cached small tensors pinned the allocator's heap (RSS grew ~5 MB a step
+        # on fresh captions until the out-of-memory killer stopped a long run)
+        return tuple(self._tokenizer([text])[0].tolist())
 
     def tokenize(self, texts: list[str]) -> Tensor:
         """[K, context_length] token ids (cached per string: captions repeat a lot)."""
-        return torch.stack([self._tokens(t) for t in texts]).to(self.device)
+        return torch.tensor([self._tokens(t) for t in texts], dtype=torch.long, device=self.device)
 
     def embed_images(self, images: Tensor) -> Tensor:
         return normalized(self.model.encode_image((images - self.mean) / self.std))
@@ -112,7 +118,8 @@ class ClipPretrainModule(ExportMixin, ZeroShotEvaluation):
         return normalized(self.model.encode_text(self.tokenize(texts)))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        img = self.embed_images(batch["image"])
+        with torch.set_grad_enabled(not self.hparams.lock_image_tower):
+            img = self.embed_images(batch["image"])
         txt = self.embed_texts(batch["texts"])
         scale = self.model.logit_scale.exp().clamp(max=100.0)
         bias = getattr(self.model, "logit_bias", None)
@@ -129,6 +136,8 @@ class ClipPretrainModule(ExportMixin, ZeroShotEvaluation):
     def configure_optimizers(self):
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
             # norms, biases, embeddings and the temperature are not weight-decayed (CLIP recipe)
             (no_decay if p.ndim < 2 or "embedding" in name or name.startswith("logit_") else decay).append(p)
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},

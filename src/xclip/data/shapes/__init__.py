@@ -7,6 +7,7 @@ from xclip.data.shapes.datasets import (
     FAITHFULNESS_ERRORS,
     ShapesCaptions,
     ShapesCIR,
+    ShapesCIRCO,
     ShapesClassification,
     ShapesFaithfulness,
     ShapesMultimodal,
@@ -14,13 +15,36 @@ from xclip.data.shapes.datasets import (
     ShapesPretrain,
     SpuriousShapes,
 )
-from xclip.data.shapes.generator import ShapesSample, draw, generate, image_tensor, sample_rng
+from xclip.data.shapes.edits import (
+    EDIT_KINDS,
+    apply_edit,
+    describe,
+    relative_caption,
+    satisfies_edit,
+)
+from xclip.data.shapes.generator import (
+    ShapesSample,
+    draw,
+    generate,
+    image_tensor,
+    sample_rng,
+)
 from xclip.data.shapes.render import object_mask, render
-from xclip.data.shapes.scene import BACKGROUNDS, COLOURS, SHAPES, SIZES, Scene, ShapeObject, caption, sample_scene
+from xclip.data.shapes.scene import (
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    SIZES,
+    Scene,
+    ShapeObject,
+    caption,
+    sample_scene,
+)
 
 __all__ = [
-    "BACKGROUNDS", "CIR_KINDS", "COLOURS", "FAITHFULNESS_ERRORS", "SHAPES", "SIZES", "TASKS",
-    "Scene", "ShapeObject", "ShapesCIR", "ShapesCaptions", "ShapesClassification", "ShapesFaithfulness",
+    "BACKGROUNDS", "CIR_KINDS", "COLOURS", "EDIT_KINDS", "FAITHFULNESS_ERRORS", "SHAPES", "SIZES", "TASKS",
+    "Scene", "ShapeObject", "ShapesCIR", "ShapesCIRCO", "ShapesCaptions", "ShapesClassification", "ShapesFaithfulness",
     "ShapesMultimodal", "ShapesNotes", "ShapesPretrain", "ShapesSample", "ShapesWorldDataModule", "SpuriousShapes",
-    "caption", "draw", "generate", "image_tensor", "object_mask", "render", "sample_rng", "sample_scene",
+    "apply_edit", "caption", "describe", "draw", "generate", "image_tensor", "object_mask", "relative_caption", "render",
+    "sample_rng", "sample_scene", "satisfies_edit",
 ]

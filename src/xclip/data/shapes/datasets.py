@@ -3,19 +3,28 @@ normalisation for a model is the backbone's job (``backbone.normalize``)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from xclip.data.shapes.edits import (
+    EDIT_KINDS,
+    PHRASINGS,
+    Edit,
+    LooseQuery,
+    apply_edit,
+    relative_caption,
+)
 from xclip.data.shapes.generator import (
     SPLITS,
     ShapesSample,
     counterfactual,
     draw,
     image_tensor,
+    part_rng,
     relocated,
     sample_rng,
     training_caption,
@@ -34,6 +43,7 @@ from xclip.data.shapes.scene import (
     position_phrase,
     sample_object,
     sample_scene,
+    short_caption,
 )
 
 
@@ -106,32 +116,113 @@ class ShapesClassification(_Sized):
         }
 
 
+TWIN_EDITS = ("shape_colour", "all")
+
+
 class ShapesPretrain(_Sized):
     """Contrastive pretraining pairs with a hard negative: each item holds a scene and its
-    counterfactual twin (one object's shape or colour changed), both with captions.
+    counterfactual twin, both with captions.
+
+    ``twin_edits="shape_colour"`` (the shipped tiny-shapes recipe): one object's shape (70%) or
+    colour (30%) changed. ``"all"``: one edit of `xclip.data.shapes.edits.EDIT_KINDS` (colour,
+    shape, size, count, position, background; uniformly, colour where the drawn one does not fit).
+    With probability `relative_caption_p` (``"all"`` only) the pair is captioned *relative to each
+    other*: each image's caption describes its twin and names the difference, "a photo of a red
+    circle on sand that has a blue circle instead of a red one" (phrasings with "instead of",
+    "not", "also", "but"; for colour, size and background edits of a one-object twin also "a photo
+    of a red circle on sand that shows a small blue one on water"), so the text tower learns what
+    relative captions say. Pairs whose plain captions would be equal (a move that keeps every
+    relation) are always captioned relatively.
 
     Item: ``{"image": [2,3,S,S], "captions": [2 str]}``; the collate flattens twins into the batch.
     """
 
     def __init__(self, n: int = 100_000, seed: int = 0, image_size: int = 64, max_objects: int = 3,
-                 short_caption_p: float = 0.5, split: str = "train"):
+                 short_caption_p: float = 0.5, split: str = "train", twin_edits: str = "shape_colour",
+                 relative_caption_p: float = 0.0):
         super().__init__(n, seed, image_size, split)
+        if twin_edits not in TWIN_EDITS:
+            raise ValueError(f"twin_edits must be one of {TWIN_EDITS}, got {twin_edits!r}")
+        if not 0.0 <= relative_caption_p <= 1.0 or (relative_caption_p > 0 and twin_edits != "all"):
+            raise ValueError(f"relative_caption_p must be in [0, 1] and needs twin_edits='all', got "
+                             f"{relative_caption_p} with twin_edits={twin_edits!r}")
         self.max_objects, self.short_caption_p = max_objects, short_caption_p
+        self.twin_edits, self.relative_caption_p = twin_edits, relative_caption_p
 
-    def __getitem__(self, index: int) -> dict:
+    def pair(self, index: int) -> tuple[Scene, Scene, list[str], np.random.Generator]:
+        """(scene, twin, their captions, the generator positioned for rendering) of item `index`."""
         rng = self._rng("pretrain", index)
         n_obj = int(rng.choice([1, 2, 3][: self.max_objects], p=_object_count_probs(self.max_objects)))
         scene = sample_scene(rng, n_objects=n_obj)
-        twin = counterfactual(scene, rng)
+        edit = None
+        if self.twin_edits == "all":
+            twin, edit = _edited_twin(scene, rng)
+        else:
+            twin = counterfactual(scene, rng)
         # full captions or short ones that always name the shape (`short_caption_p`); both twins
         # get the same style, so the captions differ exactly where the images do
         style = -1 if rng.random() >= self.short_caption_p else int(rng.integers(3))
         variant, prefix = int(rng.integers(2)), bool(rng.random() < 0.3)
+        if edit is not None and rng.random() < self.relative_caption_p:
+            return scene, twin, relative_pair_captions(scene, twin, edit, rng), rng
         captions = [training_caption(sc, style, variant, prefix) for sc in (scene, twin)]
         if captions[0] == captions[1]:  # a shape-only caption cannot tell a colour change apart
             captions = [training_caption(sc, -1, variant, prefix) for sc in (scene, twin)]
+        if captions[0] == captions[1] and edit is not None:  # a move that keeps every relation
+            captions = relative_pair_captions(scene, twin, edit, rng)
+        return scene, twin, captions, rng
+
+    def __getitem__(self, index: int) -> dict:
+        scene, twin, captions, rng = self.pair(index)
         images = [render(sc, self.image_size, rng)[0] for sc in (scene, twin)]
         return {"image": image_tensor(np.stack(images)), "captions": captions}
+
+
+def _edited_twin(scene: Scene, rng: np.random.Generator) -> tuple[Scene, Edit]:
+    """`scene` with one edit of a random kind to a random object (colour when the kind does not fit)."""
+    i = int(rng.integers(len(scene.objects)))
+    kind = EDIT_KINDS[int(rng.integers(len(EDIT_KINDS)))]
+    if kind in ("count", "position") and sum(o.noun == scene.objects[i].noun for o in scene.objects) > 1:
+        kind = "colour"  # "the red circle" / "two red circles instead of one" need a unique noun
+    edited = apply_edit(scene, kind, i, rng)
+    return edited if edited is not None else apply_edit(scene, "colour", i, rng)
+
+
+# CLIP's tiny text tower reads 32 tokens (30 between start and end); every ShapesWorld word is one
+# BPE token but "triangles" (two), and each comma is one.
+CONTEXT_WORDS = 30
+
+
+def _tokens_estimate(text: str) -> int:
+    return len(text.replace(",", " ,").replace(".", " .").split()) + text.count("triangles")
+
+
+def _describe_for_relative(scene: Scene, change: str, rng: np.random.Generator) -> str:
+    """A description of a twin short enough that "a photo of {it} that {change}" fits the context:
+    the full caption of a one-object scene when it fits, else a short one (with the background when
+    that fits)."""
+    options = [caption(scene, int(rng.integers(2)))] if len(scene.objects) == 1 else []
+    options += [short_caption(scene, 2), short_caption(scene, 0)]
+    if len(scene.objects) == 2 and rng.random() < 0.5:
+        options.remove(short_caption(scene, 2))
+    for text in options:
+        if _tokens_estimate(f"a photo of {text} that {change}") <= CONTEXT_WORDS:
+            return text
+    raise ValueError(f"no description of {scene} fits beside {change!r} in {CONTEXT_WORDS} tokens")
+
+
+def relative_pair_captions(scene: Scene, twin: Scene, edit: Edit, rng: np.random.Generator) -> list[str]:
+    """Captions of (scene, twin) relative to each other: each describes the other image and names
+    the edit that turns it into this one (`xclip.data.shapes.edits.relative_caption`)."""
+    phrasing = int(rng.integers(PHRASINGS))
+    out = []
+    for other, reverse, own in ((twin, True, scene), (scene, False, twin)):
+        change = relative_caption(edit, phrasing, reverse=reverse)
+        if edit.kind in ("colour", "size", "background") and len(other.objects) == 1 and rng.random() < 0.3:
+            obj = own.objects[max(edit.index, 0)]  # the one object, as this image shows it
+            change = LooseQuery(obj.shape, obj.colour, obj.size, own.background).caption()
+        out.append(f"a photo of {_describe_for_relative(other, change, rng)} that {change}")
+    return out
 
 
 def _object_count_probs(max_objects: int) -> list[float]:
@@ -180,52 +271,167 @@ class SpuriousShapes(_Sized):
                 "mask": torch.from_numpy(instances > 0), "index": index}
 
 
-CIR_KINDS = ("colour", "shape", "size", "background", "add", "remove")
+CIR_KINDS = EDIT_KINDS
+SET_SIZE = 1 + len(CIR_KINDS)  # a reference and one variant per edit kind
+
+
+@dataclass(frozen=True)
+class CIRSet:
+    """A reference scene with one single-edit variant per kind of `CIR_KINDS` (same order), all of
+    one object (``edited``) but the background edit; ``captions[k]`` names ``edits[k]``."""
+
+    reference: Scene
+    edited: int
+    variants: tuple[Scene, ...]
+    edits: tuple[Edit, ...]
+    captions: tuple[str, ...]
+
+    def scenes(self) -> tuple[Scene, ...]:
+        """The set's images: the reference (slot 0), then the variants (slot 1 + k)."""
+        return (self.reference, *self.variants)
 
 
 class ShapesCIR(_Sized):
-    """Composed image retrieval triplets: reference image, relative caption, target image.
+    """Composed image retrieval with hard negatives, CIRR-style: every reference scene (1-2
+    objects with distinct colour + shape nouns) comes with a *set* of single-edit variants of itself
+    (colour, shape, size, count, position, background of one object, one at a time), and each variant
+    is the target of one query whose caption names exactly its edit ("has a blue circle instead of a
+    red one"). Within a set only the caption tells the variants apart; a method that ignores it (the
+    reference image alone) finds the target among the 6 variants at chance.
 
-    Item: ``{"reference", "target" [3,S,S], "caption", "kind", "index"}``; the gallery is the
-    set of targets (``gallery_size`` = n).
+    Query ``i`` is reference set ``i // 6`` edited by ``CIR_KINDS[i % 6]``, so `n` queries cover
+    ``ceil(n / 6)`` sets and every complete set is queried once per kind. Item: ``{"reference",
+    "target" [3,S,S], "caption", "kind", "index"}``; a set's images render the same for every query.
     """
 
-    def triplet(self, index: int) -> tuple[Scene, str, Scene, str, np.random.Generator]:
-        rng = self._rng("cir", index)
-        ref = sample_scene(rng, max_objects=2)
-        kind = CIR_KINDS[int(rng.integers(len(CIR_KINDS)))]
-        i = int(rng.integers(len(ref.objects)))
-        obj = ref.objects[i]
-        twins = sum(o.noun == obj.noun for o in ref.objects)
-        if kind == "remove" and (len(ref.objects) < 2 or twins > 1):  # "has no X" must be true
-            kind = "add"
-        if kind == "colour":
-            new = _other(rng, tuple(COLOURS), obj.colour)
-            return ref, f"is {new} instead of {obj.colour}", ref.with_object(i, colour=new), kind, rng
-        if kind == "shape":
-            new = _other(rng, SHAPES, obj.shape)
-            return ref, f"has a {new} instead of a {obj.shape}", ref.with_object(i, shape=new), kind, rng
-        if kind == "size":
-            new = "small" if obj.size == "large" else "large"
-            return ref, f"has a {new} {obj.noun} instead of a {obj.size} one", ref.with_object(i, size=new), kind, rng
-        if kind == "background":
-            new = _other(rng, BACKGROUNDS, ref.background)
-            return ref, f"is {BACKGROUND_PHRASES[new]}", replace(ref, background=new), kind, rng
-        if kind == "remove":
-            kept = tuple(o for j, o in enumerate(ref.objects) if j != i)
-            return ref, f"has no {obj.noun}", replace(ref, objects=kept), kind, rng
-        added = sample_object(rng, list(ref.objects))
-        if added is None:  # no room: change the colour instead, still a valid triplet
-            new = _other(rng, tuple(COLOURS), obj.colour)
-            return ref, f"is {new} instead of {obj.colour}", ref.with_object(i, colour=new), "colour", rng
-        return ref, f"also has {article('a ' + added.noun)}", replace(ref, objects=ref.objects + (added,)), kind, rng
+    def __init__(self, n: int = 600, seed: int = 0, image_size: int = 64, max_objects: int = 2, split: str = "val"):
+        super().__init__(n, seed, image_size, split)
+        if not 1 <= max_objects <= 2:
+            raise ValueError(f"CIR references hold 1 or 2 objects (so an edited scene fits), got max_objects={max_objects}")
+        self.max_objects = max_objects
+        self._sets: dict[int, CIRSet] = {}
+
+    @property
+    def n_sets(self) -> int:
+        return -(-self.n // len(CIR_KINDS))
+
+    def reference_set(self, r: int) -> CIRSet:
+        """Reference set `r`: a scene of 1..`max_objects` objects (uniformly) with distinct nouns and an
+        object whose every edit fits (its objects tried in random order; the layout redrawn with the
+        same number of objects when none fits)."""
+        if r not in self._sets:
+            if not 0 <= r < self.n_sets:
+                raise IndexError(f"reference set {r} out of range for {self.n_sets} sets")
+            rng = self._rng("cir", r)
+            n_objects = int(rng.integers(1, self.max_objects + 1))  # drawn once: crowded scenes are redrawn
+            edited: list = []
+            while not edited:
+                ref = sample_scene(rng, n_objects=n_objects)
+                if len({o.noun for o in ref.objects}) < len(ref.objects):  # "the red circle" must name one object
+                    continue
+                for i in (int(j) for j in rng.permutation(len(ref.objects))):  # the first object every edit fits
+                    edited = [apply_edit(ref, kind, i, rng) for kind in CIR_KINDS]
+                    if all(e is not None for e in edited):
+                        break
+                    edited = []
+            self._sets[r] = CIRSet(ref, i, tuple(e[0] for e in edited), tuple(e[1] for e in edited),
+                                   tuple(relative_caption(e[1]) for e in edited))
+        return self._sets[r]
+
+    def triplet(self, index: int) -> tuple[Scene, str, Scene, str]:
+        """(reference scene, caption, target scene, kind) of query `index`."""
+        if not 0 <= index < self.n:
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        s, k = self.reference_set(index // len(CIR_KINDS)), index % len(CIR_KINDS)
+        return s.reference, s.captions[k], s.variants[k], CIR_KINDS[k]
+
+    def render_slot(self, r: int, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image and instance map of slot `slot` of set `r` (0: the reference, 1 + k: variant k)."""
+        scene = self.reference_set(r).scenes()[slot]
+        return render(scene, self.image_size, part_rng(self.seed, "cir", r, slot, self.split))
 
     def __getitem__(self, index: int) -> dict:
-        ref, text, target, kind, rng = self.triplet(index)
-        ref_img, _ = render(ref, self.image_size, rng)
-        tgt_img, _ = render(target, self.image_size, rng)
-        return {"reference": image_tensor(ref_img), "target": image_tensor(tgt_img), "caption": text,
-                "kind": kind, "index": index}
+        _, text, _, kind = self.triplet(index)
+        r, k = divmod(index, len(CIR_KINDS))
+        return {"reference": image_tensor(self.render_slot(r, 0)[0]), "target": image_tensor(self.render_slot(r, 1 + k)[0]),
+                "caption": text, "kind": kind, "index": index}
+
+
+@dataclass(frozen=True)
+class CIRCOQuery:
+    """A CIRCO-style query: a one-object reference and a caption (`LooseQuery`) that several scenes
+    satisfy. ``planted`` satisfy it (the first is the query's target), ``negatives`` do not (the
+    caption's colour, size and background on another shape; the reference's shape unedited)."""
+
+    reference: Scene
+    loose: LooseQuery
+    planted: tuple[Scene, ...]
+    negatives: tuple[Scene, ...]
+
+    def scenes(self) -> tuple[Scene, ...]:
+        """The query's images: the reference (slot 0), the planted ground truths, the negatives."""
+        return (self.reference, *self.planted, *self.negatives)
+
+
+class ShapesCIRCO(_Sized):
+    """CIRCO-style composed queries: the reference (one object) gives the shape, the caption the
+    rest ("shows a small blue one on water"), and every scene with such an object on that background
+    is a ground truth, wherever it sits and whatever else it shows. Each query plants `n_planted`
+    scenes that satisfy it and two that do not (`CIRCOQuery`); a benchmark's ground-truth set is every
+    gallery image that satisfies the caption (`LooseQuery.satisfied_by`), planted or not.
+
+    Item: ``{"reference" [3,S,S], "planted" [P,3,S,S], "negatives" [2,3,S,S], "caption", "index"}``.
+    """
+
+    def __init__(self, n: int = 100, seed: int = 0, image_size: int = 64, n_planted: int = 3, split: str = "val"):
+        super().__init__(n, seed, image_size, split)
+        if n_planted < 1:
+            raise ValueError(f"n_planted must be >= 1 (the target), got {n_planted}")
+        self.n_planted = n_planted
+        self._queries: dict[int, CIRCOQuery] = {}
+
+    def query(self, index: int) -> CIRCOQuery:
+        if index not in self._queries:
+            rng = self._rng("circo", index)
+            ref = sample_scene(rng, n_objects=1)
+            obj = ref.objects[0]
+            loose = LooseQuery(obj.shape, _other(rng, tuple(COLOURS), obj.colour), tuple(SIZES)[int(rng.integers(2))],
+                               BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))])
+            planted = tuple(_scene_with(rng, loose.shape, loose.colour, loose.size, loose.background)
+                            for _ in range(self.n_planted))
+            other_shape = _other(rng, SHAPES, loose.shape)
+            negatives = (_scene_with(rng, other_shape, loose.colour, loose.size, loose.background, loose),
+                         _scene_with(rng, loose.shape, obj.colour, loose.size, loose.background, loose))
+            self._queries[index] = CIRCOQuery(ref, loose, planted, negatives)
+        return self._queries[index]
+
+    def render_slot(self, index: int, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image and instance map of slot `slot` of query `index` (see `CIRCOQuery.scenes`)."""
+        scene = self.query(index).scenes()[slot]
+        return render(scene, self.image_size, part_rng(self.seed, "circo", index, slot, self.split))
+
+    def __getitem__(self, index: int) -> dict:
+        q = self.query(index)
+        images = [image_tensor(self.render_slot(index, s)[0]) for s in range(len(q.scenes()))]
+        return {"reference": images[0], "planted": torch.stack(images[1 : 1 + len(q.planted)]),
+                "negatives": torch.stack(images[1 + len(q.planted):]), "caption": q.loose.caption(), "index": index}
+
+
+def _scene_with(rng: np.random.Generator, shape: str, colour: str, size: str, background: str,
+                avoid: LooseQuery | None = None) -> Scene:
+    """A scene on `background` with a (shape, colour, size) object and maybe one random other object;
+    with `avoid`, none that satisfies it (redrawn)."""
+    while True:
+        first = sample_object(rng, [], shapes=(shape,), colours=(colour,), sizes=(size,))
+        objects = [first]
+        if rng.random() < 0.5:
+            other = sample_object(rng, objects)
+            if other is not None:
+                objects.append(other)
+        order = rng.permutation(len(objects))
+        scene = Scene(background, tuple(objects[int(j)] for j in order))
+        if avoid is None or not avoid.satisfied_by(scene):
+            return scene
 
 
 def _other(rng: np.random.Generator, options, current):

@@ -32,6 +32,7 @@ STREAMS = {
     "multimodal": 6,
     "pretrain": 7,
     "notes": 8,
+    "circo": 9,
 }
 
 
@@ -43,13 +44,26 @@ SPLITS = ("train", "val", "test")
 TEST_KEY = 0x7E57
 
 
-def sample_rng(seed: int, stream: str, index: int, split: str = "val") -> np.random.Generator:
-    """The generator of sample `index` of `stream` under `seed` (``split="test"``: the disjoint
+def sample_key(seed: int, stream: str, index: int, split: str = "val") -> list[int]:
+    """The seed words of sample `index` of `stream` under `seed` (``split="test"``: the disjoint
     test family, see `TEST_KEY`)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    key = [int(seed), STREAMS[stream], int(index)] + ([TEST_KEY] if split == "test" else [])
-    return np.random.default_rng(key)
+    return [int(seed), STREAMS[stream], int(index)] + ([TEST_KEY] if split == "test" else [])
+
+
+def sample_rng(seed: int, stream: str, index: int, split: str = "val") -> np.random.Generator:
+    """The generator of sample `index` of `stream` under `seed` (see `sample_key`)."""
+    return np.random.default_rng(sample_key(seed, stream, index, split))
+
+
+def part_rng(seed: int, stream: str, index: int, part: int, split: str = "val") -> np.random.Generator:
+    """A generator for part `part` (>= 0) of sample `index`, e.g. one image of a set that shares a
+    scene graph. numpy pads seed words with zeros, so part p is keyed ``p + 1``: never the
+    sample's own generator."""
+    if part < 0:
+        raise ValueError(f"part must be >= 0, got {part}")
+    return np.random.default_rng(sample_key(seed, stream, index, split) + [int(part) + 1])
 
 
 @dataclass
