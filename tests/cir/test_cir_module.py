@@ -299,7 +299,7 @@ def digests(folder: Path) -> dict[str, str]:
 
 
 def short_phi_fit(root: Path, *extra: str) -> None:
-    main(["fit", "--config", str(PHI_FIT), "--data.init_args.n_train", "16", "--data.init_args.n", "30",
+    main(["fit", "--config", str(PHI_FIT), "--data.init_args.n_train", "16", "--data.init_args.n", "48",
           "--data.init_args.batch_size", "8", "--model.init_args.oti", '{"steps": 2}',
           "--model.init_args.phrases_per_concept", "4", "--model.init_args.oti_cache_dir", str(root / "oti"),
           "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1",
