@@ -48,8 +48,13 @@ def main() -> None:
     server = subprocess.Popen(cmd, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
     options = Options()
     options.binary_location = "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                f"--window-size={args.size}"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        f"--window-size={args.size}",
+    ):
         options.add_argument(arg)
     driver = None
     try:
@@ -70,8 +75,12 @@ def main() -> None:
         option.click()
         # the app opens on the first prompt: wait for the chosen one's table, then for its figure
         wait(lambda: f"{pid}_" in driver.find_element(By.CSS_SELECTOR, "#prompt-table").text, 300)
-        image = wait(lambda: [i for i in driver.find_elements(By.CSS_SELECTOR, "#prompt-heatmaps img")
-                              if i.get_attribute("src")], 300)[0]
+        image = wait(
+            lambda: [
+                i for i in driver.find_elements(By.CSS_SELECTOR, "#prompt-heatmaps img") if i.get_attribute("src")
+            ],
+            300,
+        )[0]
         wait(lambda: driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image), 60)
         time.sleep(1)
         driver.save_screenshot(args.out)

@@ -59,8 +59,12 @@ def main() -> None:
     ds = ShapesCIR(args.gallery, seed=7, image_size=size, split="val")
     images = torch.stack([ds[i]["target"] for i in range(args.gallery)])
     with torch.no_grad():
-        gallery = torch.cat([bb.encode_image(bb.normalize(images[i : i + 64].to(bb.device)), normalize=True)
-                             for i in range(0, args.gallery, 64)])
+        gallery = torch.cat(
+            [
+                bb.encode_image(bb.normalize(images[i : i + 64].to(bb.device)), normalize=True)
+                for i in range(0, args.gallery, 64)
+            ]
+        )
     reference01 = ds[0]["reference"][None].to(bb.device)
     explainer = CIRExplainer(bb, phi)
 
@@ -84,9 +88,13 @@ def main() -> None:
     t_batched = median_time(lambda: batched(args.top_k), args.repeats, args.device)
     t_loop = median_time(loop, max(1, args.repeats // 2), args.device)
 
-    feats = bb.encode_image(bb.normalize(torch.stack([ds[i]["reference"] for i in range(args.oti_batch)]).to(bb.device))).detach()
+    feats = bb.encode_image(
+        bb.normalize(torch.stack([ds[i]["reference"] for i in range(args.oti_batch)]).to(bb.device))
+    ).detach()
     config = OTIConfig(steps=args.oti_steps)
-    t_oti_batched = median_time(lambda: oti_invert(bb, feats, list(range(args.oti_batch)), config=config), 1, args.device)
+    t_oti_batched = median_time(
+        lambda: oti_invert(bb, feats, list(range(args.oti_batch)), config=config), 1, args.device
+    )
 
     def oti_single() -> None:
         for i in range(args.oti_single):
@@ -94,11 +102,19 @@ def main() -> None:
 
     t_oti_single = median_time(oti_single, 1, args.device)
     result = {
-        "backbone": args.backbone, "device": args.device, "threads": torch.get_num_threads(), "image_size": size,
-        "gallery": args.gallery, "top_k": args.top_k,
-        "retrieve_explain_top1_s": t_one, "retrieve_explain_batched_s": t_batched, "per_candidate_loop_s": t_loop,
-        "batched_over_top1": t_batched / t_one, "loop_over_batched": t_loop / t_batched,
-        "oti_steps": args.oti_steps, "oti_batched_images_per_s": args.oti_batch / t_oti_batched,
+        "backbone": args.backbone,
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "image_size": size,
+        "gallery": args.gallery,
+        "top_k": args.top_k,
+        "retrieve_explain_top1_s": t_one,
+        "retrieve_explain_batched_s": t_batched,
+        "per_candidate_loop_s": t_loop,
+        "batched_over_top1": t_batched / t_one,
+        "loop_over_batched": t_loop / t_batched,
+        "oti_steps": args.oti_steps,
+        "oti_batched_images_per_s": args.oti_batch / t_oti_batched,
         "oti_single_images_per_s": args.oti_single / t_oti_single,
         "oti_batched_over_single_throughput": (args.oti_batch / t_oti_batched) / (args.oti_single / t_oti_single),
     }

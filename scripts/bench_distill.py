@@ -26,10 +26,16 @@ from xclip.timing import median_time, once
 def inputs_for(model, tokenizer, batch, device) -> MultimodalInputs:
     enc = tokenizer(list(batch["text"]), padding=True, return_tensors="pt")
     images = batch["image"].to(device)
-    return MultimodalInputs(images, model.pixel_values(images), enc["input_ids"].to(device),
-                            enc["attention_mask"].to(device),
-                            [tokenizer.convert_ids_to_tokens(r) for r in enc["input_ids"].tolist()],
-                            list(batch["text"]), [str(int(i)) for i in batch["index"]], int(tokenizer.pad_token_id))
+    return MultimodalInputs(
+        images,
+        model.pixel_values(images),
+        enc["input_ids"].to(device),
+        enc["attention_mask"].to(device),
+        [tokenizer.convert_ids_to_tokens(r) for r in enc["input_ids"].tolist()],
+        list(batch["text"]),
+        [str(int(i)) for i in batch["index"]],
+        int(tokenizer.pad_token_id),
+    )
 
 
 def one_at_a_time(explainer: SHAPExplainer, x: MultimodalInputs, n: int) -> None:
@@ -65,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     t_batch = collate_skipping([test[i] for i in range(args.throughput_batch)])
 
     print(f"SHAP, nsamples={args.nsamples}, background={args.background} rows, device={device}")
-    print("| model | shap.GradientExplainer, 1 at a time | batched engine, 1 at a time | batched engine, "
-          f"{args.n} at once | speed-up vs shap |")
+    print(
+        "| model | shap.GradientExplainer, 1 at a time | batched engine, 1 at a time | batched engine, "
+        f"{args.n} at once | speed-up vs shap |"
+    )
     print("|---|---|---|---|---|")
     for name, (model, tok) in models.items():
         model.to(device)
@@ -89,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         x = inputs_for(model, tok, t_batch, device)
         speed[name] = args.throughput_batch / median_time(partial(forward, model, x), args.repeats, device)
         params = sum(p.numel() for p in model.parameters())
-        print(f"| {name} | {params / 1e6:.2f} M | {speed[name]:.0f} | {speed[name] / speed['teacher']:.2f}x |",
-              flush=True)
+        print(
+            f"| {name} | {params / 1e6:.2f} M | {speed[name]:.0f} | {speed[name] / speed['teacher']:.2f}x |", flush=True
+        )
     return 0
 
 

@@ -37,10 +37,13 @@ from xclip.explain import GradCAM, GradECLIP
 from xclip.io import atomic_write_text
 from xclip.timing import median_time
 
-TEXTS = [f"a photo of a {c} {s}" for c, s in zip(["red", "green", "blue", "yellow", "purple", "orange", "red",
-                                                    "green", "blue", "yellow"],
-                                                   ["circle", "square", "star", "heart", "cross", "triangle", "star",
-                                                    "circle", "heart", "square"])]
+TEXTS = [
+    f"a photo of a {c} {s}"
+    for c, s in zip(
+        ["red", "green", "blue", "yellow", "purple", "orange", "red", "green", "blue", "yellow"],
+        ["circle", "square", "star", "heart", "cross", "triangle", "star", "circle", "heart", "square"],
+    )
+]
 
 
 def load(spec: str, device: str) -> Backbone:
@@ -57,7 +60,9 @@ def load(spec: str, device: str) -> Backbone:
     return wrap_model(open_clip.create_model(arch, pretrained_hf=False), offline_tokenizer_for(arch)).to(device).eval()
 
 
-def bench(backbone: Backbone, batch: int, repeats: int, loop_images: int, precision: str | None = None) -> dict[str, float]:
+def bench(
+    backbone: Backbone, batch: int, repeats: int, loop_images: int, precision: str | None = None
+) -> dict[str, float]:
     s, device = backbone.image_size, backbone.device
     images = torch.randn(batch, 3, s, s, device=device)
     ge, cam = GradECLIP(backbone), GradCAM(backbone)
@@ -85,9 +90,12 @@ def bench(backbone: Backbone, batch: int, repeats: int, loop_images: int, precis
     if precision is not None:
         low = GradECLIP(backbone, precision=precision)
         t_low = median_time(lambda: low.image_maps(images, text1), repeats, device)
-        mixed = {f"grad_eclip_1_text_{precision}_s": t_low,
-                 "images_per_s_fp32": batch / t_ge1, f"images_per_s_{precision}": batch / t_low,
-                 f"ratio_speedup_{precision}_vs_fp32": t_ge1 / t_low}
+        mixed = {
+            f"grad_eclip_1_text_{precision}_s": t_low,
+            "images_per_s_fp32": batch / t_ge1,
+            f"images_per_s_{precision}": batch / t_low,
+            f"ratio_speedup_{precision}_vs_fp32": t_ge1 / t_low,
+        }
     return {
         "encode_image_s": t_enc,
         "grad_eclip_1_text_s": t_ge1,
@@ -108,8 +116,9 @@ def main() -> None:
     parser.add_argument("--loop-images", type=int, default=4, help="images timed in the one-at-a-time loop")
     parser.add_argument("--models", nargs="+", default=["openclip:ViT-B-32", "xclip:tiny-shapes"])
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    parser.add_argument("--precision", default=None, choices=["bf16", "16"],
-                        help="also time Grad-ECLIP under this autocast precision")
+    parser.add_argument(
+        "--precision", default=None, choices=["bf16", "16"], help="also time Grad-ECLIP under this autocast precision"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     rows = {}
@@ -117,17 +126,32 @@ def main() -> None:
         where = args.device if args.device != "cpu" else f"{torch.get_num_threads()} CPU threads"
         print(f"benchmarking {spec} at batch {args.batch} on {where} ...", flush=True)
         backbone = load(spec, args.device)
-        rows[spec] = {"family": backbone.family, **bench(backbone, args.batch, args.repeats, args.loop_images,
-                                                          args.precision)}
+        rows[spec] = {
+            "family": backbone.family,
+            **bench(backbone, args.batch, args.repeats, args.loop_images, args.precision),
+        }
     keys = list(dict.fromkeys(k for row in rows.values() for k in row if k.startswith("ratio")))
     print("| model | family | " + " | ".join(keys) + " |\n|---|---|" + "---|" * len(keys))
     for spec, row in rows.items():
-        print(f"| {spec} | {row['family']} | " + " | ".join(f"{row[k]:.2f}" if k in row else "refused" for k in keys)
-              + " |")
+        print(
+            f"| {spec} | {row['family']} | "
+            + " | ".join(f"{row[k]:.2f}" if k in row else "refused" for k in keys)
+            + " |"
+        )
     if args.out:
-        atomic_write_text(args.out, json.dumps({"batch": args.batch, "threads": torch.get_num_threads(),
-                                                "device": args.device, "precision": args.precision,
-                                                "results": rows}, indent=2))
+        atomic_write_text(
+            args.out,
+            json.dumps(
+                {
+                    "batch": args.batch,
+                    "threads": torch.get_num_threads(),
+                    "device": args.device,
+                    "precision": args.precision,
+                    "results": rows,
+                },
+                indent=2,
+            ),
+        )
         print(f"wrote {args.out}")
 
 

@@ -59,13 +59,22 @@ def bench_scoring(bb, images: torch.Tensor, prompts: list[str], grid: int, repea
     t_dense = median_time(lambda: scorer.dense(images, text), repeats, device)
     t_global = median_time(lambda: scorer.global_scores(images, text), repeats, device)
     n = images.shape[0]
-    return {"images": n, "grid": grid, "crop_forwards_per_image": grid * grid, "dense_forwards_per_image": 1,
-            "crops_s_per_image": t_crops / n, "dense_s_per_image": t_dense / n, "global_only_s_per_image": t_global / n,
-            "crops_over_dense": t_crops / t_dense, "dense_over_global_only": t_dense / t_global}
+    return {
+        "images": n,
+        "grid": grid,
+        "crop_forwards_per_image": grid * grid,
+        "dense_forwards_per_image": 1,
+        "crops_s_per_image": t_crops / n,
+        "dense_s_per_image": t_dense / n,
+        "global_only_s_per_image": t_global / n,
+        "crops_over_dense": t_crops / t_dense,
+        "dense_over_global_only": t_dense / t_global,
+    }
 
 
-def bench_head(bb, images: torch.Tensor, prompts: list[str], masks: torch.Tensor, faithful: torch.Tensor, repeats: int,
-               device: str) -> dict:
+def bench_head(
+    bb, images: torch.Tensor, prompts: list[str], masks: torch.Tensor, faithful: torch.Tensor, repeats: int, device: str
+) -> dict:
     n_prompts, r = faithful.shape
     gh, gw = bb.grid_size
     text = bb.encode_texts(prompts, normalize=True).float().repeat_interleave(r, 0)
@@ -78,8 +87,9 @@ def bench_head(bb, images: torch.Tensor, prompts: list[str], masks: torch.Tensor
     def step(f: HeadFeatures) -> None:
         reward, logits = head(f)
         reward = reward.view(n_prompts, r)
-        loss = bradley_terry_loss(reward[:, i].flatten(), reward[:, j].flatten(), labels.flatten().to(reward)) + \
-            torch.nn.functional.mse_loss(logits.sigmoid(), target.float())
+        loss = bradley_terry_loss(
+            reward[:, i].flatten(), reward[:, j].flatten(), labels.flatten().to(reward)
+        ) + torch.nn.functional.mse_loss(logits.sigmoid(), target.float())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -87,9 +97,13 @@ def bench_head(bb, images: torch.Tensor, prompts: list[str], masks: torch.Tensor
     cached = extract_features(bb, images, text).to(device)
     t_cached = median_time(lambda: step(cached), repeats, device)
     t_loop = median_time(lambda: step(extract_features(bb, images, text).to(device)), repeats, device)
-    return {"prompts_per_step": n_prompts, "images_per_step": n_prompts * r,
-            "cached_steps_per_s": 1 / t_cached, "backbone_in_loop_steps_per_s": 1 / t_loop,
-            "cached_over_backbone_in_loop": t_loop / t_cached}
+    return {
+        "prompts_per_step": n_prompts,
+        "images_per_step": n_prompts * r,
+        "cached_steps_per_s": 1 / t_cached,
+        "backbone_in_loop_steps_per_s": 1 / t_loop,
+        "cached_over_backbone_in_loop": t_loop / t_cached,
+    }
 
 
 def db_records(n_prompts: int, per_prompt: int, grid: int, offset: int = 0) -> list[PromptRecord]:
@@ -124,9 +138,14 @@ def bench_db(n_prompts: int, batch: int) -> dict:
             for rec in records:
                 db.write([rec])
             t_single = time.perf_counter() - start
-    return {"prompts": n_prompts, "rows": rows, "prompts_per_transaction": batch,
-            "batched_rows_per_s": rows / t_batched, "one_prompt_per_transaction_rows_per_s": rows / t_single,
-            "batched_over_single": t_single / t_batched}
+    return {
+        "prompts": n_prompts,
+        "rows": rows,
+        "prompts_per_transaction": batch,
+        "batched_rows_per_s": rows / t_batched,
+        "one_prompt_per_transaction_rows_per_s": rows / t_single,
+        "batched_over_single": t_single / t_batched,
+    }
 
 
 def main() -> None:

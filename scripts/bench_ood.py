@@ -38,8 +38,9 @@ def text_side(dim: int, n_neg: int, n_groups: int, m1_topk: int) -> tuple[NegLab
     neg_emb = F.normalize(torch.randn(n_neg, dim, generator=g), dim=-1).double()
     roles = torch.randperm(n_neg, generator=g)
     obj, bg = roles[: int(0.4 * n_neg)], roles[int(0.4 * n_neg) : int(0.8 * n_neg)]
-    scorer = NegAlignScorer(id_emb, neg_emb, object_idx=obj, neg_bg_emb=neg_emb[bg], n_groups=n_groups,
-                            m1_topk=m1_topk, m2_role_aware=True)
+    scorer = NegAlignScorer(
+        id_emb, neg_emb, object_idx=obj, neg_bg_emb=neg_emb[bg], n_groups=n_groups, m1_topk=m1_topk, m2_role_aware=True
+    )
     return NegLabelScorer(id_emb, neg_emb, n_groups), NegAlignTerms(scorer)
 
 
@@ -65,7 +66,8 @@ def bench_images(spec: str, batch: int, repeats: int, loop_images: int, n_neg: i
     full(singles[:1])  # warm-up at batch 1
     t_loop = once(lambda: [full(singles[i : i + 1]) for i in range(len(singles))], device)
     return {
-        "batch": batch, "negatives": n_neg,
+        "batch": batch,
+        "negatives": n_neg,
         "neglabel_s_per_image": t_plain / batch,
         "negalign_s_per_image": t_full / batch,
         "negalign_over_neglabel": t_full / t_plain,
@@ -85,9 +87,14 @@ def bench_text(spec: str, n_words: int, device: str) -> dict[str, float]:
         fresh = TextEmbeddings(bb, spec, batch_size=256, cache_dir=cache)
         t_disk = once(lambda: fresh(prompts), device)
         assert fresh.encoded == 0, "the disk cache missed"
-    return {"prompts": n_words, "cold_s": t_cold, "cold_s_per_prompt": t_cold / n_words,
-            "cold_s_extrapolated_10k": t_cold / n_words * 10_000,
-            "memory_hit_s": t_memory, "new_run_disk_hit_s": t_disk}
+    return {
+        "prompts": n_words,
+        "cold_s": t_cold,
+        "cold_s_per_prompt": t_cold / n_words,
+        "cold_s_extrapolated_10k": t_cold / n_words * 10_000,
+        "memory_hit_s": t_memory,
+        "new_run_disk_hit_s": t_disk,
+    }
 
 
 def main() -> None:
@@ -101,9 +108,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--out", default="outputs/bench_ood.json")
     args = parser.parse_args()
-    result = {"spec": args.spec, "device": args.device, "threads": torch.get_num_threads(),
-              "images": bench_images(args.spec, args.batch, args.repeats, args.loop_images, args.negatives, args.device),
-              "text": bench_text(args.spec, args.text_words, args.device)}
+    result = {
+        "spec": args.spec,
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "images": bench_images(args.spec, args.batch, args.repeats, args.loop_images, args.negatives, args.device),
+        "text": bench_text(args.spec, args.text_words, args.device),
+    }
     atomic_write_text(Path(args.out), json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 

@@ -91,16 +91,20 @@ def naive_recall(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, ks=
 
 def bench_recall(n_images: int, per_image: int, dim: int, naive: bool) -> dict:
     img, txt, owner = synthetic(n_images, per_image, dim)
-    row = {"images": n_images, "captions": len(owner), "dim": dim,
-           "full_matrix_bytes": n_images * len(owner) * 4}
+    row = {"images": n_images, "captions": len(owner), "dim": dim, "full_matrix_bytes": n_images * len(owner) * 4}
     got, t_chunk, m_chunk = measured(lambda: retrieval_recall_at_k(img, txt, owner, KS))
     row.update(chunked_s=t_chunk, chunked_peak_bytes=m_chunk, recall=got)
     if naive:
         want, t_naive, m_naive = measured(lambda: naive_recall(img, txt, owner, KS))
         if want != got:
             raise AssertionError(f"chunked {got} != naive {want}")
-        row.update(naive_s=t_naive, naive_peak_bytes=m_naive, identical=True,
-                   ratio_time_chunked_vs_naive=t_chunk / t_naive, ratio_memory_chunked_vs_naive=m_chunk / m_naive)
+        row.update(
+            naive_s=t_naive,
+            naive_peak_bytes=m_naive,
+            identical=True,
+            ratio_time_chunked_vs_naive=t_chunk / t_naive,
+            ratio_memory_chunked_vs_naive=m_chunk / m_naive,
+        )
     return row
 
 
@@ -111,8 +115,14 @@ def bench_throughput(n: int, batch: int, repeats: int) -> dict:
     backbone = module.backbone
 
     def validate() -> dict:
-        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                             enable_model_summary=False, enable_checkpointing=False)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
         start = time.perf_counter()
         trainer.validate(module, datamodule=data, verbose=False)
         return {"s": time.perf_counter() - start, "recall": dict(module.recall_values)}
@@ -135,11 +145,21 @@ def bench_throughput(n: int, batch: int, repeats: int) -> dict:
     if runs["validate"][0]["recall"] != runs["bare"][0]["recall"]:
         raise AssertionError(f"validate {runs['validate'][0]['recall']} != bare loop {runs['bare'][0]['recall']}")
     t_val, t_bare = (min(r["s"] for r in runs[k]) for k in ("validate", "bare"))
-    return {"images": n, "captions": 2 * n, "batch": batch, "image_size": 64, "model": "xclip:tiny-shapes",
-            "validate_s": t_val, "bare_loop_s": t_bare, "validate_images_per_s": n / t_val,
-            "bare_images_per_s": n / t_bare, "ratio_validate_vs_bare": t_val / t_bare,
-            "all_validate_s": [r["s"] for r in runs["validate"]], "all_bare_s": [r["s"] for r in runs["bare"]],
-            "recall": runs["validate"][0]["recall"]}
+    return {
+        "images": n,
+        "captions": 2 * n,
+        "batch": batch,
+        "image_size": 64,
+        "model": "xclip:tiny-shapes",
+        "validate_s": t_val,
+        "bare_loop_s": t_bare,
+        "validate_images_per_s": n / t_val,
+        "bare_images_per_s": n / t_bare,
+        "ratio_validate_vs_bare": t_val / t_bare,
+        "all_validate_s": [r["s"] for r in runs["validate"]],
+        "all_bare_s": [r["s"] for r in runs["bare"]],
+        "recall": runs["validate"][0]["recall"],
+    }
 
 
 # ---- report ----------------------------------------------------------------------------------
@@ -148,30 +168,46 @@ def _gib(n: float) -> str:
 
 
 def markdown(result: dict) -> str:
-    lines = ["# Retrieval benchmark", "", f"CPU, {result['threads']} threads; {result['note']}", "",
-             "| case | method | time (s) | peak extra memory | full [T, I] matrix |", "|---|---|---|---|---|"]
+    lines = [
+        "# Retrieval benchmark",
+        "",
+        f"CPU, {result['threads']} threads; {result['note']}",
+        "",
+        "| case | method | time (s) | peak extra memory | full [T, I] matrix |",
+        "|---|---|---|---|---|",
+    ]
     for name in ("recall_5k", "recall_large"):
         row = result.get(name)
         if not row:
             continue
         case = f"{row['images']:,} x {row['captions']:,}, D={row['dim']}"
-        lines.append(f"| {case} | chunked | {row['chunked_s']:.2f} | {_gib(row['chunked_peak_bytes'])} | "
-                     f"{_gib(row['full_matrix_bytes'])} |")
+        lines.append(
+            f"| {case} | chunked | {row['chunked_s']:.2f} | {_gib(row['chunked_peak_bytes'])} | "
+            f"{_gib(row['full_matrix_bytes'])} |"
+        )
         if "naive_s" in row:
-            lines.append(f"| {case} | naive (CLIP_benchmark) | {row['naive_s']:.2f} | {_gib(row['naive_peak_bytes'])} | "
-                         f"{_gib(row['full_matrix_bytes'])} |")
+            lines.append(
+                f"| {case} | naive (CLIP_benchmark) | {row['naive_s']:.2f} | {_gib(row['naive_peak_bytes'])} | "
+                f"{_gib(row['full_matrix_bytes'])} |"
+            )
         else:
             lines.append(f"| {case} | naive | not run: needs the {_gib(row['full_matrix_bytes'])} score matrix | | |")
     r5 = result["recall_5k"]
-    lines += ["", f"5k x 25k: chunked / naive time = {r5['ratio_time_chunked_vs_naive']:.2f}, peak memory = "
-              f"{r5['ratio_memory_chunked_vs_naive']:.2f}; identical Recall@K: {r5['identical']} ({r5['recall']})."]
+    lines += [
+        "",
+        f"5k x 25k: chunked / naive time = {r5['ratio_time_chunked_vs_naive']:.2f}, peak memory = "
+        f"{r5['ratio_memory_chunked_vs_naive']:.2f}; identical Recall@K: {r5['identical']} ({r5['recall']}).",
+    ]
     tp = result.get("throughput")
     if tp:
-        lines += ["", f"Embedding throughput ({tp['images']} ShapesWorld images + {tp['captions']} captions, "
-                  f"{tp['model']}, batch {tp['batch']}): validate {tp['validate_s']:.2f} s "
-                  f"({tp['validate_images_per_s']:.0f} img/s), bare encode loop {tp['bare_loop_s']:.2f} s "
-                  f"({tp['bare_images_per_s']:.0f} img/s); ratio validate / bare = {tp['ratio_validate_vs_bare']:.3f} "
-                  "(target <= 1.10)."]
+        lines += [
+            "",
+            f"Embedding throughput ({tp['images']} ShapesWorld images + {tp['captions']} captions, "
+            f"{tp['model']}, batch {tp['batch']}): validate {tp['validate_s']:.2f} s "
+            f"({tp['validate_images_per_s']:.0f} img/s), bare encode loop {tp['bare_loop_s']:.2f} s "
+            f"({tp['bare_images_per_s']:.0f} img/s); ratio validate / bare = {tp['ratio_validate_vs_bare']:.3f} "
+            "(target <= 1.10).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -191,7 +227,9 @@ def main() -> None:
     result["recall_5k"] = bench_recall(5000, 5, 512, naive=True)
     print(json.dumps(result["recall_5k"], indent=1), flush=True)
     if args.large:
-        print(f"Recall@K {args.large_images:,} x {5 * args.large_images:,}, D={args.large_dim}, chunked ...", flush=True)
+        print(
+            f"Recall@K {args.large_images:,} x {5 * args.large_images:,}, D={args.large_dim}, chunked ...", flush=True
+        )
         result["recall_large"] = bench_recall(args.large_images, 5, args.large_dim, naive=False)
         print(json.dumps(result["recall_large"], indent=1), flush=True)
     print("embedding throughput, validate vs bare loop ...", flush=True)

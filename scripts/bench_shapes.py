@@ -52,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{size:>6} {rate:>10.0f} {ms:>10.3f}")
     if TARGET_SIZE in rates:
         met = rates[TARGET_SIZE] >= TARGET_RATE
-        print(f"target >= {TARGET_RATE:.0f} images/s at {TARGET_SIZE} px: "
-              f"{'MET' if met else 'NOT MET'} ({rates[TARGET_SIZE]:.0f} images/s)")
+        print(
+            f"target >= {TARGET_RATE:.0f} images/s at {TARGET_SIZE} px: "
+            f"{'MET' if met else 'NOT MET'} ({rates[TARGET_SIZE]:.0f} images/s)"
+        )
     return 0
 
 

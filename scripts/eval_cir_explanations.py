@@ -20,9 +20,14 @@ from xclip.cir.phi import Phi, load_phi
 from xclip.cir.quality import collect_maps, random_maps, score_maps
 from xclip.io import atomic_write_text
 
-COLUMNS = [("B_on_modified", "B on modified object"), ("B_on_other_objects", "B on other objects"),
-           ("C_on_shared", "C on shared object"), ("C_elsewhere", "C elsewhere"), ("D_dollar_top2", "$ in D's top 2"),
-           ("D_chance_top2", "chance")]
+COLUMNS = [
+    ("B_on_modified", "B on modified object"),
+    ("B_on_other_objects", "B on other objects"),
+    ("C_on_shared", "C on shared object"),
+    ("C_elsewhere", "C elsewhere"),
+    ("D_dollar_top2", "$ in D's top 2"),
+    ("D_chance_top2", "chance"),
+]
 
 
 def main() -> None:
@@ -40,22 +45,29 @@ def main() -> None:
     torch.manual_seed(0)
     random_bb = wrap_model(open_clip.model.CLIP(**trained.model_cfg).eval(), preprocess_cfg=trained.preprocess_cfg)
     random_phi = Phi.for_backbone(random_bb).eval()
-    maps = {"trained": collect_maps(trained, phi, bench, queries),
-            "random init": collect_maps(random_bb, random_phi, bench, queries)}
+    maps = {
+        "trained": collect_maps(trained, phi, bench, queries),
+        "random init": collect_maps(random_bb, random_phi, bench, queries),
+    }
     maps["random map"] = random_maps(maps["trained"])
     results = {name: score_maps(bench, queries, m) for name, m in maps.items()}
-    margins = {"B": results["trained"]["B_on_modified"] - results["random init"]["B_on_modified"],
-               "C": results["trained"]["C_on_shared"] - results["random init"]["C_on_shared"]}
-    header = (f"ShapesWorld CIR {args.split}, {args.n} queries (B: {results['trained']['B_queries']} with a modified and "
-              f"another object; C: {results['trained']['C_queries']} with a shared object)")
-    lines = [header, "",
-             "| model | " + " | ".join(c for _, c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    margins = {
+        "B": results["trained"]["B_on_modified"] - results["random init"]["B_on_modified"],
+        "C": results["trained"]["C_on_shared"] - results["random init"]["C_on_shared"],
+    }
+    header = (
+        f"ShapesWorld CIR {args.split}, {args.n} queries (B: {results['trained']['B_queries']} with a modified and "
+        f"another object; C: {results['trained']['C_queries']} with a shared object)"
+    )
+    lines = [header, "", "| model | " + " | ".join(c for _, c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k, _ in COLUMNS) + " |")
     lines.append("")
     lines.append(f"margin over the random-init model: B {margins['B']:+.3f}, C {margins['C']:+.3f} (target >= 0.2)")
     print("\n".join(lines))
-    atomic_write_text(Path(args.out), json.dumps({"args": vars(args), "results": results, "margins": margins}, indent=2))
+    atomic_write_text(
+        Path(args.out), json.dumps({"args": vars(args), "results": results, "margins": margins}, indent=2)
+    )
 
 
 if __name__ == "__main__":

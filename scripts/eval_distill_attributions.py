@@ -29,9 +29,16 @@ from xclip.io import atomic_write_text
 def inputs_for(model, tokenizer, batch, max_length: int) -> MultimodalInputs:
     enc = tokenizer(list(batch["text"]), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     ids = enc["input_ids"]
-    return MultimodalInputs(batch["image"], model.pixel_values(batch["image"]), ids, enc["attention_mask"],
-                            [tokenizer.convert_ids_to_tokens(r) for r in ids.tolist()], list(batch["text"]),
-                            [str(int(i)) for i in batch["index"]], int(tokenizer.pad_token_id))
+    return MultimodalInputs(
+        batch["image"],
+        model.pixel_values(batch["image"]),
+        ids,
+        enc["attention_mask"],
+        [tokenizer.convert_ids_to_tokens(r) for r in ids.tolist()],
+        list(batch["text"]),
+        [str(int(i)) for i in batch["index"]],
+        int(tokenizer.pad_token_id),
+    )
 
 
 def mean(values) -> float:
@@ -45,8 +52,9 @@ def measure(attribution, task: str, batch, inputs) -> dict[str, list[float]]:
     if task == "shape":
         out["mass_on_object"] = mass_on_region(attribution.image_map(0).float(), batch["mask"]).tolist()
     else:
-        ranks, counts = deciding_word_ranks(inputs.tokens, attribution.token_scores(0), inputs.attention_mask,
-                                            batch["deciding_word"])
+        ranks, counts = deciding_word_ranks(
+            inputs.tokens, attribution.token_scores(0), inputs.attention_mask, batch["deciding_word"]
+        )
         out.update({"word_rank": ranks, "top1": [float(r == 1) for r in ranks], "n_words": counts})
     return out
 
@@ -61,8 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ig-steps", type=int, default=50)
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--models", nargs="*", default=["teacher", "student", "untrained"],
-                        help="models explained (none: only the model-free rows)")
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        default=["teacher", "student", "untrained"],
+        help="models explained (none: only the model-free rows)",
+    )
     parser.add_argument("--out", default="runs/distill_attributions.json")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -70,28 +82,34 @@ def main(argv: list[str] | None = None) -> int:
     teacher, tokenizer, config = load_classifier(args.teacher)
     student, student_tok, student_config = load_classifier(args.student)
     untrained = MultimodalClassifier(**config["model"]).eval()  # the teacher's architecture, random init
-    models = {"teacher": (teacher, tokenizer, config), "student": (student, student_tok, student_config),
-              "untrained": (untrained, tokenizer, config)}
+    models = {
+        "teacher": (teacher, tokenizer, config),
+        "student": (student, student_tok, student_config),
+        "untrained": (untrained, tokenizer, config),
+    }
     models = {name: models[name] for name in args.models}
     data = DistillDataModule(source="shapes", n_val=max(args.background, 1), n_test=args.n)
     test, val = data.dataset("test"), data.dataset("val")
     g = torch.Generator().manual_seed(args.seed)
-    bg_batch = collate_skipping([val[int(i)] for i in torch.randperm(len(val), generator=g)[:args.background]])
-    batches = [collate_skipping([test[i] for i in range(s, min(s + args.batch, args.n))])
-               for s in range(0, args.n, args.batch)]
+    bg_batch = collate_skipping([val[int(i)] for i in torch.randperm(len(val), generator=g)[: args.background]])
+    batches = [
+        collate_skipping([test[i] for i in range(s, min(s + args.batch, args.n))]) for s in range(0, args.n, args.batch)
+    ]
 
     rows: dict[str, dict[str, dict[str, list[float]]]] = {}
     # a model-free reference: |x - mean background|, what SHAP's (x - bg) factor alone puts on the
     # pixels whatever the model
     difference = (torch.cat([b["image"] for b in batches]) - bg_batch["image"].mean(0)).abs().sum(1)
     masks = torch.cat([b["mask"] for b in batches])
-    rows["input difference |x - mean bg| | -"] = {"shape": {"mass_on_object": mass_on_region(difference, masks).tolist()}}
+    rows["input difference |x - mean bg| | -"] = {
+        "shape": {"mass_on_object": mass_on_region(difference, masks).tolist()}
+    }
     accuracy: dict[str, dict[str, float]] = {}
     start = time.perf_counter()
     for name, (model, tok, cfg) in models.items():
         max_length = int(cfg.get("max_length", 32))
         background = inputs_for(model, tok, bg_batch, max_length)
-        correct = {t: 0 for t in model.tasks}
+        correct = dict.fromkeys(model.tasks, 0)
         for batch in batches:
             inputs = inputs_for(model, tok, batch, max_length)
             with torch.no_grad():
@@ -100,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                 correct[task] += int((logits[task].argmax(1) == batch["labels"][task]).sum())
                 target, labels = model.explain_target(task), batch["labels"][task]
                 seeds = [args.seed * 100_003 + int(i) for i in batch["index"]]
-                shap = SHAPExplainer(target, background, nsamples=args.nsamples, batch_size=100,
-                                     seed=args.seed).explain(inputs, labels, seeds=seeds)
+                shap = SHAPExplainer(
+                    target, background, nsamples=args.nsamples, batch_size=100, seed=args.seed
+                ).explain(inputs, labels, seeds=seeds)
                 ig = CaptumExplainer(target, n_steps=args.ig_steps, internal_batch_size=100).explain(inputs, labels)
                 measured = [(f"SHAP | {name}", shap), (f"IG | {name}", ig)]
                 if name == args.models[0]:  # the random baseline of the text side and of the shares, once
@@ -110,20 +129,33 @@ def main(argv: list[str] | None = None) -> int:
                     per_item = rows.setdefault(row, {}).setdefault(task, {})
                     for key, values in measure(att, task, batch, inputs).items():
                         per_item.setdefault(key, []).extend(values)
-            print(f"{name}: {batch['index'][-1].item() + 1}/{args.n} items, {time.perf_counter() - start:.0f} s",
-                  flush=True)
+            print(
+                f"{name}: {batch['index'][-1].item() + 1}/{args.n} items, {time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
         accuracy[name] = {t: c / args.n for t, c in correct.items()}
 
-    table = {row: {task: {k: mean(v) for k, v in values.items()} for task, values in tasks.items()}
-             for row, tasks in rows.items()}
+    table = {
+        row: {task: {k: mean(v) for k, v in values.items()} for task, values in tasks.items()}
+        for row, tasks in rows.items()
+    }
     area = float(torch.cat([b["mask"].flatten(1).float().mean(1) for b in batches]).mean())
-    payload = {"n": args.n, "nsamples": args.nsamples, "background": args.background, "ig_steps": args.ig_steps,
-               "object_area_fraction": area, "accuracy": accuracy, "table": table,
-               "seconds": time.perf_counter() - start}
+    payload = {
+        "n": args.n,
+        "nsamples": args.nsamples,
+        "background": args.background,
+        "ig_steps": args.ig_steps,
+        "object_area_fraction": area,
+        "accuracy": accuracy,
+        "table": table,
+        "seconds": time.perf_counter() - start,
+    }
     atomic_write_text(args.out, json.dumps(payload, indent=2))
     print(f"\nobject area fraction (the random expectation of mass on object): {area:.3f}")
-    print("| attribution | model | shape: mass on object | shape: image share | background: rank of word "
-          "(mean) | background: word ranked first | background: image share |")
+    print(
+        "| attribution | model | shape: mass on object | shape: image share | background: rank of word "
+        "(mean) | background: word ranked first | background: image share |"
+    )
     print("|---|---|---|---|---|---|---|")
     for row, tasks in table.items():
         method, model = row.split(" | ")
@@ -133,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
             return fmt.format(d[key]) if key in d else "-"
 
         rank = f"{b['word_rank']:.2f} of {b['n_words']:.1f}" if "word_rank" in b else "-"
-        print(f"| {method} | {model} | {cell(s, 'mass_on_object')} | {cell(s, 'image_share')} | {rank} | "
-              f"{cell(b, 'top1', '{:.2f}')} | {cell(b, 'image_share')} |")
+        print(
+            f"| {method} | {model} | {cell(s, 'mass_on_object')} | {cell(s, 'image_share')} | {rank} | "
+            f"{cell(b, 'top1', '{:.2f}')} | {cell(b, 'image_share')} |"
+        )
     print(f"\naccuracy on these items: {json.dumps(accuracy)}\nwrote {Path(args.out)}")
     return 0
 

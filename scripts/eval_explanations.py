@@ -41,9 +41,16 @@ EXPLAINERS = {
     "GAME (last block)": lambda bb: GAME(bb),
     "random map": lambda bb: RandomMap(bb, seed=0),
 }
-COLUMNS = [("pointing_single", "PG 1-obj"), ("pointing_named_two", "named 2-obj"), ("pointing_other_two", "other 2-obj"),
-           ("all_zero_rate_single", "all-zero"), ("energy_pointing_single", "energy PG"),
-           ("deletion_auc", "deletion AUC (lower better)"), ("insertion_auc", "insertion AUC"), ("sanity_spearman", "sanity rho")]
+COLUMNS = [
+    ("pointing_single", "PG 1-obj"),
+    ("pointing_named_two", "named 2-obj"),
+    ("pointing_other_two", "other 2-obj"),
+    ("all_zero_rate_single", "all-zero"),
+    ("energy_pointing_single", "energy PG"),
+    ("deletion_auc", "deletion AUC (lower better)"),
+    ("insertion_auc", "insertion AUC"),
+    ("sanity_spearman", "sanity rho"),
+]
 
 
 def random_twin(backbone: Backbone, seed: int = 0) -> Backbone:
@@ -60,10 +67,14 @@ def vision_block_modules(backbone: Backbone) -> list[torch.nn.Module]:
 def top_blocks_randomised(backbone: Backbone, n_blocks: int) -> Backbone:
     """Adebayo et al.'s model randomisation: the top `n_blocks` vision blocks re-initialised."""
     blocks = vision_block_modules(backbone)[-n_blocks:]
-    return wrap_model(randomize_top_blocks(backbone.model, blocks, seed=0).eval(), preprocess_cfg=backbone.preprocess_cfg)
+    return wrap_model(
+        randomize_top_blocks(backbone.model, blocks, seed=0).eval(), preprocess_cfg=backbone.preprocess_cfg
+    )
 
 
-def evaluate_all(spec: str, n: int, sanity_blocks: int, tolerances: list[int]) -> dict[str, dict[str, dict[str, float]]]:
+def evaluate_all(
+    spec: str, n: int, sanity_blocks: int, tolerances: list[int]
+) -> dict[str, dict[str, dict[str, float]]]:
     trained = load_backbone(spec)
     single, double = probe_set(n, 1), probe_set(n, 2)
     randomised = top_blocks_randomised(trained, sanity_blocks)
@@ -77,11 +88,13 @@ def evaluate_all(spec: str, n: int, sanity_blocks: int, tolerances: list[int]) -
         print(f"evaluating {name} ...", flush=True)
         row = evaluate_explainer(make(trained), single, double, tolerances=tolerances)
         maps_trained = paired_maps(make(trained), trained, single.images, single.texts)
-        row["sanity_spearman"] = sanity_correlation(maps_trained, paired_maps(make(randomised), randomised,
-                                                                             single.images, single.texts))
+        row["sanity_spearman"] = sanity_correlation(
+            maps_trained, paired_maps(make(randomised), randomised, single.images, single.texts)
+        )
         results["trained"][name] = row
-        results["random init"][name] = evaluate_explainer(make(random_twin(trained)), single, double,
-                                                          tolerances=tolerances)
+        results["random init"][name] = evaluate_explainer(
+            make(random_twin(trained)), single, double, tolerances=tolerances
+        )
     return results
 
 
@@ -96,17 +109,27 @@ def factor_profiles(backbone: Backbone, probes: ProbeSet, batch_size: int = 64) 
         spatial.append(terms.spatial.mean(1).cpu())
         channel.append(terms.channel[:, 0].sum(1).cpu())
         maps.append(combine_terms(terms.spatial, terms.channel)[:, 0].cpu())
-    values = {"Grad-ECLIP map": torch.cat(maps), "spatial factor (lambda)": torch.cat(spatial),
-              "channel factor (g.v)": torch.cat(channel),
-              "GAME map": paired_maps(GAME(backbone), backbone, probes.images, probes.texts)}
+    values = {
+        "Grad-ECLIP map": torch.cat(maps),
+        "spatial factor (lambda)": torch.cat(spatial),
+        "channel factor (g.v)": torch.cat(channel),
+        "GAME map": paired_maps(GAME(backbone), backbone, probes.images, probes.texts),
+    }
     return {name: region_profile(v, probes.named_masks, probes.other_masks) for name, v in values.items()}
 
 
 def profile_markdown(profiles: dict[str, dict]) -> str:
-    lines = ["Two-object probes, trained checkpoint: mean per-image z-score of each quantity by patch region "
-             "(inside: the object covers >= half of the patch; edge: less), then where its maximum falls.", "",
-             "| quantity | " + " | ".join(f"z {r}" for r in REGIONS) + " | " + " | ".join(f"max on {r}" for r in REGIONS) + " |",
-             "|---|" + "---|" * (2 * len(REGIONS))]
+    lines = [
+        "Two-object probes, trained checkpoint: mean per-image z-score of each quantity by patch region "
+        "(inside: the object covers >= half of the patch; edge: less), then where its maximum falls.",
+        "",
+        "| quantity | "
+        + " | ".join(f"z {r}" for r in REGIONS)
+        + " | "
+        + " | ".join(f"max on {r}" for r in REGIONS)
+        + " |",
+        "|---|" + "---|" * (2 * len(REGIONS)),
+    ]
     for name, p in profiles.items():
         cells = [f"{p['mean z'][r]:+.2f}" for r in REGIONS] + [f"{p['argmax share'][r]:.2f}" for r in REGIONS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -114,8 +137,11 @@ def profile_markdown(profiles: dict[str, dict]) -> str:
 
 
 def markdown(results: dict, n: int, sanity_blocks: int) -> str:
-    lines = [f"ShapesWorld, 64 px, {n} single-object and {n} two-object probes (seed 3000); "
-             f"sanity: top {sanity_blocks} vision blocks re-initialised.", ""]
+    lines = [
+        f"ShapesWorld, 64 px, {n} single-object and {n} two-object probes (seed 3000); "
+        f"sanity: top {sanity_blocks} vision blocks re-initialised.",
+        "",
+    ]
     lines.append("| model | explainer | " + " | ".join(c for _, c in COLUMNS) + " |")
     lines.append("|---|---|" + "---|" * len(COLUMNS))
     for model, rows in results.items():
@@ -128,14 +154,18 @@ def markdown(results: dict, n: int, sanity_blocks: int) -> str:
 def tolerance_markdown(results: dict, tolerances: list[int]) -> str:
     """Pointing single / named / other at each margin (t = 0 is the main table's exact game)."""
     keys = ("pointing_single", "pointing_named_two", "pointing_other_two")
-    lines = ["Pointing game single / named / other with a margin of t px (a hit when a mask pixel is "
-             "< t px from the map's maximum, as Zhang et al. / TorchRay; t = 0: exact).", "",
-             "| model | explainer | t = 0 | " + " | ".join(f"t = {t} px" for t in tolerances) + " |",
-             "|---|---|---|" + "---|" * len(tolerances)]
+    lines = [
+        "Pointing game single / named / other with a margin of t px (a hit when a mask pixel is "
+        "< t px from the map's maximum, as Zhang et al. / TorchRay; t = 0: exact).",
+        "",
+        "| model | explainer | t = 0 | " + " | ".join(f"t = {t} px" for t in tolerances) + " |",
+        "|---|---|---|" + "---|" * len(tolerances),
+    ]
     for model, rows in results.items():
         for name, row in rows.items():
-            cells = [" / ".join(f"{row[k + suffix]:.2f}" for k in keys)
-                     for suffix in [""] + [f"_t{t}" for t in tolerances]]
+            cells = [
+                " / ".join(f"{row[k + suffix]:.2f}" for k in keys) for suffix in [""] + [f"_t{t}" for t in tolerances]
+            ]
             lines.append(f"| {model} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -145,18 +175,31 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="xclip:tiny-shapes")
     parser.add_argument("--n", type=int, default=300, help="probes per set")
     parser.add_argument("--sanity-blocks", type=int, default=2)
-    parser.add_argument("--tolerances", type=int, nargs="*", default=[2, 4],
-                        help="pointing-game margins (px) reported next to the exact game")
+    parser.add_argument(
+        "--tolerances",
+        type=int,
+        nargs="*",
+        default=[2, 4],
+        help="pointing-game margins (px) reported next to the exact game",
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/explanation_quality"))
     args = parser.parse_args()
     results = evaluate_all(args.checkpoint, args.n, args.sanity_blocks, args.tolerances)
     profiles = factor_profiles(load_backbone(args.checkpoint), probe_set(args.n, 2))
-    table = "\n".join([markdown(results, args.n, args.sanity_blocks), tolerance_markdown(results, args.tolerances),
-                       profile_markdown(profiles)])
+    table = "\n".join(
+        [
+            markdown(results, args.n, args.sanity_blocks),
+            tolerance_markdown(results, args.tolerances),
+            profile_markdown(profiles),
+        ]
+    )
     print(table)
-    atomic_write_text(args.out.with_suffix(".json"), json.dumps({"checkpoint": args.checkpoint, "n": args.n,
-                                                                  "results": results, "region_profiles": profiles},
-                                                                 indent=2))
+    atomic_write_text(
+        args.out.with_suffix(".json"),
+        json.dumps(
+            {"checkpoint": args.checkpoint, "n": args.n, "results": results, "region_profiles": profiles}, indent=2
+        ),
+    )
     atomic_write_text(args.out.with_suffix(".md"), table)
     print(f"wrote {args.out.with_suffix('.md')} and .json")
 

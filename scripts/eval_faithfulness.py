@@ -23,8 +23,12 @@ from xclip.backbones import Backbone, load_backbone, wrap_model
 from xclip.faithfulness import TiPAIDataModule, TiPAIModule
 from xclip.io import atomic_write_text
 
-MAPS = {"crops": "crops", "dense": "dense (patch-token cosine)", "dense_gradeclip": "dense (Grad-ECLIP)",
-        "random": "random map"}
+MAPS = {
+    "crops": "crops",
+    "dense": "dense (patch-token cosine)",
+    "dense_gradeclip": "dense (Grad-ECLIP)",
+    "random": "random map",
+}
 COLUMNS = ["KLD", "CC", "SIM", "NSS", "AUC-Judd", "worst_cell_on_error"]
 
 
@@ -36,32 +40,54 @@ def random_twin(backbone: Backbone, seed: int = 0) -> Backbone:
 def evaluate(backbone: Backbone | str, n: int, grid: int, workdir: Path, name: str) -> dict:
     module = TiPAIModule(backbone=backbone, grid=grid, db_path=str(workdir / f"{name}.db"))
     data = TiPAIDataModule(source="shapes", n=n, seed=0, batch_size=8)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_checkpointing=False, default_root_dir=str(workdir))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=str(workdir),
+    )
     trainer.test(module, datamodule=data, verbose=False)
     return module.extra_results()["tipai"]
 
 
 def markdown(results: dict, n: int, grid: int) -> str:
-    lines = [(f"Held-out ShapesWorld prompts (test split, n = {n} prompts x 4 images; {grid}x{grid} grid; "
-              "saliency metrics and worst-cell hits over the erroneous images)."), "",
-             "| model | pair accuracy | best is faithful | worst is erroneous |", "|---|---|---|---|"]
+    lines = [
+        (
+            f"Held-out ShapesWorld prompts (test split, n = {n} prompts x 4 images; {grid}x{grid} grid; "
+            "saliency metrics and worst-cell hits over the erroneous images)."
+        ),
+        "",
+        "| model | pair accuracy | best is faithful | worst is erroneous |",
+        "|---|---|---|---|",
+    ]
     for model, res in results.items():
         m = res["metrics"]
-        lines.append(f"| {model} | {m['pair_accuracy']:.3f} | {m['chosen_is_faithful']:.3f} | {m['rejected_is_erroneous']:.3f} |")
-    lines += ["", "| model | map | KLD (lower better) | CC | SIM | NSS | AUC-Judd | worst cell on error | "
-              "rejected: worst cell on error |", "|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {model} | {m['pair_accuracy']:.3f} | {m['chosen_is_faithful']:.3f} | {m['rejected_is_erroneous']:.3f} |"
+        )
+    lines += [
+        "",
+        "| model | map | KLD (lower better) | CC | SIM | NSS | AUC-Judd | worst cell on error | "
+        "rejected: worst cell on error |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for model, res in results.items():
         m = res["metrics"]
         for key, label in MAPS.items():
             cells = " | ".join(f"{m[f'{key}/{c}']:.3f}" for c in (*COLUMNS, "rejected_worst_cell_on_error"))
             lines.append(f"| {model} | {label} | {cells} |")
-        lines.append(f"| {model} | a random cell (expected) | | | | | | {m['random_pick/worst_cell_on_error']:.3f} | "
-                     f"{m['random_pick/rejected_worst_cell_on_error']:.3f} |")
+        lines.append(
+            f"| {model} | a random cell (expected) | | | | | | {m['random_pick/worst_cell_on_error']:.3f} | "
+            f"{m['random_pick/rejected_worst_cell_on_error']:.3f} |"
+        )
     lines += ["", "| model | crops and dense worst cells both on the error | the same by chance |", "|---|---|---|"]
     for model, res in results.items():
         m = res["metrics"]
-        lines.append(f"| {model} | {m['agreement/crops_and_dense_worst_cell_on_error']:.3f} | {m['agreement/chance']:.3f} |")
+        lines.append(
+            f"| {model} | {m['agreement/crops_and_dense_worst_cell_on_error']:.3f} | {m['agreement/chance']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

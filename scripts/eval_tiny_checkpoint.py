@@ -30,10 +30,17 @@ def evaluate(module: ZeroShotModule, n_classification: int, n_retrieval: int, se
     """Zero-shot accuracy and Recall@K of `module` on held-out ShapesWorld sets."""
     results = {}
     for task, n in (("classification", n_classification), ("retrieval", n_retrieval)):
-        data = ShapesWorldDataModule(val_tasks=[task], seed=seed - 1000, n_val=n, batch_size=250,
-                                     image_size=module.backbone.image_size)
-        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False)
+        data = ShapesWorldDataModule(
+            val_tasks=[task], seed=seed - 1000, n_val=n, batch_size=250, image_size=module.backbone.image_size
+        )
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
         results.update({k.rsplit("/", 1)[1]: float(v) for k, v in metrics.items()})
     return {k: results[k] for k in KEYS}
@@ -70,9 +77,19 @@ def main() -> None:
     rows["random init"] = evaluate(twin, args.n_classification, args.n_retrieval, args.seed)
     print(markdown(rows))
     if args.out:
-        atomic_write_text(args.out, json.dumps({"checkpoint": args.checkpoint, "seed": args.seed,
-                                                "n_classification": args.n_classification,
-                                                "n_retrieval": args.n_retrieval, "results": rows}, indent=2))
+        atomic_write_text(
+            args.out,
+            json.dumps(
+                {
+                    "checkpoint": args.checkpoint,
+                    "seed": args.seed,
+                    "n_classification": args.n_classification,
+                    "n_retrieval": args.n_retrieval,
+                    "results": rows,
+                },
+                indent=2,
+            ),
+        )
         print(f"wrote {args.out}")
 
 

@@ -41,14 +41,20 @@ def main() -> None:
         item = data[k]
         reward, _ = scorer.score(item["prompt"], item["images"])
         with torch.no_grad():
-            cos = bb.encode_image(bb.normalize(item["images"]), normalize=True) @ bb.encode_text([item["prompt"]], normalize=True)[0]
+            cos = (
+                bb.encode_image(bb.normalize(item["images"]), normalize=True)
+                @ bb.encode_text([item["prompt"]], normalize=True)[0]
+            )
         faithful = item["faithful"].bool()
         head, pairs = correct_pairs(reward, faithful)
         clip, _ = correct_pairs(cos, faithful)
         counts.append((head, clip, pairs))
     counts = np.array(counts, dtype=np.float64)
     rng = np.random.default_rng(0)
-    print("| prompts | pairs | head pair acc. | zero-shot pair acc. | difference | 95% interval (paired bootstrap over prompts) |")
+    print(
+        "| prompts | pairs | head pair acc. | zero-shot pair acc. | difference "
+        "| 95% interval (paired bootstrap over prompts) |"
+    )
     print("|---|---|---|---|---|---|")
     for n in sorted(args.n):
         c = counts[:n]

@@ -27,10 +27,18 @@ def main() -> None:
         raise SystemExit(f"no checkpoint at {args.ckpt}")
     module = ClipPretrainModule.load_from_checkpoint(args.ckpt, map_location="cpu", export=False)
     hp = module.hparams
-    path = save_checkpoint(module.model, module.model_cfg,
-                           {"image_size": module.model_cfg["vision_cfg"]["image_size"],
-                            "mean": list(hp.image_mean), "std": list(hp.image_std)},
-                           hp.context_length, args.out_dir, overwrite=args.overwrite)
+    path = save_checkpoint(
+        module.model,
+        module.model_cfg,
+        {
+            "image_size": module.model_cfg["vision_cfg"]["image_size"],
+            "mean": list(hp.image_mean),
+            "std": list(hp.image_std),
+        },
+        hp.context_length,
+        args.out_dir,
+        overwrite=args.overwrite,
+    )
     print(f"exported {args.ckpt} -> {path}")
 
 

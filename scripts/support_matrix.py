@@ -38,19 +38,51 @@ import torch
 
 START, END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
 TEXTS = ["a photo of a red circle", "two blue squares on water"]
-COLUMNS = ["loads", "grad_eclip", "text_maps", "grad_cam", "game", "negalign", "cir_injection", "cir_maps", "tipai_dense"]
-HEADERS = ["loads + encodes", "Grad-ECLIP image", "Grad-ECLIP text", "Grad-CAM", "GAME", "NegAlign", "CIR (SEARLE)",
-           "CIR maps", "TiPAI dense"]
+COLUMNS = [
+    "loads",
+    "grad_eclip",
+    "text_maps",
+    "grad_cam",
+    "game",
+    "negalign",
+    "cir_injection",
+    "cir_maps",
+    "tipai_dense",
+]
+HEADERS = [
+    "loads + encodes",
+    "Grad-ECLIP image",
+    "Grad-ECLIP text",
+    "Grad-CAM",
+    "GAME",
+    "NegAlign",
+    "CIR (SEARLE)",
+    "CIR maps",
+    "TiPAI dense",
+]
 
 # the families of tests/shared/test_families.py (kept in step with its FAMILIES)
 TEST_FAMILIES = {
-    "openai-vit": "ViT-B-32", "siglip": "ViT-B-16-SigLIP", "pe-core": "PE-Core-B-16", "eva02": "EVA02-B-16",
-    "eva02-postnorm": "EVA02-E-14", "mobileclip-vit": "MobileCLIP-B", "mobileclip-fastvit": "MobileCLIP-S1",
-    "convnext": "convnext_base", "swin": "swin_base_patch4_window7_224", "vitamin": "ViTamin-S", "resnet": "RN50",
-    "coca": "coca_ViT-B-32", "clipa": "ViT-H-14-CLIPA", "worldwide-eos": "ViT-L-14-worldwide",
+    "openai-vit": "ViT-B-32",
+    "siglip": "ViT-B-16-SigLIP",
+    "pe-core": "PE-Core-B-16",
+    "eva02": "EVA02-B-16",
+    "eva02-postnorm": "EVA02-E-14",
+    "mobileclip-vit": "MobileCLIP-B",
+    "mobileclip-fastvit": "MobileCLIP-S1",
+    "convnext": "convnext_base",
+    "swin": "swin_base_patch4_window7_224",
+    "vitamin": "ViTamin-S",
+    "resnet": "RN50",
+    "coca": "coca_ViT-B-32",
+    "clipa": "ViT-H-14-CLIPA",
+    "worldwide-eos": "ViT-L-14-worldwide",
     "roberta-text": "roberta-ViT-B-32",
-    "mt5-text": "mt5-base-ViT-B-32", "nllb-text-siglip": "nllb-clip-base-siglip",
-    "hf-clip": "hf:CLIPModel", "hf-siglip": "hf:SiglipModel", "hf-siglip2": "hf:Siglip2Model",
+    "mt5-text": "mt5-base-ViT-B-32",
+    "nllb-text-siglip": "nllb-clip-base-siglip",
+    "hf-clip": "hf:CLIPModel",
+    "hf-siglip": "hf:SiglipModel",
+    "hf-siglip2": "hf:Siglip2Model",
 }
 
 
@@ -102,9 +134,9 @@ def probe(bb) -> dict[str, tuple[bool, str]]:
             ok = bb.trace_image(images, 1).embedding.shape == bb.encode_image(images).shape
         else:
             ours = bb.encode_image(images)
-            ok = (torch.allclose(ours, model.encode_image(images, normalize=False), atol=1e-5, rtol=0)
-                  and torch.allclose(bb.encode_text(tokens), model.encode_text(tokens, normalize=False), atol=1e-5,
-                                     rtol=0))
+            ok = torch.allclose(
+                ours, model.encode_image(images, normalize=False), atol=1e-5, rtol=0
+            ) and torch.allclose(bb.encode_text(tokens), model.encode_text(tokens, normalize=False), atol=1e-5, rtol=0)
             if bb.vision.pooling != "untraced":  # an encode-only tower: encoding is what "loads" means there
                 ok = ok and torch.allclose(bb.trace_image(images, 1).embedding, ours, atol=1e-5, rtol=0)
     results = {"loads": (bool(ok), "" if ok else "encoders differ from the library's")}
@@ -114,7 +146,7 @@ def probe(bb) -> dict[str, tuple[bool, str]]:
         position = int((slot[0] == bb.placeholder_id).nonzero()[0])
         pseudo = bb.token_embedding(word)[:, position].detach()
         with torch.no_grad():
-            diff = (bb.encode_text_from_embeddings(bb.token_embedding(slot), slot, pseudo) - bb.encode_text(word))
+            diff = bb.encode_text_from_embeddings(bb.token_embedding(slot), slot, pseudo) - bb.encode_text(word)
         return torch.tensor(0.0) if diff.abs().max() <= 1e-5 else torch.tensor(float("nan"))
 
     def negalign():
@@ -160,7 +192,9 @@ def reason_label(message: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--write", type=Path, default=None, help="a Markdown file whose table between the markers is rewritten")
+    parser.add_argument(
+        "--write", type=Path, default=None, help="a Markdown file whose table between the markers is rewritten"
+    )
     parser.add_argument("--archs", nargs="*", default=None, help="only these (default: all of open_clip's + HF)")
     args = parser.parse_args()
     import open_clip
@@ -180,7 +214,7 @@ def main() -> None:
             outcome = probe(bb)
             family = f"{bb.vision.family} / {bb.text.family}"
             tested = signatures.get(signature(bb), "")
-        except Exception as err:  # a build failure is a row of its own
+        except Exception as err:  # noqa: BLE001 - a build failure of any kind is a row of its own
             outcome = {c: (False, f"{type(err).__name__}: {err}") for c in COLUMNS}
             family, tested = "build failed", ""
         cells = []
@@ -196,15 +230,25 @@ def main() -> None:
     counts = {c: sum(r[2][i] == "yes" for r in rows) for i, c in enumerate(COLUMNS)}
     families = Counter(r[1] for r in rows)
     n_oc = sum(not r[0].startswith("hf:") for r in rows)
-    lines = [START, "",
-             (f"Generated by `python scripts/support_matrix.py --write docs/backbones.md` over {n_oc} open_clip "
-              f"architectures and {len(rows) - n_oc} Hugging Face classes ({len(families)} tower combinations)."), "",
-             "| | " + " | ".join(HEADERS) + " |", "|---|" + "---|" * len(HEADERS),
-             f"| **count (of {len(rows)})** | " + " | ".join(str(counts[c]) for c in COLUMNS) + " |", "",
-             "Reasons: " + "; ".join(f"({i}) {k}" for k, i in sorted(reasons.items(), key=lambda kv: kv[1])) + ".", "",
-             "<details><summary>Every architecture</summary>", "",
-             "| architecture | image tower / text tower | " + " | ".join(HEADERS) + " | tested by |",
-             "|---|---|" + "---|" * len(HEADERS) + "---|"]
+    lines = [
+        START,
+        "",
+        (
+            f"Generated by `python scripts/support_matrix.py --write docs/backbones.md` over {n_oc} open_clip "
+            f"architectures and {len(rows) - n_oc} Hugging Face classes ({len(families)} tower combinations)."
+        ),
+        "",
+        "| | " + " | ".join(HEADERS) + " |",
+        "|---|" + "---|" * len(HEADERS),
+        f"| **count (of {len(rows)})** | " + " | ".join(str(counts[c]) for c in COLUMNS) + " |",
+        "",
+        "Reasons: " + "; ".join(f"({i}) {k}" for k, i in sorted(reasons.items(), key=lambda kv: kv[1])) + ".",
+        "",
+        "<details><summary>Every architecture</summary>",
+        "",
+        "| architecture | image tower / text tower | " + " | ".join(HEADERS) + " | tested by |",
+        "|---|---|" + "---|" * len(HEADERS) + "---|",
+    ]
     for name, family, cells, tested in rows:
         test = f"`test_families.py[{tested}]`" if tested else "this script"
         lines.append(f"| `{name}` | {family} | " + " | ".join(cells) + f" | {test} |")

@@ -62,8 +62,10 @@ def check_config_files(argv: list[str]) -> None:
             problem = getattr(err, "problem", None) or str(err)
             raise SystemExit(f"xclip: error: config file {name} is not valid YAML{at}: {problem}") from None
         if data is not None and not isinstance(data, dict):
-            raise SystemExit(f"xclip: error: config file {name} must hold a mapping (keys such as model:, data:, "
-                             f"trainer:), got a {type(data).__name__}")
+            raise SystemExit(
+                f"xclip: error: config file {name} must hold a mapping (keys such as model:, data:, "
+                f"trainer:), got a {type(data).__name__}"
+            )
 
 
 def _package_dir() -> Path:
@@ -115,13 +117,22 @@ def overview() -> str:
     width = max(map(len, [*LIGHTNING_COMMANDS, *COMMANDS]))
     rows = [f"  {name:<{width}}  {text}" for name, text in LIGHTNING_COMMANDS.items()]
     others = [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
-    return "\n".join([
-        "usage: xclip <command> [options]", "",
-        "xclip: evaluate, explain and fine-tune CLIP-family vision-language models.", "",
-        "Lightning commands (YAML recipes in configs/):", *rows, "",
-        "Other commands:", *others, "",
-        "`xclip <command> --help` shows a command's options. Add --debug (or XCLIP_DEBUG=1) for the full traceback",
-        "of an error."])
+    return "\n".join(
+        [
+            "usage: xclip <command> [options]",
+            "",
+            "xclip: evaluate, explain and fine-tune CLIP-family vision-language models.",
+            "",
+            "Lightning commands (YAML recipes in configs/):",
+            *rows,
+            "",
+            "Other commands:",
+            *others,
+            "",
+            "`xclip <command> --help` shows a command's options. Add --debug (or XCLIP_DEBUG=1) for the full traceback",
+            "of an error.",
+        ]
+    )
 
 
 def main(args: list[str] | None = None) -> None:
@@ -141,27 +152,36 @@ def main(args: list[str] | None = None) -> None:
                 raise SystemExit(code)
             return
         if argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
-            raise SystemExit(f"xclip: error: unknown command {argv[0]!r}: choose from "
-                             f"{', '.join([*LIGHTNING_COMMANDS, *COMMANDS])} (xclip --help)")
+            raise SystemExit(
+                f"xclip: error: unknown command {argv[0]!r}: choose from "
+                f"{', '.join([*LIGHTNING_COMMANDS, *COMMANDS])} (xclip --help)"
+            )
         check_config_files(argv)
         from xclip.engine.lightning_cli import XClipCLI, quiet_lightning
 
         quiet_lightning()
         others = ", ".join(f"xclip {name} --help" for name in COMMANDS)
-        XClipCLI(save_config_kwargs={"overwrite": True}, args=argv,
-                 parser_kwargs={"default_env": False,
-                                "description": "xclip: evaluate, explain and fine-tune CLIP-family models "
-                                               "(xclip fit|validate|test --config configs/<recipe>.yaml).",
-                                "epilog": f"Other commands: {others}. Add {DEBUG_FLAG} (or {DEBUG_ENV}=1) for "
-                                          "the full traceback of an error."})
+        XClipCLI(
+            save_config_kwargs={"overwrite": True},
+            args=argv,
+            parser_kwargs={
+                "default_env": False,
+                "description": "xclip: evaluate, explain and fine-tune CLIP-family models "
+                "(xclip fit|validate|test --config configs/<recipe>.yaml).",
+                "epilog": f"Other commands: {others}. Add {DEBUG_FLAG} (or {DEBUG_ENV}=1) for "
+                "the full traceback of an error.",
+            },
+        )
     except (SystemExit, KeyboardInterrupt):
         raise
     except Exception as err:
         if debug:
             raise
         cause = root_cause(err)
-        raise SystemExit(f"xclip: error: {type(cause).__name__}: {cause}\n"
-                         f"(run with {DEBUG_FLAG} or {DEBUG_ENV}=1 for the full traceback)") from None
+        raise SystemExit(
+            f"xclip: error: {type(cause).__name__}: {cause}\n"
+            f"(run with {DEBUG_FLAG} or {DEBUG_ENV}=1 for the full traceback)"
+        ) from None
 
 
 if __name__ == "__main__":

@@ -81,14 +81,15 @@ def recover_directory(path: str | os.PathLike) -> None:
     `path` is deleted (the swap had finished); temporary directories of dead processes are deleted."""
     path = Path(path).expanduser()
     for tmp in _siblings(path, _TMP_TAG):
-        pid = tmp.name[len(path.name) + 1 + len(_TMP_TAG):].split("-", 1)[0]
+        pid = tmp.name[len(path.name) + 1 + len(_TMP_TAG) :].split("-", 1)[0]
         if pid.isdigit() and not _pid_alive(int(pid)):
             log.warning("removing %s: the unfinished export of a process that no longer runs", tmp)
             shutil.rmtree(tmp, ignore_errors=True)
     backups = stranded_backups(path)
     if backups and not path.exists():
-        log.warning("restoring %s from %s: an export was interrupted after moving the old folder aside",
-                    path, backups[-1])
+        log.warning(
+            "restoring %s from %s: an export was interrupted after moving the old folder aside", path, backups[-1]
+        )
         backups[-1].rename(path)
         backups = backups[:-1]
     for backup in backups:

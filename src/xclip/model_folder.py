@@ -53,9 +53,18 @@ def holds_model(path: str | Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in (CONFIG_NAME, WEIGHTS_NAME))
 
 
-def save_folder(path: str | Path, architecture: str, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
-                *, card: str | None = None, dtype: torch.dtype | None = None, overwrite: bool = False,
-                metadata: Mapping[str, str] | None = None, write_extra: Callable[[Path], None] | None = None) -> Path:
+def save_folder(
+    path: str | Path,
+    architecture: str,
+    config: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    card: str | None = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    metadata: Mapping[str, str] | None = None,
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
     """Write a model folder atomically and return its path.
 
     Args:
@@ -74,12 +83,18 @@ def save_folder(path: str | Path, architecture: str, config: Mapping[str, Any], 
     """
     path = Path(path).expanduser()
     if holds_model(path) and not overwrite:
-        raise FileExistsError(f"{path} already holds a model ({CONFIG_NAME} / {WEIGHTS_NAME}): export somewhere "
-                              "else, or pass overwrite=True (overwrite: true in a config) to replace it on purpose")
-    text = json.dumps({"architecture": architecture, "format_version": FORMAT_VERSION, **config}, indent=2,
-                      default=str) + "\n"  # fails before touching the disk if not serialisable
-    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-             for k, v in tensors.items()}
+        raise FileExistsError(
+            f"{path} already holds a model ({CONFIG_NAME} / {WEIGHTS_NAME}): export somewhere "
+            "else, or pass overwrite=True (overwrite: true in a config) to replace it on purpose"
+        )
+    text = (
+        json.dumps({"architecture": architecture, "format_version": FORMAT_VERSION, **config}, indent=2, default=str)
+        + "\n"
+    )  # fails before touching the disk if not serialisable
+    state = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in tensors.items()
+    }
     with atomic_directory(path) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", **(metadata or {})})
         (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
@@ -106,8 +121,10 @@ def missing_folder_error(path: Path) -> FileNotFoundError:
     command that restores it."""
     backups = stranded_backups(path)
     if backups:  # an export was killed after moving this folder aside: say how to get it back
-        return FileNotFoundError(f"{path}: no such model folder, but {backups[-1]} holds its previous version (an "
-                                 f"export was interrupted): restore it with `mv {backups[-1]} {path}`")
+        return FileNotFoundError(
+            f"{path}: no such model folder, but {backups[-1]} holds its previous version (an "
+            f"export was interrupted): restore it with `mv {backups[-1]} {path}`"
+        )
     return FileNotFoundError(f"{path}: no such model folder (expected a folder with {CONFIG_NAME} + {WEIGHTS_NAME})")
 
 
@@ -127,8 +144,9 @@ def read_config(path: str | Path, architectures: str | Iterable[str]) -> dict[st
         raise ValueError(f"{file}: architecture {architecture!r}, expected {' or '.join(map(repr, wanted))}")
     version = config.get("format_version", 1)
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(f"{file}: format_version {version!r} is newer than this xclip reads ({FORMAT_VERSION}): "
-                         "upgrade xclip")
+        raise ValueError(
+            f"{file}: format_version {version!r} is newer than this xclip reads ({FORMAT_VERSION}): upgrade xclip"
+        )
     return {**config, "architecture": architecture, "format_version": version}
 
 
@@ -143,8 +161,10 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         tensors = load_file(str(file))
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for corrupt headers/data
-        raise ValueError(f"{file}: cannot read the weights ({err}); the file is truncated or corrupt: restore it "
-                         "or re-export the model") from None
+        raise ValueError(
+            f"{file}: cannot read the weights ({err}); the file is truncated or corrupt: restore it "
+            "or re-export the model"
+        ) from None
     return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
 
 
@@ -159,6 +179,8 @@ def load_state(module: torch.nn.Module, folder: ModelFolder) -> torch.nn.Module:
     try:
         module.load_state_dict(folder.tensors, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{folder.file(WEIGHTS_NAME)}: the weights do not fit the architecture in "
-                         f"{folder.file(CONFIG_NAME)} ({err})") from None
+        raise ValueError(
+            f"{folder.file(WEIGHTS_NAME)}: the weights do not fit the architecture in "
+            f"{folder.file(CONFIG_NAME)} ({err})"
+        ) from None
     return module

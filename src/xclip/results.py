@@ -50,8 +50,9 @@ def _events_hold_results(file: Path) -> bool:
 
     try:
         for event in EventFileLoader(str(file)).Load():
-            if event.HasField("summary") and any(v.metadata.plugin_data.plugin_name != "hparams"
-                                                 and v.tag != "hp_metric" for v in event.summary.value):
+            if event.HasField("summary") and any(
+                v.metadata.plugin_data.plugin_name != "hparams" and v.tag != "hp_metric" for v in event.summary.value
+            ):
                 return True
     except (OSError, ValueError, DecodeError):  # an unreadable event file is not ours to judge: keep it
         return True
@@ -96,9 +97,11 @@ def refuse_export_over(target: Path | None, overwrite: bool, shipped: str) -> No
             raise ValueError(f"export_dir {target}: {folder} is a file; pass a directory (new or existing)")
     recover_directory(target)
     if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise ValueError(f"export_dir {target} already exists: this fit would replace it. Export elsewhere (default: "
-                         "the run's log directory), or set `overwrite: true` to replace it on purpose (e.g. to re-make "
-                         f"the shipped {shipped}; see its README)")
+        raise ValueError(
+            f"export_dir {target} already exists: this fit would replace it. Export elsewhere (default: "
+            "the run's log directory), or set `overwrite: true` to replace it on purpose (e.g. to re-make "
+            f"the shipped {shipped}; see its README)"
+        )
 
 
 def write_results(trainer, model, stage: str, config: dict[str, Any]) -> Path:
@@ -147,8 +150,9 @@ def format_report(rows: Sequence[ReportRow], metrics: Mapping[str, float | None]
     """One table, grouped by workflow: ``workflow | measured | value(s)``. Every logged metric
     appears exactly once: those no row claims are listed under "other" with their key."""
     claimed = {k for row in rows for k in row.keys}
-    rows = list(rows) + [ReportRow("other", key, {"": value}, [key]) for key, value in metrics.items()
-                         if key not in claimed]
+    rows = list(rows) + [
+        ReportRow("other", key, {"": value}, [key]) for key, value in metrics.items() if key not in claimed
+    ]
     lines: list[tuple[str, str, str]] = []
     last = None
     for row in rows:
@@ -170,8 +174,7 @@ def format_report(rows: Sequence[ReportRow], metrics: Mapping[str, float | None]
 def output_listing(run_dir: Path, results_path: Path) -> str:
     """Where a run's outputs went: results.json, the TensorBoard command, explanation folders
     and plots."""
-    lines = [f"results:      {results_path}",
-             f"TensorBoard:  tensorboard --logdir {run_dir}"]
+    lines = [f"results:      {results_path}", f"TensorBoard:  tensorboard --logdir {run_dir}"]
     explanation_dirs = sorted({p.parent for p in run_dir.glob("explanations/**/*.png")})
     for folder in explanation_dirs:
         n = len(list(folder.glob("*.png")))

@@ -40,8 +40,10 @@ class EvaluationSuite(EvaluationModule):
             raise ValueError("EvaluationSuite needs at least one member module under `modules`")
         foreign = sorted(name for name, m in modules.items() if not isinstance(m, EvaluationModule))
         if foreign:
-            raise TypeError(f"suite member(s) {foreign} are not xclip evaluation modules "
-                            "(xclip.engine.EvaluationModule): only those can be routed batches")
+            raise TypeError(
+                f"suite member(s) {foreign} are not xclip evaluation modules "
+                "(xclip.engine.EvaluationModule): only those can be routed batches"
+            )
         unknown = sorted({m for m in routes.values() if m not in modules})
         if unknown:
             raise ValueError(f"routes name member(s) {unknown} that are not in `modules` {sorted(modules)}")
@@ -57,8 +59,10 @@ class EvaluationSuite(EvaluationModule):
         """The members' backbone when they all share one; with several, use `backbone_for(batch)`."""
         distinct = {id(b): b for b in self.backbones().values()}
         if len(distinct) > 1:
-            raise RuntimeError(f"the suite's members use {len(distinct)} different backbones "
-                               f"({sorted(self.backbone_specs().values())}): ask backbone_for(batch)")
+            raise RuntimeError(
+                f"the suite's members use {len(distinct)} different backbones "
+                f"({sorted(self.backbone_specs().values())}): ask backbone_for(batch)"
+            )
         return next(iter(distinct.values()), None)
 
     def backbones(self) -> dict[str, Backbone]:
@@ -68,8 +72,11 @@ class EvaluationSuite(EvaluationModule):
 
     def backbone_specs(self) -> dict[str, str]:
         """member name -> the spec of its backbone."""
-        return {name: getattr(m, "backbone_spec", "?") for name, m in self._members.items()
-                if getattr(m, "backbone", None) is not None}
+        return {
+            name: getattr(m, "backbone_spec", "?")
+            for name, m in self._members.items()
+            if getattr(m, "backbone", None) is not None
+        }
 
     def backbone_for(self, batch: Mapping[str, Any]) -> Backbone | None:
         """The backbone of the member that `batch` is routed to."""
@@ -88,8 +95,10 @@ class EvaluationSuite(EvaluationModule):
     def member_for(self, batch: Mapping[str, Any]) -> EvaluationModule:
         task = batch.get("task")
         if task not in self.routes:
-            raise ValueError(f"no member module for batches of task {task!r}: add it under `routes` "
-                             f"(routed tasks: {sorted(self.routes)})")
+            raise ValueError(
+                f"no member module for batches of task {task!r}: add it under `routes` "
+                f"(routed tasks: {sorted(self.routes)})"
+            )
         return self._attach(self._members[self.routes[task]])
 
     # ---- the contract, delegated ------------------------------------------------------------------
@@ -128,8 +137,10 @@ class EvaluationSuite(EvaluationModule):
         for name, bb in self.backbones().items():
             shared.setdefault(id(bb), []).append(name)
         specs = self.backbone_specs()
-        out: dict[str, Any] = {"routes": self.routes,
-                               "backbones": [{"spec": specs[names[0]], "members": names} for names in shared.values()]}
+        out: dict[str, Any] = {
+            "routes": self.routes,
+            "backbones": [{"spec": specs[names[0]], "members": names} for names in shared.values()],
+        }
         for name, member in self._members.items():
             out[name] = member.extra_results()
         return out

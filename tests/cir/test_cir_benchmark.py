@@ -32,7 +32,7 @@ def test_gallery_holds_every_set_and_the_planted_images_once(bench):
         assert int(references[i]) == 7 * r and int(targets[i]) == 7 * r + 1 + k
         assert q.captions == (bench.single.reference_set(r).captions[k],)
         assert bench.gallery_scene(int(targets[i])) == bench.single.reference_set(r).variants[k]
-    for q in bench.queries[6 * N_SETS:]:
+    for q in bench.queries[6 * N_SETS :]:
         assert q.category == "circo" and bench.index_of(q.reference) == -1  # the reference is not in the gallery
         assert q.ground_truth[0] == q.target
 
@@ -42,8 +42,9 @@ def test_images_are_the_scenes_the_bookkeeping_names(bench):
     assert torch.equal(ref, bench.gallery_image(7))
     assert torch.equal(bench.target_image(8), bench.gallery_image(7 + 1 + 2))
     circo_ref = bench.reference_image(6 * N_SETS)
-    assert circo_ref.shape == (3, 64, 64) and not any(torch.equal(circo_ref, bench.gallery_image(g))
-                                                      for g in range(bench.n_gallery))
+    assert circo_ref.shape == (3, 64, 64) and not any(
+        torch.equal(circo_ref, bench.gallery_image(g)) for g in range(bench.n_gallery)
+    )
 
 
 def test_circo_ground_truths_are_exactly_the_gallery_images_that_satisfy_the_caption(bench):
@@ -56,16 +57,26 @@ def test_circo_ground_truths_are_exactly_the_gallery_images_that_satisfy_the_cap
         brute = []
         for g in range(bench.n_gallery):
             scene = bench.gallery_scene(g).to_dict()
-            on = {"on water": "water", "on land": "land", "in the sky": "sky", "on sand": "sand",
-                  "on a plain background": "plain"}[where]
-            if scene["background"] == on and any((o["shape"], o["colour"], o["size"]) == (shape, colour, size)
-                                                 for o in scene["objects"]):
+            on = {
+                "on water": "water",
+                "on land": "land",
+                "in the sky": "sky",
+                "on sand": "sand",
+                "on a plain background": "plain",
+            }[where]
+            if scene["background"] == on and any(
+                (o["shape"], o["colour"], o["size"]) == (shape, colour, size) for o in scene["objects"]
+            ):
                 brute.append(g)
         truth = bench.ground_truth_index()[q]
         assert sorted(truth) == brute and truth[0] == bench.index_of(query.target)
         assert len(truth) >= 3  # the planted ones at least
-        planted = [bench.index_of(k) for k in bench.gallery_keys if k.startswith(query.target.rsplit("/", 1)[0] + "/gt")]
-        negatives = [bench.index_of(k) for k in bench.gallery_keys if k.startswith(query.target.rsplit("/", 1)[0] + "/neg")]
+        planted = [
+            bench.index_of(k) for k in bench.gallery_keys if k.startswith(query.target.rsplit("/", 1)[0] + "/gt")
+        ]
+        negatives = [
+            bench.index_of(k) for k in bench.gallery_keys if k.startswith(query.target.rsplit("/", 1)[0] + "/neg")
+        ]
         assert set(planted) <= set(truth) and not set(negatives) & set(truth) and len(negatives) == 2
 
 
@@ -139,7 +150,7 @@ def test_an_oracle_scores_one_and_per_kind_recall_splits_the_queries(bench):
     got = benchmark_metrics(bench, torch.arange(len(bench)), ranked)
     assert all(v == pytest.approx(1.0) for v in got.values()), got
     per_kind = per_category_recall(bench, torch.arange(len(bench)), ranked, 1, subset=True)
-    assert per_kind == {kind: 1.0 for kind in CIR_KINDS}  # CIRCO-style queries are not a kind
+    assert per_kind == dict.fromkeys(CIR_KINDS, 1.0)  # CIRCO-style queries are not a kind
 
 
 def test_validation_and_test_benchmarks_share_no_scene():
@@ -160,7 +171,9 @@ def test_truth_masks_follow_the_edit():
         elif kind == "count":  # both copies are named ("two red circles")
             cir_set = bench.single.reference_set(q // 6)
             noun = cir_set.reference.objects[cir_set.edited].noun
-            assert int(truth.modified.sum()) == sum(int(object_mask(o, 64).sum()) for o in tgt.objects if o.noun == noun)
+            assert int(truth.modified.sum()) == sum(
+                int(object_mask(o, 64).sum()) for o in tgt.objects if o.noun == noun
+            )
         else:
             assert truth.modified.any() and not (truth.modified & truth.target_other).any()
             assert truth.reference_other.any()  # the edited object's old look

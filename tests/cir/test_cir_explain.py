@@ -36,9 +36,12 @@ def test_batched_equals_one_candidate_at_a_time(setup):
     _, _, explainer, reference, candidates, ex = setup
     singles = [explainer.explain(reference, CAPTION, candidates[k : k + 1]) for k in range(candidates.shape[0])]
     for name in ("candidate_maps", "reference_maps", "scores", "candidate_emb"):
-        torch.testing.assert_close(getattr(ex, name), torch.cat([getattr(s, name) for s in singles]), atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(ex.prompt_words.token_scores, torch.cat([s.prompt_words.token_scores for s in singles]),
-                               atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            getattr(ex, name), torch.cat([getattr(s, name) for s in singles]), atol=1e-5, rtol=1e-4
+        )
+    torch.testing.assert_close(
+        ex.prompt_words.token_scores, torch.cat([s.prompt_words.token_scores for s in singles]), atol=1e-5, rtol=1e-4
+    )
     for s in singles:  # the per-query maps do not depend on the candidates
         torch.testing.assert_close(s.reference_norm_map, ex.reference_norm_map, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(s.reference_self_map, ex.reference_self_map, atol=1e-5, rtol=1e-4)
@@ -53,8 +56,9 @@ def _reference_map(bb, target_fn, reference):
         trace = bb.trace_image(reference, n_blocks=1)
         last = trace.blocks[-1]
         (grad,) = torch.autograd.grad(target_fn(trace.embedding), last.attn_out)
-    spatial, channel = grad_eclip_terms(grad[:, 0][:, None], last.q_heads[:, :, 0], last.k_heads[:, :, 1:],
-                                        last.v_heads[:, :, 1:])
+    spatial, channel = grad_eclip_terms(
+        grad[:, 0][:, None], last.q_heads[:, :, 0], last.k_heads[:, :, 1:], last.v_heads[:, :, 1:]
+    )
     return combine_terms(spatial, channel)[0, 0].reshape(8, 8)
 
 
@@ -64,15 +68,19 @@ def test_reference_maps_equal_plain_autograd(setup):
     with torch.no_grad():
         cand = F.normalize(bb.encode_image(candidates), dim=-1)
     for k in (0, 3):
+
         def s_k(emb, k=k):
             q = encode_with_pseudo_tokens(bb, [prompt], phi(emb))
             return (F.normalize(q, dim=-1) @ cand[k]).sum()
+
         torch.testing.assert_close(ex.reference_maps[k], _reference_map(bb, s_k, reference), atol=1e-6, rtol=1e-4)
-    torch.testing.assert_close(ex.reference_norm_map, _reference_map(bb, lambda e: phi(e).norm(), reference),
-                               atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(
+        ex.reference_norm_map, _reference_map(bb, lambda e: phi(e).norm(), reference), atol=1e-6, rtol=1e-4
+    )
 
     def self_cos(emb):
         return F.cosine_similarity(encode_with_pseudo_tokens(bb, ["a photo of $"], phi(emb)), emb).sum()
+
     torch.testing.assert_close(ex.reference_self_map, _reference_map(bb, self_cos, reference), atol=1e-6, rtol=1e-4)
 
 
@@ -81,7 +89,9 @@ def test_candidate_maps_equal_library_grad_eclip_on_the_query_embedding(setup):
     with torch.no_grad():
         query = encode_with_pseudo_tokens(bb, [compose_query(CAPTION)], phi(bb.encode_image(reference)))
         scores = F.normalize(bb.encode_image(candidates), dim=-1) @ F.normalize(query, dim=-1)[0]
-    torch.testing.assert_close(ex.candidate_maps, GradECLIP(bb).image_maps(candidates, query)[:, 0], atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(
+        ex.candidate_maps, GradECLIP(bb).image_maps(candidates, query)[:, 0], atol=1e-6, rtol=1e-4
+    )
     torch.testing.assert_close(ex.scores, scores, atol=1e-5, rtol=0)
 
 
@@ -135,7 +145,7 @@ def test_figures_show_the_plain_candidate_and_keep_labels_clear_of_the_colour_ba
         caption, image, heat = panels[0]  # the candidate as it is (an overlay hides its colours), then B over it
         assert caption == f"candidate rank {k + 1}" and heat is None and torch.equal(image, cands01[k])
         assert torch.equal(panels[1][1], cands01[k]) and torch.equal(panels[1][2], ex.candidate_maps[k])
-    for panels, fig in calls:
+    for _panels, fig in calls:
         fig.canvas.draw()
         renderer = fig.canvas.get_renderer()
         bar = fig.axes[-1].get_tightbbox(renderer)  # the colour bar with its ticks and label

@@ -55,7 +55,9 @@ def test_fashioniq_categories_each_rank_their_own_gallery(tmp_path):
     assert bench.categories() == ["dress", "shirt", "toptee"] and len(bench) == 9
     assert bench.queries[0].captions == ("is more dressy.", " has buttons? ")
     assert bench.gallery_keys[:6] == [f"dress/{n}" for n in written["dress"][0]]
-    emb = torch.nn.functional.normalize(torch.randn(bench.n_gallery, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    emb = torch.nn.functional.normalize(
+        torch.randn(bench.n_gallery, 8, generator=torch.Generator().manual_seed(0)), dim=-1
+    )
     queries = torch.arange(len(bench))
     ranked = rank_queries(bench, queries, emb[bench.target_index()], torch.arange(bench.n_gallery), emb, top=None)
     for q in range(len(bench)):  # each row holds only its category's images; the target ranks first
@@ -63,11 +65,23 @@ def test_fashioniq_categories_each_rank_their_own_gallery(tmp_path):
         assert {bench.gallery_categories[int(g)] for g in ranked[q]} == {cat}
         assert int(ranked[q, 0]) == int(bench.target_index()[q])
     metrics = benchmark_metrics(bench, queries, ranked, ks=(1, 5))
-    assert metrics == {"dress_R@1": 1.0, "dress_R@5": 1.0, "shirt_R@1": 1.0, "shirt_R@5": 1.0, "toptee_R@1": 1.0,
-                       "toptee_R@5": 1.0, "R@1": 1.0, "R@5": 1.0}
+    assert metrics == {
+        "dress_R@1": 1.0,
+        "dress_R@5": 1.0,
+        "shirt_R@1": 1.0,
+        "shirt_R@5": 1.0,
+        "toptee_R@1": 1.0,
+        "toptee_R@5": 1.0,
+        "R@1": 1.0,
+        "R@5": 1.0,
+    }
 
 
-LOADERS = {"cirr": (write_cirr, load_cirr), "circo": (write_circo, load_circo), "fashioniq": (write_fashioniq, load_fashioniq)}
+LOADERS = {
+    "cirr": (write_cirr, load_cirr),
+    "circo": (write_circo, load_circo),
+    "fashioniq": (write_fashioniq, load_fashioniq),
+}
 
 
 @pytest.mark.parametrize("name", sorted(LOADERS))
@@ -78,7 +92,9 @@ def test_unreadable_images_count_as_misses_over_every_query(tmp_path, name):
     unread = {bench.queries[0].reference, bench.queries[3].target}  # a reference and a target: unreadable files
     gallery = torch.tensor([i for i, k in enumerate(bench.gallery_keys) if k not in unread])
     evaluated = [q for q, query in enumerate(bench.queries) if query.reference not in unread]
-    emb = torch.nn.functional.normalize(torch.randn(bench.n_gallery, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    emb = torch.nn.functional.normalize(
+        torch.randn(bench.n_gallery, 16, generator=torch.Generator().manual_seed(0)), dim=-1
+    )
     qi = torch.tensor(evaluated)
     # each query's embedding is its target's: the target ranks first wherever it was read
     ranked = rank_queries(bench, qi, emb[bench.target_index()[qi]], gallery, emb[gallery], top=None)
@@ -103,8 +119,9 @@ def test_unreadable_images_count_as_misses_over_every_query(tmp_path, name):
     assert (cov["n_queries"], cov["n_evaluated"], cov["n_gallery_read"]) == (len(bench), len(evaluated), len(gallery))
     assert cov["not_evaluated"]["unreadable_reference"] == [ids[0]]
     assert cov["not_evaluated"]["not_loaded"] == [ids[q] for q in range(1, len(bench)) if q not in evaluated]
-    assert cov["target_not_read"] == [ids[q] for q, query in enumerate(bench.queries)
-                                      if unread & ({query.target} | set(query.ground_truth))]
+    assert cov["target_not_read"] == [
+        ids[q] for q, query in enumerate(bench.queries) if unread & ({query.target} | set(query.ground_truth))
+    ]
     assert coverage_note(cov).startswith(f"{len(evaluated)} of {len(bench)} queries evaluated, ")
 
 
@@ -120,14 +137,23 @@ def test_missing_image_errors_name_the_file_and_the_entry(tmp_path):
         load_circo(root, "val")
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda e: e[2].pop("caption"), r"cap.rc2.val.json: entry \[2\] \(pairid 12\) has no 'caption' field"),
-    (lambda e: e[1].update(caption=""), r"entry \[1\] \(pairid 11\) field 'caption' is empty"),
-    (lambda e: e[4].update(reference=5), r"entry \[4\] \(pairid 14\) field 'reference' must be str"),
-    (lambda e: e[0].update(target_hard="nowhere"), r"entry \[0\] \(pairid 10\) field 'target_hard' names image 'nowhere'"),
-    (lambda e: e[3]["img_set"].update(members="abc"), r"entry \[3\] \(pairid 13\) img_set field 'members' must be a list"),
-    (lambda e: e.__setitem__(1, "oops"), r"entry \[1\] is a str, expected an object"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda e: e[2].pop("caption"), r"cap.rc2.val.json: entry \[2\] \(pairid 12\) has no 'caption' field"),
+        (lambda e: e[1].update(caption=""), r"entry \[1\] \(pairid 11\) field 'caption' is empty"),
+        (lambda e: e[4].update(reference=5), r"entry \[4\] \(pairid 14\) field 'reference' must be str"),
+        (
+            lambda e: e[0].update(target_hard="nowhere"),
+            r"entry \[0\] \(pairid 10\) field 'target_hard' names image 'nowhere'",
+        ),
+        (
+            lambda e: e[3]["img_set"].update(members="abc"),
+            r"entry \[3\] \(pairid 13\) img_set field 'members' must be a list",
+        ),
+        (lambda e: e.__setitem__(1, "oops"), r"entry \[1\] is a str, expected an object"),
+    ],
+)
 def test_malformed_cirr_entries_are_named_by_index(tmp_path, mutate, message):
     write_cirr(tmp_path)
     path = tmp_path / "cirr" / "captions" / "cap.rc2.val.json"
@@ -146,17 +172,22 @@ def _rewrite(path, mutate) -> None:
 
 def test_cirr_refuses_a_repeated_pairid_and_a_target_equal_to_its_reference(tmp_path):
     write_cirr(tmp_path)
-    for split, field in (("val", "target_hard"), ("test1", None)):
+    for split, _field in (("val", "target_hard"), ("test1", None)):
         path = tmp_path / "cirr" / "captions" / f"cap.rc2.{split}.json"
         original = path.read_text()
         _rewrite(path, lambda e: e[3].update(pairid=11))
-        with pytest.raises(CIRAnnotationError, match=rf"cap.rc2.{split}.json: entry \[3\] repeats pairid 11 of entry \[1\]"):
+        with pytest.raises(
+            CIRAnnotationError, match=rf"cap.rc2.{split}.json: entry \[3\] repeats pairid 11 of entry \[1\]"
+        ):
             load_cirr(tmp_path, split)
         path.write_text(original)
     path = tmp_path / "cirr" / "captions" / "cap.rc2.val.json"
     _rewrite(path, lambda e: e[2].update(target_hard=e[2]["reference"]))
-    with pytest.raises(CIRAnnotationError, match=r"cap.rc2.val.json: entry \[2\] \(pairid 12\) field 'target_hard' is "
-                                                 r"the query's own reference 'dev-2-0-img0'"):
+    with pytest.raises(
+        CIRAnnotationError,
+        match=r"cap.rc2.val.json: entry \[2\] \(pairid 12\) field 'target_hard' is "
+        r"the query's own reference 'dev-2-0-img0'",
+    ):
         load_cirr(tmp_path, "val")
 
 
@@ -169,8 +200,11 @@ def test_circo_refuses_a_repeated_id_and_repeated_ground_truths(tmp_path):
         load_circo(tmp_path, "val")
     path.write_text(original)
     _rewrite(path, lambda e: e[0].update(gt_img_ids=[e[0]["target_img_id"]] * 3))  # mAP@5 was 1/3, not 1
-    with pytest.raises(CIRAnnotationError, match=r"val.json: entry \[0\] \(id 0\) field 'gt_img_ids' lists image 1007 "
-                                                 r"more than once"):
+    with pytest.raises(
+        CIRAnnotationError,
+        match=r"val.json: entry \[0\] \(id 0\) field 'gt_img_ids' lists image 1007 "
+        r"more than once",
+    ):
         load_circo(tmp_path, "val")
     path = tmp_path / "annotations" / "test.json"
     _rewrite(path, lambda e: e[2].update(id=100))
@@ -182,8 +216,11 @@ def test_circo_refuses_a_repeated_id_and_repeated_ground_truths(tmp_path):
 def test_fashioniq_refuses_a_caption_that_strips_to_nothing(tmp_path, caption):
     write_fashioniq(tmp_path, categories=("shirt",))
     _rewrite(tmp_path / "captions" / "cap.shirt.val.json", lambda e: e[1].update(captions=["is red", caption]))
-    with pytest.raises(CIRAnnotationError, match=r"cap.shirt.val.json: entry \[1\] field 'captions'\[1\] is .* nothing is "
-                                                 r"left once '.\?, ' are stripped"):
+    with pytest.raises(
+        CIRAnnotationError,
+        match=r"cap.shirt.val.json: entry \[1\] field 'captions'\[1\] is .* nothing is "
+        r"left once '.\?, ' are stripped",
+    ):
         load_fashioniq(tmp_path, "val", categories=["shirt"])
 
 
@@ -220,7 +257,9 @@ def test_submission_files(tmp_path):
     assert full["version"] == subset["version"] == "rc2"
     assert full["metric"] == "recall" and subset["metric"] == "recall_subset"
     for q, entry in enumerate(bench.queries):
-        expected = [names[(q + j) % len(names)] for j in range(len(names)) if names[(q + j) % len(names)] != entry.reference]
+        expected = [
+            names[(q + j) % len(names)] for j in range(len(names)) if names[(q + j) % len(names)] != entry.reference
+        ]
         assert full[entry.query_id] == expected[:50]
         assert subset[entry.query_id] == [n for n in expected if n in entry.members][:3]
     write_circo(tmp_path / "circo")

@@ -84,7 +84,8 @@ def test_cirr_subset_recall_vs_brute_force():
     target, reference = members[:, 1].clone(), members[:, 0].clone()
     ks = (1, 2, 3)
     assert cirr_subset_recall(ranked, target, reference, members, ks) == pytest.approx(
-        brute_subset(ranked, target, reference, members, ks))
+        brute_subset(ranked, target, reference, members, ks)
+    )
 
 
 def test_cirr_subset_recall_rejects_a_target_outside_the_set():
@@ -102,7 +103,9 @@ def test_circo_map_with_several_ground_truths_vs_brute_force():
         row = [g for g in ranked[i].tolist() if g not in gts[i]]
         ranked[i] = torch.tensor(gts[i][:3] + row[:5] + gts[i][3:] + row[5:])
     ks = (5, 10, 25, 50)
-    expected = {f"mAP@{k}": float(np.mean([brute_ap(r, set(gt), k) for r, gt in zip(ranked.tolist(), gts)])) for k in ks}
+    expected = {
+        f"mAP@{k}": float(np.mean([brute_ap(r, set(gt), k) for r, gt in zip(ranked.tolist(), gts)])) for k in ks
+    }
     assert circo_map_at_k(ranked, gts, ks) == pytest.approx(expected)
 
 
@@ -175,8 +178,10 @@ def test_a_query_without_ranking_or_without_target_counts_as_a_miss():
     target, reference = torch.tensor([1, -1, -1]), torch.tensor([0, 1, 2])
     members = torch.tensor([[0, 1, 2], [1, 2, 3], [2, 3, -1]])
     assert cirr_recall(ranked, target, reference, ks=(1, 4)) == {"R@1": 1 / 3, "R@4": 1 / 3}
-    assert cirr_subset_recall(ranked, target, reference, members, ks=(1, 2)) == {"R_subset@1": 1 / 3,
-                                                                                 "R_subset@2": 1 / 3}
+    assert cirr_subset_recall(ranked, target, reference, members, ks=(1, 2)) == {
+        "R_subset@1": 1 / 3,
+        "R_subset@2": 1 / 3,
+    }
     assert cir_recall(ranked, target, ks=(1, 2)) == {"R@1": 0.0, "R@2": 1 / 3}  # -1 padding is never a hit
     # AP@2: query 0 (1/2) / 1, query 1 nothing, query 2: 3 at rank 2 -> (1/2) / min(2, 2)
     assert circo_map_at_k(ranked, [[1], [-1], [4, 3]], ks=(1, 2)) == {"mAP@1": 0.0, "mAP@2": pytest.approx(0.75 / 3)}

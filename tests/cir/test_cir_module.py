@@ -27,8 +27,9 @@ from xclip.engine.lightning_cli import XClipCLI
 from xclip.results import run_directory
 
 ROOT = Path(__file__).resolve().parents[2]
-SHAPES, CIRR, CIRCO, FIQ, PHI_FIT = (ROOT / "configs" / f"cir_{n}.yaml" for n in ("shapes", "cirr", "circo", "fashioniq",
-                                                                                     "phi_shapes"))
+SHAPES, CIRR, CIRCO, FIQ, PHI_FIT = (
+    ROOT / "configs" / f"cir_{n}.yaml" for n in ("shapes", "cirr", "circo", "fashioniq", "phi_shapes")
+)
 N, N_CIRCO = 45, 4  # 49 queries, odd: under DDP one process gets a padded repeat of a query
 QUIET = ["--trainer.enable_progress_bar", "false"]
 
@@ -42,12 +43,28 @@ def phi_dir(tmp_path_factory) -> Path:
 
 
 def shapes_args(root: Path, phi: Path, explain: bool = False) -> list[str]:
-    return ["--config", str(SHAPES), "--trainer.logger.init_args.save_dir", str(root / "logs"),
-            "--model.init_args.cache_dir", str(root / "cache"), "--model.init_args.phi", str(phi),
-            "--data.init_args.n", str(N), "--data.init_args.n_circo", str(N_CIRCO), "--data.init_args.batch_size", "8",
-            "--model.init_args.backbone", "xclip:tiny-shapes", "--model.init_args.methods",
-            "[searle, image, text, image_text]", *([] if explain else ["--trainer.callbacks", "[]"]),
-            *QUIET]
+    return [
+        "--config",
+        str(SHAPES),
+        "--trainer.logger.init_args.save_dir",
+        str(root / "logs"),
+        "--model.init_args.cache_dir",
+        str(root / "cache"),
+        "--model.init_args.phi",
+        str(phi),
+        "--data.init_args.n",
+        str(N),
+        "--data.init_args.n_circo",
+        str(N_CIRCO),
+        "--data.init_args.batch_size",
+        "8",
+        "--model.init_args.backbone",
+        "xclip:tiny-shapes",
+        "--model.init_args.methods",
+        "[searle, image, text, image_text]",
+        *([] if explain else ["--trainer.callbacks", "[]"]),
+        *QUIET,
+    ]
 
 
 def results_of(root: Path) -> dict:
@@ -68,8 +85,9 @@ def brute_force(phi_path: Path) -> dict[str, dict[str, float]]:
     bench = ShapesCIRBenchmark(N, 1000, 64, "val", n_circo=N_CIRCO)
     n_q = len(bench)
     with torch.no_grad():
-        gallery = F.normalize(bb.encode_image(bb.normalize(torch.stack([bench.gallery_image(i)
-                                                                         for i in range(bench.n_gallery)]))), dim=-1)
+        gallery = F.normalize(
+            bb.encode_image(bb.normalize(torch.stack([bench.gallery_image(i) for i in range(bench.n_gallery)]))), dim=-1
+        )
         feats = bb.encode_image(bb.normalize(torch.stack([bench.reference_image(q) for q in range(n_q)])))
         captions = [q.captions[0] for q in bench.queries]
         tokens = bb.tokenize([f"a photo of $ that {c}" for c in captions])
@@ -90,8 +108,10 @@ def brute_force(phi_path: Path) -> dict[str, dict[str, float]]:
             if query.ground_truth:  # CIRCO-style: AP@K over every image that satisfies the caption
                 gts = {bench.index_of(g) for g in query.ground_truth}
                 for k, values in aps.items():
-                    values.append(sum(sum(g in gts for g in row[: j + 1]) / (j + 1) for j in range(k) if row[j] in gts)
-                                  / min(len(gts), k))
+                    values.append(
+                        sum(sum(g in gts for g in row[: j + 1]) / (j + 1) for j in range(k) if row[j] in gts)
+                        / min(len(gts), k)
+                    )
                 continue
             row = [g for g in row if g != bench.index_of(query.reference)]
             target = bench.index_of(query.target)
@@ -107,16 +127,26 @@ def brute_force(phi_path: Path) -> dict[str, dict[str, float]]:
 def test_shapes_validate_equals_brute_force(single, phi_dir):
     cir = single["cir"]
     gallery = 8 * 7 + N_CIRCO * 5
-    assert cir["benchmark"] == {"name": "shapes", "split": "val", "n_queries": N + N_CIRCO, "n_evaluated": N + N_CIRCO,
-                                "n_gallery": gallery, "n_gallery_read": gallery,
-                                "not_evaluated": {"unreadable_reference": [], "not_loaded": []}, "target_not_read": []}
+    assert cir["benchmark"] == {
+        "name": "shapes",
+        "split": "val",
+        "n_queries": N + N_CIRCO,
+        "n_evaluated": N + N_CIRCO,
+        "n_gallery": gallery,
+        "n_gallery_read": gallery,
+        "not_evaluated": {"unreadable_reference": [], "not_loaded": []},
+        "target_not_read": [],
+    }
     expected = brute_force(phi_dir)
     for method, values in expected.items():
         for name, value in values.items():
             assert cir["metrics"][method][name] == pytest.approx(value, abs=1e-9), (method, name)
             assert single["metrics"][f"val/cir/{method}/{name}"] == pytest.approx(value, abs=1e-6)
-    assert set(cir["recall_at_1_per_kind"]["searle"]) == set(cir["subset_recall_at_1_per_kind"]["searle"]) == \
-        {"colour", "shape", "size", "count", "position", "background"}
+    assert (
+        set(cir["recall_at_1_per_kind"]["searle"])
+        == set(cir["subset_recall_at_1_per_kind"]["searle"])
+        == {"colour", "shape", "size", "count", "position", "background"}
+    )
     assert cir["chance"] == pytest.approx({"R_subset@1": 1 / 6, "R_subset@2": 2 / 6, "R_subset@3": 3 / 6})
     assert cir["embedding_cache"]["status"] == "miss; written" and cir["skipped"] == {"gallery": [], "query": []}
 
@@ -150,8 +180,17 @@ def test_second_run_reads_the_gallery_cache(single, phi_dir, tmp_path):
 def test_ddp_two_processes_equal_single_process(single, phi_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     env.pop("MASTER_PORT", None)
-    cmd = [sys.executable, "-m", "xclip.cli", "validate", *shapes_args(tmp_path, phi_dir), "--trainer.devices", "2",
-           "--trainer.strategy", "ddp"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "xclip.cli",
+        "validate",
+        *shapes_args(tmp_path, phi_dir),
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MEMBER: 2/2" in proc.stdout + proc.stderr
@@ -161,30 +200,85 @@ def test_ddp_two_processes_equal_single_process(single, phi_dir, tmp_path):
 
 
 def _fixture_run(tmp_path: Path, config: Path, phi_dir: Path, stage: str, source_root: Path) -> dict:
-    main([stage, "--config", str(config), "--model.init_args.backbone", "xclip:tiny-shapes",
-          "--model.init_args.phi", str(phi_dir), "--model.init_args.cache_dir", "null",
-          "--data.init_args.data_root", str(source_root), "--data.init_args.image_size", "64",
-          "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4", "--trainer.accelerator", "cpu",
-          "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--trainer.callbacks", "[]", *QUIET])
+    main(
+        [
+            stage,
+            "--config",
+            str(config),
+            "--model.init_args.backbone",
+            "xclip:tiny-shapes",
+            "--model.init_args.phi",
+            str(phi_dir),
+            "--model.init_args.cache_dir",
+            "null",
+            "--data.init_args.data_root",
+            str(source_root),
+            "--data.init_args.image_size",
+            "64",
+            "--data.init_args.num_workers",
+            "0",
+            "--data.init_args.batch_size",
+            "4",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "logs"),
+            "--trainer.callbacks",
+            "[]",
+            *QUIET,
+        ]
+    )
     return json.loads(max((tmp_path / "logs").glob("*/version_*/results.json")).read_text())
 
 
 def test_cirr_fixture_validate_and_test_submission(tmp_path, phi_dir):
     write_cirr(tmp_path / "CIRR")
     # the fixture's 9-image gallery cannot give Recall@50: ask for the K it can
-    main(["validate", "--config", str(CIRR), "--model.init_args.backbone", "xclip:tiny-shapes", "--model.init_args.phi",
-          str(phi_dir), "--model.init_args.cache_dir", "null", "--model.init_args.ks", "[1, 2, 5]",
-          "--data.init_args.data_root", str(tmp_path / "CIRR"), "--data.init_args.image_size", "64",
-          "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4", "--trainer.accelerator", "cpu",
-          "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--trainer.callbacks", "[]", *QUIET])
+    main(
+        [
+            "validate",
+            "--config",
+            str(CIRR),
+            "--model.init_args.backbone",
+            "xclip:tiny-shapes",
+            "--model.init_args.phi",
+            str(phi_dir),
+            "--model.init_args.cache_dir",
+            "null",
+            "--model.init_args.ks",
+            "[1, 2, 5]",
+            "--data.init_args.data_root",
+            str(tmp_path / "CIRR"),
+            "--data.init_args.image_size",
+            "64",
+            "--data.init_args.num_workers",
+            "0",
+            "--data.init_args.batch_size",
+            "4",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "logs"),
+            "--trainer.callbacks",
+            "[]",
+            *QUIET,
+        ]
+    )
     val = results_of(tmp_path)
     assert set(val["cir"]["metrics"]["searle"]) == {"R@1", "R@2", "R@5", "R_subset@1", "R_subset@2", "R_subset@3"}
     test = _fixture_run(tmp_path / "t", CIRR, phi_dir, "test", tmp_path / "CIRR")
     files = sorted(Path(p).name for p in test["cir"]["submissions"])
-    assert files == [f"searle_vitb32_{m}.json" for m in ("image", "image_text", "searle", "text")] + \
-        [f"subset_searle_vitb32_{m}.json" for m in ("image", "image_text", "searle", "text")]
-    sub = json.loads(Path(next(p for p in test["cir"]["submissions"] if p.endswith("/searle_vitb32_searle.json"))).read_text())
-    assert sub["version"] == "rc2" and sub["metric"] == "recall" and set(sub) - {"version", "metric"} == {"10", "11", "12", "13", "14"}
+    assert files == [f"searle_vitb32_{m}.json" for m in ("image", "image_text", "searle", "text")] + [
+        f"subset_searle_vitb32_{m}.json" for m in ("image", "image_text", "searle", "text")
+    ]
+    sub = json.loads(
+        Path(next(p for p in test["cir"]["submissions"] if p.endswith("/searle_vitb32_searle.json"))).read_text()
+    )
+    assert (
+        sub["version"] == "rc2"
+        and sub["metric"] == "recall"
+        and set(sub) - {"version", "metric"} == {"10", "11", "12", "13", "14"}
+    )
     assert all(len(v) == 8 for k, v in sub.items() if k not in ("version", "metric"))  # 9 images minus the reference
 
 
@@ -193,26 +287,67 @@ def test_cirr_unreadable_reference_and_target_count_as_misses(tmp_path, phi_dir,
     broken = {entries[0]["reference"], entries[3]["target_hard"]}  # query 10's reference, query 13's target
     for name in broken:
         (tmp_path / "CIRR" / "dev" / f"{name}.png").write_bytes(b"not a png")
-    main(["validate", "--config", str(CIRR), "--model.init_args.backbone", "xclip:tiny-shapes", "--model.init_args.phi",
-          str(phi_dir), "--model.init_args.cache_dir", "null", "--model.init_args.ks", "[1, 2, 5]",
-          "--model.init_args.methods", "[image]", "--data.init_args.data_root", str(tmp_path / "CIRR"),
-          "--data.init_args.image_size", "64", "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4",
-          "--trainer.accelerator", "cpu", "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
-          "--trainer.callbacks", "[]", *QUIET])  # an unreadable target ended the run ("rank the whole gallery")
+    main(
+        [
+            "validate",
+            "--config",
+            str(CIRR),
+            "--model.init_args.backbone",
+            "xclip:tiny-shapes",
+            "--model.init_args.phi",
+            str(phi_dir),
+            "--model.init_args.cache_dir",
+            "null",
+            "--model.init_args.ks",
+            "[1, 2, 5]",
+            "--model.init_args.methods",
+            "[image]",
+            "--data.init_args.data_root",
+            str(tmp_path / "CIRR"),
+            "--data.init_args.image_size",
+            "64",
+            "--data.init_args.num_workers",
+            "0",
+            "--data.init_args.batch_size",
+            "4",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "logs"),
+            "--trainer.callbacks",
+            "[]",
+            *QUIET,
+        ]
+    )  # an unreadable target ended the run ("rank the whole gallery")
     cir = results_of(tmp_path)["cir"]
-    assert cir["benchmark"] == {"name": "cirr", "split": "val", "n_queries": 5, "n_evaluated": 4, "n_gallery": 9,
-                                "n_gallery_read": 7, "not_evaluated": {"unreadable_reference": ["10"], "not_loaded": []},
-                                "target_not_read": ["13"]}
+    assert cir["benchmark"] == {
+        "name": "cirr",
+        "split": "val",
+        "n_queries": 5,
+        "n_evaluated": 4,
+        "n_gallery": 9,
+        "n_gallery_read": 7,
+        "not_evaluated": {"unreadable_reference": ["10"], "not_loaded": []},
+        "target_not_read": ["13"],
+    }
     assert sorted(Path(p).name for p in cir["skipped"]["gallery"]) == sorted(f"{n}.png" for n in broken)
     assert [Path(p).name for p in cir["skipped"]["query"]] == [f"{entries[0]['reference']}.png"]
-    assert "[val; cirr val, 4 of 5 queries evaluated x 7 of 9 images read; misses: 1 not evaluated, 1 target not read]" \
-        in capsys.readouterr().out  # the report row
+    assert (
+        "[val; cirr val, 4 of 5 queries evaluated x 7 of 9 images read; misses: 1 not evaluated, 1 target not read]"
+        in capsys.readouterr().out
+    )  # the report row
     # brute force over the readable files, every query in the denominator
     bb = load_backbone("xclip:tiny-shapes")
     readable = [n for n in names if n not in broken]
     with torch.no_grad():
-        emb = F.normalize(bb.encode_image(bb.normalize(torch.stack(
-            [load_cir_image(tmp_path / "CIRR" / "dev" / f"{n}.png", 64) for n in readable]))), dim=-1)
+        emb = F.normalize(
+            bb.encode_image(
+                bb.normalize(
+                    torch.stack([load_cir_image(tmp_path / "CIRR" / "dev" / f"{n}.png", 64) for n in readable])
+                )
+            ),
+            dim=-1,
+        )
     hits = dict.fromkeys(("R@1", "R@2", "R@5", "R_subset@1", "R_subset@2", "R_subset@3"), 0)
     for e in entries:
         if e["reference"] in broken:
@@ -233,12 +368,18 @@ def test_cirr_test_submission_lists_a_query_with_an_unreadable_reference(tmp_pat
     (tmp_path / "CIRR" / "test1" / f"{entries[1]['reference']}.png").write_bytes(b"not a png")
     test = _fixture_run(tmp_path / "t", CIRR, phi_dir, "test", tmp_path / "CIRR")
     assert test["cir"]["benchmark"]["not_evaluated"] == {"unreadable_reference": ["11"], "not_loaded": []}
-    sub = json.loads(Path(next(p for p in test["cir"]["submissions"] if p.endswith("/searle_vitb32_searle.json"))).read_text())
+    sub = json.loads(
+        Path(next(p for p in test["cir"]["submissions"] if p.endswith("/searle_vitb32_searle.json"))).read_text()
+    )
     assert set(sub) - {"version", "metric"} == {"10", "11", "12", "13", "14"} and sub["11"] == []
-    assert all(len(v) == 7 for k, v in sub.items() if k not in ("version", "metric", "11"))  # 8 read, minus the reference
+    assert all(
+        len(v) == 7 for k, v in sub.items() if k not in ("version", "metric", "11")
+    )  # 8 read, minus the reference
     for name in names:
         (tmp_path / "CIRR" / "test1" / f"{name}.png").write_bytes(b"not a png")
-    with pytest.raises(SystemExit, match=r"cirr test1: no gallery image could be read \(9 unreadable, e.g. .*test1-0-0-img0"):
+    with pytest.raises(
+        SystemExit, match=r"cirr test1: no gallery image could be read \(9 unreadable, e.g. .*test1-0-0-img0"
+    ):
         _fixture_run(tmp_path / "u", CIRR, phi_dir, "test", tmp_path / "CIRR")
 
 
@@ -251,7 +392,9 @@ def test_nan_embeddings_are_refused_naming_the_image(tmp_path, phi_dir, monkeypa
         step, embed = CIRModule.gallery_step, CIRModule.image_features
 
         def nan_first(self, batch):
-            self.image_features = lambda images: torch.where(batch["index"][:, None] == 0, float("nan"), embed(self, images))
+            self.image_features = lambda images: torch.where(
+                batch["index"][:, None] == 0, float("nan"), embed(self, images)
+            )
             step(self, batch)
             del self.image_features
 
@@ -273,20 +416,64 @@ def test_nan_embeddings_are_refused_naming_the_image(tmp_path, phi_dir, monkeypa
 
 def test_circo_and_fashioniq_fixtures_validate(tmp_path, phi_dir):
     write_circo(tmp_path / "CIRCO")
-    main(["validate", "--config", str(CIRCO), "--model.init_args.backbone", "xclip:tiny-shapes", "--model.init_args.phi",
-          str(phi_dir), "--model.init_args.cache_dir", "null", "--model.init_args.ks", "[1, 5, 10]",
-          "--data.init_args.data_root", str(tmp_path / "CIRCO"), "--data.init_args.image_size", "64",
-          "--data.init_args.num_workers", "0", "--trainer.accelerator", "cpu",
-          "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), *QUIET])
+    main(
+        [
+            "validate",
+            "--config",
+            str(CIRCO),
+            "--model.init_args.backbone",
+            "xclip:tiny-shapes",
+            "--model.init_args.phi",
+            str(phi_dir),
+            "--model.init_args.cache_dir",
+            "null",
+            "--model.init_args.ks",
+            "[1, 5, 10]",
+            "--data.init_args.data_root",
+            str(tmp_path / "CIRCO"),
+            "--data.init_args.image_size",
+            "64",
+            "--data.init_args.num_workers",
+            "0",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "logs"),
+            *QUIET,
+        ]
+    )
     circo = results_of(tmp_path)["cir"]["metrics"]["searle"]
     assert set(circo) == {"mAP@1", "mAP@5", "mAP@10", "R@1", "R@5", "R@10"}
     write_fashioniq(tmp_path / "FIQ")
-    main(["validate", "--config", str(FIQ), "--model.init_args.backbone", "xclip:tiny-shapes", "--model.init_args.phi",
-          str(phi_dir), "--model.init_args.cache_dir", "null", "--model.init_args.ks", "[1, 5]",
-          "--data.init_args.data_root", str(tmp_path / "FIQ"), "--data.init_args.image_size", "64",
-          "--data.init_args.num_workers", "0", "--trainer.accelerator", "cpu",
-          "--trainer.logger.init_args.save_dir", str(tmp_path / "fiq_logs"), *QUIET])
-    fiq = json.loads(next((tmp_path / "fiq_logs").glob("*/version_*/results.json")).read_text())["cir"]["metrics"]["text"]
+    main(
+        [
+            "validate",
+            "--config",
+            str(FIQ),
+            "--model.init_args.backbone",
+            "xclip:tiny-shapes",
+            "--model.init_args.phi",
+            str(phi_dir),
+            "--model.init_args.cache_dir",
+            "null",
+            "--model.init_args.ks",
+            "[1, 5]",
+            "--data.init_args.data_root",
+            str(tmp_path / "FIQ"),
+            "--data.init_args.image_size",
+            "64",
+            "--data.init_args.num_workers",
+            "0",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "fiq_logs"),
+            *QUIET,
+        ]
+    )
+    fiq = json.loads(next((tmp_path / "fiq_logs").glob("*/version_*/results.json")).read_text())["cir"]["metrics"][
+        "text"
+    ]
     assert set(fiq) == {f"{c}_R@{k}" for c in ("dress", "shirt", "toptee") for k in (1, 5)} | {"R@1", "R@5"}
     assert fiq["R@5"] == pytest.approx((fiq["dress_R@5"] + fiq["shirt_R@5"] + fiq["toptee_R@5"]) / 3)
 
@@ -299,11 +486,33 @@ def digests(folder: Path) -> dict[str, str]:
 
 
 def short_phi_fit(root: Path, *extra: str) -> None:
-    main(["fit", "--config", str(PHI_FIT), "--data.init_args.n_train", "16", "--data.init_args.n", "48",
-          "--data.init_args.batch_size", "8", "--model.init_args.oti", '{"steps": 2}',
-          "--model.init_args.phrases_per_concept", "4", "--model.init_args.oti_cache_dir", str(root / "oti"),
-          "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1",
-          "--trainer.logger.init_args.save_dir", str(root / "logs"), *QUIET, *extra])
+    main(
+        [
+            "fit",
+            "--config",
+            str(PHI_FIT),
+            "--data.init_args.n_train",
+            "16",
+            "--data.init_args.n",
+            "48",
+            "--data.init_args.batch_size",
+            "8",
+            "--model.init_args.oti",
+            '{"steps": 2}',
+            "--model.init_args.phrases_per_concept",
+            "4",
+            "--model.init_args.oti_cache_dir",
+            str(root / "oti"),
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.check_val_every_n_epoch",
+            "1",
+            "--trainer.logger.init_args.save_dir",
+            str(root / "logs"),
+            *QUIET,
+            *extra,
+        ]
+    )
 
 
 def test_phi_fit_exports_into_the_run_by_default():
@@ -328,8 +537,11 @@ def test_phi_fit_leaves_the_shipped_phi_and_overwrites_a_checkpoint_only_on_requ
     assert after["README.md"] == before["README.md"]  # the model card is carried over
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "copy"]  # no backup or temp left
     config = json.loads((target / "config.json").read_text())
-    recipe_backbone = next(line.split(":", 1)[1].strip() for line in PHI_FIT.read_text().splitlines()
-                           if line.strip().startswith("backbone:"))
+    recipe_backbone = next(
+        line.split(":", 1)[1].strip()
+        for line in PHI_FIT.read_text().splitlines()
+        if line.strip().startswith("backbone:")
+    )
     assert config["architecture"] == "searle-phi" and config["backbone"] == recipe_backbone
     assert (config["input_dim"], config["hidden_dim"], config["output_dim"]) == (128, 512, 128)
     assert len(list((tmp_path / "b" / "oti").glob("*.safetensors"))) == 1

@@ -50,8 +50,11 @@ KINDS = ("openclip_bf", "openclip_sf", "hf")
 @pytest.fixture(scope="module")
 def backbones():
     oc = tiny_clip()
-    return {"openclip_bf": wrap_model(oc), "openclip_sf": wrap_model(sequence_first_twin(oc)),
-            "hf": wrap_model(tiny_hf_clip())}
+    return {
+        "openclip_bf": wrap_model(oc),
+        "openclip_sf": wrap_model(sequence_first_twin(oc)),
+        "hf": wrap_model(tiny_hf_clip()),
+    }
 
 
 @pytest.fixture(params=KINDS)
@@ -191,17 +194,26 @@ def test_several_dollars_replace_only_the_first(bb):
     first = int((tokens[0] == PLACEHOLDER_TOKEN_ID).nonzero()[0])
     manual[0, first] = pseudo[0]
     with torch.no_grad():
-        torch.testing.assert_close(encode_with_pseudo_tokens(bb, prompt, pseudo),
-                                   bb.encode_text_from_embeddings(manual, tokens), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            encode_with_pseudo_tokens(bb, prompt, pseudo),
+            bb.encode_text_from_embeddings(manual, tokens),
+            atol=1e-5,
+            rtol=0,
+        )
 
 
 def test_query_strings():
     assert compose_query("is blue instead of red") == "a photo of $ that is blue instead of red"
     assert compose_query(" has a dog. ") == "a photo of $ that  has a dog. "  # CIRR/CIRCO: as given
     assert fashioniq_queries("is shorter.", " has stripes?") == (
-        "a photo of $ that is shorter and has stripes", "a photo of $ that has stripes and is shorter")
-    with pytest.raises(ValueError, match=r"^the relative caption '  ' is empty: pass the change to make to the reference "
-                                         r"image, e.g. 'is blue instead of red'$"):
+        "a photo of $ that is shorter and has stripes",
+        "a photo of $ that has stripes and is shorter",
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"^the relative caption '  ' is empty: pass the change to make to the reference "
+        r"image, e.g. 'is blue instead of red'$",
+    ):
         compose_query("  ")  # was "compose_query: empty caption"
     with pytest.raises(ValueError, match=r"^FashionIQ's second caption '\?' is empty once '\.\?, ' are stripped"):
         fashioniq_queries("is red", "?")  # was accepted: "a photo of $ that is red and "
@@ -216,16 +228,26 @@ def test_fashioniq_combination_averages_two_normalised_queries(backbones):
         expected = []
         for q, (a, b) in enumerate(captions):
             a, b = a.strip(".?, "), b.strip(".?, ")
-            one = F.normalize(encode_with_pseudo_tokens(bb, [f"a photo of $ that {a} and {b}"], pseudo[q : q + 1]), dim=-1)
-            two = F.normalize(encode_with_pseudo_tokens(bb, [f"a photo of $ that {b} and {a}"], pseudo[q : q + 1]), dim=-1)
+            one = F.normalize(
+                encode_with_pseudo_tokens(bb, [f"a photo of $ that {a} and {b}"], pseudo[q : q + 1]), dim=-1
+            )
+            two = F.normalize(
+                encode_with_pseudo_tokens(bb, [f"a photo of $ that {b} and {a}"], pseudo[q : q + 1]), dim=-1
+            )
             expected.append(F.normalize(one + two, dim=-1)[0])
     torch.testing.assert_close(got, torch.stack(expected), atol=1e-6, rtol=0)
 
 
 # ---- concepts, OTI, losses -------------------------------------------------------------------
 def test_concepts_and_phrases():
-    scene = Scene("water", (ShapeObject("circle", "red", "small", 0.3, 0.3), ShapeObject("circle", "blue", "large", 0.7, 0.7),
-                            ShapeObject("star", "red", "small", 0.3, 0.8)))
+    scene = Scene(
+        "water",
+        (
+            ShapeObject("circle", "red", "small", 0.3, 0.3),
+            ShapeObject("circle", "blue", "large", 0.7, 0.7),
+            ShapeObject("star", "red", "small", 0.3, 0.8),
+        ),
+    )
     assert scene_concepts(scene) == ["circle", "star"]
     assert scene_concepts(scene, "object") == ["red circle", "blue circle", "red star"]
     assert len(all_concepts("shape")) == 6 and len(all_concepts("object")) == 36
@@ -282,7 +304,9 @@ def test_oti_reduces_its_loss_and_keeps_an_ema(tiny_shapes):
     first = oti_invert(bb, feats, [0, 1], None, None, one)
     init = oti_invert(bb, feats, [0, 1], None, None, OTIConfig(steps=0, seed=0))
     step = (first - 0.99 * init) / 0.01
-    assert float((step - init).abs().max()) == pytest.approx(0.02, rel=0.05)  # Adam's first step moves each entry by ~lr
+    assert float((step - init).abs().max()) == pytest.approx(
+        0.02, rel=0.05
+    )  # Adam's first step moves each entry by ~lr
     assert tokens.shape == (2, token_width(bb)) and not tokens.requires_grad
     with pytest.raises(ValueError, match="images \\[1\\] have no concept"):
         oti_invert(bb, feats, [0, 1], [["circle"], []], PhraseBank.build(bb, "shape", 2), one)

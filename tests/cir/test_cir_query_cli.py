@@ -34,9 +34,26 @@ def folder(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 
 def run(root: Path, gallery: Path, reference: Path, out: str, *extra: str) -> dict:
-    code = main(["cir-query", "--reference", str(reference), "--caption", "is blue instead of red", "--gallery", str(gallery),
-                 "--top-k", "4", "--phi", str(root / "phi"), "--cache-dir", str(root / "cache"), "--out", str(root / out),
-                 *extra])
+    code = main(
+        [
+            "cir-query",
+            "--reference",
+            str(reference),
+            "--caption",
+            "is blue instead of red",
+            "--gallery",
+            str(gallery),
+            "--top-k",
+            "4",
+            "--phi",
+            str(root / "phi"),
+            "--cache-dir",
+            str(root / "cache"),
+            "--out",
+            str(root / out),
+            *extra,
+        ]
+    )
     assert code is None
     return json.loads((root / out / "results.json").read_text())
 
@@ -56,7 +73,9 @@ def test_query_ranks_the_folder_explains_and_caches(folder, capsys):
     paths = sorted(p for p in gallery.rglob("*.png") if p != reference)
     with torch.no_grad():
         emb = F.normalize(bb.encode_image(bb.normalize(torch.stack([load_image01(p, 64) for p in paths]))), dim=-1)
-        q = query_features(bb, phi(bb.encode_image(bb.normalize(load_image01(reference, 64)[None]))), [["is blue instead of red"]])
+        q = query_features(
+            bb, phi(bb.encode_image(bb.normalize(load_image01(reference, 64)[None]))), [["is blue instead of red"]]
+        )
     scores = (emb @ q[0]).tolist()
     expected = sorted(range(len(paths)), key=lambda i: -scores[i])[:4]
     assert files == [str(paths[i].resolve()) for i in expected]
@@ -83,18 +102,58 @@ def test_query_ranks_the_folder_explains_and_caches(folder, capsys):
 def test_errors_are_readable(folder, capsys):
     root, gallery, reference = folder
     with pytest.raises(SystemExit) as err:
-        main(["cir-query", "--reference", str(root / "missing.png"), "--caption", "x", "--gallery", str(gallery),
-              "--phi", str(root / "phi"), "--cache-dir", str(root / "cache"), "--out", str(root / "o")])
+        main(
+            [
+                "cir-query",
+                "--reference",
+                str(root / "missing.png"),
+                "--caption",
+                "x",
+                "--gallery",
+                str(gallery),
+                "--phi",
+                str(root / "phi"),
+                "--cache-dir",
+                str(root / "cache"),
+                "--out",
+                str(root / "o"),
+            ]
+        )
     assert err.value.code == 1 and "missing.png" in capsys.readouterr().err
     with pytest.raises(SystemExit) as err:
-        main(["cir-query", "--reference", str(reference), "--caption", "x", "--gallery", str(root / "nope"),
-              "--phi", str(root / "phi"), "--out", str(root / "o")])
+        main(
+            [
+                "cir-query",
+                "--reference",
+                str(reference),
+                "--caption",
+                "x",
+                "--gallery",
+                str(root / "nope"),
+                "--phi",
+                str(root / "phi"),
+                "--out",
+                str(root / "o"),
+            ]
+        )
     assert err.value.code == 2 and "is not a folder" in capsys.readouterr().err
 
 
 def query(root: Path, gallery: Path, reference: Path, *extra: str) -> list[str]:
-    return ["cir-query", "--reference", str(reference), "--caption", "is blue instead of red", "--gallery", str(gallery),
-            "--phi", str(root / "phi"), "--cache-dir", str(root / "cache"), *extra]
+    return [
+        "cir-query",
+        "--reference",
+        str(reference),
+        "--caption",
+        "is blue instead of red",
+        "--gallery",
+        str(gallery),
+        "--phi",
+        str(root / "phi"),
+        "--cache-dir",
+        str(root / "cache"),
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("explain", [False, True])
@@ -104,7 +163,11 @@ def test_a_gallery_holding_only_the_reference_is_an_error(folder, tmp_path, caps
     gallery.mkdir()
     (gallery / "ref.png").write_bytes(reference.read_bytes())
     with pytest.raises(SystemExit) as err:  # was: 0 results and exit 0; with --explain a RuntimeError from torch.stack
-        main(query(root, gallery, gallery / "ref.png", "--out", str(tmp_path / "out"), *(["--explain"] if explain else [])))
+        main(
+            query(
+                root, gallery, gallery / "ref.png", "--out", str(tmp_path / "out"), *(["--explain"] if explain else [])
+            )
+        )
     message = capsys.readouterr().err
     assert err.value.code == 1
     assert f"{gallery} holds no image besides the reference" in message and "add images" in message
@@ -156,8 +219,21 @@ def test_default_output_is_a_new_folder_under_runs(folder, tmp_path, monkeypatch
 def test_an_empty_caption_says_what_to_pass(folder, capsys, caption):
     root, gallery, reference = folder
     with pytest.raises(SystemExit) as err:
-        main(["cir-query", "--reference", str(reference), "--caption", caption, "--gallery", str(gallery),
-              "--phi", str(root / "phi"), "--out", str(root / "o")])
+        main(
+            [
+                "cir-query",
+                "--reference",
+                str(reference),
+                "--caption",
+                caption,
+                "--gallery",
+                str(gallery),
+                "--phi",
+                str(root / "phi"),
+                "--out",
+                str(root / "o"),
+            ]
+        )
     message = capsys.readouterr().err
     assert err.value.code == 2 and "--caption is empty" in message and '--caption "is blue instead of red"' in message
     assert "compose_query" not in message

@@ -25,15 +25,32 @@ MODEL_CFG = {
 def batch_loss(module, batch) -> float:
     with torch.no_grad():
         scale = module.model.logit_scale.exp()
-        return clip_contrastive_loss(module.embed_images(batch["image"]), module.embed_texts(batch["texts"]), scale)[0].item()
+        return clip_contrastive_loss(module.embed_images(batch["image"]), module.embed_texts(batch["texts"]), scale)[
+            0
+        ].item()
 
 
 def fit(module, tmp_path, steps):
-    data = ShapesWorldDataModule(train_task="pretrain", val_tasks=["classification", "retrieval"], image_size=32,
-                                 n_train=10_000, n_val=16, batch_size=16)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=1, val_check_interval=steps, default_root_dir=tmp_path)
+    data = ShapesWorldDataModule(
+        train_task="pretrain",
+        val_tasks=["classification", "retrieval"],
+        image_size=32,
+        n_train=10_000,
+        n_val=16,
+        batch_size=16,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        val_check_interval=steps,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=data)
     return trainer
 
@@ -97,10 +114,12 @@ def test_context_length_must_match_the_text_config():
 # ---- recipes never destroy shipped weights ----------------------------------------------------
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "checkpoints" / "tiny-shapes"
-RECIPES = [("pretrain_tiny_shapes.yaml",),
-           ("pretrain_tiny_shapes.yaml", "pretrain_tiny_shapes_stage2.yaml"),
-           ("pretrain_tiny_shapes.yaml", "pretrain_tiny_shapes_stage3.yaml"),
-           ("pretrain_tiny_shapes.yaml", "pretrain_tiny_shapes_cir.yaml")]
+RECIPES = [
+    ("pretrain_tiny_shapes.yaml",),
+    ("pretrain_tiny_shapes.yaml", "pretrain_tiny_shapes_stage2.yaml"),
+    ("pretrain_tiny_shapes.yaml", "pretrain_tiny_shapes_stage3.yaml"),
+    ("pretrain_tiny_shapes.yaml", "pretrain_tiny_shapes_cir.yaml"),
+]
 
 
 def digests(folder: Path) -> dict[str, str]:
@@ -111,9 +130,26 @@ def short_fit(tmp_path: Path, configs: tuple[str, ...], *extra: str) -> None:
     args = ["fit"]
     for name in configs:
         args += ["--config", str(ROOT / "configs" / name)]
-    main(args + ["--trainer.max_steps", "2", "--trainer.precision", "32", "--trainer.enable_progress_bar", "false",
-                 "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.default_root_dir", str(tmp_path),
-                 "--data.init_args.batch_size", "8", "--data.init_args.n_val", "8", *extra])
+    main(
+        args
+        + [
+            "--trainer.max_steps",
+            "2",
+            "--trainer.precision",
+            "32",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--data.init_args.batch_size",
+            "8",
+            "--data.init_args.n_val",
+            "8",
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.parametrize("configs", RECIPES, ids=["stage1", "stage2", "stage3", "cir"])
@@ -133,8 +169,14 @@ def test_exporting_over_a_checkpoint_needs_overwrite_and_is_checked_before_train
     with pytest.raises(SystemExit, match=r"already exists.*overwrite: true"):
         short_fit(tmp_path / "runs", RECIPES[0], "--model.init_args.export_dir", str(target))
     assert digests(target) == before and not list((tmp_path / "runs").rglob("*.ckpt"))  # no step was taken
-    short_fit(tmp_path / "runs2", RECIPES[0], "--model.init_args.export_dir", str(target),
-              "--model.init_args.overwrite", "true")
+    short_fit(
+        tmp_path / "runs2",
+        RECIPES[0],
+        "--model.init_args.export_dir",
+        str(target),
+        "--model.init_args.overwrite",
+        "true",
+    )
     after = digests(target)
     assert after["model.safetensors"] != before["model.safetensors"]
     assert after["README.md"] == before["README.md"]  # the model card is carried over
@@ -142,8 +184,8 @@ def test_exporting_over_a_checkpoint_needs_overwrite_and_is_checked_before_train
 
 
 def test_save_checkpoint_is_atomic_and_refuses_to_overwrite(tmp_path, monkeypatch):
-    from xclip.backbones import save_checkpoint
     import xclip.model_folder as model_folder
+    from xclip.backbones import save_checkpoint
 
     target = tmp_path / "copy"
     shutil.copytree(SHIPPED, target)
@@ -183,7 +225,9 @@ def test_sigmoid_loss_is_the_mean_per_image_sum_of_pairwise_log_sigmoids():
 def test_warm_start_renames_an_openclip_vit_into_a_timm_trunk_and_keeps_the_loss_parameters_fresh():
     import yaml
 
-    cfg = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "pretrain_tiny_shapes_siglip.yaml").read_text())
+    cfg = yaml.safe_load(
+        (Path(__file__).resolve().parents[2] / "configs" / "pretrain_tiny_shapes_siglip.yaml").read_text()
+    )
     model_cfg = cfg["model"]["init_args"]["model_cfg"]
     from xclip.backbones import checkpoint_path
 
@@ -191,10 +235,14 @@ def test_warm_start_renames_an_openclip_vit_into_a_timm_trunk_and_keeps_the_loss
     module = ClipPretrainModule(model_cfg, export=False, warm_start=str(shipped))
     source = load_checkpoint(shipped).model.state_dict()
     own = module.model.state_dict()
-    assert torch.equal(own["visual.trunk.blocks.4.attn.qkv.weight"], source["visual.transformer.resblocks.4.attn.in_proj_weight"])
+    assert torch.equal(
+        own["visual.trunk.blocks.4.attn.qkv.weight"], source["visual.transformer.resblocks.4.attn.in_proj_weight"]
+    )
     assert "visual.trunk.blocks.5.attn.qkv.weight" not in own  # the sixth block is left out
     assert torch.equal(own["visual.trunk.pos_embed"][0], source["visual.positional_embedding"][1:])  # class row dropped
     assert torch.equal(own["visual.head.proj.weight"], source["visual.proj"].T)
-    assert torch.equal(own["transformer.resblocks.0.attn.in_proj_weight"], source["transformer.resblocks.0.attn.in_proj_weight"])
+    assert torch.equal(
+        own["transformer.resblocks.0.attn.in_proj_weight"], source["transformer.resblocks.0.attn.in_proj_weight"]
+    )
     assert own["logit_scale"].item() == pytest.approx(math.log(10), rel=1e-5)  # SigLIP's init, not the CLIP temperature
     assert own["logit_bias"].item() == -10.0

@@ -17,9 +17,16 @@ CARD = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-shapes"
 def validate(task: str, n: int) -> dict[str, float]:
     module = ZeroShotModule("xclip:tiny-shapes")
     data = ShapesWorldDataModule(val_tasks=[task], seed=1000, n_val=n, batch_size=250)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
-    return {k.rsplit("/", 1)[1]: float(v) for k, v in trainer.validate(module, datamodule=data, verbose=False)[0].items()}
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return {
+        k.rsplit("/", 1)[1]: float(v) for k, v in trainer.validate(module, datamodule=data, verbose=False)[0].items()
+    }
 
 
 def test_checkpoint_is_small_and_described():

@@ -61,9 +61,16 @@ def test_kd_loss_matches_a_hand_computation():
             kd += sum(p * (math.log(p) - math.log(q)) for p, q in zip(pt, ps)) / 2  # batch mean
     kd *= T * T
     mse = sum((a - b) ** 2 for ra, rb in zip(fs, ft) for a, b in zip(ra, rb)) / 4
-    out = distillation_loss({k: torch.tensor(v) for k, v in s.items()}, {k: torch.tensor(v) for k, v in t.items()},
-                            {k: torch.tensor(v) for k, v in y.items()}, torch.tensor(fs), torch.tensor(ft),
-                            alpha=alpha, beta=beta, temperature=T)
+    out = distillation_loss(
+        {k: torch.tensor(v) for k, v in s.items()},
+        {k: torch.tensor(v) for k, v in t.items()},
+        {k: torch.tensor(v) for k, v in y.items()},
+        torch.tensor(fs),
+        torch.tensor(ft),
+        alpha=alpha,
+        beta=beta,
+        temperature=T,
+    )
     assert out.ce.item() == pytest.approx(ce, rel=1e-6)
     assert out.kd.item() == pytest.approx(kd, rel=1e-6)
     assert out.mse.item() == pytest.approx(mse, rel=1e-6)
@@ -131,12 +138,14 @@ def test_tower_config_errors():
         VisionTower("./does/not/exist")
 
 
-@pytest.mark.parametrize("fusion,options", [("concat", {}), ("cross_attention", {"heads": 2, "layers": 2}), ("gated", {})])
+@pytest.mark.parametrize(
+    "fusion,options", [("concat", {}), ("cross_attention", {"heads": 2, "layers": 2}), ("gated", {})]
+)
 def test_every_fusion_gives_one_head_per_task_and_batch_independent_rows(fusion, options, tokenizer):
-    model = MultimodalClassifier(VIT, {**BERT, "vocab_size": len(tokenizer)}, TASKS, fusion=fusion, fusion_dim=32,
-                                 fusion_options=options).eval()
-    enc = tokenizer(["a red object", "on a water background: one small blue object"], padding=True,
-                    return_tensors="pt")
+    model = MultimodalClassifier(
+        VIT, {**BERT, "vocab_size": len(tokenizer)}, TASKS, fusion=fusion, fusion_dim=32, fusion_options=options
+    ).eval()
+    enc = tokenizer(["a red object", "on a water background: one small blue object"], padding=True, return_tensors="pt")
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         both = model(model.pixel_values(x), enc["input_ids"], enc["attention_mask"])
@@ -185,8 +194,10 @@ def test_csv_layout_vocabulary_from_train_and_batches(tmp_path):
     dm = DistillDataModule(source="csv", data_root=str(root), image_size=32, batch_size=4)
     dm.setup("fit")
     train_lines = (root / "metadata_train.csv").read_text().splitlines()[1:]
-    assert dm.label_vocabulary == {"type": sorted({ln.split(",")[1] for ln in train_lines}),
-                                   "severity": sorted({ln.split(",")[2] for ln in train_lines})}
+    assert dm.label_vocabulary == {
+        "type": sorted({ln.split(",")[1] for ln in train_lines}),
+        "severity": sorted({ln.split(",")[2] for ln in train_lines}),
+    }
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (4, 3, 32, 32) and len(batch["text"]) == 4
     assert set(batch["labels"]) == {"type", "severity"} and batch["skipped"] == 0
@@ -206,14 +217,20 @@ def test_csv_unknown_dev_label_is_an_error_naming_file_row_and_value(tmp_path):
     _replace_cell(root / "metadata_dev.csv", 4, "severity", "lava")
     dm = DistillDataModule(source="csv", data_root=str(root), image_size=32)
     dm.setup("fit")
-    with pytest.raises(CSVFormatError, match=r"metadata_dev\.csv, data row 3 \(line 4\): unknown 'severity' "
-                                             r"label 'lava'; the training split's \(metadata_train\.csv\) "
-                                             r"'severity' classes"):
+    with pytest.raises(
+        CSVFormatError,
+        match=r"metadata_dev\.csv, data row 3 \(line 4\): unknown 'severity' "
+        r"label 'lava'; the training split's \(metadata_train\.csv\) "
+        r"'severity' classes",
+    ):
         dm.val_dataloader()
     # with a checkpoint's classes the message says they are the checkpoint's, not the training split's
     dm.use_label_vocabulary({"type": list(SHAPES), "severity": list(BACKGROUNDS)}, "the checkpoint xclip:x's")
-    with pytest.raises(CSVFormatError, match=rf"data row 3 \(line 4\): unknown 'severity' label 'lava'; the checkpoint "
-                                             rf"xclip:x's 'severity' classes are {re.escape(str(list(BACKGROUNDS)))}"):
+    with pytest.raises(
+        CSVFormatError,
+        match=rf"data row 3 \(line 4\): unknown 'severity' label 'lava'; the checkpoint "
+        rf"xclip:x's 'severity' classes are {re.escape(str(list(BACKGROUNDS)))}",
+    ):
         dm.val_dataloader()
 
 
@@ -249,8 +266,11 @@ def _setup_fit(root, **kwargs):
 def test_csv_a_missing_value_marker_is_not_a_class(tmp_path, marker):
     root = shapes_csv_layout(tmp_path)
     _replace_cell(root / "metadata_train.csv", 5, "type", marker)
-    with pytest.raises(CSVFormatError, match=rf"metadata_train\.csv, data row 4 \(line 5\): 'type' is '{marker}', a "
-                                             "missing-value marker"):
+    with pytest.raises(
+        CSVFormatError,
+        match=rf"metadata_train\.csv, data row 4 \(line 5\): 'type' is '{marker}', a "
+        "missing-value marker",
+    ):
         _setup_fit(root)
     _replace_cell(root / "metadata_train.csv", 5, "type", "circle")  # a real class reads as before
     assert marker not in _setup_fit(root).label_vocabulary["type"]
@@ -260,10 +280,13 @@ def test_csv_a_row_with_more_or_fewer_fields_than_the_header_is_refused(tmp_path
     root = shapes_csv_layout(tmp_path)
     lines = _train_rows(root)
     # an unquoted comma in the description: the csv module would put ", one small object" aside
-    lines[3] = lines[3].split(",\"")[0] + ",on a sand background, one small object"
+    lines[3] = lines[3].split(',"')[0] + ",on a sand background, one small object"
     (root / "metadata_train.csv").write_text("\n".join(lines) + "\n")
-    with pytest.raises(CSVFormatError, match=r"metadata_train\.csv, data row 3 \(line 4\): 5 fields, the header has "
-                                             r"4: an unquoted comma in a value\?"):
+    with pytest.raises(
+        CSVFormatError,
+        match=r"metadata_train\.csv, data row 3 \(line 4\): 5 fields, the header has "
+        r"4: an unquoted comma in a value\?",
+    ):
         _setup_fit(root)
     lines[3] = "images/train_2.png,circle"
     (root / "metadata_train.csv").write_text("\n".join(lines) + "\n")
@@ -276,8 +299,11 @@ def test_csv_a_repeated_column_name_is_refused(tmp_path):
     lines = _train_rows(root)
     lines = [lines[0] + ",type"] + [ln + ",square" for ln in lines[1:]]  # a second 'type' column
     (root / "metadata_train.csv").write_text("\n".join(lines) + "\n")
-    with pytest.raises(CSVFormatError, match=r"metadata_train\.csv, line 1 \(header\): repeated column name\(s\): "
-                                             r"'type' is columns \[2, 5\]"):
+    with pytest.raises(
+        CSVFormatError,
+        match=r"metadata_train\.csv, line 1 \(header\): repeated column name\(s\): "
+        r"'type' is columns \[2, 5\]",
+    ):
         _setup_fit(root)
 
 
@@ -286,8 +312,11 @@ def test_csv_a_file_that_is_not_utf8_names_the_row_and_column(tmp_path):
     lines = _train_rows(root)
     lines[2] = lines[2].replace("background", "arri\u00e8re-plan", 1)
     (root / "metadata_train.csv").write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
-    with pytest.raises(CSVFormatError, match=r"metadata_train\.csv, data row 2 \(line 3\), column 'description': not "
-                                             r"UTF-8 \(byte 0xe8\); save the file as UTF-8"):
+    with pytest.raises(
+        CSVFormatError,
+        match=r"metadata_train\.csv, data row 2 \(line 3\), column 'description': not "
+        r"UTF-8 \(byte 0xe8\); save the file as UTF-8",
+    ):
         _setup_fit(root)
     (root / "metadata_train.csv").write_bytes(("\n".join(lines) + "\n").encode("utf-8-sig"))  # UTF-8 with a BOM
     assert _setup_fit(root).label_vocabulary["type"]
@@ -356,8 +385,9 @@ def test_auroc_of_one_evaluated_class_is_undefined_not_zero():
     metric.update_batch({"t": probs}, {"t": torch.zeros(3, dtype=torch.long)}, torch.arange(3))
     scores = metric.scores()
     assert math.isnan(scores["t_auroc"]) and scores["t_acc"] == 1.0
-    assert metric.notes == {"t_auroc": "undefined: all 3 evaluated items are 'a'; one-vs-rest AUROC needs items of "
-                                       "two classes or more"}
+    assert metric.notes == {
+        "t_auroc": "undefined: all 3 evaluated items are 'a'; one-vs-rest AUROC needs items of two classes or more"
+    }
 
 
 def test_metrics_with_absent_classes_match_scikit_learn_without_torchmetrics_warnings():
@@ -415,9 +445,12 @@ def test_a_checkpoint_whose_config_lists_the_classes_in_another_order_is_refused
     assert config["label_fingerprint"] == label_fingerprint(TASKS) and load_classifier(folder)[2]["label_order_checked"]
     swapped = ["square", "circle", *TASKS["shape"][2:]]
     _edit_config(folder, lambda c: c["model"]["tasks"].update(shape=swapped))
-    with pytest.raises(ValueError, match=r"config\.json: `model.tasks` lists the classes .*'square', 'circle'.*but "
-                                         r"model\.safetensors was saved with another label vocabulary .*'circle', "
-                                         r"'square'.*reordered"):
+    with pytest.raises(
+        ValueError,
+        match=r"config\.json: `model.tasks` lists the classes .*'square', 'circle'.*but "
+        r"model\.safetensors was saved with another label vocabulary .*'circle', "
+        r"'square'.*reordered",
+    ):
         load_classifier(folder)
     _edit_config(folder, lambda c: c.pop("label_fingerprint"))  # the weights still know
     with pytest.raises(ValueError, match="model.safetensors was saved with another label vocabulary"):
@@ -426,8 +459,14 @@ def test_a_checkpoint_whose_config_lists_the_classes_in_another_order_is_refused
 
 def test_the_fingerprint_changes_with_any_class_or_order():
     assert label_fingerprint({"a": ["x", "y"]}) == label_fingerprint({"a": ("x", "y")})
-    variants = [{"a": ["y", "x"]}, {"a": ["x", "z"]}, {"b": ["x", "y"]}, {"a": ["x", "y", "z"]},
-                {"a": ["x", "y"], "b": ["u", "v"]}, {"a": ["x,y", ""]}]
+    variants = [
+        {"a": ["y", "x"]},
+        {"a": ["x", "z"]},
+        {"b": ["x", "y"]},
+        {"a": ["x", "y", "z"]},
+        {"a": ["x", "y"], "b": ["u", "v"]},
+        {"a": ["x,y", ""]},
+    ]
     prints = {label_fingerprint(v) for v in variants} | {label_fingerprint({"a": ["x", "y"]})}
     assert len(prints) == len(variants) + 1
 
@@ -445,10 +484,14 @@ def test_a_checkpoint_without_a_fingerprint_must_list_the_datas_classes_in_order
     dm = DistillDataModule(source="csv", data_root=str(root))
     dm.use_label_vocabulary(vocab, "the checkpoint old's", check_order=True)  # the same order: accepted
     permuted = {"type": vocab["type"][::-1], "severity": vocab["severity"]}
-    with pytest.raises(ValueError, match=r"the checkpoint old's classes .* differ from the training split's "
-                                         r"\(metadata_train\.csv\) .*no label fingerprint"):
-        DistillDataModule(source="csv", data_root=str(root)).use_label_vocabulary(permuted, "the checkpoint old's",
-                                                                                 check_order=True)
+    with pytest.raises(
+        ValueError,
+        match=r"the checkpoint old's classes .* differ from the training split's "
+        r"\(metadata_train\.csv\) .*no label fingerprint",
+    ):
+        DistillDataModule(source="csv", data_root=str(root)).use_label_vocabulary(
+            permuted, "the checkpoint old's", check_order=True
+        )
     # with a fingerprint the checkpoint's order is trusted and labels are encoded by name
     dm = DistillDataModule(source="csv", data_root=str(root))
     dm.use_label_vocabulary(permuted, "the checkpoint new's")
@@ -469,7 +512,9 @@ def test_tiny_clip_image_tower_converts_exactly_and_keeps_chosen_blocks():
     with torch.no_grad():
         pooled = full(full.pixel_values(x)).pooled
         # open_clip's image embedding = ln_post(CLS) @ proj; the HF tower's pooler output is ln_post(CLS)
-        torch.testing.assert_close(pooled @ bb.model.visual.proj, bb.model.visual(bb.normalize(x)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            pooled @ bb.model.visual.proj, bb.model.visual(bb.normalize(x)), atol=1e-5, rtol=1e-5
+        )
     part = VisionTower({"clip_checkpoint": "xclip:tiny-shapes", "layers": [0, 2, 4]})
     assert part.model.config.num_hidden_layers == 3
     encoder = getattr(part.model, "vision_model", part.model).encoder

@@ -35,8 +35,15 @@ EXPLAIN_CONFIG = ROOT / "configs" / "distill_explain_shapes.yaml"
 def small_config(tmp_path: Path, source: Path, name: str, model_args: dict | None = None, **init_args) -> Path:
     """`source` with a tiny architecture, tiny data and no export to checkpoints/."""
     cfg = yaml.safe_load(source.read_text())
-    cfg["trainer"].update({"max_steps": 3, "val_check_interval": 1, "log_every_n_steps": 1,
-                           "enable_progress_bar": False, "default_root_dir": str(tmp_path)})
+    cfg["trainer"].update(
+        {
+            "max_steps": 3,
+            "val_check_interval": 1,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "default_root_dir": str(tmp_path),
+        }
+    )
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
     for callback in cfg["trainer"]["callbacks"]:
         if "every_n_train_steps" in callback.get("init_args", {}):
@@ -72,8 +79,10 @@ def test_fit_keeps_the_best_checkpoint_by_mean_macro_f1_and_exports_it(teacher_r
     assert ckpt["xclip_distill"]["label_fingerprint"] == label_fingerprint(TASKS)
     restored = TeacherModule.load_from_checkpoint(best[0], map_location="cpu")  # Lightning's own (safe) load
     assert restored.model.tasks == TASKS
-    torch.testing.assert_close(restored.model.state_dict(), {k.removeprefix("model."): v for k, v in
-                                                             ckpt["state_dict"].items() if k.startswith("model.")})
+    torch.testing.assert_close(
+        restored.model.state_dict(),
+        {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")},
+    )
     # three validations (one per step): the kept one is the step with the highest mean macro F1
     events = EventAccumulator(str(run)).Reload()
     logged = {e.step: e.value for e in events.Scalars("val/distill/mean_macro_f1")}
@@ -94,18 +103,35 @@ SHIPPED = [ROOT / "checkpoints" / name for name in ("distill-teacher-shapes", "d
 
 
 def digests(folders: list[Path]) -> dict[str, str]:
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for f in folders for p in sorted(f.iterdir())
-            if p.is_file()}
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest() for f in folders for p in sorted(f.iterdir()) if p.is_file()
+    }
 
 
-@pytest.mark.parametrize("recipe", ["distill_teacher_shapes.yaml", "distill_student_shapes.yaml",
-                                    "distill_student_nokd_shapes.yaml"])
+@pytest.mark.parametrize(
+    "recipe", ["distill_teacher_shapes.yaml", "distill_student_shapes.yaml", "distill_student_nokd_shapes.yaml"]
+)
 def test_a_short_fit_of_every_recipe_leaves_the_shipped_weights_unchanged(recipe, tmp_path):
     before = digests(SHIPPED)
-    main(["fit", "--config", str(ROOT / "configs" / recipe), "--trainer.max_steps", "2",
-          "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path),
-          "--trainer.default_root_dir", str(tmp_path), "--data.init_args.batch_size", "4",
-          "--data.init_args.n_val", "4"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / recipe),
+            "--trainer.max_steps",
+            "2",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--data.init_args.batch_size",
+            "4",
+            "--data.init_args.n_val",
+            "4",
+        ]
+    )
     assert digests(SHIPPED) == before
     (run,) = tmp_path.glob("*/version_0")
     assert load_classifier(run / "model")[2]["role"].split()[0] in ("teacher", "student")  # exported into the run
@@ -116,8 +142,15 @@ def test_exporting_over_a_folder_needs_overwrite_and_is_checked_before_training(
     target = tmp_path / "copy"
     shutil.copytree(SHIPPED[0], target)
     before = digests([target])
-    args = ["fit", "--config", str(cfg), "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-            "--model.init_args.export_dir", str(target)]
+    args = [
+        "fit",
+        "--config",
+        str(cfg),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "runs"),
+        "--model.init_args.export_dir",
+        str(target),
+    ]
     with pytest.raises(SystemExit, match=r"already exists.*overwrite: true"):
         main(args)
     assert digests([target]) == before and not list((tmp_path / "runs").rglob("*.ckpt"))  # no step was taken
@@ -130,9 +163,21 @@ def test_exporting_over_a_folder_needs_overwrite_and_is_checked_before_training(
 
 def test_fit_resumes_from_the_last_checkpoint(teacher_run, tmp_path):
     _, cfg, run = teacher_run
-    main(["fit", "--config", str(cfg), "--ckpt_path", str(run / "checkpoints" / "latest-step=3.ckpt"),
-          "--trainer.max_steps", "5", "--trainer.logger.init_args.save_dir", str(tmp_path),
-          "--model.init_args.export", "false"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(cfg),
+            "--ckpt_path",
+            str(run / "checkpoints" / "latest-step=3.ckpt"),
+            "--trainer.max_steps",
+            "5",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--model.init_args.export",
+            "false",
+        ]
+    )
     (resumed,) = sorted((tmp_path / "distill_teacher_shapes").glob("version_*"))
     last = torch.load(resumed / "checkpoints" / "latest-step=5.ckpt", map_location="cpu", weights_only=False)
     first = torch.load(run / "checkpoints" / "latest-step=3.ckpt", map_location="cpu", weights_only=False)
@@ -163,8 +208,11 @@ def test_validate_a_saved_checkpoint_with_shap_and_captum_callbacks(teacher_run,
     (out,) = sorted((tmp_path / cfg["trainer"]["logger"]["init_args"]["name"]).glob("version_*"))
     results = json.loads((out / "results.json").read_text())
     assert results["distill"]["n_items"] == 7 and results["distill"]["role"] == "teacher"
-    assert set(results["metrics"]) >= {"val/distill/mean_macro_f1", "val/distill/shape_macro_f1",
-                                       "val/distill/background_auroc"}
+    assert set(results["metrics"]) >= {
+        "val/distill/mean_macro_f1",
+        "val/distill/shape_macro_f1",
+        "val/distill/background_auroc",
+    }
     events = EventAccumulator(str(out), size_guidance={"images": 0}).Reload()
     tags = set(events.Tags()["images"])
     for explainer in ("shap", "integrated_gradients"):
@@ -204,18 +252,35 @@ def test_validate_a_checkpoint_on_a_small_csv(teacher_run, tmp_path, capsys):
             lines[1:] = [",".join([ln.split(",")[0], "circle", *ln.split(",", 2)[2:]]) for ln in lines[1:]]
         path.write_text("\n".join(lines) + "\n")
     config = yaml.safe_load(cfg.read_text())
-    config["data"]["init_args"] = {"source": "csv", "data_root": str(root), "label_columns": ["shape", "background"],
-                                   "image_size": 64, "batch_size": 4}
+    config["data"]["init_args"] = {
+        "source": "csv",
+        "data_root": str(root),
+        "label_columns": ["shape", "background"],
+        "image_size": 64,
+        "batch_size": 4,
+    }
     path = tmp_path / "csv.yaml"
     path.write_text(yaml.safe_dump(config))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        main(["validate", "--config", str(path), "--ckpt_path", str(best),
-              "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")])
+        main(
+            [
+                "validate",
+                "--config",
+                str(path),
+                "--ckpt_path",
+                str(best),
+                "--trainer.logger.init_args.save_dir",
+                str(tmp_path / "logs"),
+            ]
+        )
     assert not [str(w.message) for w in caught if "torchmetrics" in w.filename]
     results = json.loads(next((tmp_path / "logs").glob("*/version_*/results.json")).read_text())
     assert results["distill"]["tasks"] == TASKS and results["distill"]["n_items"] == 6
-    assert results["metrics"]["val/distill/shape_auroc"] is None and results["metrics"]["val/distill/shape_acc"] is not None
+    assert (
+        results["metrics"]["val/distill/shape_auroc"] is None
+        and results["metrics"]["val/distill/shape_acc"] is not None
+    )
     note = "undefined: all 6 evaluated items are 'circle'; one-vs-rest AUROC needs items of two classes or more"
     assert results["distill"]["notes"] == {"val/distill/shape_auroc": note}
     report = capsys.readouterr().out
@@ -227,16 +292,26 @@ def test_validate_a_checkpoint_on_a_small_csv(teacher_run, tmp_path, capsys):
 @pytest.mark.parametrize("alpha,beta", [(1.0, 100.0), (0.0, 0.0)])
 def test_student_trains_its_projection_with_one_optimiser_and_a_frozen_teacher(teacher_run, tmp_path, alpha, beta):
     _, _, run = teacher_run
-    student = StudentModule(teacher=str(run / "model"), model=STUDENT_ARGS, alpha=alpha, beta=beta, lr=1e-2,
-                            warmup_steps=0)
+    student = StudentModule(
+        teacher=str(run / "model"), model=STUDENT_ARGS, alpha=alpha, beta=beta, lr=1e-2, warmup_steps=0
+    )
     teacher_before = {k: v.clone() for k, v in student.teacher.state_dict().items()}
     projection_before = None if student.kd_projection is None else student.kd_projection.weight.detach().clone()
-    trainer = pl.Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_steps=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(student, datamodule=DistillDataModule(n_train=8, batch_size=4))
     (optimizer,) = trainer.optimizers  # one optimiser for the whole run
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    assert all(not torch.is_tensor(v) or torch.equal(v, teacher_before[k]) for k, v in student.teacher.state_dict().items())
+    assert all(
+        not torch.is_tensor(v) or torch.equal(v, teacher_before[k]) for k, v in student.teacher.state_dict().items()
+    )
     assert not any(k.startswith("teacher.") for k in student.state_dict())
     if beta > 0:
         assert all(id(p) in in_optimizer for p in student.kd_projection.parameters())
@@ -258,11 +333,24 @@ def test_two_processes_give_the_numbers_of_one(teacher_run, tmp_path):
         main([*args, "--trainer.logger.init_args.save_dir", str(tmp_path / "one")])  # in this process
     finally:
         torch.set_num_threads(threads)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
     env.pop("MASTER_PORT", None)
-    cmd = [sys.executable, "-m", "xclip.cli", *args, "--trainer.logger.init_args.save_dir", str(tmp_path / "two"),
-           "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "xclip.cli",
+        *args,
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "two"),
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = (json.loads(next((tmp_path / d).glob("*/version_*/results.json")).read_text()) for d in ("one", "two"))

@@ -52,9 +52,23 @@ def scored(tmp_path_factory) -> tuple[Path, Path, dict[str, str]]:
     root = tmp_path_factory.mktemp("scored")
     folder = shutil.copytree(ROOT / "examples" / "tipai_folder", root / "images")
     odd = write_odd_images(folder)
-    main(["validate", "--config", str(ROOT / "configs" / "tipai_folder.yaml"), "--data.init_args.data_root", str(folder),
-          "--model.init_args.db_path", str(root / "tipai.db"), "--model.init_args.grid", "3",
-          "--trainer.logger.init_args.save_dir", str(root / "logs"), "--trainer.enable_progress_bar", "false"])
+    main(
+        [
+            "validate",
+            "--config",
+            str(ROOT / "configs" / "tipai_folder.yaml"),
+            "--data.init_args.data_root",
+            str(folder),
+            "--model.init_args.db_path",
+            str(root / "tipai.db"),
+            "--model.init_args.grid",
+            "3",
+            "--trainer.logger.init_args.save_dir",
+            str(root / "logs"),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     return folder, root / "tipai.db", odd
 
 
@@ -80,7 +94,9 @@ def test_an_uploaded_file_scores_what_the_database_holds(scored, tmp_path, monke
         stored = browser.db.scores(pid)
         for rec in browser.db.images(pid):
             _, out = browser.score_file(rec.path, prompt)
-            assert float(out.global_score[0]) == pytest.approx(stored[rec.image_id]["clip"].global_score, abs=1e-5), rec.path
+            assert float(out.global_score[0]) == pytest.approx(stored[rec.image_id]["clip"].global_score, abs=1e-5), (
+                rec.path
+            )
             for name in ("crops", "dense", "dense_gradeclip"):
                 np.testing.assert_allclose(out.maps[name][0].numpy(), stored[rec.image_id][name].grid, atol=1e-5)
             compared.append(Path(rec.path).name)
@@ -108,8 +124,9 @@ def test_the_app_shows_only_unchanged_files_of_the_recorded_folder(tmp_path):
     private.mkdir()
     secret = _pixels(private / "photo.png", 10)
     files = [_pixels(folder / f"p_{s}.png", 40 * s + 20) for s in range(5)]
-    records = [ImageRecord(f"p_{s}", "p", s, "folder", 64, 64, path=str(f), sha256=file_sha256(f))
-               for s, f in enumerate(files)]
+    records = [
+        ImageRecord(f"p_{s}", "p", s, "folder", 64, 64, path=str(f), sha256=file_sha256(f)) for s, f in enumerate(files)
+    ]
     scores = [ScoreRecord(f"p_{s}", "clip", 0.1 * s) for s in range(5)]
     with FaithfulnessDatabase(tmp_path / "tipai.db", {"backbone": "xclip:tiny-shapes", "grid": 3}) as stored:
         stored.write([PromptRecord("p", "a red circle", records, scores, root=str(folder))])
@@ -189,10 +206,18 @@ def test_app_in_headless_chromium(scored):
         pids = [pid for pid, _ in stored.prompts()]
         odd_score = stored.scores("odd")["odd_0"]["clip"].global_score
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-           "GRADIO_ANALYTICS_ENABLED": "False"}
-    server = subprocess.Popen([sys.executable, "-m", "xclip.cli", "app", "--db", str(db), "--port", str(port)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "xclip.cli", "app", "--db", str(db), "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     driver = None
     try:
         url = f"http://127.0.0.1:{port}/"
@@ -208,8 +233,13 @@ def test_app_in_headless_chromium(scored):
         _wait(up, 180, "the app to serve")
         options = Options()
         options.binary_location = CHROMIUM
-        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--window-size=1400,1800"):
+        for arg in (
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--window-size=1400,1800",
+        ):
             options.add_argument(arg)
         driver = webdriver.Chrome(service=Service(DRIVER), options=options)
         driver.get(url)
@@ -224,9 +254,14 @@ def test_app_in_headless_chromium(scored):
 
         def heatmap_loaded() -> bool:
             try:
-                images = [i for i in driver.find_elements(By.CSS_SELECTOR, "#prompt-heatmaps img") if i.get_attribute("src")]
-                return bool(images) and driver.execute_script(
-                    "return arguments[0].complete && arguments[0].naturalWidth", images[0]) > 500
+                images = [
+                    i for i in driver.find_elements(By.CSS_SELECTOR, "#prompt-heatmaps img") if i.get_attribute("src")
+                ]
+                return (
+                    bool(images)
+                    and driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", images[0])
+                    > 500
+                )
             except StaleElementReferenceException:
                 return False
 
@@ -235,25 +270,33 @@ def test_app_in_headless_chromium(scored):
         _wait(heatmap_loaded, 60, "the first prompt's heatmaps")
         assert len(driver.find_elements(By.CSS_SELECTOR, "#prompt-images img")) == 3
         _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#prompt-select input"), 60, "the prompt picker")[0].click()
-        options_shown = _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#prompt-select [role=option]"), 30,
-                              "the prompt options")
+        options_shown = _wait(
+            lambda: driver.find_elements(By.CSS_SELECTOR, "#prompt-select [role=option]"), 30, "the prompt options"
+        )
         assert [o.get_attribute("aria-label").split(":")[0] for o in options_shown] == pids
         options_shown[pids.index("prompt_001")].click()
-        table = _wait(lambda: "prompt_001_0" in text("#prompt-table") and text("#prompt-table"), 120,
-                      "the selected prompt's table")
+        table = _wait(
+            lambda: "prompt_001_0" in text("#prompt-table") and text("#prompt-table"),
+            120,
+            "the selected prompt's table",
+        )
         assert "chosen" in table and "rejected" in table
         _wait(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#prompt-images img")) == 4, 60, "its 4 images")
 
         # an uploaded RGBA file scores what the database holds for it
         next(b for b in driver.find_elements(By.CSS_SELECTOR, "button[role=tab]") if "Score an image" in b.text).click()
-        _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#upload-image input[type=file]"), 30, "the upload field")[0] \
-            .send_keys(str(folder / "odd_0.png"))
+        _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#upload-image input[type=file]"), 30, "the upload field")[
+            0
+        ].send_keys(str(folder / "odd_0.png"))
         _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#upload-image [aria-label='odd_0.png']"), 60, "the upload")
         prompt = driver.find_element(By.CSS_SELECTOR, "#upload-prompt textarea")
         prompt.send_keys("a red circle")
         driver.find_element(By.CSS_SELECTOR, "#upload-score").click()
-        result = _wait(lambda: re.search(r"global score \(cosine with the prompt\): ([-0-9.]+)", text("#upload-result")),
-                       120, "the score")
+        result = _wait(
+            lambda: re.search(r"global score \(cosine with the prompt\): ([-0-9.]+)", text("#upload-result")),
+            120,
+            "the score",
+        )
         assert result[1] == f"{odd_score:.4f}"
         # an error reaches the page as its message
         prompt.send_keys(Keys.CONTROL, "a")

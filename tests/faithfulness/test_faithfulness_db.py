@@ -24,10 +24,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_writer(db: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, str(ROOT / "tests" / "helpers" / "faithfulness_db_writer.py"), str(db), *extra],
-                            stdout=subprocess.PIPE, text=True, env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "helpers" / "faithfulness_db_writer.py"), str(db), *extra],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def dump(path: Path) -> dict:
@@ -55,8 +61,13 @@ def test_rewriting_is_idempotent(clean, tmp_path):
         pairs = db.pairs("p00")
         scores = db.scores("p00")
     n_prompts = writer.N_BATCHES * writer.PER_BATCH
-    assert counts == {"meta": 3, "prompts": n_prompts, "images": n_prompts * writer.PER_PROMPT,
-                      "scores": n_prompts * writer.PER_PROMPT * 2, "pairs": n_prompts}
+    assert counts == {
+        "meta": 3,
+        "prompts": n_prompts,
+        "images": n_prompts * writer.PER_PROMPT,
+        "scores": n_prompts * writer.PER_PROMPT * 2,
+        "pairs": n_prompts,
+    }
     assert len(pairs) == 1 and scores["p00_0"]["crops"].grid.shape == (3, 3)
     copy = tmp_path / "again.db"
     copy.write_bytes(clean.read_bytes())
@@ -142,7 +153,9 @@ def test_read_only_opening_keeps_url_characters_of_folder_names(clean, tmp_path,
         db.write([writer.prompt_record(0, 0)])
 
     def files() -> list[str]:  # SQLite's own -wal / -shm files beside a WAL database aside
-        return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if not p.name.endswith(("-wal", "-shm")))
+        return sorted(
+            str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if not p.name.endswith(("-wal", "-shm"))
+        )
 
     before = files()
     with FaithfulnessDatabase(target, readonly=True) as db:
@@ -156,8 +169,11 @@ def test_a_version_1_database_is_refused_with_what_to_do(clean, tmp_path):
     with sqlite3.connect(old) as conn:
         conn.execute("PRAGMA user_version = 1")
     for readonly in (False, True):
-        with pytest.raises(FaithfulnessDatabaseError, match=f"{old}: TiPAI schema version 1, written by an older xclip .*"
-                           "score the images again into a new database"):
+        with pytest.raises(
+            FaithfulnessDatabaseError,
+            match=f"{old}: TiPAI schema version 1, written by an older xclip .*"
+            "score the images again into a new database",
+        ):
             FaithfulnessDatabase(old, None if readonly else writer.CONFIG, readonly=readonly)
 
 
@@ -165,7 +181,10 @@ def test_image_paths_must_be_files_of_the_prompts_folder(tmp_path):
     rec = writer.prompt_record(0, 0)
     rec.images[0].path = "/data/../etc/p00_0.png"
     with FaithfulnessDatabase(tmp_path / "tipai.db", writer.CONFIG) as db:
-        with pytest.raises(ValueError, match=r"image paths must be absolute paths of files directly inside the "
-                                             r"prompt's root '/data', got \['/data/../etc/p00_0.png'\]"):
+        with pytest.raises(
+            ValueError,
+            match=r"image paths must be absolute paths of files directly inside the "
+            r"prompt's root '/data', got \['/data/../etc/p00_0.png'\]",
+        ):
             db.write([rec])
         assert db.counts()["images"] == 0

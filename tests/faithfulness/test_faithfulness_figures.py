@@ -17,8 +17,15 @@ from xclip.faithfulness.figures import (
 
 def _figure(maps: dict[str, torch.Tensor]):
     images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    return prompt_figure("a red circle", images, torch.tensor([0.3, 0.2, 0.1]), maps, ["chosen", "", "rejected"],
-                         ["seed 0", "seed 1", "seed 2"], "title")
+    return prompt_figure(
+        "a red circle",
+        images,
+        torch.tensor([0.3, 0.2, 0.1]),
+        maps,
+        ["chosen", "", "rejected"],
+        ["seed 0", "seed 1", "seed 2"],
+        "title",
+    )
 
 
 def test_a_map_without_a_scale_is_grey_and_labelled():

@@ -52,7 +52,9 @@ def test_each_crop_reads_only_its_own_cell_and_reaches_both_borders(h, w):
     ey, ex = cell_edges(h, cells), cell_edges(w, cells)
     for k in range(cells * cells):
         r, c = divmod(k, cells)
-        assert torch.allclose(crops[k, 0], torch.full_like(crops[k, 0], k), atol=1e-9), f"crop {k} mixes in another cell"
+        assert torch.allclose(crops[k, 0], torch.full_like(crops[k, 0], k), atol=1e-9), (
+            f"crop {k} mixes in another cell"
+        )
         # upsampled (cells are smaller than 64 px): the samples span the cell's first to last pixel
         assert crops[k, 1].min().item() == pytest.approx(ey[r].item(), abs=1e-9)
         assert crops[k, 1].max().item() == pytest.approx(ey[r + 1].item() - 1, abs=1e-9)

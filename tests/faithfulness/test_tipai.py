@@ -62,8 +62,9 @@ def test_dense_scores_equal_their_definitions(bb, sample):
     assert torch.allclose(out.maps["dense"], resample_to_cells(similarity.double(), 3, (64, 64)).float(), atol=1e-5)
     # Grad-ECLIP reusing the dense pass equals the explainer's own pair maps
     evidence = GradECLIP(bb).pair_maps(x, text)
-    assert torch.allclose(out.maps["dense_gradeclip"], resample_to_cells(evidence.double(), 3, (64, 64)).float(),
-                          atol=1e-6)
+    assert torch.allclose(
+        out.maps["dense_gradeclip"], resample_to_cells(evidence.double(), 3, (64, 64)).float(), atol=1e-6
+    )
 
 
 def test_crop_scores_equal_embedding_each_cell_alone(bb, sample):
@@ -109,8 +110,19 @@ def test_bad_inputs_are_refused(bb, sample, tmp_path):
 
 
 def _run(config: Path, root: Path, db: Path, *extra: str) -> dict:
-    main(["validate", "--config", str(config), "--trainer.logger.init_args.save_dir", str(root),
-          "--model.init_args.db_path", str(db), *SMALL, *extra])
+    main(
+        [
+            "validate",
+            "--config",
+            str(config),
+            "--trainer.logger.init_args.save_dir",
+            str(root),
+            "--model.init_args.db_path",
+            str(db),
+            *SMALL,
+            *extra,
+        ]
+    )
     latest = max(root.glob("*/version_*/results.json"), key=lambda p: int(p.parent.name.split("_")[1]))
     return json.loads(latest.read_text())
 
@@ -130,7 +142,9 @@ def test_shapes_config_writes_the_database_figures_and_results(shapes_run):
     metrics = tipai["metrics"]
     for name in ("crops", "dense", "dense_gradeclip", "random"):
         assert f"{name}/AUC-Judd" in metrics and f"val/faithfulness/tipai/{name}/KLD" in results["metrics"]
-    assert metrics["pair_accuracy"] == pytest.approx(results["metrics"]["val/faithfulness/tipai/pair_accuracy"], abs=1e-6)
+    assert metrics["pair_accuracy"] == pytest.approx(
+        results["metrics"]["val/faithfulness/tipai/pair_accuracy"], abs=1e-6
+    )
     with FaithfulnessDatabase(root / "tipai.db", readonly=True) as db:
         prompts = db.prompts()
         pid = prompts[0][0]
@@ -176,20 +190,34 @@ def test_folder_config_skips_unreadable_images_and_reports_its_counts(tmp_path, 
     assert "pair_accuracy" not in tipai["metrics"]  # a folder has no ground truth
     with FaithfulnessDatabase(db, readonly=True) as stored:
         images = stored.images("prompt_001")
-        glob = {pid: [stored.scores(pid)[f"{pid}_{s}"]["clip"].global_score for s in range(4)]
-                for pid in ("prompt_000", "prompt_001")}
+        glob = {
+            pid: [stored.scores(pid)[f"{pid}_{s}"]["clip"].global_score for s in range(4)]
+            for pid in ("prompt_000", "prompt_001")
+        }
     assert [im.seed for im in images] == [0, 1, 2, 3]
     assert images[0].path == str(folder / "prompt_001_0.png") and images[0].faithful is None
     assert images[0].sha256 == hashlib.sha256((folder / "prompt_001_0.png").read_bytes()).hexdigest()
     # the counts are in results.json's metrics and printed, with the database's path
     n = {k.rsplit("/n_", 1)[1]: v for k, v in results["metrics"].items() if "/n_" in k}
-    assert n == {"prompts": 2, "prompts_without_images": 0, "prompts_scored": 2, "prompts_from_database": 0,
-                 "images": 8, "images_scored": 8, "images_rescored": 0, "images_from_database": 0, "images_skipped": 2,
-                 "pairs": 2}
+    assert n == {
+        "prompts": 2,
+        "prompts_without_images": 0,
+        "prompts_scored": 2,
+        "prompts_from_database": 0,
+        "images": 8,
+        "images_scored": 8,
+        "images_rescored": 0,
+        "images_from_database": 0,
+        "images_skipped": 2,
+        "pairs": 2,
+    }
     chosen, rejected = [max(g) for g in glob.values()], [min(g) for g in glob.values()]
-    assert results["metrics"]["val/faithfulness/tipai/pairs/mean_chosen_score"] == pytest.approx(sum(chosen) / 2, abs=1e-6)
+    assert results["metrics"]["val/faithfulness/tipai/pairs/mean_chosen_score"] == pytest.approx(
+        sum(chosen) / 2, abs=1e-6
+    )
     assert results["metrics"]["val/faithfulness/tipai/pairs/mean_score_gap"] == pytest.approx(
-        (sum(chosen) - sum(rejected)) / 2, abs=1e-6)
+        (sum(chosen) - sum(rejected)) / 2, abs=1e-6
+    )
     out = capsys.readouterr().out
     assert f"TiPAI database: {db} (2 prompts, 8 images, 2 pairs)" in out
     assert "images [val]: 8 (8 new, 0 changed and re-scored, 0 read back from the database); 2 unreadable" in out
@@ -201,8 +229,15 @@ def _stored(db: Path) -> dict:
         out = {}
         for pid, prompt in stored.prompts():
             scores = stored.scores(pid)
-            images = {im.image_id: (im.path, im.sha256, scores[im.image_id]["clip"].global_score,
-                                    scores[im.image_id]["crops"].grid) for im in stored.images(pid)}
+            images = {
+                im.image_id: (
+                    im.path,
+                    im.sha256,
+                    scores[im.image_id]["clip"].global_score,
+                    scores[im.image_id]["crops"].grid,
+                )
+                for im in stored.images(pid)
+            }
             out[pid] = (prompt, images, [(p.chosen_id, p.rejected_id) for p in stored.pairs(pid)])
     return out
 
@@ -221,15 +256,24 @@ def _assert_same_scores(got: dict, want: dict) -> None:
 def test_a_changed_image_is_rescored_and_its_pairs_rebuilt(tmp_path):
     folder = tmp_path / "generated"
     write_prompt_folder(folder, n=3)
-    db, small = tmp_path / "tipai.db", ["--data.init_args.data_root", str(folder), "--model.init_args.methods", "[crops]"]
+    db, small = (
+        tmp_path / "tipai.db",
+        ["--data.init_args.data_root", str(folder), "--model.init_args.methods", "[crops]"],
+    )
     _run(FOLDER, tmp_path / "logs", db, *small)
     shutil.copy(folder / "prompt_001_2.png", folder / "prompt_000_1.png")  # same name, other picture
     (folder / "prompt_001_3.png").unlink()
     again = _run(FOLDER, tmp_path / "logs", db, *small)["tipai"]
-    assert {k: again["counts"][k] for k in ("images_scored", "images_rescored", "images_from_database",
-                                            "prompts_scored", "prompts_from_database")} == {
-        "images_scored": 0, "images_rescored": 1, "images_from_database": 10, "prompts_scored": 2,
-        "prompts_from_database": 1}
+    assert {
+        k: again["counts"][k]
+        for k in ("images_scored", "images_rescored", "images_from_database", "prompts_scored", "prompts_from_database")
+    } == {
+        "images_scored": 0,
+        "images_rescored": 1,
+        "images_from_database": 10,
+        "prompts_scored": 2,
+        "prompts_from_database": 1,
+    }
     prompts = json.loads((folder / "prompts.json").read_text())
     (folder / "prompts.json").write_text(json.dumps({**prompts, "prompt_002": "a blue square"}))  # all 4 re-scored
     third = _run(FOLDER, tmp_path / "logs", db, *small)["tipai"]["counts"]
@@ -245,9 +289,14 @@ def test_a_second_folder_gets_its_own_prompt_ids_or_is_refused(tmp_path):
     _run(FOLDER, tmp_path / "logs", db, "--data.init_args.data_root", str(first), *small)
     same_names = tmp_path / "same_names"
     write_prompt_folder(same_names, n=1, seed=8)  # prompt_000 again, other pictures
-    with pytest.raises(SystemExit, match=re.escape(f"{db}: prompt 'prompt_000' was scored from {first}; this run reads "
-                                                   f"it from {same_names}. A database holds each prompt id from one "
-                                                   "folder")):
+    with pytest.raises(
+        SystemExit,
+        match=re.escape(
+            f"{db}: prompt 'prompt_000' was scored from {first}; this run reads "
+            f"it from {same_names}. A database holds each prompt id from one "
+            "folder"
+        ),
+    ):
         _run(FOLDER, tmp_path / "logs", db, "--data.init_args.data_root", str(same_names), *small)
     other_ids = tmp_path / "other_ids"
     other_ids.mkdir()
@@ -266,14 +315,20 @@ def test_file_names_that_cannot_be_written_are_refused_before_anything_is(tmp_pa
     folder = tmp_path / "generated"
     write_prompt_folder(folder, n=1)
     (folder / "prompt_000_99999999999999999999.png").write_bytes((folder / "prompt_000_0.png").read_bytes())
-    with pytest.raises(ValueError, match=re.escape(f"{folder / 'prompt_000_99999999999999999999.png'}: seed "
-                                                   "99999999999999999999 does not fit a 64-bit integer")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"{folder / 'prompt_000_99999999999999999999.png'}: seed 99999999999999999999 does not fit a 64-bit integer"
+        ),
+    ):
         PromptFolder(folder, 64)
     (folder / "prompt_000_99999999999999999999.png").unlink()
     long_id = "p" * 250  # its figure val_<id>.png would be 258 bytes: over the file system's 255
     (folder / "prompts.json").write_text(json.dumps({"prompt_000": "a red circle", long_id: "a blue square"}))
-    message = re.escape(f"{folder / 'prompts.json'}: prompt id '{'p' * 40}...{'p' * 10}' is 250 bytes long (UTF-8), "
-                        "over the limit of 200")
+    message = re.escape(
+        f"{folder / 'prompts.json'}: prompt id '{'p' * 40}...{'p' * 10}' is 250 bytes long (UTF-8), "
+        "over the limit of 200"
+    )
     with pytest.raises(ValueError, match=message):
         PromptFolder(folder, 64)
     with pytest.raises(SystemExit, match=message):
@@ -292,9 +347,25 @@ def test_two_processes_give_the_single_process_numbers_and_database(shapes_run, 
     db = tmp_path / "ddp.db"
     # 3 prompts in batches of 2 (as the single run): whole batches per process (BatchAlignedSampler),
     # so every batch, and every number, is the single process's
-    cmd = [sys.executable, "-m", "xclip.cli", "validate", "--config", str(SHAPES), "--trainer.logger.init_args.save_dir",
-           str(tmp_path / "logs"), "--model.init_args.db_path", str(db), *SMALL, "--data.init_args.n", "3",
-           "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "xclip.cli",
+        "validate",
+        "--config",
+        str(SHAPES),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "logs"),
+        "--model.init_args.db_path",
+        str(db),
+        *SMALL,
+        "--data.init_args.n",
+        "3",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(next((tmp_path / "logs").glob("*/version_*/results.json")).read_text())
@@ -337,8 +408,17 @@ def test_the_head_reward_and_patch_scores_go_to_the_database(bb, tmp_path):
             p.add_(0.05 * torch.randn_like(p))  # a reward that differs from the zero-shot cosine
     path = export_head(head.eval(), tmp_path / "head", bb, "xclip:tiny-shapes")
     db = tmp_path / "tipai.db"
-    _run(SHAPES, tmp_path / "logs", db, "--data.init_args.n", "2", "--model.init_args.methods", "[dense]",
-         "--model.init_args.head", str(path))
+    _run(
+        SHAPES,
+        tmp_path / "logs",
+        db,
+        "--data.init_args.n",
+        "2",
+        "--model.init_args.methods",
+        "[dense]",
+        "--model.init_args.head",
+        str(path),
+    )
     data = ShapesFaithfulness(n=2, seed=1000, image_size=64, n_renderings=4, split="val")  # the config's prompts
     with FaithfulnessDatabase(db, readonly=True) as stored:
         for k in range(2):

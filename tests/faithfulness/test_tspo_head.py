@@ -58,8 +58,17 @@ def test_pair_statistics_by_hand():
     assert stats["chosen_is_faithful"] == pytest.approx(0.5) and stats["rejected_is_erroneous"] == pytest.approx(0.5)
     # each prompt's worst image; on a tie (prompt 2) the first by position
     tied = torch.cat([score, torch.tensor([0.3, 0.1, 0.1])])
-    assert rejected_images(tied, torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])).tolist() == \
-        [False, True, False, True, False, False, False, True, False]
+    assert rejected_images(tied, torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])).tolist() == [
+        False,
+        True,
+        False,
+        True,
+        False,
+        False,
+        False,
+        True,
+        False,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +99,9 @@ def test_export_load_and_score_round_trip(bb, features, tmp_path):
     path = export_head(head, tmp_path / "head", bb, "xclip:tiny-shapes", {"note": "test"}, card="# card\n")
     assert sorted(p.name for p in path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((path / "config.json").read_text())
-    assert config["architecture"] == "tspo-head" and config["backbone"] == "xclip:tiny-shapes" and config["note"] == "test"
+    assert (
+        config["architecture"] == "tspo-head" and config["backbone"] == "xclip:tiny-shapes" and config["note"] == "test"
+    )
     loaded = load_head(path)
     want_reward, want_logits = head(f)
     got_reward, got_logits = loaded(f)
@@ -117,12 +128,28 @@ def digests(folder: Path) -> dict[str, str]:
 
 
 def test_fit_exports_and_test_measures_on_cached_features(tmp_path):
-    small = ["--data.init_args.n_train", "12", "--data.init_args.n_val", "6", "--data.init_args.n_test", "1",
-             "--data.init_args.batch_size", "4", "--data.init_args.cache_dir", str(tmp_path / "cache"),
-             "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--trainer.enable_progress_bar", "false",
-             "--trainer.enable_checkpointing", "false"]
+    small = [
+        "--data.init_args.n_train",
+        "12",
+        "--data.init_args.n_val",
+        "6",
+        "--data.init_args.n_test",
+        "1",
+        "--data.init_args.batch_size",
+        "4",
+        "--data.init_args.cache_dir",
+        str(tmp_path / "cache"),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "logs"),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_checkpointing",
+        "false",
+    ]
     shipped = digests(SHIPPED) if SHIPPED.is_dir() else None
-    main(["fit", "--config", str(CONFIG), *small, "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1"])
+    main(
+        ["fit", "--config", str(CONFIG), *small, "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1"]
+    )
     if shipped is not None:  # the recipe never writes into checkpoints/
         assert digests(SHIPPED) == shipped
     head = next((tmp_path / "logs").glob("*/version_0/model"))  # the export went to the run's log directory
@@ -130,23 +157,48 @@ def test_fit_exports_and_test_measures_on_cached_features(tmp_path):
     assert "head_pair_accuracy" in card and "zero_shot_pair_accuracy" in card
     assert sorted(p.name.split("_")[1] for p in (tmp_path / "cache").glob("*.safetensors")) == ["train", "val"]
     with pytest.raises(SystemExit, match="already exists.*overwrite: true"):  # refused before training
-        main(["fit", "--config", str(CONFIG), *small, "--trainer.max_epochs", "1", "--model.init_args.export_dir", str(head)])
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIG),
+                *small,
+                "--trainer.max_epochs",
+                "1",
+                "--model.init_args.export_dir",
+                str(head),
+            ]
+        )
     main(["test", "--config", str(CONFIG), *small, "--model.init_args.head_checkpoint", str(head)])
     results = json.loads(max((tmp_path / "logs").glob("*/version_*/results.json")).read_text())
     metrics = results["tspo"]["test"]["metrics"]
     assert results["tspo"]["test"]["n_prompts"] == 1
-    for key in ("head_pair_accuracy", "zero_shot_pair_accuracy", "head_patch_iou", "crops_patch_iou", "crops_patch_auc"):
+    for key in (
+        "head_pair_accuracy",
+        "zero_shot_pair_accuracy",
+        "head_patch_iou",
+        "crops_patch_iou",
+        "crops_patch_auc",
+    ):
         assert key in metrics and f"test/faithfulness/tspo/{key}" in results["metrics"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n", [
-    # the recipe's 100 test prompts: 0.893 vs 0.903, 3 of 300 pairs; the paired bootstrap interval
-    # of the difference over prompts is [-0.040, +0.017]: this split cannot tell the two apart
-    pytest.param(100, marks=pytest.mark.xfail(strict=True, raises=AssertionError,
-                                              reason="0.893 vs 0.903 on 100 prompts (inside the split's noise)")),
-    # 1000 held-out prompts (the 100 above and 900 more): 0.900 vs 0.883, interval [+0.007, +0.027]
-    1000])
+@pytest.mark.parametrize(
+    "n",
+    [
+        # the recipe's 100 test prompts: 0.893 vs 0.903, 3 of 300 pairs; the paired bootstrap interval
+        # of the difference over prompts is [-0.040, +0.017]: this split cannot tell the two apart
+        pytest.param(
+            100,
+            marks=pytest.mark.xfail(
+                strict=True, raises=AssertionError, reason="0.893 vs 0.903 on 100 prompts (inside the split's noise)"
+            ),
+        ),
+        # 1000 held-out prompts (the 100 above and 900 more): 0.900 vs 0.883, interval [+0.007, +0.027]
+        1000,
+    ],
+)
 def test_the_shipped_head_beats_the_zero_shot_score_on_held_out_pairs(bb, n):
     data = ShapesFaithfulness(n=n, seed=1000, image_size=64, n_renderings=4, split="test")  # the recipe's test family
     scorer = TSPOScorer(SHIPPED, bb)
@@ -155,8 +207,10 @@ def test_the_shipped_head_beats_the_zero_shot_score_on_held_out_pairs(bb, n):
         item = data[k]
         reward, _ = scorer.score(item["prompt"], item["images"])
         with torch.no_grad():
-            cos = bb.encode_image(bb.normalize(item["images"]), normalize=True) @ \
-                bb.encode_text([item["prompt"]], normalize=True)[0]
+            cos = (
+                bb.encode_image(bb.normalize(item["images"]), normalize=True)
+                @ bb.encode_text([item["prompt"]], normalize=True)[0]
+            )
         rewards.append(reward)
         zero_shot.append(cos)
         prompt.append(torch.full((4,), k))
@@ -175,7 +229,10 @@ def test_every_shipped_folder_loads_by_name_and_a_typo_names_the_available_ones(
     by_name, by_path = load_head("xclip:tspo-head-tiny-shapes"), load_head(SHIPPED)
     for (k, a), (_, b) in zip(by_name.state_dict().items(), by_path.state_dict().items()):
         assert torch.equal(a, b), k
-    assert load_phi("xclip:searle-phi-tiny-shapes").config() == load_phi(ROOT / "checkpoints" / "searle-phi-tiny-shapes").config()
+    assert (
+        load_phi("xclip:searle-phi-tiny-shapes").config()
+        == load_phi(ROOT / "checkpoints" / "searle-phi-tiny-shapes").config()
+    )
     assert load_classifier("xclip:distill-student-shapes")[2]["role"] == "student"
     with pytest.raises(FileNotFoundError, match="did you mean xclip:tspo-head-tiny-shapes"):
         load_head("xclip:tspo-head-tiny")

@@ -27,8 +27,12 @@ def write_cirr(root: Path, n_images: int = 9) -> dict:
         entries = []
         for q in range(5):
             members = [names[(q + j) % n_images] for j in range(6)]
-            entry = {"pairid": 10 + q, "reference": members[0], "caption": f"has {q + 1} more dogs",
-                     "img_set": {"id": q, "members": members}}
+            entry = {
+                "pairid": 10 + q,
+                "reference": members[0],
+                "caption": f"has {q + 1} more dogs",
+                "img_set": {"id": q, "members": members},
+            }
             if split == "val":
                 entry["target_hard"] = members[2]
                 entry["target_soft"] = {members[2]: 1.0}
@@ -42,17 +46,31 @@ def write_cirr(root: Path, n_images: int = 9) -> dict:
 
 
 def write_circo(root: Path, n_images: int = 12) -> dict:
-    """CIRCO: annotations/{val,test}.json + COCO2017_unlabeled/{annotations/image_info_unlabeled2017.json, unlabeled2017/}."""
+    """CIRCO: annotations/{val,test}.json + COCO2017_unlabeled/{annotations/image_info_unlabeled2017.json,
+    unlabeled2017/}."""
     ids = [1000 + 7 * i for i in range(n_images)]
     images = [{"id": i, "file_name": f"{i:012d}.jpg"} for i in ids]
     for k, info in enumerate(images):
         _image(root / "COCO2017_unlabeled" / "unlabeled2017" / info["file_name"], seed=k)
     (root / "COCO2017_unlabeled" / "annotations").mkdir(parents=True, exist_ok=True)
-    (root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json").write_text(json.dumps({"images": images}))
-    val = [{"id": q, "reference_img_id": ids[q], "target_img_id": ids[q + 1], "relative_caption": f"is {q} times bigger",
-            "shared_concept": "a dog", "gt_img_ids": [ids[q + 1], ids[q + 3], ids[q + 5]][: 1 + q % 3]} for q in range(5)]
-    test = [{"id": 100 + q, "reference_img_id": ids[q], "relative_caption": "is at night", "shared_concept": "a cat"}
-            for q in range(3)]
+    (root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json").write_text(
+        json.dumps({"images": images})
+    )
+    val = [
+        {
+            "id": q,
+            "reference_img_id": ids[q],
+            "target_img_id": ids[q + 1],
+            "relative_caption": f"is {q} times bigger",
+            "shared_concept": "a dog",
+            "gt_img_ids": [ids[q + 1], ids[q + 3], ids[q + 5]][: 1 + q % 3],
+        }
+        for q in range(5)
+    ]
+    test = [
+        {"id": 100 + q, "reference_img_id": ids[q], "relative_caption": "is at night", "shared_concept": "a cat"}
+        for q in range(3)
+    ]
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     (root / "annotations" / "val.json").write_text(json.dumps(val))
     (root / "annotations" / "test.json").write_text(json.dumps(test))
@@ -68,8 +86,10 @@ def write_fashioniq(root: Path, categories=("dress", "shirt", "toptee"), per_cat
         names = [f"B00{cat[:2].upper()}{i:04d}" for i in range(per_category)]
         for i, n in enumerate(names):
             _image(root / "images" / f"{n}.jpg", seed=50 * c + i, size=(30, 44))
-        entries = [{"candidate": names[q], "target": names[q + 1], "captions": [f"is more {cat}y.", " has buttons? "]}
-                   for q in range(3)]
+        entries = [
+            {"candidate": names[q], "target": names[q + 1], "captions": [f"is more {cat}y.", " has buttons? "]}
+            for q in range(3)
+        ]
         (root / "captions" / f"cap.{cat}.val.json").write_text(json.dumps(entries))
         (root / "image_splits" / f"split.{cat}.val.json").write_text(json.dumps(names))
         out[cat] = (names, entries)

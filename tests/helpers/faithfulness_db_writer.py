@@ -37,14 +37,28 @@ CONFIG = {"backbone": "synthetic", "grid": 3}
 def prompt_record(b: int, p: int) -> PromptRecord:
     pid = f"p{b}{p}"
     rng = np.random.default_rng([b, p])
-    images = [ImageRecord(f"{pid}_{s}", pid, s, "folder", 64, 64, path=f"/data/{pid}_{s}.png",
-                          sha256=_db.sha256_hex(f"{pid}_{s}".encode())) for s in range(PER_PROMPT)]
+    images = [
+        ImageRecord(
+            f"{pid}_{s}",
+            pid,
+            s,
+            "folder",
+            64,
+            64,
+            path=f"/data/{pid}_{s}.png",
+            sha256=_db.sha256_hex(f"{pid}_{s}".encode()),
+        )
+        for s in range(PER_PROMPT)
+    ]
     glob = rng.random(PER_PROMPT)
     scores = [ScoreRecord(im.image_id, "clip", float(g)) for im, g in zip(images, glob)]
     scores += [ScoreRecord(im.image_id, "crops", None, rng.random((3, 3)).astype(np.float32)) for im in images]
     best, worst = int(glob.argmax()), int(glob.argmin())
-    pairs = [PairRecord(pid, images[best].image_id, images[worst].image_id, float(glob[best]), float(glob[worst]),
-                        "best_worst")]
+    pairs = [
+        PairRecord(
+            pid, images[best].image_id, images[worst].image_id, float(glob[best]), float(glob[worst]), "best_worst"
+        )
+    ]
     return PromptRecord(pid, f"prompt {b} {p}", images, scores, pairs, root="/data")
 
 

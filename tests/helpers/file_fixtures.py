@@ -30,8 +30,12 @@ def write_bomb_png(path: Path, width: int = 30000, height: int = 30000) -> Path:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-                     + chunk(b"IDAT", zlib.compress(b"\x00" * (1 + 3 * 64))) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * (1 + 3 * 64)))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -48,5 +52,6 @@ def write_coco(root: Path) -> Path:
     annotations = annotations[1::2] + annotations[0::2]  # captions of one image are not contiguous
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     (root / "annotations" / "captions_val2017.json").write_text(
-        json.dumps({"info": {}, "images": images, "annotations": annotations}))
+        json.dumps({"info": {}, "images": images, "annotations": annotations})
+    )
     return root

@@ -30,8 +30,16 @@ def write_waterbirds(root: Path, corrupt_test_image: bool = True) -> Path:
         item = ds[i]
         rel = f"{WATERBIRDS_FOLDERS[i % 3]}/{WATERBIRDS_FOLDERS[i % 3].split('.')[1]}_{i:04d}_{100 + i}.jpg"
         _jpeg(item["image"], root / rel)
-        rows.append({"img_id": i + 1, "img_filename": rel, "y": item["label"], "split": split,
-                     "place": item["place"], "place_filename": f"/x/xxx/place_{i}.jpg"})
+        rows.append(
+            {
+                "img_id": i + 1,
+                "img_filename": rel,
+                "y": item["label"],
+                "split": split,
+                "place": item["place"],
+                "place_filename": f"/x/xxx/place_{i}.jpg",
+            }
+        )
     if corrupt_test_image:
         (root / rows[-1]["img_filename"]).write_bytes(b"not a jpeg at all")
     with (root / "metadata.csv").open("w", newline="") as fh:
@@ -49,7 +57,7 @@ def write_placesbg(root: Path, n: int = 6) -> Path:
         item = ds[i]
         place = ("land", "water")[item["place"]]
         _jpeg(item["image"], root / place / f"{place}_{i:03d}.jpg")
-    extra = (SpuriousShapes(n=1, seed=13, image_size=64, ood="background")[0]["image"].permute(1, 2, 0).numpy() * 255)
+    extra = SpuriousShapes(n=1, seed=13, image_size=64, ood="background")[0]["image"].permute(1, 2, 0).numpy() * 255
     (root / "water" / "deep").mkdir(parents=True, exist_ok=True)
     Image.fromarray(extra.round().astype(np.uint8)).save(root / "water" / "deep" / "extra.PNG")
     (root / "README.txt").write_text("not an image")

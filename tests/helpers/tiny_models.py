@@ -26,7 +26,9 @@ def sequence_first_twin(model: CLIP) -> CLIP:
     """Same weights, blocks rebuilt as open_clip 3.3's Transformer(batch_first=False)."""
     twin = CLIP(**MODEL_CFG)
     v, t = VISION_CFG, TEXT_CFG
-    twin.visual.transformer = Transformer(v["width"], v["layers"], v["width"] // v["head_width"], v["mlp_ratio"], batch_first=False)
+    twin.visual.transformer = Transformer(
+        v["width"], v["layers"], v["width"] // v["head_width"], v["mlp_ratio"], batch_first=False
+    )
     twin.transformer = Transformer(t["width"], t["layers"], t["heads"], 4.0, batch_first=False)
     twin.load_state_dict(model.state_dict())
     return twin.eval()
@@ -35,10 +37,22 @@ def sequence_first_twin(model: CLIP) -> CLIP:
 def tiny_hf_clip(seed: int = 0) -> CLIPModel:
     torch.manual_seed(seed)
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, max_position_embeddings=16),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128,
-                           num_hidden_layers=2, num_attention_heads=4),
+        text_config=dict(
+            vocab_size=49408,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+        ),
+        vision_config=dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        ),
         projection_dim=32,
     )
     return CLIPModel(cfg).eval()

@@ -78,14 +78,26 @@ def write_database(path: Path, n: int = 3, grid: int = 3, seed: int = 7) -> list
             buf = io.BytesIO()
             Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(buf, format="PNG")
             image_id = f"{pid}_{s}"
-            rec.images.append(ImageRecord(image_id, pid, s, "shapes", 64, 64, png=buf.getvalue(), error=item["errors"][s],
-                                          faithful=item["errors"][s] == "none"))
+            rec.images.append(
+                ImageRecord(
+                    image_id,
+                    pid,
+                    s,
+                    "shapes",
+                    64,
+                    64,
+                    png=buf.getvalue(),
+                    error=item["errors"][s],
+                    faithful=item["errors"][s] == "none",
+                )
+            )
             rec.scores.append(ScoreRecord(image_id, "clip", float(glob[s])))
             for method in ("crops", "dense", "dense_gradeclip"):
                 rec.scores.append(ScoreRecord(image_id, method, None, rng.random((grid, grid)).astype(np.float32)))
         best, worst = int(glob.argmax()), int(glob.argmin())
-        rec.pairs.append(PairRecord(pid, f"{pid}_{best}", f"{pid}_{worst}", float(glob[best]), float(glob[worst]),
-                                    "best_worst"))
+        rec.pairs.append(
+            PairRecord(pid, f"{pid}_{best}", f"{pid}_{worst}", float(glob[best]), float(glob[worst]), "best_worst")
+        )
         records.append(rec)
     with FaithfulnessDatabase(path, config) as db:
         db.write(records)

@@ -64,11 +64,16 @@ def test_features_match_standalone_gradcam_and_dense_pooling(bb, images):
 def count_vision_calls(backbone, set_attr=setattr) -> dict[str, int]:
     """Count the backbone's vision-tower entries: the traced forward and the library's encode_image."""
     calls = {"embed": 0, "encode": 0}
+
+    def counted(key: str, fn):
+        def counting(*args):
+            calls[key] += 1
+            return fn(*args)
+
+        return counting
+
     for key, name in (("embed", "trace"), ("encode", "encode")):
-        def counting(*args, _key=key, _fn=getattr(backbone.vision, name)):
-            calls[_key] += 1
-            return _fn(*args)
-        set_attr(backbone.vision, name, counting)
+        set_attr(backbone.vision, name, counted(key, getattr(backbone.vision, name)))
     return calls
 
 
@@ -81,18 +86,26 @@ def test_features_run_the_vision_tower_once(bb, images, monkeypatch):
 # ---- the module on the WaterBirds / PlacesBG fixture ----------------------------------------
 @pytest.fixture(scope="module")
 def fixture_dirs(tmp_path_factory):
-    return (write_waterbirds(tmp_path_factory.mktemp("waterbirds")),
-            write_placesbg(tmp_path_factory.mktemp("placesbg")))
+    return (
+        write_waterbirds(tmp_path_factory.mktemp("waterbirds")),
+        write_placesbg(tmp_path_factory.mktemp("placesbg")),
+    )
 
 
 def fixture_datamodule(dirs):
-    return OODDataModule(source="waterbirds", data_root=str(dirs[0]), ood_dirs={"placesbg": str(dirs[1])},
-                         image_size=64, batch_size=4)
+    return OODDataModule(
+        source="waterbirds", data_root=str(dirs[0]), ood_dirs={"placesbg": str(dirs[1])}, image_size=64, batch_size=4
+    )
 
 
 def evaluate(module, dirs, save_dir, callbacks=(), stage="test"):
-    trainer = pl.Trainer(accelerator="cpu", logger=TensorBoardLogger(str(save_dir), name="neg"),
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=TensorBoardLogger(str(save_dir), name="neg"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+    )
     getattr(trainer, stage)(module, fixture_datamodule(dirs), verbose=False)
     return trainer
 
@@ -187,8 +200,14 @@ def test_lambda_is_chosen_on_validation_and_applied_to_test(fixture_run):
     rows = list(csv.DictReader((Path(trainer.logger.log_dir) / "test_per_image.csv").open()))
 
     def scores(split, lam):  # the configured variant at any lambda, from the per-image columns
-        return torch.tensor([float(r["s_neglabel_star"]) + lam * float(r["p_align"]) for r in rows
-                             if r["split"] == split and r["status"] == "scored"], dtype=torch.float64)
+        return torch.tensor(
+            [
+                float(r["s_neglabel_star"]) + lam * float(r["p_align"])
+                for r in rows
+                if r["split"] == split and r["status"] == "scored"
+            ],
+            dtype=torch.float64,
+        )
 
     def auroc(prefix, lam):
         return ood_metrics(scores(f"{prefix}id", lam), scores(f"{prefix}ood_placesbg", lam))["auroc"]
@@ -258,11 +277,27 @@ def test_waterbirds_config_parses(capsys):
 @pytest.fixture(scope="module")
 def shapes_cli_run(tmp_path_factory, small):
     save = tmp_path_factory.mktemp("cli")
-    main(["validate", "--config", str(ROOT / "configs" / "ood_shapes.yaml"),
-          "--trainer.logger.init_args.save_dir", str(save), "--trainer.enable_progress_bar", "false",
-          "--model.init_args.text_cache_dir", small["text_cache_dir"],
-          "--data.init_args.n_id", "20", "--data.init_args.n_ood", "20", "--data.init_args.n_calib", "20",
-          "--data.init_args.batch_size", "20"])
+    main(
+        [
+            "validate",
+            "--config",
+            str(ROOT / "configs" / "ood_shapes.yaml"),
+            "--trainer.logger.init_args.save_dir",
+            str(save),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--model.init_args.text_cache_dir",
+            small["text_cache_dir"],
+            "--data.init_args.n_id",
+            "20",
+            "--data.init_args.n_ood",
+            "20",
+            "--data.init_args.n_calib",
+            "20",
+            "--data.init_args.batch_size",
+            "20",
+        ]
+    )
     return sorted((save / "ood_shapes").glob("version_*"))[-1]
 
 
@@ -276,12 +311,19 @@ def test_shapes_config_writes_results_and_tensorboard(shapes_cli_run):
     def column(split, name):
         return torch.tensor([float(r[name]) for r in rows if r["split"] == split], dtype=torch.float64)
 
-    for variant, name in (("neglabel", "s_neglabel_plain"), ("neglabel_star", "s_neglabel_star"),
-                          ("negalign", "s_final")):
+    for variant, name in (
+        ("neglabel", "s_neglabel_plain"),
+        ("neglabel_star", "s_neglabel_star"),
+        ("negalign", "s_final"),
+    ):
         for split in ("ood_background", "ood_novel_shape"):
             expected = ood_metrics(column("id", name), column(split, name))
             for key, value in expected.items():
-                assert metrics[f"val/ood/{split}/{variant}/{key}"] == pytest.approx(value, abs=1e-6), (variant, split, key)
+                assert metrics[f"val/ood/{split}/{variant}/{key}"] == pytest.approx(value, abs=1e-6), (
+                    variant,
+                    split,
+                    key,
+                )
     assert [p["lambda"] for p in neg["per_lambda"]] == [0.0, 0.5, 1.0, 2.0, 5.0, 10.0]
     assert {"m1", "m2", "m3", "p_align"} == set(neg["ablation"][0]) - {"name", "metrics", "per_lambda"}
     acc = EventAccumulator(str(shapes_cli_run), size_guidance={"images": 0})

@@ -18,11 +18,17 @@ def problem(seed=0, n=12, d=8):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randn(3, d, generator=g, dtype=torch.float64)
     negs = torch.randn(20, d, generator=g, dtype=torch.float64)
-    images = torch.cat([ids.repeat(2, 1)[: n // 2] + 0.3 * torch.randn(n // 2, d, generator=g, dtype=torch.float64),
-                        torch.randn(n - n // 2, d, generator=g, dtype=torch.float64)])
+    images = torch.cat(
+        [
+            ids.repeat(2, 1)[: n // 2] + 0.3 * torch.randn(n // 2, d, generator=g, dtype=torch.float64),
+            torch.randn(n - n // 2, d, generator=g, dtype=torch.float64),
+        ]
+    )
     backgrounds = torch.randn(n, d, generator=g, dtype=torch.float64)
-    calib = (ids.repeat(3, 1) + 0.3 * torch.randn(9, d, generator=g, dtype=torch.float64),
-             torch.randn(9, d, generator=g, dtype=torch.float64))
+    calib = (
+        ids.repeat(3, 1) + 0.3 * torch.randn(9, d, generator=g, dtype=torch.float64),
+        torch.randn(9, d, generator=g, dtype=torch.float64),
+    )
     return ids, negs, images, backgrounds, calib
 
 
@@ -32,8 +38,18 @@ TAU = 0.5  # soft enough that no group score saturates at 1 (M3 needs spread)
 
 
 def full_terms(ids, negs, k=2, n_groups=4):
-    scorer = NegAlignScorer(ids, negs, object_idx=OBJECT_IDX, neg_bg_emb=negs[BG_IDX], n_groups=n_groups, seed=3,
-                            tau=TAU, m1_topk=k, m2_role_aware=True, k=3)
+    scorer = NegAlignScorer(
+        ids,
+        negs,
+        object_idx=OBJECT_IDX,
+        neg_bg_emb=negs[BG_IDX],
+        n_groups=n_groups,
+        seed=3,
+        tau=TAU,
+        m1_topk=k,
+        m2_role_aware=True,
+        k=3,
+    )
     return NegAlignTerms(scorer)
 
 
@@ -43,10 +59,21 @@ def test_variant_scores_equal_negalign_scorer(variant):
     terms = full_terms(ids, negs)
     rows, stats = terms(images, backgrounds), zscore_stats(terms(cal_img, cal_bg))
     for lam in (0.0, 0.5, 2.0):
-        scorer = NegAlignScorer(ids, negs, object_idx=OBJECT_IDX if variant.m2 else None,
-                                neg_bg_emb=negs[BG_IDX] if variant.p_align else None, n_groups=4, seed=3, tau=TAU,
-                                m1_topk=2 if variant.m1 else None, m2_role_aware=variant.m2, m3_zscore=variant.m3,
-                                use_p_align=variant.p_align, lam=lam, k=3)
+        scorer = NegAlignScorer(
+            ids,
+            negs,
+            object_idx=OBJECT_IDX if variant.m2 else None,
+            neg_bg_emb=negs[BG_IDX] if variant.p_align else None,
+            n_groups=4,
+            seed=3,
+            tau=TAU,
+            m1_topk=2 if variant.m1 else None,
+            m2_role_aware=variant.m2,
+            m3_zscore=variant.m3,
+            use_p_align=variant.p_align,
+            lam=lam,
+            k=3,
+        )
         if variant.m3:
             scorer.fit_zscore(cal_img, cal_bg if variant.p_align else None)
         expected = scorer(images, backgrounds if variant.p_align else None)
@@ -132,5 +159,6 @@ def test_sweep_combinations_are_consistent():
         for lam in (0.5, 5.0):
             full = variant_scores(rows, Variant(m1, m2, True, True), lam, stats)
             align = variant_scores(rows, Variant(m3=True, p_align=True), 1.0, stats) - variant_scores(
-                rows, Variant(m3=True), 0.0, stats)
+                rows, Variant(m3=True), 0.0, stats
+            )
             torch.testing.assert_close(full, star + lam * align)

@@ -48,11 +48,16 @@ def hand_problem():
     g = torch.Generator().manual_seed(0)
     ids = torch.randn(4, 6, generator=g, dtype=torch.float64)
     negs = torch.randn(11, 6, generator=g, dtype=torch.float64)
-    images = torch.cat([
-        ids[:2] + 0.1 * torch.randn(2, 6, generator=g, dtype=torch.float64),  # near ID labels
-        negs[:2] + 0.1 * torch.randn(2, 6, generator=g, dtype=torch.float64),  # near negatives
-        torch.randn(2, 6, generator=g, dtype=torch.float64),
-    ]) * 3  # un-normalised on purpose
+    images = (
+        torch.cat(
+            [
+                ids[:2] + 0.1 * torch.randn(2, 6, generator=g, dtype=torch.float64),  # near ID labels
+                negs[:2] + 0.1 * torch.randn(2, 6, generator=g, dtype=torch.float64),  # near negatives
+                torch.randn(2, 6, generator=g, dtype=torch.float64),
+            ]
+        )
+        * 3
+    )  # un-normalised on purpose
     return images, ids, negs
 
 
@@ -253,8 +258,9 @@ def test_m2_drops_background_negatives():
     negs = torch.stack([E[3], E[4], E[2]])  # 0, 1 object-leaning; 2 a background word ("water")
     image = unit(1, 0, 1)[None]  # an ID object (e0) on that background (e2)
     plain = NegAlignScorer(ids, negs, n_groups=1, use_p_align=False).components(image)
-    m2 = NegAlignScorer(ids, negs, object_idx=torch.tensor([0, 1]), n_groups=1, m2_role_aware=True,
-                        use_p_align=False).components(image)
+    m2 = NegAlignScorer(
+        ids, negs, object_idx=torch.tensor([0, 1]), n_groups=1, m2_role_aware=True, use_p_align=False
+    ).components(image)
     # with the background word, e^{70.7} sits on both sides of the ratio: ~0.5; without it ~1
     assert plain["s_neglabel_star"][0] == pytest.approx(0.5, abs=1e-3)
     assert m2["s_neglabel_star"][0] == pytest.approx(1.0, abs=1e-6)

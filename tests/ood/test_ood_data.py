@@ -88,16 +88,30 @@ def test_image_folder_errors(tmp_path):
 
 
 def test_ood_datamodule_waterbirds_tags_batches(waterbirds, placesbg):
-    dm = OODDataModule(source="waterbirds", data_root=str(waterbirds), ood_dirs={"placesbg": str(placesbg)},
-                       image_size=32, batch_size=4)
-    tags = lambda loaders: [(b["split"], b["role"], b["partition"], b["task"])  # noqa: E731
-                            for b in (next(iter(dl)) for dl in loaders)]
-    assert tags(dm.val_dataloader()) == [("calib", "calib", "val", "ood"), ("id", "id", "val", "ood"),
-                                         ("ood_placesbg", "ood", "val", "ood")]
+    dm = OODDataModule(
+        source="waterbirds",
+        data_root=str(waterbirds),
+        ood_dirs={"placesbg": str(placesbg)},
+        image_size=32,
+        batch_size=4,
+    )
+
+    def tags(loaders):
+        return [(b["split"], b["role"], b["partition"], b["task"]) for b in (next(iter(dl)) for dl in loaders)]
+
+    assert tags(dm.val_dataloader()) == [
+        ("calib", "calib", "val", "ood"),
+        ("id", "id", "val", "ood"),
+        ("ood_placesbg", "ood", "val", "ood"),
+    ]
     test_loaders = dm.test_dataloader()
-    assert tags(test_loaders) == [("calib", "calib", "val", "ood"), ("id", "id", "val", "ood"),
-                                  ("ood_placesbg", "ood", "val", "ood"), ("id", "id", "test", "ood"),
-                                  ("ood_placesbg", "ood", "test", "ood")]
+    assert tags(test_loaders) == [
+        ("calib", "calib", "val", "ood"),
+        ("id", "id", "val", "ood"),
+        ("ood_placesbg", "ood", "val", "ood"),
+        ("id", "id", "test", "ood"),
+        ("ood_placesbg", "ood", "test", "ood"),
+    ]
     # ID: WaterBirds' own splits (2 train = calibration, 3 val, 7 test); the corrupt image is in test
     sizes = [sum(len(b.get("index", [])) + b["skipped"] for b in dl) for dl in test_loaders]
     assert sizes == [2, 3, 3, 7, 4]  # placesbg's 7 images divided 3 (val) / 4 (test: round(0.5 * 7))
@@ -117,8 +131,11 @@ def test_ood_datamodule_waterbirds_tags_batches(waterbirds, placesbg):
 def test_ood_datamodule_shapes_sets():
     dm = OODDataModule(n_id=6, n_ood=5, n_calib=4, batch_size=8)
     sets = dm.sets("val")
-    assert [(n, r, len(d)) for n, r, d in sets] == [("id", "id", 6), ("ood_background", "ood", 5),
-                                                    ("ood_novel_shape", "ood", 5)]
+    assert [(n, r, len(d)) for n, r, d in sets] == [
+        ("id", "id", 6),
+        ("ood_background", "ood", 5),
+        ("ood_novel_shape", "ood", 5),
+    ]
     assert len(dm.calibration_set()) == 4
     by_name = {n: d for n, _, d in sets}
     assert all(by_name["id"][i]["label"] in (0, 1) for i in range(6))
@@ -127,8 +144,9 @@ def test_ood_datamodule_shapes_sets():
     # calibration and ID come from different sample streams
     assert not torch.equal(dm.calibration_set()[0]["image"], by_name["id"][0]["image"])
     assert OODDataModule(n_calib=0).calibration_set() is None
-    assert [b["split"] for b in (next(iter(dl)) for dl in OODDataModule(n_calib=0, n_id=2, n_ood=2).val_dataloader())] \
-        == ["id", "ood_background", "ood_novel_shape"]
+    assert [
+        b["split"] for b in (next(iter(dl)) for dl in OODDataModule(n_calib=0, n_id=2, n_ood=2).val_dataloader())
+    ] == ["id", "ood_background", "ood_novel_shape"]
     # the test partition: the same sets, drawn from ShapesWorld's test key family
     test_sets = {n: d for n, _, d in dm.sets("test")}
     for name, ds in by_name.items():

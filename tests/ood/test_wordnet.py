@@ -50,10 +50,25 @@ def test_lemmas_per_lexicographer_file(wordnet_dir):
         "adj.ppl": ["broken"],
     }
     assert lists.lines() == 14
-    assert lists.merged("noun") == ["entity", "dog", "domestic dog", "Canis familiaris", "cat", "true cat", "chair",
-                                    "seat", "square"]
+    assert lists.merged("noun") == [
+        "entity",
+        "dog",
+        "domestic dog",
+        "Canis familiaris",
+        "cat",
+        "true cat",
+        "chair",
+        "seat",
+        "square",
+    ]
     assert read_wordnet(wordnet_dir, single_words=True, no_proper_nouns=True).merged("noun") == [
-        "entity", "dog", "cat", "chair", "seat", "square"]
+        "entity",
+        "dog",
+        "cat",
+        "chair",
+        "seat",
+        "square",
+    ]
 
 
 def test_nltk_zip_layout_and_lexnames_file(tmp_path, wordnet_dir):
@@ -63,8 +78,10 @@ def test_nltk_zip_layout_and_lexnames_file(tmp_path, wordnet_dir):
         z.write(wordnet_dir / "data.noun", "wordnet/data.noun")
         z.write(wordnet_dir / "data.adj", "wordnet/data.adj")
     assert read_wordnet(archive).files == read_wordnet(wordnet_dir).files
-    (wordnet_dir / "lexnames").write_text("00\tadj.all\t3\n01\tadj.pert\t3\n03\tnoun.Tops\t1\n05\tnoun.animal\t1\n"
-                                          "06\tnoun.artifact\t1\n25\tnoun.shape\t1\n44\tadj.ppl\t3\n")
+    (wordnet_dir / "lexnames").write_text(
+        "00\tadj.all\t3\n01\tadj.pert\t3\n03\tnoun.Tops\t1\n05\tnoun.animal\t1\n"
+        "06\tnoun.artifact\t1\n25\tnoun.shape\t1\n44\tadj.ppl\t3\n"
+    )
     assert read_wordnet(wordnet_dir).files == read_wordnet(archive).files
 
 
@@ -84,8 +101,9 @@ def test_vocab_command_writes_neglabels_layout_and_the_merged_lists(tmp_path, wo
     assert "14 lines" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not Path("/usr/share/wordnet/data.noun").is_file(),
-                    reason="needs Debian's wordnet-base (.ci/run installs it)")
+@pytest.mark.skipif(
+    not Path("/usr/share/wordnet/data.noun").is_file(), reason="needs Debian's wordnet-base (.ci/run installs it)"
+)
 def test_the_real_wordnet_counts():
     lists = read_wordnet("/usr/share/wordnet")
     # WordNet 3.0: 117,798 noun and 21,479 adjective lemmas in index.noun / index.adj; the data

@@ -63,13 +63,16 @@ def test_coco_missing_image_names_file_and_entry(coco):
         load_coco_captions(coco, n=None)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda d: d["annotations"][3].pop("caption"), r"annotations\[3\] \(id \d+\) has no 'caption'"),
-    (lambda d: d["annotations"][2].update(image_id=5), r"annotations\[2\] \(id \d+\) refers to image id 5"),
-    (lambda d: d["images"][1].pop("file_name"), r"images\[1\] has no 'file_name'"),
-    (lambda d: d["images"][4].update(id="x"), r"images\[4\] has a malformed 'id'"),
-    (lambda d: d.pop("annotations"), r"no 'annotations' list"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["annotations"][3].pop("caption"), r"annotations\[3\] \(id \d+\) has no 'caption'"),
+        (lambda d: d["annotations"][2].update(image_id=5), r"annotations\[2\] \(id \d+\) refers to image id 5"),
+        (lambda d: d["images"][1].pop("file_name"), r"images\[1\] has no 'file_name'"),
+        (lambda d: d["images"][4].update(id="x"), r"images\[4\] has a malformed 'id'"),
+        (lambda d: d.pop("annotations"), r"no 'annotations' list"),
+    ],
+)
 def test_coco_malformed_annotation_names_file_and_entry(coco, edit, message):
     rewrite_coco(coco, edit)
     with pytest.raises(AnnotationError, match=message) as err:
@@ -93,17 +96,29 @@ def karpathy(tmp_path):
         name = f"COCO_{folder}_{image_id:012d}.jpg"
         write_image(tmp_path / folder / name, k)
         caps = generate(seed=9, index=k, size=64).captions
-        entries.append({"filepath": folder, "filename": name, "imgid": k, "split": "test" if k < 4 else "val",
-                        "sentids": [0, 1], "cocoid": image_id,
-                        "sentences": [{"tokens": c.split(), "raw": c, "imgid": k, "sentid": j} for j, c in enumerate(caps)]})
+        entries.append(
+            {
+                "filepath": folder,
+                "filename": name,
+                "imgid": k,
+                "split": "test" if k < 4 else "val",
+                "sentids": [0, 1],
+                "cocoid": image_id,
+                "sentences": [{"tokens": c.split(), "raw": c, "imgid": k, "sentid": j} for j, c in enumerate(caps)],
+            }
+        )
     (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": entries, "dataset": "coco"}))
     return tmp_path
 
 
 def test_karpathy_split_in_file_order(karpathy):
     g = load_karpathy(karpathy, split="test", image_size=32)
-    assert g.keys() == ["train2014/COCO_train2014_000000000397.jpg", "val2014/COCO_val2014_000000000042.jpg",
-                        "train2014/COCO_train2014_000000000139.jpg", "val2014/COCO_val2014_000000000785.jpg"]
+    assert g.keys() == [
+        "train2014/COCO_train2014_000000000397.jpg",
+        "val2014/COCO_val2014_000000000042.jpg",
+        "train2014/COCO_train2014_000000000139.jpg",
+        "val2014/COCO_val2014_000000000785.jpg",
+    ]
     assert g.captions(1) == generate(seed=9, index=1, size=64).captions
     assert g.image(3).shape == (3, 32, 32)
     assert len(load_karpathy(karpathy, split="val")) == 2
@@ -131,7 +146,8 @@ def test_retrieval_on_the_coco_fixture_equals_direct_computation(coco):
     module = RetrievalModule("xclip:tiny-shapes")
     data = RetrievalDataModule(source="coco", data_root=str(coco), n=None, image_size=64, batch_size=4)
     pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False).validate(
-        module, datamodule=data, verbose=False)
+        module, datamodule=data, verbose=False
+    )
     g, bb = data.gallery, module.backbone
     texts, owner = g.all_captions()
     with torch.no_grad():

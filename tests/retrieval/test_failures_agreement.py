@@ -17,17 +17,28 @@ from xclip.retrieval.failures.agreement import (
 from xclip.retrieval.failures.taxonomy import CATEGORIES, LABELS, SHORT_CODES, category, is_ambiguous, parse_label
 
 
-@pytest.mark.parametrize("spelling, label", [
-    ("Ambiguous/underspecified", "Ambiguous/underspecified"),
-    ("ambiguous (under-specified)", "Ambiguous/underspecified"),
-    ("AMB-U", "Ambiguous/underspecified"),
-    ("underspecified", "Ambiguous/underspecified"),
-    ("Ambiguous: near duplicate", "Ambiguous/nearduplicate"),
-    ("amb_n", "Ambiguous/nearduplicate"),
-    (" ambiguous ", "Ambiguous"),
-    ("attr", "Attribute"), ("ATTRIBUTE", "Attribute"), ("act", "Action"), ("cnt", "Count"), ("count", "Count"),
-    ("ctx", "Context"), ("background", "Context"), ("spat", "Spatial"), ("Spatial", "Spatial"), ("obj", "Object"),
-])
+@pytest.mark.parametrize(
+    "spelling, label",
+    [
+        ("Ambiguous/underspecified", "Ambiguous/underspecified"),
+        ("ambiguous (under-specified)", "Ambiguous/underspecified"),
+        ("AMB-U", "Ambiguous/underspecified"),
+        ("underspecified", "Ambiguous/underspecified"),
+        ("Ambiguous: near duplicate", "Ambiguous/nearduplicate"),
+        ("amb_n", "Ambiguous/nearduplicate"),
+        (" ambiguous ", "Ambiguous"),
+        ("attr", "Attribute"),
+        ("ATTRIBUTE", "Attribute"),
+        ("act", "Action"),
+        ("cnt", "Count"),
+        ("count", "Count"),
+        ("ctx", "Context"),
+        ("background", "Context"),
+        ("spat", "Spatial"),
+        ("Spatial", "Spatial"),
+        ("obj", "Object"),
+    ],
+)
 def test_long_and_short_spellings_parse_to_canonical_labels(spelling, label):
     assert parse_label(spelling) == label
 
@@ -41,8 +52,11 @@ def test_every_label_has_a_unique_short_code_and_a_category():
     assert len(set(SHORT_CODES.values())) == len(LABELS) == 9
     assert [parse_label(code) for code in SHORT_CODES.values()] == list(LABELS)
     assert {category(label) for label in LABELS} == set(CATEGORIES)
-    assert [label for label in LABELS if is_ambiguous(label)] == ["Ambiguous/underspecified", "Ambiguous/nearduplicate",
-                                                                  "Ambiguous"]
+    assert [label for label in LABELS if is_ambiguous(label)] == [
+        "Ambiguous/underspecified",
+        "Ambiguous/nearduplicate",
+        "Ambiguous",
+    ]
     with pytest.raises(ValueError, match="canonical"):
         category("amb-u")
 
@@ -67,18 +81,20 @@ def test_cohen_kappa_hand_computed():
         cohen_kappa(["x"] * 4, ["x"] * 3)
 
 
-FLEISS_TABLE = np.array([
-    [0, 0, 0, 0, 14],
-    [0, 2, 6, 4, 2],
-    [0, 0, 3, 5, 6],
-    [0, 3, 9, 2, 0],
-    [2, 2, 8, 1, 1],
-    [7, 7, 0, 0, 0],
-    [3, 2, 6, 3, 0],
-    [2, 5, 3, 2, 2],
-    [6, 5, 2, 1, 0],
-    [0, 2, 2, 3, 7],
-])
+FLEISS_TABLE = np.array(
+    [
+        [0, 0, 0, 0, 14],
+        [0, 2, 6, 4, 2],
+        [0, 0, 3, 5, 6],
+        [0, 3, 9, 2, 0],
+        [2, 2, 8, 1, 1],
+        [7, 7, 0, 0, 0],
+        [3, 2, 6, 3, 0],
+        [2, 5, 3, 2, 2],
+        [6, 5, 2, 1, 0],
+        [0, 2, 2, 3, 7],
+    ]
+)
 
 
 def test_fleiss_kappa_textbook_example():

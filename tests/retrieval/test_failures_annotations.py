@@ -24,8 +24,21 @@ N_ANNOTATORS, PER_ANNOTATOR, OVERLAP = 3, 4, 5
 
 
 def make_failures(n: int) -> list[Failure]:
-    return [Failure(failure_id(t), t, f"caption {t}", t // 2, f"img{t // 2}", (t // 2 + 1) % 50, f"img{(t // 2 + 1) % 50}",
-                    0.5, 0.6, 1 + t % 3) for t in range(0, 2 * n, 2)]
+    return [
+        Failure(
+            failure_id(t),
+            t,
+            f"caption {t}",
+            t // 2,
+            f"img{t // 2}",
+            (t // 2 + 1) % 50,
+            f"img{(t // 2 + 1) % 50}",
+            0.5,
+            0.6,
+            1 + t % 3,
+        )
+        for t in range(0, 2 * n, 2)
+    ]
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -90,8 +103,12 @@ def test_sheets_have_one_row_per_assigned_failure_tied_to_its_card(sheets):
         for r in rows:
             f = by_id[r["failure_id"]]
             assert (sheet_dir / r["card"]).resolve() == (sheet_dir.parent / "cards" / f"{f.failure_id}.png").resolve()
-            assert (r["caption"], r["gt_key"], r["retrieved_key"], int(r["text_index"])) == \
-                (f.caption, f.gt_key, f.retrieved_key, f.text_index)
+            assert (r["caption"], r["gt_key"], r["retrieved_key"], int(r["text_index"])) == (
+                f.caption,
+                f.gt_key,
+                f.retrieved_key,
+                f.text_index,
+            )
             assert r["label"] == "" and r["note"] == ""
     saved = json.loads((sheet_dir / "assignment.json").read_text())
     assert saved == {"sheets": assignment.sheets, "overlap": assignment.overlap}
@@ -110,8 +127,11 @@ def label_everything(assignment, spelling_of) -> dict[str, dict[str, str]]:
 
 def test_report_counts_agreement_and_summary(sheets, tmp_path):
     sheet_dir, assignment, _ = sheets
-    truth = {fid: ["Object", "spat", "Attribute", "amb-n", "Count"][int(fid[1:]) // 2 % 5]
-             for ids in assignment.sheets.values() for fid in ids}
+    truth = {
+        fid: ["Object", "spat", "Attribute", "amb-n", "Count"][int(fid[1:]) // 2 % 5]
+        for ids in assignment.sheets.values()
+        for fid in ids
+    }
     disputed = assignment.overlap[0]  # annotator_3 disagrees on one shared failure
 
     def spelling(name, fid):
@@ -129,7 +149,9 @@ def test_report_counts_agreement_and_summary(sheets, tmp_path):
     assert len(shared) == OVERLAP and all(r["n_annotators"] == "3" for r in shared)
     dispute = next(r for r in merged if r["failure_id"] == disputed)
     assert dispute["n_agree"] == "2" and dispute["label_annotator_3"] == "Context"
-    assert dispute["label"] == {"spat": "Spatial", "amb-n": "Ambiguous/nearduplicate"}.get(truth[disputed], truth[disputed])
+    assert dispute["label"] == {"spat": "Spatial", "amb-n": "Ambiguous/nearduplicate"}.get(
+        truth[disputed], truth[disputed]
+    )
     assert all((tmp_path / "report" / r["card"]).is_file() for r in merged)  # card links still resolve
 
     rows = read_rows(tmp_path / "report" / "agreement.csv")
@@ -145,9 +167,14 @@ def test_report_counts_agreement_and_summary(sheets, tmp_path):
     assert float(agreement["all"]["kappa"]) < 1.0
     # on full labels the Ambiguous subtypes count apart (here every annotator used the same subtype)
     by_label = {r["annotators"]: r for r in rows if r["level"] == "label"}
-    full = [{"spat": "Spatial", "amb-n": "Ambiguous/nearduplicate"}.get(truth[f], truth[f]) for f in sorted(assignment.overlap)]
+    full = [
+        {"spat": "Spatial", "amb-n": "Ambiguous/nearduplicate"}.get(truth[f], truth[f])
+        for f in sorted(assignment.overlap)
+    ]
     full_b = ["Context" if f == disputed else x for f, x in zip(sorted(assignment.overlap), full)]
-    assert float(by_label["annotator_1+annotator_3"]["kappa"]) == pytest.approx(cohen_kappa_score(full, full_b), abs=1e-9)
+    assert float(by_label["annotator_1+annotator_3"]["kappa"]) == pytest.approx(
+        cohen_kappa_score(full, full_b), abs=1e-9
+    )
     assert report["n_ties"] == 0
 
     distribution = {r["label"]: int(r["count"]) for r in read_rows(tmp_path / "report" / "distribution.csv")}
@@ -159,8 +186,7 @@ def test_report_counts_agreement_and_summary(sheets, tmp_path):
     assert int(ambiguity["ambiguous"]) == n_amb and int(ambiguity["clear"]) == n_unique - n_amb
     assert float(ambiguity["ambiguous_to_clear"]) == pytest.approx(n_amb / (n_unique - n_amb))
     assert (tmp_path / "report" / "distribution.png").read_bytes()[:4] == b"\x89PNG"
-    assert read_merged_labels(tmp_path / "report" / "merged.csv") == \
-        {int(r["text_index"]): r["label"] for r in merged}
+    assert read_merged_labels(tmp_path / "report" / "merged.csv") == {int(r["text_index"]): r["label"] for r in merged}
 
 
 def test_consensus_is_the_majority_and_a_tie_stays_a_tie():
@@ -206,8 +232,10 @@ def test_unknown_and_empty_labels_are_reported_with_file_row_and_value(sheets, t
     with pytest.raises(SheetError) as err:
         read_sheet_dir(filled)
     issues = [(Path(i.file).name, i.row, i.column, i.value, i.problem) for i in err.value.issues]
-    assert issues == [("annotator_2.csv", 3, "label", "colour", "unknown label"),
-                      ("annotator_2.csv", 6, "label", "", "missing label")]
+    assert issues == [
+        ("annotator_2.csv", 3, "label", "colour", "unknown label"),
+        ("annotator_2.csv", 6, "label", "", "missing label"),
+    ]
     message = str(err.value)
     assert f"{path}, row 3, column 'label', value 'colour': unknown label" in message
     assert f"{path}, row 6, column 'label', value '': missing label" in message
@@ -225,9 +253,20 @@ def test_missing_column_duplicate_id_and_missing_row_are_all_collected(sheets, t
         read_sheet_dir(filled)
     issues = [(Path(i.file).name, i.row, i.column, i.value, i.problem) for i in err.value.issues]
     assert issues[0][:4] == ("annotator_1.csv", 1, "label", "") and issues[0][4].startswith("missing column")
-    assert issues[1] == ("annotator_2.csv", 10, "failure_id", rows2[0]["failure_id"], "duplicate failure id (first at row 2)")
-    assert issues[2] == ("annotator_2.csv", 0, "failure_id", dropped["failure_id"],
-                         "assigned failure has no row in this sheet")
+    assert issues[1] == (
+        "annotator_2.csv",
+        10,
+        "failure_id",
+        rows2[0]["failure_id"],
+        "duplicate failure id (first at row 2)",
+    )
+    assert issues[2] == (
+        "annotator_2.csv",
+        0,
+        "failure_id",
+        dropped["failure_id"],
+        "assigned failure has no row in this sheet",
+    )
     assert len(issues) == 3  # no per-row noise for the sheet without a label column
 
 
@@ -240,8 +279,12 @@ def test_a_row_not_assigned_to_its_annotator_is_an_error_naming_sheet_and_row(sh
     with pytest.raises(SheetError) as err:
         read_sheet_dir(filled)
     (issue,) = err.value.issues
-    assert (Path(issue.file).name, issue.row, issue.column, issue.value) == ("annotator_1.csv", len(rows) + 1,
-                                                                           "failure_id", own_of_2)
+    assert (Path(issue.file).name, issue.row, issue.column, issue.value) == (
+        "annotator_1.csv",
+        len(rows) + 1,
+        "failure_id",
+        own_of_2,
+    )
     assert issue.problem == "failure not assigned to annotator_1 in assignment.json"
 
 
@@ -268,13 +311,27 @@ def test_merge_command_writes_the_report(sheets, tmp_path, capsys):
     filled, _ = filled_copy(sheets, tmp_path)
     assert main(["merge", "--sheets", str(filled), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    assert f"{N_ANNOTATORS * PER_ANNOTATOR + OVERLAP} failures, {N_ANNOTATORS * (PER_ANNOTATOR + OVERLAP)} labels" in out
+    assert (
+        f"{N_ANNOTATORS * PER_ANNOTATOR + OVERLAP} failures, {N_ANNOTATORS * (PER_ANNOTATOR + OVERLAP)} labels" in out
+    )
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "agreement.csv", "ambiguity.csv", "distribution.csv", "distribution.png", "merged.csv", "report.json"]
+        "agreement.csv",
+        "ambiguity.csv",
+        "distribution.csv",
+        "distribution.png",
+        "merged.csv",
+        "report.json",
+    ]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     # every label is Object: chance agreement is 1, kappa undefined -> null in strict JSON
-    assert report["agreement"][-1] == {"level": "label", "method": "fleiss", "annotators": "all", "n_items": OVERLAP,
-                                       "observed": "", "kappa": None}
+    assert report["agreement"][-1] == {
+        "level": "label",
+        "method": "fleiss",
+        "annotators": "all",
+        "n_items": OVERLAP,
+        "observed": "",
+        "kappa": None,
+    }
 
 
 def test_merge_command_reports_bad_rows_and_exits_1(sheets, tmp_path, capsys):

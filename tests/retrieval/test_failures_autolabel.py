@@ -31,21 +31,31 @@ def test_same_layout_in_another_drawing_order_is_a_near_duplicate():
 
 def test_caption_true_of_a_different_layout_is_underspecified():
     # both objects move to the top row: "to the left of" still holds, absolute positions differ
-    up = Scene("water", (ShapeObject("circle", "red", "large", 0.25, 0.2), ShapeObject("square", "blue", "small", 0.75, 0.2)))
+    up = Scene(
+        "water", (ShapeObject("circle", "red", "large", 0.25, 0.2), ShapeObject("square", "blue", "small", 0.75, 0.2))
+    )
     assert caption(up, 0) == caption(TWO, 0)
     assert label(TWO, up) == "Ambiguous/underspecified"
 
 
-@pytest.mark.parametrize("retrieved, expected", [
-    (Scene("water", (RED_CIRCLE, ShapeObject("star", "blue", "small", 0.75, 0.5))), "Object"),  # other shape
-    (Scene("water", (RED_CIRCLE,)), "Object"),  # missing object
-    (Scene("water", (RED_CIRCLE, BLUE_SQUARE, ShapeObject("square", "blue", "small", 0.75, 0.15))), "Count"),
-    (Scene("water", (RED_CIRCLE, ShapeObject("square", "green", "small", 0.75, 0.5))), "Attribute"),  # colour
-    (Scene("water", (RED_CIRCLE, ShapeObject("square", "blue", "large", 0.75, 0.5))), "Attribute"),  # size
-    (Scene("sand", (RED_CIRCLE, BLUE_SQUARE)), "Context"),  # background only
-    (Scene("water", (ShapeObject("circle", "red", "large", 0.75, 0.5),
-                     ShapeObject("square", "blue", "small", 0.25, 0.5))), "Spatial"),  # swapped sides
-])
+@pytest.mark.parametrize(
+    "retrieved, expected",
+    [
+        (Scene("water", (RED_CIRCLE, ShapeObject("star", "blue", "small", 0.75, 0.5))), "Object"),  # other shape
+        (Scene("water", (RED_CIRCLE,)), "Object"),  # missing object
+        (Scene("water", (RED_CIRCLE, BLUE_SQUARE, ShapeObject("square", "blue", "small", 0.75, 0.15))), "Count"),
+        (Scene("water", (RED_CIRCLE, ShapeObject("square", "green", "small", 0.75, 0.5))), "Attribute"),  # colour
+        (Scene("water", (RED_CIRCLE, ShapeObject("square", "blue", "large", 0.75, 0.5))), "Attribute"),  # size
+        (Scene("sand", (RED_CIRCLE, BLUE_SQUARE)), "Context"),  # background only
+        (
+            Scene(
+                "water",
+                (ShapeObject("circle", "red", "large", 0.75, 0.5), ShapeObject("square", "blue", "small", 0.25, 0.5)),
+            ),
+            "Spatial",
+        ),  # swapped sides
+    ],
+)
 def test_first_scene_graph_difference_decides(retrieved, expected):
     assert label(TWO, retrieved) == expected
     assert label(TWO, retrieved, variant=1) == expected  # the paraphrase gets the same label

@@ -41,8 +41,16 @@ def test_top1_failures_match_a_stable_sort(quantise):
     want = brute_force_failures(img, txt, owner)
     for chunk in (1 << 25, 7):  # one shot and one caption per chunk
         got = top1_failures(img, txt, owner, chunk_elements=chunk)
-        rows = list(zip(got["text_index"].tolist(), got["gt_image"].tolist(), got["retrieved_image"].tolist(),
-                        got["gt_rank"].tolist(), got["gt_score"].tolist(), got["retrieved_score"].tolist()))
+        rows = list(
+            zip(
+                got["text_index"].tolist(),
+                got["gt_image"].tolist(),
+                got["retrieved_image"].tolist(),
+                got["gt_rank"].tolist(),
+                got["gt_score"].tolist(),
+                got["retrieved_score"].tolist(),
+            )
+        )
         assert [r[:4] for r in rows] == [w[:4] for w in want]
         assert np.allclose([r[4:] for r in rows], [w[4:] for w in want])
     assert 10 < len(want) < len(owner)
@@ -95,8 +103,9 @@ def test_caption_maps_are_the_pairwise_grad_eclip_maps(explainer):
 
 def test_card_title_then_gt_left_retrieved_right(explainer, tmp_path):
     img, txt, owner = random_problem(n_img=12, caps=2, dim=6, seed=1)
-    failures = failure_records(top1_failures(img, txt, owner), [f"caption number {t}" for t in range(24)],
-                               [f"img{i}" for i in range(12)])[:3]
+    failures = failure_records(
+        top1_failures(img, txt, owner), [f"caption number {t}" for t in range(24)], [f"img{i}" for i in range(12)]
+    )[:3]
     g = torch.Generator().manual_seed(1)
     images = torch.rand(12, 3, 32, 32, generator=g)
     paths = write_cards(explainer, failures, lambda i: images[i], tmp_path / "cards", batch_size=2, cell_size=64)

@@ -72,13 +72,18 @@ def test_ensemble_ranks_match_brute_force_and_do_not_depend_on_chunking(pooling)
 
 def test_one_template_is_plain_retrieval_and_mean_pooling_is_the_mean_embedding():
     img, templates, owner = template_problem(k=3)
-    assert torch.equal(ensemble_t2i_ranks(img, templates[:1], owner, "max"), retrieval_ranks(img, templates[0], owner)[0])
+    assert torch.equal(
+        ensemble_t2i_ranks(img, templates[:1], owner, "max"), retrieval_ranks(img, templates[0], owner)[0]
+    )
     mean_emb = F.normalize(templates.mean(0), dim=-1)
     assert torch.equal(ensemble_t2i_ranks(img, templates, owner, "mean"), retrieval_ranks(img, mean_emb, owner)[0])
 
 
 def test_templates_are_filled_and_encoded_per_template():
-    assert templated(["A dog runs.", "two cats "], "a photo of {}.") == ["a photo of A dog runs.", "a photo of two cats."]
+    assert templated(["A dog runs.", "two cats "], "a photo of {}.") == [
+        "a photo of A dog runs.",
+        "a photo of two cats.",
+    ]
 
     class CountingBackbone:
         def __init__(self):
@@ -136,8 +141,10 @@ def lexical_problem(seed):
     g = torch.Generator().manual_seed(seed)
     base = [torch.randint(len(VOCAB), (4,), generator=g).tolist() for _ in range(20)]
     # captions of one image share words (their image's base words) plus noise words
-    captions = [" ".join(VOCAB[w] for w in base[i][: 2 + t % 3] + torch.randint(len(VOCAB), (2,), generator=g).tolist())
-                for t, i in enumerate(owner.tolist())]
+    captions = [
+        " ".join(VOCAB[w] for w in base[i][: 2 + t % 3] + torch.randint(len(VOCAB), (2,), generator=g).tolist())
+        for t, i in enumerate(owner.tolist())
+    ]
     return img, txt, owner, captions
 
 
@@ -148,8 +155,9 @@ def test_rerank_matches_the_loop_reference(lexical, seed):
     want = reference_rerank(img, txt, owner, captions, k=5, weight=0.3, lexical=lexical)
     got = rerank_t2i_ranks(img, txt, owner, captions, k=5, weight=0.3, lexical=lexical)
     assert torch.equal(got, want)
-    assert torch.equal(rerank_t2i_ranks(img, txt, owner, captions, k=5, weight=0.3, lexical=lexical,
-                                        chunk_elements=50), want)
+    assert torch.equal(
+        rerank_t2i_ranks(img, txt, owner, captions, k=5, weight=0.3, lexical=lexical, chunk_elements=50), want
+    )
     base = retrieval_ranks(img, txt, owner)[0]
     assert not torch.equal(got, base)  # the re-ranking changes something
     assert torch.equal(got[base >= 5], base[base >= 5])  # beyond the top k nothing moves
@@ -157,7 +165,9 @@ def test_rerank_matches_the_loop_reference(lexical, seed):
 
 def test_zero_weight_is_the_clip_ranking():
     img, txt, owner, captions = lexical_problem(3)
-    assert torch.equal(rerank_t2i_ranks(img, txt, owner, captions, k=10, weight=0.0), retrieval_ranks(img, txt, owner)[0])
+    assert torch.equal(
+        rerank_t2i_ranks(img, txt, owner, captions, k=10, weight=0.0), retrieval_ranks(img, txt, owner)[0]
+    )
 
 
 def test_the_query_never_counts_towards_its_own_image():
@@ -182,12 +192,26 @@ def test_improvement_rows_and_files(tmp_path):
     subsets = {"all": torch.arange(5), "failures": torch.tensor([1, 2, 4]), "failures:Object": torch.tensor([4])}
     rows = improvement_rows(ranks, subsets, ks=(1, 5), params={"better": "k=3"})
     assert len(rows) == 6
-    assert rows[1] == {"method": "baseline", "params": "", "subset": "failures", "n_queries": 3, "R@1": 0.0,
-                       "R@5": 2 / 3}
-    assert rows[4] == {"method": "better", "params": "k=3", "subset": "failures", "n_queries": 3, "R@1": 1 / 3,
-                       "R@5": 1.0}
-    assert recall_from_ranks(torch.tensor([], dtype=torch.long), (1,))["R@1"] != recall_from_ranks(
-        torch.tensor([], dtype=torch.long), (1,))["R@1"]  # NaN for an empty subset
+    assert rows[1] == {
+        "method": "baseline",
+        "params": "",
+        "subset": "failures",
+        "n_queries": 3,
+        "R@1": 0.0,
+        "R@5": 2 / 3,
+    }
+    assert rows[4] == {
+        "method": "better",
+        "params": "k=3",
+        "subset": "failures",
+        "n_queries": 3,
+        "R@1": 1 / 3,
+        "R@5": 1.0,
+    }
+    assert (
+        recall_from_ranks(torch.tensor([], dtype=torch.long), (1,))["R@1"]
+        != recall_from_ranks(torch.tensor([], dtype=torch.long), (1,))["R@1"]
+    )  # NaN for an empty subset
     csv_path, png_path = write_improvements(tmp_path, rows, ks=(1, 5))
     with open(csv_path, newline="") as fh:
         table = list(csv.DictReader(fh))

@@ -37,11 +37,24 @@ def run(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("failure_run")
-    callback = RetrievalExplanationCallback(max_items=N_FAILURES, seed=0, n_annotators=N_ANNOTATORS,
-                                       per_annotator=PER_ANNOTATOR, overlap=OVERLAP, card_size=64, log_cards=2)
+    callback = RetrievalExplanationCallback(
+        max_items=N_FAILURES,
+        seed=0,
+        n_annotators=N_ANNOTATORS,
+        per_annotator=PER_ANNOTATOR,
+        overlap=OVERLAP,
+        card_size=64,
+        log_cards=2,
+    )
     module = RetrievalModule()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=TensorBoardLogger(root, name="run"), callbacks=[callback],
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=TensorBoardLogger(root, name="run"),
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.validate(module, RetrievalDataModule(source="shapes", n=N_IMAGES, seed=0, batch_size=125), verbose=False)
     yield SimpleNamespace(trainer=trainer, module=module, dir=root / "run" / "version_0")
     torch.set_num_threads(threads)
@@ -55,8 +68,9 @@ def expected(run):
     scores = emb.text_emb @ emb.image_emb.T
     top = torch.sort(-scores, dim=1, stable=True).indices[:, 0]
     failing = torch.nonzero(top != emb.text_to_image).flatten().tolist()
-    labels = {t: autolabel(texts[t], gallery.scene(int(emb.text_to_image[t])), gallery.scene(int(top[t])))
-              for t in failing}
+    labels = {
+        t: autolabel(texts[t], gallery.scene(int(emb.text_to_image[t])), gallery.scene(int(top[t]))) for t in failing
+    }
     return SimpleNamespace(failing=failing, top=top, labels=labels, n_captions=len(texts))
 
 
@@ -68,7 +82,9 @@ def test_failures_csv_holds_every_top1_failure(run, expected):
     for r in rows:
         t = int(r["text_index"])
         assert int(r["retrieved_image"]) == int(expected.top[t])
-        assert r["gt_key"] == gallery.key(int(r["gt_image"])) and r["retrieved_key"] == gallery.key(int(r["retrieved_image"]))
+        assert r["gt_key"] == gallery.key(int(r["gt_image"])) and r["retrieved_key"] == gallery.key(
+            int(r["retrieved_image"])
+        )
         assert r["auto_label"] == expected.labels[t]
     assert len(rows) / expected.n_captions == pytest.approx(1 - run.module.recall_values["val/retrieval/t2i_R@1"])
 
@@ -88,8 +104,11 @@ def test_cards_and_sheets_have_the_configured_counts(run, expected):
         ids += [r["failure_id"] for r in rows]
     assert len(set(ids)) == N_ANNOTATORS * PER_ANNOTATOR + OVERLAP and set(ids) <= set(cards)
     summary = json.loads((failures_dir / "index.json").read_text())
-    assert (summary["n_failures"], summary["n_sampled"], summary["n_cards"]) == (len(expected.failing), N_FAILURES,
-                                                                                N_FAILURES)
+    assert (summary["n_failures"], summary["n_sampled"], summary["n_cards"]) == (
+        len(expected.failing),
+        N_FAILURES,
+        N_FAILURES,
+    )
     assert (summary["per_annotator"], summary["overlap"]) == (PER_ANNOTATOR, OVERLAP)
 
 
@@ -144,8 +163,13 @@ def test_improvements_table_per_method_and_category(run, expected):
     label_counts = Counter(expected.labels.values())
     subsets = ["all", "failures", *(f"failures:{label}" for label in label_counts)]
     assert len(rows) == N_METHODS * len(subsets)
-    assert {r["method"] for r in rows} == {"baseline", "templates_mean", "templates_max", "templates_logsumexp",
-                                           "rerank_tfidf"}
+    assert {r["method"] for r in rows} == {
+        "baseline",
+        "templates_mean",
+        "templates_max",
+        "templates_logsumexp",
+        "rerank_tfidf",
+    }
     by = {(r["method"], r["subset"]): r for r in rows}
     assert float(by["baseline", "all"]["R@1"]) == pytest.approx(run.module.recall_values["val/retrieval/t2i_R@1"])
     assert float(by["baseline", "all"]["R@5"]) == pytest.approx(run.module.recall_values["val/retrieval/t2i_R@5"])
@@ -169,18 +193,37 @@ def test_cards_and_improvements_are_logged_to_tensorboard(run):
 
 def test_labels_csv_defines_the_improvement_subsets(run, expected, tmp_path):
     merged_csv = run.dir / "failures" / "val" / "auto" / "merged.csv"
-    callback = RetrievalExplanationCallback(max_items=4, n_annotators=1, per_annotator=4, overlap=0, cards=False,
-                                       autolabel=False, labels_csv=str(merged_csv), poolings=["max"],
-                                       templates=["{}", "a photo of {}."])
-    trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, logger=SimpleNamespace(log_dir=str(tmp_path)),
-                              loggers=[], default_root_dir=str(tmp_path), global_step=0)
+    callback = RetrievalExplanationCallback(
+        max_items=4,
+        n_annotators=1,
+        per_annotator=4,
+        overlap=0,
+        cards=False,
+        autolabel=False,
+        labels_csv=str(merged_csv),
+        poolings=["max"],
+        templates=["{}", "a photo of {}."],
+    )
+    trainer = SimpleNamespace(
+        sanity_checking=False,
+        is_global_zero=True,
+        logger=SimpleNamespace(log_dir=str(tmp_path)),
+        loggers=[],
+        default_root_dir=str(tmp_path),
+        global_step=0,
+    )
     summary = callback.analyse(trainer, run.module)
     merged = Counter(r["label"] for r in read_rows(merged_csv))
     subsets = {r["subset"]: r["n_queries"] for r in summary["improvements"] if r["method"] == "baseline"}
-    assert subsets == {"all": expected.n_captions, "failures": len(expected.failing),
-                       **{f"failures:{label}": n for label, n in merged.items()}}
+    assert subsets == {
+        "all": expected.n_captions,
+        "failures": len(expected.failing),
+        **{f"failures:{label}": n for label, n in merged.items()},
+    }
     assert {r["method"] for r in summary["improvements"]} == {"baseline", "templates_max", "rerank_tfidf"}
-    assert not (tmp_path / "failures" / "val" / "cards").exists() and not (tmp_path / "failures" / "val" / "auto").exists()
+    assert (
+        not (tmp_path / "failures" / "val" / "cards").exists() and not (tmp_path / "failures" / "val" / "auto").exists()
+    )
     assert len(read_rows(tmp_path / "failures" / "val" / "sheets" / "annotator_1.csv")) == 4
 
 
@@ -196,10 +239,21 @@ def test_embedding_rows_map_back_to_gallery_captions():
 
 
 def stub_run(tmp_path, image_emb, text_emb, text_to_image, gallery):
-    module = SimpleNamespace(gallery=gallery, backbone=None, gallery_embeddings=SimpleNamespace(
-        image_emb=image_emb, text_emb=text_emb, text_to_image=text_to_image, image_index=torch.arange(len(gallery))))
-    trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, logger=SimpleNamespace(log_dir=str(tmp_path)),
-                              loggers=[], default_root_dir=str(tmp_path), global_step=0)
+    module = SimpleNamespace(
+        gallery=gallery,
+        backbone=None,
+        gallery_embeddings=SimpleNamespace(
+            image_emb=image_emb, text_emb=text_emb, text_to_image=text_to_image, image_index=torch.arange(len(gallery))
+        ),
+    )
+    trainer = SimpleNamespace(
+        sanity_checking=False,
+        is_global_zero=True,
+        logger=SimpleNamespace(log_dir=str(tmp_path)),
+        loggers=[],
+        default_root_dir=str(tmp_path),
+        global_step=0,
+    )
     return trainer, module
 
 
@@ -223,12 +277,16 @@ def test_too_few_failures_shrink_the_sheets_with_a_warning(tmp_path):
     text_emb = torch.eye(6)[owner]
     text_emb[[0, 2, 4]] = torch.eye(6)[[1, 3, 5]]  # captions 0, 2, 4 retrieve the next image
     trainer, module = stub_run(tmp_path, torch.eye(6), text_emb, owner, gallery)
-    callback = RetrievalExplanationCallback(max_items=10, n_annotators=2, per_annotator=5, overlap=2, cards=False,
-                                       improvements=False)
+    callback = RetrievalExplanationCallback(
+        max_items=10, n_annotators=2, per_annotator=5, overlap=2, cards=False, improvements=False
+    )
     with pytest.warns(UserWarning, match="per_annotator=0, overlap=2"):
         summary = callback.analyse(trainer, module)
     assert (summary["n_failures"], summary["per_annotator"], summary["overlap"]) == (3, 0, 2)
     failures = read_rows(tmp_path / "failures" / "val" / "failures.csv")
-    assert [(r["text_index"], r["gt_image"], r["retrieved_image"]) for r in failures] == \
-        [("0", "0", "1"), ("2", "1", "3"), ("4", "2", "5")]
+    assert [(r["text_index"], r["gt_image"], r["retrieved_image"]) for r in failures] == [
+        ("0", "0", "1"),
+        ("2", "1", "3"),
+        ("4", "2", "5"),
+    ]
     assert [len(read_rows(tmp_path / "failures" / "val" / "sheets" / f"annotator_{k}.csv")) for k in (1, 2)] == [2, 2]

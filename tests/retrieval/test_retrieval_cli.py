@@ -19,8 +19,16 @@ from xclip.retrieval import RetrievalDataModule, RetrievalModule
 ROOT = Path(__file__).resolve().parents[2]
 SHAPES, COCO = ROOT / "configs" / "retrieval_shapes.yaml", ROOT / "configs" / "retrieval_coco.yaml"
 # 45 images (odd: the distributed sampler pads one rank with a repeat), 3 captions each
-SMALL = ["--data.init_args.n", "45", "--data.init_args.captions_per_image", "3", "--data.init_args.batch_size", "8",
-         "--trainer.enable_progress_bar", "false"]
+SMALL = [
+    "--data.init_args.n",
+    "45",
+    "--data.init_args.captions_per_image",
+    "3",
+    "--data.init_args.batch_size",
+    "8",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 
 
 def outputs(run_root: Path) -> tuple[dict, dict, dict]:
@@ -33,8 +41,18 @@ def outputs(run_root: Path) -> tuple[dict, dict, dict]:
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
-    main(["validate", "--config", str(SHAPES), "--trainer.logger.init_args.save_dir", str(root / "logs"),
-          "--model.init_args.cache_dir", str(root / "cache"), *SMALL])
+    main(
+        [
+            "validate",
+            "--config",
+            str(SHAPES),
+            "--trainer.logger.init_args.save_dir",
+            str(root / "logs"),
+            "--model.init_args.cache_dir",
+            str(root / "cache"),
+            *SMALL,
+        ]
+    )
     return outputs(root)
 
 
@@ -43,14 +61,21 @@ def test_shapes_config_writes_results_and_cache(single):
     metrics, recall = results["metrics"], results["retrieval"]["recall"]
     for direction in ("t2i", "i2t"):
         for k in (1, 5, 10):
-            assert metrics[f"val/retrieval/{direction}_R@{k}"] == pytest.approx(recall[f"val/retrieval/{direction}_R@{k}"], abs=1e-6)
+            assert metrics[f"val/retrieval/{direction}_R@{k}"] == pytest.approx(
+                recall[f"val/retrieval/{direction}_R@{k}"], abs=1e-6
+            )
     # brute force from the cached embeddings: rank every image for every caption (ties by index)
     sim = tensors["text_emb"] @ tensors["image_emb"].T
     owner = tensors["text_to_image"]
     for k in (1, 5, 10):
         t2i = (sim.topk(k, dim=1).indices == owner[:, None]).any(1).double().mean().item()
-        i2t = sum(bool(set(sim.T[i].topk(k).indices.tolist()) & set((owner == i).nonzero().flatten().tolist()))
-                  for i in range(45)) / 45
+        i2t = (
+            sum(
+                bool(set(sim.T[i].topk(k).indices.tolist()) & set((owner == i).nonzero().flatten().tolist()))
+                for i in range(45)
+            )
+            / 45
+        )
         assert recall[f"val/retrieval/t2i_R@{k}"] == pytest.approx(t2i, abs=1e-6)
         assert recall[f"val/retrieval/i2t_R@{k}"] == pytest.approx(i2t, abs=1e-6)
     assert recall["val/retrieval/t2i_R@1"] > 0.5  # the shipped checkpoint, not chance (1/45)
@@ -65,9 +90,23 @@ def test_shapes_config_writes_results_and_cache(single):
 def test_ddp_two_processes_equal_single_process(single, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     env.pop("MASTER_PORT", None)
-    cmd = [sys.executable, "-m", "xclip.cli", "validate", "--config", str(SHAPES),
-           "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--model.init_args.cache_dir",
-           str(tmp_path / "cache"), "--trainer.devices", "2", "--trainer.strategy", "ddp", *SMALL]
+    cmd = [
+        sys.executable,
+        "-m",
+        "xclip.cli",
+        "validate",
+        "--config",
+        str(SHAPES),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "logs"),
+        "--model.init_args.cache_dir",
+        str(tmp_path / "cache"),
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        *SMALL,
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results, meta, tensors = outputs(tmp_path)
@@ -75,8 +114,9 @@ def test_ddp_two_processes_equal_single_process(single, tmp_path):
     assert results["retrieval"]["recall"] == single[0]["retrieval"]["recall"]  # exact fractions
     assert results["metrics"] == single[0]["metrics"]
     assert results["retrieval"]["n_images"] == 45 and results["retrieval"]["n_captions"] == 135  # repeat dropped
-    assert {k: meta[k] for k in ("key", "image_keys", "captions", "text_to_image")} == \
-        {k: single[1][k] for k in ("key", "image_keys", "captions", "text_to_image")}
+    assert {k: meta[k] for k in ("key", "image_keys", "captions", "text_to_image")} == {
+        k: single[1][k] for k in ("key", "image_keys", "captions", "text_to_image")
+    }
     for name in ("image_emb", "text_emb"):
         torch.testing.assert_close(tensors[name], single[2][name], atol=1e-5, rtol=0)
     assert torch.equal(tensors["text_to_image"], single[2]["text_to_image"])

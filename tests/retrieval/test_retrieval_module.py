@@ -28,14 +28,21 @@ def tiny_spec(tmp_path_factory) -> str:
     """A random-init tiny CLIP saved as an xclip checkpoint directory (fast to load and run)."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    save_checkpoint(open_clip.model.CLIP(**TINY_CFG), TINY_CFG,
-                    {"image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}, 32, path, dtype=torch.float32)
+    save_checkpoint(
+        open_clip.model.CLIP(**TINY_CFG),
+        TINY_CFG,
+        {"image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3},
+        32,
+        path,
+        dtype=torch.float32,
+    )
     return str(path)
 
 
 def validate(module, datamodule, **trainer_kw):
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, **trainer_kw)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False, **trainer_kw
+    )
     return trainer.validate(module, datamodule=datamodule, verbose=False)[0]
 
 
@@ -127,8 +134,9 @@ def test_cache_hit_inside_an_evaluation_suite_skips_the_images_too(tiny_spec, tm
 
     def run():
         member = RetrievalModule(tiny_spec, cache_dir=str(tmp_path))
-        data = CombinedDataModule({"retrieval": RetrievalDataModule(source="shapes", n=16, seed=0, image_size=32,
-                                                                    batch_size=8)})
+        data = CombinedDataModule(
+            {"retrieval": RetrievalDataModule(source="shapes", n=16, seed=0, image_size=32, batch_size=8)}
+        )
         validate(EvaluationSuite({"retrieval": member}, routes={"retrieval": "retrieval"}), data)
         return member
 
@@ -185,8 +193,9 @@ def test_corrupt_cache_is_detected_logged_and_recomputed(tiny_spec, tmp_path, mo
 
 def test_partial_gallery_is_not_cached(tiny_spec, tmp_path):
     module = RetrievalModule(tiny_spec, cache_dir=str(tmp_path))
-    validate(module, RetrievalDataModule(source="shapes", n=16, seed=0, image_size=32, batch_size=4),
-             limit_val_batches=2)
+    validate(
+        module, RetrievalDataModule(source="shapes", n=16, seed=0, image_size=32, batch_size=4), limit_val_batches=2
+    )
     assert module.gallery_embeddings.image_index.tolist() == list(range(8))
     assert module._cache.status == "miss" and not module._cache.meta_path.exists()
 

@@ -46,14 +46,24 @@ class Linear2(nn.Module):
 
     def forward_embeds(self, pv, emb, mask):
         t = emb.shape[1]
-        return (torch.einsum("nchw,kchw->nk", pv, self.w_img)
-                + torch.einsum("ntd,ktd->nk", emb * mask.unsqueeze(-1), self.w_txt[:, :t]) + self.b)
+        return (
+            torch.einsum("nchw,kchw->nk", pv, self.w_img)
+            + torch.einsum("ntd,ktd->nk", emb * mask.unsqueeze(-1), self.w_txt[:, :t])
+            + self.b
+        )
 
 
 def linear_target(model: Linear2) -> MultimodalTarget:
-    return MultimodalTarget("linear", model, model.forward_embeds,
-                            lambda pv, ids, mask: model.forward_embeds(pv, model.table(ids), mask),
-                            model.table, model.table, lambda x: x, ["a", "b"])
+    return MultimodalTarget(
+        "linear",
+        model,
+        model.forward_embeds,
+        lambda pv, ids, mask: model.forward_embeds(pv, model.table(ids), mask),
+        model.table,
+        model.table,
+        lambda x: x,
+        ["a", "b"],
+    )
 
 
 def linear_inputs(n: int, seed: int, lengths=None) -> MultimodalInputs:
@@ -95,13 +105,15 @@ def test_shap_with_a_larger_background_adds_up_only_in_expectation():
     # against the draws shap's own sampler makes for these seeds
     with torch.no_grad():
         emb_bg = model.table(bg.input_ids)
-        full_mean = model.forward_embeds(bg.pixel_values.mean(0, keepdim=True), emb_bg.mean(0, keepdim=True),
-                                         bg.attention_mask[:1])
+        full_mean = model.forward_embeds(
+            bg.pixel_values.mean(0, keepdim=True), emb_bg.mean(0, keepdim=True), bg.attention_mask[:1]
+        )
     for i, cls in enumerate((0, 1)):
         rows = torch.from_numpy(expected_gradient_draws(11 + i, 30, 200)[0])
         drawn, drawn_emb = bg.pixel_values[rows].mean(0), emb_bg[rows].mean(0)
-        torch.testing.assert_close(att.image[i, ..., 0], ((x.pixel_values[i] - drawn) * model.w_img[cls]).double(),
-                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            att.image[i, ..., 0], ((x.pixel_values[i] - drawn) * model.w_img[cls]).double(), rtol=1e-4, atol=1e-6
+        )
         with torch.no_grad():
             expected_txt = (model.table(x.input_ids[i]) - drawn_emb) * model.w_txt[cls]
             drawn_out = model.forward_embeds(drawn[None], drawn_emb[None], bg.attention_mask[:1])
@@ -199,7 +211,10 @@ def test_attribution_measurements_on_hand_cases():
     assert share[0].item() == pytest.approx(5 / 8) and torch.isnan(share[1])
     with pytest.raises(ValueError, match="non-negative"):
         mass_on_region(-maps, masks)
-    tokens = [["[CLS]", "on", "sa", "##nd", "[SEP]", "[PAD]"], ["[CLS]", "sky", "background", "[SEP]", "[PAD]", "[PAD]"]]
+    tokens = [
+        ["[CLS]", "on", "sa", "##nd", "[SEP]", "[PAD]"],
+        ["[CLS]", "sky", "background", "[SEP]", "[PAD]", "[PAD]"],
+    ]
     scores = torch.tensor([[5.0, 0.5, 0.25, 0.5, 5.0, 0.0], [0.0, -0.1, 0.3, 0.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]])
     ranks, counts = deciding_word_ranks(tokens, scores, mask, ["sand", "sky"])
@@ -212,10 +227,18 @@ def test_attribution_measurements_on_hand_cases():
 def test_word_chart_title_fits_the_figure_and_a_legend_names_the_signs():
     from xclip.explain.render import explanation_title, token_bar_chart
 
-    title = explanation_title("on a sand background: one small red object in the top left corner, next to a tree",
-                              "integrated_gradients", "W" * 90, "val | task background | class sand")
-    fig = token_bar_chart(["on", "a_very_long_word_piece_label_pushing_the_axes", "sand"], [0.1, -0.2, 0.9], title,
-                          legend=("towards 'sand'", "away from 'sand'"))
+    title = explanation_title(
+        "on a sand background: one small red object in the top left corner, next to a tree",
+        "integrated_gradients",
+        "W" * 90,
+        "val | task background | class sand",
+    )
+    fig = token_bar_chart(
+        ["on", "a_very_long_word_piece_label_pushing_the_axes", "sand"],
+        [0.1, -0.2, 0.9],
+        title,
+        legend=("towards 'sand'", "away from 'sand'"),
+    )
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     box = fig.axes[0].title.get_window_extent(renderer)
@@ -242,22 +265,33 @@ def test_explanation_files_are_named_by_the_image_file_and_record_its_path(tmp_p
 
     root = shapes_csv_layout(tmp_path / "data", {"train": 8, "dev": 4, "test": 2})
     lines = (root / "metadata_dev.csv").read_text().splitlines()
-    lines[3] = "images/dev_0.png" + lines[3][lines[3].index(","):]  # data row 3 reuses row 1's image
+    lines[3] = "images/dev_0.png" + lines[3][lines[3].index(",") :]  # data row 3 reuses row 1's image
     (root / "metadata_dev.csv").write_text("\n".join(lines) + "\n")
     torch.manual_seed(0)
-    module = MultimodalClassifierModule(model=TEACHER_ARGS,
-                                        labels={"type": TASKS["shape"], "severity": TASKS["background"]})
+    module = MultimodalClassifierModule(
+        model=TEACHER_ARGS, labels={"type": TASKS["shape"], "severity": TASKS["background"]}
+    )
     data = DistillDataModule(source="csv", data_root=str(root), image_size=64, batch_size=2)
-    callbacks = [SHAPCallback(max_items=3, background_size=2, nsamples=4, tasks=["type"]),
-                 CaptumCallback(max_items=3, n_steps=4, tasks=["type"])]
-    trainer = pl.Trainer(logger=CSVLogger(tmp_path, name="run"), callbacks=callbacks, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path)
+    callbacks = [
+        SHAPCallback(max_items=3, background_size=2, nsamples=4, tasks=["type"]),
+        CaptumCallback(max_items=3, n_steps=4, tasks=["type"]),
+    ]
+    trainer = pl.Trainer(
+        logger=CSVLogger(tmp_path, name="run"),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.validate(module, datamodule=data)
     for explainer in ("shap", "integrated_gradients"):
         folder = Path(trainer.log_dir) / "explanations" / explainer / "val"
         items = json.loads((folder / "index.json").read_text())["items"]
         assert [(r["item_id"], r["index"], r["path"]) for r in items] == [
-            ("dev_0", 0, "images/dev_0.png"), ("dev_1", 1, "images/dev_1.png"), ("dev_0-2", 2, "images/dev_0.png")]
+            ("dev_0", 0, "images/dev_0.png"),
+            ("dev_1", 1, "images/dev_1.png"),
+            ("dev_0-2", 2, "images/dev_0.png"),
+        ]
         for r in items:
             assert (folder / f"type_{r['item_id']}.png").is_file() and r["png"] == f"type_{r['item_id']}.png"
             assert (folder / r["token_png"]).is_file() and (folder / r["npy"]).is_file()

@@ -1,4 +1,5 @@
 """xclip.backbones on tiny offline models: open_clip batch-first, open_clip sequence-first, HF."""
+
 from __future__ import annotations
 
 import json
@@ -116,7 +117,10 @@ def test_sequence_first_twin_matches_batch_first(backbones, images):
     with torch.no_grad():
         torch.testing.assert_close(sf.encode_image(images), bf.encode_image(images), atol=1e-5, rtol=0)
         torch.testing.assert_close(sf.encode_text(TEXTS), bf.encode_text(TEXTS), atol=1e-5, rtol=0)
-    for t_bf, t_sf in ((bf.trace_text(TEXTS, 2), sf.trace_text(TEXTS, 2)), (bf.trace_image(images, 2), sf.trace_image(images, 2))):
+    for t_bf, t_sf in (
+        (bf.trace_text(TEXTS, 2), sf.trace_text(TEXTS, 2)),
+        (bf.trace_image(images, 2), sf.trace_image(images, 2)),
+    ):
         torch.testing.assert_close(t_sf.blocks[0].x_in, t_bf.blocks[0].x_in, atol=1e-5, rtol=0)
         torch.testing.assert_close(t_sf.embedding, t_bf.embedding, atol=1e-5, rtol=0)
 
@@ -205,7 +209,9 @@ def test_encode_text_from_embeddings_and_pseudo_tokens(bb):
     embeds = bb.token_embedding(with_slot)
     assert embeds.shape == (2, 16, 64)
     with torch.no_grad():
-        torch.testing.assert_close(bb.encode_text_from_embeddings(embeds, with_slot), bb.encode_text(with_slot), atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            bb.encode_text_from_embeddings(embeds, with_slot), bb.encode_text(with_slot), atol=1e-6, rtol=0
+        )
     slot = (with_slot == 259).int().argmax(1)
     assert slot.tolist() == [4, 1]
     word_embeds = bb.token_embedding(with_word)
@@ -288,8 +294,13 @@ def test_save_load_checkpoint_roundtrip(oc_model, images, tmp_path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-shapes"]  # no temp dirs left behind
     assert (path / "README.md").read_text() == "model card"  # a re-export keeps the model card
     config = json.loads((path / "config.json").read_text())
-    assert config == {"architecture": "openclip", "format_version": 1, "model_cfg": json.loads(json.dumps(MODEL_CFG)),
-                      "preprocess": preprocess, "tokenizer": {"context_length": 16}}
+    assert config == {
+        "architecture": "openclip",
+        "format_version": 1,
+        "model_cfg": json.loads(json.dumps(MODEL_CFG)),
+        "preprocess": preprocess,
+        "tokenizer": {"context_length": 16},
+    }
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         assert f.get_tensor("visual.proj").dtype == torch.float16
 
@@ -300,8 +311,10 @@ def test_save_load_checkpoint_roundtrip(oc_model, images, tmp_path, monkeypatch)
         assert loaded.model_cfg == config["model_cfg"]
         assert (loaded.image_mean, loaded.image_std) == ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
         with torch.no_grad():
-            for new, ref in ((loaded.encode_image(images), oc_model.encode_image(images)),
-                             (loaded.encode_text(TEXTS), oc_model.encode_text(loaded.tokenize(TEXTS)))):
+            for new, ref in (
+                (loaded.encode_image(images), oc_model.encode_image(images)),
+                (loaded.encode_text(TEXTS), oc_model.encode_text(loaded.tokenize(TEXTS))),
+            ):
                 assert ((new - ref).norm(dim=-1) / ref.norm(dim=-1)).max() < 1e-2
 
 
@@ -349,10 +362,13 @@ def test_openclip_tag_from_cache_forces_quick_gelu(tiny_arch, empty_caches, monk
     assert torch.equal(local.model.token_embedding.weight, source.token_embedding.weight)
 
 
-@pytest.mark.parametrize("spec,names", [
-    ("openclip:ViT-B-32-quickgelu/openai", ["openclip:ViT-B-32-quickgelu/openai", "hf download", "//path/to/"]),
-    ("hf:openai/clip-vit-base-patch32", ["hf:openai/clip-vit-base-patch32", "hf download", "hf:/path/to/dir"]),
-])
+@pytest.mark.parametrize(
+    "spec,names",
+    [
+        ("openclip:ViT-B-32-quickgelu/openai", ["openclip:ViT-B-32-quickgelu/openai", "hf download", "//path/to/"]),
+        ("hf:openai/clip-vit-base-patch32", ["hf:openai/clip-vit-base-patch32", "hf download", "hf:/path/to/dir"]),
+    ],
+)
 @pytest.mark.parametrize("network", ["offline_env", "closed_port"])
 def test_missing_pretrained_weights_fail_fast(empty_caches, monkeypatch, spec, names, network):
     if network == "offline_env":
@@ -390,7 +406,9 @@ def test_hf_local_directory(tmp_path, images):
     bb = load_backbone(f"hf:{tmp_path / 'with_tok'}")
     assert isinstance(bb.tokenizer, HFTokenizerAdapter)
     assert bb.model.config._attn_implementation == "eager"
-    assert load_backbone(str(tmp_path / "no_tok")).tokenize(TEXTS).tolist() == wrap_model(model).tokenize(TEXTS).tolist()
+    assert (
+        load_backbone(str(tmp_path / "no_tok")).tokenize(TEXTS).tolist() == wrap_model(model).tokenize(TEXTS).tolist()
+    )
     with torch.no_grad():
         torch.testing.assert_close(bb.encode_image(images), model.get_image_features(pixel_values=images).pooler_output)
         expected = model.get_text_features(input_ids=bb.tokenize(TEXTS)).pooler_output
@@ -431,11 +449,14 @@ def test_hf_hub_id_from_cache_loads_offline(empty_caches, monkeypatch):
 
 
 # ---- unsupported variants ------------------------------------------------------------------
-@pytest.mark.parametrize("overrides,message", [
-    (dict(vision_cfg={**VISION_CFG, "scaled_cosine_attn": True}), "scaled-cosine"),
-    (dict(vision_cfg={**VISION_CFG, "qk_norm": True}), "qk-norm"),
-    (dict(text_cfg={**TEXT_CFG, "scale_heads": True}), "per-head attention scaling"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(vision_cfg={**VISION_CFG, "scaled_cosine_attn": True}), "scaled-cosine"),
+        (dict(vision_cfg={**VISION_CFG, "qk_norm": True}), "qk-norm"),
+        (dict(text_cfg={**TEXT_CFG, "scale_heads": True}), "per-head attention scaling"),
+    ],
+)
 def test_unsupported_variants_rejected(overrides, message):
     with pytest.raises(NotImplementedError, match=message):
         wrap_model(tiny_clip(**overrides))
@@ -529,9 +550,15 @@ def test_a_new_backend_is_one_registration(monkeypatch, oc_model):
         calls.append("wrap")
         return wrap_model(model.inner, tokenizer, preprocess_cfg)
 
-    registry.register_backend(registry.Backend(
-        scheme="toy", load=lambda ref: wrap(Toy(), None, None), describe="toy:<anything>",
-        claims_model=lambda model: isinstance(model, Toy), wrap=wrap))
+    registry.register_backend(
+        registry.Backend(
+            scheme="toy",
+            load=lambda ref: wrap(Toy(), None, None),
+            describe="toy:<anything>",
+            claims_model=lambda model: isinstance(model, Toy),
+            wrap=wrap,
+        )
+    )
     bb = load_backbone("toy:whatever")
     assert bb.spec == "toy:whatever" and calls == ["wrap"]
     assert wrap_model(Toy()).model is oc_model and calls == ["wrap", "wrap"]
@@ -544,8 +571,11 @@ def test_shipped_checkpoints_load_their_files_tensor_for_tensor():
 
     from xclip.backbones import checkpoint_path, checkpoints_dir
 
-    names = sorted(p.name for p in checkpoints_dir().iterdir()
-                   if (p / "config.json").is_file() and '"architecture": "openclip"' in (p / "config.json").read_text())
+    names = sorted(
+        p.name
+        for p in checkpoints_dir().iterdir()
+        if (p / "config.json").is_file() and '"architecture": "openclip"' in (p / "config.json").read_text()
+    )
     assert "tiny-shapes" in names
     for name in names:
         state = load_backbone(f"xclip:{name}").model.state_dict()

@@ -36,8 +36,18 @@ def run_demo(tmp_path, *extra):
     """Run the shrunk demo; returns (run directory, what it printed on stdout)."""
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        main(["validate", "--config", small_demo(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
-              "--trainer.enable_progress_bar", "false", *extra])
+        main(
+            [
+                "validate",
+                "--config",
+                small_demo(tmp_path),
+                "--trainer.logger.init_args.save_dir",
+                str(tmp_path),
+                "--trainer.enable_progress_bar",
+                "false",
+                *extra,
+            ]
+        )
     runs = sorted((tmp_path / "demo").glob("version_*"))
     assert runs, f"no run directory under {tmp_path}"
     return runs[-1], printed.getvalue()
@@ -93,8 +103,12 @@ def direct(demo_run):
 
         nouns = (demo_run / "neg_labels_noun.txt").read_text().split("\n")
         adjs = (demo_run / "neg_labels_adj.txt").read_text().split("\n")
-        neg = torch.cat([F.normalize(bb.encode_text([f"the nice {w}" for w in nouns if w]), dim=-1),
-                         F.normalize(bb.encode_text([f"This is a {w} photo" for w in adjs if w]), dim=-1)])
+        neg = torch.cat(
+            [
+                F.normalize(bb.encode_text([f"the nice {w}" for w in nouns if w]), dim=-1),
+                F.normalize(bb.encode_text([f"This is a {w} photo" for w in adjs if w]), dim=-1),
+            ]
+        )
         ids = F.normalize(bb.encode_text(["the nice square", "the nice circle"]), dim=-1)
         scorer = NegLabelScorer(ids.double(), neg.double(), n_groups=10, seed=0)
         scores = {}
@@ -108,8 +122,11 @@ def direct(demo_run):
 def test_demo_metrics_equal_a_direct_computation(demo_run, direct):
     results = json.loads((demo_run / "results.json").read_text())
     metrics = results["metrics"]
-    for key in ("val/zeroshot/shape_acc", "val/zeroshot/colour_acc", *(f"val/retrieval/{d}_R@{k}" for d in ("t2i", "i2t")
-                                                                      for k in (1, 5, 10))):
+    for key in (
+        "val/zeroshot/shape_acc",
+        "val/zeroshot/colour_acc",
+        *(f"val/retrieval/{d}_R@{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)),
+    ):
         assert metrics[key] == pytest.approx(direct[key], abs=1e-6), key
     # the shipped checkpoint, not a random model: well above chance (1/6) on these 40 images
     assert metrics["val/zeroshot/shape_acc"] > 0.3 and metrics["val/zeroshot/colour_acc"] > 0.9
@@ -169,7 +186,7 @@ def test_demo_prints_one_report_table_with_every_metric_once(demo_output):
     assert len(re.findall(r"^workflow +\| measured", printed, re.M)) == 1  # one table, not one per dataloader
     assert "DataLoader" not in printed and "Validate metric" not in printed  # Lightning's tables are off
     assert "Tip:" not in printed
-    table = printed[re.search(r"^workflow +\| measured", printed, re.M).start():printed.index("results:")]
+    table = printed[re.search(r"^workflow +\| measured", printed, re.M).start() : printed.index("results:")]
     groups = [line.split("|")[0].strip() for line in table.splitlines()[2:] if line.strip() and "-+-" not in line]
     # one block per workflow, in the suite's member order (the shrunk config lists them sorted)
     assert [g for g in groups if g] == ["OOD detection", "image-text retrieval", "zero-shot classification"]
@@ -221,8 +238,9 @@ def test_explanation_pngs_are_titled_with_the_batch_text(demo_run):
 def test_explanation_tensorboard_tags_name_task_and_dataloader(demo_run):
     acc = EventAccumulator(str(demo_run), size_guidance={"images": 0})
     acc.Reload()
-    tags = [t for t in acc.Tags()["images"] if t.startswith("val/explanations/grad_eclip/")
-            and not t.endswith("_tokens")]
+    tags = [
+        t for t in acc.Tags()["images"] if t.startswith("val/explanations/grad_eclip/") and not t.endswith("_tokens")
+    ]
     assert len(tags) == len(set(tags)) == 8
     assert all(t.startswith("val/explanations/grad_eclip/classification_dl0_") for t in tags)
 
@@ -246,8 +264,15 @@ def test_malformed_config_is_rejected_with_the_key(tmp_path, capsys):
 def test_missing_checkpoint_is_one_paragraph_with_xclips_own_message(tmp_path, capsys):
     missing = tmp_path / "no_such_checkpoint"
     with pytest.raises(SystemExit) as exc:
-        main(["validate", "--config", small_demo(tmp_path, backbone=str(missing)),
-              "--trainer.logger.init_args.save_dir", str(tmp_path)])
+        main(
+            [
+                "validate",
+                "--config",
+                small_demo(tmp_path, backbone=str(missing)),
+                "--trainer.logger.init_args.save_dir",
+                str(tmp_path),
+            ]
+        )
     message = str(exc.value)
     assert message.startswith(f"xclip: error: FileNotFoundError: '{missing}': no such file or directory")
     assert "expected an xclip checkpoint directory" in message and "--debug" in message
@@ -298,8 +323,15 @@ def test_a_corrupt_checkpoint_file_is_named(tmp_path, damage):
         with pytest.raises(ValueError, match=rf"{copy / 'model.safetensors'}: cannot read the weights"):
             load_backbone(str(copy))
     with pytest.raises(SystemExit, match=rf"xclip: error: ValueError: {copy}"):
-        main(["validate", "--config", small_demo(tmp_path, backbone=str(copy)),
-              "--trainer.logger.init_args.save_dir", str(tmp_path)])
+        main(
+            [
+                "validate",
+                "--config",
+                small_demo(tmp_path, backbone=str(copy)),
+                "--trainer.logger.init_args.save_dir",
+                str(tmp_path),
+            ]
+        )
 
 
 def _module_at(path: Path, source: str):
@@ -322,8 +354,10 @@ def test_the_error_named_comes_from_the_package_not_a_venv_in_a_folder_named_xcl
     from xclip.backbones import load_backbone
     from xclip.cli import is_own_frame, root_cause
 
-    dependency = _module_at(tmp_path / "xclip" / ".venv" / "lib" / "python3.11" / "site-packages" / "fakesafe.py",
-                            "def load_file(path):\n    raise RuntimeError('incomplete metadata')\n")
+    dependency = _module_at(
+        tmp_path / "xclip" / ".venv" / "lib" / "python3.11" / "site-packages" / "fakesafe.py",
+        "def load_file(path):\n    raise RuntimeError('incomplete metadata')\n",
+    )
     assert not is_own_frame(dependency.__file__)
     assert is_own_frame(loading.__file__)
     monkeypatch.setattr(model_folder, "load_file", dependency.load_file)
@@ -341,8 +375,15 @@ def test_the_error_named_comes_from_the_package_not_a_venv_in_a_folder_named_xcl
     assert cause is exc.value
     assert f"{copy / 'model.safetensors'}: cannot read the weights" in str(cause)
     with pytest.raises(SystemExit, match=rf"xclip: error: ValueError: {copy}"):
-        main(["validate", "--config", small_demo(tmp_path, backbone=str(copy)),
-              "--trainer.logger.init_args.save_dir", str(tmp_path)])
+        main(
+            [
+                "validate",
+                "--config",
+                small_demo(tmp_path, backbone=str(copy)),
+                "--trainer.logger.init_args.save_dir",
+                str(tmp_path),
+            ]
+        )
 
 
 def test_root_cause_honours_raise_from_none():
@@ -404,8 +445,9 @@ def test_help_of_every_command_without_a_model_imports_no_torch(command):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", _HELP_WITHOUT_TORCH, *command, "--help"], capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", _HELP_WITHOUT_TORCH, *command, "--help"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage:" in done.stdout and "HEAVY []" in done.stdout, done.stdout[-500:]
 
@@ -413,8 +455,17 @@ def test_help_of_every_command_without_a_model_imports_no_torch(command):
 def test_a_run_that_fails_before_any_result_leaves_no_run_folder(tmp_path, capsys):
     config = Path(DEMO).parents[1] / "configs" / "tipai_folder.yaml"
     with pytest.raises(SystemExit, match="image folder .*missing: no such directory"):
-        main(["validate", "--config", str(config), "--data.init_args.data_root", str(tmp_path / "missing"),
-              "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])
+        main(
+            [
+                "validate",
+                "--config",
+                str(config),
+                "--data.init_args.data_root",
+                str(tmp_path / "missing"),
+                "--trainer.logger.init_args.save_dir",
+                str(tmp_path / "runs"),
+            ]
+        )
     assert not any((tmp_path / "runs").rglob("version_*")), list((tmp_path / "runs").rglob("*"))
 
 

@@ -16,8 +16,12 @@ from xclip.ood.vocabulary import builtin_wordlist
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # used on top of stage 1 (the SigLIP-style and the relative-caption recipes too: same data and schedule keys)
-OVERLAYS = {"pretrain_tiny_shapes_stage2.yaml", "pretrain_tiny_shapes_stage3.yaml", "pretrain_tiny_shapes_siglip.yaml",
-            "pretrain_tiny_shapes_cir.yaml"}
+OVERLAYS = {
+    "pretrain_tiny_shapes_stage2.yaml",
+    "pretrain_tiny_shapes_stage3.yaml",
+    "pretrain_tiny_shapes_siglip.yaml",
+    "pretrain_tiny_shapes_cir.yaml",
+}
 STAGES = {"pretrain_tiny_shapes_stage2.yaml", "pretrain_tiny_shapes_stage3.yaml"}
 
 
@@ -34,44 +38,92 @@ def data(tmp_path_factory):
     write_cirr(root / "CIRR")
     write_circo(root / "CIRCO")
     write_fashioniq(root / "FashionIQ")
-    return {"waterbirds": write_waterbirds(root / "waterbirds"), "placesbg": write_placesbg(root / "placesbg"),
-            "coco": write_coco(root / "coco"), "words": words, "phi": phis, "cir": root}
+    return {
+        "waterbirds": write_waterbirds(root / "waterbirds"),
+        "placesbg": write_placesbg(root / "placesbg"),
+        "coco": write_coco(root / "coco"),
+        "words": words,
+        "phi": phis,
+        "cir": root,
+    }
 
 
 def overrides(name: str, data: dict, tmp: Path) -> list[str]:
     common = ["--trainer.logger.init_args.save_dir", str(tmp)]
     if name == "ood_waterbirds.yaml":
-        return common + ["--data.init_args.data_root", str(data["waterbirds"]),
-                         "--data.init_args.ood_dirs", json.dumps({"placesbg": str(data["placesbg"])}),
-                         "--data.init_args.num_workers", "0", "--data.init_args.image_size", "224",
-                         "--model.init_args.backbone", "openclip:ViT-B-16",
-                         "--model.init_args.nouns", str(data["words"] / "nouns.txt"),
-                         "--model.init_args.adjectives", str(data["words"] / "adjectives.txt"),
-                         "--model.init_args.n_groups", "2", "--model.init_args.m1_topk", "2", "--model.init_args.m2", "false",
-                         "--model.init_args.text_cache_dir", "null"]
+        return common + [
+            "--data.init_args.data_root",
+            str(data["waterbirds"]),
+            "--data.init_args.ood_dirs",
+            json.dumps({"placesbg": str(data["placesbg"])}),
+            "--data.init_args.num_workers",
+            "0",
+            "--data.init_args.image_size",
+            "224",
+            "--model.init_args.backbone",
+            "openclip:ViT-B-16",
+            "--model.init_args.nouns",
+            str(data["words"] / "nouns.txt"),
+            "--model.init_args.adjectives",
+            str(data["words"] / "adjectives.txt"),
+            "--model.init_args.n_groups",
+            "2",
+            "--model.init_args.m1_topk",
+            "2",
+            "--model.init_args.m2",
+            "false",
+            "--model.init_args.text_cache_dir",
+            "null",
+        ]
     if name == "retrieval_coco.yaml":
-        return common + ["--data.init_args.data_root", str(data["coco"]), "--data.init_args.n", "null",
-                         "--data.init_args.num_workers", "0", "--model.init_args.backbone",
-                         "openclip:ViT-B-32-quickgelu", "--model.init_args.cache_dir", "null"]
+        return common + [
+            "--data.init_args.data_root",
+            str(data["coco"]),
+            "--data.init_args.n",
+            "null",
+            "--data.init_args.num_workers",
+            "0",
+            "--model.init_args.backbone",
+            "openclip:ViT-B-32-quickgelu",
+            "--model.init_args.cache_dir",
+            "null",
+        ]
     if name.startswith("tipai"):  # the database goes to the test's folder; the folder config reads the shipped example
         return common + ["--model.init_args.db_path", str(tmp / "tipai.db")]
     if name == "tspo_head_shapes.yaml":  # a few prompts, features cached in the test's folder
-        return common + ["--data.init_args.n_train", "2", "--data.init_args.n_val", "3",
-                         "--data.init_args.cache_dir", str(tmp / "cache")]
+        return common + [
+            "--data.init_args.n_train",
+            "2",
+            "--data.init_args.n_val",
+            "3",
+            "--data.init_args.cache_dir",
+            str(tmp / "cache"),
+        ]
     if name in CIR_REAL:
         folder, backbone, width = CIR_REAL[name]
-        return common + ["--data.init_args.data_root", str(data["cir"] / folder), "--data.init_args.num_workers", "0",
-                         "--model.init_args.backbone", backbone, "--model.init_args.phi", str(data["phi"][width]),
-                         "--model.init_args.cache_dir", "null"]
+        return common + [
+            "--data.init_args.data_root",
+            str(data["cir"] / folder),
+            "--data.init_args.num_workers",
+            "0",
+            "--model.init_args.backbone",
+            backbone,
+            "--model.init_args.phi",
+            str(data["phi"][width]),
+            "--model.init_args.cache_dir",
+            "null",
+        ]
     if name == "cir_phi_shapes.yaml":
         return common + ["--data.init_args.batch_size", "4", "--data.init_args.n_train", "8", "--data.init_args.n", "8"]
     return common + ["--data.init_args.batch_size", "4"] if name.startswith("pretrain") else common
 
 
 # real-data CIR configs: fixture folder, the same architecture at random init, its phi width
-CIR_REAL = {"cir_cirr.yaml": ("CIRR", "openclip:ViT-B-32-quickgelu", 512),
-            "cir_circo.yaml": ("CIRCO", "openclip:ViT-L-14-quickgelu", 768),
-            "cir_fashioniq.yaml": ("FashionIQ", "openclip:ViT-B-32-quickgelu", 512)}
+CIR_REAL = {
+    "cir_cirr.yaml": ("CIRR", "openclip:ViT-B-32-quickgelu", 512),
+    "cir_circo.yaml": ("CIRCO", "openclip:ViT-L-14-quickgelu", 768),
+    "cir_fashioniq.yaml": ("FashionIQ", "openclip:ViT-B-32-quickgelu", 512),
+}
 FIT_CONFIGS = ("pretrain", "cir_phi")
 
 
@@ -85,11 +137,26 @@ def test_every_config_is_covered():
     assert shipped - OVERLAYS == set(CASES), "add the new config to CASES (with fixtures if it reads real data)"
 
 
-CASES = ["demo.yaml", "ood_shapes.yaml", "ood_waterbirds.yaml", "retrieval_shapes.yaml",
-         "retrieval_coco.yaml", "pretrain_tiny_shapes.yaml", "distill_teacher_shapes.yaml", "distill_student_shapes.yaml",
-         "distill_student_nokd_shapes.yaml", "distill_explain_shapes.yaml", "tipai_shapes.yaml", "tipai_folder.yaml",
-         "tspo_head_shapes.yaml", "cir_shapes.yaml", "cir_phi_shapes.yaml", "cir_cirr.yaml", "cir_circo.yaml",
-         "cir_fashioniq.yaml"]
+CASES = [
+    "demo.yaml",
+    "ood_shapes.yaml",
+    "ood_waterbirds.yaml",
+    "retrieval_shapes.yaml",
+    "retrieval_coco.yaml",
+    "pretrain_tiny_shapes.yaml",
+    "distill_teacher_shapes.yaml",
+    "distill_student_shapes.yaml",
+    "distill_student_nokd_shapes.yaml",
+    "distill_explain_shapes.yaml",
+    "tipai_shapes.yaml",
+    "tipai_folder.yaml",
+    "tspo_head_shapes.yaml",
+    "cir_shapes.yaml",
+    "cir_phi_shapes.yaml",
+    "cir_cirr.yaml",
+    "cir_circo.yaml",
+    "cir_fashioniq.yaml",
+]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -129,8 +196,10 @@ def test_recipe_stages_build_on_top_of_stage_one(overlay, tmp_path):
 
 
 def test_siglip_recipe_builds_a_sigmoid_model_warm_started_from_tiny_shapes(tmp_path):
-    cli = build(["pretrain_tiny_shapes.yaml", "pretrain_tiny_shapes_siglip.yaml"],
-                overrides("pretrain_tiny_shapes.yaml", {}, tmp_path))
+    cli = build(
+        ["pretrain_tiny_shapes.yaml", "pretrain_tiny_shapes_siglip.yaml"],
+        overrides("pretrain_tiny_shapes.yaml", {}, tmp_path),
+    )
     module = cli.model
     assert module.hparams.warm_start == "checkpoints/tiny-shapes" and module.hparams.init_checkpoint is None
     assert module.model.logit_bias is not None and module.model.visual.trunk.attn_pool is not None

@@ -46,17 +46,48 @@ def runs(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        main(["validate", "--config", str(config), "--trainer.logger.init_args.save_dir", str(single),
-              "--trainer.enable_progress_bar", "false"])
+        main(
+            [
+                "validate",
+                "--config",
+                str(config),
+                "--trainer.logger.init_args.save_dir",
+                str(single),
+                "--trainer.enable_progress_bar",
+                "false",
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
     env.pop("MASTER_PORT", None)
-    proc = subprocess.run([sys.executable, "-m", "xclip.cli", "validate", "--config", str(config),
-                           "--trainer.logger.init_args.save_dir", str(double), "--trainer.enable_progress_bar", "false",
-                           "--trainer.devices", "2", "--trainer.strategy", "ddp"],
-                          cwd=double, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xclip.cli",
+            "validate",
+            "--config",
+            str(config),
+            "--trainer.logger.init_args.save_dir",
+            str(double),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.devices",
+            "2",
+            "--trainer.strategy",
+            "ddp",
+        ],
+        cwd=double,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MEMBER: 2/2" in proc.stdout + proc.stderr  # a second process really ran
     return run_dir(single), run_dir(double)
@@ -68,8 +99,12 @@ def test_every_metric_equals_the_single_process_number(runs):
     assert one["zeroshot"]["n_classified"] == two["zeroshot"]["n_classified"] == 41  # the repeat is dropped
     assert two["retrieval"]["retrieval"]["n_images"] == 41 and two["retrieval"]["retrieval"]["n_captions"] == 82
     neg1, neg2 = one["ood"]["ood"], two["ood"]["ood"]
-    assert {s: v["n"] for s, v in neg2["splits"].items()} == {"calib": 21, "id": 41, "ood_background": 41,
-                                                             "ood_novel_shape": 41}
+    assert {s: v["n"] for s, v in neg2["splits"].items()} == {
+        "calib": 21,
+        "id": 41,
+        "ood_background": 41,
+        "ood_novel_shape": 41,
+    }
     for key in ("variants", "per_lambda", "ablation", "splits", "best_lambda", "oracle_lambda", "zscore_stats"):
         assert neg1[key] == neg2[key], key
 

@@ -13,8 +13,13 @@ from xclip.engine import EvaluationModule, ReportsResults, warmup_cosine
 from xclip.model_folder import FORMAT_VERSION, read_config, read_folder, save_folder
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = {"tiny-shapes": "openclip", "searle-phi-tiny-shapes": "searle-phi", "tspo-head-tiny-shapes": "tspo-head",
-           "distill-teacher-shapes": "xclip-distill-classifier", "distill-student-shapes": "xclip-distill-classifier"}
+SHIPPED = {
+    "tiny-shapes": "openclip",
+    "searle-phi-tiny-shapes": "searle-phi",
+    "tspo-head-tiny-shapes": "tspo-head",
+    "distill-teacher-shapes": "xclip-distill-classifier",
+    "distill-student-shapes": "xclip-distill-classifier",
+}
 
 
 def test_warmup_cosine_by_hand():

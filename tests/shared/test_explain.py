@@ -4,6 +4,7 @@ The numeric checks compare the library against naive re-implementations written 
 method descriptions (the Grad-ECLIP, Grad-CAM and GAME papers): hand-computed tensors, per-(image, text) autograd
 through the whole forward, and the official Grad-ECLIP computation rebuilt from the raw weights.
 """
+
 from __future__ import annotations
 
 import gc
@@ -65,10 +66,23 @@ def tiny_clip(seed: int = 0) -> CLIP:
 def tiny_hf_clip(seed: int = 0, **text_overrides) -> CLIPModel:
     torch.manual_seed(seed)
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=16, **text_overrides),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128,
-                           num_hidden_layers=2, num_attention_heads=4),
+        text_config=dict(
+            vocab_size=49408,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            **text_overrides,
+        ),
+        vision_config=dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        ),
         projection_dim=32,
     )
     model = CLIPModel(cfg)
@@ -137,12 +151,16 @@ def test_grad_eclip_scores_multihead_is_sum_of_heads_before_relu():
     g = torch.Generator().manual_seed(0)
     n, kk, heads, j, dh = 2, 3, 4, 5, 3
     grad = torch.randn(n, kk, heads * dh, generator=g)
-    q, k, v = torch.randn(n, heads, dh, generator=g), torch.randn(n, heads, j, dh, generator=g), torch.randn(n, heads, j, dh, generator=g)
+    q, k, v = (
+        torch.randn(n, heads, dh, generator=g),
+        torch.randn(n, heads, j, dh, generator=g),
+        torch.randn(n, heads, j, dh, generator=g),
+    )
     out = grad_eclip_scores(grad, q, k, v)
 
     def pre_relu_single(h):  # ReLU(x) - ReLU(-x) = x, and the scores are linear in the gradient
-        gh = grad[..., h * dh:(h + 1) * dh]
-        args = (q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1])
+        gh = grad[..., h * dh : (h + 1) * dh]
+        args = (q[:, h : h + 1], k[:, h : h + 1], v[:, h : h + 1])
         return grad_eclip_scores(gh, *args) - grad_eclip_scores(-gh, *args)
 
     torch.testing.assert_close(out, F.relu(sum(pre_relu_single(h) for h in range(heads))), atol=1e-6, rtol=0)
@@ -153,7 +171,7 @@ def test_grad_eclip_scores_multihead_is_sum_of_heads_before_relu():
             tot = torch.zeros(j)
             for h in range(heads):
                 lam = naive_minmax(torch.stack([F.cosine_similarity(q[a, h], k[a, h, t], dim=0) for t in range(j)]))
-                tot += lam * (v[a, h] @ grad[a, b, h * dh:(h + 1) * dh])
+                tot += lam * (v[a, h] @ grad[a, b, h * dh : (h + 1) * dh])
             naive[a, b] = F.relu(tot)
     torch.testing.assert_close(out, naive, atol=1e-6, rtol=0)
     assert (out == 0).any() and (out > 0.1).any()
@@ -231,8 +249,11 @@ def naive_grad_eclip_terms(bb, images, texts) -> tuple[torch.Tensor, torch.Tenso
         for a in range(n):
             for h in range(heads):
                 ch = slice(h * dh, (h + 1) * dh)
-                spatial[a, h] = naive_minmax(torch.stack([F.cosine_similarity(last.q[a, 0, ch], last.k[a, j, ch], dim=0)
-                                                          for j in range(1, length)]))
+                spatial[a, h] = naive_minmax(
+                    torch.stack(
+                        [F.cosine_similarity(last.q[a, 0, ch], last.k[a, j, ch], dim=0) for j in range(1, length)]
+                    )
+                )
             for b in range(len(texts)):
                 (g,) = torch.autograd.grad(cos[a, b], last.attn_out, retain_graph=True)
                 # only the CLS row of image a reaches its embedding
@@ -416,7 +437,7 @@ def test_batch_equals_single(name, size, bb):
     full = explainer.image_maps(images, TEXTS)
     assert full.shape == (3, 3, size[0] // 8, size[1] // 8)
     assert_nontrivial(full)
-    per_image = torch.cat([explainer.image_maps(images[i:i + 1], TEXTS) for i in range(3)])
+    per_image = torch.cat([explainer.image_maps(images[i : i + 1], TEXTS) for i in range(3)])
     torch.testing.assert_close(full, per_image, atol=ATOL, rtol=0)
     per_text = torch.cat([explainer.image_maps(images, [t]) for t in TEXTS], dim=1)
     torch.testing.assert_close(full, per_text, atol=ATOL, rtol=0)
@@ -429,8 +450,9 @@ def test_batch_equals_single(name, size, bb):
 def test_gradeclip_native_resolution_matches_autograd(kind, bb, hf_bb):
     backbone = bb if kind == "openclip" else hf_bb
     wide = torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(GradECLIP(backbone).image_maps(wide, TEXTS), naive_grad_eclip_model(backbone, wide, TEXTS),
-                               atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        GradECLIP(backbone).image_maps(wide, TEXTS), naive_grad_eclip_model(backbone, wide, TEXTS), atol=ATOL, rtol=0
+    )
     words = GradECLIP(backbone).text_maps(wide, TEXTS)  # the image embedding at 48x64 too
     torch.testing.assert_close(words.token_scores.sum(-1), torch.ones(2, 3), atol=1e-5, rtol=0)
 
@@ -465,7 +487,7 @@ def test_batch_equals_single_softmax_target(bb, images):
     explainer = GradECLIP(bb)
     full = explainer.image_maps(images, TEXTS, target=SOFTMAX)
     assert_nontrivial(full)
-    single = torch.cat([explainer.image_maps(images[i:i + 1], TEXTS, target=SOFTMAX) for i in range(3)])
+    single = torch.cat([explainer.image_maps(images[i : i + 1], TEXTS, target=SOFTMAX) for i in range(3)])
     torch.testing.assert_close(full, single, atol=ATOL, rtol=0)
 
 
@@ -502,7 +524,7 @@ def test_text_maps_words(text_maps):
     for k, span in spans.items():
         for w, (a, b) in enumerate(span):
             torch.testing.assert_close(tm.word_scores[:, k, w], tm.token_scores[:, k, a:b].sum(-1), atol=1e-6, rtol=0)
-        assert (tm.word_scores[:, k, len(span):] == 0).all()
+        assert (tm.word_scores[:, k, len(span) :] == 0).all()
     # "blorptastic" gets its mass from several sub-tokens, so the sums above are not vacuous
     assert ((tm.token_scores[:, 0, 3:7] > 1e-3).sum(-1) >= 2).any()
     assert (tm.word_scores[:, 0, 2] > 1e-3).all()
@@ -534,8 +556,8 @@ def naive_text_scores_model(bb, images, texts, target) -> list[list[torch.Tensor
                     dh = blk.q.shape[-1] // heads
                     for h in range(heads):
                         ch = slice(h * dh, (h + 1) * dh)
-                        lam = naive_minmax(F.cosine_similarity(blk.q[b, e, ch][None], blk.k[b, :e + 1, ch], dim=-1))
-                        total += lam * (blk.v[b, :e + 1, ch] @ g[b, e, ch])
+                        lam = naive_minmax(F.cosine_similarity(blk.q[b, e, ch][None], blk.k[b, : e + 1, ch], dim=-1))
+                        total += lam * (blk.v[b, : e + 1, ch] @ g[b, e, ch])
                 s = F.relu(total)[1:e].detach()
                 row.append(s / s.sum() if s.sum() > 0 else s)
             result.append(row)
@@ -558,7 +580,7 @@ def test_text_maps_match_naive_autograd(bb, images, text_maps, target):
     for a in range(3):
         for b in range(3):
             s = naive[a][b]
-            torch.testing.assert_close(tm.token_scores[a, b, :len(s)], s, atol=ATOL, rtol=0)
+            torch.testing.assert_close(tm.token_scores[a, b, : len(s)], s, atol=ATOL, rtol=0)
     diff = (tm.token_scores - text_maps.token_scores).abs().max()
     if target == "softmax10":
         # d p_k / d(text k) = s p_k (1 - p_k) d cos_k / d(text k): a positive multiple of the cosine
@@ -611,7 +633,7 @@ def official_text_scores(oc_model, images, texts) -> list[list[torch.Tensor]]:
             for b, e in enumerate(eots):
                 grads = torch.autograd.grad(cos[a, b], [p[0] for p in per_layer], retain_graph=True)
                 total = 0
-                for (o, q_out, k_out, v), g in zip(per_layer, grads):
+                for (_o, q_out, k_out, v), g in zip(per_layer, grads):
                     lam = naive_minmax(F.cosine_similarity(q_out[b, e][None], k_out[b], dim=-1))
                     total = total + lam * (v[b] @ g[b, e])
                 s = F.relu(total)[1:e]
@@ -628,7 +650,7 @@ def test_text_maps_reference_mode_matches_official(oc_model, bb, images, text_ma
         for b in range(3):
             s = official[a][b]
             nonzero += int(s.sum() > 0)
-            torch.testing.assert_close(tm.token_scores[a, b, :len(s)], s, atol=ATOL, rtol=0)
+            torch.testing.assert_close(tm.token_scores[a, b, : len(s)], s, atol=ATOL, rtol=0)
     assert nonzero >= 6
     assert (tm.token_scores - text_maps.token_scores).abs().max() > 1e-3
 
@@ -637,9 +659,11 @@ def test_text_maps_batch_equals_single(bb, images, text_maps):
     explainer = GradECLIP(bb)
     for a in range(3):
         for b, text in enumerate(WORD_TEXTS):
-            single = explainer.text_maps(images[a:a + 1], [text])
+            single = explainer.text_maps(images[a : a + 1], [text])
             length = single.token_scores.shape[-1]
-            torch.testing.assert_close(single.token_scores[0, 0], text_maps.token_scores[a, b, :length], atol=ATOL, rtol=0)
+            torch.testing.assert_close(
+                single.token_scores[0, 0], text_maps.token_scores[a, b, :length], atol=ATOL, rtol=0
+            )
             assert single.words[0] == text_maps.words[b]
 
 
@@ -702,8 +726,7 @@ def snapshot(model):
 
 
 def no_hooks(model) -> bool:
-    return all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
-               for m in model.modules())
+    return all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in model.modules())
 
 
 def test_state_restored_and_maps_unaffected(images):
@@ -826,7 +849,7 @@ def test_hf_gradeclip_image_and_text_maps(hf_bb, images):
         maps = explainer.image_maps(images, TEXTS)
         assert maps.shape == (3, 3, 4, 4)
         assert_nontrivial(maps)
-        single = torch.cat([explainer.image_maps(images[i:i + 1], [t]) for i in range(3) for t in TEXTS])
+        single = torch.cat([explainer.image_maps(images[i : i + 1], [t]) for i in range(3) for t in TEXTS])
         torch.testing.assert_close(maps.reshape(9, 1, 4, 4), single, atol=ATOL, rtol=0)
     tm = GradECLIP(hf_bb).text_maps(images, WORD_TEXTS)
     assert tm.words == [t.split() for t in WORD_TEXTS]
@@ -835,13 +858,13 @@ def test_hf_gradeclip_image_and_text_maps(hf_bb, images):
     assert (((sums - 1).abs() < 1e-5) | (sums == 0)).all() and ((sums - 1).abs() < 1e-5).any()
     for a in range(3):
         for b, text in enumerate(WORD_TEXTS):
-            one = GradECLIP(hf_bb).text_maps(images[a:a + 1], [text])
+            one = GradECLIP(hf_bb).text_maps(images[a : a + 1], [text])
             length = one.token_scores.shape[-1]
             torch.testing.assert_close(one.token_scores[0, 0], tm.token_scores[a, b, :length], atol=ATOL, rtol=0)
     naive = naive_text_scores_model(hf_bb, images, WORD_TEXTS, cosine)
     for a in range(3):
         for b in range(3):
-            torch.testing.assert_close(tm.token_scores[a, b, :len(naive[a][b])], naive[a][b], atol=ATOL, rtol=0)
+            torch.testing.assert_close(tm.token_scores[a, b, : len(naive[a][b])], naive[a][b], atol=ATOL, rtol=0)
 
 
 # ---- 10. random baseline -------------------------------------------------------------------------

@@ -15,8 +15,11 @@ from xclip.explain.shapes_eval import cosine_score_fn, evaluate_explainer, paire
 
 N_SINGLE = 150
 N_TWO = 300  # the README table's n
-EXPLAINERS = {"grad_eclip": lambda bb: GradECLIP(bb), "grad_eclip_reference": lambda bb: GradECLIP(bb, mode="reference"),
-              "game": lambda bb: GAME(bb)}
+EXPLAINERS = {
+    "grad_eclip": lambda bb: GradECLIP(bb),
+    "grad_eclip_reference": lambda bb: GradECLIP(bb, mode="reference"),
+    "game": lambda bb: GAME(bb),
+}
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +59,10 @@ def test_gradeclip_ranks_patches_better_than_a_random_map(setup):
 
     def gap(explainer) -> float:
         maps = paired_maps(explainer, trained, single.images, single.texts)
-        d, i = (auc(deletion_insertion_curves(score, single.images, maps, steps=8, mode=m, fill="blur")).mean().item()
-                for m in ("deletion", "insertion"))
+        d, i = (
+            auc(deletion_insertion_curves(score, single.images, maps, steps=8, mode=m, fill="blur")).mean().item()
+            for m in ("deletion", "insertion")
+        )
         return i - d
 
     ours = gap(GradECLIP(trained))
@@ -69,11 +74,14 @@ def test_gradeclip_ranks_patches_better_than_a_random_map(setup):
 def test_model_randomisation_sanity_check(setup):
     trained, _, single, _ = setup
     blocks = list(trained.model.visual.transformer.resblocks)[-2:]
-    randomised = wrap_model(randomize_top_blocks(trained.model, blocks, seed=0).eval(),
-                            preprocess_cfg=trained.preprocess_cfg)
+    randomised = wrap_model(
+        randomize_top_blocks(trained.model, blocks, seed=0).eval(), preprocess_cfg=trained.preprocess_cfg
+    )
     images, texts = single.images[:60], single.texts[:60]
-    rho = sanity_correlation(paired_maps(GradECLIP(trained), trained, images, texts),
-                             paired_maps(GradECLIP(randomised), randomised, images, texts))
+    rho = sanity_correlation(
+        paired_maps(GradECLIP(trained), trained, images, texts),
+        paired_maps(GradECLIP(randomised), randomised, images, texts),
+    )
     assert rho < 0.5, rho
 
 
@@ -85,8 +93,12 @@ def test_evaluate_explainer_reports_tolerant_pointing_next_to_the_exact_game(set
     maps2 = paired_maps(GAME(trained), trained, double.images, double.texts)
     for t in (2, 6):
         assert row[f"pointing_single_t{t}"] == pointing_game(maps1, single.named_masks, tolerance=t).accuracy
-        assert row[f"pointing_named_two_t{t}"] == pointing_on(maps2, double.named_masks, tolerance=t).float().mean().item()
-        assert row[f"pointing_other_two_t{t}"] == pointing_on(maps2, double.other_masks, tolerance=t).float().mean().item()
+        assert (
+            row[f"pointing_named_two_t{t}"] == pointing_on(maps2, double.named_masks, tolerance=t).float().mean().item()
+        )
+        assert (
+            row[f"pointing_other_two_t{t}"] == pointing_on(maps2, double.other_masks, tolerance=t).float().mean().item()
+        )
     # a wider margin can only turn misses into hits, and at 6 px it does for some probes
     for key in ("pointing_single", "pointing_named_two", "pointing_other_two"):
         assert row[key] <= row[f"{key}_t2"] <= row[f"{key}_t6"]

@@ -111,7 +111,7 @@ def test_grad_eclip_text_maps_equal_plain_autograd(family):
     maps = GradECLIP(bb).text_maps(images, TEXTS)
     expected = plain_text_scores(bb, image_emb, TEXTS)
     for n in range(2):
-        for k, text in enumerate(TEXTS):
+        for k, _text in enumerate(TEXTS):
             length = expected[n][k].shape[0]
             assert len(maps.tokens[k]) == length
             torch.testing.assert_close(maps.token_scores[n, k, :length], expected[n][k], atol=1e-5, rtol=1e-4)
@@ -132,7 +132,7 @@ def test_grad_cam_weighs_what_the_pooling_step_reads(family):
             target = F.cosine_similarity(pool.forward(acts), text_emb[k : k + 1]).sum()  # images are independent
             (grad,) = torch.autograd.grad(target, acts)
         for n in range(2):
-            a, g = acts[n, pool.prefix:].detach(), grad[n, pool.prefix:]
+            a, g = acts[n, pool.prefix :].detach(), grad[n, pool.prefix :]
             expected = (a @ g.mean(0)).clamp_min(0).view(trace.grid)
             torch.testing.assert_close(maps[n, k], expected, atol=1e-6, rtol=1e-4)
 
@@ -152,7 +152,7 @@ def test_game_runs_on_the_pooling_attention(family):
             emb = att.tail(torch.einsum("nhl,nhld->nhd", probs, att.v.detach()).flatten(1))
             target = F.cosine_similarity(emb, bb.encode_text(TEXTS[:1]).detach())[0]
             (g,) = torch.autograd.grad(target, probs)
-        expected = (g * probs).clamp_min(0).mean(1)[0, att.prefix:].view(trace.grid)
+        expected = (g * probs).clamp_min(0).mean(1)[0, att.prefix :].view(trace.grid)
         torch.testing.assert_close(last[0, 0], expected.detach(), atol=1e-6, rtol=1e-4)
 
 
@@ -241,9 +241,13 @@ def test_siglip_probabilities_are_the_sigmoid_with_its_bias():
     scale, bias = bb.model.logit_scale.exp(), bb.model.logit_bias
     torch.testing.assert_close(bb.probabilities(image_emb, text_emb), torch.sigmoid(scale * cos + bias))
     clip = family_backbone("openai-vit")
-    torch.testing.assert_close(clip.probabilities(image_emb[:, :32], text_emb[:, :32]),
-                               (clip.model.logit_scale.exp() * (F.normalize(image_emb[:, :32], dim=-1)
-                                                                @ F.normalize(text_emb[:, :32], dim=-1).T)).softmax(-1))
+    torch.testing.assert_close(
+        clip.probabilities(image_emb[:, :32], text_emb[:, :32]),
+        (
+            clip.model.logit_scale.exp()
+            * (F.normalize(image_emb[:, :32], dim=-1) @ F.normalize(text_emb[:, :32], dim=-1).T)
+        ).softmax(-1),
+    )
 
 
 def test_probability_target_explains_the_models_own_probability():
@@ -266,8 +270,11 @@ def test_texts_longer_than_the_context_warn_once_with_counts(family, caplog):
     assert len(records) == 1
     expected_longest = max(bb.tokenizer.token_counts([long + " on water"]))
     assert expected_longest > bb.context_length
-    assert (f"2 of 3 texts are longer than the text tower's context of {bb.context_length} tokens" in records[0].getMessage()
-            and f"the longest has {expected_longest} tokens" in records[0].getMessage())
+    assert (
+        f"2 of 3 texts are longer than the text tower's context of {bb.context_length} tokens"
+        in records[0].getMessage()
+        and f"the longest has {expected_longest} tokens" in records[0].getMessage()
+    )
     assert tokens.shape == (3, bb.context_length)
     caplog.clear()
     bb.tokenize(["a red circle"])
@@ -287,17 +294,35 @@ def test_distill_towers_take_siglip_towers():
     from xclip.distill.towers import TextTower, VisionTower
 
     torch.manual_seed(0)
-    text = TextTower({"model_type": "siglip_text_model", "vocab_size": 100, "hidden_size": 32,
-                      "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                      "max_position_embeddings": 16}, pooling="mean").eval()
+    text = TextTower(
+        {
+            "model_type": "siglip_text_model",
+            "vocab_size": 100,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 16,
+        },
+        pooling="mean",
+    ).eval()
     ids = torch.randint(0, 100, (2, 16))
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0
     with torch.no_grad():
         by_ids, by_embeds = text(ids, mask), text.forward_embeds(text.embed(ids), mask)
     torch.testing.assert_close(by_embeds.pooled, by_ids.pooled, atol=1e-6, rtol=0)
-    vision = VisionTower({"model_type": "siglip_vision_model", "image_size": 32, "patch_size": 8, "hidden_size": 32,
-                          "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}).eval()
+    vision = VisionTower(
+        {
+            "model_type": "siglip_vision_model",
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+        }
+    ).eval()
     with torch.no_grad():
         pooled = vision(vision.pixel_values(torch.rand(2, 3, 32, 32))).pooled
     assert pooled.shape == (2, vision.feature_size)

@@ -104,7 +104,9 @@ def test_a_png_declaring_too_many_pixels_is_skipped_as_unreadable(tmp_path):
     assert bomb.stat().st_size < 300 and 30000 * 30000 > MAX_PIXELS
     with pytest.raises(ImageReadError, match=r"bomb.png: declares .* pixels, over xclip's limit"):
         read_rgb(bomb)
-    mid = write_bomb_png(tmp_path.parent / f"{tmp_path.name}-mid" / "mid.png", 9000, 9000)  # under Pillow's own refusal, over ours
+    mid = write_bomb_png(
+        tmp_path.parent / f"{tmp_path.name}-mid" / "mid.png", 9000, 9000
+    )  # under Pillow's own refusal, over ours
     with pytest.raises(ImageReadError, match=r"mid.png: declares 9000 x 9000 pixels, over xclip's limit"):
         read_rgb(mid)
     assert load_image01(bomb, 8) is None

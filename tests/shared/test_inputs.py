@@ -24,11 +24,17 @@ def images01():
 @pytest.fixture
 def no_model_calls(bb, monkeypatch):
     """Fail the test if the vision or text tower runs."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("the model ran before the input was checked")
 
-    for tower, name in ((bb.vision, "trace"), (bb.vision, "encode"), (bb.text, "encode"),
-                        (bb.text, "token_embedding"), (bb.text, "encode_embeddings")):
+    for tower, name in (
+        (bb.vision, "trace"),
+        (bb.vision, "encode"),
+        (bb.text, "encode"),
+        (bb.text, "token_embedding"),
+        (bb.text, "encode_embeddings"),
+    ):
         monkeypatch.setattr(tower, name, refuse)
     return bb
 
@@ -40,7 +46,9 @@ def test_normalize_rejects_uint8_with_the_fix(bb, images01):
 
 
 def test_normalize_rejects_0_255_floats(bb, images01):
-    with pytest.raises(ValueError, match=r"images01 values span \[30, 245\]; pass float images in \[0, 1\].*divide by 255"):
+    with pytest.raises(
+        ValueError, match=r"images01 values span \[30, 245\]; pass float images in \[0, 1\].*divide by 255"
+    ):
         bb.normalize((images01 * 255).round())
 
 
@@ -79,8 +87,12 @@ def test_preprocess_takes_one_image_a_list_or_paths(bb, tmp_path):
     torch.testing.assert_close(bb.preprocess(tmp_path / "x.png"), many[2])
     torch.testing.assert_close(bb.preprocess([str(tmp_path / "x.png")])[0], many[2])
     # the default equals normalising the [0, 1] image (64 px: no resize, no crop)
-    torch.testing.assert_close(many, bb.normalize(torch.stack([torch.from_numpy(a).permute(2, 0, 1).float() / 255
-                                                               for a in arrays])), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        many,
+        bb.normalize(torch.stack([torch.from_numpy(a).permute(2, 0, 1).float() / 255 for a in arrays])),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 def test_preprocess_native_size_keeps_the_image_grid(bb):

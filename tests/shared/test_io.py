@@ -35,8 +35,13 @@ def test_overwrite_keeps_the_users_subfolders_and_replaces_only_what_it_writes(t
         (tmp / "model.safetensors").write_text("new weights")
         (tmp / "plots").mkdir()
         (tmp / "plots" / "b.png").write_text("new png")
-    assert _tree(target) == {"README.md": "card", "model.safetensors": "new weights", "notes/eval.txt": "my evaluation",
-                             "plots/b.png": "new png", "plots/deep/a.png": "png"}
+    assert _tree(target) == {
+        "README.md": "card",
+        "model.safetensors": "new weights",
+        "notes/eval.txt": "my evaluation",
+        "plots/b.png": "new png",
+        "plots/deep/a.png": "png",
+    }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 

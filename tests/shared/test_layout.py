@@ -8,8 +8,19 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "xclip"
 WORKFLOWS = {"clip", "retrieval", "ood", "cir", "faithfulness", "distill"}
-SHARED = {"backbones", "explain", "metrics", "data", "callbacks", "engine", "io", "results", "timing", "model_folder",
-          "lazy_exports"}
+SHARED = {
+    "backbones",
+    "explain",
+    "metrics",
+    "data",
+    "callbacks",
+    "engine",
+    "io",
+    "results",
+    "timing",
+    "model_folder",
+    "lazy_exports",
+}
 TOP = {"suite", "cli"}
 
 
@@ -47,7 +58,9 @@ def _edges() -> list[tuple[str, str, str]]:
 
 def test_every_layer_is_known():
     layers = {p.name.removesuffix(".py") for p in SRC.iterdir() if p.name != "__pycache__" and p.name != "__init__.py"}
-    assert layers <= WORKFLOWS | SHARED | TOP, f"unclassified top-level entries: {sorted(layers - WORKFLOWS - SHARED - TOP)}"
+    assert layers <= WORKFLOWS | SHARED | TOP, (
+        f"unclassified top-level entries: {sorted(layers - WORKFLOWS - SHARED - TOP)}"
+    )
     assert not {"models", "modules", "analysis", "utils"} & layers, "catch-all packages are gone"
 
 
@@ -84,8 +97,13 @@ def _is_wiring(rel: str) -> bool:
     """Lightning-wiring files: the engine, the generic callbacks and the suite, and in any package a
     ``*_module.py``, ``datamodule.py`` / ``*_datamodule.py`` or ``callback.py``."""
     name = rel.rsplit("/", 1)[-1]
-    return (rel.startswith(("engine/", "callbacks/")) or rel == "suite.py" or name.endswith("_module.py")
-            or name in ("datamodule.py", "callback.py") or name.endswith("_datamodule.py"))
+    return (
+        rel.startswith(("engine/", "callbacks/"))
+        or rel == "suite.py"
+        or name.endswith("_module.py")
+        or name in ("datamodule.py", "callback.py")
+        or name.endswith("_datamodule.py")
+    )
 
 
 def test_only_the_lightning_wiring_imports_lightning():
@@ -103,8 +121,11 @@ def _package_classes(base: type) -> list[type]:
     for path in sorted(SRC.rglob("*.py")):
         rel = path.relative_to(SRC.parent).with_suffix("")
         module = importlib.import_module(".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts))
-        found += [c for _, c in inspect.getmembers(module, inspect.isclass)
-                  if issubclass(c, base) and c.__module__ == module.__name__]
+        found += [
+            c
+            for _, c in inspect.getmembers(module, inspect.isclass)
+            if issubclass(c, base) and c.__module__ == module.__name__
+        ]
     return found
 
 
@@ -133,9 +154,17 @@ def test_every_callback_writing_per_item_files_derives_from_the_stage_callback()
 def test_every_export_goes_through_the_one_model_folder_format():
     from xclip.engine import ExportMixin
 
-    writers = [str(p.relative_to(SRC)) for p in sorted(SRC.rglob("*.py"))
-               if "save_file" in {a.name for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.ImportFrom)
-                                  and n.module == "safetensors.torch" for a in n.names}]
+    writers = [
+        str(p.relative_to(SRC))
+        for p in sorted(SRC.rglob("*.py"))
+        if "save_file"
+        in {
+            a.name
+            for n in ast.walk(ast.parse(p.read_text()))
+            if isinstance(n, ast.ImportFrom) and n.module == "safetensors.torch"
+            for a in n.names
+        }
+    ]
     assert writers == ["model_folder.py"], writers
     import lightning.pytorch as pl
 

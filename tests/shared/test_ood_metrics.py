@@ -56,7 +56,8 @@ def test_matches_sklearn(seed, decimals):
 def test_tensor_and_numpy_inputs_agree():
     id_s, ood_s = random_scores(3, decimals=1)
     assert ood_metrics(torch.tensor(id_s, dtype=torch.float32), torch.tensor(ood_s)) == ood_metrics(
-        id_s.astype(np.float32), ood_s)
+        id_s.astype(np.float32), ood_s
+    )
 
 
 def test_fpr95_hand_case_and_conventions_differ():
@@ -96,12 +97,15 @@ def test_perfect_and_inverted_separation():
     assert bad["auroc"] == 0.0 and bad["fpr95"] == 1.0
 
 
-@pytest.mark.parametrize("bad, match", [
-    ((np.array([]), np.array([1.0])), "id_scores is empty"),
-    ((torch.tensor([1.0]), torch.tensor([])), "ood_scores is empty"),
-    ((np.array([1.0, np.nan]), np.array([0.0])), "id_scores contains NaN"),
-    ((torch.tensor([1.0]), torch.tensor([float("nan")])), "ood_scores contains NaN"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ((np.array([]), np.array([1.0])), "id_scores is empty"),
+        ((torch.tensor([1.0]), torch.tensor([])), "ood_scores is empty"),
+        ((np.array([1.0, np.nan]), np.array([0.0])), "id_scores contains NaN"),
+        ((torch.tensor([1.0]), torch.tensor([float("nan")])), "ood_scores contains NaN"),
+    ],
+)
 def test_bad_inputs_raise(bad, match):
     with pytest.raises(ValueError, match=match):
         ood_metrics(*bad)

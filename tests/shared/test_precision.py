@@ -63,14 +63,22 @@ def test_precision_names():
 def _validate(precision: str, save_dir, text_cache, with_ood: bool, callbacks=()):
     members = {"zeroshot": ZeroShotModule(), "retrieval": RetrievalModule()}
     routes = {"classification": "zeroshot", "retrieval": "retrieval"}
-    data = {"classification": ShapesWorldDataModule(val_tasks=["classification"], n_val=200, batch_size=100),
-            "retrieval": RetrievalDataModule(source="shapes", n=200, seed=0, batch_size=100)}
+    data = {
+        "classification": ShapesWorldDataModule(val_tasks=["classification"], n_val=200, batch_size=100),
+        "retrieval": RetrievalDataModule(source="shapes", n=200, seed=0, batch_size=100),
+    }
     if with_ood:
         members["ood"] = NegAlignModule(n_groups=4, m1_topk=2, lambdas=(0.0, 1.0), text_cache_dir=str(text_cache))
         routes["ood"] = "ood"
         data["ood"] = OODDataModule(n_id=200, n_ood=200, n_calib=100, batch_size=100)
-    trainer = pl.Trainer(accelerator="cpu", precision=precision, logger=TensorBoardLogger(str(save_dir), name="run"),
-                         callbacks=list(callbacks), enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        precision=precision,
+        logger=TensorBoardLogger(str(save_dir), name="run"),
+        callbacks=list(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.validate(EvaluationSuite(members, routes), datamodule=CombinedDataModule(data), verbose=False)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
@@ -90,8 +98,9 @@ def test_eval_modules_and_callbacks_follow_trainer_precision(tmp_path):
     # the callback's explainer ran under the trainer's precision
     (explainer,) = callback._explainers.values()
     assert explainer.precision == "bf16-mixed"
-    index = json.loads((tmp_path / "bf16" / "run" / "version_0" / "explanations" / "grad_eclip" / "val" / "index.json")
-                       .read_text())
+    index = json.loads(
+        (tmp_path / "bf16" / "run" / "version_0" / "explanations" / "grad_eclip" / "val" / "index.json").read_text()
+    )
     assert index["precision"] == "bf16-mixed"
 
 

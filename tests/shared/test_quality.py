@@ -1,4 +1,5 @@
 """xclip.explain.quality on hand-made maps, masks and oracle score functions."""
+
 from __future__ import annotations
 
 import math
@@ -131,8 +132,9 @@ def test_pointing_game_margin_is_a_euclidean_disk_as_torchray():
     assert pointing_game(_hot_map(1, 1)[None], diag, tolerance=5).hits.item()
     for t in (1, 2, 3, 5, 8):
         ours = pointing_game(maps, masks, tolerance=t).hits
-        expected = [torchray_hit(masks[i], int(idx[i]) // 16, int(idx[i]) % 16, t) and bool(masks[i].any())
-                    for i in range(40)]
+        expected = [
+            torchray_hit(masks[i], int(idx[i]) // 16, int(idx[i]) % 16, t) and bool(masks[i].any()) for i in range(40)
+        ]
         assert ours.tolist() == expected, t
     with pytest.raises(ValueError, match="tolerance is a margin in pixels"):
         pointing_game(maps, masks, tolerance=-1)
@@ -439,8 +441,12 @@ def test_patch_regions_and_region_profile_hand_case():
     idx = {name: i for i, name in enumerate(REGIONS)}
     expected = torch.tensor([[idx["named inside"], idx["named edge"]], [idx["background"], idx["other inside"]]])
     assert torch.equal(regions, expected.expand(2, 2, 2))
-    values = torch.tensor([[[1.0, 3.0], [1.0, 3.0]],   # max on the named edge; z = -1, 1, -1, 1 (std 2/sqrt3)
-                           [[2.0, 2.0], [2.0, 2.0]]])  # constant: skipped, and its maximum counts nowhere
+    values = torch.tensor(
+        [
+            [[1.0, 3.0], [1.0, 3.0]],  # max on the named edge; z = -1, 1, -1, 1 (std 2/sqrt3)
+            [[2.0, 2.0], [2.0, 2.0]],
+        ]
+    )  # constant: skipped, and its maximum counts nowhere
     profile = region_profile(values, named, other)
     z = math.sqrt(3) / 2
     assert profile["mean z"]["named inside"] == pytest.approx(-z)
@@ -448,7 +454,12 @@ def test_patch_regions_and_region_profile_hand_case():
     assert profile["mean z"]["background"] == pytest.approx(-z)
     assert profile["mean z"]["other inside"] == pytest.approx(z)
     assert math.isnan(profile["mean z"]["other edge"])
-    assert profile["argmax share"] == {"named inside": 0.0, "named edge": 0.5, "other inside": 0.0,
-                                       "other edge": 0.0, "background": 0.0}
+    assert profile["argmax share"] == {
+        "named inside": 0.0,
+        "named edge": 0.5,
+        "other inside": 0.0,
+        "other edge": 0.0,
+        "background": 0.0,
+    }
     # without the other object, its patch is background
     assert patch_regions(named, None, (2, 2))[0, 1, 1] == idx["background"]

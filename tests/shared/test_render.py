@@ -1,4 +1,5 @@
 """xclip.explain.render: overlays, bar charts, grids and atomic file output (headless)."""
+
 from __future__ import annotations
 
 import json

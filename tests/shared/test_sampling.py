@@ -11,9 +11,13 @@ from xclip.data.sampling import BatchAlignedSampler
 def test_batches_are_the_single_process_batches(n, batch, world):
     data = list(range(n))
     single = [tuple(b.tolist()) for b in DataLoader(data, batch_size=batch)]
-    per_rank = [[tuple(b.tolist()) for b in DataLoader(data, batch_size=batch,
-                                                        sampler=BatchAlignedSampler(data, batch, world, r))]
-                for r in range(world)]
+    per_rank = [
+        [
+            tuple(b.tolist())
+            for b in DataLoader(data, batch_size=batch, sampler=BatchAlignedSampler(data, batch, world, r))
+        ]
+        for r in range(world)
+    ]
     assert len({len(b) for b in per_rank}) == 1  # equal step counts: no process waits at a collective
     seen = [b for rank in per_rank for b in rank]
     assert set(seen) == set(single)  # every batch is a single-process batch, every item is served

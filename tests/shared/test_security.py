@@ -49,8 +49,17 @@ def test_xclip_validate_refuses_a_crafted_checkpoint_and_runs_nothing(tmp_path):
     payload = tmp_path / "payload"
     ckpt = crafted_checkpoint(tmp_path / "crafted.ckpt", payload)
     with pytest.raises(SystemExit) as err:
-        main(["validate", "--config", str(ROOT / "configs" / "distill_teacher_shapes.yaml"), "--ckpt_path", str(ckpt),
-              "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])
+        main(
+            [
+                "validate",
+                "--config",
+                str(ROOT / "configs" / "distill_teacher_shapes.yaml"),
+                "--ckpt_path",
+                str(ckpt),
+                "--trainer.logger.init_args.save_dir",
+                str(tmp_path / "runs"),
+            ]
+        )
     message = str(err.value)
     assert not payload.exists()
     assert str(ckpt) in message and "os.makedirs" in message and "weights_only=True" in message
@@ -63,8 +72,7 @@ def test_the_module_never_unpickles_the_checkpoint_it_is_restored_from(tmp_path)
     # Lightning's own (safe) load; it used to peek at the file with weights_only=False
     payload = tmp_path / "payload"
     ckpt = crafted_checkpoint(tmp_path / "crafted.ckpt", payload)
-    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=tmp_path)
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.ckpt_path = str(ckpt)
     with pytest.raises(Exception, match="GLOBAL os.makedirs"):
         trainer.validate(TeacherModule(model=TEACHER_ARGS), datamodule=DistillDataModule(n_val=2, batch_size=2))
@@ -74,18 +82,29 @@ def test_the_module_never_unpickles_the_checkpoint_it_is_restored_from(tmp_path)
 def _torch_load_calls(path: Path) -> list[tuple[int, bool]]:
     """(line, has weights_only=True) of every ``torch.load(...)`` / bare ``load(...)`` imported from torch."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    bare = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == "torch"
-            for a in node.names if a.name == "load"}
+    bare = {
+        a.asname or a.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "torch"
+        for a in node.names
+        if a.name == "load"
+    }
     out = []
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
             continue
         func = node.func
-        is_torch_load = (isinstance(func, ast.Attribute) and func.attr == "load" and isinstance(func.value, ast.Name)
-                         and func.value.id == "torch") or (isinstance(func, ast.Name) and func.id in bare)
+        is_torch_load = (
+            isinstance(func, ast.Attribute)
+            and func.attr == "load"
+            and isinstance(func.value, ast.Name)
+            and func.value.id == "torch"
+        ) or (isinstance(func, ast.Name) and func.id in bare)
         if is_torch_load:
-            safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
-                       for k in node.keywords)
+            safe = any(
+                k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                for k in node.keywords
+            )
             out.append((node.lineno, safe))
     return out
 
@@ -99,7 +118,9 @@ def test_every_torch_load_in_src_is_restricted_to_weights():
 
 def test_the_scan_catches_an_unsafe_call(tmp_path):
     sample = tmp_path / "sample.py"
-    sample.write_text("import torch\nfrom torch import load as tl\n"
-                      "a = torch.load('x', weights_only=True)\nb = torch.load('x')\n"
-                      "c = tl('x', weights_only=False)\n")
+    sample.write_text(
+        "import torch\nfrom torch import load as tl\n"
+        "a = torch.load('x', weights_only=True)\nb = torch.load('x')\n"
+        "c = tl('x', weights_only=False)\n"
+    )
     assert _torch_load_calls(sample) == [(3, True), (4, False), (5, False)]

@@ -576,18 +576,33 @@ def test_spurious_bad_inputs():
 
 
 ATTRIBUTES = ("shape", "colour", "size", "cx", "cy")
-POSITION_WORDS = ("in the top left", "in the top right", "in the bottom left", "in the bottom right", "on the left",
-                  "on the right", "at the top", "at the bottom", "in the center")
+POSITION_WORDS = (
+    "in the top left",
+    "in the top right",
+    "in the bottom left",
+    "in the bottom right",
+    "on the left",
+    "on the right",
+    "at the top",
+    "at the bottom",
+    "in the center",
+)
 
 
 def cell(obj: ShapeObject) -> str:
     """The 3 x 3 cell of an object, written out here (not `position_phrase`)."""
     col = "left" if obj.cx < 0.4 else "right" if obj.cx > 0.6 else ""
     row = "top" if obj.cy < 0.4 else "bottom" if obj.cy > 0.6 else ""
-    return {("top", "left"): "in the top left", ("top", "right"): "in the top right", ("bottom", "left"):
-            "in the bottom left", ("bottom", "right"): "in the bottom right", ("", "left"): "on the left",
-            ("", "right"): "on the right", ("top", ""): "at the top", ("bottom", ""): "at the bottom"}.get(
-        (row, col), "in the center")
+    return {
+        ("top", "left"): "in the top left",
+        ("top", "right"): "in the top right",
+        ("bottom", "left"): "in the bottom left",
+        ("bottom", "right"): "in the bottom right",
+        ("", "left"): "on the left",
+        ("", "right"): "on the right",
+        ("top", ""): "at the top",
+        ("bottom", ""): "at the bottom",
+    }.get((row, col), "in the center")
 
 
 def test_cir_variants_differ_from_the_reference_in_exactly_the_named_attribute():
@@ -600,7 +615,9 @@ def test_cir_variants_differ_from_the_reference_in_exactly_the_named_attribute()
             o = ref.objects[i]
             if kind == "background":
                 assert tgt.objects == ref.objects and tgt.background != ref.background
-                assert text == f"is {BACKGROUND_PHRASES[tgt.background]} instead of {BACKGROUND_PHRASES[ref.background]}"
+                assert (
+                    text == f"is {BACKGROUND_PHRASES[tgt.background]} instead of {BACKGROUND_PHRASES[ref.background]}"
+                )
                 continue
             assert tgt.background == ref.background
             if kind == "count":  # a copy of the object added elsewhere, nothing else touched
@@ -618,9 +635,12 @@ def test_cir_variants_differ_from_the_reference_in_exactly_the_named_attribute()
                 assert text == f"has the {o.colour} {o.shape} {cell(new)} instead of {cell(o)}"
             else:
                 assert changed == {kind}
-                expected = {"colour": f"has {article(f'a {new.colour} {o.shape}')} instead of {article(f'a {o.colour} one')}",
-                            "shape": f"has {article(f'a {o.colour} {new.shape}')} instead of {article(f'a {o.colour} {o.shape}')}",
-                            "size": f"has a {new.size} {o.colour} {o.shape} instead of a {o.size} one"}[kind]
+                expected = {
+                    "colour": f"has {article(f'a {new.colour} {o.shape}')} instead of {article(f'a {o.colour} one')}",
+                    "shape": f"has {article(f'a {o.colour} {new.shape}')} "
+                    f"instead of {article(f'a {o.colour} {o.shape}')}",
+                    "size": f"has a {new.size} {o.colour} {o.shape} instead of a {o.size} one",
+                }[kind]
                 assert text == expected
             for a, b in itertools.combinations(tgt.objects, 2):  # nothing overlaps after the edit
                 assert math.hypot(a.cx - b.cx, a.cy - b.cy) >= a.extent + b.extent
@@ -676,7 +696,11 @@ def test_circo_queries_plant_ground_truths_and_near_misses():
     for q in range(len(ds)):
         cq = ds.query(q)
         ref = cq.reference
-        assert len(ref.objects) == 1 and cq.loose.shape == ref.objects[0].shape and cq.loose.colour != ref.objects[0].colour
+        assert (
+            len(ref.objects) == 1
+            and cq.loose.shape == ref.objects[0].shape
+            and cq.loose.colour != ref.objects[0].colour
+        )
         text = cq.loose.caption()
         assert text == f"shows a {cq.loose.size} {cq.loose.colour} one {BACKGROUND_PHRASES[cq.loose.background]}"
         wanted = (cq.loose.shape, cq.loose.colour, cq.loose.size)
@@ -684,8 +708,10 @@ def test_circo_queries_plant_ground_truths_and_near_misses():
             assert scene.background == cq.loose.background
             assert any((o.shape, o.colour, o.size) == wanted for o in scene.objects)
         for scene in cq.negatives:
-            assert not (scene.background == cq.loose.background
-                        and any((o.shape, o.colour, o.size) == wanted for o in scene.objects))
+            assert not (
+                scene.background == cq.loose.background
+                and any((o.shape, o.colour, o.size) == wanted for o in scene.objects)
+            )
     item = ds[3]
     assert item["planted"].shape == (3, 3, S, S) and item["negatives"].shape == (2, 3, S, S)
     img = to_uint8(item["planted"][0])
@@ -879,7 +905,7 @@ def test_datamodule_val_loaders_are_tagged_per_task():
             assert all(len(e) == 4 for e in b["errors"])
         else:
             assert b["type"].shape == (4,) and len(b["text"]) == 4
-    assert [b["task"] for b in (next(iter(l)) for l in dm.test_dataloader())] == tasks
+    assert [b["task"] for b in (next(iter(loader)) for loader in dm.test_dataloader())] == tasks
 
 
 def test_datamodule_retrieval_text_to_image_points_at_the_right_image():
@@ -915,8 +941,9 @@ def test_datamodule_pretrain_train_loader_flattens_pairs():
 
 
 def test_datamodule_task_options_reach_the_dataset():
-    dm = ShapesWorldDataModule(val_tasks=["spurious"], n_val=5, batch_size=5,
-                               task_options={"spurious": {"ood": "background"}})
+    dm = ShapesWorldDataModule(
+        val_tasks=["spurious"], n_val=5, batch_size=5, task_options={"spurious": {"ood": "background"}}
+    )
     (batch,) = list(dm.val_dataloader()[0])
     assert batch["label"].tolist() == [-1] * 5 and batch["mask"].sum() == 0
 

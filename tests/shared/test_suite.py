@@ -36,8 +36,11 @@ class Tagged(pl.LightningDataModule):
         self.task, self.values = task, values
 
     def val_dataloader(self):
-        return DataLoader([{"x": torch.tensor(v)} for v in self.values], batch_size=2,
-                          collate_fn=lambda items: {"x": torch.stack([i["x"] for i in items]), "task": self.task})
+        return DataLoader(
+            [{"x": torch.tensor(v)} for v in self.values],
+            batch_size=2,
+            collate_fn=lambda items: {"x": torch.stack([i["x"] for i in items]), "task": self.task},
+        )
 
 
 def test_batches_reach_the_member_of_their_task_and_members_log():
@@ -49,8 +52,12 @@ def test_batches_reach_the_member_of_their_task_and_members_log():
     assert suite.members["a"].epochs == suite.members["b"].epochs == 1
     assert trainer.callback_metrics["val/counting/a_sum"].item() == 6.0
     assert trainer.callback_metrics["val/counting/b_sum"].item() == 30.0
-    assert suite.extra_results() == {"routes": {"cls": "a", "ood": "b"}, "backbones": [], "a": {"batches": 2},
-                                     "b": {"batches": 1}}
+    assert suite.extra_results() == {
+        "routes": {"cls": "a", "ood": "b"},
+        "backbones": [],
+        "a": {"batches": 2},
+        "b": {"batches": 1},
+    }
 
 
 def test_a_member_that_is_not_an_evaluation_module_is_refused():
@@ -80,18 +87,25 @@ def _shapes_suite(retrieval_backbone):
     from xclip.clip import ZeroShotModule
     from xclip.retrieval import RetrievalModule
 
-    return EvaluationSuite({"zeroshot": ZeroShotModule(backbone="xclip:tiny-shapes"),
-                            "retrieval": RetrievalModule(backbone=retrieval_backbone)},
-                           routes={"classification": "zeroshot", "retrieval": "retrieval"})
+    return EvaluationSuite(
+        {
+            "zeroshot": ZeroShotModule(backbone="xclip:tiny-shapes"),
+            "retrieval": RetrievalModule(backbone=retrieval_backbone),
+        },
+        routes={"classification": "zeroshot", "retrieval": "retrieval"},
+    )
 
 
 def _shapes_data(n=6):
     from xclip.data import ShapesWorldDataModule
     from xclip.retrieval import RetrievalDataModule
 
-    return CombinedDataModule({"classification": ShapesWorldDataModule(val_tasks=["classification"], n_val=n,
-                                                                        batch_size=n),
-                               "retrieval": RetrievalDataModule(source="shapes", n=n, seed=0, batch_size=n)})
+    return CombinedDataModule(
+        {
+            "classification": ShapesWorldDataModule(val_tasks=["classification"], n_val=n, batch_size=n),
+            "retrieval": RetrievalDataModule(source="shapes", n=n, seed=0, batch_size=n),
+        }
+    )
 
 
 def test_members_naming_the_same_spec_share_one_backbone_object():
@@ -122,9 +136,13 @@ def test_explanations_use_the_backbone_of_the_member_each_batch_is_routed_to(tmp
     assert suite.backbone_for({"task": "retrieval"}) is other
     with pytest.raises(RuntimeError, match="2 different backbones"):
         suite.backbone  # noqa: B018
-    trainer = pl.Trainer(accelerator="cpu", logger=TensorBoardLogger(str(tmp_path), name="run"),
-                         callbacks=[GradECLIPCallback(max_items=12, text_maps=False)],
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=TensorBoardLogger(str(tmp_path), name="run"),
+        callbacks=[GradECLIPCallback(max_items=12, text_maps=False)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.validate(suite, datamodule=data, verbose=False)
     out = tmp_path / "run" / "version_0" / "explanations" / "grad_eclip" / "val"
     index = json.loads((out / "index.json").read_text())
@@ -149,14 +167,21 @@ def test_failure_analysis_finds_the_retrieval_member_of_a_suite(tmp_path):
 
     suite, data = _shapes_suite("xclip:tiny-shapes"), _shapes_data(n=40)
     callback = RetrievalExplanationCallback(max_items=4, per_annotator=1, overlap=1, improvements=False, cards=True)
-    trainer = pl.Trainer(accelerator="cpu", logger=TensorBoardLogger(str(tmp_path), name="run"), callbacks=[callback],
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=TensorBoardLogger(str(tmp_path), name="run"),
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.validate(suite, datamodule=data, verbose=False)
     summary = callback.analyse(trainer, suite)
     emb = suite.members["retrieval"].gallery_embeddings
     top1 = (emb.text_emb @ emb.image_emb.T).argmax(1)  # brute force: every top-1 text->image miss
     assert summary["n_failures"] == int((top1 != emb.text_to_image).sum()) > 0
-    assert len(list((tmp_path / "run" / "version_0" / "failures" / "val" / "cards").glob("*.png"))) == min(4, summary["n_failures"])
+    assert len(list((tmp_path / "run" / "version_0" / "failures" / "val" / "cards").glob("*.png"))) == min(
+        4, summary["n_failures"]
+    )
 
 
 def test_cam_callback_writes_the_grad_cam_maps_of_the_explained_items(tmp_path):
@@ -169,8 +194,13 @@ def test_cam_callback_writes_the_grad_cam_maps_of_the_explained_items(tmp_path):
     from xclip.explain import GradCAM
 
     suite, data = _shapes_suite("xclip:tiny-shapes"), _shapes_data()
-    trainer = pl.Trainer(accelerator="cpu", logger=TensorBoardLogger(str(tmp_path), name="run"),
-                         callbacks=[CAMCallback(max_items=4)], enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=TensorBoardLogger(str(tmp_path), name="run"),
+        callbacks=[CAMCallback(max_items=4)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.validate(suite, datamodule=data, verbose=False)
     out = tmp_path / "run" / "version_0" / "explanations" / "grad_cam" / "val"
     index = json.loads((out / "index.json").read_text())

@@ -3,6 +3,7 @@
 `load_backbone` / `wrap_model` dispatch through the backend registry (`xclip.backbones.registry`):
 one module per backend under `xclip.backbones.backends` (open_clip, HF, xclip checkpoint folders).
 """
+
 from . import tiny_towers  # noqa: F401  (registers xclip's timm entry points)
 from .backends.xclip_checkpoint import (
     checkpoint_path,

@@ -94,8 +94,7 @@ class TextTokenizer(Protocol):
     def __call__(self, texts: Sequence[str]) -> Tensor:  # LongTensor [K, context_length]
         ...
 
-    def decode_tokens(self, ids: Sequence[int]) -> list[str]:
-        ...
+    def decode_tokens(self, ids: Sequence[int]) -> list[str]: ...
 
 
 # ---- transformer blocks ------------------------------------------------------------------------
@@ -164,8 +163,9 @@ def trace_block(view: BlockView, x: Tensor, attn_mask: Tensor | None) -> BlockTr
     return BlockTrace(x, q, k, v, q_h, k_h, v_h, probs, attn_out, x_out)
 
 
-def run_blocks(x: Tensor, blocks: list[BlockView], attn_mask: Tensor | None,
-               n_traced: int) -> tuple[Tensor, list[BlockTrace]]:
+def run_blocks(
+    x: Tensor, blocks: list[BlockView], attn_mask: Tensor | None, n_traced: int
+) -> tuple[Tensor, list[BlockTrace]]:
     """Run all but the last ``n_traced`` blocks natively, then recompute the rest traced."""
     if n_traced < 0:
         raise ValueError(f"n_blocks must be >= 0, got {n_traced}")
@@ -206,7 +206,7 @@ class PoolAttention:
 
     def grid_keys(self) -> tuple[Tensor, Tensor]:
         """k, v of the grid tokens only: [N, H, P, dh] each."""
-        return self.k[:, :, self.prefix:], self.v[:, :, self.prefix:]
+        return self.k[:, :, self.prefix :], self.v[:, :, self.prefix :]
 
 
 def attention_readout(q: Tensor, k: Tensor, v: Tensor, key_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -283,8 +283,9 @@ class TextTrace:
     attn_mask: Tensor | None = None
 
 
-def inject_pseudo_tokens(token_embeds: Tensor, tokens: Tensor, pseudo_tokens: Tensor,
-                         placeholder_id: int = PLACEHOLDER_TOKEN_ID) -> Tensor:
+def inject_pseudo_tokens(
+    token_embeds: Tensor, tokens: Tensor, pseudo_tokens: Tensor, placeholder_id: int = PLACEHOLDER_TOKEN_ID
+) -> Tensor:
     """Replace the embedding at the first placeholder (``$``) of each row by that row's pseudo-token.
 
     token_embeds [K, L, W], tokens [K, L], pseudo_tokens [K, W] -> [K, L, W] (differentiable in
@@ -367,13 +368,17 @@ class VisionTower(ABC):
     def refusal(self, what: str, instead: str) -> UnsupportedFamily:
         """The error for an explainer this tower cannot support: names the family, why, and what
         to use instead."""
-        return UnsupportedFamily(f"{what} is not available for {self.family}: it pools without attention (no query, "
-                                 f"so no spatial weights); use {instead}")
+        return UnsupportedFamily(
+            f"{what} is not available for {self.family}: it pools without attention (no query, "
+            f"so no spatial weights); use {instead}"
+        )
 
     def image_head(self, tokens: Tensor) -> Tensor:
         """Final norm and projection of tokens [..., W] -> [..., D] (class-token towers only)."""
-        raise UnsupportedFamily(f"{self.family} pools with its {self.pooling}, not a per-token head: use "
-                                "backbone.patch_features(trace) for dense features")
+        raise UnsupportedFamily(
+            f"{self.family} pools with its {self.pooling}, not a per-token head: use "
+            "backbone.patch_features(trace) for dense features"
+        )
 
 
 class TextTower(ABC):
@@ -430,8 +435,15 @@ class Backbone(nn.Module):
 
     spec: str | None = None  # the `load_backbone` spec it was built from, if any
 
-    def __init__(self, model: nn.Module, tokenizer: TextTokenizer, preprocess_cfg: PreprocessCfg,
-                 vision: VisionTower, text: TextTower, embed_dim: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: TextTokenizer,
+        preprocess_cfg: PreprocessCfg,
+        vision: VisionTower,
+        text: TextTower,
+        embed_dim: int,
+    ):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -442,7 +454,9 @@ class Backbone(nn.Module):
         self._transform: Callable[[Image.Image], Tensor] | None = None
         self._placeholder_id: int | None = None
         if preprocess_cfg.image_size != vision.image_size:
-            raise ValueError(f"preprocess image_size {preprocess_cfg.image_size} != model input size {vision.image_size}")
+            raise ValueError(
+                f"preprocess image_size {preprocess_cfg.image_size} != model input size {vision.image_size}"
+            )
 
     @property
     def family(self) -> str:
@@ -547,8 +561,10 @@ class Backbone(nn.Module):
             alone = self.tokenizer([PLACEHOLDER]).to(self.device)
             own = alone[0][self.content_mask(alone)[0]].tolist()
             if len(own) != 1 or not ids or ids[-1] != own[0]:
-                raise UnsupportedFamily(f"this tokenizer does not make '{PLACEHOLDER}' one token of its own "
-                                        f"({own}): SEARLE's pseudo-token slot needs a one-token placeholder")
+                raise UnsupportedFamily(
+                    f"this tokenizer does not make '{PLACEHOLDER}' one token of its own "
+                    f"({own}): SEARLE's pseudo-token slot needs a one-token placeholder"
+                )
             self._placeholder_id = own[0]
         return self._placeholder_id
 
@@ -571,12 +587,16 @@ class Backbone(nn.Module):
         p = self.patch_size
         if h % p or w % p:
             fit = tuple(max(p, round(side / p) * p) for side in (h, w))
-            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}: resize it "
-                             f"(e.g. to {fit[0]}x{fit[1]}, or use normalize(images01, size='native'))")
+            raise ValueError(
+                f"image size {h}x{w} is not a multiple of the patch size {p}: resize it "
+                f"(e.g. to {fit[0]}x{fit[1]}, or use normalize(images01, size='native'))"
+            )
         grid = (h // p, w // p)
         if grid != self.grid_size and not self.vision.other_sizes:
-            raise UnsupportedFamily(f"{self.vision.family} takes {self.image_size}x{self.image_size} inputs only, "
-                                    f"got {h}x{w}: resize with backbone.normalize(images01) (no size)")
+            raise UnsupportedFamily(
+                f"{self.vision.family} takes {self.image_size}x{self.image_size} inputs only, "
+                f"got {h}x{w}: resize with backbone.normalize(images01) (no size)"
+            )
         return grid
 
     @property
@@ -587,8 +607,11 @@ class Backbone(nn.Module):
     def image_std(self) -> tuple[float, float, float]:
         return self.preprocess_cfg.std
 
-    def preprocess(self, images: Image.Image | str | Path | Sequence[Image.Image | str | Path],
-                   size: None | str | tuple[int, int] = None) -> Tensor:
+    def preprocess(
+        self,
+        images: Image.Image | str | Path | Sequence[Image.Image | str | Path],
+        size: None | str | tuple[int, int] = None,
+    ) -> Tensor:
         """PIL images (or image files) -> model input.
 
         One image gives ``[3, S, S]``, a list ``[N, 3, S, S]``. Every image is decoded to RGB by
@@ -608,8 +631,10 @@ class Backbone(nn.Module):
         pil = [read_rgb(x) if isinstance(x, (str, Path)) else x for x in items]
         bad = [i for i, x in enumerate(pil) if not isinstance(x, Image.Image)]
         if bad:
-            raise TypeError(f"preprocess takes PIL images or image paths; item {bad[0]} is a "
-                            f"{type(pil[bad[0]]).__name__} (tensors in [0, 1] go through backbone.normalize)")
+            raise TypeError(
+                f"preprocess takes PIL images or image paths; item {bad[0]} is a "
+                f"{type(pil[bad[0]]).__name__} (tensors in [0, 1] go through backbone.normalize)"
+            )
         pil = [to_rgb(x) for x in pil]
         if size is None:
             if self._transform is None:
@@ -623,8 +648,10 @@ class Backbone(nn.Module):
 
             shapes = {x.size for x in pil}
             if len(shapes) > 1 and size == "native":
-                raise ValueError(f"preprocess(size='native') of a list needs images of one size, got {sorted(shapes)}: "
-                                 "preprocess them one at a time (maps follow each image's own grid)")
+                raise ValueError(
+                    f"preprocess(size='native') of a list needs images of one size, got {sorted(shapes)}: "
+                    "preprocess them one at a time (maps follow each image's own grid)"
+                )
             out = torch.cat([self.normalize(pil_to_tensor(x).float().div(255.0)[None], size=size) for x in pil])
         return out
 
@@ -671,8 +698,9 @@ class Backbone(nn.Module):
         emb = self.text.encode(self._as_tokens(tokens))
         return F.normalize(emb, dim=-1) if normalize else emb
 
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 256, normalize: bool = False,
-                     progress: bool | None = None) -> Tensor:
+    def encode_texts(
+        self, texts: Sequence[str], batch_size: int = 256, normalize: bool = False, progress: bool | None = None
+    ) -> Tensor:
         """Any number of strings -> [K, D], `batch_size` strings per forward (bounded memory).
 
         `progress`: a progress bar on stderr (None: when there are more than 8 batches, e.g. a
@@ -693,8 +721,9 @@ class Backbone(nn.Module):
         """Token ids [K, L] -> token embeddings [K, L, W] (before positional embedding)."""
         return self.text.token_embedding(tokens.to(self.device))
 
-    def encode_text_from_embeddings(self, token_embeds: Tensor, tokens: Tensor,
-                                    pseudo_tokens: Tensor | None = None) -> Tensor:
+    def encode_text_from_embeddings(
+        self, token_embeds: Tensor, tokens: Tensor, pseudo_tokens: Tensor | None = None
+    ) -> Tensor:
         """Text forward from token embeddings [K, L, W] (ids [K, L] give the pooled row and masks)
         -> [K, D].
 
@@ -759,8 +788,9 @@ class Backbone(nn.Module):
         tokens = self._as_tokens(tokens)
         token_embeds = self.text.token_embedding(tokens)
         if pseudo_tokens is not None:
-            token_embeds = inject_pseudo_tokens(token_embeds, tokens, pseudo_tokens.to(token_embeds.device),
-                                                self.placeholder_id)
+            token_embeds = inject_pseudo_tokens(
+                token_embeds, tokens, pseudo_tokens.to(token_embeds.device), self.placeholder_id
+            )
         trace = self.text.encode_embeddings(token_embeds, tokens, n_blocks)
         if trace.content is None:
             trace.content = self.content_mask(tokens)

@@ -46,15 +46,25 @@ def _block_view(layer: nn.Module) -> BlockView:
         out = layer(x, None if mask is None else mask.to(x.dtype))
         return out[0] if isinstance(out, tuple) else out
 
-    return BlockView(ln_1=layer.layer_norm1, qkv=qkv, num_heads=attn.num_heads, out_proj=attn.out_proj,
-                     ls_1=nn.Identity(), ln_2=layer.layer_norm2, mlp=layer.mlp, ls_2=nn.Identity(), native=native)
+    return BlockView(
+        ln_1=layer.layer_norm1,
+        qkv=qkv,
+        num_heads=attn.num_heads,
+        out_proj=attn.out_proj,
+        ls_1=nn.Identity(),
+        ln_2=layer.layer_norm2,
+        mlp=layer.mlp,
+        ls_2=nn.Identity(),
+        native=native,
+    )
 
 
 def _kind(model: nn.Module) -> str:
     name = type(model).__name__
     if name not in ("CLIPModel", "SiglipModel", "Siglip2Model"):
-        raise UnsupportedFamily(f"xclip backbones support transformers CLIPModel, SiglipModel and Siglip2Model, "
-                                f"not {name}")
+        raise UnsupportedFamily(
+            f"xclip backbones support transformers CLIPModel, SiglipModel and Siglip2Model, not {name}"
+        )
     return name
 
 
@@ -77,7 +87,7 @@ class HFVisionTower(SequenceVisionTower):
     @property
     def image_size(self) -> int:
         if self.kind == "Siglip2Model":
-            return round(self.cfg.num_patches ** 0.5) * self.cfg.patch_size
+            return round(self.cfg.num_patches**0.5) * self.cfg.patch_size
         return int(self.cfg.image_size)
 
     @property
@@ -105,8 +115,9 @@ class HFVisionTower(SequenceVisionTower):
     def encode(self, images: Tensor) -> Tensor:
         if self.kind == "Siglip2Model":
             patches, mask, shapes = self._naflex(images)
-            return _features(self.model.get_image_features(pixel_values=patches, pixel_attention_mask=mask,
-                                                           spatial_shapes=shapes))
+            return _features(
+                self.model.get_image_features(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes)
+            )
         out = _features(self.model.get_image_features(pixel_values=images))
         return out
 
@@ -161,8 +172,11 @@ class HFTextTower(SequenceTextTower):
         super().__init__(model.text_model)
         self.model, self.kind = model, kind
         self.causal = kind == "CLIPModel"
-        self.family = ("HF CLIP text transformer (causal, EOT pooling)" if self.causal
-                       else "HF SigLIP text transformer (non-causal, last-token pooling)")
+        self.family = (
+            "HF CLIP text transformer (causal, EOT pooling)"
+            if self.causal
+            else "HF SigLIP text transformer (non-causal, last-token pooling)"
+        )
 
     @property
     def width(self) -> int:
@@ -207,19 +221,23 @@ class HFCLIPBackbone(Backbone):
     the text vocabulary has 49408 entries; SigLIP's need `tokenizer=` (or a local hub cache).
     """
 
-    def __init__(self, model: nn.Module, tokenizer: TextTokenizer | None = None,
-                 preprocess_cfg: PreprocessCfg | None = None):
+    def __init__(
+        self, model: nn.Module, tokenizer: TextTokenizer | None = None, preprocess_cfg: PreprocessCfg | None = None
+    ):
         kind = _kind(model)
         vision, text = HFVisionTower(model, kind), HFTextTower(model, kind)
         tcfg = model.config.text_config
         if tokenizer is None:
             if tcfg.vocab_size != CLIP_BPE_VOCAB:
-                raise ValueError(f"text vocab size {tcfg.vocab_size} is not the CLIP BPE's {CLIP_BPE_VOCAB}: "
-                                 "pass tokenizer= (the model's own, e.g. AutoTokenizer.from_pretrained(<id>))")
+                raise ValueError(
+                    f"text vocab size {tcfg.vocab_size} is not the CLIP BPE's {CLIP_BPE_VOCAB}: "
+                    "pass tokenizer= (the model's own, e.g. AutoTokenizer.from_pretrained(<id>))"
+                )
             tokenizer = ClipBPETokenizer(tcfg.max_position_embeddings)
         if preprocess_cfg is None:
             clip = kind == "CLIPModel"
-            preprocess_cfg = PreprocessCfg(vision.image_size) if clip else PreprocessCfg(vision.image_size, SIGLIP_MEAN,
-                                                                                            SIGLIP_STD)
+            preprocess_cfg = (
+                PreprocessCfg(vision.image_size) if clip else PreprocessCfg(vision.image_size, SIGLIP_MEAN, SIGLIP_STD)
+            )
         embed_dim = model.config.projection_dim if kind == "CLIPModel" else model.text_model.head.out_features
         super().__init__(model, tokenizer, preprocess_cfg, vision, text, int(embed_dim))

@@ -22,20 +22,26 @@ RANGE_TOLERANCE = 1e-3  # resampling can overshoot [0, 1] by rounding; more is a
 
 def _layout(images: Tensor, name: str) -> None:
     if not isinstance(images, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor [N, 3, H, W], got {type(images).__name__}: load images with "
-                        "xclip.data.images.read_rgb and pass them through backbone.preprocess")
+        raise TypeError(
+            f"{name} must be a torch.Tensor [N, 3, H, W], got {type(images).__name__}: load images with "
+            "xclip.data.images.read_rgb and pass them through backbone.preprocess"
+        )
     if images.ndim == 3 and images.shape[0] == 3:
         raise ValueError(f"{name} is one image [3, H, W]; pass a batch [N, 3, H, W] ({name}[None] for one image)")
     if images.ndim != 4:
         raise ValueError(f"{name} must be [N, 3, H, W], got shape {tuple(images.shape)}")
     if images.shape[1] != 3:
         if images.shape[-1] == 3:
-            raise ValueError(f"{name} has shape {tuple(images.shape)}: channels last [N, H, W, 3]; xclip takes "
-                             f"channels first [N, 3, H, W]: pass {name}.permute(0, 3, 1, 2)")
+            raise ValueError(
+                f"{name} has shape {tuple(images.shape)}: channels last [N, H, W, 3]; xclip takes "
+                f"channels first [N, 3, H, W]: pass {name}.permute(0, 3, 1, 2)"
+            )
         raise ValueError(f"{name} must have 3 (RGB) channels in dim 1, got shape {tuple(images.shape)}")
     if not images.is_floating_point():
-        raise TypeError(f"{name} has dtype {images.dtype}; pass float images in [0, 1] (for uint8 0-255 images: "
-                        f"{name}.float() / 255)")
+        raise TypeError(
+            f"{name} has dtype {images.dtype}; pass float images in [0, 1] (for uint8 0-255 images: "
+            f"{name}.float() / 255)"
+        )
     finite = torch.isfinite(images)
     if not bool(finite.all()):
         bad = sorted({int(i) for i in (~finite).flatten(1).any(1).nonzero().flatten()})
@@ -65,9 +71,11 @@ def check_model_input(images: Tensor, mean: Sequence[float], std: Sequence[float
         margin = 8.0
         lo, hi = float(images.min()), float(images.max())
         if lo < lo_ok - margin or hi > hi_ok + margin:
-            raise ValueError(f"{name} values span [{lo:.4g}, {hi:.4g}], outside what normalised [0, 1] images give "
-                             f"([{lo_ok:.3g}, {hi_ok:.3g}]): pass model input, i.e. backbone.normalize(images01) of "
-                             "float images in [0, 1], or backbone.preprocess(pil_images)")
+            raise ValueError(
+                f"{name} values span [{lo:.4g}, {hi:.4g}], outside what normalised [0, 1] images give "
+                f"([{lo_ok:.3g}, {hi_ok:.3g}]): pass model input, i.e. backbone.normalize(images01) of "
+                "float images in [0, 1], or backbone.preprocess(pil_images)"
+            )
 
 
 def check_texts(texts: Sequence[str], name: str = "texts") -> list[str]:
@@ -80,6 +88,8 @@ def check_texts(texts: Sequence[str], name: str = "texts") -> list[str]:
         raise TypeError(f"{name}[{bad_type[0]}] is a {type(texts[bad_type[0]]).__name__}, not a string")
     blank = [i for i, t in enumerate(texts) if not t.strip()]
     if blank:
-        raise ValueError(f"{name} {blank[:10]}{' ...' if len(blank) > 10 else ''} are empty or whitespace only: "
-                         "a blank text has no tokens to embed or explain; drop it or give it words")
+        raise ValueError(
+            f"{name} {blank[:10]}{' ...' if len(blank) > 10 else ''} are empty or whitespace only: "
+            "a blank text has no tokens to embed or explain; drop it or give it words"
+        )
     return texts

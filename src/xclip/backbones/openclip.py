@@ -113,8 +113,17 @@ def block_view(transformer: OpenCLIPTransformer, block: OpenCLIPBlock) -> BlockV
             return block(x, attn_mask=mask)
         return block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
 
-    return BlockView(ln_1=block.ln_1, qkv=qkv, num_heads=heads, out_proj=attn.out_proj, ls_1=block.ls_1,
-                     ln_2=block.ln_2, mlp=block.mlp, ls_2=block.ls_2, native=native)
+    return BlockView(
+        ln_1=block.ln_1,
+        qkv=qkv,
+        num_heads=heads,
+        out_proj=attn.out_proj,
+        ls_1=block.ls_1,
+        ln_2=block.ln_2,
+        mlp=block.mlp,
+        ls_2=block.ls_2,
+        native=native,
+    )
 
 
 def _side(size) -> int:
@@ -136,8 +145,10 @@ class OpenCLIPViTTower(SequenceVisionTower):
     def __init__(self, visual: VisionTransformer, encode_fn: Callable[[Tensor], Tensor] | None = None):
         super().__init__(visual, encode_fn)
         self._image_size = _side(visual.image_size)
-        if getattr(visual, "attn_pool_type", "") in ("parallel", "cascade") or getattr(
-                visual, "attn_pool_contrastive", None) is not None:
+        if (
+            getattr(visual, "attn_pool_type", "") in ("parallel", "cascade")
+            or getattr(visual, "attn_pool_contrastive", None) is not None
+        ):
             raise _unsupported(f"the {visual.attn_pool_type!r} attentional pooler")
         if visual.attn_pool is not None:
             if visual.pool_type != "tok":
@@ -312,8 +323,11 @@ class OpenCLIPTextTower(SequenceTextTower):
         self.heads = text.transformer.resblocks[0].attn.num_heads
         for block in text.transformer.resblocks:
             check_block(block)
-        pooling = "appended class token" if self.cls else {"argmax": "EOT", "eos": "EOS", "last": "last-token",
-                                                            "first": "first-token"}[self.pool_type]
+        pooling = (
+            "appended class token"
+            if self.cls
+            else {"argmax": "EOT", "eos": "EOS", "last": "last-token", "first": "first-token"}[self.pool_type]
+        )
         self.family = f"{'causal' if self.causal else 'non-causal'} text transformer ({pooling} pooling)"
 
     @property
@@ -393,8 +407,10 @@ class HFTextEncoderTower(TextTower):
 
     def encode_embeddings(self, token_embeds: Tensor, tokens: Tensor, n_blocks: int) -> TextTrace:
         if n_blocks:
-            raise UnsupportedFamily(f"{self.family}: its transformers blocks are not traced; Grad-ECLIP text maps "
-                                    "are not available (explain the image side, or use SHAP/Captum on the tokens)")
+            raise UnsupportedFamily(
+                f"{self.family}: its transformers blocks are not traced; Grad-ECLIP text maps "
+                "are not available (explain the image side, or use SHAP/Captum on the tokens)"
+            )
         text = self.module
         mask = (tokens != text.config.pad_token_id).long()
         out = text.transformer(inputs_embeds=token_embeds, attention_mask=mask)
@@ -438,16 +454,22 @@ class OpenCLIPBackbone(Backbone):
     with :func:`xclip.backbones.save_checkpoint`.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: TextTokenizer | None = None,
-                 preprocess_cfg: PreprocessCfg | None = None, model_cfg: dict | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: TextTokenizer | None = None,
+        preprocess_cfg: PreprocessCfg | None = None,
+        model_cfg: dict | None = None,
+    ):
         if not isinstance(model, (CLIP, CustomTextCLIP)) and not hasattr(model, "visual"):
             raise _unsupported(f"model class {type(model).__name__}")
         vision = _vision_tower(model)
         text = _text_tower(model)
         if preprocess_cfg is None:
             oc_cfg = getattr(model.visual, "preprocess_cfg", None) or {}
-            preprocess_cfg = PreprocessCfg(vision.image_size, tuple(oc_cfg.get("mean", OPENAI_MEAN)),
-                                           tuple(oc_cfg.get("std", OPENAI_STD)))
+            preprocess_cfg = PreprocessCfg(
+                vision.image_size, tuple(oc_cfg.get("mean", OPENAI_MEAN)), tuple(oc_cfg.get("std", OPENAI_STD))
+            )
         if tokenizer is None:
             tokenizer = default_tokenizer(model)
         embed_dim = _embed_dim(model)
@@ -478,8 +500,10 @@ def default_tokenizer(model: OpenCLIPModel) -> TextTokenizer:
     vocab = getattr(text, "vocab_size", None)
     if vocab == 49408 and hasattr(model, "context_length"):
         return ClipBPETokenizer(text_context_length(model))
-    raise ValueError(f"the text tower's vocabulary ({vocab} tokens) is not the CLIP BPE's: pass tokenizer= "
-                     "(e.g. open_clip.get_tokenizer('<arch>'), or any transformers tokenizer)")
+    raise ValueError(
+        f"the text tower's vocabulary ({vocab} tokens) is not the CLIP BPE's: pass tokenizer= "
+        "(e.g. open_clip.get_tokenizer('<arch>'), or any transformers tokenizer)"
+    )
 
 
 def text_context_length(model: OpenCLIPModel) -> int:
@@ -520,5 +544,6 @@ def _ensure_hf_tokenizer(arch: str, repo: str) -> None:
     ensure_online(
         f"openclip:{arch}: its tokenizer {repo!r} is not in the local Hugging Face cache ({hf_constants.HF_HUB_CACHE})",
         f"Download it on a connected machine with `hf download {repo}` and copy the cache here, or build the "
-        "model yourself and pass its tokenizer: wrap_model(model, tokenizer)", hub_address())
-
+        "model yourself and pass its tokenizer: wrap_model(model, tokenizer)",
+        hub_address(),
+    )

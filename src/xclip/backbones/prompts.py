@@ -23,8 +23,9 @@ def prompt_texts(classnames: Sequence[str], templates: Sequence[str]) -> list[st
 
 
 @torch.no_grad()
-def zero_shot_weights(encode_texts: Callable[[list[str]], Tensor], classnames: Sequence[str],
-                      templates: Sequence[str]) -> Tensor:
+def zero_shot_weights(
+    encode_texts: Callable[[list[str]], Tensor], classnames: Sequence[str], templates: Sequence[str]
+) -> Tensor:
     """Class weights [C, D]: the normalised mean of the normalised embeddings of each class's
     prompts. `encode_texts` maps a list of strings to [n, D] embeddings."""
     emb = F.normalize(encode_texts(prompt_texts(classnames, templates)).float(), dim=-1)

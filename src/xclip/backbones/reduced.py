@@ -140,18 +140,46 @@ def small_hf_text_config(name: str):
 
     small = dict(vocab_size=OFFLINE_VOCAB_SIZE, **offline_special_ids("t5" if "mt5" in name else "xlmr"))
     if "mt5" in name:
-        return MT5Config(d_model=WIDTH, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=1, num_heads=2,
-                         decoder_start_token_id=small["pad_token_id"], **small)
+        return MT5Config(
+            d_model=WIDTH,
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=1,
+            num_heads=2,
+            decoder_start_token_id=small["pad_token_id"],
+            **small,
+        )
     if "nllb" in name:
-        return M2M100Config(d_model=WIDTH, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
-                            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                            max_position_embeddings=128, **small)
+        return M2M100Config(
+            d_model=WIDTH,
+            encoder_layers=2,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=128,
+            **small,
+        )
     if "xlm-roberta" in name:
-        return XLMRobertaConfig(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                max_position_embeddings=80, **small)
+        return XLMRobertaConfig(
+            hidden_size=WIDTH,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=80,
+            **small,
+        )
     if "roberta" in name:
-        return RobertaConfig(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                             max_position_embeddings=80, **small)
+        return RobertaConfig(
+            hidden_size=WIDTH,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=80,
+            **small,
+        )
     raise NotImplementedError(f"no small config for the Hugging Face text tower {name!r}")
 
 
@@ -176,28 +204,43 @@ def reduced_hf(kind: str, seed: int = 0) -> tuple[nn.Module, Any]:
     if kind not in HF_CLASSES:
         raise ValueError(f"kind must be one of {HF_CLASSES}, got {kind!r}")
     torch.manual_seed(seed)
-    text = dict(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2, num_attention_heads=2,
-                max_position_embeddings=16)
-    vision = dict(patch_size=8, hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2,
-                  num_attention_heads=2)
+    text = dict(
+        hidden_size=WIDTH,
+        intermediate_size=2 * WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+    )
+    vision = dict(
+        patch_size=8, hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2, num_attention_heads=2
+    )
     if kind == "CLIPModel":
-        config = transformers.CLIPConfig(text_config={**text, "vocab_size": 49408},
-                                         vision_config={**vision, "image_size": 32}, projection_dim=16)
+        config = transformers.CLIPConfig(
+            text_config={**text, "vocab_size": 49408}, vision_config={**vision, "image_size": 32}, projection_dim=16
+        )
         return transformers.CLIPModel(config).eval(), None
     ids = offline_special_ids("siglip")
-    special = dict(vocab_size=OFFLINE_VOCAB_SIZE, pad_token_id=ids["pad_token_id"], eos_token_id=ids["eos_token_id"],
-                   bos_token_id=None)
+    special = dict(
+        vocab_size=OFFLINE_VOCAB_SIZE,
+        pad_token_id=ids["pad_token_id"],
+        eos_token_id=ids["eos_token_id"],
+        bos_token_id=None,
+    )
     if kind == "SiglipModel":
         config = transformers.SiglipConfig(text_config={**text, **special}, vision_config={**vision, "image_size": 32})
     else:
-        config = transformers.Siglip2Config(text_config={**text, **special}, vision_config={**vision, "num_patches": 16})
+        config = transformers.Siglip2Config(
+            text_config={**text, **special}, vision_config={**vision, "num_patches": 16}
+        )
     return getattr(transformers, kind)(config).eval(), offline_tokenizer("siglip")
 
 
 # ---- an offline stand-in for tokenizers that need a download -------------------------------------
-_WORDS = ("a photo of the an and that with on in red green blue yellow purple orange circle square triangle star "
-          "cross heart left right above below big small two three one background water sky sand grass $ cat dog "
-          "is are it this picture").split()
+_WORDS = (
+    "a photo of the an and that with on in red green blue yellow purple orange circle square triangle star "
+    "cross heart left right above below big small two three one background water sky sand grass $ cat dog "
+    "is are it this picture"
+).split()
 OFFLINE_VOCAB_SIZE = 4 + len(_WORDS) + 4
 # kind -> (the four special tokens in id order, the template, the pad token): the real tokenizers'
 # conventions (SigLIP: "</s>" appended and padded with; T5/mT5: "<pad>" = 0, "</s>" = 1;
@@ -213,8 +256,11 @@ _KINDS = {
 def offline_special_ids(kind: str) -> dict[str, int]:
     """pad / eos / bos ids of an offline stand-in kind."""
     specials, _, pad = _KINDS[kind]
-    return {"pad_token_id": specials.index(pad), "eos_token_id": specials.index("</s>"),
-            "bos_token_id": specials.index("<s>")}
+    return {
+        "pad_token_id": specials.index(pad),
+        "eos_token_id": specials.index("</s>"),
+        "bos_token_id": specials.index("<s>"),
+    }
 
 
 def offline_tokenizer(kind: str = "siglip"):

@@ -107,8 +107,10 @@ def _load_local(spec: str) -> Backbone:
         if stranded_backups(path):  # an export was killed after moving this folder aside
             raise missing_folder_error(path)
         kinds = "; ".join(b.describe for b in backends())
-        raise FileNotFoundError(f"{spec!r}: no such file or directory ({path}); expected an xclip checkpoint "
-                                f"directory (or a save_pretrained one), or a spec with a known scheme ({kinds})")
+        raise FileNotFoundError(
+            f"{spec!r}: no such file or directory ({path}); expected an xclip checkpoint "
+            f"directory (or a save_pretrained one), or a spec with a known scheme ({kinds})"
+        )
     candidates = [b for b in backends() if b.load_path is not None]
     for backend in candidates:
         if backend.claims_path is not None and backend.claims_path(path):
@@ -117,8 +119,9 @@ def _load_local(spec: str) -> Backbone:
     return candidates[0].load_path(path)
 
 
-def wrap_model(model: nn.Module, tokenizer: object | None = None,
-               preprocess_cfg: PreprocessCfg | dict | None = None) -> Backbone:
+def wrap_model(
+    model: nn.Module, tokenizer: object | None = None, preprocess_cfg: PreprocessCfg | dict | None = None
+) -> Backbone:
     """Wrap an already-built model (mode unchanged): any open_clip model of its registry or a
     transformers ``CLIPModel`` / ``SiglipModel`` / ``Siglip2Model``.
 
@@ -132,8 +135,10 @@ def wrap_model(model: nn.Module, tokenizer: object | None = None,
         if backend.claims_model is not None and backend.claims_model(model):
             return backend.wrap(model, tokenizer, preprocess_cfg)
     kinds = [b.scheme for b in backends() if b.claims_model is not None]
-    raise TypeError(f"cannot wrap {type(model).__name__}: no backend ({', '.join(kinds)}) takes it; expected an "
-                    "open_clip model or a transformers CLIPModel / SiglipModel / Siglip2Model")
+    raise TypeError(
+        f"cannot wrap {type(model).__name__}: no backend ({', '.join(kinds)}) takes it; expected an "
+        "open_clip model or a transformers CLIPModel / SiglipModel / Siglip2Model"
+    )
 
 
 _SHARED: weakref.WeakValueDictionary[str, Backbone] = weakref.WeakValueDictionary()
@@ -163,6 +168,8 @@ def resolve_backbone(backbone: str | Backbone) -> tuple[Backbone, str]:
     if isinstance(backbone, Backbone):
         return backbone, getattr(backbone, "spec", None) or type(backbone).__name__
     if not isinstance(backbone, str):
-        raise TypeError(f"backbone must be a spec string (e.g. 'xclip:tiny-shapes') or an xclip Backbone, "
-                        f"got {type(backbone).__name__}")
+        raise TypeError(
+            f"backbone must be a spec string (e.g. 'xclip:tiny-shapes') or an xclip Backbone, "
+            f"got {type(backbone).__name__}"
+        )
     return shared_backbone(backbone), backbone

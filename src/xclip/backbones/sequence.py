@@ -88,7 +88,7 @@ class SequenceVisionTower(VisionTower):
         grid = self.grid(images)
         views = self.blocks(grid)
         x, traces = run_blocks(self.embed(images, grid), views, None, n_blocks)
-        patch_tokens = x[:, self.prefix:]
+        patch_tokens = x[:, self.prefix :]
         if self.pooling == "class token":
             pool = self._class_token_pool(views[-1], traces[-1]) if traces else None
             return ImageTrace(traces, self.head(x[:, 0]), patch_tokens, grid, pool)
@@ -105,7 +105,7 @@ class SequenceVisionTower(VisionTower):
         return attention.tail(attention.attn_out)
 
     def _average_forward(self, tokens: Tensor) -> Tensor:
-        return self.pooled_head(tokens[:, self.prefix:].mean(1))
+        return self.pooled_head(tokens[:, self.prefix :].mean(1))
 
     def _latent_attention(self, tokens: Tensor, key_weights: Tensor | None = None) -> PoolAttention:
         q, k, v = self.pool_qkv(self.pool_keys(tokens))
@@ -123,8 +123,15 @@ class SequenceVisionTower(VisionTower):
             q, k, v = (head_view(t, view.num_heads) for t in view.qkv(tokens))
             return tail(attention_readout(q[:, :, 0], k, v)[1])
 
-        attention = PoolAttention(block.q_heads[:, :, 0], block.k_heads, block.v_heads, block.attn_weights[:, :, 0],
-                                  block.attn_out[:, 0], self.prefix, tail)
+        attention = PoolAttention(
+            block.q_heads[:, :, 0],
+            block.k_heads,
+            block.v_heads,
+            block.attn_weights[:, :, 0],
+            block.attn_out[:, 0],
+            self.prefix,
+            tail,
+        )
         return PoolTrace(view.ln_1(block.x_in), self.prefix, forward, attention)
 
     # ---- dense features ----------------------------------------------------------------------
@@ -175,4 +182,3 @@ class SequenceTextTower(TextTower):
         x, traces = run_blocks(x, self.blocks(), mask, n_blocks)
         index = self.pool_index(tokens)
         return TextTrace(traces, self.head(x, index), index, tokens, attn_mask=mask)
-

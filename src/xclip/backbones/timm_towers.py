@@ -77,8 +77,11 @@ def _attention_qkv(attn: nn.Module, rope: Tensor | None) -> Callable[[Tensor], t
                 fused = attn.qkv(h)
             else:
                 bias = torch.cat((q_bias, attn.k_bias, attn.v_bias))
-                fused = attn.qkv(h) + bias if getattr(attn, "qkv_bias_separate", False) else \
-                    nn.functional.linear(h, attn.qkv.weight, bias)
+                fused = (
+                    attn.qkv(h) + bias
+                    if getattr(attn, "qkv_bias_separate", False)
+                    else nn.functional.linear(h, attn.qkv.weight, bias)
+                )
             q, k, v = fused.reshape(n, length, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         else:
             q, k, v = (head_view(p(h), heads) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
@@ -104,19 +107,50 @@ def timm_block_view(block: nn.Module, rope: Tensor | None) -> BlockView:
         raise _unsupported(f"{name} blocks (only Block / EvaBlock / EvaBlockPostNorm)")
     attn = block.attn
     identity = nn.Identity()
-    out_proj = lambda a: attn.proj(attn.norm(a))
+
+    def out_proj(a):
+        return attn.proj(attn.norm(a))
+
     qkv = _attention_qkv(attn, rope)
     if name == "Block":
-        return BlockView(ln_1=block.norm1, qkv=qkv, num_heads=attn.num_heads, out_proj=out_proj, ls_1=block.ls1,
-                         ln_2=block.norm2, mlp=block.mlp, ls_2=block.ls2,
-                         native=lambda x, mask: block(x))  # vision blocks run without a mask
-    native = lambda x, mask: block(x, rope=rope)
+        return BlockView(
+            ln_1=block.norm1,
+            qkv=qkv,
+            num_heads=attn.num_heads,
+            out_proj=out_proj,
+            ls_1=block.ls1,
+            ln_2=block.norm2,
+            mlp=block.mlp,
+            ls_2=block.ls2,
+            native=lambda x, mask: block(x),
+        )  # vision blocks run without a mask
+
+    def native(x, mask):
+        return block(x, rope=rope)
+
     if name == "EvaBlockPostNorm":
-        return BlockView(ln_1=identity, qkv=qkv, num_heads=attn.num_heads, out_proj=out_proj, ls_1=block.norm1,
-                         ln_2=identity, mlp=block.mlp, ls_2=block.norm2, native=native)
-    return BlockView(ln_1=block.norm1, qkv=qkv, num_heads=attn.num_heads, out_proj=out_proj,
-                     ls_1=_scale(block.gamma_1), ln_2=block.norm2, mlp=block.mlp, ls_2=_scale(block.gamma_2),
-                     native=native)
+        return BlockView(
+            ln_1=identity,
+            qkv=qkv,
+            num_heads=attn.num_heads,
+            out_proj=out_proj,
+            ls_1=block.norm1,
+            ln_2=identity,
+            mlp=block.mlp,
+            ls_2=block.norm2,
+            native=native,
+        )
+    return BlockView(
+        ln_1=block.norm1,
+        qkv=qkv,
+        num_heads=attn.num_heads,
+        out_proj=out_proj,
+        ls_1=_scale(block.gamma_1),
+        ln_2=block.norm2,
+        mlp=block.mlp,
+        ls_2=_scale(block.gamma_2),
+        native=native,
+    )
 
 
 # ---- ViT / Eva trunks ---------------------------------------------------------------------------------
@@ -130,8 +164,10 @@ class TimmViTTower(SequenceVisionTower):
         trunk: VisionTransformer | Eva = visual.trunk
         self.trunk = trunk
         self.eva = type(trunk).__name__ == "Eva"
-        if any(isinstance(m, nn.Module) and type(m).__name__ in ("RotAttentionPool2d", "AttentionPool2d")
-               for m in visual.head):
+        if any(
+            isinstance(m, nn.Module) and type(m).__name__ in ("RotAttentionPool2d", "AttentionPool2d")
+            for m in visual.head
+        ):
             raise _unsupported("open_clip's custom attention pooling head")
         self.prefix = int(trunk.num_prefix_tokens)
         pool = getattr(trunk, "global_pool", "")
@@ -210,7 +246,7 @@ class TimmViTTower(SequenceVisionTower):
         return self.prefix if self._pool_includes_prefix() else 0
 
     def pool_keys(self, tokens: Tensor) -> Tensor:
-        return tokens if self._pool_includes_prefix() else tokens[:, self.prefix:]
+        return tokens if self._pool_includes_prefix() else tokens[:, self.prefix :]
 
     def pool_qkv(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         ap = self.trunk.attn_pool
@@ -241,8 +277,9 @@ class TimmFeatureMapTower(VisionTower):
         super().__init__(visual, encode_fn)
         self.trunk: ConvNeXt | FastVit | SwinTransformer = visual.trunk
         name = type(self.trunk).__name__
-        self.family = {"ConvNeXt": "ConvNeXt", "FastVit": "FastViT (MobileCLIP-S)",
-                       "SwinTransformer": "Swin"}.get(name, name) + " (average pooling)"
+        self.family = {"ConvNeXt": "ConvNeXt", "FastVit": "FastViT (MobileCLIP-S)", "SwinTransformer": "Swin"}.get(
+            name, name
+        ) + " (average pooling)"
         pool = getattr(getattr(self.trunk, "head", None), "global_pool", None)
         pool_type = getattr(pool, "pool_type", None)
         if pool_type != "avg":
@@ -334,9 +371,11 @@ class TimmEncodeOnlyTower(VisionTower):
         return int(self.module.trunk.num_features)
 
     def _refuse(self, what: str) -> UnsupportedFamily:
-        return UnsupportedFamily(f"{what} is not available for {self.family}: its attention adds a learned "
-                                 "relative-position bias xclip does not recompute; use encode_image (retrieval, "
-                                 "zero-shot, crop scores) or SHAP/Captum on the pixels")
+        return UnsupportedFamily(
+            f"{what} is not available for {self.family}: its attention adds a learned "
+            "relative-position bias xclip does not recompute; use encode_image (retrieval, "
+            "zero-shot, crop scores) or SHAP/Captum on the pixels"
+        )
 
     def refusal(self, what: str, instead: str) -> UnsupportedFamily:
         return self._refuse(what)

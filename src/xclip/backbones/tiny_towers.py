@@ -14,10 +14,16 @@ from timm.models.vision_transformer import VisionTransformer, _create_vision_tra
 from torch import Tensor, nn
 
 # timm looks these up by the entry point's module (no pretrained weights: random init only)
-default_cfgs = generate_default_cfgs({
-    "xclip_vit_siglip_shapes_64": {"input_size": (3, 64, 64), "num_classes": 0, "mean": (0.48145466, 0.4578275, 0.40821073),
-                                   "std": (0.26862954, 0.26130258, 0.27577711)},
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "xclip_vit_siglip_shapes_64": {
+            "input_size": (3, 64, 64),
+            "num_classes": 0,
+            "mean": (0.48145466, 0.4578275, 0.40821073),
+            "std": (0.26862954, 0.26130258, 0.27577711),
+        },
+    }
+)
 
 
 @register_model
@@ -29,14 +35,29 @@ def xclip_vit_siglip_shapes_64(pretrained: bool = False, **kwargs) -> VisionTran
     Five blocks, not tiny-shapes' six: a CLIP ViT's last block is trained only through its class
     token, so its patch outputs carry no trained features; the warm start takes the first five
     blocks, whose outputs the sixth block's attention was trained to read, and the pool reads those."""
-    args = dict(img_size=64, patch_size=8, embed_dim=192, depth=5, num_heads=3, class_token=False,
-                global_pool="map", pre_norm=True, norm_layer=partial(nn.LayerNorm, eps=1e-5))
+    args = dict(
+        img_size=64,
+        patch_size=8,
+        embed_dim=192,
+        depth=5,
+        num_heads=3,
+        class_token=False,
+        global_pool="map",
+        pre_norm=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-5),
+    )
     return _create_vision_transformer("xclip_vit_siglip_shapes_64", pretrained=pretrained, **dict(args, **kwargs))
 
 
-_BLOCK_NAMES = {"ln_1": "norm1", "ln_2": "norm2", "attn.in_proj_weight": "attn.qkv.weight",
-                "attn.in_proj_bias": "attn.qkv.bias", "attn.out_proj": "attn.proj", "mlp.c_fc": "mlp.fc1",
-                "mlp.c_proj": "mlp.fc2"}
+_BLOCK_NAMES = {
+    "ln_1": "norm1",
+    "ln_2": "norm2",
+    "attn.in_proj_weight": "attn.qkv.weight",
+    "attn.in_proj_bias": "attn.qkv.bias",
+    "attn.out_proj": "attn.proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
 
 
 def timm_vit_state_from_openclip(state: dict[str, Tensor], cls_token: bool = False) -> dict[str, Tensor]:
@@ -65,7 +86,7 @@ def timm_vit_state_from_openclip(state: dict[str, Tensor], cls_token: bool = Fal
             index, rest = name.removeprefix("transformer.resblocks.").split(".", 1)
             for old, new in _BLOCK_NAMES.items():
                 if rest.startswith(old):
-                    rest = new + rest[len(old):]
+                    rest = new + rest[len(old) :]
                     break
             out[f"visual.trunk.blocks.{index}.{rest}"] = value
         else:

@@ -57,8 +57,9 @@ class HFTokenizerAdapter:
     None (SigLIP adds only ``</s>``); ``eot_id`` is EOS (or SEP); ``pad_id`` the padding id.
     """
 
-    def __init__(self, tokenizer, context_length: int, clean: Callable[[str], str] | None = None,
-                 strip_sep: bool = False):
+    def __init__(
+        self, tokenizer, context_length: int, clean: Callable[[str], str] | None = None, strip_sep: bool = False
+    ):
         self._tok = tokenizer
         self.context_length = context_length
         self._clean = clean
@@ -74,8 +75,13 @@ class HFTokenizerAdapter:
         return [self._clean(t) for t in texts] if self._clean is not None else list(texts)
 
     def __call__(self, texts: Sequence[str]) -> Tensor:
-        enc = self._tok(self._texts(texts), padding="max_length", max_length=self.context_length, truncation=True,
-                        return_tensors="pt")
+        enc = self._tok(
+            self._texts(texts),
+            padding="max_length",
+            max_length=self.context_length,
+            truncation=True,
+            return_tensors="pt",
+        )
         ids = enc["input_ids"]
         if self._strip_sep:
             ids = ids.masked_fill(ids == self._tok.sep_token_id, 0)
@@ -109,19 +115,29 @@ def adapt_tokenizer(tokenizer: object | None, context_length: int) -> TextTokeni
         return tokenizer
     if isinstance(tokenizer, SimpleTokenizer):
         if tokenizer.reduction_fn is not None:
-            raise NotImplementedError("open_clip tokenizers with a reduction strategy (random/shuffle/syntax masks) "
-                                      "are training-time augmentations: pass the plain SimpleTokenizer")
+            raise NotImplementedError(
+                "open_clip tokenizers with a reduction strategy (random/shuffle/syntax masks) "
+                "are training-time augmentations: pass the plain SimpleTokenizer"
+            )
         return ClipBPETokenizer(tokenizer.context_length or context_length, tokenizer)
     if isinstance(tokenizer, HFTokenizer):
         if tokenizer.tokenizer_mode:
-            raise NotImplementedError(f"open_clip HFTokenizer mode {tokenizer.tokenizer_mode!r} (appends a class "
-                                      "token after padding) is not supported: pass its .tokenizer instead")
-        return HFTokenizerAdapter(tokenizer.tokenizer, tokenizer.context_length or context_length, tokenizer.clean_fn,
-                                  tokenizer.strip_sep_token)
+            raise NotImplementedError(
+                f"open_clip HFTokenizer mode {tokenizer.tokenizer_mode!r} (appends a class "
+                "token after padding) is not supported: pass its .tokenizer instead"
+            )
+        return HFTokenizerAdapter(
+            tokenizer.tokenizer,
+            tokenizer.context_length or context_length,
+            tokenizer.clean_fn,
+            tokenizer.strip_sep_token,
+        )
     if hasattr(tokenizer, "convert_ids_to_tokens"):
         return HFTokenizerAdapter(tokenizer, context_length)
-    raise TypeError(f"unsupported tokenizer {type(tokenizer).__name__}: pass an open_clip or transformers tokenizer, "
-                    "or an object with context_length, sot_id, eot_id, __call__ and decode_tokens")
+    raise TypeError(
+        f"unsupported tokenizer {type(tokenizer).__name__}: pass an open_clip or transformers tokenizer, "
+        "or an object with context_length, sot_id, eot_id, __call__ and decode_tokens"
+    )
 
 
 def warn_truncated(tokenizer: TextTokenizer, texts: Sequence[str]) -> int:
@@ -133,7 +149,12 @@ def warn_truncated(tokenizer: TextTokenizer, texts: Sequence[str]) -> int:
     counts = counts_fn(texts)
     cut = [c for c in counts if c > tokenizer.context_length]
     if cut:
-        log.warning("%d of %d texts are longer than the text tower's context of %d tokens and were cut (the longest "
-                    "has %d tokens): shorten them, or the model reads only their beginning",
-                    len(cut), len(counts), tokenizer.context_length, max(cut))
+        log.warning(
+            "%d of %d texts are longer than the text tower's context of %d tokens and were cut (the longest "
+            "has %d tokens): shorten them, or the model reads only their beginning",
+            len(cut),
+            len(counts),
+            tokenizer.context_length,
+            max(cut),
+        )
     return len(cut)

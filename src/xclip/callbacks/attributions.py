@@ -68,9 +68,17 @@ class AttributionCallback(StageCallback):
     name = "attribution"
     workflow = "explanations"
 
-    def __init__(self, max_items: int = 4, tasks: list[str] | None = None, classes: str = "predicted",
-                 cell: int | None = None, alpha: float = 0.5, panel_px: int = 192, subdir: str = "explanations",
-                 seed: int = 0):
+    def __init__(
+        self,
+        max_items: int = 4,
+        tasks: list[str] | None = None,
+        classes: str = "predicted",
+        cell: int | None = None,
+        alpha: float = 0.5,
+        panel_px: int = 192,
+        subdir: str = "explanations",
+        seed: int = 0,
+    ):
         if max_items < 0:
             raise ValueError("max_items must be >= 0")
         if classes not in ("predicted", "all"):
@@ -91,8 +99,10 @@ class AttributionCallback(StageCallback):
     def start(self, trainer, pl_module, stage: str) -> None:
         self._explained, self._names = 0, {}
         if not isinstance(pl_module, MultimodalExplainable):
-            raise TypeError(f"{type(self).__name__} needs a module with attribution_targets() and "
-                            f"attribution_inputs(batch); {type(pl_module).__name__} has not")
+            raise TypeError(
+                f"{type(self).__name__} needs a module with attribution_targets() and "
+                f"attribution_inputs(batch); {type(pl_module).__name__} has not"
+            )
         if self.max_items and trainer.is_global_zero:
             self.prepare(trainer, pl_module)
 
@@ -110,12 +120,14 @@ class AttributionCallback(StageCallback):
         for task in self.tasks or list(targets):
             if task not in targets:
                 raise KeyError(f"{type(self).__name__}: unknown task {task!r}; the module explains {sorted(targets)}")
-            attribution = self.explain(targets[task], inputs, "predicted" if self.classes == "predicted" else None,
-                                       trainer)
+            attribution = self.explain(
+                targets[task], inputs, "predicted" if self.classes == "predicted" else None, trainer
+            )
             self._emit(trainer, stage, targets[task].class_names, inputs, attribution)
 
-    def _emit(self, trainer, stage: str, class_names: list[str], inputs: MultimodalInputs,
-              attribution: MultimodalAttribution) -> None:
+    def _emit(
+        self, trainer, stage: str, class_names: list[str], inputs: MultimodalInputs, attribution: MultimodalAttribution
+    ) -> None:
         name, task = attribution.explainer, attribution.target
         out_dir = self.stage_dir(trainer, stage)
         images01 = inputs.images01.detach().float().cpu()
@@ -136,23 +148,50 @@ class AttributionCallback(StageCallback):
                 title = explanation_title(inputs.texts[i], name, item_id, where)
                 n_tok = int(inputs.attention_mask[i].sum())
                 words = merge_subwords(inputs.tokens[i][:n_tok], token_scores[i, :n_tok].tolist())
-                info = {"text": inputs.texts[i], "explainer": name, "item_id": item_id, "index": indexes[i],
-                        "path": paths[i], "task": task, "class": cls, "class_name": cls_name, "title": title,
-                        "value": "|attribution| summed over channels"}
+                info = {
+                    "text": inputs.texts[i],
+                    "explainer": name,
+                    "item_id": item_id,
+                    "index": indexes[i],
+                    "path": paths[i],
+                    "task": task,
+                    "class": cls,
+                    "class_name": cls_name,
+                    "title": title,
+                    "value": "|attribution| summed over channels",
+                }
                 npy, _ = save_map_npy(maps[i].numpy(), out_dir / f"{stem}.npy", image_size, extra=info)
-                panel = figure_to_array(panels_figure(
-                    [("image", images01[i], None), (f"|{name}| for {cls_name}", images01[i], maps[i].numpy())],
-                    title, alpha=self.alpha, panel_px=self.panel_px))
+                panel = figure_to_array(
+                    panels_figure(
+                        [("image", images01[i], None), (f"|{name}| for {cls_name}", images01[i], maps[i].numpy())],
+                        title,
+                        alpha=self.alpha,
+                        panel_px=self.panel_px,
+                    )
+                )
                 png = save_png(panel, out_dir / f"{stem}.png", text={"Title": title})
-                chart = figure_to_array(token_bar_chart([w for w, _ in words], [s for _, s in words], title=title,
-                                                        legend=(f"towards {cls_name!r}", f"away from {cls_name!r}")))
+                chart = figure_to_array(
+                    token_bar_chart(
+                        [w for w, _ in words],
+                        [s for _, s in words],
+                        title=title,
+                        legend=(f"towards {cls_name!r}", f"away from {cls_name!r}"),
+                    )
+                )
                 token_png = save_png(chart, out_dir / f"{stem}_tokens.png", text={"Title": title})
-                record = {**info, "stage": stage, "png": png.name, "token_png": token_png.name, "npy": npy.name,
-                          "output": float(attribution.output[i, slot]),
-                          "references": {k: float(v[i, slot]) for k, v in attribution.references.items()},
-                          "deltas": {k: float(v[i, slot]) for k, v in attribution.deltas.items()},
-                          "totals": {k: float(v[i]) for k, v in totals.items()},
-                          "words": [[w, s] for w, s in words], "map_max": float(maps[i].max())}
+                record = {
+                    **info,
+                    "stage": stage,
+                    "png": png.name,
+                    "token_png": token_png.name,
+                    "npy": npy.name,
+                    "output": float(attribution.output[i, slot]),
+                    "references": {k: float(v[i, slot]) for k, v in attribution.references.items()},
+                    "deltas": {k: float(v[i, slot]) for k, v in attribution.deltas.items()},
+                    "totals": {k: float(v[i]) for k, v in totals.items()},
+                    "words": [[w, s] for w, s in words],
+                    "map_max": float(maps[i].max()),
+                }
                 self.records.append(record)
                 self.log_image(trainer, stage, name, stem, panel)
                 self.log_image(trainer, stage, name, f"{stem}_tokens", chart)
@@ -186,19 +225,27 @@ class SHAPCallback(AttributionCallback):
 
     name = "shap"
 
-    def __init__(self, background_size: int = 50, nsamples: int = 200, batch_size: int = 50,
-                 engine: str = "batched", **kwargs):
+    def __init__(
+        self, background_size: int = 50, nsamples: int = 200, batch_size: int = 50, engine: str = "batched", **kwargs
+    ):
         super().__init__(**kwargs)
         if background_size < 1:
             raise ValueError("background_size must be >= 1")
-        self.background_size, self.nsamples, self.batch_size, self.engine = background_size, nsamples, batch_size, engine
+        self.background_size, self.nsamples, self.batch_size, self.engine = (
+            background_size,
+            nsamples,
+            batch_size,
+            engine,
+        )
         self.background: MultimodalInputs | None = None
 
     def prepare(self, trainer, pl_module) -> None:
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "val_dataloader"):
-            raise ValueError("SHAPCallback samples its background from the validation data: run with a datamodule "
-                             "that has val_dataloader()")
+            raise ValueError(
+                "SHAPCallback samples its background from the validation data: run with a datamodule "
+                "that has val_dataloader()"
+            )
         loader = datamodule.val_dataloader()
         dataset = loader.dataset
         order = np.random.default_rng(self.seed).permutation(len(dataset))
@@ -216,14 +263,25 @@ class SHAPCallback(AttributionCallback):
 
     def explain(self, target, inputs, classes, trainer) -> MultimodalAttribution:
         assert self.background is not None  # drawn in prepare, before the stage's first batch
-        explainer = SHAPExplainer(target, self.background, nsamples=self.nsamples, batch_size=self.batch_size,
-                                  seed=self.seed, engine=self.engine, precision=str(trainer.precision))
+        explainer = SHAPExplainer(
+            target,
+            self.background,
+            nsamples=self.nsamples,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            engine=self.engine,
+            precision=str(trainer.precision),
+        )
         seeds = [item_seed(self.seed, index) for index in item_indexes(inputs)]
         return explainer.explain(inputs, classes, seeds=seeds)
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "background_size": len(self.background) if self.background else 0,
-                "nsamples": self.nsamples, "engine": self.engine}
+        return {
+            **super().settings(),
+            "background_size": len(self.background) if self.background else 0,
+            "nsamples": self.nsamples,
+            "engine": self.engine,
+        }
 
 
 class CaptumCallback(AttributionCallback):
@@ -237,19 +295,33 @@ class CaptumCallback(AttributionCallback):
 
     name = "integrated_gradients"
 
-    def __init__(self, n_steps: int = 50, method: str = "gausslegendre", internal_batch_size: int | None = None,
-                 image_baseline: float = 0.0, **kwargs):
+    def __init__(
+        self,
+        n_steps: int = 50,
+        method: str = "gausslegendre",
+        internal_batch_size: int | None = None,
+        image_baseline: float = 0.0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.n_steps, self.method, self.internal_batch_size = n_steps, method, internal_batch_size
         self.image_baseline = image_baseline
 
     def explain(self, target, inputs, classes, trainer) -> MultimodalAttribution:
-        return CaptumExplainer(target, n_steps=self.n_steps, method=self.method,
-                               internal_batch_size=self.internal_batch_size, image_baseline=self.image_baseline,
-                               precision=str(trainer.precision)).explain(inputs, classes)
+        return CaptumExplainer(
+            target,
+            n_steps=self.n_steps,
+            method=self.method,
+            internal_batch_size=self.internal_batch_size,
+            image_baseline=self.image_baseline,
+            precision=str(trainer.precision),
+        ).explain(inputs, classes)
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "n_steps": self.n_steps, "method": self.method,
-                "internal_batch_size": self.internal_batch_size, "image_baseline": self.image_baseline}
-
-
+        return {
+            **super().settings(),
+            "n_steps": self.n_steps,
+            "method": self.method,
+            "internal_batch_size": self.internal_batch_size,
+            "image_baseline": self.image_baseline,
+        }

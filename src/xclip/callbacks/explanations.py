@@ -51,9 +51,17 @@ class ExplanationCallback(StageCallback):
 
     workflow = "explanations"
 
-    def __init__(self, explainer: str = "grad_eclip", explainer_kwargs: dict[str, Any] | None = None,
-                 max_items: int = 8, text_maps: bool = True, dataloader_idx: int | None = None,
-                 alpha: float = 0.5, panel_px: int = 192, subdir: str = "explanations"):
+    def __init__(
+        self,
+        explainer: str = "grad_eclip",
+        explainer_kwargs: dict[str, Any] | None = None,
+        max_items: int = 8,
+        text_maps: bool = True,
+        dataloader_idx: int | None = None,
+        alpha: float = 0.5,
+        panel_px: int = 192,
+        subdir: str = "explanations",
+    ):
         if explainer not in EXPLAINERS:
             raise ValueError(f"unknown explainer {explainer!r}; choose from {sorted(EXPLAINERS)}")
         if max_items < 0:
@@ -80,8 +88,10 @@ class ExplanationCallback(StageCallback):
             return
         backbone = pl_module.backbone_for(batch) if contract else getattr(pl_module, "backbone", None)
         if backbone is None:
-            raise AttributeError(f"{type(pl_module).__name__} has no `backbone`: the explanation callbacks "
-                                 "need a module that wraps an xclip backbone")
+            raise AttributeError(
+                f"{type(pl_module).__name__} has no `backbone`: the explanation callbacks "
+                "need a module that wraps an xclip backbone"
+            )
         explainer = self._explainer_for(backbone, trainer)
         # validate/test run under inference_mode; explanations need autograd on fresh tensors
         with torch.inference_mode(False), torch.enable_grad():
@@ -100,7 +110,8 @@ class ExplanationCallback(StageCallback):
         key = id(backbone)
         if key not in self._explainers or self._explainers[key].backbone is not backbone:
             self._explainers[key] = EXPLAINERS[self.explainer_name](
-                backbone, precision=str(trainer.precision), **self.explainer_kwargs)
+                backbone, precision=str(trainer.precision), **self.explainer_kwargs
+            )
         return self._explainers[key]
 
     def _emit(self, trainer, stage, dataloader_idx, where, name, images01, texts, ids, maps, words) -> None:
@@ -109,44 +120,67 @@ class ExplanationCallback(StageCallback):
         for i, (text, item_id) in enumerate(zip(texts, ids)):
             stem = f"{stage}_{task}_dl{dataloader_idx}_{item_id}"
             title = explanation_title(text, name, item_id, where)
-            info = {"text": text, "explainer": name, "item_id": item_id, "task": task,
-                    "dataloader_idx": dataloader_idx, "title": title}
-            npy, _ = save_map_npy(maps[i].numpy(), out_dir / f"{stem}.npy", image_size=tuple(images01.shape[-2:]),
-                                  extra=info)
-            panel = figure_to_array(explanation_figure(images01[i], maps[i].numpy(), title, alpha=self.alpha,
-                                                       panel_px=self.panel_px))
+            info = {
+                "text": text,
+                "explainer": name,
+                "item_id": item_id,
+                "task": task,
+                "dataloader_idx": dataloader_idx,
+                "title": title,
+            }
+            npy, _ = save_map_npy(
+                maps[i].numpy(), out_dir / f"{stem}.npy", image_size=tuple(images01.shape[-2:]), extra=info
+            )
+            panel = figure_to_array(
+                explanation_figure(images01[i], maps[i].numpy(), title, alpha=self.alpha, panel_px=self.panel_px)
+            )
             png = save_png(panel, out_dir / f"{stem}.png", text={"Title": title})
-            record = {"id": item_id, "stage": stage, "task": task, "dataloader_idx": dataloader_idx, "text": text,
-                      "title": title, "png": str(png.relative_to(out_dir)), "npy": str(npy.relative_to(out_dir)),
-                      "map_max": float(maps[i].max()), "all_zero": bool(maps[i].max() <= 0)}
+            record = {
+                "id": item_id,
+                "stage": stage,
+                "task": task,
+                "dataloader_idx": dataloader_idx,
+                "text": text,
+                "title": title,
+                "png": str(png.relative_to(out_dir)),
+                "npy": str(npy.relative_to(out_dir)),
+                "map_max": float(maps[i].max()),
+                "all_zero": bool(maps[i].max() <= 0),
+            }
             chart = None
             if words is not None:
                 record["words"] = words[i]
                 fig = token_bar_chart([w for w, _ in words[i]], [s for _, s in words[i]], title=title)
                 chart = figure_to_array(fig)
-                record["token_png"] = str(save_png(chart, out_dir / f"{stem}_tokens.png",
-                                                   text={"Title": title}).relative_to(out_dir))
+                record["token_png"] = str(
+                    save_png(chart, out_dir / f"{stem}_tokens.png", text={"Title": title}).relative_to(out_dir)
+                )
             self.log_image(trainer, stage, name, f"{task}_dl{dataloader_idx}_{item_id}", panel)
             if chart is not None:
                 self.log_image(trainer, stage, name, f"{task}_dl{dataloader_idx}_{item_id}_tokens", chart)
             self.records.append(record)
 
     def index_payload(self, trainer, stage: str) -> dict[str, Any]:
-        return {"explainer": EXPLAINERS[self.explainer_name].name, "precision": str(trainer.precision),
-                "all_zero_maps": sum(r["all_zero"] for r in self.records)}
+        return {
+            "explainer": EXPLAINERS[self.explainer_name].name,
+            "precision": str(trainer.precision),
+            "all_zero_maps": sum(r["all_zero"] for r in self.records),
+        }
 
 
 class GradECLIPCallback(ExplanationCallback):
     """Grad-ECLIP image maps and word scores (see `ExplanationCallback`)."""
 
     def __init__(self, max_items: int = 8, mode: str = "model", text_maps: bool = True, **kwargs):
-        super().__init__(explainer="grad_eclip", explainer_kwargs={"mode": mode}, max_items=max_items,
-                         text_maps=text_maps, **kwargs)
+        super().__init__(
+            explainer="grad_eclip", explainer_kwargs={"mode": mode}, max_items=max_items, text_maps=text_maps, **kwargs
+        )
 
 
 class CAMCallback(ExplanationCallback):
     """Grad-CAM maps on the last block's ln_1 (or `layer="block_input"`), see `ExplanationCallback`."""
 
     def __init__(self, max_items: int = 8, layer: str = "ln_1", **kwargs):
-        super().__init__(explainer="grad_cam", explainer_kwargs={"layer": layer}, max_items=max_items,
-                         text_maps=False, **kwargs)
+        super().__init__(
+            explainer="grad_cam", explainer_kwargs={"layer": layer}, max_items=max_items, text_maps=False, **kwargs
+        )

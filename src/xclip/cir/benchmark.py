@@ -81,10 +81,13 @@ class CIRBenchmark:
 
     name = "cir"
 
-    def __init__(self, split: str, gallery_keys: list[str], queries: list[CIRQuery],
-                 gallery_categories: list[str] | None = None):
+    def __init__(
+        self, split: str, gallery_keys: list[str], queries: list[CIRQuery], gallery_categories: list[str] | None = None
+    ):
         self.split, self.gallery_keys, self.queries = split, list(gallery_keys), list(queries)
-        self.gallery_categories = list(gallery_categories) if gallery_categories is not None else [""] * len(gallery_keys)
+        self.gallery_categories = (
+            list(gallery_categories) if gallery_categories is not None else [""] * len(gallery_keys)
+        )
         self._index = {k: i for i, k in enumerate(self.gallery_keys)}
         if len(self._index) != len(self.gallery_keys):
             raise ValueError(f"{self.name} {split}: the gallery repeats image keys")
@@ -126,8 +129,9 @@ class CIRBenchmark:
 
     def target_index(self) -> Tensor:
         """[Q] long: each query's target in the gallery (-1 when hidden)."""
-        return torch.tensor([self.index_of(q.target) if q.target is not None else -1 for q in self.queries],
-                            dtype=torch.long)
+        return torch.tensor(
+            [self.index_of(q.target) if q.target is not None else -1 for q in self.queries], dtype=torch.long
+        )
 
     def reference_index(self) -> Tensor:
         """[Q] long: each query's reference in the gallery (-1 when it is not a gallery image)."""
@@ -157,12 +161,27 @@ class FileCIRBenchmark(CIRBenchmark):
     file gives None (the datasets turn it into a skipped item).
     """
 
-    def __init__(self, name: str, split: str, root: str | Path, files: dict[str, str], gallery_keys: list[str],
-                 queries: list[CIRQuery], image_size: int = 224, gallery_categories: list[str] | None = None,
-                 source: dict | None = None, pad_ratio: float | None = 1.25):
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        root: str | Path,
+        files: dict[str, str],
+        gallery_keys: list[str],
+        queries: list[CIRQuery],
+        image_size: int = 224,
+        gallery_categories: list[str] | None = None,
+        source: dict | None = None,
+        pad_ratio: float | None = 1.25,
+    ):
         self.name = name
         super().__init__(split, gallery_keys, queries, gallery_categories)
-        self.root, self.files, self.image_size, self.source = Path(root), dict(files), int(image_size), dict(source or {})
+        self.root, self.files, self.image_size, self.source = (
+            Path(root),
+            dict(files),
+            int(image_size),
+            dict(source or {}),
+        )
         self.pad_ratio = pad_ratio
 
     def file(self, key: str) -> Path:
@@ -187,8 +206,15 @@ class FileCIRBenchmark(CIRBenchmark):
             path = self.file(key)
             st = path.stat() if path.exists() else None
             h.update(f"{key}|{self.files[key]}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}\n".encode())
-        return {**self.source, "benchmark": self.name, "split": self.split, "image_size": self.image_size,
-                "pad_ratio": self.pad_ratio, "n_gallery": self.n_gallery, "files_sha256": h.hexdigest()}
+        return {
+            **self.source,
+            "benchmark": self.name,
+            "split": self.split,
+            "image_size": self.image_size,
+            "pad_ratio": self.pad_ratio,
+            "n_gallery": self.n_gallery,
+            "files_sha256": h.hexdigest(),
+        }
 
 
 @dataclass
@@ -222,8 +248,13 @@ def shapes_truth(reference: Scene, target: Scene, kind: str, size: int) -> Shape
         nouns = {o.noun for o in added}
         added = [o for o in target.objects if o.noun in nouns]
     kept = [o for o in reference.objects if o in target.objects]
-    return ShapesTruth(kind, _union_mask(added, size), _union_mask([o for o in target.objects if o not in added], size),
-                       _union_mask(kept, size), _union_mask([o for o in reference.objects if o not in kept], size))
+    return ShapesTruth(
+        kind,
+        _union_mask(added, size),
+        _union_mask([o for o in target.objects if o not in added], size),
+        _union_mask(kept, size),
+        _union_mask([o for o in reference.objects if o not in kept], size),
+    )
 
 
 class ShapesCIRBenchmark(CIRBenchmark):
@@ -277,15 +308,32 @@ class ShapesCIRBenchmark(CIRBenchmark):
         for i in range(n):
             r, k = divmod(i, len(CIR_KINDS))
             members = tuple(f"{prefix}/set{r}/{name}" for name in ("reference", *CIR_KINDS))
-            queries.append(CIRQuery(reference=members[0], captions=(self.single.reference_set(r).captions[k],),
-                                    target=members[1 + k], members=members, query_id=str(i), category=CIR_KINDS[k]))
+            queries.append(
+                CIRQuery(
+                    reference=members[0],
+                    captions=(self.single.reference_set(r).captions[k],),
+                    target=members[1 + k],
+                    members=members,
+                    query_id=str(i),
+                    category=CIR_KINDS[k],
+                )
+            )
         for q in range(n_circo):
             loose = self.circo.query(q).loose
             target = f"{prefix}/circo{q}/gt0"
-            truth = [target] + [key for key, scene in zip(keys, self._scenes)
-                                if key != target and loose.satisfied_by(scene)]
-            queries.append(CIRQuery(reference=f"{prefix}/circo{q}/reference", captions=(loose.caption(),),
-                                    target=target, ground_truth=tuple(truth), query_id=f"circo{q}", category="circo"))
+            truth = [target] + [
+                key for key, scene in zip(keys, self._scenes) if key != target and loose.satisfied_by(scene)
+            ]
+            queries.append(
+                CIRQuery(
+                    reference=f"{prefix}/circo{q}/reference",
+                    captions=(loose.caption(),),
+                    target=target,
+                    ground_truth=tuple(truth),
+                    query_id=f"circo{q}",
+                    category="circo",
+                )
+            )
         super().__init__(split, keys, queries)
 
     def is_circo(self, query: int) -> bool:
@@ -326,8 +374,13 @@ class ShapesCIRBenchmark(CIRBenchmark):
         loose = self.circo.query(query - self.n_single).loose
         named = [o for o in tgt.objects if (o.shape, o.colour, o.size) == (loose.shape, loose.colour, loose.size)]
         size = self.image_size
-        return ShapesTruth(kind, _union_mask(named, size), _union_mask([o for o in tgt.objects if o not in named], size),
-                           _union_mask([], size), _union_mask(ref.objects, size))
+        return ShapesTruth(
+            kind,
+            _union_mask(named, size),
+            _union_mask([o for o in tgt.objects if o not in named], size),
+            _union_mask([], size),
+            _union_mask(ref.objects, size),
+        )
 
     def subset_chance(self, ks: tuple[int, ...] = (1, 2, 3)) -> dict[str, float]:
         """Recall_subset@K of a method that ignores the caption: K / 6 (the variants of a set)."""
@@ -336,5 +389,12 @@ class ShapesCIRBenchmark(CIRBenchmark):
     def fingerprint(self) -> dict:
         """Sizes, seed, split and a digest of every gallery scene graph (a generator change is a new gallery)."""
         scenes = hashlib.sha256(json.dumps([s.to_dict() for s in self._scenes], sort_keys=True).encode()).hexdigest()
-        return {"benchmark": "shapes", "n": self.n_single, "n_circo": self.n_circo, "seed": self.seed,
-                "image_size": self.image_size, "split": self.split, "scenes_sha256": scenes}
+        return {
+            "benchmark": "shapes",
+            "n": self.n_single,
+            "n_circo": self.n_circo,
+            "seed": self.seed,
+            "image_size": self.image_size,
+            "split": self.split,
+            "scenes_sha256": scenes,
+        }

@@ -66,11 +66,22 @@ class CIRExplanationCallback(StageCallback):
             query = bench.queries[q]
             caption = " and ".join(query.captions)
             with torch.inference_mode(False):
-                ex = explainer.explain(bb.normalize(ref01[None].to(bb.device)), caption, bb.normalize(cand01.to(bb.device)))
+                ex = explainer.explain(
+                    bb.normalize(ref01[None].to(bb.device)), caption, bb.normalize(cand01.to(bb.device))
+                )
             ranks = [1 + i for i in range(len(cands))]
             entry, panels = write_query_explanation(
-                out, query.query_id or str(q), caption, ref01, bench.reference_path(q), cand01,
-                [bench.gallery_path(g) for g in cands], ranks, ex, [g == int(target_index[q]) for g in cands])
+                out,
+                query.query_id or str(q),
+                caption,
+                ref01,
+                bench.reference_path(q),
+                cand01,
+                [bench.gallery_path(g) for g in cands],
+                ranks,
+                ex,
+                [g == int(target_index[q]) for g in cands],
+            )
             self.records.append(entry)
             for name, panel in panels:
                 self.log_image(trainer, stage, name, query.query_id or str(q), panel)

@@ -49,11 +49,18 @@ class CIRModule(CIREvaluation):
         cache_dir: root of the gallery embedding cache (None: no cache).
     """
 
-    def __init__(self, backbone: str | Backbone = "xclip:tiny-shapes", phi: str | Phi | None = "xclip:searle-phi-tiny-shapes",
-                 methods: Sequence[str] = ("searle", "image", "text", "image_text"), ks: Sequence[int] | None = None,
-                 oti: dict[str, Any] | None = None, oti_phrases_per_concept: int = 256, concept_kind: str = "shape",
-                 cache_dir: str | None = None,
-                 submission_name: str = "submission"):
+    def __init__(
+        self,
+        backbone: str | Backbone = "xclip:tiny-shapes",
+        phi: str | Phi | None = "xclip:searle-phi-tiny-shapes",
+        methods: Sequence[str] = ("searle", "image", "text", "image_text"),
+        ks: Sequence[int] | None = None,
+        oti: dict[str, Any] | None = None,
+        oti_phrases_per_concept: int = 256,
+        concept_kind: str = "shape",
+        cache_dir: str | None = None,
+        submission_name: str = "submission",
+    ):
         super().__init__(backbone, methods, ks, cache_dir, submission_name)
         self.phi: Phi | None = None
         if any(m in NEEDS_PHI for m in self.methods):
@@ -85,11 +92,19 @@ class CIRModule(CIREvaluation):
                 if isinstance(self.benchmark, ShapesCIRBenchmark):
                     concepts = [self.benchmark.concepts(int(index[row]), self.concept_kind) for row in rows]
                     if self._bank is None:
-                        self._bank = PhraseBank.build(self.backbone, self.concept_kind, self.oti_phrases_per_concept,
-                                                      seed=self.oti_config.seed)
+                        self._bank = PhraseBank.build(
+                            self.backbone, self.concept_kind, self.oti_phrases_per_concept, seed=self.oti_config.seed
+                        )
                     bank = self._bank
-                tokens = oti_invert(self.backbone, features[rows].clone(), keys, concepts, bank, self.oti_config,
-                                    precision=str(self.trainer.precision))
+                tokens = oti_invert(
+                    self.backbone,
+                    features[rows].clone(),
+                    keys,
+                    concepts,
+                    bank,
+                    self.oti_config,
+                    precision=str(self.trainer.precision),
+                )
             self._oti_memo.update(zip(todo, tokens))
         return torch.stack([self._oti_memo[r] for r in refs])
 

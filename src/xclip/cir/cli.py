@@ -18,8 +18,9 @@ DEFAULT_OUT = Path("runs") / "cir_query"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xclip cir-query",
-                                description="Composed image retrieval (SEARLE) on an image folder.")
+    p = argparse.ArgumentParser(
+        prog="xclip cir-query", description="Composed image retrieval (SEARLE) on an image folder."
+    )
     p.add_argument("--reference", required=True, help="the reference image file")
     p.add_argument("--caption", required=True, help=f'the relative caption, e.g. "{EXAMPLE}"')
     p.add_argument("--gallery", required=True, help="an image folder, or a cache entry written by an earlier run")
@@ -27,9 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true", help="write explanations A-D for the top-k candidates")
     p.add_argument("--out", default=None, help=f"output folder (default: a new {DEFAULT_OUT}/version_N)")
     p.add_argument("--backbone", default="xclip:tiny-shapes", help="backbone spec (default xclip:tiny-shapes)")
-    p.add_argument("--phi", default="xclip:searle-phi-tiny-shapes",
-                   help="phi: xclip:<name>, searle:ViT-B/32, a directory or a SEARLE .pt "
-                        "(default xclip:searle-phi-tiny-shapes)")
+    p.add_argument(
+        "--phi",
+        default="xclip:searle-phi-tiny-shapes",
+        help="phi: xclip:<name>, searle:ViT-B/32, a directory or a SEARLE .pt (default xclip:searle-phi-tiny-shapes)",
+    )
     p.add_argument("--image-size", type=int, default=None, help="image side (default: the backbone's input size)")
     p.add_argument("--cache-dir", default=None, help="gallery cache root (default ~/.cache/xclip/cir)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -45,8 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         print("xclip cir-query: --top-k must be >= 1", file=sys.stderr)
         return 2
     if not args.caption.strip():
-        print(f'xclip cir-query: --caption is empty: pass the change to make to the reference, e.g. --caption '
-              f'"{EXAMPLE}"', file=sys.stderr)
+        print(
+            f"xclip cir-query: --caption is empty: pass the change to make to the reference, e.g. --caption "
+            f'"{EXAMPLE}"',
+            file=sys.stderr,
+        )
         return 2
     if not gallery.is_dir():
         print(f"xclip cir-query: --gallery {gallery} is not a folder", file=sys.stderr)

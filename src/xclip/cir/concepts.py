@@ -105,8 +105,15 @@ class PhraseBank:
     count: Tensor
 
     @classmethod
-    def build(cls, backbone: Backbone, kind: str = "shape", per_concept: int = 256, seed: int = 0,
-              concepts: Sequence[str] | None = None, batch_size: int = 512) -> PhraseBank:
+    def build(
+        cls,
+        backbone: Backbone,
+        kind: str = "shape",
+        per_concept: int = 256,
+        seed: int = 0,
+        concepts: Sequence[str] | None = None,
+        batch_size: int = 512,
+    ) -> PhraseBank:
         """Draw `per_concept` phrases for every concept (default: all of `kind`) and embed them."""
         concepts = list(concepts if concepts is not None else all_concepts(kind))
         phrases, owner = [], []
@@ -115,8 +122,12 @@ class PhraseBank:
             phrases.extend(drawn)
             owner.extend([c] * len(drawn))
         with torch.no_grad():
-            feats = torch.cat([encode_plain(backbone, phrases[i : i + batch_size]).float()
-                               for i in range(0, len(phrases), batch_size)])
+            feats = torch.cat(
+                [
+                    encode_plain(backbone, phrases[i : i + batch_size]).float()
+                    for i in range(0, len(phrases), batch_size)
+                ]
+            )
         count = torch.tensor([owner.count(c) for c in range(len(concepts))])
         start = torch.cumsum(count, 0) - count
         return cls(concepts, phrases, torch.tensor(owner), feats, start, count)

@@ -73,10 +73,12 @@ class PhiTrainingImages(Dataset):
     items are ``{"index", "concepts"}``.
     """
 
-    def __init__(self, n: int = 2000, seed: int = 0, image_size: int = 64, max_objects: int = 3,
-                 concept_kind: str = "shape"):
-        self.scenes = ShapesCaptions(n=n, seed=seed, image_size=image_size, max_objects=max_objects,
-                                     captions_per_image=1, split="train")
+    def __init__(
+        self, n: int = 2000, seed: int = 0, image_size: int = 64, max_objects: int = 3, concept_kind: str = "shape"
+    ):
+        self.scenes = ShapesCaptions(
+            n=n, seed=seed, image_size=image_size, max_objects=max_objects, captions_per_image=1, split="train"
+        )
         self.concept_kind = concept_kind
         self._concepts = [scene_concepts(self.scenes.sample(i).scene, concept_kind) for i in range(n)]
 
@@ -115,8 +117,11 @@ def collate_cached(indices: list[int]) -> dict[str, Any]:
 
 
 def collate_training(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"index": torch.tensor([it["index"] for it in items], dtype=torch.long),
-            "concepts": [it["concepts"] for it in items], "task": "phi"}
+    return {
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+        "concepts": [it["concepts"] for it in items],
+        "task": "phi",
+    }
 
 
 class CIRDataModule(pl.LightningDataModule):
@@ -143,18 +148,36 @@ class CIRDataModule(pl.LightningDataModule):
         batch_size, num_workers: loader settings.
     """
 
-    def __init__(self, source: str = "shapes", data_root: str | None = None, n: int = 600, seed: int = 1000,
-                 image_size: int = 64, val_split: str | None = None, test_split: str | None = None,
-                 categories: list[str] | None = None, n_train: int = 2000, train_seed: int = 0,
-                 train_max_objects: int = 3, concept_kind: str = "shape", pad_ratio: float | None = 1.25,
-                 batch_size: int = 128, num_workers: int = 0, n_circo: int = 0):
+    def __init__(
+        self,
+        source: str = "shapes",
+        data_root: str | None = None,
+        n: int = 600,
+        seed: int = 1000,
+        image_size: int = 64,
+        val_split: str | None = None,
+        test_split: str | None = None,
+        categories: list[str] | None = None,
+        n_train: int = 2000,
+        train_seed: int = 0,
+        train_max_objects: int = 3,
+        concept_kind: str = "shape",
+        pad_ratio: float | None = 1.25,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        n_circo: int = 0,
+    ):
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"unknown CIR source {source!r}; choose from {SOURCES}")
         if source != "shapes" and not data_root:
             raise ValueError(f"source={source!r} needs data_root (the dataset folder)")
-        defaults = {"shapes": ("val", "test"), "cirr": ("val", "test1"), "circo": ("val", "test"),
-                    "fashioniq": ("val", "test")}[source]
+        defaults = {
+            "shapes": ("val", "test"),
+            "cirr": ("val", "test1"),
+            "circo": ("val", "test"),
+            "fashioniq": ("val", "test"),
+        }[source]
         self.source, self.data_root, self.n, self.seed, self.image_size = source, data_root, n, seed, image_size
         self.n_circo = n_circo
         self.val_split, self.test_split = val_split or defaults[0], test_split or defaults[1]
@@ -192,8 +215,9 @@ class CIRDataModule(pl.LightningDataModule):
     @property
     def training_images(self) -> PhiTrainingImages:
         if self._training is None:
-            self._training = PhiTrainingImages(self.n_train, self.train_seed, self.image_size, self.train_max_objects,
-                                               self.concept_kind)
+            self._training = PhiTrainingImages(
+                self.n_train, self.train_seed, self.image_size, self.train_max_objects, self.concept_kind
+            )
         return self._training
 
     def setup(self, stage: str) -> None:
@@ -219,5 +243,11 @@ class CIRDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.source != "shapes":
             raise ValueError("phi is trained on ShapesWorld images here: use source 'shapes' for `xclip fit`")
-        return DataLoader(self.training_images, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, collate_fn=collate_training)
+        return DataLoader(
+            self.training_images,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            collate_fn=collate_training,
+        )

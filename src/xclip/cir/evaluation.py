@@ -66,8 +66,14 @@ class CIREvaluation(EvaluationModule):
     workflow = "cir"
     tasks = ("cir_gallery", "cir_query")
 
-    def __init__(self, backbone: str | Backbone, methods: Sequence[str], ks: Sequence[int] | None = None,
-                 cache_dir: str | None = None, submission_name: str = "submission"):
+    def __init__(
+        self,
+        backbone: str | Backbone,
+        methods: Sequence[str],
+        ks: Sequence[int] | None = None,
+        cache_dir: str | None = None,
+        submission_name: str = "submission",
+    ):
         super().__init__()
         self.backbone, self.backbone_spec = resolve_backbone(backbone)
         self.backbone.eval().requires_grad_(False)
@@ -78,8 +84,9 @@ class CIREvaluation(EvaluationModule):
         self.ks = tuple(ks) if ks else None
         self.cache_dir, self.submission_name = cache_dir, submission_name
         self.gallery_rows = ScoreTable(int_columns=("index",), vector_columns=("emb",), unique_by=("index",), sort=True)
-        self.query_rows = ScoreTable(int_columns=("index",), vector_columns=self.methods, unique_by=("index",),
-                                     sort=True)
+        self.query_rows = ScoreTable(
+            int_columns=("index",), vector_columns=self.methods, unique_by=("index",), sort=True
+        )
         self.benchmark: CIRBenchmark | None = None
         self.metrics: dict[str, dict[str, float]] = {}
         self.per_kind: dict[str, dict[str, float]] = {}
@@ -120,18 +127,25 @@ class CIREvaluation(EvaluationModule):
 
     def cache_key(self) -> dict[str, Any]:
         """The gallery embeddings depend on: model spec and weights, preprocessing, precision, gallery."""
-        return {"kind": "cir-gallery", "backbone": self.backbone_spec,
-                "weights_sha256": weights_fingerprint(self.backbone),
-                "preprocess": self.backbone.preprocess_cfg.to_dict(), "precision": str(self.trainer.precision),
-                "gallery": self.benchmark.fingerprint()}
+        return {
+            "kind": "cir-gallery",
+            "backbone": self.backbone_spec,
+            "weights_sha256": weights_fingerprint(self.backbone),
+            "preprocess": self.backbone.preprocess_cfg.to_dict(),
+            "precision": str(self.trainer.precision),
+            "gallery": self.benchmark.fingerprint(),
+        }
 
     # ---- steps -----------------------------------------------------------------------------
     def _skip(self, batch: dict[str, Any], kind: str) -> bool:
         self._skipped[kind].extend(batch.get("skipped_paths", []))
         if kind == "query" and "skipped_index" in batch:
             self._unreadable_queries.extend(int(i) for i in batch["skipped_index"])
-        return "index" not in batch or (kind == "gallery" and "image" not in batch) or \
-            (kind == "query" and "reference" not in batch)
+        return (
+            "index" not in batch
+            or (kind == "gallery" and "image" not in batch)
+            or (kind == "query" and "reference" not in batch)
+        )
 
     def gallery_step(self, batch: dict[str, Any]) -> None:
         if self._cached is not None or batch.get("cached") or self._skip(batch, "gallery"):
@@ -163,8 +177,11 @@ class CIREvaluation(EvaluationModule):
     def finish(self, stage: str) -> None:
         """Gather, rank, score, log (``{stage}/cir/{method}/{metric}``), write submissions."""
         bench = self.benchmark
-        g_index, g_cols = (self._cached.image_index, {"emb": self._cached.image_emb}) if self._cached is not None \
+        g_index, g_cols = (
+            (self._cached.image_index, {"emb": self._cached.image_emb})
+            if self._cached is not None
             else self._gathered(self.gallery_rows)
+        )
         q_index, q_cols = self._gathered(self.query_rows)
         self.gallery_rows.reset()
         self.query_rows.reset()
@@ -179,12 +196,15 @@ class CIREvaluation(EvaluationModule):
         if not g_cols or not q_cols:
             kind = "gallery" if not g_cols else "query reference"
             skipped = self.skipped["gallery" if not g_cols else "query"]
-            raise ValueError(f"{bench.name} {bench.split}: no {kind} image could be read ({len(skipped)} unreadable, "
-                             f"e.g. {', '.join(skipped[:3])}): check the dataset root and the image files")
+            raise ValueError(
+                f"{bench.name} {bench.split}: no {kind} image could be read ({len(skipped)} unreadable, "
+                f"e.g. {', '.join(skipped[:3])}): check the dataset root and the image files"
+            )
         q_index, g_index = q_index.cpu(), g_index.cpu()
         self._check_finite(bench, g_index, g_cols["emb"], q_index, q_cols)
-        self.gallery = GalleryEmbeddings(g_cols["emb"].cpu(), torch.zeros(0, g_cols["emb"].shape[1]),
-                                         torch.zeros(0, dtype=torch.long), g_index)
+        self.gallery = GalleryEmbeddings(
+            g_cols["emb"].cpu(), torch.zeros(0, g_cols["emb"].shape[1]), torch.zeros(0, dtype=torch.long), g_index
+        )
         self.coverage = coverage(bench, q_index, g_index, unreadable_queries)
         if coverage_note(self.coverage):
             log.warning("%s %s: %s", bench.name, bench.split, coverage_note(self.coverage))
@@ -203,30 +223,44 @@ class CIREvaluation(EvaluationModule):
             elif self.trainer.is_global_zero:
                 # every query id is written; one that was not evaluated gets an empty list (named in results.json)
                 out = run_directory(self.trainer) / "submissions"
-                paths = write_submissions(bench, torch.arange(len(bench)), full_rankings(len(bench), q_index, ranked),
-                                          out, f"{self.submission_name}_{method}")
+                paths = write_submissions(
+                    bench,
+                    torch.arange(len(bench)),
+                    full_rankings(len(bench), q_index, ranked),
+                    out,
+                    f"{self.submission_name}_{method}",
+                )
                 self.submissions.extend(str(p) for p in paths)
-        if self._cached is None and self._cache is not None and self.trainer.is_global_zero \
-                and g_index.numel() == bench.n_gallery:
+        if (
+            self._cached is None
+            and self._cache is not None
+            and self.trainer.is_global_zero
+            and g_index.numel() == bench.n_gallery
+        ):
             self._cache.save(self.gallery, bench.gallery_keys, [])
 
-    def _check_finite(self, bench: CIRBenchmark, g_index: Tensor, g_emb: Tensor, q_index: Tensor,
-                      q_cols: Mapping[str, Tensor]) -> None:
+    def _check_finite(
+        self, bench: CIRBenchmark, g_index: Tensor, g_emb: Tensor, q_index: Tensor, q_cols: Mapping[str, Tensor]
+    ) -> None:
         """Refuse NaN / infinite embeddings, naming the gallery files or query ids (a NaN cosine
         would rank that image first for every query)."""
         precision = f"the precision ({self.trainer.precision})"
         bad = g_index[~torch.isfinite(g_emb.cpu()).all(1)].tolist()
         if bad:
-            raise ValueError(f"{bench.name} {bench.split}: the model gave NaN or infinite embeddings for {len(bad)} "
-                             f"gallery images, e.g. {', '.join(bench.gallery_path(i) for i in bad[:3])}: check the "
-                             f"weights, {precision} and these files")
+            raise ValueError(
+                f"{bench.name} {bench.split}: the model gave NaN or infinite embeddings for {len(bad)} "
+                f"gallery images, e.g. {', '.join(bench.gallery_path(i) for i in bad[:3])}: check the "
+                f"weights, {precision} and these files"
+            )
         for method, emb in q_cols.items():
             bad = q_index[~torch.isfinite(emb.cpu()).all(1)].tolist()
             if bad:
                 ids = [bench.queries[i].query_id or str(i) for i in bad[:5]]
-                raise ValueError(f"{bench.name} {bench.split}: method {method!r} gave NaN or infinite query features "
-                                 f"for {len(bad)} queries (ids {', '.join(ids)}; e.g. reference "
-                                 f"{bench.reference_path(bad[0])}): check the weights (phi too) and {precision}")
+                raise ValueError(
+                    f"{bench.name} {bench.split}: method {method!r} gave NaN or infinite query features "
+                    f"for {len(bad)} queries (ids {', '.join(ids)}; e.g. reference "
+                    f"{bench.reference_path(bad[0])}): check the weights (phi too) and {precision}"
+                )
 
     # ---- reporting -------------------------------------------------------------------------
     def report_rows(self, metrics: Mapping[str, float | None]) -> list[ReportRow]:
@@ -237,29 +271,46 @@ class CIREvaluation(EvaluationModule):
         cov = self.coverage
         if bench and coverage_note(cov):  # short here; the full note is logged and in results.json
             missed = len(cov["not_evaluated"]["unreadable_reference"]) + len(cov["not_evaluated"]["not_loaded"])
-            where = (f"{bench.name} {bench.split}, {cov['n_evaluated']} of {cov['n_queries']} queries evaluated x "
-                     f"{cov['n_gallery_read']} of {cov['n_gallery']} images read; misses: {missed} not evaluated, "
-                     f"{len(cov['target_not_read'])} target not read")
+            where = (
+                f"{bench.name} {bench.split}, {cov['n_evaluated']} of {cov['n_queries']} queries evaluated x "
+                f"{cov['n_gallery_read']} of {cov['n_gallery']} images read; misses: {missed} not evaluated, "
+                f"{len(cov['target_not_read'])} target not read"
+            )
         for stage in STAGES:
             for method in self.methods:
                 # the metric functions' own order (R@1, R@5, ...), not the alphabetical one
                 names = [n for n in self.metrics.get(method, {}) if self.metric_key(stage, f"{method}/{n}") in metrics]
                 keys = [self.metric_key(stage, f"{method}/{n}") for n in names]
                 if keys:
-                    rows.append(ReportRow("composed image retrieval", f"{METHOD_NAMES[method]} [{stage}; {where}]",
-                                          {n: metrics[k] for n, k in zip(names, keys)}, keys))
+                    rows.append(
+                        ReportRow(
+                            "composed image retrieval",
+                            f"{METHOD_NAMES[method]} [{stage}; {where}]",
+                            {n: metrics[k] for n, k in zip(names, keys)},
+                            keys,
+                        )
+                    )
         return rows
 
     def extra_results(self) -> dict[str, Any]:
         """Merged into results.json under ``cir``."""
         bench, cache = self.benchmark, self._cache
-        return {**super().extra_results(), "cir": {
-            "benchmark": None if bench is None else {"name": bench.name, "split": bench.split,
-                                                     **(self.coverage or {"n_queries": len(bench),
-                                                                          "n_gallery": bench.n_gallery})},
-            "metrics": self.metrics, "recall_at_1_per_kind": self.per_kind,
-            "subset_recall_at_1_per_kind": self.per_kind_subset,
-            "chance": bench.subset_chance() if bench is not None and hasattr(bench, "subset_chance") else {},
-            "submissions": self.submissions,
-            "skipped": self.skipped,
-            "embedding_cache": None if cache is None else {"dir": str(Path(cache.dir)), "status": cache.status}}}
+        return {
+            **super().extra_results(),
+            "cir": {
+                "benchmark": None
+                if bench is None
+                else {
+                    "name": bench.name,
+                    "split": bench.split,
+                    **(self.coverage or {"n_queries": len(bench), "n_gallery": bench.n_gallery}),
+                },
+                "metrics": self.metrics,
+                "recall_at_1_per_kind": self.per_kind,
+                "subset_recall_at_1_per_kind": self.per_kind_subset,
+                "chance": bench.subset_chance() if bench is not None and hasattr(bench, "subset_chance") else {},
+                "submissions": self.submissions,
+                "skipped": self.skipped,
+                "embedding_cache": None if cache is None else {"dir": str(Path(cache.dir)), "status": cache.status},
+            },
+        }

@@ -79,8 +79,14 @@ class CIRExplainer:
         precision: autocast precision (None / ``"32"`` / ``"bf16-mixed"`` / ``"16-mixed"``).
     """
 
-    def __init__(self, backbone: Backbone, phi: Phi, text_blocks: int = 8, precision: str | None = None,
-                 self_prompt: str = SELF_PROMPT):
+    def __init__(
+        self,
+        backbone: Backbone,
+        phi: Phi,
+        text_blocks: int = 8,
+        precision: str | None = None,
+        self_prompt: str = SELF_PROMPT,
+    ):
         check_compatible(phi, backbone)
         self.backbone, self.phi, self.self_prompt = backbone, phi, self_prompt
         self.grad_eclip = GradECLIP(backbone, text_blocks=text_blocks, precision=precision)
@@ -109,11 +115,13 @@ class CIRExplainer:
                 texts = encode_with_pseudo_tokens(bb, [prompt, self.self_prompt], token.expand(2, -1))
                 query, self_text = texts[:1], texts[1:]
                 scores = F.normalize(f_c.float(), dim=-1) @ F.normalize(query.float(), dim=-1)[0]  # [K]
-                targets = torch.cat([token.float().norm(dim=-1),
-                                     F.cosine_similarity(self_text.float(), f_r.float(), dim=-1), scores])  # [K + 2]
+                targets = torch.cat(
+                    [token.float().norm(dim=-1), F.cosine_similarity(self_text.float(), f_r.float(), dim=-1), scores]
+                )  # [K + 2]
                 eye = torch.eye(k + 2, dtype=targets.dtype, device=targets.device)
-                g_r, g_c = torch.autograd.grad(targets, [cls_r, cls_c], grad_outputs=eye, is_grads_batched=True,
-                                               materialize_grads=True)  # [K+2, 1, W], [K+2, K, W]
+                g_r, g_c = torch.autograd.grad(
+                    targets, [cls_r, cls_c], grad_outputs=eye, is_grads_batched=True, materialize_grads=True
+                )  # [K+2, 1, W], [K+2, K, W]
             rows = torch.arange(k, device=g_c.device)
             ref_maps = _maps(ref_pool, g_r.transpose(0, 1), bb.patch_grid(reference))[0]  # [K+2, gh, gw]
             cand_maps = _maps(cand_pool, g_c[2 + rows, rows][:, None], bb.patch_grid(candidates))[:, 0]  # [K, gh, gw]
@@ -121,6 +129,15 @@ class CIRExplainer:
         prompt_words = self.grad_eclip.text_maps(f_c, [prompt], pseudo_tokens=token)
         self_words = self.grad_eclip.text_maps(f_r, [self.self_prompt], pseudo_tokens=token)
         return CIRExplanation(
-            prompt=prompt, scores=scores.detach().float(), phi_norm=float(targets[0].detach()), self_score=float(targets[1].detach()),
-            reference_norm_map=ref_maps[0], reference_self_map=ref_maps[1], candidate_maps=cand_maps,
-            reference_maps=ref_maps[2:], prompt_words=prompt_words, self_words=self_words, candidate_emb=f_c)
+            prompt=prompt,
+            scores=scores.detach().float(),
+            phi_norm=float(targets[0].detach()),
+            self_score=float(targets[1].detach()),
+            reference_norm_map=ref_maps[0],
+            reference_self_map=ref_maps[1],
+            candidate_maps=cand_maps,
+            reference_maps=ref_maps[2:],
+            prompt_words=prompt_words,
+            self_words=self_words,
+            candidate_emb=f_c,
+        )

@@ -78,8 +78,10 @@ def _str_list(entry: dict, name: str, path: Path, where: str, length: int | None
 def _check_unique_id(seen: dict[int, int], value: int, index: int, path: Path, field: str) -> None:
     """Refuse a query id seen at an earlier entry (``seen``: id -> entry index, updated)."""
     if value in seen:
-        raise CIRAnnotationError(f"{path}: entry [{index}] repeats {field} {value} of entry [{seen[value]}]: each "
-                                 f"query needs its own {field} (the submission file is keyed by it)")
+        raise CIRAnnotationError(
+            f"{path}: entry [{index}] repeats {field} {value} of entry [{seen[value]}]: each "
+            f"query needs its own {field} (the submission file is keyed by it)"
+        )
     seen[value] = index
 
 
@@ -88,8 +90,10 @@ def _check_files(root: Path, files: dict[str, str], needed: Sequence[tuple[str, 
     for key, who in needed:
         path = root / files[key]
         if not path.is_file():
-            raise FileNotFoundError(f"image {key!r} ({path}) is missing; it is listed in {listing}"
-                                    f"{' and needed by ' + who if who else ''}: check the dataset root ({root})")
+            raise FileNotFoundError(
+                f"image {key!r} ({path}) is missing; it is listed in {listing}"
+                f"{' and needed by ' + who if who else ''}: check the dataset root ({root})"
+            )
 
 
 def _known(key: str, files: dict[str, str], path: Path, where: str, field: str, listing: Path) -> str:
@@ -98,8 +102,13 @@ def _known(key: str, files: dict[str, str], path: Path, where: str, field: str, 
     return key
 
 
-def load_cirr(root: str | Path, split: str = "val", image_size: int = 224, annotation_dir: str = "cirr",
-              pad_ratio: float | None = 1.25) -> FileCIRBenchmark:
+def load_cirr(
+    root: str | Path,
+    split: str = "val",
+    image_size: int = 224,
+    annotation_dir: str = "cirr",
+    pad_ratio: float | None = 1.25,
+) -> FileCIRBenchmark:
     """CIRR's `split` (``val``, ``test1``/``test``, ``train``) as a benchmark (see the module docstring)."""
     if split not in CIRR_SPLITS:
         raise ValueError(f"CIRR split must be one of {sorted(CIRR_SPLITS)}, got {split!r}")
@@ -120,35 +129,57 @@ def load_cirr(root: str | Path, split: str = "val", image_size: int = 224, annot
         where = f"entry [{i}]" + (f" (pairid {pair})" if pair is not None else "")
         pairid = _field(entry, "pairid", int, captions_path, where)
         _check_unique_id(pairids, pairid, i, captions_path, "pairid")
-        reference = _known(_field(entry, "reference", str, captions_path, where), files, captions_path, where,
-                           "reference", listing)
+        reference = _known(
+            _field(entry, "reference", str, captions_path, where), files, captions_path, where, "reference", listing
+        )
         caption = _field(entry, "caption", str, captions_path, where)
         img_set = entry.get("img_set")
         if not isinstance(img_set, dict):
             raise CIRAnnotationError(f"{captions_path}: {where} field 'img_set' must be an object with 'members'")
-        members = tuple(_known(m, files, captions_path, where, "img_set.members", listing)
-                        for m in _str_list(img_set, "members", captions_path, f"{where} img_set"))
+        members = tuple(
+            _known(m, files, captions_path, where, "img_set.members", listing)
+            for m in _str_list(img_set, "members", captions_path, f"{where} img_set")
+        )
         target = None
         if split != "test1":
-            target = _known(_field(entry, "target_hard", str, captions_path, where), files, captions_path, where,
-                            "target_hard", listing)
+            target = _known(
+                _field(entry, "target_hard", str, captions_path, where),
+                files,
+                captions_path,
+                where,
+                "target_hard",
+                listing,
+            )
             if target not in members:
                 raise CIRAnnotationError(f"{captions_path}: {where} target {target!r} is not in img_set.members")
             if target == reference:
-                raise CIRAnnotationError(f"{captions_path}: {where} field 'target_hard' is the query's own reference "
-                                         f"{reference!r}: CIRR removes the reference from its ranking, so this "
-                                         "query could never be answered (fix or drop the entry)")
-        queries.append(CIRQuery(reference=reference, captions=(caption,), target=target, members=members,
-                                query_id=str(pairid)))
+                raise CIRAnnotationError(
+                    f"{captions_path}: {where} field 'target_hard' is the query's own reference "
+                    f"{reference!r}: CIRR removes the reference from its ranking, so this "
+                    "query could never be answered (fix or drop the entry)"
+                )
+        queries.append(
+            CIRQuery(reference=reference, captions=(caption,), target=target, members=members, query_id=str(pairid))
+        )
         needed.append((reference, f"{captions_path.name} {where}"))
     _check_files(root, files, needed, listing)
     _check_files(root, files, [(k, "") for k in files], listing)
-    return FileCIRBenchmark("cirr", split, root, files, list(files), queries, image_size,
-                            source={"captions": str(captions_path.resolve())}, pad_ratio=pad_ratio)
+    return FileCIRBenchmark(
+        "cirr",
+        split,
+        root,
+        files,
+        list(files),
+        queries,
+        image_size,
+        source={"captions": str(captions_path.resolve())},
+        pad_ratio=pad_ratio,
+    )
 
 
-def load_circo(root: str | Path, split: str = "val", image_size: int = 224,
-               pad_ratio: float | None = 1.25) -> FileCIRBenchmark:
+def load_circo(
+    root: str | Path, split: str = "val", image_size: int = 224, pad_ratio: float | None = 1.25
+) -> FileCIRBenchmark:
     """CIRCO's `split` (``val`` or ``test``) over the COCO 2017 unlabeled gallery."""
     if split not in CIRCO_SPLITS:
         raise ValueError(f"CIRCO split must be one of {CIRCO_SPLITS}, got {split!r}")
@@ -165,8 +196,9 @@ def load_circo(root: str | Path, split: str = "val", image_size: int = 224,
         key = str(_field(image, "id", int, info_path, f"images[{i}]"))
         if key in files:
             raise CIRAnnotationError(f"{info_path}: images[{i}] repeats image id {key}")
-        files[key] = str(Path("COCO2017_unlabeled") / "unlabeled2017" / _field(image, "file_name", str, info_path,
-                                                                                f"images[{i}]"))
+        files[key] = str(
+            Path("COCO2017_unlabeled") / "unlabeled2017" / _field(image, "file_name", str, info_path, f"images[{i}]")
+        )
     queries, needed = [], []
     query_ids: dict[int, int] = {}  # id -> entry index
     for i, entry in enumerate(entries):
@@ -174,34 +206,72 @@ def load_circo(root: str | Path, split: str = "val", image_size: int = 224,
         where = f"entry [{i}]" + (f" (id {qid})" if qid is not None else "")
         query_id = _field(entry, "id", int, ann_path, where)
         _check_unique_id(query_ids, query_id, i, ann_path, "id")
-        reference = _known(str(_field(entry, "reference_img_id", int, ann_path, where)), files, ann_path, where,
-                           "reference_img_id", info_path)
+        reference = _known(
+            str(_field(entry, "reference_img_id", int, ann_path, where)),
+            files,
+            ann_path,
+            where,
+            "reference_img_id",
+            info_path,
+        )
         caption = _field(entry, "relative_caption", str, ann_path, where)
         target: str | None = None
         ground_truth: tuple[str, ...] = ()
         if split == "val":
-            target = _known(str(_field(entry, "target_img_id", int, ann_path, where)), files, ann_path, where,
-                            "target_img_id", info_path)
-            ground_truth = tuple(_known(g, files, ann_path, where, "gt_img_ids", info_path)
-                                 for g in _str_list(entry, "gt_img_ids", ann_path, where))
+            target = _known(
+                str(_field(entry, "target_img_id", int, ann_path, where)),
+                files,
+                ann_path,
+                where,
+                "target_img_id",
+                info_path,
+            )
+            ground_truth = tuple(
+                _known(g, files, ann_path, where, "gt_img_ids", info_path)
+                for g in _str_list(entry, "gt_img_ids", ann_path, where)
+            )
             if not ground_truth or ground_truth[0] != target:
                 raise CIRAnnotationError(f"{ann_path}: {where} gt_img_ids must start with target_img_id {target}")
             repeated = [g for j, g in enumerate(ground_truth) if g in ground_truth[:j]]
             if repeated:
-                raise CIRAnnotationError(f"{ann_path}: {where} field 'gt_img_ids' lists image {repeated[0]} more than "
-                                         "once: list each ground truth once (mAP would count a repeat as another "
-                                         "ground truth)")
-        queries.append(CIRQuery(reference=reference, captions=(caption,), target=target, ground_truth=ground_truth,
-                                query_id=str(query_id)))
+                raise CIRAnnotationError(
+                    f"{ann_path}: {where} field 'gt_img_ids' lists image {repeated[0]} more than "
+                    "once: list each ground truth once (mAP would count a repeat as another "
+                    "ground truth)"
+                )
+        queries.append(
+            CIRQuery(
+                reference=reference,
+                captions=(caption,),
+                target=target,
+                ground_truth=ground_truth,
+                query_id=str(query_id),
+            )
+        )
         needed.append((reference, f"{ann_path.name} {where}"))
     _check_files(root, files, needed, info_path)
     _check_files(root, files, [(k, "") for k in files], info_path)
-    return FileCIRBenchmark("circo", split, root, files, list(files), queries, image_size,
-                            source={"annotations": str(ann_path.resolve())}, pad_ratio=pad_ratio)
+    return FileCIRBenchmark(
+        "circo",
+        split,
+        root,
+        files,
+        list(files),
+        queries,
+        image_size,
+        source={"annotations": str(ann_path.resolve())},
+        pad_ratio=pad_ratio,
+    )
 
 
-def load_fashioniq(root: str | Path, split: str = "val", categories: Sequence[str] = FASHIONIQ_CATEGORIES,
-                   image_size: int = 224, image_ext: str = "jpg", pad_ratio: float | None = 1.25) -> FileCIRBenchmark:
+def load_fashioniq(
+    root: str | Path,
+    split: str = "val",
+    categories: Sequence[str] = FASHIONIQ_CATEGORIES,
+    image_size: int = 224,
+    image_ext: str = "jpg",
+    pad_ratio: float | None = 1.25,
+) -> FileCIRBenchmark:
     """FashionIQ's `split` for `categories`; each category is ranked within its own gallery."""
     root = Path(root)
     unknown = [c for c in categories if c not in FASHIONIQ_CATEGORIES]
@@ -231,17 +301,33 @@ def load_fashioniq(root: str | Path, split: str = "val", categories: Sequence[st
             captions = _str_list(entry, "captions", cap_path, where, length=2)
             for j, caption in enumerate(captions):  # the query strips these characters (SEARLE's FashionIQ prompt)
                 if not caption.strip(FASHIONIQ_STRIP):
-                    raise CIRAnnotationError(f"{cap_path}: {where} field 'captions'[{j}] is {caption!r}: nothing is "
-                                             f"left once {FASHIONIQ_STRIP!r} are stripped; write the change it asks "
-                                             "for (e.g. 'is longer') or drop the entry")
+                    raise CIRAnnotationError(
+                        f"{cap_path}: {where} field 'captions'[{j}] is {caption!r}: nothing is "
+                        f"left once {FASHIONIQ_STRIP!r} are stripped; write the change it asks "
+                        "for (e.g. 'is longer') or drop the entry"
+                    )
             target = None
             if isinstance(entry, dict) and "target" in entry:
-                target = _known(f"{cat}/{_field(entry, 'target', str, cap_path, where)}", files, cap_path, where,
-                                "target", listing)
-            queries.append(CIRQuery(reference=reference, captions=tuple(captions), target=target,
-                                    query_id=f"{cat}/{i}", category=cat))
+                target = _known(
+                    f"{cat}/{_field(entry, 'target', str, cap_path, where)}", files, cap_path, where, "target", listing
+                )
+            queries.append(
+                CIRQuery(
+                    reference=reference, captions=tuple(captions), target=target, query_id=f"{cat}/{i}", category=cat
+                )
+            )
             needed.append((reference, f"{cap_path.name} {where}"))
     _check_files(root, files, needed, root / "images")
     _check_files(root, files, [(k, "") for k in gallery], root / "image_splits")
-    return FileCIRBenchmark("fashioniq", split, root, files, gallery, queries, image_size, gallery_categories=gallery_cat,
-                            source={"categories": list(categories)}, pad_ratio=pad_ratio)
+    return FileCIRBenchmark(
+        "fashioniq",
+        split,
+        root,
+        files,
+        gallery,
+        queries,
+        image_size,
+        gallery_categories=gallery_cat,
+        source={"categories": list(categories)},
+        pad_ratio=pad_ratio,
+    )

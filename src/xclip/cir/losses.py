@@ -20,7 +20,9 @@ from torch import Tensor
 def nt_xent(first: Tensor, second: Tensor, temperature: float = 0.25) -> Tensor:
     """NT-Xent between two views [B, W] of B items (row i of each is the same item): a scalar."""
     if first.shape != second.shape or first.ndim != 2:
-        raise ValueError(f"nt_xent needs two [B, W] tensors of one shape, got {tuple(first.shape)} and {tuple(second.shape)}")
+        raise ValueError(
+            f"nt_xent needs two [B, W] tensors of one shape, got {tuple(first.shape)} and {tuple(second.shape)}"
+        )
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     b = first.shape[0]

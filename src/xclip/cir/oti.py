@@ -34,11 +34,30 @@ from xclip.explain.base import autocast, explaining
 
 # PALAVRA's templates, as SEARLE uses them for L_cos ("{}" becomes " $ ")
 TEMPLATES: tuple[str, ...] = (
-    "This is a photo of a {}", "This photo contains a {}", "A photo of a {}", "This is an illustration of a {}",
-    "This illustration contains a {}", "An illustrations of a {}", "This is a sketch of a {}", "This sketch contains a {}",
-    "A sketch of a {}", "This is a diagram of a {}", "This diagram contains a {}", "A diagram of a {}", "A {}",
-    "We see a {}", "{}", "We see a {} in this photo", "We see a {} in this image", "We see a {} in this illustration",
-    "We see a {} photo", "We see a {} image", "We see a {} illustration", "{} photo", "{} image", "{} illustration",
+    "This is a photo of a {}",
+    "This photo contains a {}",
+    "A photo of a {}",
+    "This is an illustration of a {}",
+    "This illustration contains a {}",
+    "An illustrations of a {}",
+    "This is a sketch of a {}",
+    "This sketch contains a {}",
+    "A sketch of a {}",
+    "This is a diagram of a {}",
+    "This diagram contains a {}",
+    "A diagram of a {}",
+    "A {}",
+    "We see a {}",
+    "{}",
+    "We see a {} in this photo",
+    "We see a {} in this image",
+    "We see a {} in this illustration",
+    "We see a {} photo",
+    "We see a {} image",
+    "We see a {} illustration",
+    "{} photo",
+    "{} image",
+    "{} illustration",
 )
 
 
@@ -60,8 +79,9 @@ class OTIConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
 
 
-def _choices(config: OTIConfig, key: int, n_concepts: Sequence[int], bank_counts: Sequence[int],
-             width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, Tensor]:
+def _choices(
+    config: OTIConfig, key: int, n_concepts: Sequence[int], bank_counts: Sequence[int], width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, Tensor]:
     """One image's random draws for every step: template ids [S], concept slot [S], phrase
     offset within that concept [S], and the initial token [W]."""
     rng = np.random.default_rng([int(config.seed), int(key) & 0xFFFFFFFF, int(key) >> 32])
@@ -70,15 +90,22 @@ def _choices(config: OTIConfig, key: int, n_concepts: Sequence[int], bank_counts
     steps = config.steps
     template = rng.integers(len(config.templates), size=steps)
     slot = rng.integers(max(len(n_concepts), 1), size=steps)
-    phrase = (rng.random(steps) * np.asarray(bank_counts, dtype=np.float64)[slot] if len(bank_counts)
-              else np.zeros(steps)).astype(np.int64)
+    phrase = (
+        rng.random(steps) * np.asarray(bank_counts, dtype=np.float64)[slot] if len(bank_counts) else np.zeros(steps)
+    ).astype(np.int64)
     return template, slot, phrase, init
 
 
-def oti_invert(backbone: Backbone, image_features: Tensor, keys: Sequence[int],
-               concepts: Sequence[Sequence[str]] | None = None, bank: PhraseBank | None = None,
-               config: OTIConfig | None = None, precision: str | None = None,
-               on_step: Callable[[int, float, float], None] | None = None) -> Tensor:
+def oti_invert(
+    backbone: Backbone,
+    image_features: Tensor,
+    keys: Sequence[int],
+    concepts: Sequence[Sequence[str]] | None = None,
+    bank: PhraseBank | None = None,
+    config: OTIConfig | None = None,
+    precision: str | None = None,
+    on_step: Callable[[int, float, float], None] | None = None,
+) -> Tensor:
     """Pseudo tokens of N images by OTI, all optimised together.
 
     Args:
@@ -108,8 +135,9 @@ def oti_invert(backbone: Backbone, image_features: Tensor, keys: Sequence[int],
             raise ValueError(f"{len(concepts)} concept lists for {n} images")
         empty = [i for i, c in enumerate(concepts) if not c]
         if empty:
-            raise ValueError(f"images {empty[:10]} have no concept: give every image at least one, "
-                             "or pass concepts=None")
+            raise ValueError(
+                f"images {empty[:10]} have no concept: give every image at least one, or pass concepts=None"
+            )
         reg_bank, concept_ids = bank, [[bank.index_of(c) for c in cs] for cs in concepts]
     width = token_width(backbone)
     device = backbone.device
@@ -132,8 +160,10 @@ def oti_invert(backbone: Backbone, image_features: Tensor, keys: Sequence[int],
                 if reg_bank is not None:
                     chosen = [concept_ids[i][draws[i][1][step] % len(concept_ids[i])] for i in rows]
                     phrase_idx = [int(reg_bank.start[c]) + int(draws[i][2][step]) for i, c in zip(rows, chosen)]
-                    pseudo = [replace_concept(reg_bank.phrases[p], reg_bank.concepts[c], every=False)
-                              for p, c in zip(phrase_idx, chosen)]
+                    pseudo = [
+                        replace_concept(reg_bank.phrases[p], reg_bank.concepts[c], every=False)
+                        for p, c in zip(phrase_idx, chosen)
+                    ]
                     reg_feats = encode_with_pseudo_tokens(backbone, pseudo, token)
                     real = reg_bank.features[phrase_idx].to(device)
                     loss_reg = 1 - F.cosine_similarity(reg_feats.float(), real, dim=-1)

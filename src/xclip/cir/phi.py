@@ -45,8 +45,12 @@ class Phi(nn.Module):
         super().__init__()
         self.input_dim, self.hidden_dim, self.output_dim, self.dropout = input_dim, hidden_dim, output_dim, dropout
         self.layers = nn.Sequential(
-            nn.Linear(input_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout),
-            nn.Linear(hidden_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(input_dim, hidden_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
             nn.Linear(hidden_dim, output_dim),
         )
 
@@ -63,8 +67,13 @@ class Phi(nn.Module):
         return cls(d_img, 4 * d_img, token_width(backbone), dropout)
 
     def config(self) -> dict:
-        return {"architecture": ARCHITECTURE, "input_dim": self.input_dim, "hidden_dim": self.hidden_dim,
-                "output_dim": self.output_dim, "dropout": self.dropout}
+        return {
+            "architecture": ARCHITECTURE,
+            "input_dim": self.input_dim,
+            "hidden_dim": self.hidden_dim,
+            "output_dim": self.output_dim,
+            "dropout": self.dropout,
+        }
 
 
 def token_width(backbone: Backbone) -> int:
@@ -77,8 +86,10 @@ def check_compatible(phi: Phi, backbone: Backbone) -> None:
     on a ViT-B/32)."""
     width = token_width(backbone)
     if phi.input_dim != backbone.embed_dim or phi.output_dim != width:
-        raise ValueError(f"phi maps {phi.input_dim} -> {phi.output_dim} but the backbone has image features of "
-                         f"{backbone.embed_dim} and token embeddings of {width}: use the phi trained for this backbone")
+        raise ValueError(
+            f"phi maps {phi.input_dim} -> {phi.output_dim} but the backbone has image features of "
+            f"{backbone.embed_dim} and token embeddings of {width}: use the phi trained for this backbone"
+        )
 
 
 # ---- SEARLE's released state dicts --------------------------------------------------------------
@@ -97,12 +108,16 @@ def load_searle_state(path: str | Path) -> dict[str, Tensor]:
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(blob, dict) or "Phi" not in blob:
         found = sorted(blob) if isinstance(blob, dict) else type(blob).__name__
-        raise ValueError(f"{path}: not a SEARLE checkpoint (expected the state dict under the key 'Phi', found {found})")
+        raise ValueError(
+            f"{path}: not a SEARLE checkpoint (expected the state dict under the key 'Phi', found {found})"
+        )
     state = blob["Phi"]
     expected = {f"layers.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")}
     if set(state) != expected:
-        raise ValueError(f"{path}: the 'Phi' state dict has keys {sorted(state)}, expected {sorted(expected)} "
-                         "(Linear layers at layers.0, layers.3, layers.6)")
+        raise ValueError(
+            f"{path}: the 'Phi' state dict has keys {sorted(state)}, expected {sorted(expected)} "
+            "(Linear layers at layers.0, layers.3, layers.6)"
+        )
     return state
 
 
@@ -126,13 +141,17 @@ def load_searle_phi(source: str | Path = "ViT-B/32", download: bool = False) -> 
         if not path.is_file():
             url = SEARLE_URL.format(file=file)
             if not download:
-                raise FileNotFoundError(f"SEARLE {name} weights are not in the torch.hub cache ({path}): download {url} "
-                                        f"there (e.g. `curl -L -o {path} {url}`), or pass load_searle_phi(..., download=True)")
+                raise FileNotFoundError(
+                    f"SEARLE {name} weights are not in the torch.hub cache ({path}): download {url} "
+                    f"there (e.g. `curl -L -o {path} {url}`), or pass load_searle_phi(..., download=True)"
+                )
             torch.hub.load_state_dict_from_url(url, map_location="cpu", file_name=file)
         phi = phi_from_state(load_searle_state(path))
         if (phi.input_dim, phi.hidden_dim, phi.output_dim) != (in_dim, hidden, out_dim):
-            raise ValueError(f"{path}: phi {phi.input_dim}->{phi.hidden_dim}->{phi.output_dim} is not SEARLE {name} "
-                             f"({in_dim}->{hidden}->{out_dim})")
+            raise ValueError(
+                f"{path}: phi {phi.input_dim}->{phi.hidden_dim}->{phi.output_dim} is not SEARLE {name} "
+                f"({in_dim}->{hidden}->{out_dim})"
+            )
         return phi
     return phi_from_state(load_searle_state(source))
 
@@ -152,14 +171,22 @@ def save_searle_state(phi: Phi, path: str | Path, epoch: int | None = None) -> P
 
 
 # ---- xclip's format ------------------------------------------------------------------------------
-def save_phi(phi: Phi, directory: str | Path, extra: dict | None = None, overwrite: bool = False,
-             card: str | None = None) -> Path:
+def save_phi(
+    phi: Phi, directory: str | Path, extra: dict | None = None, overwrite: bool = False, card: str | None = None
+) -> Path:
     """Write phi as a model folder (`xclip.model_folder`: ``architecture: searle-phi``, fp32 weights),
     atomically; `extra` goes into config.json (the backbone it was trained for, the recipe). A
     folder that already holds a model is replaced only with `overwrite`."""
     config = {k: v for k, v in phi.config().items() if k != "architecture"}
-    return save_folder(directory, ARCHITECTURE, {**config, **(extra or {})}, phi.state_dict(), card=card,
-                       dtype=torch.float32, overwrite=overwrite)
+    return save_folder(
+        directory,
+        ARCHITECTURE,
+        {**config, **(extra or {})},
+        phi.state_dict(),
+        card=card,
+        dtype=torch.float32,
+        overwrite=overwrite,
+    )
 
 
 def load_phi(spec: str | Path) -> Phi:

@@ -67,12 +67,25 @@ class PhiTrainingModule(ExportMixin, CIREvaluation):
     shipped_folder = "checkpoints/searle-phi-tiny-shapes"
     not_hyperparameters = EXPORT_ARGUMENTS
 
-    def __init__(self, backbone: str | Backbone = "xclip:tiny-shapes", dropout: float = 0.5, lr: float = 1e-4,
-                 weight_decay: float = 0.01, temperature: float = 0.25, lambda_distil: float = 1.0,
-                 lambda_reg: float = 0.75, oti: dict[str, Any] | None = None, oti_batch_size: int = 512,
-                 phrases_per_concept: int = 256, oti_cache_dir: str | None = "runs/oti_cache",
-                 export: bool = True, export_dir: str | None = None, overwrite: bool = False, seed: int = 0,
-                 cache_dir: str | None = None):
+    def __init__(
+        self,
+        backbone: str | Backbone = "xclip:tiny-shapes",
+        dropout: float = 0.5,
+        lr: float = 1e-4,
+        weight_decay: float = 0.01,
+        temperature: float = 0.25,
+        lambda_distil: float = 1.0,
+        lambda_reg: float = 0.75,
+        oti: dict[str, Any] | None = None,
+        oti_batch_size: int = 512,
+        phrases_per_concept: int = 256,
+        oti_cache_dir: str | None = "runs/oti_cache",
+        export: bool = True,
+        export_dir: str | None = None,
+        overwrite: bool = False,
+        seed: int = 0,
+        cache_dir: str | None = None,
+    ):
         super().__init__(backbone, ("searle",), None, cache_dir)
         self.set_export(export, export_dir, overwrite)
         known = {f.name for f in fields(OTIConfig)}
@@ -92,10 +105,19 @@ class PhiTrainingModule(ExportMixin, CIREvaluation):
     # ---- the distillation targets ------------------------------------------------------------
     def _oti_key(self, data) -> str:
         images = data.training_images
-        key = {"backbone": self.backbone_spec, "weights_sha256": weights_fingerprint(self.backbone),
-               "images": {"n": len(images), "seed": images.scenes.seed, "image_size": images.scenes.image_size,
-                          "max_objects": images.scenes.max_objects, "concepts": images.concept_kind},
-               "oti": self.oti_config.to_dict(), "phrases_per_concept": self.phrases_per_concept}
+        key = {
+            "backbone": self.backbone_spec,
+            "weights_sha256": weights_fingerprint(self.backbone),
+            "images": {
+                "n": len(images),
+                "seed": images.scenes.seed,
+                "image_size": images.scenes.image_size,
+                "max_objects": images.scenes.max_objects,
+                "concepts": images.concept_kind,
+            },
+            "oti": self.oti_config.to_dict(),
+            "phrases_per_concept": self.phrases_per_concept,
+        }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
     def prepare_targets(self) -> None:
@@ -104,9 +126,14 @@ class PhiTrainingModule(ExportMixin, CIREvaluation):
         images = data.training_images
         bb = self.backbone
         with torch.no_grad():
-            feats = [bb.encode_image(bb.normalize(torch.stack([images.image(i) for i in range(s, min(s + 256, len(images)))])
-                                                  .to(self.device))).float()
-                     for s in range(0, len(images), 256)]
+            feats = [
+                bb.encode_image(
+                    bb.normalize(
+                        torch.stack([images.image(i) for i in range(s, min(s + 256, len(images)))]).to(self.device)
+                    )
+                ).float()
+                for s in range(0, len(images), 256)
+            ]
         self.features = torch.cat(feats)
         self.bank = PhraseBank.build(bb, images.concept_kind, self.phrases_per_concept, seed=self.oti_config.seed)
         cache = Path(self.oti_cache_dir) / f"{self._oti_key(data)}.safetensors" if self.oti_cache_dir else None
@@ -117,8 +144,17 @@ class PhiTrainingModule(ExportMixin, CIREvaluation):
         chunks, n = [], len(images)
         for s in range(0, n, self.oti_batch_size):
             idx = list(range(s, min(s + self.oti_batch_size, n)))
-            chunks.append(oti_invert(bb, self.features[idx], idx, [images.concepts(i) for i in idx], self.bank,
-                                     self.oti_config, precision=str(self.trainer.precision)))
+            chunks.append(
+                oti_invert(
+                    bb,
+                    self.features[idx],
+                    idx,
+                    [images.concepts(i) for i in idx],
+                    self.bank,
+                    self.oti_config,
+                    precision=str(self.trainer.precision),
+                )
+            )
             log.info("OTI: %d / %d images", idx[-1] + 1, n)
         self.oti_tokens = torch.cat(chunks)
         if cache is not None and self.trainer.is_global_zero:
@@ -139,11 +175,13 @@ class PhiTrainingModule(ExportMixin, CIREvaluation):
         pred = self.phi(features[idx])
         distil = nt_xent(oti_tokens[idx], pred, self.temperature)
         concepts = [self._rng.choice(c) for c in batch["concepts"]]
-        phrase_ids = [int(bank.start[bank.index_of(c)]) + self._rng.randrange(int(bank.count[bank.index_of(c)]))
-                      for c in concepts]
+        phrase_ids = [
+            int(bank.start[bank.index_of(c)]) + self._rng.randrange(int(bank.count[bank.index_of(c)])) for c in concepts
+        ]
         pseudo = [replace_concept(bank.phrases[p], c, every=True) for p, c in zip(phrase_ids, concepts)]
-        reg = cosine_loss(encode_with_pseudo_tokens(self.backbone, pseudo, pred),
-                          bank.features[phrase_ids].to(pred.device))
+        reg = cosine_loss(
+            encode_with_pseudo_tokens(self.backbone, pseudo, pred), bank.features[phrase_ids].to(pred.device)
+        )
         loss = self.lambda_distil * distil + self.lambda_reg * reg
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/distil", distil)
@@ -159,7 +197,11 @@ class PhiTrainingModule(ExportMixin, CIREvaluation):
         return {"searle": query_features(self.backbone, self.phi(features), batch["captions"]).float()}
 
     def export_model(self, path: Path) -> None:
-        extra = {"backbone": self.backbone_spec, "backbone_weights_sha256": weights_fingerprint(self.backbone),
-                 "recipe": {k: v for k, v in self.hparams.items() if k not in ("oti_cache_dir", "cache_dir")},
-                 "oti": self.oti_config.to_dict(), "n_train": len(self.trainer.datamodule.training_images)}
+        extra = {
+            "backbone": self.backbone_spec,
+            "backbone_weights_sha256": weights_fingerprint(self.backbone),
+            "recipe": {k: v for k, v in self.hparams.items() if k not in ("oti_cache_dir", "cache_dir")},
+            "oti": self.oti_config.to_dict(),
+            "n_train": len(self.trainer.datamodule.training_images),
+        }
         save_phi(self.phi, path, extra, overwrite=self.overwrite)

@@ -45,8 +45,12 @@ def collect_maps(backbone: Backbone, phi: Phi, bench: ShapesCIRBenchmark, querie
         words = ex.prompt_words.words[0]
         ranks.append(pseudo_token_rank(words, ex.prompt_words.word_scores[0, 0, : len(words)]))
         n_words.append(len(words))
-    return {"B": torch.stack(b_maps), "C": torch.stack(c_maps), "dollar_rank": torch.tensor(ranks),
-            "n_words": torch.tensor(n_words)}
+    return {
+        "B": torch.stack(b_maps),
+        "C": torch.stack(c_maps),
+        "dollar_rank": torch.tensor(ranks),
+        "n_words": torch.tensor(n_words),
+    }
 
 
 def score_maps(bench: ShapesCIRBenchmark, queries: Sequence[int], maps: dict[str, Tensor]) -> dict[str, float]:
@@ -62,9 +66,14 @@ def score_maps(bench: ShapesCIRBenchmark, queries: Sequence[int], maps: dict[str
     c_on = pointing_game(maps["C"][c_rows], shared[c_rows])
     top2 = (maps["dollar_rank"] < 2).double()
     return {
-        "B_on_modified": b_on.accuracy, "B_on_other_objects": b_other.accuracy, "B_queries": int(b_rows.sum()),
-        "C_on_shared": c_on.accuracy, "C_elsewhere": 1.0 - c_on.accuracy, "C_queries": int(c_rows.sum()),
-        "D_dollar_top2": float(top2.mean()), "D_chance_top2": float((2.0 / maps["n_words"].double()).mean()),
+        "B_on_modified": b_on.accuracy,
+        "B_on_other_objects": b_other.accuracy,
+        "B_queries": int(b_rows.sum()),
+        "C_on_shared": c_on.accuracy,
+        "C_elsewhere": 1.0 - c_on.accuracy,
+        "C_queries": int(c_rows.sum()),
+        "D_dollar_top2": float(top2.mean()),
+        "D_chance_top2": float((2.0 / maps["n_words"].double()).mean()),
         "D_queries": len(queries),
     }
 
@@ -73,5 +82,9 @@ def random_maps(like: dict[str, Tensor], seed: int = 0) -> dict[str, Tensor]:
     """Uniform random maps and a uniformly random ``$`` rank, shaped like `collect_maps`' output."""
     g = torch.Generator().manual_seed(seed)
     n = like["n_words"]
-    return {"B": random_values(like["B"].shape, g), "C": random_values(like["C"].shape, g),
-            "dollar_rank": (random_values(n.shape, g) * n).long(), "n_words": n}
+    return {
+        "B": random_values(like["B"].shape, g),
+        "C": random_values(like["C"].shape, g),
+        "dollar_rank": (random_values(n.shape, g) * n).long(),
+        "n_words": n,
+    }

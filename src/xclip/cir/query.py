@@ -34,12 +34,14 @@ EXAMPLE_CAPTION = "is blue instead of red"
 def _check_caption(caption: str, what: str = "the relative caption", strip: str | None = None) -> str:
     """`caption` if it is a string with something left once `strip` (default: whitespace) is stripped."""
     if not isinstance(caption, str):
-        raise TypeError(f"{what} must be a string (the change to make, e.g. {EXAMPLE_CAPTION!r}), "
-                        f"got {type(caption).__name__}")
+        raise TypeError(
+            f"{what} must be a string (the change to make, e.g. {EXAMPLE_CAPTION!r}), got {type(caption).__name__}"
+        )
     if not caption.strip(strip):
         left = "empty" if strip is None else f"empty once {strip!r} are stripped"
-        raise ValueError(f"{what} {caption!r} is {left}: pass the change to make to the reference image, "
-                         f"e.g. {EXAMPLE_CAPTION!r}")
+        raise ValueError(
+            f"{what} {caption!r} is {left}: pass the change to make to the reference image, e.g. {EXAMPLE_CAPTION!r}"
+        )
     return caption
 
 
@@ -73,8 +75,9 @@ def tokenize_prompts(backbone: Backbone, prompts: Sequence[str]) -> Tensor:
     return trim_to_eot(backbone, backbone.tokenize(list(prompts)))
 
 
-def encode_with_pseudo_tokens(backbone: Backbone, prompts: Sequence[str] | Tensor, pseudo_tokens: Tensor,
-                              normalize: bool = False) -> Tensor:
+def encode_with_pseudo_tokens(
+    backbone: Backbone, prompts: Sequence[str] | Tensor, pseudo_tokens: Tensor, normalize: bool = False
+) -> Tensor:
     """Text features of prompts with each row's first ``$`` replaced by its pseudo token.
 
     prompts: K strings or token ids [K, L]; pseudo_tokens [K, W] -> [K, D] (unnormalised unless
@@ -96,16 +99,18 @@ def encode_plain(backbone: Backbone, texts: Sequence[str] | Tensor, normalize: b
     return F.normalize(feats, dim=-1) if normalize else feats
 
 
-def query_features(backbone: Backbone, pseudo_tokens: Tensor, captions: Sequence[Sequence[str]],
-                   template: str = QUERY_TEMPLATE) -> Tensor:
+def query_features(
+    backbone: Backbone, pseudo_tokens: Tensor, captions: Sequence[Sequence[str]], template: str = QUERY_TEMPLATE
+) -> Tensor:
     """L2-normalised query features [Q, D] of Q queries, each with one caption (CIRR, CIRCO,
     ShapesWorld) or two (FashionIQ's combination); `pseudo_tokens` [Q, W] are the references'."""
     if len(captions) != pseudo_tokens.shape[0]:
         raise ValueError(f"{len(captions)} queries for {pseudo_tokens.shape[0]} pseudo tokens")
     counts = {len(c) for c in captions}
     if counts == {1}:
-        return encode_with_pseudo_tokens(backbone, [compose_query(c[0], template) for c in captions],
-                                         pseudo_tokens, normalize=True)
+        return encode_with_pseudo_tokens(
+            backbone, [compose_query(c[0], template) for c in captions], pseudo_tokens, normalize=True
+        )
     if counts == {2}:
         forward, backward = zip(*[fashioniq_queries(a, b, template) for a, b in captions])
         prompts = list(forward) + list(backward)
@@ -126,8 +131,9 @@ def caption_features(backbone: Backbone, captions: Sequence[Sequence[str]], batc
             a, b = (_check_caption(x, "a FashionIQ caption", FASHIONIQ_STRIP).strip(FASHIONIQ_STRIP) for x in c)
             texts.append([f"{a} and {b}", f"{b} and {a}"])
     flat = [t for group in texts for t in group]
-    feats = torch.cat([encode_plain(backbone, flat[i : i + batch_size], normalize=True)
-                       for i in range(0, len(flat), batch_size)])
+    feats = torch.cat(
+        [encode_plain(backbone, flat[i : i + batch_size], normalize=True) for i in range(0, len(flat), batch_size)]
+    )
     owner = torch.tensor([q for q, group in enumerate(texts) for _ in group], device=feats.device)
     summed = torch.zeros(len(texts), feats.shape[1], device=feats.device, dtype=feats.dtype).index_add_(0, owner, feats)
     return F.normalize(summed, dim=-1)

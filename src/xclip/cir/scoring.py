@@ -32,8 +32,14 @@ SUBSET_KS = (1, 2, 3)
 SUBMISSION_TOP = 50
 
 
-def rank_queries(bench: CIRBenchmark, query_index: Tensor, query_emb: Tensor, gallery_index: Tensor,
-                 gallery_emb: Tensor, top: int | None = None) -> Tensor:
+def rank_queries(
+    bench: CIRBenchmark,
+    query_index: Tensor,
+    query_emb: Tensor,
+    gallery_index: Tensor,
+    gallery_emb: Tensor,
+    top: int | None = None,
+) -> Tensor:
     """Gallery indices ranked for each query, best first: [Q', top or G'].
 
     Only the gallery images that were embedded (`gallery_index`) are ranked; with categories
@@ -78,8 +84,13 @@ def _if_read(index: Tensor, read: Tensor) -> Tensor:
     return torch.where((index >= 0) & read[index.clamp(min=0)], index, torch.full_like(index, -1))
 
 
-def benchmark_metrics(bench: CIRBenchmark, query_index: Tensor, ranked: Tensor, ks: tuple[int, ...] | None = None,
-                      gallery_index: Tensor | None = None) -> dict[str, float]:
+def benchmark_metrics(
+    bench: CIRBenchmark,
+    query_index: Tensor,
+    ranked: Tensor,
+    ks: tuple[int, ...] | None = None,
+    gallery_index: Tensor | None = None,
+) -> dict[str, float]:
     """The dataset's official metrics (fractions) over EVERY query of the benchmark.
 
     `ranked` [Q', W] holds the rankings of the evaluated queries `query_index` [Q'] over the
@@ -91,8 +102,10 @@ def benchmark_metrics(bench: CIRBenchmark, query_index: Tensor, ranked: Tensor, 
     """
     ks = tuple(ks or DEFAULT_KS[bench.name])
     if bool((bench.target_index() < 0).any()):
-        raise ValueError(f"{bench.name} {bench.split}: some queries have no target (a test split): "
-                         "write a submission instead of scoring it")
+        raise ValueError(
+            f"{bench.name} {bench.split}: some queries have no target (a test split): "
+            "write a submission instead of scoring it"
+        )
     ranked = full_rankings(len(bench), query_index, ranked)
     read = _read_mask(bench, gallery_index)
     evaluated = torch.zeros(len(bench), dtype=torch.bool)
@@ -121,8 +134,9 @@ def benchmark_metrics(bench: CIRBenchmark, query_index: Tensor, ranked: Tensor, 
     return out
 
 
-def coverage(bench: CIRBenchmark, query_index: Tensor, gallery_index: Tensor,
-             unreadable_queries: Sequence[int] = ()) -> dict[str, Any]:
+def coverage(
+    bench: CIRBenchmark, query_index: Tensor, gallery_index: Tensor, unreadable_queries: Sequence[int] = ()
+) -> dict[str, Any]:
     """What was scored: ``n_queries``, ``n_evaluated`` (queries ranked), ``n_gallery``,
     ``n_gallery_read`` and the ids of the queries that count as misses without a chance:
     ``not_evaluated`` (``unreadable_reference``: the queries `unreadable_queries`; ``not_loaded``:
@@ -135,11 +149,17 @@ def coverage(bench: CIRBenchmark, query_index: Tensor, gallery_index: Tensor,
     targets = [[t] if t >= 0 else [] for t in bench.target_index().tolist()]
     if bench.has_targets():  # CIRCO and ShapesWorld's CIRCO-style queries: every ground truth
         targets = [gts or ts for gts, ts in zip(bench.ground_truth_index(), targets)]
-    return {"n_queries": len(bench), "n_evaluated": len(evaluated), "n_gallery": bench.n_gallery,
-            "n_gallery_read": int(read.sum()),
-            "not_evaluated": {"unreadable_reference": [ids[i] for i in missing if i in unreadable],
-                              "not_loaded": [ids[i] for i in missing if i not in unreadable]},
-            "target_not_read": [ids[i] for i, ts in enumerate(targets) if any(not bool(read[t]) for t in ts)]}
+    return {
+        "n_queries": len(bench),
+        "n_evaluated": len(evaluated),
+        "n_gallery": bench.n_gallery,
+        "n_gallery_read": int(read.sum()),
+        "not_evaluated": {
+            "unreadable_reference": [ids[i] for i in missing if i in unreadable],
+            "not_loaded": [ids[i] for i in missing if i not in unreadable],
+        },
+        "target_not_read": [ids[i] for i, ts in enumerate(targets) if any(not bool(read[t]) for t in ts)],
+    }
 
 
 def coverage_note(cov: Mapping[str, Any]) -> str:
@@ -151,12 +171,15 @@ def coverage_note(cov: Mapping[str, Any]) -> str:
     if not_eval["not_loaded"]:
         parts.append(f"{len(not_eval['not_loaded'])} not loaded")
     parts.append(f"{len(cov['target_not_read'])} whose target (or a ground truth) was not read")
-    return (f"{cov['n_evaluated']} of {cov['n_queries']} queries evaluated, {cov['n_gallery_read']} of "
-            f"{cov['n_gallery']} images read; counted as misses: {', '.join(parts)}")
+    return (
+        f"{cov['n_evaluated']} of {cov['n_queries']} queries evaluated, {cov['n_gallery_read']} of "
+        f"{cov['n_gallery']} images read; counted as misses: {', '.join(parts)}"
+    )
 
 
-def shapes_metrics(bench: CIRBenchmark, ranked: Tensor, target: Tensor, read: Tensor,
-                   ks: tuple[int, ...] | None = None) -> dict[str, float]:
+def shapes_metrics(
+    bench: CIRBenchmark, ranked: Tensor, target: Tensor, read: Tensor, ks: tuple[int, ...] | None = None
+) -> dict[str, float]:
     """ShapesWorld CIR over every query: for the single-edit queries CIRR's ``R@k`` (whole gallery,
     reference removed) and ``R_subset@1,2,3`` (the reference's variant set); for the CIRCO-style
     ones (``ground_truth`` set) CIRCO's ``mAP@5,10,25,50``.
@@ -173,13 +196,17 @@ def shapes_metrics(bench: CIRBenchmark, ranked: Tensor, target: Tensor, read: Te
         out.update(cirr_subset_recall(ranked[~loose], target[~loose], reference, members, SUBSET_KS))
     if bool(loose.any()):
         gts = bench.ground_truth_index()
-        out.update(circo_map_at_k(ranked[loose], [gts[i] for i in torch.nonzero(loose).flatten().tolist()],
-                                  DEFAULT_KS["circo"]))
+        out.update(
+            circo_map_at_k(
+                ranked[loose], [gts[i] for i in torch.nonzero(loose).flatten().tolist()], DEFAULT_KS["circo"]
+            )
+        )
     return out
 
 
-def per_category_recall(bench: CIRBenchmark, query_index: Tensor, ranked: Tensor, k: int = 1,
-                        subset: bool = False) -> dict[str, float]:
+def per_category_recall(
+    bench: CIRBenchmark, query_index: Tensor, ranked: Tensor, k: int = 1, subset: bool = False
+) -> dict[str, float]:
     """Recall@k (reference removed; ``subset``: within the query's ``members``) per query category:
     ShapesWorld's edit kinds (queries with a ground-truth set are left out)."""
     qi = query_index.long()
@@ -201,8 +228,9 @@ def _without_reference(ranked: Tensor, reference: Tensor) -> list[list[int]]:
     return [[int(g) for g in row if int(g) != int(ref) and int(g) >= 0] for row, ref in zip(ranked, reference)]
 
 
-def write_submissions(bench: CIRBenchmark, query_index: Tensor, ranked: Tensor, out_dir: str | Path,
-                      name: str) -> list[Path]:
+def write_submissions(
+    bench: CIRBenchmark, query_index: Tensor, ranked: Tensor, out_dir: str | Path, name: str
+) -> list[Path]:
     """Test-submission files in the evaluation servers' formats.
 
     CIRR: ``{name}.json`` = ``{"version": "rc2", "metric": "recall", pairid: [top-50 names]}`` (reference
@@ -226,8 +254,10 @@ def write_submissions(bench: CIRBenchmark, query_index: Tensor, ranked: Tensor, 
         atomic_write_text(paths[1], json.dumps(subset, sort_keys=True))
         return paths
     if bench.name == "circo":
-        sub = {bench.queries[q].query_id: [keys[int(g)] for g in row[:SUBMISSION_TOP] if int(g) >= 0]
-               for q, row in zip(qi.tolist(), ranked)}
+        sub = {
+            bench.queries[q].query_id: [keys[int(g)] for g in row[:SUBMISSION_TOP] if int(g) >= 0]
+            for q, row in zip(qi.tolist(), ranked)
+        }
         path = out_dir / f"{name}.json"
         atomic_write_text(path, json.dumps(sub, sort_keys=True))
         return [path]

@@ -10,5 +10,10 @@ from xclip.clip.contrastive import clip_contrastive_loss, sigmoid_contrastive_lo
 from xclip.clip.pretrain_module import ClipPretrainModule
 from xclip.clip.zeroshot_module import ZeroShotEvaluation, ZeroShotModule
 
-__all__ = ["ClipPretrainModule", "ZeroShotEvaluation", "ZeroShotModule", "clip_contrastive_loss",
-           "sigmoid_contrastive_loss"]
+__all__ = [
+    "ClipPretrainModule",
+    "ZeroShotEvaluation",
+    "ZeroShotModule",
+    "clip_contrastive_loss",
+    "sigmoid_contrastive_loss",
+]

@@ -29,8 +29,9 @@ def clip_contrastive_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tens
     return loss, _matching_accuracy(logits)
 
 
-def sigmoid_contrastive_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor,
-                             logit_bias: Tensor) -> tuple[Tensor, Tensor]:
+def sigmoid_contrastive_loss(
+    image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, logit_bias: Tensor
+) -> tuple[Tensor, Tensor]:
     """SigLIP's pairwise sigmoid loss (Zhai et al., ICCV 2023, eq. 1): every (image, text) pair is
     a binary problem, ``-1/B sum_ij log sigmoid(z_ij (t cos_ij + b))`` with z = +1 on the
     diagonal and -1 elsewhere.

@@ -55,12 +55,24 @@ class ClipPretrainModule(ExportMixin, ZeroShotEvaluation):
     shipped_folder = "checkpoints/tiny-shapes"
     not_hyperparameters = EXPORT_ARGUMENTS
 
-    def __init__(self, model_cfg: dict[str, Any], context_length: int = 32, lr: float = 1e-3,
-                 weight_decay: float = 0.1, warmup_steps: int = 200, image_mean: tuple[float, ...] = OPENAI_DATASET_MEAN,
-                 image_std: tuple[float, ...] = OPENAI_DATASET_STD, export: bool = True, export_dir: str | None = None,
-                 overwrite: bool = False, init_checkpoint: str | None = None,
-                 class_names: dict[str, list[str]] | None = None, prompts: dict[str, list[str]] | None = None,
-                 warm_start: str | None = None, lock_image_tower: bool = False):
+    def __init__(
+        self,
+        model_cfg: dict[str, Any],
+        context_length: int = 32,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 200,
+        image_mean: tuple[float, ...] = OPENAI_DATASET_MEAN,
+        image_std: tuple[float, ...] = OPENAI_DATASET_STD,
+        export: bool = True,
+        export_dir: str | None = None,
+        overwrite: bool = False,
+        init_checkpoint: str | None = None,
+        class_names: dict[str, list[str]] | None = None,
+        prompts: dict[str, list[str]] | None = None,
+        warm_start: str | None = None,
+        lock_image_tower: bool = False,
+    ):
         super().__init__(class_names=class_names, prompts=prompts)
         self.set_export(export, export_dir, overwrite)
         text_cfg = dict(model_cfg.get("text_cfg", {}))
@@ -96,8 +108,7 @@ class ClipPretrainModule(ExportMixin, ZeroShotEvaluation):
             # an open_clip ViT into a timm ViT trunk (e.g. the SigLIP-style tiny model)
             source = timm_vit_state_from_openclip(source, cls_token="visual.trunk.cls_token" in own)
         # the temperature (and a bias) belong to the loss being trained, not to the towers
-        taken = {k: v for k, v in source.items()
-                 if k in own and own[k].shape == v.shape and not k.startswith("logit_")}
+        taken = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape and not k.startswith("logit_")}
         self.model.load_state_dict(taken, strict=False)
         fresh = sorted(set(own) - set(taken))
         log.info("warm start from %s: %d of %d tensors loaded; fresh init: %s", path, len(taken), len(own), fresh)
@@ -140,13 +151,24 @@ class ClipPretrainModule(ExportMixin, ZeroShotEvaluation):
                 continue
             # norms, biases, embeddings and the temperature are not weight-decayed (CLIP recipe)
             (no_decay if p.ndim < 2 or "embedding" in name or name.startswith("logit_") else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr, betas=(0.9, 0.98))
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+            betas=(0.9, 0.98),
+        )
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         return {"optimizer": opt, "lr_scheduler": warmup_cosine_scheduler(opt, total, self.hparams.warmup_steps)}
 
     def export_model(self, path: Path) -> None:
-        save_checkpoint(self.model, self.model_cfg,
-                        {"image_size": self.model_cfg["vision_cfg"]["image_size"],
-                         "mean": list(self.hparams.image_mean), "std": list(self.hparams.image_std)},
-                        self.hparams.context_length, path, overwrite=self.overwrite)
+        save_checkpoint(
+            self.model,
+            self.model_cfg,
+            {
+                "image_size": self.model_cfg["vision_cfg"]["image_size"],
+                "mean": list(self.hparams.image_mean),
+                "std": list(self.hparams.image_std),
+            },
+            self.hparams.context_length,
+            path,
+            overwrite=self.overwrite,
+        )

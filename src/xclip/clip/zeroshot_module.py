@@ -43,8 +43,12 @@ class ZeroShotEvaluation(EvaluationModule):
     workflow = "zeroshot"
     tasks = ("classification", "retrieval")
 
-    def __init__(self, class_names: dict[str, list[str]] | None = None, prompts: dict[str, list[str]] | None = None,
-                 ks: tuple[int, ...] = (1, 5, 10)):
+    def __init__(
+        self,
+        class_names: dict[str, list[str]] | None = None,
+        prompts: dict[str, list[str]] | None = None,
+        ks: tuple[int, ...] = (1, 5, 10),
+    ):
         super().__init__()
         self.class_names = dict(class_names if class_names is not None else DEFAULT_CLASSES)
         self.prompts = dict(prompts if prompts is not None else DEFAULT_PROMPTS)
@@ -106,9 +110,14 @@ class ZeroShotEvaluation(EvaluationModule):
             for attr, names in self.class_names.items():
                 key = self.metric_key(stage, f"{attr}_acc")
                 if key in metrics:
-                    rows.append(ReportRow("zero-shot classification", f"accuracy, {attr} ({len(names)} classes), "
-                                          f"{self.n_classified} images [{stage}]",
-                                          {"": metrics[key]}, [key]))
+                    rows.append(
+                        ReportRow(
+                            "zero-shot classification",
+                            f"accuracy, {attr} ({len(names)} classes), {self.n_classified} images [{stage}]",
+                            {"": metrics[key]},
+                            [key],
+                        )
+                    )
         return rows + recall_report_rows(metrics, "zero-shot retrieval", self.workflow)
 
 
@@ -126,9 +135,14 @@ class ZeroShotModule(ZeroShotEvaluation):
         text_batch_size: texts embedded per forward (prompt sets can be large).
     """
 
-    def __init__(self, backbone: str | Backbone = "xclip:tiny-shapes", class_names: dict[str, list[str]] | None = None,
-                 prompts: dict[str, list[str]] | None = None, ks: tuple[int, ...] = (1, 5, 10),
-                 text_batch_size: int = 256):
+    def __init__(
+        self,
+        backbone: str | Backbone = "xclip:tiny-shapes",
+        class_names: dict[str, list[str]] | None = None,
+        prompts: dict[str, list[str]] | None = None,
+        ks: tuple[int, ...] = (1, 5, 10),
+        text_batch_size: int = 256,
+    ):
         super().__init__(class_names=class_names, prompts=prompts, ks=ks)
         self.backbone, self.backbone_spec = resolve_backbone(backbone)
         self.backbone.eval().requires_grad_(False)

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 class CombinedDataModule(pl.LightningDataModule):
     """Args:
-        datamodules: name -> datamodule; loaders are concatenated in this order.
+    datamodules: name -> datamodule; loaders are concatenated in this order.
     """
 
     def __init__(self, datamodules: dict[str, pl.LightningDataModule]):

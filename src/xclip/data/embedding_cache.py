@@ -110,8 +110,9 @@ class EmbeddingCache:
             raise _Invalid(f"{TENSORS_NAME} is unreadable: {err}") from err
         expected = meta.get("sha256")
         if len(data) != meta.get("bytes") or hashlib.sha256(data).hexdigest() != expected:
-            raise _Invalid(f"{TENSORS_NAME} is corrupt or truncated ({len(data)} bytes, "
-                           f"checksum differs from {META_NAME})")
+            raise _Invalid(
+                f"{TENSORS_NAME} is corrupt or truncated ({len(data)} bytes, checksum differs from {META_NAME})"
+            )
         try:
             t = load_tensors(data)
         except (SafetensorError, ValueError) as err:
@@ -123,27 +124,39 @@ class EmbeddingCache:
             raise _Invalid(f"{TENSORS_NAME} has no {', '.join(missing)}")
         emb = GalleryEmbeddings(t["image_emb"], t["text_emb"], t["text_to_image"], t["image_index"])
         n_img, n_txt = len(image_keys), len(captions)
-        if (emb.image_emb.shape[0] != n_img or emb.text_emb.shape[0] != n_txt
-                or emb.text_to_image.tolist() != meta.get("text_to_image")
-                or not torch.equal(emb.image_index, torch.arange(n_img))):
+        if (
+            emb.image_emb.shape[0] != n_img
+            or emb.text_emb.shape[0] != n_txt
+            or emb.text_to_image.tolist() != meta.get("text_to_image")
+            or not torch.equal(emb.image_index, torch.arange(n_img))
+        ):
             raise _Invalid(f"tensor shapes or caption owners disagree with {META_NAME}")
         return emb
 
     def save(self, emb: GalleryEmbeddings, image_keys: list[str], captions: list[str]) -> Path:
         """Store `emb` (a whole gallery, rows in `image_keys` order) with its frozen order."""
         if len(image_keys) != emb.image_emb.shape[0] or len(captions) != emb.text_emb.shape[0]:
-            raise ValueError(f"{emb.image_emb.shape[0]} image / {emb.text_emb.shape[0]} caption embeddings for "
-                             f"{len(image_keys)} image keys / {len(captions)} captions")
-        data = save_tensors({
-            "image_emb": emb.image_emb.detach().float().cpu().contiguous(),
-            "text_emb": emb.text_emb.detach().float().cpu().contiguous(),
-            "text_to_image": emb.text_to_image.detach().long().cpu().contiguous(),
-            "image_index": emb.image_index.detach().long().cpu().contiguous(),
-        })
+            raise ValueError(
+                f"{emb.image_emb.shape[0]} image / {emb.text_emb.shape[0]} caption embeddings for "
+                f"{len(image_keys)} image keys / {len(captions)} captions"
+            )
+        data = save_tensors(
+            {
+                "image_emb": emb.image_emb.detach().float().cpu().contiguous(),
+                "text_emb": emb.text_emb.detach().float().cpu().contiguous(),
+                "text_to_image": emb.text_to_image.detach().long().cpu().contiguous(),
+                "image_index": emb.image_index.detach().long().cpu().contiguous(),
+            }
+        )
         meta = {
-            "format": FORMAT, "key": self.key, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "image_keys": list(image_keys),
-            "captions": list(captions), "text_to_image": emb.text_to_image.tolist(),
+            "format": FORMAT,
+            "key": self.key,
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "image_keys": list(image_keys),
+            "captions": list(captions),
+            "text_to_image": emb.text_to_image.tolist(),
         }
         atomic_write_bytes(self.tensors_path, data)
         atomic_write_text(self.meta_path, json.dumps(meta, indent=1))

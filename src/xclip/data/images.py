@@ -52,8 +52,11 @@ def _scaled_to_uint8(img: Image.Image, path: Path) -> Image.Image:
             raise ImageReadError(path, "float image holds NaN or infinite values")
         lo, hi = float(values.min()), float(values.max())
         if lo < 0.0 or hi > 1.0:
-            raise ImageReadError(path, f"float image values span [{lo:g}, {hi:g}]; xclip reads float images "
-                                 "as [0, 1]: save it as 8- or 16-bit, or rescale it to [0, 1]")
+            raise ImageReadError(
+                path,
+                f"float image values span [{lo:g}, {hi:g}]; xclip reads float images "
+                "as [0, 1]: save it as 8- or 16-bit, or rescale it to [0, 1]",
+            )
         scaled = values * 255.0
     else:  # I;16, I;16B, I;16L, I;16N, I: 16-bit data
         scaled = values.astype(np.float64) * (255.0 / 65535.0)
@@ -82,8 +85,10 @@ def to_rgb(img: Image.Image, path: str | Path = "<image>") -> Image.Image:
 
 
 def _too_many_pixels(declared: str) -> str:
-    return (f"declares {declared} pixels, over xclip's limit of {MAX_PIXELS:,} (xclip.data.images.MAX_PIXELS): "
-            "a damaged or hostile file; downscale it if the image is real")
+    return (
+        f"declares {declared} pixels, over xclip's limit of {MAX_PIXELS:,} (xclip.data.images.MAX_PIXELS): "
+        "a damaged or hostile file; downscale it if the image is real"
+    )
 
 
 def read_rgb(path: str | Path) -> Image.Image:

@@ -33,8 +33,9 @@ class BatchAlignedSampler(DistributedSampler):
 
     def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int | None = None, rank: int | None = None):
         if not isinstance(dataset, Sized):
-            raise TypeError("BatchAlignedSampler needs a dataset with a length (map-style), "
-                            f"got {type(dataset).__name__}")
+            raise TypeError(
+                f"BatchAlignedSampler needs a dataset with a length (map-style), got {type(dataset).__name__}"
+            )
         if num_replicas is None:
             num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if rank is None:
@@ -79,5 +80,11 @@ class IndexDataset(Dataset):
 
 def eval_loader(dataset: Dataset, batch_size: int, collate_fn: Callable, num_workers: int = 0) -> DataLoader:
     """A validation/test loader over `dataset` in order, sharded by whole batches under DDP."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=BatchAlignedSampler(dataset, batch_size),
-                      num_workers=num_workers, collate_fn=collate_fn, persistent_workers=num_workers > 0)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=BatchAlignedSampler(dataset, batch_size),
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        persistent_workers=num_workers > 0,
+    )

@@ -29,8 +29,9 @@ def mass_on_region(maps: Tensor, masks: Tensor) -> Tensor:
     return torch.where(total > 0, inside / total, torch.full_like(total, float("nan")))
 
 
-def deciding_word_ranks(tokens: Sequence[Sequence[str]], scores: Tensor, attention_mask: Tensor,
-                        words: Sequence[str]) -> tuple[list[int | None], list[int]]:
+def deciding_word_ranks(
+    tokens: Sequence[Sequence[str]], scores: Tensor, attention_mask: Tensor, words: Sequence[str]
+) -> tuple[list[int | None], list[int]]:
     """(rank of ``words[i]`` among sample i's merged words by |score|, 1 = top; the number of
     words of each sample)."""
     ranks, counts = [], []
@@ -48,5 +49,14 @@ def random_attribution_like(attribution: MultimodalAttribution, seed: int) -> Mu
     image = random_values(attribution.image.shape, g, normal=True, dtype=torch.float64)
     tokens = random_values(attribution.tokens.shape, g, normal=True, dtype=torch.float64)
     tokens = tokens * attribution.attention_mask[:, :, None, None].to(tokens.dtype)
-    return MultimodalAttribution("random", attribution.target, image, tokens, attribution.attention_mask,
-                                 attribution.classes, attribution.output, attribution.references, attribution.deltas)
+    return MultimodalAttribution(
+        "random",
+        attribution.target,
+        image,
+        tokens,
+        attribution.attention_mask,
+        attribution.classes,
+        attribution.output,
+        attribution.references,
+        attribution.deltas,
+    )

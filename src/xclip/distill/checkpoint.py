@@ -32,8 +32,9 @@ LABELS_KEY, FINGERPRINT_KEY = "xclip_labels", "label_fingerprint"  # safetensors
 def label_fingerprint(tasks: Mapping[str, Sequence[str]]) -> str:
     """``sha256:<16 hex>`` of the tasks and their classes in label-id order: any renamed, added,
     removed or reordered class (or task) changes it."""
-    canonical = json.dumps([[str(t), [str(c) for c in classes]] for t, classes in tasks.items()],
-                           ensure_ascii=False, separators=(",", ":"))
+    canonical = json.dumps(
+        [[str(t), [str(c) for c in classes]] for t, classes in tasks.items()], ensure_ascii=False, separators=(",", ":")
+    )
     return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
@@ -43,14 +44,22 @@ def resolve_checkpoint(spec: str | Path) -> Path:
 
     path = checkpoint_path(spec)
     if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(f"{spec}: not a Teacher/Student checkpoint folder ({path.absolute()} needs "
-                                f"{CONFIG_NAME} and {WEIGHTS_NAME})")
+        raise FileNotFoundError(
+            f"{spec}: not a Teacher/Student checkpoint folder ({path.absolute()} needs "
+            f"{CONFIG_NAME} and {WEIGHTS_NAME})"
+        )
     return path
 
 
-def save_classifier(model: MultimodalClassifier, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,
-                    max_length: int, extra: dict[str, Any] | None = None, dtype: torch.dtype = torch.float16,
-                    overwrite: bool = False) -> Path:
+def save_classifier(
+    model: MultimodalClassifier,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    max_length: int,
+    extra: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float16,
+    overwrite: bool = False,
+) -> Path:
     """Write `model` (weights stored as `dtype`) and `tokenizer` to `out_dir`; `extra` goes into
     config.json (e.g. the recipe). A folder that already holds a model is replaced only with
     `overwrite`."""
@@ -61,8 +70,16 @@ def save_classifier(model: MultimodalClassifier, tokenizer: PreTrainedTokenizerB
     def write_tokenizer(tmp: Path) -> None:
         tokenizer.save_pretrained(str(tmp))
 
-    return save_folder(out_dir, FORMAT, config, model.state_dict(), dtype=dtype, overwrite=overwrite,
-                       metadata=metadata, write_extra=write_tokenizer)
+    return save_folder(
+        out_dir,
+        FORMAT,
+        config,
+        model.state_dict(),
+        dtype=dtype,
+        overwrite=overwrite,
+        metadata=metadata,
+        write_extra=write_tokenizer,
+    )
 
 
 def check_label_order(path: Path, config: Mapping[str, Any]) -> bool:
@@ -77,10 +94,12 @@ def check_label_order(path: Path, config: Mapping[str, Any]) -> bool:
     for stored, where in ((trained, f"{WEIGHTS_NAME} was saved with"), (listed, f"{CONFIG_NAME} records")):
         if stored is not None and stored != actual:
             saved_labels = f" {json.loads(metadata[LABELS_KEY])}" if LABELS_KEY in metadata else ""
-            raise ValueError(f"{path / CONFIG_NAME}: `model.tasks` lists the classes {tasks} (label fingerprint "
-                             f"{actual}), but {where} another label vocabulary{saved_labels} (fingerprint {stored}): "
-                             "the classes were reordered, renamed or changed after saving, and every head would "
-                             "report its outputs under the wrong names. Restore the saved classes in their order.")
+            raise ValueError(
+                f"{path / CONFIG_NAME}: `model.tasks` lists the classes {tasks} (label fingerprint "
+                f"{actual}), but {where} another label vocabulary{saved_labels} (fingerprint {stored}): "
+                "the classes were reordered, renamed or changed after saving, and every head would "
+                "report its outputs under the wrong names. Restore the saved classes in their order."
+            )
     return trained is not None or listed is not None
 
 

@@ -70,11 +70,21 @@ class MultimodalClassifierModule(ExportMixin, EvaluationModule):
     shipped_folder = "checkpoints/distill-*-shapes"
     not_hyperparameters = EXPORT_ARGUMENTS
 
-    def __init__(self, model: dict[str, Any] | None = None, init_from: str | None = None,
-                 labels: dict[str, list[str]] | None = None, tokenizer: str = "shapes-wordpiece",
-                 max_length: int = 32, lr: float = 3e-4, weight_decay: float = 0.01, warmup_steps: int = 100,
-                 export: bool = True, export_dir: str | None = None, overwrite: bool = False,
-                 frozen: Sequence[str] = ()):
+    def __init__(
+        self,
+        model: dict[str, Any] | None = None,
+        init_from: str | None = None,
+        labels: dict[str, list[str]] | None = None,
+        tokenizer: str = "shapes-wordpiece",
+        max_length: int = 32,
+        lr: float = 3e-4,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 100,
+        export: bool = True,
+        export_dir: str | None = None,
+        overwrite: bool = False,
+        frozen: Sequence[str] = (),
+    ):
         super().__init__()
         self.set_export(export, export_dir, overwrite)
         if (model is None) == (init_from is None):
@@ -123,8 +133,10 @@ class MultimodalClassifierModule(ExportMixin, EvaluationModule):
     def classifier(self) -> MultimodalClassifier:
         """`model`, once built: in __init__ (`labels`, `init_from`) or in `setup` (the data's labels)."""
         if self.model is None:
-            raise RuntimeError(f"{type(self).__name__}: the model is not built yet; without `labels` or `init_from` "
-                               "it is built in setup from the datamodule's label vocabulary")
+            raise RuntimeError(
+                f"{type(self).__name__}: the model is not built yet; without `labels` or `init_from` "
+                "it is built in setup from the datamodule's label vocabulary"
+            )
         return self.model
 
     def _freeze(self) -> None:
@@ -140,20 +152,24 @@ class MultimodalClassifierModule(ExportMixin, EvaluationModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.model is None:
             if datamodule is None or not hasattr(datamodule, "label_vocabulary"):
-                raise ValueError(f"{type(self).__name__}: no labels: pass `labels`, `init_from`, or a datamodule "
-                                 "with a label_vocabulary (DistillDataModule)")
+                raise ValueError(
+                    f"{type(self).__name__}: no labels: pass `labels`, `init_from`, or a datamodule "
+                    "with a label_vocabulary (DistillDataModule)"
+                )
             # a checkpoint restored after setup may bring other classes: `on_load_checkpoint` rebuilds
             self._build(datamodule.label_vocabulary)
         elif datamodule is not None and hasattr(datamodule, "use_label_vocabulary"):
             # dev/test labels encoded with the model's classes (by name)
-            datamodule.use_label_vocabulary(self.model.tasks, self.label_source or "the model's",
-                                            check_order=not self.label_order_checked)
+            datamodule.use_label_vocabulary(
+                self.model.tasks, self.label_source or "the model's", check_order=not self.label_order_checked
+            )
 
     # ---- forward ---------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """input_ids, attention_mask [B, T] (padded to the longest, cut at max_length)."""
-        enc = self.tokenizer(check_texts(texts), padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
+        enc = self.tokenizer(
+            check_texts(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
     def forward(self, images01: Tensor, texts: Sequence[str]) -> ClassifierOutput:
@@ -163,8 +179,9 @@ class MultimodalClassifierModule(ExportMixin, EvaluationModule):
 
     # ---- evaluation ------------------------------------------------------------------------------
     def start(self, stage: str) -> None:
-        self.metrics = MultitaskClassificationMetrics({t: len(c) for t, c in self.classifier.tasks.items()},
-                                                      class_names=self.classifier.tasks).to(self.device)
+        self.metrics = MultitaskClassificationMetrics(
+            {t: len(c) for t, c in self.classifier.tasks.items()}, class_names=self.classifier.tasks
+        ).to(self.device)
         self._skipped = []
 
     def step(self, batch: dict[str, Any], stage: str) -> None:
@@ -195,10 +212,16 @@ class MultimodalClassifierModule(ExportMixin, EvaluationModule):
     def extra_results(self) -> dict[str, Any]:
         """results.json: the role, classes, item count, parameter count, skipped files and why a metric
         is NaN (``notes``: logged key -> reason)."""
-        return {"distill": {"role": self.role, "tasks": self.classifier.tasks,
-                            "n_items": int(self._scores.get("n_items", 0)),
-                            "parameters": sum(p.numel() for p in self.classifier.parameters()),
-                            "skipped_paths": self._skipped, "notes": dict(self._notes)}}
+        return {
+            "distill": {
+                "role": self.role,
+                "tasks": self.classifier.tasks,
+                "n_items": int(self._scores.get("n_items", 0)),
+                "parameters": sum(p.numel() for p in self.classifier.parameters()),
+                "skipped_paths": self._skipped,
+                "notes": dict(self._notes),
+            }
+        }
 
     def report_rows(self, metrics: Mapping[str, float | None]) -> list[ReportRow]:
         """Per task: macro F1, accuracy and AUROC with the number of items scored (and why AUROC is
@@ -212,12 +235,21 @@ class MultimodalClassifierModule(ExportMixin, EvaluationModule):
                     note = self._notes.get(keys[2])
                     name = f"{task} ({stage}{n}): macro F1 | accuracy | OvR AUROC"
                     name += f" (AUROC {note})" if note else ""
-                    rows.append(ReportRow(f"distill ({self.role})", name,
-                                          dict(zip(("macro F1", "accuracy", "AUROC"), (metrics[k] for k in keys))), keys))
+                    rows.append(
+                        ReportRow(
+                            f"distill ({self.role})",
+                            name,
+                            dict(zip(("macro F1", "accuracy", "AUROC"), (metrics[k] for k in keys))),
+                            keys,
+                        )
+                    )
             key = self.metric_key(stage, "mean_macro_f1")
             if key in metrics:
-                rows.append(ReportRow(f"distill ({self.role})", f"mean macro F1 over tasks ({stage}{n})",
-                                      {"": metrics[key]}, [key]))
+                rows.append(
+                    ReportRow(
+                        f"distill ({self.role})", f"mean macro F1 over tasks ({stage}{n})", {"": metrics[key]}, [key]
+                    )
+                )
         return rows
 
     # ---- explanations (MultimodalExplainable) ----------------------------------------------------
@@ -234,9 +266,18 @@ class MultimodalClassifierModule(ExportMixin, EvaluationModule):
         paths: list[str | None] = [str(p) for p in batch["path"]] if "path" in batch else [None] * len(images)
         # transformers types the tokens of a list of ids as str | list[str]
         tokens: list[list[str]] = [self.tokenizer.convert_ids_to_tokens(r) for r in ids.tolist()]  # type: ignore[misc]
-        return MultimodalInputs(images, self.classifier.pixel_values(images), ids, mask, tokens,
-                                list(batch["text"]), [item_id(p, i) for p, i in zip(paths, indexes)],
-                                int(self.tokenizer.pad_token_id), indexes, paths)
+        return MultimodalInputs(
+            images,
+            self.classifier.pixel_values(images),
+            ids,
+            mask,
+            tokens,
+            list(batch["text"]),
+            [item_id(p, i) for p, i in zip(paths, indexes)],
+            int(self.tokenizer.pad_token_id),
+            indexes,
+            paths,
+        )
 
     # ---- training --------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -246,17 +287,22 @@ class MultimodalClassifierModule(ExportMixin, EvaluationModule):
         decay, no_decay = [], []
         for p in self.trainable_parameters():
             (no_decay if p.ndim < 2 else decay).append(p)  # norms and biases are not decayed
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr,
+        )
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         return {"optimizer": opt, "lr_scheduler": warmup_cosine_scheduler(opt, total, self.warmup_steps)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"labels": self.classifier.tasks,
-                                      "label_fingerprint": label_fingerprint(self.classifier.tasks),
-                                      "model": self.classifier.config(),
-                                      "tokenizer": self.tokenizer.backend_tokenizer.to_str(),
-                                      "special_tokens": self.tokenizer.special_tokens_map, "max_length": self.max_length}
+        checkpoint[CHECKPOINT_KEY] = {
+            "labels": self.classifier.tasks,
+            "label_fingerprint": label_fingerprint(self.classifier.tasks),
+            "model": self.classifier.config(),
+            "tokenizer": self.tokenizer.backend_tokenizer.to_str(),
+            "special_tokens": self.tokenizer.special_tokens_map,
+            "max_length": self.max_length,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the tokenizer and the text length; the checkpoint's classes (checked against its
@@ -268,13 +314,16 @@ class MultimodalClassifierModule(ExportMixin, EvaluationModule):
         labels = _vocabulary(saved["labels"])
         stored = saved.get("label_fingerprint")  # absent in checkpoints written before it was stored
         if stored is not None and stored != label_fingerprint(labels):
-            raise ValueError(f"the checkpoint's classes {labels} do not match its label fingerprint ({stored} vs "
-                             f"{label_fingerprint(labels)}): its label vocabulary was changed after saving")
+            raise ValueError(
+                f"the checkpoint's classes {labels} do not match its label fingerprint ({stored} vs "
+                f"{label_fingerprint(labels)}): its label vocabulary was changed after saving"
+            )
         from tokenizers import Tokenizer
         from transformers import PreTrainedTokenizerFast
 
-        self.tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(saved["tokenizer"]),
-                                                 **saved["special_tokens"])
+        self.tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=Tokenizer.from_str(saved["tokenizer"]), **saved["special_tokens"]
+        )
         self.max_length = int(saved["max_length"])
         if self.model is not None and labels != self.model.tasks and self.label_source is not None:
             raise ValueError(f"the checkpoint's classes {labels} differ from {self.label_source} {self.model.tasks}")
@@ -291,11 +340,15 @@ class MultimodalClassifierModule(ExportMixin, EvaluationModule):
         best = getattr(callback, "best_model_path", "") if callback is not None else ""
         if best:
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-            self.classifier.load_state_dict({k.removeprefix("model."): v for k, v in state.items()
-                                             if k.startswith("model.")})
+            self.classifier.load_state_dict(
+                {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+            )
         score = getattr(callback, "best_model_score", None)
-        extra = {"role": self.role, "best_checkpoint": str(best) or None,
-                 "best_val_mean_macro_f1": None if score is None else float(score)}
+        extra = {
+            "role": self.role,
+            "best_checkpoint": str(best) or None,
+            "best_val_mean_macro_f1": None if score is None else float(score),
+        }
         save_classifier(self.classifier, self.tokenizer, path, self.max_length, extra=extra, overwrite=self.overwrite)
 
 
@@ -328,17 +381,30 @@ class StudentModule(MultimodalClassifierModule):
     role = "student"
     teacher: MultimodalClassifier  # set past nn.Module's registration: not a submodule
 
-    def __init__(self, teacher: str, model: dict[str, Any] | None = None, alpha: float = 1.0, beta: float = 100.0,
-                 temperature: float = 2.0, **kwargs):
+    def __init__(
+        self,
+        teacher: str,
+        model: dict[str, Any] | None = None,
+        alpha: float = 1.0,
+        beta: float = 100.0,
+        temperature: float = 2.0,
+        **kwargs,
+    ):
         teacher_model, teacher_tokenizer, teacher_config = load_classifier(teacher)
         labels = kwargs.pop("labels", None) or teacher_model.tasks
         super().__init__(model=model, labels=labels, **kwargs)
         if self.classifier.tasks != teacher_model.tasks:
-            raise ValueError(f"the student's classes {self.classifier.tasks} differ from the teacher's "
-                             f"{teacher_model.tasks}")
+            raise ValueError(
+                f"the student's classes {self.classifier.tasks} differ from the teacher's {teacher_model.tasks}"
+            )
         self.label_source = f"the teacher {teacher}'s"
         self.label_order_checked = teacher_config["label_order_checked"]
-        self.teacher_spec, self.alpha, self.beta, self.temperature = teacher, float(alpha), float(beta), float(temperature)
+        self.teacher_spec, self.alpha, self.beta, self.temperature = (
+            teacher,
+            float(alpha),
+            float(beta),
+            float(temperature),
+        )
         teacher_model.requires_grad_(False).eval()
         object.__setattr__(self, "teacher", teacher_model)  # not a submodule: not trained, not checkpointed
         self.teacher_tokenizer = teacher_tokenizer
@@ -365,16 +431,32 @@ class StudentModule(MultimodalClassifierModule):
         teacher_logits = projected = None
         if self.alpha > 0 or self.beta > 0:
             self.teacher.eval()
-            enc = self.teacher_tokenizer(list(batch["text"]), padding=True, truncation=True,
-                                         max_length=self.teacher_max_length, return_tensors="pt")
+            enc = self.teacher_tokenizer(
+                list(batch["text"]),
+                padding=True,
+                truncation=True,
+                max_length=self.teacher_max_length,
+                return_tensors="pt",
+            )
             with torch.no_grad():  # the teacher reads the texts through its own tokenizer
-                t_out = self.teacher(self.teacher.pixel_values(batch["image"]), enc["input_ids"].to(self.device),
-                                     enc["attention_mask"].to(self.device))
+                t_out = self.teacher(
+                    self.teacher.pixel_values(batch["image"]),
+                    enc["input_ids"].to(self.device),
+                    enc["attention_mask"].to(self.device),
+                )
             teacher_logits = {t: v.detach() for t, v in t_out.logits.items()}
             if self.kd_projection is not None:
                 projected = self.kd_projection(t_out.features.detach())
-        parts = distillation_loss(out.logits, teacher_logits, batch["labels"], out.features, projected,
-                                  self.alpha, self.beta, self.temperature)
+        parts = distillation_loss(
+            out.logits,
+            teacher_logits,
+            batch["labels"],
+            out.features,
+            projected,
+            self.alpha,
+            self.beta,
+            self.temperature,
+        )
         n = len(batch["text"])
         self.log("train/loss", parts.total, prog_bar=True, batch_size=n)
         self.log_dict({"train/ce": parts.ce, "train/kd": parts.kd, "train/mse": parts.mse}, batch_size=n)

@@ -37,28 +37,43 @@ def clip_vision_config(model_cfg: dict[str, Any]) -> dict[str, Any]:
     if unsupported:
         raise ValueError(f"open_clip vision_cfg fields {unsupported} have no CLIPVisionModel equivalent")
     width, head_width = int(v["width"]), int(v.get("head_width", 64))
-    return {"model_type": "clip_vision_model", "image_size": int(v["image_size"]), "patch_size": int(v["patch_size"]),
-            "hidden_size": width, "num_hidden_layers": int(v["layers"]), "num_attention_heads": width // head_width,
-            "intermediate_size": int(width * float(v.get("mlp_ratio", 4.0))),
-            "hidden_act": "quick_gelu" if model_cfg.get("quick_gelu") else "gelu", "layer_norm_eps": 1e-5}
+    return {
+        "model_type": "clip_vision_model",
+        "image_size": int(v["image_size"]),
+        "patch_size": int(v["patch_size"]),
+        "hidden_size": width,
+        "num_hidden_layers": int(v["layers"]),
+        "num_attention_heads": width // head_width,
+        "intermediate_size": int(width * float(v.get("mlp_ratio", 4.0))),
+        "hidden_act": "quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
+        "layer_norm_eps": 1e-5,
+    }
 
 
 def clip_vision_state_dict(openclip_state: dict[str, torch.Tensor], layers: list[int]) -> dict[str, torch.Tensor]:
     """open_clip ``visual.*`` weights renamed to a ``CLIPVisionModel`` state dict (fp32), keeping
     the transformer blocks `layers` (in that order; block ``layers[i]`` becomes layer i)."""
     s = {k.removeprefix("visual."): v.float() for k, v in openclip_state.items() if k.startswith("visual.")}
-    out = {"embeddings.class_embedding": s["class_embedding"],
-           "embeddings.patch_embedding.weight": s["conv1.weight"],
-           "embeddings.position_embedding.weight": s["positional_embedding"],
-           "pre_layrnorm.weight": s["ln_pre.weight"], "pre_layrnorm.bias": s["ln_pre.bias"],
-           "post_layernorm.weight": s["ln_post.weight"],
-           "post_layernorm.bias": s["ln_post.bias"]}
+    out = {
+        "embeddings.class_embedding": s["class_embedding"],
+        "embeddings.patch_embedding.weight": s["conv1.weight"],
+        "embeddings.position_embedding.weight": s["positional_embedding"],
+        "pre_layrnorm.weight": s["ln_pre.weight"],
+        "pre_layrnorm.bias": s["ln_pre.bias"],
+        "post_layernorm.weight": s["ln_post.weight"],
+        "post_layernorm.bias": s["ln_post.bias"],
+    }
     for i, source in enumerate(layers):
         src, dst = f"transformer.resblocks.{source}.", f"encoder.layers.{i}."
         for part, w, b in zip("qkv", s[src + "attn.in_proj_weight"].chunk(3), s[src + "attn.in_proj_bias"].chunk(3)):
             out[f"{dst}self_attn.{part}_proj.weight"], out[f"{dst}self_attn.{part}_proj.bias"] = w, b
-        pairs = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
-                 "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+        pairs = {
+            "attn.out_proj": "self_attn.out_proj",
+            "ln_1": "layer_norm1",
+            "ln_2": "layer_norm2",
+            "mlp.c_fc": "mlp.fc1",
+            "mlp.c_proj": "mlp.fc2",
+        }
         for oc_name, hf_name in pairs.items():
             for kind in ("weight", "bias"):
                 out[f"{dst}{hf_name}.{kind}"] = s[f"{src}{oc_name}.{kind}"]
@@ -74,8 +89,10 @@ def load_clip_vision_tower(spec: str, layers: list[int] | None = None):
 
     path = xclip_clip_directory(spec)
     if not is_openclip_checkpoint(path):
-        raise FileNotFoundError(f"vision tower {spec!r}: {path.absolute()} is not an xclip open_clip checkpoint "
-                                "(config.json with architecture 'openclip' + model.safetensors)")
+        raise FileNotFoundError(
+            f"vision tower {spec!r}: {path.absolute()} is not an xclip open_clip checkpoint "
+            "(config.json with architecture 'openclip' + model.safetensors)"
+        )
     config = json.loads((path / "config.json").read_text())
     fields = clip_vision_config(config["model_cfg"])
     depth = fields["num_hidden_layers"]

@@ -45,8 +45,28 @@ class CSVFormatError(ValueError):
 
 # what pandas' read_csv reads as a missing value (its default na_values, less the empty string,
 # which is refused as empty): as a label such a cell is a missing label, never a class
-MISSING_VALUE_MARKERS = frozenset({"#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
-                                   "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+MISSING_VALUE_MARKERS = frozenset(
+    {
+        "#N/A",
+        "#N/A N/A",
+        "#NA",
+        "-1.#IND",
+        "-1.#QNAN",
+        "-NaN",
+        "-nan",
+        "1.#IND",
+        "1.#QNAN",
+        "<NA>",
+        "N/A",
+        "NA",
+        "NULL",
+        "NaN",
+        "None",
+        "n/a",
+        "nan",
+        "null",
+    }
+)
 
 
 @dataclass
@@ -81,22 +101,25 @@ def _csv_rows(path: Path) -> list[tuple[int, list[str]]]:
         except StopIteration:
             return rows
         except csv.Error as err:
-            raise CSVFormatError(f"{path}, line {reader.line_num}: not valid CSV ({err}); quote values that "
-                                 'contain commas, quotes or line breaks ("a, b"; a quote inside one is doubled)'
-                                 ) from None
+            raise CSVFormatError(
+                f"{path}, line {reader.line_num}: not valid CSV ({err}); quote values that "
+                'contain commas, quotes or line breaks ("a, b"; a quote inside one is doubled)'
+            ) from None
         if cells:
             rows.append((start, cells))
 
 
-def read_metadata(path: Path, label_columns: Sequence[str], text_column: str = "description",
-                  image_column: str | None = None) -> list[CSVRecord]:
+def read_metadata(
+    path: Path, label_columns: Sequence[str], text_column: str = "description", image_column: str | None = None
+) -> list[CSVRecord]:
     """The rows of one metadata CSV, parsed strictly: UTF-8; column names unique; every row has as
     many fields as the header (an unquoted comma in a value would shift or drop the rest of the
     row); no label, text or image cell empty; no label that is a missing-value marker (``NaN``,
     ``NA``, ``null``, ... as pandas reads them). Every error names the file and the data row."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such metadata file (expected metadata_train/dev/test.csv under the "
-                                "data root)")
+        raise FileNotFoundError(
+            f"{path}: no such metadata file (expected metadata_train/dev/test.csv under the data root)"
+        )
     rows = _csv_rows(path)
     if not rows:
         raise CSVFormatError(f"{path}: empty file (expected a header line and data rows)")
@@ -104,13 +127,16 @@ def read_metadata(path: Path, label_columns: Sequence[str], text_column: str = "
     header = [name.strip() for name in header]
     for column in header:
         if _undecodable(column):
-            raise CSVFormatError(f"{path}, line {header_line} (header): not UTF-8 (byte {_undecodable(column)}); "
-                                 f"save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 {path.name}`)")
+            raise CSVFormatError(
+                f"{path}, line {header_line} (header): not UTF-8 (byte {_undecodable(column)}); "
+                f"save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 {path.name}`)"
+            )
     repeated = sorted({c for c in header if header.count(c) > 1})
     if repeated:
         where = "; ".join(f"{c!r} is columns {[i + 1 for i, h in enumerate(header) if h == c]}" for c in repeated)
-        raise CSVFormatError(f"{path}, line {header_line} (header): repeated column name(s): {where}; "
-                             "rename or remove the repeats")
+        raise CSVFormatError(
+            f"{path}, line {header_line} (header): repeated column name(s): {where}; rename or remove the repeats"
+        )
     if image_column is None:
         image_column = next((c for c in IMAGE_COLUMNS if c in header), None)
         if image_column is None:
@@ -118,34 +144,43 @@ def read_metadata(path: Path, label_columns: Sequence[str], text_column: str = "
     needed = [image_column, text_column, *label_columns]
     missing = [c for c in needed if c not in header]
     if missing:
-        raise CSVFormatError(f"{path}: missing column(s) {missing}; found {header} (set label_columns / "
-                             "text_column to the file's names)")
+        raise CSVFormatError(
+            f"{path}: missing column(s) {missing}; found {header} (set label_columns / text_column to the file's names)"
+        )
     records = []
     for number, (line, cells) in enumerate(rows[1:], start=1):
         where = f"{path}, data row {number} (line {line})"
         if len(cells) != len(header):
-            hint = ("an unquoted comma in a value? Quote values that contain commas (\"a, b\")"
-                    if len(cells) > len(header) else "a missing field?")
+            hint = (
+                'an unquoted comma in a value? Quote values that contain commas ("a, b")'
+                if len(cells) > len(header)
+                else "a missing field?"
+            )
             raise CSVFormatError(f"{where}: {len(cells)} fields, the header has {len(header)}: {hint}")
         row = dict(zip(header, cells))
         for column, value in row.items():
             if _undecodable(value):
-                raise CSVFormatError(f"{where}, column {column!r}: not UTF-8 (byte {_undecodable(value)}); save the "
-                                     f"file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 {path.name}`)")
+                raise CSVFormatError(
+                    f"{where}, column {column!r}: not UTF-8 (byte {_undecodable(value)}); save the "
+                    f"file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 {path.name}`)"
+                )
         for column in needed:
             if not row[column].strip():
                 raise CSVFormatError(f"{where}: empty {column!r}")
         for column in label_columns:
             if row[column].strip() in MISSING_VALUE_MARKERS:
-                raise CSVFormatError(f"{where}: {column!r} is {row[column].strip()!r}, a missing-value marker (pandas "
-                                     "reads it as NaN), not a class: fill in the label or drop the row (a class "
-                                     "really named so needs another name)")
+                raise CSVFormatError(
+                    f"{where}: {column!r} is {row[column].strip()!r}, a missing-value marker (pandas "
+                    "reads it as NaN), not a class: fill in the label or drop the row (a class "
+                    "really named so needs another name)"
+                )
         rel = Path(row[image_column].strip())
         image = rel if rel.is_absolute() else path.parent / rel
         if not rel.is_absolute() and not image.exists() and (path.parent / "images" / rel).exists():
             image = path.parent / "images" / rel
-        records.append(CSVRecord(number, line, image, row[text_column].strip(),
-                                 {c: row[c].strip() for c in label_columns}))
+        records.append(
+            CSVRecord(number, line, image, row[text_column].strip(), {c: row[c].strip() for c in label_columns})
+        )
     if not records:
         raise CSVFormatError(f"{path}: no data rows (only a header)")
     return records
@@ -156,13 +191,16 @@ def label_vocabulary(records: Sequence[CSVRecord], label_columns: Sequence[str])
     vocab = {c: sorted({r.labels[c] for r in records}) for c in label_columns}
     for column, classes in vocab.items():
         if len(classes) < 2:
-            raise CSVFormatError(f"label column {column!r} has {len(classes)} value(s) in the training split "
-                                 f"({classes}); a classifier needs at least 2")
+            raise CSVFormatError(
+                f"label column {column!r} has {len(classes)} value(s) in the training split "
+                f"({classes}); a classifier needs at least 2"
+            )
     return vocab
 
 
-def encode_labels(records: Sequence[CSVRecord], vocab: LabelVocabulary, path: Path,
-                  source: str = "the training split's") -> list[dict[str, int]]:
+def encode_labels(
+    records: Sequence[CSVRecord], vocab: LabelVocabulary, path: Path, source: str = "the training split's"
+) -> list[dict[str, int]]:
     """Class ids of every row; a value outside the vocabulary is an error naming file, row and
     value, and whose classes they are (`source`, e.g. ``"the checkpoint xclip:...'s"``)."""
     index = {task: {name: i for i, name in enumerate(classes)} for task, classes in vocab.items()}
@@ -172,8 +210,9 @@ def encode_labels(records: Sequence[CSVRecord], vocab: LabelVocabulary, path: Pa
         for task, lookup in index.items():
             value = r.labels[task]
             if value not in lookup:
-                raise CSVFormatError(f"{path}, {r.where}: unknown {task!r} label {value!r}; {source} {task!r} "
-                                     f"classes are {vocab[task]}")
+                raise CSVFormatError(
+                    f"{path}, {r.where}: unknown {task!r} label {value!r}; {source} {task!r} classes are {vocab[task]}"
+                )
             ids[task] = lookup[value]
         out.append(ids)
     return out
@@ -211,10 +250,21 @@ class DistillDataModule(pl.LightningDataModule):
             disjoint test family of that seed).
     """
 
-    def __init__(self, source: str = "shapes", data_root: str | None = None,
-                 label_columns: Sequence[str] = ("type", "severity"), text_column: str = "description",
-                 image_column: str | None = None, image_size: int = 64, seed: int = 0, n_train: int = 20_000,
-                 n_val: int = 500, n_test: int = 500, batch_size: int = 64, num_workers: int = 0):
+    def __init__(
+        self,
+        source: str = "shapes",
+        data_root: str | None = None,
+        label_columns: Sequence[str] = ("type", "severity"),
+        text_column: str = "description",
+        image_column: str | None = None,
+        image_size: int = 64,
+        seed: int = 0,
+        n_train: int = 20_000,
+        n_val: int = 500,
+        n_test: int = 500,
+        batch_size: int = 64,
+        num_workers: int = 0,
+    ):
         super().__init__()
         if source not in ("shapes", "csv"):
             raise ValueError(f"source must be 'shapes' or 'csv', got {source!r}")
@@ -247,8 +297,9 @@ class DistillDataModule(pl.LightningDataModule):
             return {t: list(c) for t, c in ShapesNotes.label_names.items()}
         return label_vocabulary(self._split_records("train"), self.label_columns)
 
-    def use_label_vocabulary(self, vocab: Mapping[str, Sequence[str]], source: str = "the checkpoint's",
-                             check_order: bool = False) -> None:
+    def use_label_vocabulary(
+        self, vocab: Mapping[str, Sequence[str]], source: str = "the checkpoint's", check_order: bool = False
+    ) -> None:
         """Encode labels with `vocab` (e.g. a checkpoint's) instead of this data's own classes.
 
         Args:
@@ -266,14 +317,17 @@ class DistillDataModule(pl.LightningDataModule):
             try:
                 own = self.data_vocabulary()
             except FileNotFoundError as err:
-                raise FileNotFoundError(f"{source} classes carry no label fingerprint (saved before xclip stored one), "
-                                        f"so their order is checked against this data's training split: {err}"
-                                        ) from None
+                raise FileNotFoundError(
+                    f"{source} classes carry no label fingerprint (saved before xclip stored one), "
+                    f"so their order is checked against this data's training split: {err}"
+                ) from None
             if own != classes:
-                raise ValueError(f"{source} classes {classes} differ from {self._data_source()} {own}, and no label "
-                                 "fingerprint was saved with them to confirm their order: the heads' outputs could be "
-                                 "read under the wrong names. Evaluate on data with the same classes, or re-export "
-                                 "the checkpoint (which stores a fingerprint)")
+                raise ValueError(
+                    f"{source} classes {classes} differ from {self._data_source()} {own}, and no label "
+                    "fingerprint was saved with them to confirm their order: the heads' outputs could be "
+                    "read under the wrong names. Evaluate on data with the same classes, or re-export "
+                    "the checkpoint (which stores a fingerprint)"
+                )
         self._vocabulary, self._vocabulary_source = classes, source
 
     # ---- datasets --------------------------------------------------------------------------------
@@ -286,8 +340,9 @@ class DistillDataModule(pl.LightningDataModule):
 
     def _split_records(self, split: str) -> list[CSVRecord]:
         if split not in self._records:
-            self._records[split] = read_metadata(self.csv_root / SPLIT_FILES[split], self.label_columns,
-                                                 self.text_column, self.image_column)
+            self._records[split] = read_metadata(
+                self.csv_root / SPLIT_FILES[split], self.label_columns, self.text_column, self.image_column
+            )
         return self._records[split]
 
     def dataset(self, split: str) -> Dataset:
@@ -304,17 +359,24 @@ class DistillDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.source == "csv":  # read and check the files now: a bad file fails before any model runs
-            for split in ("train", "val") if stage in ("fit", None) else ("val", "test") if stage == "test" else ("val",):
+            for split in (
+                ("train", "val") if stage in ("fit", None) else ("val", "test") if stage == "test" else ("val",)
+            ):
                 self._split_records(split)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset("train"), batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          collate_fn=collate_skipping)
+        return DataLoader(
+            self.dataset("train"),
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_skipping,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return eval_loader(self.dataset("val"), self.batch_size, collate_skipping, self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         return eval_loader(self.dataset("test"), self.batch_size, collate_skipping, self.num_workers)
-

@@ -78,8 +78,11 @@ class GatedFusion(nn.Module):
         return self.norm(self.dropout(g * torch.tanh(i) + (1 - g) * torch.tanh(t)))
 
 
-FUSIONS: dict[str, type[nn.Module]] = {"concat": ConcatMLPFusion, "cross_attention": CrossAttentionFusion,
-                                       "gated": GatedFusion}
+FUSIONS: dict[str, type[nn.Module]] = {
+    "concat": ConcatMLPFusion,
+    "cross_attention": CrossAttentionFusion,
+    "gated": GatedFusion,
+}
 
 
 def build_fusion(name: str, dim: int, **options) -> nn.Module:

@@ -31,17 +31,24 @@ class DistillationLoss:
 def kd_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """``T^2 * KL(softmax(t/T) || softmax(s/T))``, averaged over the batch ([B, K] logits -> scalar)."""
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ")
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ"
+        )
     log_s = F.log_softmax(student_logits / temperature, dim=-1)
     log_t = F.log_softmax(teacher_logits / temperature, dim=-1)
-    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * temperature ** 2
+    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * temperature**2
 
 
-def distillation_loss(student_logits: Mapping[str, Tensor], teacher_logits: Mapping[str, Tensor] | None,
-                      labels: Mapping[str, Tensor], student_features: Tensor | None = None,
-                      projected_teacher_features: Tensor | None = None, alpha: float = 1.0, beta: float = 100.0,
-                      temperature: float = 2.0) -> DistillationLoss:
+def distillation_loss(
+    student_logits: Mapping[str, Tensor],
+    teacher_logits: Mapping[str, Tensor] | None,
+    labels: Mapping[str, Tensor],
+    student_features: Tensor | None = None,
+    projected_teacher_features: Tensor | None = None,
+    alpha: float = 1.0,
+    beta: float = 100.0,
+    temperature: float = 2.0,
+) -> DistillationLoss:
     """The student's loss over every task of `student_logits` ({task: [B, K]}); `labels` {task: [B]}.
 
     With ``alpha = beta = 0`` (the no-KD student) the teacher inputs may be None and only CE is

@@ -36,8 +36,12 @@ class MultitaskClassificationMetrics(ScoreTable):
         self.class_names = {t: [str(c) for c in (class_names or {}).get(t, range(k))] for t, k in self.tasks.items()}
         self._prob_columns = {t: tuple(f"p{i}_{c}" for c in range(k)) for i, (t, k) in enumerate(self.tasks.items())}
         self._label_columns = {t: f"label{i}" for i, t in enumerate(self.tasks)}
-        super().__init__(tuple(c for cols in self._prob_columns.values() for c in cols),
-                         tuple(self._label_columns.values()) + ("index",), unique_by=("index",), **kwargs)
+        super().__init__(
+            tuple(c for cols in self._prob_columns.values() for c in cols),
+            tuple(self._label_columns.values()) + ("index",),
+            unique_by=("index",),
+            **kwargs,
+        )
         self.notes: dict[str, str] = {}
 
     def update_batch(self, probs: Mapping[str, Tensor], labels: Mapping[str, Tensor], index: Tensor) -> None:
@@ -48,9 +52,11 @@ class MultitaskClassificationMetrics(ScoreTable):
                 raise ValueError(f"task {task!r}: probabilities must be [B, {k}], got {tuple(p.shape)}")
             bad = torch.isnan(p).any(1)
             if bad.any():
-                raise ValueError(f"task {task!r}: the class probabilities of items {index[bad].tolist()[:10]} are NaN "
-                                 "(the model's outputs are NaN: check the inputs, the weights and the precision); "
-                                 "NaN outputs cannot be scored")
+                raise ValueError(
+                    f"task {task!r}: the class probabilities of items {index[bad].tolist()[:10]} are NaN "
+                    "(the model's outputs are NaN: check the inputs, the weights and the precision); "
+                    "NaN outputs cannot be scored"
+                )
             columns.update({name: p[:, c] for c, name in enumerate(self._prob_columns[task])})
             columns[self._label_columns[task]] = labels[task]
         self.update(**columns)
@@ -71,8 +77,10 @@ class MultitaskClassificationMetrics(ScoreTable):
             out[f"{task}_auroc"] = ovr_auroc(probs, target)
             if math.isnan(out[f"{task}_auroc"]):
                 only = self.class_names[task][int(target[0])]
-                self.notes[f"{task}_auroc"] = (f"undefined: all {target.numel()} evaluated items are {only!r}; "
-                                               "one-vs-rest AUROC needs items of two classes or more")
+                self.notes[f"{task}_auroc"] = (
+                    f"undefined: all {target.numel()} evaluated items are {only!r}; "
+                    "one-vs-rest AUROC needs items of two classes or more"
+                )
         out["mean_macro_f1"] = sum(out[f"{t}_macro_f1"] for t in self.tasks) / len(self.tasks)
         out["n_items"] = float(rows["index"].numel())
         return out

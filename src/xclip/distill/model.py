@@ -50,9 +50,17 @@ class MultimodalClassifier(nn.Module):
         dropout: before each head.
     """
 
-    def __init__(self, vision: str | dict[str, Any], text: str | dict[str, Any], tasks: Mapping[str, Sequence[str]],
-                 fusion: str = "concat", fusion_dim: int = 128, fusion_options: dict[str, Any] | None = None,
-                 text_pooling: str = "cls", dropout: float = 0.1):
+    def __init__(
+        self,
+        vision: str | dict[str, Any],
+        text: str | dict[str, Any],
+        tasks: Mapping[str, Sequence[str]],
+        fusion: str = "concat",
+        fusion_dim: int = 128,
+        fusion_options: dict[str, Any] | None = None,
+        text_pooling: str = "cls",
+        dropout: float = 0.1,
+    ):
         super().__init__()
         if not tasks:
             raise ValueError("a classifier needs at least one task (task name -> class names)")
@@ -66,15 +74,26 @@ class MultimodalClassifier(nn.Module):
         self.fusion_name, self.fusion_options = fusion, dict(fusion_options or {})
         self.fusion = build_fusion(fusion, fusion_dim, **self.fusion_options)
         self.head_keys = head_keys(self.tasks)
-        self.heads = nn.ModuleDict({self.head_keys[t]: nn.Sequential(nn.Dropout(dropout), nn.Linear(fusion_dim, len(c)))
-                                    for t, c in self.tasks.items()})
+        self.heads = nn.ModuleDict(
+            {
+                self.head_keys[t]: nn.Sequential(nn.Dropout(dropout), nn.Linear(fusion_dim, len(c)))
+                for t, c in self.tasks.items()
+            }
+        )
         self.fusion_dim, self.text_pooling, self.dropout = int(fusion_dim), text_pooling, float(dropout)
 
     def config(self) -> dict[str, Any]:
         """JSON-able arguments that rebuild this architecture offline (the towers' resolved configs)."""
-        return {"vision": self.vision.config_dict, "text": self.text.config_dict, "tasks": self.tasks,
-                "fusion": self.fusion_name, "fusion_dim": self.fusion_dim, "fusion_options": self.fusion_options,
-                "text_pooling": self.text_pooling, "dropout": self.dropout}
+        return {
+            "vision": self.vision.config_dict,
+            "text": self.text.config_dict,
+            "tasks": self.tasks,
+            "fusion": self.fusion_name,
+            "fusion_dim": self.fusion_dim,
+            "fusion_options": self.fusion_options,
+            "text_pooling": self.text_pooling,
+            "dropout": self.dropout,
+        }
 
     def pixel_values(self, images01: Tensor) -> Tensor:
         """[B, 3, H, W] in [0, 1] -> the image tower's input."""

@@ -35,8 +35,15 @@ from torch import Tensor, nn
 
 from xclip.distill.clip_tower import is_openclip_checkpoint, load_clip_vision_tower
 
-VISION_POOLING = {"mobilevit": "pooler", "mobilevitv2": "pooler", "clip_vision_model": "pooler",
-                  "siglip_vision_model": "pooler", "vit": "cls", "deit": "cls", "dinov2": "cls"}
+VISION_POOLING = {
+    "mobilevit": "pooler",
+    "mobilevitv2": "pooler",
+    "clip_vision_model": "pooler",
+    "siglip_vision_model": "pooler",
+    "vit": "cls",
+    "deit": "cls",
+    "dinov2": "cls",
+}
 # the towers' own poolers are never used: do not build them (no dead, untrained parameters)
 NO_POOLER = {"vit", "deit", "bert", "roberta", "xlm-roberta", "camembert", "electra"}
 # composite hub configs -> the tower class to take out of them
@@ -59,11 +66,13 @@ def ensure_hub_files(repo: str, what: str, filename: str = "config.json") -> boo
 
     if isinstance(try_to_load_from_cache(repo, filename), str):
         return True
-    ensure_online(f"{what} {repo!r}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and no such "
-                   "local directory",
-                   f"Download it on a connected machine with `hf download {repo}` and copy the cache here (set "
-                   "HF_HUB_CACHE if it lives elsewhere), or pass a config dict with `model_type` to build the "
-                   "tower offline.", hub_address())
+    ensure_online(
+        f"{what} {repo!r}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and no such local directory",
+        f"Download it on a connected machine with `hf download {repo}` and copy the cache here (set "
+        "HF_HUB_CACHE if it lives elsewhere), or pass a config dict with `model_type` to build the "
+        "tower offline.",
+        hub_address(),
+    )
     return False
 
 
@@ -72,8 +81,9 @@ def _config_from_dict(spec: dict[str, Any]):
 
     fields = {k: v for k, v in spec.items() if k not in ("model_type", "image_mean", "image_std", "flip_channel_order")}
     if "model_type" not in spec:
-        raise ValueError(f"a tower config dict needs `model_type` (e.g. 'vit', 'mobilevit', 'bert'), got keys "
-                         f"{sorted(spec)}")
+        raise ValueError(
+            f"a tower config dict needs `model_type` (e.g. 'vit', 'mobilevit', 'bert'), got keys {sorted(spec)}"
+        )
     return AutoConfig.for_model(spec["model_type"], **fields)
 
 
@@ -86,7 +96,9 @@ def _load_model(spec: str | dict[str, Any], kind: str) -> tuple[nn.Module, str |
         config = _config_from_dict(spec)
         if config.model_type in TOWER_CLASSES:
             return getattr(transformers, TOWER_CLASSES[config.model_type])(config), None
-        model = AutoModel.from_config(config, **({"add_pooling_layer": False} if config.model_type in NO_POOLER else {}))
+        model = AutoModel.from_config(
+            config, **({"add_pooling_layer": False} if config.model_type in NO_POOLER else {})
+        )
         return model, None
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -107,10 +119,16 @@ def _image_preprocessing(source: str | None, spec: str | dict[str, Any]) -> tupl
     """(mean, std, flip RGB->BGR) of a tower: the dict's own fields, else the hub model's
     ``preprocessor_config.json`` (MobileViT: no normalisation, BGR input), else 0.5 / 0.5."""
     if isinstance(spec, dict):
-        return (list(spec.get("image_mean", (0.5, 0.5, 0.5))), list(spec.get("image_std", (0.5, 0.5, 0.5))),
-                bool(spec.get("flip_channel_order", False)))
-    file = Path(source) / "preprocessor_config.json" if Path(source).is_dir() else try_to_load_from_cache(
-        source, "preprocessor_config.json")
+        return (
+            list(spec.get("image_mean", (0.5, 0.5, 0.5))),
+            list(spec.get("image_std", (0.5, 0.5, 0.5))),
+            bool(spec.get("flip_channel_order", False)),
+        )
+    file = (
+        Path(source) / "preprocessor_config.json"
+        if Path(source).is_dir()
+        else try_to_load_from_cache(source, "preprocessor_config.json")
+    )
     if not (isinstance(file, (str, Path)) and Path(file).is_file()):
         return [0.5] * 3, [0.5] * 3, False
     cfg = json.loads(Path(file).read_text())
@@ -128,8 +146,9 @@ def feature_size(config) -> int:
         return _make_divisible(512 * config.width_multiplier)
     size = getattr(config, "hidden_size", None)
     if size is None:
-        raise ValueError(f"cannot read the feature size of a {config.model_type!r} tower from its config "
-                         "(no hidden_size)")
+        raise ValueError(
+            f"cannot read the feature size of a {config.model_type!r} tower from its config (no hidden_size)"
+        )
     return int(size)
 
 
@@ -170,14 +189,19 @@ class VisionTower(nn.Module):
         self.flip_channel_order = flip
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        self.config_dict = {**config.to_dict(), "image_mean": mean, "image_std": std,
-                            "flip_channel_order": self.flip_channel_order}
+        self.config_dict = {
+            **config.to_dict(),
+            "image_mean": mean,
+            "image_std": std,
+            "flip_channel_order": self.flip_channel_order,
+        }
 
     def pixel_values(self, images01: Tensor) -> Tensor:
         """[B, 3, H, W] floats in [0, 1] -> the model's input [B, 3, H, W]."""
         if images01.ndim != 4 or images01.shape[1] != 3 or not images01.is_floating_point():
-            raise ValueError(f"images must be float [B, 3, H, W] in [0, 1], got {images01.dtype} "
-                             f"{tuple(images01.shape)}")
+            raise ValueError(
+                f"images must be float [B, 3, H, W] in [0, 1], got {images01.dtype} {tuple(images01.shape)}"
+            )
         x = images01.flip(1) if self.flip_channel_order else images01
         return (x - self.mean) / self.std
 
@@ -208,15 +232,19 @@ class TextTower(nn.Module):
         super().__init__()
         model_type = spec.get("model_type") if isinstance(spec, dict) else None
         if model_type in TEXT_NEEDS_IDS:
-            raise ValueError(f"text tower {model_type!r}: its pooled output is read at token ids (no "
-                             "inputs_embeds path for gradient explanations); use a BERT-family model")
+            raise ValueError(
+                f"text tower {model_type!r}: its pooled output is read at token ids (no "
+                "inputs_embeds path for gradient explanations); use a BERT-family model"
+            )
         if pooling not in ("cls", "mean"):
             raise ValueError(f"text_pooling must be 'cls' or 'mean', got {pooling!r}")
         self.model, _ = _load_model(spec, "text")
         config = self.model.config
         if config.model_type in TEXT_NEEDS_IDS or not hasattr(self.model, "embeddings"):
-            raise ValueError(f"text tower {config.model_type!r} is not a BERT-family encoder (it needs "
-                             "`embeddings` and an inputs_embeds path); use e.g. bert, distilbert or roberta")
+            raise ValueError(
+                f"text tower {config.model_type!r} is not a BERT-family encoder (it needs "
+                "`embeddings` and an inputs_embeds path); use e.g. bert, distilbert or roberta"
+            )
         self.model_type, self.pooling = config.model_type, pooling
         self.feature_size = feature_size(config)
         self.config_dict = config.to_dict()
@@ -234,8 +262,9 @@ class TextTower(nn.Module):
         return self.word_embeddings(input_ids)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> TowerOutput:
-        return self._pool(self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,
-                          attention_mask)
+        return self._pool(
+            self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state, attention_mask
+        )
 
     def forward_embeds(self, token_embeds: Tensor, attention_mask: Tensor) -> TowerOutput:
         if self.model_type in EMBEDS_BY_MODULES:  # SigLIP: its forward insists on ids
@@ -246,8 +275,9 @@ class TextTower(nn.Module):
             mask = create_bidirectional_mask(config=m.config, inputs_embeds=hidden, attention_mask=attention_mask)
             hidden = m.final_layer_norm(m.encoder(inputs_embeds=hidden, attention_mask=mask).last_hidden_state)
             return self._pool(hidden, attention_mask)
-        return self._pool(self.model(inputs_embeds=token_embeds, attention_mask=attention_mask).last_hidden_state,
-                          attention_mask)
+        return self._pool(
+            self.model(inputs_embeds=token_embeds, attention_mask=attention_mask).last_hidden_state, attention_mask
+        )
 
     def _pool(self, hidden: Tensor, attention_mask: Tensor) -> TowerOutput:
         mask = attention_mask.bool()

@@ -14,5 +14,16 @@ from xclip.engine.export import EXPORT_ARGUMENTS, ExportMixin
 from xclip.engine.schedule import warmup_cosine, warmup_cosine_scheduler
 from xclip.engine.stage_callback import StageCallback, tensorboard_writers
 
-__all__ = ["EXPORT_ARGUMENTS", "STAGES", "EvaluationModule", "ExplanationInputs", "ExportMixin", "ReportsResults", "StageCallback",
-           "default_explanation_inputs", "tensorboard_writers", "warmup_cosine", "warmup_cosine_scheduler"]
+__all__ = [
+    "EXPORT_ARGUMENTS",
+    "STAGES",
+    "EvaluationModule",
+    "ExplanationInputs",
+    "ExportMixin",
+    "ReportsResults",
+    "StageCallback",
+    "default_explanation_inputs",
+    "tensorboard_writers",
+    "warmup_cosine",
+    "warmup_cosine_scheduler",
+]

@@ -91,7 +91,9 @@ class EvaluationModule(pl.LightningModule):
             for local in collect_init_args(frame, [], classes=(EvaluationModule,)):
                 arguments.update(local)
         del frame
-        kept = {k: v for k, v in arguments.items() if k not in self.not_hyperparameters and not isinstance(v, nn.Module)}
+        kept = {
+            k: v for k, v in arguments.items() if k not in self.not_hyperparameters and not isinstance(v, nn.Module)
+        }
         # `_class_path` is how LightningCLI re-applies a checkpoint's hyperparameters (``--ckpt_path``)
         self.save_hyperparameters({"_class_path": f"{type(self).__module__}.{type(self).__qualname__}", **kept})
 
@@ -143,8 +145,10 @@ class EvaluationModule(pl.LightningModule):
     def check_task(self, batch: Mapping[str, Any]) -> None:
         task = batch.get("task")
         if self.tasks and task not in self.tasks:
-            raise ValueError(f"{type(self).__name__} evaluates batches of task {' or '.join(map(repr, self.tasks))}, "
-                             f"got {task!r}: route that task to another module (EvaluationSuite `routes`)")
+            raise ValueError(
+                f"{type(self).__name__} evaluates batches of task {' or '.join(map(repr, self.tasks))}, "
+                f"got {task!r}: route that task to another module (EvaluationSuite `routes`)"
+            )
 
     # ---- Lightning's hooks, written once --------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> Any:

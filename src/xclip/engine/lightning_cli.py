@@ -83,10 +83,11 @@ class XClipCLI(LightningCLI):
             path = self.config[self.config.subcommand].get("ckpt_path")
             asked = re.search(r"GLOBAL (\S+)", str(err))
             what = f"it asks to call {asked.group(1)}" if asked else f"{str(err).splitlines()[0]}"
-            raise ValueError(f"checkpoint {path} refused: it holds pickled objects other than tensors and plain data "
-                             f"({what}). xclip reads checkpoints with torch.load(weights_only=True) only, since "
-                             "unpickling anything else can run code. Pass a checkpoint written by `xclip fit`."
-                             ) from None
+            raise ValueError(
+                f"checkpoint {path} refused: it holds pickled objects other than tensors and plain data "
+                f"({what}). xclip reads checkpoints with torch.load(weights_only=True) only, since "
+                "unpickling anything else can run code. Pass a checkpoint written by `xclip fit`."
+            ) from None
 
     def _config_summary(self) -> dict[str, Any]:
         cfg = self.config.get(self.subcommand, self.config)
@@ -94,14 +95,18 @@ class XClipCLI(LightningCLI):
         for key in ("model", "data", "ckpt_path", "seed_everything"):
             if key in cfg:
                 summary[key] = json.loads(json.dumps(cfg[key], default=lambda o: getattr(o, "__dict__", str(o))))
-        summary["trainer"] = {k: cfg["trainer"].get(k) for k in ("accelerator", "devices", "precision",
-                                                                   "limit_val_batches", "limit_test_batches")}
+        summary["trainer"] = {
+            k: cfg["trainer"].get(k)
+            for k in ("accelerator", "devices", "precision", "limit_val_batches", "limit_test_batches")
+        }
         return summary
 
     def before_fit(self) -> None:
         if type(self.model).training_step is pl.LightningModule.training_step:
-            raise SystemExit(f"xclip: {type(self.model).__name__} is evaluation-only (it has no training step): "
-                             f"run `xclip validate` or `xclip test` with this config")
+            raise SystemExit(
+                f"xclip: {type(self.model).__name__} is evaluation-only (it has no training step): "
+                f"run `xclip validate` or `xclip test` with this config"
+            )
 
     def _after_eval(self, stage: str) -> None:
         if not self.trainer.is_global_zero:

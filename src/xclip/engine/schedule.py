@@ -18,8 +18,7 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,
-                            warmup_steps: int) -> dict[str, object]:
+def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> dict[str, object]:
     """Lightning's ``lr_scheduler`` entry for `warmup_cosine`, stepped every optimiser step."""
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup_steps))
     return {"scheduler": scheduler, "interval": "step"}

@@ -51,8 +51,15 @@ class StageCallback(pl.Callback):
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Start of a validate/test epoch (after `records` was emptied)."""
 
-    def on_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                 dataloader_idx: int, stage: str) -> None:
+    def on_batch(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        dataloader_idx: int,
+        stage: str,
+    ) -> None:
         """After each batch's step, on rank 0, outside the sanity check."""
 
     def end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -102,13 +109,27 @@ class StageCallback(pl.Callback):
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start(trainer, pl_module, "test")
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                                batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if self.active(trainer):
             self.on_batch(trainer, pl_module, outputs, batch, dataloader_idx, "val")
 
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                          batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if self.active(trainer):
             self.on_batch(trainer, pl_module, outputs, batch, dataloader_idx, "test")
 

@@ -19,9 +19,33 @@ from xclip.explain.random_map import RandomMap, random_values
 from xclip.explain.shap_explainer import SHAPExplainer
 from xclip.explain.targets import ClassSoftmax, cosine, resolve_target
 
-EXPLAINERS: dict[str, type[Explainer]] = {"grad_eclip": GradECLIP, "grad_cam": GradCAM, "game": GAME, "random": RandomMap}
+EXPLAINERS: dict[str, type[Explainer]] = {
+    "grad_eclip": GradECLIP,
+    "grad_cam": GradCAM,
+    "game": GAME,
+    "random": RandomMap,
+}
 
-__all__ = ["EXPLAINERS", "GAME", "CaptumExplainer", "ClassSoftmax", "Explainer", "GradCAM", "GradECLIP", "GradECLIPTerms",
-           "MultimodalAttribution", "MultimodalExplainable", "MultimodalInputs", "MultimodalTarget", "RandomMap",
-           "SHAPExplainer", "TextMaps", "cosine", "explaining", "merge_subwords", "random_values", "resolve_target",
-           "word_rank"]
+__all__ = [
+    "EXPLAINERS",
+    "GAME",
+    "CaptumExplainer",
+    "ClassSoftmax",
+    "Explainer",
+    "GradCAM",
+    "GradECLIP",
+    "GradECLIPTerms",
+    "MultimodalAttribution",
+    "MultimodalExplainable",
+    "MultimodalInputs",
+    "MultimodalTarget",
+    "RandomMap",
+    "SHAPExplainer",
+    "TextMaps",
+    "cosine",
+    "explaining",
+    "merge_subwords",
+    "random_values",
+    "resolve_target",
+    "word_rank",
+]

@@ -16,8 +16,14 @@ Texts = Sequence[str] | Tensor
 
 # Lightning's precision names (and short forms) -> the autocast dtype (None: full precision)
 PRECISIONS: dict[str, torch.dtype | None] = {
-    "32": None, "32-true": None, "64": None, "64-true": None,
-    "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16, "16": torch.float16, "16-mixed": torch.float16,
+    "32": None,
+    "32-true": None,
+    "64": None,
+    "64-true": None,
+    "bf16": torch.bfloat16,
+    "bf16-mixed": torch.bfloat16,
+    "16": torch.float16,
+    "16-mixed": torch.float16,
 }
 
 

@@ -27,8 +27,11 @@ from xclip.explain.multimodal import (
 
 def text_baseline_ids(inputs: MultimodalInputs) -> Tensor:
     """[N, T] ids with every token that is not special ([CLS], [SEP], padding) replaced by [PAD]."""
-    keep = torch.tensor([[tok in SPECIAL_TOKENS for tok in row] for row in inputs.tokens], dtype=torch.bool,
-                        device=inputs.input_ids.device).reshape(inputs.input_ids.shape)
+    keep = torch.tensor(
+        [[tok in SPECIAL_TOKENS for tok in row] for row in inputs.tokens],
+        dtype=torch.bool,
+        device=inputs.input_ids.device,
+    ).reshape(inputs.input_ids.shape)
     return torch.where(keep, inputs.input_ids, torch.full_like(inputs.input_ids, inputs.pad_token_id))
 
 
@@ -47,8 +50,15 @@ class CaptumExplainer:
 
     name = "integrated_gradients"
 
-    def __init__(self, target: MultimodalTarget, n_steps: int = 50, method: str = "gausslegendre",
-                 internal_batch_size: int | None = None, image_baseline: float = 0.0, precision: str | None = None):
+    def __init__(
+        self,
+        target: MultimodalTarget,
+        n_steps: int = 50,
+        method: str = "gausslegendre",
+        internal_batch_size: int | None = None,
+        image_baseline: float = 0.0,
+        precision: str | None = None,
+    ):
         if n_steps < 1:
             raise ValueError(f"n_steps must be >= 1, got {n_steps}")
         if internal_batch_size is not None and internal_batch_size < 1:
@@ -84,8 +94,13 @@ class CaptumExplainer:
             lig = LayerIntegratedGradients(lambda i, p, m: self._forward(p, i, m), self.target.embedding_layer)
             images, tokens, d_img, d_txt = [], [], [], []
             for slot in range(cls.shape[1]):
-                common = {"target": cls[:, slot], "n_steps": self.n_steps, "method": self.method,
-                          "internal_batch_size": self.internal_batch_size, "return_convergence_delta": True}
+                common = {
+                    "target": cls[:, slot],
+                    "n_steps": self.n_steps,
+                    "method": self.method,
+                    "internal_batch_size": self.internal_batch_size,
+                    "return_convergence_delta": True,
+                }
                 a_img, delta_img = ig.attribute(pv, baselines=base_pv, additional_forward_args=(ids, mask), **common)
                 a_txt, delta_txt = lig.attribute(ids, baselines=base_ids, additional_forward_args=(pv, mask), **common)
                 images.append(a_img.detach().double().cpu())
@@ -93,7 +108,13 @@ class CaptumExplainer:
                 d_img.append(delta_img.detach().double().cpu())
                 d_txt.append(delta_txt.detach().double().cpu())
         return MultimodalAttribution(
-            self.name, self.target.name, torch.stack(images, -1), torch.stack(tokens, -1), mask.cpu(), cls.cpu(),
+            self.name,
+            self.target.name,
+            torch.stack(images, -1),
+            torch.stack(tokens, -1),
+            mask.cpu(),
+            cls.cpu(),
             output.gather(1, cls).double().cpu(),
             {"image": ref_image.gather(1, cls).double().cpu(), "text": ref_text.gather(1, cls).double().cpu()},
-            {"image": torch.stack(d_img, -1), "text": torch.stack(d_txt, -1)})
+            {"image": torch.stack(d_img, -1), "text": torch.stack(d_txt, -1)},
+        )

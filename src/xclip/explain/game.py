@@ -70,17 +70,21 @@ class GAME(Explainer):
         depth, cls = self._depth()
         start = self.start_layer + depth if self.start_layer < 0 else self.start_layer
         if not 0 <= start < depth:
-            raise ValueError(f"start_layer {self.start_layer} is outside the {depth} attention layers "
-                             f"of {self.backbone.vision.family}")
+            raise ValueError(
+                f"start_layer {self.start_layer} is outside the {depth} attention layers "
+                f"of {self.backbone.vision.family}"
+            )
         n_layers = depth - start
         with explaining(self.backbone.model), torch.enable_grad():
             text_emb = self.text_embeddings(texts)
-            trace = self.backbone.trace_image(images.to(self.backbone.device), n_blocks=n_layers if cls else n_layers - 1)
+            trace = self.backbone.trace_image(
+                images.to(self.backbone.device), n_blocks=n_layers if cls else n_layers - 1
+            )
             block_attn = [b.attn_weights for b in trace.blocks]
             if cls:
                 grads = per_text_gradients(target_fn(trace.embedding, text_emb), block_attn, pairs)  # [K, N, H, L, L]
                 relevance = rollout([a.detach() for a in block_attn], [g.transpose(0, 1) for g in grads])
-                return relevance[:, :, 0, trace.pool.prefix:].reshape(images.shape[0], -1, *trace.grid)
+                return relevance[:, :, 0, trace.pool.prefix :].reshape(images.shape[0], -1, *trace.grid)
             attention = trace.pool.attention
             probs = attention.probs if attention.probs.requires_grad else attention.probs.detach().requires_grad_(True)
             emb = attention.tail(torch.einsum("nhl,nhld->nhd", probs, attention.v).flatten(1))

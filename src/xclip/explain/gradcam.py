@@ -59,8 +59,10 @@ class GradCAM(Explainer):
         if layer not in LAYERS:
             raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
         if layer == "block_input" and backbone.vision.pooling != "class token":
-            raise UnsupportedFamily(f"GradCAM(layer='block_input') is not available for {backbone.vision.family}: "
-                                    "it has no class-token block; use GradCAM(backbone) (the pooling step's input)")
+            raise UnsupportedFamily(
+                f"GradCAM(layer='block_input') is not available for {backbone.vision.family}: "
+                "it has no class-token block; use GradCAM(backbone) (the pooling step's input)"
+            )
         self.layer = layer
 
     def _maps(self, images: Tensor, texts: Texts, target: str | Target, pairs: bool) -> Tensor:
@@ -68,8 +70,9 @@ class GradCAM(Explainer):
             trace = self.backbone.trace_image(images.to(self.backbone.device), n_blocks=1)
         return self.maps_from_trace(trace, texts, target, pairs)
 
-    def maps_from_trace(self, trace: ImageTrace, texts: Texts, target: str | Target = "cosine",
-                        pairs: bool = False) -> Tensor:
+    def maps_from_trace(
+        self, trace: ImageTrace, texts: Texts, target: str | Target = "cosine", pairs: bool = False
+    ) -> Tensor:
         """Maps from a forward already run (``backbone.trace_image(images, 1)``, no graph needed):
         [N, K, gh, gw], or [N, 1, gh, gw] with image n explained for text n when `pairs`. Only the
         pooling step is recomputed, so a caller that also needs the forward's patch tokens or
@@ -89,15 +92,23 @@ class GradCAM(Explainer):
             cam = cam_from_gradients(acts.detach()[:, p:], grads.transpose(0, 1)[:, :, p:])
         return cam.reshape(acts.shape[0], -1, *trace.grid)
 
-    def maps_from_block_input(self, x_in: Tensor, texts: Texts, target: str | Target = "cosine",
-                              pairs: bool = False, grid: tuple[int, int] | None = None) -> Tensor:
+    def maps_from_block_input(
+        self,
+        x_in: Tensor,
+        texts: Texts,
+        target: str | Target = "cosine",
+        pairs: bool = False,
+        grid: tuple[int, int] | None = None,
+    ) -> Tensor:
         """Class-token ViTs: maps from the last block's input x_in [N, 1 + gh*gw, W] of a forward
         already run (``trace_image(images, 1).blocks[-1].x_in``): [N, K, gh, gw] (or [N, 1, gh, gw]
         with `pairs`). Only the last block's class-token row is recomputed. `grid`: the images'
         patch grid (default: the model's own, `backbone.grid_size`)."""
         if self.backbone.vision.pooling != "class token":
-            raise UnsupportedFamily(f"maps_from_block_input needs a class-token ViT, not {self.backbone.vision.family}: "
-                                    "use maps_from_trace(backbone.trace_image(images, 1), texts)")
+            raise UnsupportedFamily(
+                f"maps_from_block_input needs a class-token ViT, not {self.backbone.vision.family}: "
+                "use maps_from_trace(backbone.trace_image(images, 1), texts)"
+            )
         target_fn = self.target_fn(target)
         view = self.backbone.vision_blocks()[-1]
         prefix = self.backbone.vision.prefix

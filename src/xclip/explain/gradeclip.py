@@ -143,9 +143,10 @@ class GradECLIPTerms:
 class TextMaps:
     """Per-token Grad-ECLIP scores for N images x K texts.
 
-    ``tokens[k]``: text k's own tokens decoded (no start, end or padding tokens); ``token_scores`` [N, K, T] (zero-padded to the
-    longest text; each row sums to 1, or is all zero when ReLU removed everything); ``words[k]`` and
-    ``word_scores`` [N, K, Wd]: the same merged into words (sub-word scores add up).
+    ``tokens[k]``: text k's own tokens decoded (no start, end or padding tokens);
+    ``token_scores`` [N, K, T] (zero-padded to the longest text; each row sums to 1, or is all zero
+    when ReLU removed everything); ``words[k]`` and ``word_scores`` [N, K, Wd]: the same merged into
+    words (sub-word scores add up).
     """
 
     texts: list[str]
@@ -180,8 +181,9 @@ class GradECLIP(Explainer):
 
     name = "grad_eclip"
 
-    def __init__(self, backbone: Backbone, mode: str = "model", text_blocks: int = 8,
-                 precision: str | int | None = None):
+    def __init__(
+        self, backbone: Backbone, mode: str = "model", text_blocks: int = 8, precision: str | int | None = None
+    ):
         super().__init__(backbone, precision)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -193,8 +195,14 @@ class GradECLIP(Explainer):
         terms = self.terms(images, texts, target, pairs)
         return combine_terms(terms.spatial, terms.channel)
 
-    def terms(self, images: Tensor, texts: Texts, target: str | Target = "cosine", pairs: bool = False,
-              trace: ImageTrace | None = None) -> GradECLIPTerms:
+    def terms(
+        self,
+        images: Tensor,
+        texts: Texts,
+        target: str | Target = "cosine",
+        pairs: bool = False,
+        trace: ImageTrace | None = None,
+    ) -> GradECLIPTerms:
         """The two factors of every image map before they are combined (see `GradECLIPTerms`):
         ``image_maps == combine_terms(spatial, channel)``; with `pairs`, image n with text n only
         (channel [N, 1, H, gh, gw], as `pair_maps`). `trace`: the caller's own
@@ -224,11 +232,14 @@ class GradECLIP(Explainer):
     def require_attention_pool(self) -> None:
         vision = self.backbone.vision
         if not vision.has_attention_pool:
-            raise vision.refusal("Grad-ECLIP image maps", "GradCAM(backbone) (Grad-CAM on the last feature map) or "
-                                                          "SHAP/Captum")
+            raise vision.refusal(
+                "Grad-ECLIP image maps", "GradCAM(backbone) (Grad-CAM on the last feature map) or SHAP/Captum"
+            )
         if self.mode == "reference" and vision.pooling != "class token":
-            raise UnsupportedFamily(f"Grad-ECLIP mode='reference' reproduces the official code for OpenAI CLIP's "
-                                    f"class-token ViT, not {vision.family}: use mode='model'")
+            raise UnsupportedFamily(
+                f"Grad-ECLIP mode='reference' reproduces the official code for OpenAI CLIP's "
+                f"class-token ViT, not {vision.family}: use mode='model'"
+            )
 
     def _reference_attention(self, trace: ImageTrace) -> PoolAttention:
         """The official code's last block: one head over the full width, q and k through out_proj."""
@@ -241,12 +252,14 @@ class GradECLIP(Explainer):
             return self.backbone.image_head(x + view.ls_2(view.mlp(view.ln_2(x))))
 
         q, k = view.out_proj(last.q)[:, None], view.out_proj(last.k)[:, None]
-        return PoolAttention(q[:, :, 0], k, last.v[:, None], last.attn_weights[:, :, 0], last.attn_out[:, 0],
-                             trace.pool.prefix, tail)
+        return PoolAttention(
+            q[:, :, 0], k, last.v[:, None], last.attn_weights[:, :, 0], last.attn_out[:, 0], trace.pool.prefix, tail
+        )
 
     # ---- texts -------------------------------------------------------------------------------
-    def text_maps(self, images: Tensor, texts: Sequence[str], target: str | Target = "cosine",
-                  pseudo_tokens: Tensor | None = None) -> TextMaps:
+    def text_maps(
+        self, images: Tensor, texts: Sequence[str], target: str | Target = "cosine", pseudo_tokens: Tensor | None = None
+    ) -> TextMaps:
         """Per-token and per-word scores for every (image, text) pair (see `TextMaps`).
 
         `images` are model inputs [N, 3, H, W] or, already encoded, image embeddings [N, D] (no
@@ -279,10 +292,12 @@ class GradECLIP(Explainer):
         if self.mode == "model":
             return trace
         if self.backbone.text.causal is False or trace.attn_mask is not None and trace.attn_mask.ndim != 2:
-            raise UnsupportedFamily(f"Grad-ECLIP mode='reference' reproduces the official code for OpenAI CLIP's "
-                                    f"causal text tower, not {self.backbone.text.family}: use mode='model'")
+            raise UnsupportedFamily(
+                f"Grad-ECLIP mode='reference' reproduces the official code for OpenAI CLIP's "
+                f"causal text tower, not {self.backbone.text.family}: use mode='model'"
+            )
         x = trace.blocks[0].x_in
-        views = self.backbone.text_blocks()[-len(trace.blocks):]
+        views = self.backbone.text_blocks()[-len(trace.blocks) :]
         blocks = []
         for view in views:
             blocks.append(trace_block(_single_head(view), x, trace.attn_mask))
@@ -302,14 +317,16 @@ class GradECLIP(Explainer):
             grads = torch.autograd.grad(scores, outs, grad_outputs=go, is_grads_batched=True)  # [N, K, L, W]
         else:  # a target may mix texts (softmax over prompts): one batched backward per pair
             eye = torch.eye(n * kk, dtype=scores.dtype, device=scores.device).view(n * kk, n, kk)
-            grads = [g.view(n, kk, kk, *g.shape[2:]).diagonal(dim1=1, dim2=2).movedim(-1, 1)
-                     for g in torch.autograd.grad(scores, outs, grad_outputs=eye, is_grads_batched=True)]
+            grads = [
+                g.view(n, kk, kk, *g.shape[2:]).diagonal(dim1=1, dim2=2).movedim(-1, 1)
+                for g in torch.autograd.grad(scores, outs, grad_outputs=eye, is_grads_batched=True)
+            ]
         rows = torch.arange(kk, device=eot.device)
         # the keys the pooled row attends to (causal: up to EOT; padding masks; SigLIP: all);
         # the reference min-maxes over all positions
         key_mask = _pooled_row_keys(trace.attn_mask, eot, blocks[0].x_in.shape[1]) if self.mode == "model" else None
         total = 0.0
-        for view, block, grad in zip(self.backbone.text_blocks()[-len(blocks):], blocks, grads):
+        for view, block, grad in zip(self.backbone.text_blocks()[-len(blocks) :], blocks, grads):
             q, k, v = self._qkv_heads(view, block)  # [K, H, L, dh]
             total = total + text_layer_scores(grad[:, rows, eot], q[rows, :, eot], k, v, key_mask)
         return F.relu(total.detach().float())
@@ -330,7 +347,7 @@ class GradECLIP(Explainer):
         starts = content.int().argmax(1).tolist()
         lengths = content.sum(1).tolist()
         t_max = max(lengths, default=0)
-        index = (torch.tensor(starts, device=raw.device)[:, None] + torch.arange(t_max, device=raw.device)[None])
+        index = torch.tensor(starts, device=raw.device)[:, None] + torch.arange(t_max, device=raw.device)[None]
         keep = torch.arange(t_max, device=raw.device)[None] < torch.tensor(lengths, device=raw.device)[:, None]
         index = index.clamp_max(raw.shape[-1] - 1)
         token_scores = raw.gather(2, index[None].expand(n, -1, -1)) * keep

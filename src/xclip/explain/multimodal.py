@@ -74,10 +74,18 @@ class MultimodalInputs:
         check_texts(self.texts)
         n = self.pixel_values.shape[0]
         if self.input_ids.shape != self.attention_mask.shape or self.input_ids.ndim != 2:
-            raise ValueError(f"input_ids {tuple(self.input_ids.shape)} and attention_mask "
-                             f"{tuple(self.attention_mask.shape)} must both be [N, T]")
-        if not (self.images01.shape[0] == self.input_ids.shape[0] == len(self.tokens) == len(self.texts)
-                == len(self.ids) == n):
+            raise ValueError(
+                f"input_ids {tuple(self.input_ids.shape)} and attention_mask "
+                f"{tuple(self.attention_mask.shape)} must both be [N, T]"
+            )
+        if not (
+            self.images01.shape[0]
+            == self.input_ids.shape[0]
+            == len(self.tokens)
+            == len(self.texts)
+            == len(self.ids)
+            == n
+        ):
             raise ValueError("images01, pixel_values, input_ids, tokens, texts and ids must have one entry per sample")
         for name in ("indexes", "paths"):
             if getattr(self, name) is not None and len(getattr(self, name)) != n:
@@ -92,11 +100,18 @@ class MultimodalInputs:
         index = torch.tensor(idx, dtype=torch.long)
         mask = self.attention_mask[index]
         t = int(mask.sum(1).max()) if len(idx) else 0
-        return MultimodalInputs(self.images01[index], self.pixel_values[index], self.input_ids[index, :t], mask[:, :t],
-                                [self.tokens[i][:t] for i in idx], [self.texts[i] for i in idx],
-                                [self.ids[i] for i in idx], self.pad_token_id,
-                                None if self.indexes is None else [self.indexes[i] for i in idx],
-                                None if self.paths is None else [self.paths[i] for i in idx])
+        return MultimodalInputs(
+            self.images01[index],
+            self.pixel_values[index],
+            self.input_ids[index, :t],
+            mask[:, :t],
+            [self.tokens[i][:t] for i in idx],
+            [self.texts[i] for i in idx],
+            [self.ids[i] for i in idx],
+            self.pad_token_id,
+            None if self.indexes is None else [self.indexes[i] for i in idx],
+            None if self.paths is None else [self.paths[i] for i in idx],
+        )
 
 
 def item_id(path: str | None, index: int, max_chars: int = 60) -> str:
@@ -107,7 +122,7 @@ def item_id(path: str | None, index: int, max_chars: int = 60) -> str:
         return str(int(index))
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", PurePath(path).stem) or "item"
     if len(stem) > max_chars:
-        stem = f"{stem[:max_chars - 9]}-{hashlib.sha1(path.encode('utf-8')).hexdigest()[:8]}"
+        stem = f"{stem[: max_chars - 9]}-{hashlib.sha1(path.encode('utf-8')).hexdigest()[:8]}"
     return stem
 
 
@@ -170,12 +185,18 @@ class MultimodalAttribution:
         image = self.image[..., slot].sum(dim=(1, 2, 3))
         text = self.token_scores(slot).sum(1)
         denom = (image.abs() + text.abs()).clamp_min(torch.finfo(image.dtype).tiny)
-        return {"image": image, "text": text, "image_abs": self.image[..., slot].abs().sum(dim=(1, 2, 3)),
-                "text_abs": self.tokens[..., slot].abs().sum(dim=(1, 2)), "image_share": image.abs() / denom}
+        return {
+            "image": image,
+            "text": text,
+            "image_abs": self.image[..., slot].abs().sum(dim=(1, 2, 3)),
+            "text_abs": self.tokens[..., slot].abs().sum(dim=(1, 2)),
+            "image_share": image.abs() / denom,
+        }
 
 
-def merge_subwords(tokens: Sequence[str], scores: Sequence[float], special: frozenset[str] = SPECIAL_TOKENS
-                   ) -> list[tuple[str, float]]:
+def merge_subwords(
+    tokens: Sequence[str], scores: Sequence[float], special: frozenset[str] = SPECIAL_TOKENS
+) -> list[tuple[str, float]]:
     """Words and their summed scores from sub-word tokens: WordPiece ``##`` pieces join the word
     before them (``play ##ing`` -> ``playing``), SentencePiece words start with ``▁``; special
     tokens and padding are dropped."""

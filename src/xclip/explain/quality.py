@@ -135,13 +135,14 @@ def _mask_near(masks: Tensor, idx: Tensor, tolerance: int) -> Tensor:
     H, W = masks.shape[-2:]
     y, x = idx // W, idx % W
     r = max(int(tolerance) - 1, 0)
-    dy, dx = torch.meshgrid(torch.arange(-r, r + 1, device=masks.device), torch.arange(-r, r + 1, device=masks.device),
-                            indexing="ij")
+    dy, dx = torch.meshgrid(
+        torch.arange(-r, r + 1, device=masks.device), torch.arange(-r, r + 1, device=masks.device), indexing="ij"
+    )
     disk = (dy**2 + dx**2 < max(int(tolerance), 1) ** 2).flatten()
     dy, dx = dy.flatten()[disk], dx.flatten()[disk]  # [P] offsets
     yy, xx = y[:, None] + dy, x[:, None] + dx  # [M, P]
     inside = (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-    flat = (yy.clamp(0, H - 1) * W + xx.clamp(0, W - 1))
+    flat = yy.clamp(0, H - 1) * W + xx.clamp(0, W - 1)
     return (masks.flatten(1).gather(1, flat) & inside).any(dim=1)
 
 

@@ -13,8 +13,9 @@ from xclip.explain.base import Explainer, Texts, as_text_list
 from xclip.explain.targets import Target
 
 
-def random_values(shape: Sequence[int], source: int | torch.Generator = 0, normal: bool = False,
-                  dtype: torch.dtype = torch.float32) -> Tensor:
+def random_values(
+    shape: Sequence[int], source: int | torch.Generator = 0, normal: bool = False, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """Uniform ``[0, 1)`` (or standard normal) values of `shape` on the CPU, drawn from a generator
     seeded with `source` (an int), or from `source` itself (a ``torch.Generator`` whose sequence
     continues). The same seed gives the same values on every device and in every process."""

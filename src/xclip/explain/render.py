@@ -168,8 +168,7 @@ def _wrap_lines(title: str, width: int) -> list[str]:
     return [piece for line in title.splitlines() for piece in (textwrap.wrap(line, width) or [""])] if title else []
 
 
-def token_bar_chart(tokens: Sequence[str], scores, title: str = "", *,
-                    legend: tuple[str, str] | None = None) -> Figure:
+def token_bar_chart(tokens: Sequence[str], scores, title: str = "", *, legend: tuple[str, str] | None = None) -> Figure:
     """Horizontal bar chart of per-token scores, first token at the top, one bar per token.
 
     Positive bars are red, negative ones blue; `legend` names what each sign means (e.g.
@@ -221,8 +220,10 @@ def token_bar_chart(tokens: Sequence[str], scores, title: str = "", *,
         fig.set_size_inches(width_in, height(len(lines)))
     legend_in = 0.0
     if legend:  # under the figure, clear of the axis label
-        handles = [Patch(color="tab:red", label=f"> 0: {legend[0]}"),
-                   Patch(color="tab:blue", label=f"< 0: {legend[1]}")]
+        handles = [
+            Patch(color="tab:red", label=f"> 0: {legend[0]}"),
+            Patch(color="tab:blue", label=f"< 0: {legend[1]}"),
+        ]
         fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
         legend_in = 0.3
     fig.tight_layout(rect=(0.0, legend_in / fig.get_size_inches()[1], 1.0, 1.0))
@@ -240,8 +241,9 @@ def explanation_title(text: str, explainer: str, item_id: str, where: str = "") 
     return f"{quoted}\n{explainer} | item {item_id}{origin}"
 
 
-def panels_figure(panels: Sequence[tuple[str, object, object]], title: str, alpha: float = 0.5, cmap: str = "jet",
-                  panel_px: int = 192) -> Figure:
+def panels_figure(
+    panels: Sequence[tuple[str, object, object]], title: str, alpha: float = 0.5, cmap: str = "jet", panel_px: int = 192
+) -> Figure:
     """Images side by side under a title; a panel with a map shows it over its image.
 
     Each overlay is min-max scaled on its own, so the shared colour bar reads 0..1 of each map's
@@ -264,15 +266,25 @@ def panels_figure(panels: Sequence[tuple[str, object, object]], title: str, alph
         scale = panel_px / max(h, w)
         shown = _resize_float_hwc(img, (max(1, round(h * scale)), max(1, round(w * scale))))
         if map_ is not None:
-            raw = np.nan_to_num(np.asarray(_to_numpy(map_), dtype=np.float64).squeeze(), nan=0.0, posinf=0.0,
-                                neginf=0.0)
+            raw = np.nan_to_num(
+                np.asarray(_to_numpy(map_), dtype=np.float64).squeeze(), nan=0.0, posinf=0.0, neginf=0.0
+            )
             lo, hi = float(raw.min()), float(raw.max())
             shown = overlay(shown, raw, alpha=alpha, cmap=cmap)
             caption = f"{caption}\nraw max {hi:.3g}"
             if not hi > lo:
                 label = "all-zero map" if hi == 0.0 else f"constant map ({hi:.3g})"
-                ax.text(0.5, 0.5, label, transform=ax.transAxes, ha="center", va="center", fontsize=10, color="white",
-                        bbox={"facecolor": "black", "alpha": 0.7, "edgecolor": "none"})
+                ax.text(
+                    0.5,
+                    0.5,
+                    label,
+                    transform=ax.transAxes,
+                    ha="center",
+                    va="center",
+                    fontsize=10,
+                    color="white",
+                    bbox={"facecolor": "black", "alpha": 0.7, "edgecolor": "none"},
+                )
         ax.imshow(shown)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -285,8 +297,15 @@ def panels_figure(panels: Sequence[tuple[str, object, object]], title: str, alph
     return fig
 
 
-def explanation_figure(image, map, title: str, alpha: float = 0.5, cmap: str = "jet",
-                       extra_panels: Sequence[tuple[str, object]] = (), panel_px: int = 192) -> Figure:
+def explanation_figure(
+    image,
+    map,
+    title: str,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    extra_panels: Sequence[tuple[str, object]] = (),
+    panel_px: int = 192,
+) -> Figure:
     """The image, then the map over it (colour bar, raw maximum, all-zero label; see
     `panels_figure`), then optional ``(caption, image)`` extra panels, under `title`."""
     panels = [("image", image, None), ("map", image, map)] + [(c, extra, None) for c, extra in extra_panels]
@@ -369,8 +388,9 @@ def _json_float(v: float) -> float | None:
     return float(v) if math.isfinite(v) else None
 
 
-def save_map_npy(map, path: str | os.PathLike, image_size: tuple[int, int],
-                 extra: dict | None = None) -> tuple[Path, Path]:
+def save_map_npy(
+    map, path: str | os.PathLike, image_size: tuple[int, int], extra: dict | None = None
+) -> tuple[Path, Path]:
     """Save the RAW patch-grid map (float32 ``[gh, gw]``, not upsampled, not normalised) as
     ``.npy`` plus a sidecar JSON (``path`` with suffix ``.json``)::
 

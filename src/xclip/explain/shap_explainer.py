@@ -64,8 +64,9 @@ class _MaskedColumns(nn.Module):
 
     def forward(self, pixel_values: Tensor, token_embeds: Tensor) -> Tensor:
         with autocast(pixel_values.device, self.precision):
-            out = self.target.forward_embeds(pixel_values, token_embeds,
-                                             self.mask_row.expand(pixel_values.shape[0], -1)).float()
+            out = self.target.forward_embeds(
+                pixel_values, token_embeds, self.mask_row.expand(pixel_values.shape[0], -1)
+            ).float()
         return out if self.columns is None else out[:, self.columns]
 
 
@@ -85,8 +86,16 @@ class SHAPExplainer:
 
     name = "shap"
 
-    def __init__(self, target: MultimodalTarget, background: MultimodalInputs, nsamples: int = 200,
-                 batch_size: int = 50, seed: int = 0, engine: str = "batched", precision: str | None = None):
+    def __init__(
+        self,
+        target: MultimodalTarget,
+        background: MultimodalInputs,
+        nsamples: int = 200,
+        batch_size: int = 50,
+        seed: int = 0,
+        engine: str = "batched",
+        precision: str | None = None,
+    ):
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         if nsamples < 1 or batch_size < 1:
@@ -99,8 +108,9 @@ class SHAPExplainer:
         self.precision = None if precision is None else str(precision)
 
     # ---- public ----------------------------------------------------------------------------------
-    def explain(self, inputs: MultimodalInputs, classes: str | Tensor | None = "predicted",
-                seeds: Sequence[int] | None = None) -> MultimodalAttribution:
+    def explain(
+        self, inputs: MultimodalInputs, classes: str | Tensor | None = "predicted", seeds: Sequence[int] | None = None
+    ) -> MultimodalAttribution:
         """SHAP values of `inputs` (N samples).
 
         Args:
@@ -140,8 +150,17 @@ class SHAPExplainer:
         output = output.gather(1, cls).double().cpu()
         phi_img, phi_emb = phi_img.cpu(), phi_emb.cpu()
         total = phi_img.sum(dim=(1, 2, 3)) + phi_emb.sum(dim=(1, 2))
-        return MultimodalAttribution(self.name, self.target.name, phi_img, phi_emb, mask.cpu(), cls.cpu(), output,
-                                     {"joint": reference}, {"joint": total - (output - reference)})
+        return MultimodalAttribution(
+            self.name,
+            self.target.name,
+            phi_img,
+            phi_emb,
+            mask.cpu(),
+            cls.cpu(),
+            output,
+            {"joint": reference},
+            {"joint": total - (output - reference)},
+        )
 
     # ---- engines ---------------------------------------------------------------------------------
     def _batched(self, x_img, x_emb, mask, bg_img, bg_emb, cls, seeds) -> tuple[Tensor, Tensor]:
@@ -153,7 +172,7 @@ class SHAPExplainer:
         phi_img = torch.zeros((*x_img.shape, slots), dtype=torch.float64, device=x_img.device)
         phi_emb = torch.zeros((*x_emb.shape, slots), dtype=torch.float64, device=x_img.device)
         for start in range(0, n * ns, self.batch_size):
-            j, r, t = (v[start:start + self.batch_size] for v in (sample, rows, ts))
+            j, r, t = (v[start : start + self.batch_size] for v in (sample, rows, ts))
             d_img, d_emb = x_img[j] - bg_img[r], x_emb[j] - bg_emb[r]
             s_img = t.view(-1, 1, 1, 1) * x_img[j] + (1 - t.view(-1, 1, 1, 1)) * bg_img[r]
             s_emb = t.view(-1, 1, 1) * x_emb[j] + (1 - t.view(-1, 1, 1)) * bg_emb[r]
@@ -163,7 +182,7 @@ class SHAPExplainer:
             for slot in range(slots):
                 # rows are independent (eval mode): the gradient of the summed selected outputs is
                 # every row's own gradient
-                picked = out.gather(1, cls[j, slot:slot + 1]).sum()
+                picked = out.gather(1, cls[j, slot : slot + 1]).sum()
                 g_img, g_emb = torch.autograd.grad(picked, (s_img, s_emb), retain_graph=slot + 1 < slots)
                 phi_img[..., slot].index_add_(0, j, g_img.double() * d_img.double())
                 phi_emb[..., slot].index_add_(0, j, g_emb.double() * d_emb.double())
@@ -176,10 +195,11 @@ class SHAPExplainer:
         try:
             images, embeds = [], []
             for j in range(x_img.shape[0]):
-                model = _MaskedColumns(self.target, mask[j:j + 1], cls[j], self.precision)
+                model = _MaskedColumns(self.target, mask[j : j + 1], cls[j], self.precision)
                 explainer = shap.GradientExplainer(model, [bg_img, bg_emb], batch_size=self.batch_size)
-                img, emb = explainer.shap_values([x_img[j:j + 1], x_emb[j:j + 1]], nsamples=self.nsamples,
-                                                 rseed=seeds[j])
+                img, emb = explainer.shap_values(
+                    [x_img[j : j + 1], x_emb[j : j + 1]], nsamples=self.nsamples, rseed=seeds[j]
+                )
                 images.append(torch.from_numpy(np.asarray(img, dtype=np.float64)))
                 embeds.append(torch.from_numpy(np.asarray(emb, dtype=np.float64)))
         finally:
@@ -195,6 +215,7 @@ class SHAPExplainer:
         """[N, K]: the mean output over the background rows, each read with sample n's mask."""
         n, b = mask.shape[0], bg_img.shape[0]
         pairs = torch.cartesian_prod(torch.arange(n), torch.arange(b)).to(mask.device)
-        outs = [self._forward(bg_img[p[:, 1]], bg_emb[p[:, 1]], mask[p[:, 0]])
-                for p in pairs.split(max(self.batch_size, 1))]
+        outs = [
+            self._forward(bg_img[p[:, 1]], bg_emb[p[:, 1]], mask[p[:, 0]]) for p in pairs.split(max(self.batch_size, 1))
+        ]
         return torch.cat(outs).view(n, b, -1).double().mean(1)

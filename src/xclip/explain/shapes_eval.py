@@ -66,10 +66,14 @@ def probe_set(n: int, n_objects: int, seed: int = 3000, size: int = 64) -> Probe
             continue
         items.append(_probe(scene, size, rng, named=int(rng.integers(n_objects))))
     images, texts, named, other = zip(*items)
-    return ProbeSet(torch.stack(images), list(texts), torch.stack(named), torch.stack(other) if n_objects == 2 else None)
+    return ProbeSet(
+        torch.stack(images), list(texts), torch.stack(named), torch.stack(other) if n_objects == 2 else None
+    )
 
 
-def paired_maps(explainer: Explainer, backbone: Backbone, images01: Tensor, texts: list[str], batch_size: int = 64) -> Tensor:
+def paired_maps(
+    explainer: Explainer, backbone: Backbone, images01: Tensor, texts: list[str], batch_size: int = 64
+) -> Tensor:
     """Map of image i for text i: [N, gh, gw] (batched; the K texts of a batch are its own texts)."""
     out = []
     for s in range(0, len(texts), batch_size):
@@ -91,8 +95,9 @@ def cosine_score_fn(backbone: Backbone, texts: list[str]):
     return score
 
 
-def evaluate_explainer(explainer: Explainer, single: ProbeSet, double: ProbeSet, steps: int = 16,
-                       tolerances: Sequence[int] = ()) -> dict[str, float]:
+def evaluate_explainer(
+    explainer: Explainer, single: ProbeSet, double: ProbeSet, steps: int = 16, tolerances: Sequence[int] = ()
+) -> dict[str, float]:
     """Pointing game (single), named/other pointing (two-object), all-zero rate, energy pointing
     game and deletion/insertion AUC (blur fill, patch level, normalised by the number of steps).
 
@@ -101,8 +106,9 @@ def evaluate_explainer(explainer: Explainer, single: ProbeSet, double: ProbeSet,
     """
     other_masks = double.other_masks
     if other_masks is None:
-        raise ValueError("evaluate_explainer: `double` must be a two-object probe set (probe_set(n, 2)), "
-                         "the one with other_masks")
+        raise ValueError(
+            "evaluate_explainer: `double` must be a two-object probe set (probe_set(n, 2)), the one with other_masks"
+        )
     bb = explainer.backbone
     maps1 = paired_maps(explainer, bb, single.images, single.texts)
     pg = pointing_game(maps1, single.named_masks)
@@ -135,7 +141,6 @@ def sanity_correlation(maps_trained: Tensor, maps_randomised: Tensor) -> float:
     return rho.mean().item() if rho.numel() else float("nan")
 
 
-
 REGIONS = ("named inside", "named edge", "other inside", "other edge", "background")
 
 
@@ -146,13 +151,19 @@ def patch_regions(named_masks: Tensor, other_masks: Tensor | None, grid: tuple[i
     half of the patch, "edge" when less; "background" when no object pixel falls in it.
     """
     named = F.adaptive_avg_pool2d(named_masks.float()[:, None], grid)[:, 0]
-    other = torch.zeros_like(named) if other_masks is None else F.adaptive_avg_pool2d(other_masks.float()[:, None], grid)[:, 0]
+    other = (
+        torch.zeros_like(named)
+        if other_masks is None
+        else F.adaptive_avg_pool2d(other_masks.float()[:, None], grid)[:, 0]
+    )
     cover = torch.maximum(named, other)
     region = torch.where(named >= other, 0, 2) + (cover < 0.5).long()
     return region.masked_fill(cover == 0, REGIONS.index("background"))
 
 
-def region_profile(values: Tensor, named_masks: Tensor, other_masks: Tensor | None = None) -> dict[str, dict[str, float]]:
+def region_profile(
+    values: Tensor, named_masks: Tensor, other_masks: Tensor | None = None
+) -> dict[str, dict[str, float]]:
     """Where a patch-grid quantity [N, gh, gw] (a map, or one factor of one) puts its weight.
 
     ``"mean z"``: per region, the mean of the values standardised within each image (images with

@@ -41,6 +41,8 @@ def resolve_target(target: str | Target) -> Target:
     if callable(target):
         return target
     if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}: use one of {sorted(TARGETS)} or a callable "
-                         "(image_emb [N,D], text_emb [K,D]) -> [N,K]")
+        raise ValueError(
+            f"unknown target {target!r}: use one of {sorted(TARGETS)} or a callable "
+            "(image_emb [N,D], text_emb [K,D]) -> [N,K]"
+        )
     return TARGETS[target]

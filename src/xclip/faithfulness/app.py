@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
@@ -79,9 +78,11 @@ class Browser:
         cfg = self.config
         roots = self.db.roots()
         where = f"; images from {', '.join(f'`{r}`' for r in roots)}" if roots else ""
-        return (f"**{self.db.path.resolve()}**: {counts['prompts']} prompts, {counts['images']} images, "
-                f"{counts['pairs']} pairs; backbone `{cfg.get('backbone')}`, {cfg.get('grid')}x{cfg.get('grid')} grid, "
-                f"methods {', '.join(cfg.get('methods', []))}, pairs {cfg.get('pair_rule')}{where}")
+        return (
+            f"**{self.db.path.resolve()}**: {counts['prompts']} prompts, {counts['images']} images, "
+            f"{counts['pairs']} pairs; backbone `{cfg.get('backbone')}`, {cfg.get('grid')}x{cfg.get('grid')} grid, "
+            f"methods {', '.join(cfg.get('methods', []))}, pairs {cfg.get('pair_rule')}{where}"
+        )
 
     # ---- stored prompts -----------------------------------------------------------------------
     def stored_image(self, rec: ImageRecord) -> tuple[Tensor, str | None]:
@@ -94,8 +95,9 @@ class Browser:
             return torch.from_numpy(arr).permute(2, 0, 1), None
         root = self.db.prompt_root(rec.prompt_id)
         if not rec.path or not in_root(rec.path, root):
-            return grey, (f"not shown: {rec.path} is not a file of the database's image folder "
-                          f"{root or '(none recorded)'}")
+            return grey, (
+                f"not shown: {rec.path} is not a file of the database's image folder {root or '(none recorded)'}"
+            )
         path = Path(rec.path)
         if not path.is_file():
             return grey, f"missing file: {path} (moved or deleted since it was scored)"
@@ -125,24 +127,37 @@ class Browser:
         rejected = {p.rejected_id for p in pairs}
         roles = ["chosen" if r.image_id in chosen else "rejected" if r.image_id in rejected else "" for r in records]
         global_scores = torch.tensor([scores[r.image_id]["clip"].global_score for r in records])
-        maps = {m: torch.stack([torch.from_numpy(scores[r.image_id][m].grid) for r in records])
-                for m in ("crops", "dense", "dense_gradeclip", "head") if all(m in scores[r.image_id] for r in records)}
-        head_rewards = {r.image_id: scores[r.image_id]["head"].global_score for r in records if "head" in scores[r.image_id]}
+        maps = {
+            m: torch.stack([torch.from_numpy(scores[r.image_id][m].grid) for r in records])
+            for m in ("crops", "dense", "dense_gradeclip", "head")
+            if all(m in scores[r.image_id] for r in records)
+        }
+        head_rewards = {
+            r.image_id: scores[r.image_id]["head"].global_score for r in records if "head" in scores[r.image_id]
+        }
         if "head" not in maps and self.head_dir is not None and not any(notes):
             reward, prob = self._head_scorer().score(prompt, images)
             maps["head"] = 1 - prob.cpu()
             head_rewards = {r.image_id: float(v) for r, v in zip(records, reward)}
-        labels = [f"seed {r.seed}" + (f", {r.error}" if r.error else "") + (", NOT SHOWN" if note else "")
-                  for r, note in zip(records, notes)]
+        labels = [
+            f"seed {r.seed}" + (f", {r.error}" if r.error else "") + (", NOT SHOWN" if note else "")
+            for r, note in zip(records, notes)
+        ]
         fig = prompt_figure(prompt, images, global_scores, maps, roles, labels, f'"{prompt}"\n{pid}')
         rows = ["| image | role | global score | head reward | error | note |", "|---|---|---|---|---|---|"]
         for r, role, g, note in zip(records, roles, global_scores.tolist(), notes):
             hr = head_rewards.get(r.image_id)
-            rows.append(f"| {r.image_id} | {role} | {g:.4f} | {'' if hr is None else f'{hr:.3f}'} | {r.error or ''} "
-                        f"| {note or ''} |")
-        gallery = [((images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8),
-                    f"{roles[i] or 'image'} {float(global_scores[i]):.3f}" + (" (not shown)" if notes[i] else ""))
-                   for i in range(len(records))]
+            rows.append(
+                f"| {r.image_id} | {role} | {g:.4f} | {'' if hr is None else f'{hr:.3f}'} | {r.error or ''} "
+                f"| {note or ''} |"
+            )
+        gallery = [
+            (
+                (images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8),
+                f"{roles[i] or 'image'} {float(global_scores[i]):.3f}" + (" (not shown)" if notes[i] else ""),
+            )
+            for i in range(len(records))
+        ]
         return f"### {prompt}\n\n" + "\n".join(rows), gallery, figure_to_array(fig)
 
     # ---- uploads ------------------------------------------------------------------------------
@@ -162,8 +177,12 @@ class Browser:
                 raise ValueError("no backbone to score uploads with: start the app with --backbone <spec>")
             precision = self.config.get("precision")
             methods = [m for m in self.config.get("methods", METHODS) if m in METHODS] or list(METHODS)
-            self._scorer = TiPAIScorer(load_backbone(self.backbone_spec), grid=int(self.config.get("grid") or 7),
-                                       methods=methods, precision=None if precision in (None, "32") else precision)
+            self._scorer = TiPAIScorer(
+                load_backbone(self.backbone_spec),
+                grid=int(self.config.get("grid") or 7),
+                methods=methods,
+                precision=None if precision in (None, "32") else precision,
+            )
         return self._scorer
 
     def upload_image(self, path: str | Path) -> Tensor:
@@ -192,8 +211,9 @@ class Browser:
             reward, prob = self._head_scorer().score(prompt, image)
             maps["head"] = 1 - prob.cpu()
             lines.append(f"TSPO head reward: **{float(reward[0]):.3f}**")
-        fig = prompt_figure(prompt, image, out.global_score.cpu(), maps, [""], [Path(path).name],
-                            f'"{prompt}"\nuploaded image')
+        fig = prompt_figure(
+            prompt, image, out.global_score.cpu(), maps, [""], [Path(path).name], f'"{prompt}"\nuploaded image'
+        )
         return "\n\n".join(lines), figure_to_array(fig)
 
 
@@ -225,21 +245,29 @@ def build_app(browser: Browser) -> Any:
     with gr.Blocks(title=APP_TITLE) as demo:
         gr.Markdown(f"# {APP_TITLE}\n\n{browser.summary()}")
         with gr.Tab("Browse the database"):
-            prompt = gr.Dropdown(choices=choices, value=choices[0][1] if choices else None, label="prompt",
-                                 elem_id="prompt-select")
+            prompt = gr.Dropdown(
+                choices=choices, value=choices[0][1] if choices else None, label="prompt", elem_id="prompt-select"
+            )
             table = gr.Markdown(elem_id="prompt-table")
-            gallery = gr.Gallery(label="images (role, global score)", columns=8, height="auto", object_fit="contain",
-                                 elem_id="prompt-images")
-            heatmaps = gr.Image(label="heatmaps: red = bad, green = good", elem_id="prompt-heatmaps",
-                                type="numpy", interactive=False)
+            gallery = gr.Gallery(
+                label="images (role, global score)",
+                columns=8,
+                height="auto",
+                object_fit="contain",
+                elem_id="prompt-images",
+            )
+            heatmaps = gr.Image(
+                label="heatmaps: red = bad, green = good", elem_id="prompt-heatmaps", type="numpy", interactive=False
+            )
             prompt.change(view, inputs=prompt, outputs=[table, gallery, heatmaps])
             if choices:
                 demo.load(view, inputs=prompt, outputs=[table, gallery, heatmaps])
         with gr.Tab("Score an image"):
             with gr.Row():
                 # the file itself, not Gradio's decoded array: it is read like a folder run's files
-                upload = gr.File(label="image file", file_types=list(IMAGE_EXTENSIONS), type="filepath",
-                                 elem_id="upload-image")
+                upload = gr.File(
+                    label="image file", file_types=list(IMAGE_EXTENSIONS), type="filepath", elem_id="upload-image"
+                )
                 text = gr.Textbox(label="prompt", elem_id="upload-prompt")
             button = gr.Button("Score", elem_id="upload-score")
             result = gr.Markdown(elem_id="upload-result")

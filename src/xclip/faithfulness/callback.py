@@ -37,14 +37,34 @@ class FaithfulnessExplanationCallback(StageCallback):
             if rows.numel() == 0:
                 continue
             roles = ["chosen" if int(i) in chosen else "rejected" if int(i) in rejected else "" for i in rows]
-            labels = ["seed " + outputs["image_id"][int(i)].rsplit("_", 1)[-1]
-                      + (f", {outputs['error'][int(i)]}" if outputs["error"][int(i)] else "") for i in rows]
+            labels = [
+                "seed "
+                + outputs["image_id"][int(i)].rsplit("_", 1)[-1]
+                + (f", {outputs['error'][int(i)]}" if outputs["error"][int(i)] else "")
+                for i in rows
+            ]
             title = explanation_title(outputs["prompt"][b], "TiPAI " + ", ".join(outputs["maps"]), pid, stage)
-            fig = prompt_figure(outputs["prompt"][b], outputs["images"][rows], outputs["global"][rows],
-                                {k: v[rows] for k, v in outputs["maps"].items()}, roles, labels, title, alpha=self.alpha)
+            fig = prompt_figure(
+                outputs["prompt"][b],
+                outputs["images"][rows],
+                outputs["global"][rows],
+                {k: v[rows] for k, v in outputs["maps"].items()},
+                roles,
+                labels,
+                title,
+                alpha=self.alpha,
+            )
             array = figure_to_array(fig)
             png = save_png(array, out_dir / f"{pid}.png", text={"Title": title})
             self.log_image(trainer, stage, "tipai", pid, array)
-            self.records.append({"prompt_id": pid, "prompt": outputs["prompt"][b], "png": png.name, "title": title,
-                                  "images": [outputs["image_id"][int(i)] for i in rows], "roles": roles,
-                                  "global": [float(outputs["global"][int(i)]) for i in rows]})
+            self.records.append(
+                {
+                    "prompt_id": pid,
+                    "prompt": outputs["prompt"][b],
+                    "png": png.name,
+                    "title": title,
+                    "images": [outputs["image_id"][int(i)] for i in rows],
+                    "roles": roles,
+                    "global": [float(outputs["global"][int(i)]) for i in rows],
+                }
+            )

@@ -191,21 +191,25 @@ class FaithfulnessDatabase:
         timeout: seconds to wait for another process's write lock (several DDP processes write).
     """
 
-    def __init__(self, path: str | Path, config: dict[str, Any] | None = None, readonly: bool = False,
-                 timeout: float = 60.0):
+    def __init__(
+        self, path: str | Path, config: dict[str, Any] | None = None, readonly: bool = False, timeout: float = 60.0
+    ):
         self.path, self.readonly = Path(path), readonly
         self.config = None if config is None else json.loads(canonical_json(config))
         exists = self.path.is_file() and self.path.stat().st_size > 0
         if readonly and not exists:
-            raise FileNotFoundError(f"{self.path}: no such TiPAI database (run `xclip validate --config "
-                                    "configs/tipai_shapes.yaml` to make one)")
+            raise FileNotFoundError(
+                f"{self.path}: no such TiPAI database (run `xclip validate --config "
+                "configs/tipai_shapes.yaml` to make one)"
+            )
         if exists:
             with open(self.path, "rb") as fh:
                 header = fh.read(len(SQLITE_HEADER))
             if header != SQLITE_HEADER:
                 raise FaithfulnessDatabaseError(
                     f"{self.path} is not an SQLite database (corrupt, or another kind of file): refusing to use it; "
-                    "pass another db_path or move the file away")
+                    "pass another db_path or move the file away"
+                )
         elif not readonly:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         # the URI form is what opens read-only; the path is quoted so '%', '#' and '?' in folder names
@@ -220,7 +224,9 @@ class FaithfulnessDatabase:
 
     # ---- opening ----------------------------------------------------------------------------
     def _refuse(self, why: str) -> FaithfulnessDatabaseError:
-        return FaithfulnessDatabaseError(f"{self.path}: {why}: refusing to use it; pass another db_path or move the file away")
+        return FaithfulnessDatabaseError(
+            f"{self.path}: {why}: refusing to use it; pass another db_path or move the file away"
+        )
 
     def _check_or_create(self) -> None:
         conn = self._conn
@@ -235,17 +241,23 @@ class FaithfulnessDatabase:
                 raise self._refuse("an empty SQLite file, not a TiPAI database")
             self._create()
         elif app_id != APPLICATION_ID:
-            raise self._refuse(f"an SQLite database of another application (application_id {app_id:#x}, tables "
-                               f"{tables}), not an xclip TiPAI database")
+            raise self._refuse(
+                f"an SQLite database of another application (application_id {app_id:#x}, tables "
+                f"{tables}), not an xclip TiPAI database"
+            )
         elif version < SCHEMA_VERSION:
             raise FaithfulnessDatabaseError(
-                f"{self.path}: TiPAI schema version {version}, written by an older xclip that keyed images by name only "
+                f"{self.path}: TiPAI schema version {version}, written by an older xclip that keyed images "
+                f"by name only "
                 f"(its stored scores cannot be checked against the files); this xclip reads and writes version "
                 f"{SCHEMA_VERSION}: score the images again into a new database (delete or move {self.path}, or pass "
-                "another db_path, then run the same `xclip validate` command)")
+                "another db_path, then run the same `xclip validate` command)"
+            )
         elif version != SCHEMA_VERSION:
-            raise self._refuse(f"TiPAI schema version {version}, written by a newer xclip; this xclip reads and writes "
-                               f"version {SCHEMA_VERSION} (upgrade xclip to read it)")
+            raise self._refuse(
+                f"TiPAI schema version {version}, written by a newer xclip; this xclip reads and writes "
+                f"version {SCHEMA_VERSION} (upgrade xclip to read it)"
+            )
         try:
             check = [r[0] for r in conn.execute("PRAGMA quick_check")]
         except sqlite3.DatabaseError as err:
@@ -273,8 +285,10 @@ class FaithfulnessDatabase:
                     conn.execute(statement)
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                             [("schema_version", str(SCHEMA_VERSION)), ("created_by", "xclip.faithfulness")])
+            conn.executemany(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                [("schema_version", str(SCHEMA_VERSION)), ("created_by", "xclip.faithfulness")],
+            )
 
     def _bind_config(self) -> None:
         if self.config is None:
@@ -290,7 +304,8 @@ class FaithfulnessDatabase:
             detail = ", ".join(f"{k}: {stored.get(k)!r} there, {self.config.get(k)!r} now" for k in keys)
             raise FaithfulnessDatabaseError(
                 f"{self.path} holds scores of another configuration ({detail}): pass another db_path (or delete "
-                "the file) instead of mixing scores")
+                "the file) instead of mixing scores"
+            )
 
     # ---- writing ----------------------------------------------------------------------------
     @contextmanager
@@ -315,27 +330,68 @@ class FaithfulnessDatabase:
             for rec in records:
                 outside = [im.path for im in rec.images if im.path is not None and not in_root(im.path, rec.root)]
                 if outside:
-                    raise ValueError(f"{self.path}: prompt {rec.prompt_id!r}: image paths must be absolute paths of "
-                                     f"files directly inside the prompt's root {rec.root!r}, got {outside[:3]}")
+                    raise ValueError(
+                        f"{self.path}: prompt {rec.prompt_id!r}: image paths must be absolute paths of "
+                        f"files directly inside the prompt's root {rec.root!r}, got {outside[:3]}"
+                    )
                 pid = (rec.prompt_id,)
                 conn.execute("DELETE FROM pairs WHERE prompt_id = ?", pid)
-                conn.execute("DELETE FROM scores WHERE image_id IN (SELECT image_id FROM images WHERE prompt_id = ?)", pid)
+                conn.execute(
+                    "DELETE FROM scores WHERE image_id IN (SELECT image_id FROM images WHERE prompt_id = ?)", pid
+                )
                 conn.execute("DELETE FROM images WHERE prompt_id = ?", pid)
                 if not rec.images:  # a prompt without (readable) images leaves the database
                     conn.execute("DELETE FROM prompts WHERE prompt_id = ?", pid)
                     continue
-                conn.execute("INSERT OR REPLACE INTO prompts VALUES (?, ?, ?, ?, 0)",
-                             (rec.prompt_id, rec.prompt, rec.root, len(rec.images)))
-                conn.executemany("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [
-                    (im.image_id, im.prompt_id, int(im.seed), im.source, im.path, self._content_key(im), im.png,
-                     int(im.height), int(im.width), im.error, None if im.faithful is None else int(bool(im.faithful)))
-                    for im in rec.images])
-                conn.executemany("INSERT INTO scores VALUES (?, ?, ?, ?, ?)", [
-                    (s.image_id, s.method, None if s.global_score is None else float(s.global_score),
-                     *((None, None) if s.grid is None else grid_to_blob(s.grid))) for s in rec.scores])
-                conn.executemany("INSERT INTO pairs VALUES (?, ?, ?, ?, ?, ?)", [
-                    (p.prompt_id, p.chosen_id, p.rejected_id, float(p.chosen_score), float(p.rejected_score), p.rule)
-                    for p in rec.pairs])
+                conn.execute(
+                    "INSERT OR REPLACE INTO prompts VALUES (?, ?, ?, ?, 0)",
+                    (rec.prompt_id, rec.prompt, rec.root, len(rec.images)),
+                )
+                conn.executemany(
+                    "INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            im.image_id,
+                            im.prompt_id,
+                            int(im.seed),
+                            im.source,
+                            im.path,
+                            self._content_key(im),
+                            im.png,
+                            int(im.height),
+                            int(im.width),
+                            im.error,
+                            None if im.faithful is None else int(bool(im.faithful)),
+                        )
+                        for im in rec.images
+                    ],
+                )
+                conn.executemany(
+                    "INSERT INTO scores VALUES (?, ?, ?, ?, ?)",
+                    [
+                        (
+                            s.image_id,
+                            s.method,
+                            None if s.global_score is None else float(s.global_score),
+                            *((None, None) if s.grid is None else grid_to_blob(s.grid)),
+                        )
+                        for s in rec.scores
+                    ],
+                )
+                conn.executemany(
+                    "INSERT INTO pairs VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            p.prompt_id,
+                            p.chosen_id,
+                            p.rejected_id,
+                            float(p.chosen_score),
+                            float(p.rejected_score),
+                            p.rule,
+                        )
+                        for p in rec.pairs
+                    ],
+                )
                 conn.execute("UPDATE prompts SET complete = 1 WHERE prompt_id = ?", pid)
                 rows += 1 + len(rec.images) + len(rec.scores) + len(rec.pairs)
         return rows
@@ -344,8 +400,10 @@ class FaithfulnessDatabase:
         if image.sha256:
             return image.sha256
         if image.png is None:
-            raise ValueError(f"{self.path}: image {image.image_id!r} ({image.path}) has no sha256 of its content: "
-                             "a file image is stored with the hash of the bytes that were scored")
+            raise ValueError(
+                f"{self.path}: image {image.image_id!r} ({image.path}) has no sha256 of its content: "
+                "a file image is stored with the hash of the bytes that were scored"
+            )
         return sha256_hex(image.png)
 
     # ---- reading ----------------------------------------------------------------------------
@@ -353,17 +411,23 @@ class FaithfulnessDatabase:
         """The stored prompts among `prompt_ids` (complete or not) with their images' paths and hashes."""
         out: dict[str, StoredPrompt] = {}
         for pid in dict.fromkeys(prompt_ids):
-            row = self._conn.execute("SELECT prompt, root, complete FROM prompts WHERE prompt_id = ?", (pid,)).fetchone()
+            row = self._conn.execute(
+                "SELECT prompt, root, complete FROM prompts WHERE prompt_id = ?", (pid,)
+            ).fetchone()
             if row is None:
                 continue
-            images = {r[0]: (r[1], r[2]) for r in self._conn.execute(
-                "SELECT image_id, path, sha256 FROM images WHERE prompt_id = ?", (pid,))}
+            images = {
+                r[0]: (r[1], r[2])
+                for r in self._conn.execute("SELECT image_id, path, sha256 FROM images WHERE prompt_id = ?", (pid,))
+            }
             out[pid] = StoredPrompt(row[0], row[1], bool(row[2]), images)
         return out
 
     def roots(self) -> list[str]:
         """The folders the database's images were read from (resolved, absolute), sorted."""
-        return [r[0] for r in self._conn.execute("SELECT DISTINCT root FROM prompts WHERE root IS NOT NULL ORDER BY root")]
+        return [
+            r[0] for r in self._conn.execute("SELECT DISTINCT root FROM prompts WHERE root IS NOT NULL ORDER BY root")
+        ]
 
     def prompt_root(self, prompt_id: str) -> str | None:
         row = self._conn.execute("SELECT root FROM prompts WHERE prompt_id = ?", (prompt_id,)).fetchone()
@@ -385,25 +449,47 @@ class FaithfulnessDatabase:
         return list(self._conn.execute("SELECT prompt_id, prompt FROM prompts WHERE complete = 1 ORDER BY prompt_id"))
 
     def images(self, prompt_id: str) -> list[ImageRecord]:
-        rows = self._conn.execute("SELECT image_id, prompt_id, seed, source, height, width, path, png, error, faithful, "
-                                  "sha256 FROM images WHERE prompt_id = ? ORDER BY seed, image_id", (prompt_id,))
-        return [ImageRecord(image_id, pid, seed, source, height, width, path, png, error,
-                            faithful=None if faithful is None else bool(faithful), sha256=sha256)
-                for image_id, pid, seed, source, height, width, path, png, error, faithful, sha256 in rows]
+        rows = self._conn.execute(
+            "SELECT image_id, prompt_id, seed, source, height, width, path, png, error, faithful, "
+            "sha256 FROM images WHERE prompt_id = ? ORDER BY seed, image_id",
+            (prompt_id,),
+        )
+        return [
+            ImageRecord(
+                image_id,
+                pid,
+                seed,
+                source,
+                height,
+                width,
+                path,
+                png,
+                error,
+                faithful=None if faithful is None else bool(faithful),
+                sha256=sha256,
+            )
+            for image_id, pid, seed, source, height, width, path, png, error, faithful, sha256 in rows
+        ]
 
     def scores(self, prompt_id: str) -> dict[str, dict[str, ScoreRecord]]:
         """image_id -> method -> `ScoreRecord` for every image of a prompt."""
         out: dict[str, dict[str, ScoreRecord]] = {}
-        rows = self._conn.execute("SELECT s.image_id, s.method, s.global_score, s.grid_size, s.patch_grid FROM scores s "
-                                  "JOIN images i ON i.image_id = s.image_id WHERE i.prompt_id = ?", (prompt_id,))
+        rows = self._conn.execute(
+            "SELECT s.image_id, s.method, s.global_score, s.grid_size, s.patch_grid FROM scores s "
+            "JOIN images i ON i.image_id = s.image_id WHERE i.prompt_id = ?",
+            (prompt_id,),
+        )
         for image_id, method, global_score, size, blob in rows:
             grid = None if blob is None else blob_to_grid(size, blob)
             out.setdefault(image_id, {})[method] = ScoreRecord(image_id, method, global_score, grid)
         return out
 
     def pairs(self, prompt_id: str) -> list[PairRecord]:
-        rows = self._conn.execute("SELECT prompt_id, chosen_id, rejected_id, chosen_score, rejected_score, rule FROM pairs "
-                                  "WHERE prompt_id = ? ORDER BY chosen_id, rejected_id", (prompt_id,))
+        rows = self._conn.execute(
+            "SELECT prompt_id, chosen_id, rejected_id, chosen_score, rejected_score, rule FROM pairs "
+            "WHERE prompt_id = ? ORDER BY chosen_id, rejected_id",
+            (prompt_id,),
+        )
         return [PairRecord(*r) for r in rows]
 
     def dump(self) -> dict[str, list[tuple]]:

@@ -64,15 +64,17 @@ def check_prompt_id(pid: str, where: str | Path) -> None:
         raise ValueError(f"{where}: prompt id {shown!r} holds a control character; use printable characters")
     n = len(pid.encode("utf-8"))
     if n > MAX_PROMPT_ID_BYTES:
-        raise ValueError(f"{where}: prompt id {shown!r} is {n} bytes long (UTF-8), over the limit of "
-                         f"{MAX_PROMPT_ID_BYTES}: it becomes part of the image and figure file names; use a shorter id")
+        raise ValueError(
+            f"{where}: prompt id {shown!r} is {n} bytes long (UTF-8), over the limit of "
+            f"{MAX_PROMPT_ID_BYTES}: it becomes part of the image and figure file names; use a shorter id"
+        )
 
 
 def read_prompts(path: str | Path) -> dict[str, str]:
     """``prompts.json`` -> {prompt_id: prompt}; malformed records raise naming the file and entry."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no prompts file (expected prompts.json with {{\"<prompt_id>\": \"<prompt>\"}})")
+        raise FileNotFoundError(f'{path}: no prompts file (expected prompts.json with {{"<prompt_id>": "<prompt>"}})')
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -83,11 +85,13 @@ def read_prompts(path: str | Path) -> dict[str, str]:
         entries = []
         for i, rec in enumerate(data):
             if not isinstance(rec, dict) or "prompt_id" not in rec or "prompt" not in rec:
-                raise ValueError(f"{path}: entry {i} must be an object with \"prompt_id\" and \"prompt\", got {rec!r}")
+                raise ValueError(f'{path}: entry {i} must be an object with "prompt_id" and "prompt", got {rec!r}')
             entries.append((rec["prompt_id"], rec["prompt"]))
     else:
-        raise ValueError(f"{path}: expected an object {{prompt_id: prompt}} or a list of "
-                         f"{{\"prompt_id\", \"prompt\"}} records, got {type(data).__name__}")
+        raise ValueError(
+            f"{path}: expected an object {{prompt_id: prompt}} or a list of "
+            f'{{"prompt_id", "prompt"}} records, got {type(data).__name__}'
+        )
     prompts: dict[str, str] = {}
     for pid, prompt in entries:
         pid = str(pid)
@@ -126,19 +130,27 @@ class PromptFolder(Dataset):
                 raise ValueError(f"{p}: image files must be named <prompt_id>_<seed>{p.suffix} (seed an integer)")
             seed = int(match["seed"])
             if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-                raise ValueError(f"{p}: seed {match['seed']} does not fit a 64-bit integer; name the file "
-                                 f"<prompt_id>_<seed>{p.suffix} with a seed in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+                raise ValueError(
+                    f"{p}: seed {match['seed']} does not fit a 64-bit integer; name the file "
+                    f"<prompt_id>_<seed>{p.suffix} with a seed in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]"
+                )
             if match["prompt_id"] not in prompts:
                 unknown.append(p.name)
                 continue
             files.setdefault(match["prompt_id"], []).append((seed, p))
         if unknown:
-            raise ValueError(f"{self.root}: images of prompt ids missing from {prompts_file}: {unknown[:10]}"
-                             + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
+            raise ValueError(
+                f"{self.root}: images of prompt ids missing from {prompts_file}: {unknown[:10]}"
+                + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+            )
         self.prompts_without_images = sorted(set(prompts) - set(files))
         if self.prompts_without_images:
-            log.warning("%s: %d prompts have no image file and are skipped: %s", self.root,
-                        len(self.prompts_without_images), self.prompts_without_images[:10])
+            log.warning(
+                "%s: %d prompts have no image file and are skipped: %s",
+                self.root,
+                len(self.prompts_without_images),
+                self.prompts_without_images[:10],
+            )
         self.entries = [(pid, prompts[pid], sorted(files[pid])) for pid in prompts if pid in files]
         if not self.entries:
             raise ValueError(f"{self.root}: no image matches a prompt of {prompts_file}")
@@ -167,10 +179,17 @@ class PromptFolder(Dataset):
                 images.append(image)
                 kept.append((seed, str(path), digest))
         size = self.image_size
-        return {"prompt_id": pid, "prompt": prompt, "index": index, "root": str(self.root),
-                "images": torch.stack(images) if images else torch.zeros(0, 3, size, size),
-                "seeds": [k[0] for k in kept], "paths": [k[1] for k in kept], "sha256": [k[2] for k in kept],
-                "skipped_paths": skipped}
+        return {
+            "prompt_id": pid,
+            "prompt": prompt,
+            "index": index,
+            "root": str(self.root),
+            "images": torch.stack(images) if images else torch.zeros(0, 3, size, size),
+            "seeds": [k[0] for k in kept],
+            "paths": [k[1] for k in kept],
+            "sha256": [k[2] for k in kept],
+            "skipped_paths": skipped,
+        }
 
 
 class ShapesPrompts(Dataset):
@@ -189,10 +208,20 @@ class ShapesPrompts(Dataset):
         item = self.data[index]
         r = item["images"].shape[0]
         images = item["images"].float().contiguous()
-        return {"prompt_id": f"{self.tag}-{index:05d}", "prompt": item["prompt"], "index": index, "root": None,
-                "images": images, "seeds": list(range(r)), "paths": [None] * r, "skipped_paths": [],
-                "sha256": [hashlib.sha256(im.numpy().tobytes()).hexdigest() for im in images],
-                "errors": item["errors"], "error_masks": item["error_masks"], "faithful": item["faithful"]}
+        return {
+            "prompt_id": f"{self.tag}-{index:05d}",
+            "prompt": item["prompt"],
+            "index": index,
+            "root": None,
+            "images": images,
+            "seeds": list(range(r)),
+            "paths": [None] * r,
+            "skipped_paths": [],
+            "sha256": [hashlib.sha256(im.numpy().tobytes()).hexdigest() for im in images],
+            "errors": item["errors"],
+            "error_masks": item["error_masks"],
+            "faithful": item["faithful"],
+        }
 
 
 def collate_prompts(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -237,15 +266,26 @@ class TiPAIDataModule(pl.LightningDataModule):
         batch_size: prompts per batch (each batch is one database transaction).
     """
 
-    def __init__(self, source: str = "shapes", data_root: str | None = None, test_data_root: str | None = None,
-                 prompts_file: str = "prompts.json", n: int = 200, seed: int = 0, n_renderings: int = 4,
-                 image_size: int = 64, batch_size: int = 8, num_workers: int = 0):
+    def __init__(
+        self,
+        source: str = "shapes",
+        data_root: str | None = None,
+        test_data_root: str | None = None,
+        prompts_file: str = "prompts.json",
+        n: int = 200,
+        seed: int = 0,
+        n_renderings: int = 4,
+        image_size: int = 64,
+        batch_size: int = 8,
+        num_workers: int = 0,
+    ):
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"unknown TiPAI source {source!r}; choose from {SOURCES}")
         if source == "folder" and not data_root:
-            raise ValueError("source='folder' needs data_root: the folder holding prompts.json and "
-                             "<prompt_id>_<seed>.png files")
+            raise ValueError(
+                "source='folder' needs data_root: the folder holding prompts.json and <prompt_id>_<seed>.png files"
+            )
         self.source, self.data_root, self.test_data_root = source, data_root, test_data_root
         self.prompts_file = prompts_file
         self.n, self.seed, self.n_renderings, self.image_size = n, seed, n_renderings, image_size
@@ -257,8 +297,10 @@ class TiPAIDataModule(pl.LightningDataModule):
             return ShapesPrompts(self.n, self.seed + 1000, self.image_size, self.n_renderings, split)
         if split == "test":
             if not self.test_data_root:
-                raise ValueError("source 'folder' has no held-out split: set test_data_root for `xclip test`, or run "
-                                 "`xclip validate` on data_root")
+                raise ValueError(
+                    "source 'folder' has no held-out split: set test_data_root for `xclip test`, or run "
+                    "`xclip validate` on data_root"
+                )
             return PromptFolder(self.test_data_root, self.image_size, self.prompts_file)
         assert self.data_root is not None  # __init__ refuses source 'folder' without data_root
         return PromptFolder(self.data_root, self.image_size, self.prompts_file)

@@ -14,8 +14,9 @@ from xclip.faithfulness.localisation import METRIC_KEYS, pair_statistics, reject
 METRIC_NAMES = {v: k for k, v in METRIC_KEYS.items()}
 
 
-def tipai_metrics(rows: dict[str, Tensor], baselines: Sequence[str], map_names: Sequence[str], n_pairs: int,
-              pair_sums: Tensor) -> dict[str, float]:
+def tipai_metrics(
+    rows: dict[str, Tensor], baselines: Sequence[str], map_names: Sequence[str], n_pairs: int, pair_sums: Tensor
+) -> dict[str, float]:
     """The run's metrics (keys as logged under ``{stage}/faithfulness/tipai/``).
 
     Args:
@@ -29,8 +30,9 @@ def tipai_metrics(rows: dict[str, Tensor], baselines: Sequence[str], map_names: 
     metrics: dict[str, float] = {}
     if n_pairs:
         mean = (pair_sums / n_pairs).tolist()
-        metrics.update({"pairs/mean_chosen_score": mean[0], "pairs/mean_rejected_score": mean[1],
-                        "pairs/mean_score_gap": mean[2]})
+        metrics.update(
+            {"pairs/mean_chosen_score": mean[0], "pairs/mean_rejected_score": mean[1], "pairs/mean_score_gap": mean[2]}
+        )
     if rows["index"].numel():
         stats = pair_statistics(rows["global"], rows["index"], rows["faithful"])
         if stats["n_pairs"]:

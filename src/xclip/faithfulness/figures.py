@@ -28,8 +28,12 @@ from xclip.faithfulness.grid import cells_to_pixels
 CMAP = "RdYlGn"  # red = bad, yellow, green = good
 NEUTRAL = (0.6, 0.6, 0.6)  # a map without a colour scale (one value everywhere)
 BAR_INCHES = 0.14  # height of a colour bar
-MAP_TITLES = {"crops": "crops\ncosine", "dense": "dense\npatch cosine", "dense_gradeclip": "dense\nGrad-ECLIP",
-              "head": "TSPO head\n1 - P(error)"}
+MAP_TITLES = {
+    "crops": "crops\ncosine",
+    "dense": "dense\npatch cosine",
+    "dense_gradeclip": "dense\nGrad-ECLIP",
+    "head": "TSPO head\n1 - P(error)",
+}
 
 
 def _image_hwc(image01: Tensor) -> np.ndarray:
@@ -59,9 +63,17 @@ def overlay_rgb(image01: Tensor, grid: Tensor, lo: float, hi: float, alpha: floa
     return (1 - alpha) * img + alpha * heatmap_rgb(grid, img.shape[:2], lo, hi)
 
 
-def prompt_figure(prompt: str, images01: Tensor, global_scores: Tensor, maps: dict[str, Tensor],
-                  roles: Sequence[str], labels: Sequence[str], title: str, alpha: float = 0.5,
-                  panel_px: int = 120) -> Figure:
+def prompt_figure(
+    prompt: str,
+    images01: Tensor,
+    global_scores: Tensor,
+    maps: dict[str, Tensor],
+    roles: Sequence[str],
+    labels: Sequence[str],
+    title: str,
+    alpha: float = 0.5,
+    panel_px: int = 120,
+) -> Figure:
     """One prompt's comparison figure.
 
     Args:
@@ -98,8 +110,17 @@ def prompt_figure(prompt: str, images01: Tensor, global_scores: Tensor, maps: di
                     ax.imshow(np.clip(overlay_rgb(images01[i], maps[name][i], *scales[name], alpha), 0, 1))
                 label = constant_label(maps[name][i])
                 if label:
-                    ax.text(0.5, 0.5, label, transform=ax.transAxes, ha="center", va="center", fontsize=7,
-                            color="white", bbox={"facecolor": "black", "alpha": 0.7, "edgecolor": "none", "pad": 2})
+                    ax.text(
+                        0.5,
+                        0.5,
+                        label,
+                        transform=ax.transAxes,
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white",
+                        bbox={"facecolor": "black", "alpha": 0.7, "edgecolor": "none", "pad": 2},
+                    )
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
@@ -120,10 +141,18 @@ def prompt_figure(prompt: str, images01: Tensor, global_scores: Tensor, maps: di
             bar.set_label("bad  -  good", fontsize=7, labelpad=1)
         else:  # no scale: say so where the bar would be
             cax.set_axis_off()
-            cax.text(0.5, 0.0, f"one value: {hi:.3g}\n(no colour scale)", ha="center", va="top", fontsize=7,
-                     transform=cax.transAxes)
-    fig.suptitle(f"{title}\nrows sorted by global cosine with the prompt (left label); red = bad, green = good",
-                 fontsize=8)
+            cax.text(
+                0.5,
+                0.0,
+                f"one value: {hi:.3g}\n(no colour scale)",
+                ha="center",
+                va="top",
+                fontsize=7,
+                transform=cax.transAxes,
+            )
+    fig.suptitle(
+        f"{title}\nrows sorted by global cosine with the prompt (left label); red = bad, green = good", fontsize=8
+    )
     return fig
 
 
@@ -136,8 +165,11 @@ def patch_prediction_figure(rows: list[tuple], grid: tuple[int, int]) -> Figure:
     FigureCanvasAgg(fig)
     axes = np.atleast_2d(fig.subplots(len(rows), cols, squeeze=False))
     for k, (prompt, error, image, target, prob, crops) in enumerate(rows):
-        panels = [(image.permute(1, 2, 0).numpy(), f"{error}"), (target.view(grid).float().numpy(), "error patches"),
-                  (prob.view(grid).float().numpy(), "head P(error)")]
+        panels = [
+            (image.permute(1, 2, 0).numpy(), f"{error}"),
+            (target.view(grid).float().numpy(), "error patches"),
+            (prob.view(grid).float().numpy(), "head P(error)"),
+        ]
         if cols == 4:
             panels.append(((crops if crops is not None else torch.zeros(grid)).view(grid).numpy(), "crops badness"))
         for c, (arr, title) in enumerate(panels):

@@ -20,7 +20,9 @@ def cell_edges(size: int, cells: int) -> Tensor:
     if cells < 1:
         raise ValueError(f"the grid needs at least one cell per side, got {cells}")
     if size < cells:
-        raise ValueError(f"a side of {size} pixels cannot hold {cells} non-empty cells: use a smaller grid or a larger image")
+        raise ValueError(
+            f"a side of {size} pixels cannot hold {cells} non-empty cells: use a smaller grid or a larger image"
+        )
     return torch.arange(cells + 1, dtype=torch.int64) * size // cells
 
 
@@ -92,8 +94,12 @@ def cell_means(masks: Tensor, cells: int) -> Tensor:
     x = masks.double()
     integral = F.pad(x.cumsum(1).cumsum(2), (1, 0, 1, 0))  # [N, H+1, W+1]
     ey, ex = cell_edges(x.shape[1], cells).to(x.device), cell_edges(x.shape[2], cells).to(x.device)
-    sums = (integral[:, ey[1:]][:, :, ex[1:]] - integral[:, ey[:-1]][:, :, ex[1:]]
-            - integral[:, ey[1:]][:, :, ex[:-1]] + integral[:, ey[:-1]][:, :, ex[:-1]])
+    sums = (
+        integral[:, ey[1:]][:, :, ex[1:]]
+        - integral[:, ey[:-1]][:, :, ex[1:]]
+        - integral[:, ey[1:]][:, :, ex[:-1]]
+        + integral[:, ey[:-1]][:, :, ex[:-1]]
+    )
     area = (ey[1:] - ey[:-1]).double()[:, None] * (ex[1:] - ex[:-1]).double()[None, :]
     return sums / area
 

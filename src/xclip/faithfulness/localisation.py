@@ -44,8 +44,10 @@ def localisation(goodness: Tensor, masks: Tensor) -> dict[str, Tensor]:
 def random_goodness(index: Tensor, seed: Tensor, grid: int, base_seed: int = 0) -> Tensor:
     """Uniform random maps [N, G, G], one per (prompt index, image seed) and the same in any batch
     or process (the random-map baseline)."""
-    maps = [random_values((grid, grid), hash((base_seed, i, s)) & 0x7FFFFFFF)  # ints hash the same in every process
-            for i, s in zip(index.tolist(), seed.tolist())]
+    maps = [
+        random_values((grid, grid), hash((base_seed, i, s)) & 0x7FFFFFFF)  # ints hash the same in every process
+        for i, s in zip(index.tolist(), seed.tolist())
+    ]
     return torch.stack(maps) if maps else torch.zeros(0, grid, grid)
 
 

@@ -71,8 +71,14 @@ class TiPAIScorer:
         precision: autocast precision (``"bf16-mixed"``, ``"16-mixed"``, ``"32"`` or None).
     """
 
-    def __init__(self, backbone: Backbone, grid: int = 7, methods: Sequence[str] = METHODS, crop_batch_size: int = 256,
-                 precision: str | None = None):
+    def __init__(
+        self,
+        backbone: Backbone,
+        grid: int = 7,
+        methods: Sequence[str] = METHODS,
+        crop_batch_size: int = 256,
+        precision: str | None = None,
+    ):
         unknown = sorted(set(methods) - set(METHODS))
         if unknown or not methods:
             raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(methods)}")
@@ -82,8 +88,11 @@ class TiPAIScorer:
             raise ValueError(f"crop_batch_size must be >= 1, got {crop_batch_size}")
         self.backbone, self.grid, self.methods = backbone, int(grid), tuple(methods)
         self.crop_batch_size, self.precision = int(crop_batch_size), precision
-        self.explainer = (GradECLIP(backbone, precision=precision) if backbone.vision.has_attention_pool
-                          else GradCAM(backbone, precision=precision))
+        self.explainer = (
+            GradECLIP(backbone, precision=precision)
+            if backbone.vision.has_attention_pool
+            else GradCAM(backbone, precision=precision)
+        )
 
     @property
     def map_names(self) -> tuple[str, ...]:
@@ -152,8 +161,10 @@ class TiPAIScorer:
                 evidence = combine_terms(terms.spatial, terms.channel)[:, 0]
             else:
                 evidence = self.explainer.maps_from_trace(trace, t, pairs=True)[:, 0]
-        maps = {"dense": resample_to_cells(similarity.double(), self.grid, size).float(),
-                "dense_gradeclip": resample_to_cells(evidence.double(), self.grid, size).float()}
+        maps = {
+            "dense": resample_to_cells(similarity.double(), self.grid, size).float(),
+            "dense_gradeclip": resample_to_cells(evidence.double(), self.grid, size).float(),
+        }
         return TiPAIScores(global_score=(image_emb * t).sum(-1), maps=maps, trace=trace)
 
 

@@ -60,10 +60,19 @@ class TiPAIModule(EvaluationModule):
     workflow = "faithfulness"
     tasks = ("faithfulness",)
 
-    def __init__(self, backbone: str | Backbone = "xclip:tiny-shapes", grid: int = 7,
-                 methods: Sequence[str] = METHODS, crop_batch_size: int = 256, pair_rule: str = "best_worst",
-                 margin: float = 0.0, db_path: str | None = None, resume: bool = True, head: str | None = None,
-                 random_seed: int = 0):
+    def __init__(
+        self,
+        backbone: str | Backbone = "xclip:tiny-shapes",
+        grid: int = 7,
+        methods: Sequence[str] = METHODS,
+        crop_batch_size: int = 256,
+        pair_rule: str = "best_worst",
+        margin: float = 0.0,
+        db_path: str | None = None,
+        resume: bool = True,
+        head: str | None = None,
+        random_seed: int = 0,
+    ):
         super().__init__()
         self.backbone, self.backbone_spec = resolve_backbone(backbone)
         self.backbone.eval().requires_grad_(False)
@@ -93,10 +102,17 @@ class TiPAIModule(EvaluationModule):
     def db_config(self, image_size: int) -> dict[str, Any]:
         """What the stored scores depend on (a database holds one configuration); `image_size` is
         the side the images were resized and cropped to before scoring."""
-        return {"backbone": self.backbone_spec, "weights_sha256": weights_fingerprint(self.backbone),
-                "grid": self.grid, "methods": list(self.methods), "pair_rule": self.pair_rule, "margin": self.margin,
-                "head": None if self.head is None else self.head.fingerprint, "image_size": int(image_size),
-                "precision": self.scorer.precision or "32"}
+        return {
+            "backbone": self.backbone_spec,
+            "weights_sha256": weights_fingerprint(self.backbone),
+            "grid": self.grid,
+            "methods": list(self.methods),
+            "pair_rule": self.pair_rule,
+            "margin": self.margin,
+            "head": None if self.head is None else self.head.fingerprint,
+            "image_size": int(image_size),
+            "precision": self.scorer.precision or "32",
+        }
 
     def database_path(self) -> Path:
         return Path(self.db_path) if self.db_path else run_directory(self.trainer) / "tipai.db"
@@ -106,7 +122,9 @@ class TiPAIModule(EvaluationModule):
         self._counts = dict.fromkeys(COUNTS, 0)
         self._pair_sums = torch.zeros(3, dtype=torch.float64)  # chosen score, rejected score, their gap
         self._skipped, self._results = [], {}
-        self.scorer.precision = None if str(self.trainer.precision) in ("32", "32-true") else str(self.trainer.precision)
+        self.scorer.precision = (
+            None if str(self.trainer.precision) in ("32", "32-true") else str(self.trainer.precision)
+        )
 
     def _open(self, image_size: int) -> FaithfulnessDatabase:
         """The database, opened at the first batch (its configuration includes the image size)."""
@@ -125,8 +143,11 @@ class TiPAIModule(EvaluationModule):
             return
         rows = self.db.counts()
         path = self.db.path.resolve()
-        print(f"\nTiPAI database: {path} ({rows['prompts']} prompts, {rows['images']} images, {rows['pairs']} pairs); "
-              f"browse it with: xclip app --db {path}", flush=True)
+        print(
+            f"\nTiPAI database: {path} ({rows['prompts']} prompts, {rows['images']} images, {rows['pairs']} pairs); "
+            f"browse it with: xclip app --db {path}",
+            flush=True,
+        )
 
     def teardown(self, stage: str) -> None:
         if self.db is not None:
@@ -147,8 +168,10 @@ class TiPAIModule(EvaluationModule):
         self._counts["prompts"] += len(write)
         self._counts["prompts_without_images"] += int((~present).sum())
         if m == 0:  # no readable image: the batch's prompts leave the database
-            db.write(PromptRecord(batch["prompt_id"][b], batch["prompt"][b], root=batch["root"][b])
-                     for b in range(len(write)))
+            db.write(
+                PromptRecord(batch["prompt_id"][b], batch["prompt"][b], root=batch["root"][b])
+                for b in range(len(write))
+            )
             return {}
         global_score = torch.zeros(m, device=self.device)
         maps = {name: torch.zeros(m, self.grid, self.grid, device=self.device) for name in self.map_names}
@@ -181,9 +204,17 @@ class TiPAIModule(EvaluationModule):
         if new_prompts:
             db.write(prompt_records(batch, new_prompts, global_score, maps, pairs, head_reward, self.pair_rule))
         self._update_table(batch, global_score, maps)
-        return {"prompt_id": batch["prompt_id"], "prompt": batch["prompt"], "images": batch["images"].detach().cpu(),
-                "prompt_of": batch["prompt_of"].cpu(), "image_id": batch["image_id"], "error": batch["error"],
-                "global": global_score.cpu(), "maps": {k: v.cpu() for k, v in maps.items()}, "pairs": pairs.cpu()}
+        return {
+            "prompt_id": batch["prompt_id"],
+            "prompt": batch["prompt"],
+            "images": batch["images"].detach().cpu(),
+            "prompt_of": batch["prompt_of"].cpu(),
+            "image_id": batch["image_id"],
+            "error": batch["error"],
+            "global": global_score.cpu(),
+            "maps": {k: v.cpu() for k, v in maps.items()},
+            "pairs": pairs.cpu(),
+        }
 
     def _score(self, batch: dict[str, Any], rows: Tensor) -> dict[str, Tensor]:
         images = batch["images"].to(self.device)[rows]
@@ -207,8 +238,10 @@ class TiPAIModule(EvaluationModule):
             by_image.update(db.scores(pid))
         missing = [i for i in wanted if i not in by_image]
         if missing:
-            raise ValueError(f"{db.path}: images {missing[:5]} of complete prompts are not stored: the folder "
-                             "changed since the database was written; pass another db_path")
+            raise ValueError(
+                f"{db.path}: images {missing[:5]} of complete prompts are not stored: the folder "
+                "changed since the database was written; pass another db_path"
+            )
         out = {"global": torch.tensor([by_image[i]["clip"].global_score for i in wanted], dtype=torch.float32)}
         for name in self.map_names:
             out[name] = torch.from_numpy(np.stack([by_image[i][name].grid for i in wanted]))
@@ -221,8 +254,12 @@ class TiPAIModule(EvaluationModule):
         m = global_score.shape[0]
         index = batch["index"].to(self.device)[batch["prompt_of"].to(self.device)]
         seed = batch["seed"].to(self.device)
-        cols: dict[str, Tensor] = {"global": global_score, "index": index, "seed": seed,
-                                   "faithful": batch["faithful"].to(self.device)}
+        cols: dict[str, Tensor] = {
+            "global": global_score,
+            "index": index,
+            "seed": seed,
+            "faithful": batch["faithful"].to(self.device),
+        }
         masks = batch.get("error_masks")
         random = random_goodness(index.cpu(), seed.cpu(), self.grid, self.random_seed).to(self.device)
         all_maps = {**maps, "random": random}
@@ -258,11 +295,16 @@ class TiPAIModule(EvaluationModule):
         self._results = {
             "database": str(self.database_path().resolve()),
             "database_rows": counts_db,
-            "grid": self.grid, "methods": list(self.methods), "maps": list(self.map_names),
-            "pair_rule": self.pair_rule, "margin": self.margin, "head": self.head_dir,
+            "grid": self.grid,
+            "methods": list(self.methods),
+            "maps": list(self.map_names),
+            "pair_rule": self.pair_rule,
+            "margin": self.margin,
+            "head": self.head_dir,
             "n_images": int(rows["index"].numel()),
             "n_error_images": int(((rows["faithful"] == 0) & rows["error_share"].isfinite()).sum()),
-            "prompts_scored": counts["prompts_scored"], "prompts_from_database": counts["prompts_from_database"],
+            "prompts_scored": counts["prompts_scored"],
+            "prompts_from_database": counts["prompts_from_database"],
             "counts": counts,
             "skipped_paths": skipped,
             "metrics": metrics,
@@ -271,19 +313,21 @@ class TiPAIModule(EvaluationModule):
                 "saliency": "MIT benchmark variant (xclip.metrics.saliency), averaged over erroneous images",
                 "worst_cell_on_error": "share of erroneous images whose lowest-goodness cell touches the error mask",
                 "rejected_worst_cell_on_error": "the same over the rejected images (each prompt's worst by the global "
-                                                "score) that have an error",
+                "score) that have an error",
                 "random_pick": "expected worst_cell_on_error of a uniformly random cell (the share of error cells)",
                 "agreement": "share of erroneous images where the crops and dense worst cells both touch the error; "
-                             "chance = the same for two independent random cells",
+                "chance = the same for two independent random cells",
             },
         }
 
     def report_rows(self, metrics: Mapping[str, float | None]) -> list[ReportRow]:
         """The run's counts (prompts, images, pairs), one row for the pair statistics, one per map
         (incl. the random map) with its localisation (`xclip.faithfulness.report`)."""
-        return [row for stage in STAGES
-                for row in tipai_report_rows(metrics, self.metric_key(stage, "tipai/"), stage, self.baselines,
-                                             self.grid)]
+        return [
+            row
+            for stage in STAGES
+            for row in tipai_report_rows(metrics, self.metric_key(stage, "tipai/"), stage, self.baselines, self.grid)
+        ]
 
     def extra_results(self) -> dict[str, Any]:
         return {**super().extra_results(), "tipai": self._results}

@@ -44,8 +44,9 @@ class _Collate:
 
     def __call__(self, indices: list[int]) -> dict[str, Any]:
         idx = torch.tensor(indices, dtype=torch.long)
-        batch: dict[str, Any] = {k: (v[idx].float() if v.is_floating_point() else v[idx])
-                                 for k, v in self.tensors.items()}
+        batch: dict[str, Any] = {
+            k: (v[idx].float() if v.is_floating_point() else v[idx]) for k, v in self.tensors.items()
+        }
         batch["index"] = idx
         batch["task"] = "tspo"
         return batch
@@ -65,10 +66,21 @@ class TSPOFeatureDataModule(pl.LightningDataModule):
         batch_size: prompts per batch; extract_batch_size: images per backbone forward.
     """
 
-    def __init__(self, backbone: str | Backbone = "xclip:tiny-shapes", n_train: int = 2000, n_val: int = 200,
-                 n_test: int = 200, seed: int = 0, n_renderings: int = 4, image_size: int = 64,
-                 crop_splits: tuple[str, ...] = ("test",), cache_dir: str | None = "runs/tspo_cache",
-                 batch_size: int = 64, extract_batch_size: int = 256, num_workers: int = 0):
+    def __init__(
+        self,
+        backbone: str | Backbone = "xclip:tiny-shapes",
+        n_train: int = 2000,
+        n_val: int = 200,
+        n_test: int = 200,
+        seed: int = 0,
+        n_renderings: int = 4,
+        image_size: int = 64,
+        crop_splits: tuple[str, ...] = ("test",),
+        cache_dir: str | None = "runs/tspo_cache",
+        batch_size: int = 64,
+        extract_batch_size: int = 256,
+        num_workers: int = 0,
+    ):
         super().__init__()
         unknown = sorted(set(crop_splits) - set(SPLITS))
         if unknown:
@@ -84,13 +96,22 @@ class TSPOFeatureDataModule(pl.LightningDataModule):
     def dataset(self, split: str) -> ShapesFaithfulness:
         """The ShapesWorld faithfulness set of `split` (its images are what the features describe)."""
         seed = self.seed if split == "train" else self.seed + 1000
-        return ShapesFaithfulness(n=self.sizes[split], seed=seed, image_size=self.image_size,
-                                  n_renderings=self.n_renderings, split=split)
+        return ShapesFaithfulness(
+            n=self.sizes[split], seed=seed, image_size=self.image_size, n_renderings=self.n_renderings, split=split
+        )
 
     def cache_key(self, split: str) -> dict[str, Any]:
-        return {"backbone": self.backbone_spec, "weights_sha256": weights_fingerprint(self.backbone), "split": split,
-                "n": self.sizes[split], "seed": self.seed, "n_renderings": self.n_renderings,
-                "image_size": self.image_size, "crops": split in self.crop_splits, "format": 1}
+        return {
+            "backbone": self.backbone_spec,
+            "weights_sha256": weights_fingerprint(self.backbone),
+            "split": split,
+            "n": self.sizes[split],
+            "seed": self.seed,
+            "n_renderings": self.n_renderings,
+            "image_size": self.image_size,
+            "crops": split in self.crop_splits,
+            "format": 1,
+        }
 
     def setup(self, stage: str) -> None:
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, SPLITS)
@@ -134,9 +155,14 @@ class TSPOFeatureDataModule(pl.LightningDataModule):
         target = cell_means(torch.cat(masks).float(), gh) > 0 if gh == gw else None
         if target is None:
             raise ValueError(f"TSPO features need a square patch grid, got {(gh, gw)}")
-        out = {"text": text, "image": feats.image.view(n, r, -1), "tokens": feats.tokens.half().view(n, r, gh * gw, -1),
-               "patch_sim": feats.patch_sim.view(n, r, -1), "faithful": torch.stack(faithful).to(torch.uint8),
-               "patch_target": target.view(n, r, -1).to(torch.uint8)}
+        out = {
+            "text": text,
+            "image": feats.image.view(n, r, -1),
+            "tokens": feats.tokens.half().view(n, r, gh * gw, -1),
+            "patch_sim": feats.patch_sim.view(n, r, -1),
+            "faithful": torch.stack(faithful).to(torch.uint8),
+            "patch_target": target.view(n, r, -1).to(torch.uint8),
+        }
         if split in self.crop_splits:
             scorer = TiPAIScorer(bb, grid=gh, methods=("crops",), crop_batch_size=512)
             out["crops"] = scorer.crops(images_t, per_image_text.to(bb.device)).cpu().view(n, r, -1)
@@ -145,9 +171,17 @@ class TSPOFeatureDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         tensors = self.features[split]
         if not shuffle:
-            return eval_loader(IndexDataset(tensors["text"].shape[0]), self.batch_size, _Collate(tensors), self.num_workers)
-        return DataLoader(IndexDataset(tensors["text"].shape[0]), batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, collate_fn=_Collate(tensors), drop_last=False)
+            return eval_loader(
+                IndexDataset(tensors["text"].shape[0]), self.batch_size, _Collate(tensors), self.num_workers
+            )
+        return DataLoader(
+            IndexDataset(tensors["text"].shape[0]),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=_Collate(tensors),
+            drop_last=False,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

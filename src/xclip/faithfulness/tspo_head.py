@@ -49,7 +49,9 @@ class HeadFeatures:
     patch_sim: Tensor
 
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> HeadFeatures:
-        return HeadFeatures(*(t.to(device=device, dtype=dtype) for t in (self.text, self.image, self.tokens, self.patch_sim)))
+        return HeadFeatures(
+            *(t.to(device=device, dtype=dtype) for t in (self.text, self.image, self.tokens, self.patch_sim))
+        )
 
 
 def features_from_trace(backbone: Backbone, trace: ImageTrace, text_emb: Tensor) -> HeadFeatures:
@@ -86,12 +88,24 @@ class TSPOHead(nn.Module):
         init_scale: the starting weight of the zero-shot cosine in the reward.
     """
 
-    def __init__(self, embed_dim: int, token_width: int, patch_grid: tuple[int, int], hidden: int = 256,
-                 dropout: float = 0.1, init_scale: float = 10.0):
+    def __init__(
+        self,
+        embed_dim: int,
+        token_width: int,
+        patch_grid: tuple[int, int],
+        hidden: int = 256,
+        dropout: float = 0.1,
+        init_scale: float = 10.0,
+    ):
         super().__init__()
-        self.config = {"embed_dim": int(embed_dim), "token_width": int(token_width),
-                       "patch_grid": [int(patch_grid[0]), int(patch_grid[1])], "hidden": int(hidden),
-                       "dropout": float(dropout), "init_scale": float(init_scale)}
+        self.config = {
+            "embed_dim": int(embed_dim),
+            "token_width": int(token_width),
+            "patch_grid": [int(patch_grid[0]), int(patch_grid[1])],
+            "hidden": int(hidden),
+            "dropout": float(dropout),
+            "init_scale": float(init_scale),
+        }
         self.patch_grid = (int(patch_grid[0]), int(patch_grid[1]))
         self.scale = nn.Parameter(torch.tensor(float(init_scale)))
         self.token_norm = nn.LayerNorm(token_width)
@@ -100,10 +114,17 @@ class TSPOHead(nn.Module):
         self.sim_proj = nn.Linear(1, hidden)
         patches = self.patch_grid[0] * self.patch_grid[1]
         self.position = nn.Parameter(torch.zeros(patches, hidden))  # where a patch is (position errors)
-        self.patch_mlp = nn.Sequential(nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.GELU(),
-                                       nn.Linear(hidden, 1))
-        self.global_mlp = nn.Sequential(nn.Linear(embed_dim + 2 * hidden + 2 * patches, hidden), nn.GELU(), nn.Dropout(dropout),
-                                        nn.Linear(hidden, hidden // 2), nn.GELU(), nn.Linear(hidden // 2, 1))
+        self.patch_mlp = nn.Sequential(
+            nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1)
+        )
+        self.global_mlp = nn.Sequential(
+            nn.Linear(embed_dim + 2 * hidden + 2 * patches, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden // 2),
+            nn.GELU(),
+            nn.Linear(hidden // 2, 1),
+        )
         nn.init.zeros_(self.global_mlp[-1].weight)  # start exactly at the zero-shot ranking
         nn.init.zeros_(self.global_mlp[-1].bias)
 
@@ -129,8 +150,10 @@ class TSPOHead(nn.Module):
     def check_backbone(self, backbone: Backbone) -> None:
         """Refuse a backbone whose embedding size or patch grid differs from the head's."""
         if backbone.embed_dim != self.config["embed_dim"] or tuple(backbone.grid_size) != self.patch_grid:
-            raise ValueError(f"the TSPO head expects a backbone with embed_dim {self.config['embed_dim']} and patch grid "
-                             f"{self.patch_grid}, got {backbone.embed_dim} and {tuple(backbone.grid_size)}")
+            raise ValueError(
+                f"the TSPO head expects a backbone with embed_dim {self.config['embed_dim']} and patch grid "
+                f"{self.patch_grid}, got {backbone.embed_dim} and {tuple(backbone.grid_size)}"
+            )
 
     def score_trace(self, backbone: Backbone, trace: ImageTrace, text_emb: Tensor) -> tuple[Tensor, Tensor]:
         """Reward [N] and error probability [N, gh, gw] from a traced forward (eval mode)."""
@@ -170,7 +193,9 @@ class TSPOScorer:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
         if images01.ndim != 4 or images01.shape[1] != 3 or not images01.is_floating_point():
-            raise ValueError(f"images must be floats [N, 3, H, W] in [0, 1], got {tuple(images01.shape)} {images01.dtype}")
+            raise ValueError(
+                f"images must be floats [N, 3, H, W] in [0, 1], got {tuple(images01.shape)} {images01.dtype}"
+            )
         with explaining(self.backbone):
             text = self.backbone.encode_text([prompt], normalize=True).float()
             trace = self.backbone.trace_image(self.backbone.normalize(images01.to(self.backbone.device)), n_blocks=0)
@@ -203,8 +228,15 @@ def load_head(path: str | Path) -> TSPOHead:
     return load_state(head_from_config(folder.config["head"]), folder).eval()
 
 
-def export_head(head: TSPOHead, path: str | Path, backbone: Backbone, backbone_spec: str, extra: dict[str, Any] | None = None,
-                card: str | None = None, overwrite: bool = False) -> Path:
+def export_head(
+    head: TSPOHead,
+    path: str | Path,
+    backbone: Backbone,
+    backbone_spec: str,
+    extra: dict[str, Any] | None = None,
+    card: str | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write `head` as a model folder (`xclip.model_folder`: float32 weights, config.json, a card),
     atomically. A folder that already holds a model is replaced only with `overwrite`; a card
     already there (hand-written) is kept.
@@ -212,22 +244,44 @@ def export_head(head: TSPOHead, path: str | Path, backbone: Backbone, backbone_s
     Raises:
         FileExistsError: `path` holds a model and `overwrite` is False.
     """
-    config = {"head": head.config, "backbone": backbone_spec, "backbone_weights_sha256": weights_fingerprint(backbone),
-              "features": "prompt + image embeddings (normalised), patch tokens before ln_post, patch-token cosine",
-              **(extra or {})}
-    return save_folder(path, ARCHITECTURE, config, head.state_dict(), dtype=torch.float32, overwrite=overwrite,
-                       card=card or f"# TSPO head\n\nBackbone: `{backbone_spec}`.\n")
+    config = {
+        "head": head.config,
+        "backbone": backbone_spec,
+        "backbone_weights_sha256": weights_fingerprint(backbone),
+        "features": "prompt + image embeddings (normalised), patch tokens before ln_post, patch-token cosine",
+        **(extra or {}),
+    }
+    return save_folder(
+        path,
+        ARCHITECTURE,
+        config,
+        head.state_dict(),
+        dtype=torch.float32,
+        overwrite=overwrite,
+        card=card or f"# TSPO head\n\nBackbone: `{backbone_spec}`.\n",
+    )
 
 
 def head_card(spec: str, val: dict[str, Any], steps: int) -> str:
     """The model card written with an export (the recipe's validation numbers)."""
     metrics = val.get("metrics", {})
-    lines = ["# TSPO head", "", (f"An MLP on frozen `{spec}` features (see `xclip.faithfulness.tspo_head`), trained "
-                                 f"{steps} steps with `xclip fit --config configs/tspo_head_shapes.yaml`; exported: the "
-                                 f"weights of validation epoch {val.get('epoch', '?')} (step {val.get('step', '?')}), "
-                                 "the best head pair accuracy."), "",
-             f"Validation ({val.get('n_prompts', '?')} prompts, {val.get('n_error_images', '?')} erroneous images):", "",
-             "| metric | value |", "|---|---|"]
+    lines = [
+        "# TSPO head",
+        "",
+        (
+            f"An MLP on frozen `{spec}` features (see `xclip.faithfulness.tspo_head`), trained "
+            f"{steps} steps with `xclip fit --config configs/tspo_head_shapes.yaml`; exported: the "
+            f"weights of validation epoch {val.get('epoch', '?')} (step {val.get('step', '?')}), "
+            "the best head pair accuracy."
+        ),
+        "",
+        f"Validation ({val.get('n_prompts', '?')} prompts, {val.get('n_error_images', '?')} erroneous images):",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
-    return "\n".join(lines) + "\n\nTest numbers: run `xclip test --config configs/tspo_head_shapes.yaml " \
-                              "--model.init_args.head_checkpoint <this directory>`.\n"
+    return (
+        "\n".join(lines) + "\n\nTest numbers: run `xclip test --config configs/tspo_head_shapes.yaml "
+        "--model.init_args.head_checkpoint <this directory>`.\n"
+    )

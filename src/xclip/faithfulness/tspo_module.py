@@ -89,10 +89,22 @@ class TSPOHeadModule(ExportMixin, EvaluationModule):
     shipped_folder = "checkpoints/tspo-head-tiny-shapes"
     not_hyperparameters = EXPORT_ARGUMENTS
 
-    def __init__(self, backbone: str | Backbone = "xclip:tiny-shapes", hidden: int = 256, dropout: float = 0.1,
-                 init_scale: float = 10.0, lr: float = 1e-3, weight_decay: float = 1e-4, patch_weight: float = 1.0,
-                 residual_penalty: float = 0.0, export: bool = True, export_dir: str | None = None,
-                 overwrite: bool = False, head_checkpoint: str | None = None, log_prompts: int = 4):
+    def __init__(
+        self,
+        backbone: str | Backbone = "xclip:tiny-shapes",
+        hidden: int = 256,
+        dropout: float = 0.1,
+        init_scale: float = 10.0,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        patch_weight: float = 1.0,
+        residual_penalty: float = 0.0,
+        export: bool = True,
+        export_dir: str | None = None,
+        overwrite: bool = False,
+        head_checkpoint: str | None = None,
+        log_prompts: int = 4,
+    ):
         super().__init__()
         self.set_export(export, export_dir, overwrite)
         backbone, self.backbone_spec = resolve_backbone(backbone)
@@ -115,8 +127,12 @@ class TSPOHeadModule(ExportMixin, EvaluationModule):
     # ---- forward -------------------------------------------------------------------------------
     def _features(self, batch: dict[str, Tensor]) -> HeadFeatures:
         b, r = batch["image"].shape[:2]
-        return HeadFeatures(batch["text"][:, None].expand(b, r, -1).reshape(b * r, -1), batch["image"].flatten(0, 1),
-                            batch["tokens"].flatten(0, 1), batch["patch_sim"].flatten(0, 1))
+        return HeadFeatures(
+            batch["text"][:, None].expand(b, r, -1).reshape(b * r, -1),
+            batch["image"].flatten(0, 1),
+            batch["tokens"].flatten(0, 1),
+            batch["patch_sim"].flatten(0, 1),
+        )
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """-> reward [B, R], patch logits [B, R, P]."""
@@ -134,8 +150,13 @@ class TSPOHeadModule(ExportMixin, EvaluationModule):
         residual_loss = residual.pow(2).mean()
         loss = bt + self.hparams.patch_weight * patch + self.hparams.residual_penalty * residual_loss
         acc = pairwise_accuracy(reward[:, i].flatten().detach(), reward[:, j].flatten().detach(), p.flatten())
-        return {"loss": loss, "bt_loss": bt, "patch_loss": patch, "residual_loss": residual_loss.detach(),
-                "pair_accuracy": torch.tensor(acc)}
+        return {
+            "loss": loss,
+            "bt_loss": bt,
+            "patch_loss": patch,
+            "residual_loss": residual_loss.detach(),
+            "pair_accuracy": torch.tensor(acc),
+        }
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self.losses(batch)
@@ -157,8 +178,7 @@ class TSPOHeadModule(ExportMixin, EvaluationModule):
         reward, logits = self(batch)
         b, r = reward.shape
         target = batch["patch_target"].bool().flatten(0, 1)
-        maps = {"head": logits.sigmoid().flatten(0, 1),
-                "dense": minmax_badness(batch["patch_sim"].flatten(0, 1))}
+        maps = {"head": logits.sigmoid().flatten(0, 1), "dense": minmax_badness(batch["patch_sim"].flatten(0, 1))}
         if "crops" in batch:
             maps["crops"] = minmax_badness(batch["crops"].flatten(0, 1))
         cols = {"reward": reward.flatten(), "zero_shot": (batch["image"] * batch["text"][:, None]).sum(-1).flatten()}
@@ -166,19 +186,28 @@ class TSPOHeadModule(ExportMixin, EvaluationModule):
         for name in BASELINES:
             cols[f"{name}_iou"] = patch_iou(maps[name], target) if name in maps else nan
             cols[f"{name}_auc"] = patch_auc(maps[name], target) if name in maps else nan
-        self.table.update(**cols, index=batch["index"].to(reward.device).repeat_interleave(r),
-                          render=torch.arange(r, device=reward.device).repeat(b),
-                          faithful=batch["faithful"].flatten().long(), has_error=target.any(1).long())
+        self.table.update(
+            **cols,
+            index=batch["index"].to(reward.device).repeat_interleave(r),
+            render=torch.arange(r, device=reward.device).repeat(b),
+            faithful=batch["faithful"].flatten().long(),
+            has_error=target.any(1).long(),
+        )
         if self._figure_batch is None:  # the epoch's first batch
-            self._figure_batch = {k: v[: self.hparams.log_prompts].detach().cpu() for k, v in
-                                  {**batch, "prob": logits.sigmoid()}.items() if isinstance(v, Tensor)}
+            self._figure_batch = {
+                k: v[: self.hparams.log_prompts].detach().cpu()
+                for k, v in {**batch, "prob": logits.sigmoid()}.items()
+                if isinstance(v, Tensor)
+            }
 
     def finish(self, stage: str) -> None:
         rows = {k: v.cpu() for k, v in self.table.rows().items()}
         if not rows["index"].numel() or self.trainer.sanity_checking:
             return
-        metrics = {f"{name}_pair_accuracy": pair_statistics(rows[col], rows["index"], rows["faithful"])["pair_accuracy"]
-                   for name, col in (("head", "reward"), ("zero_shot", "zero_shot"))}
+        metrics = {
+            f"{name}_pair_accuracy": pair_statistics(rows[col], rows["index"], rows["faithful"])["pair_accuracy"]
+            for name, col in (("head", "reward"), ("zero_shot", "zero_shot"))
+        }
         error = rows["has_error"] == 1
         for name in BASELINES:
             for m in ("iou", "auc"):
@@ -187,9 +216,14 @@ class TSPOHeadModule(ExportMixin, EvaluationModule):
                     metrics[f"{name}_patch_{m}"] = float(values.nanmean())
         for k, v in metrics.items():
             self.log_metric(stage, f"tspo/{k}", v)  # from the gathered table: the same on every process
-        self._results[stage] = {"metrics": metrics, "n_prompts": int(rows["index"].unique().numel()),
-                                "n_images": int(rows["index"].numel()), "n_error_images": int(error.sum()),
-                                "epoch": self.current_epoch, "step": self.global_step}
+        self._results[stage] = {
+            "metrics": metrics,
+            "n_prompts": int(rows["index"].unique().numel()),
+            "n_images": int(rows["index"].numel()),
+            "n_error_images": int(error.sum()),
+            "epoch": self.current_epoch,
+            "step": self.global_step,
+        }
         accuracy = metrics["head_pair_accuracy"]
         if stage == "val" and self.trainer.state.fn == "fit" and (self._best is None or accuracy > self._best[0]):
             weights = {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()}
@@ -207,12 +241,21 @@ class TSPOHeadModule(ExportMixin, EvaluationModule):
             item = data[idx]
             for r in range(item["images"].shape[0]):
                 crops = minmax_badness(batch["crops"][k, r][None])[0] if "crops" in batch else None
-                rows.append((item["prompt"], item["errors"][r], item["images"][r], batch["patch_target"][k, r],
-                             batch["prob"][k, r], crops))
+                rows.append(
+                    (
+                        item["prompt"],
+                        item["errors"][r],
+                        item["images"][r],
+                        batch["patch_target"][k, r],
+                        batch["prob"][k, r],
+                        crops,
+                    )
+                )
         array = figure_to_array(patch_prediction_figure(rows[: 4 * self.hparams.log_prompts], (gh, gw)))
         for writer in tensorboard_writers(self.trainer):
-            writer.add_image(self.metric_key(stage, "tspo/patch_predictions"), array, self.global_step,
-                             dataformats="HWC")
+            writer.add_image(
+                self.metric_key(stage, "tspo/patch_predictions"), array, self.global_step, dataformats="HWC"
+            )
 
     def export_model(self, path: Path) -> None:
         """The weights of the best validation epoch (by head pair accuracy; the last ones without
@@ -231,13 +274,25 @@ class TSPOHeadModule(ExportMixin, EvaluationModule):
             keys = [pre + k for k in ("head_pair_accuracy", "zero_shot_pair_accuracy") if pre + k in metrics]
             if keys:
                 labels = {"head_pair_accuracy": "head", "zero_shot_pair_accuracy": "zero-shot CLIP"}
-                rows.append(ReportRow("TSPO head", f"pairwise accuracy, faithful vs erroneous [{stage}]",
-                                      {labels[k[len(pre):]]: metrics[k] for k in keys}, keys))
+                rows.append(
+                    ReportRow(
+                        "TSPO head",
+                        f"pairwise accuracy, faithful vs erroneous [{stage}]",
+                        {labels[k[len(pre) :]]: metrics[k] for k in keys},
+                        keys,
+                    )
+                )
             for m, label in (("iou", "patch IoU at 0.5"), ("auc", "patch AUC")):
                 keys = [f"{pre}{b}_patch_{m}" for b in BASELINES if f"{pre}{b}_patch_{m}" in metrics]
                 if keys:
-                    rows.append(ReportRow("TSPO head", f"{label}, erroneous images [{stage}]",
-                                          {k[len(pre):].split("_")[0]: metrics[k] for k in keys}, keys))
+                    rows.append(
+                        ReportRow(
+                            "TSPO head",
+                            f"{label}, erroneous images [{stage}]",
+                            {k[len(pre) :].split("_")[0]: metrics[k] for k in keys},
+                            keys,
+                        )
+                    )
         return rows
 
     def extra_results(self) -> dict[str, Any]:

@@ -15,7 +15,27 @@ from xclip.metrics.retrieval_metric import RetrievalRecall
 from xclip.metrics.saliency import SALIENCY_METRICS, auc_judd, cc, kld, nss, saliency_metrics, sim
 from xclip.metrics.score_table import ScoreTable, unique_rows
 
-__all__ = ["OODMetrics", "RetrievalRecall", "SALIENCY_METRICS", "ScoreTable", "auc_judd", "cc", "cir_recall",
-           "circo_map_at_k", "cirr_recall", "cirr_subset_recall", "fpr_at_tpr", "gather_objects", "kld", "nss",
-           "ood_metrics", "rank_gallery", "retrieval_ranks", "retrieval_recall_at_k", "roc_curve", "saliency_metrics",
-           "sim", "unique_rows"]
+__all__ = [
+    "OODMetrics",
+    "RetrievalRecall",
+    "SALIENCY_METRICS",
+    "ScoreTable",
+    "auc_judd",
+    "cc",
+    "cir_recall",
+    "circo_map_at_k",
+    "cirr_recall",
+    "cirr_subset_recall",
+    "fpr_at_tpr",
+    "gather_objects",
+    "kld",
+    "nss",
+    "ood_metrics",
+    "rank_gallery",
+    "retrieval_ranks",
+    "retrieval_recall_at_k",
+    "roc_curve",
+    "saliency_metrics",
+    "sim",
+    "unique_rows",
+]

@@ -28,14 +28,18 @@ _CHUNK_ELEMENTS = 1 << 24  # score elements ranked at once (64 MiB of float32)
 
 def _check_ranked(ranked: Tensor, ks: Sequence[int], name: str, removed: int = 0) -> None:
     if ranked.ndim != 2 or ranked.dtype.is_floating_point:
-        raise ValueError(f"{name}: ranked must be an integer tensor [Q, N] of gallery indices, "
-                         f"got {ranked.dtype} {tuple(ranked.shape)}")
+        raise ValueError(
+            f"{name}: ranked must be an integer tensor [Q, N] of gallery indices, "
+            f"got {ranked.dtype} {tuple(ranked.shape)}"
+        )
     if not ks or min(ks) < 1:
         raise ValueError(f"{name}: ks must be positive, got {tuple(ks)}")
     if ranked.shape[1] - removed < max(ks):
-        raise ValueError(f"{name}: a ranking of {ranked.shape[1]} entries cannot give Recall@{max(ks)}"
-                         f"{' after removing the reference' if removed else ''}: rank at least "
-                         f"{max(ks) + removed} gallery items")
+        raise ValueError(
+            f"{name}: a ranking of {ranked.shape[1]} entries cannot give Recall@{max(ks)}"
+            f"{' after removing the reference' if removed else ''}: rank at least "
+            f"{max(ks) + removed} gallery items"
+        )
 
 
 def _check_queries(ranked: Tensor, name: str, **per_query: Tensor) -> None:
@@ -70,8 +74,9 @@ def _rank_without_reference(ranked: Tensor, target: Tensor, reference: Tensor) -
     return pos_t - (pos_r < pos_t).long()
 
 
-def cirr_recall(ranked: Tensor, target: Tensor, reference: Tensor,
-                ks: Sequence[int] = (1, 5, 10, 50)) -> dict[str, float]:
+def cirr_recall(
+    ranked: Tensor, target: Tensor, reference: Tensor, ks: Sequence[int] = (1, 5, 10, 50)
+) -> dict[str, float]:
     """CIRR Recall@K: the reference image is removed from each ranking first.
 
     ranked [Q, N] long (gallery indices, best first), target [Q], reference [Q] -> ``{"R@k": fraction}``.
@@ -84,8 +89,9 @@ def cirr_recall(ranked: Tensor, target: Tensor, reference: Tensor,
     return {f"R@{k}": float((rank < k).double().mean()) for k in ks}
 
 
-def cirr_subset_recall(ranked: Tensor, target: Tensor, reference: Tensor, members: Tensor,
-                       ks: Sequence[int] = (1, 2, 3)) -> dict[str, float]:
+def cirr_subset_recall(
+    ranked: Tensor, target: Tensor, reference: Tensor, members: Tensor, ks: Sequence[int] = (1, 2, 3)
+) -> dict[str, float]:
     """CIRR Recall_subset@K: the ranking restricted to the query's ``img_set.members`` after
     removing the reference.
 
@@ -111,8 +117,9 @@ def cirr_subset_recall(ranked: Tensor, target: Tensor, reference: Tensor, member
     return {f"R_subset@{k}": float((rank < k).double().mean()) for k in ks}
 
 
-def circo_map_at_k(ranked: Tensor, ground_truth: Sequence[Sequence[int]],
-                   ks: Sequence[int] = (5, 10, 25, 50)) -> dict[str, float]:
+def circo_map_at_k(
+    ranked: Tensor, ground_truth: Sequence[Sequence[int]], ks: Sequence[int] = (5, 10, 25, 50)
+) -> dict[str, float]:
     """CIRCO mAP@K with several ground truths per query (no reference removal).
 
     ``AP@K = sum_{i <= K, label_i = 1} precision@i / min(#ground truths, K)``, averaged over queries.
@@ -129,8 +136,10 @@ def circo_map_at_k(ranked: Tensor, ground_truth: Sequence[Sequence[int]],
         seen = [int(i) for i in g]
         if len(set(seen)) != len(seen):
             repeated = next(i for i in seen if seen.count(i) > 1)
-            raise ValueError(f"circo_map_at_k: query {q}'s ground truth repeats gallery index {repeated} "
-                             f"({seen}): list each ground truth once")
+            raise ValueError(
+                f"circo_map_at_k: query {q}'s ground truth repeats gallery index {repeated} "
+                f"({seen}): list each ground truth once"
+            )
     width = max(len(g) for g in ground_truth)
     gt = torch.full((len(ground_truth), width), -1, dtype=torch.long)
     for q, g in enumerate(ground_truth):  # building the padded table; the scoring below is batched
@@ -144,8 +153,9 @@ def circo_map_at_k(ranked: Tensor, ground_truth: Sequence[Sequence[int]],
     return {f"mAP@{k}": float((precision[:, :k].sum(1) / n_gt.clamp(max=k)).mean()) for k in ks}
 
 
-def rank_gallery(queries: Tensor, gallery: Tensor, top: int | None = None,
-                 chunk_elements: int = _CHUNK_ELEMENTS) -> Tensor:
+def rank_gallery(
+    queries: Tensor, gallery: Tensor, top: int | None = None, chunk_elements: int = _CHUNK_ELEMENTS
+) -> Tensor:
     """Gallery indices by descending cosine, best first: queries [Q, D], gallery [N, D] -> [Q, top or N].
 
     Both sides are L2-normalised here; ties keep the lower gallery index first (stable), so
@@ -153,14 +163,18 @@ def rank_gallery(queries: Tensor, gallery: Tensor, top: int | None = None,
     embeddings are refused (a NaN cosine sorts first: that row would top every ranking).
     """
     if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
-        raise ValueError(f"rank_gallery: queries [Q, D] and gallery [N, D] must share D, got "
-                         f"{tuple(queries.shape)} and {tuple(gallery.shape)}")
+        raise ValueError(
+            f"rank_gallery: queries [Q, D] and gallery [N, D] must share D, got "
+            f"{tuple(queries.shape)} and {tuple(gallery.shape)}"
+        )
     for side, emb in (("query", queries), ("gallery", gallery)):
         bad = (~torch.isfinite(emb)).any(1).nonzero().flatten()
         if bad.numel():
-            raise ValueError(f"rank_gallery: {side} rows {bad[:10].tolist()}{' ...' if bad.numel() > 10 else ''} "
-                             f"hold NaN or infinite values ({bad.numel()} of {emb.shape[0]}): the model produced "
-                             "non-finite embeddings for them (check its weights, the precision, the input images)")
+            raise ValueError(
+                f"rank_gallery: {side} rows {bad[:10].tolist()}{' ...' if bad.numel() > 10 else ''} "
+                f"hold NaN or infinite values ({bad.numel()} of {emb.shape[0]}): the model produced "
+                "non-finite embeddings for them (check its weights, the precision, the input images)"
+            )
     n = gallery.shape[0]
     top = n if top is None else min(int(top), n)
     q, g = F.normalize(queries.float(), dim=-1), F.normalize(gallery.float(), dim=-1)

@@ -79,8 +79,12 @@ def _average_precision(tps: np.ndarray, fps: np.ndarray) -> float:
     return float(np.sum(gained * (tps / (tps + fps))) / tps[-1])
 
 
-def fpr_at_tpr(pos_scores: Tensor | np.ndarray, neg_scores: Tensor | np.ndarray, tpr: float = 0.95,
-               rule: Literal["nearest", "first_geq"] = "nearest") -> float:
+def fpr_at_tpr(
+    pos_scores: Tensor | np.ndarray,
+    neg_scores: Tensor | np.ndarray,
+    tpr: float = 0.95,
+    rule: Literal["nearest", "first_geq"] = "nearest",
+) -> float:
     """Share of negatives scoring >= the threshold picked on the positives' TPR (higher = positive).
 
     ``rule="nearest"``: among thresholds down to the first that accepts every positive, the one whose
@@ -105,8 +109,9 @@ def fpr_at_tpr(pos_scores: Tensor | np.ndarray, neg_scores: Tensor | np.ndarray,
     return float(fps[cut] / neg.size)
 
 
-def ood_metrics(id_scores: Tensor | np.ndarray, ood_scores: Tensor | np.ndarray,
-                convention: Convention = "neglabel") -> dict[str, float]:
+def ood_metrics(
+    id_scores: Tensor | np.ndarray, ood_scores: Tensor | np.ndarray, convention: Convention = "neglabel"
+) -> dict[str, float]:
     """``{"auroc", "fpr95", "aupr_in", "aupr_out"}`` in [0, 1] from raw scores (higher = more ID).
 
     `id_scores` [N_id] and `ood_scores` [N_ood] are tensors or arrays of any real range; only their
@@ -164,15 +169,23 @@ class OODMetrics(Metric):
 
     def update(self, scores: Tensor, is_id: Tensor, index: Tensor) -> None:
         if scores.ndim != 1 or scores.shape != is_id.shape or scores.shape != index.shape:
-            raise ValueError(f"scores, is_id and index must all be [B], got {tuple(scores.shape)}, "
-                             f"{tuple(is_id.shape)} and {tuple(index.shape)}")
+            raise ValueError(
+                f"scores, is_id and index must all be [B], got {tuple(scores.shape)}, "
+                f"{tuple(is_id.shape)} and {tuple(index.shape)}"
+            )
         # float64 keeps distinct float64 scores distinct; uint8 flags gather on every backend
         self.scores.append(scores.detach().to(torch.float64))
         self.is_id.append(is_id.detach().to(torch.uint8))
         self.index.append(index.detach().to(torch.int64))
 
     def compute(self) -> dict[str, float]:
-        rows = unique_rows({"scores": dim_zero_cat(self.scores), "is_id": dim_zero_cat(self.is_id).long(),
-                            "index": dim_zero_cat(self.index)}, ("is_id", "index"))
+        rows = unique_rows(
+            {
+                "scores": dim_zero_cat(self.scores),
+                "is_id": dim_zero_cat(self.is_id).long(),
+                "index": dim_zero_cat(self.index),
+            },
+            ("is_id", "index"),
+        )
         is_id = rows["is_id"].bool()
         return ood_metrics(rows["scores"][is_id], rows["scores"][~is_id], self.convention)

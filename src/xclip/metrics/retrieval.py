@@ -58,8 +58,9 @@ class _ChunkRanker:
         return rank
 
 
-def retrieval_ranks(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor,
-                    chunk_elements: int = _CHUNK_ELEMENTS) -> tuple[Tensor, Tensor]:
+def retrieval_ranks(
+    image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, chunk_elements: int = _CHUNK_ELEMENTS
+) -> tuple[Tensor, Tensor]:
     """Ranks of the ground truth in both directions.
 
     Args:
@@ -78,8 +79,9 @@ def retrieval_ranks(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor,
         raise ValueError(f"text_to_image holds indices outside [0, {n_img})")
     text_to_image = text_to_image.to(image_emb.device)
     # one direction after the other, so only one direction's chunk buffers exist at a time
-    return _t2i_ranks(image_emb, text_emb, text_to_image, chunk_elements), \
-        _i2t_ranks(image_emb, text_emb, text_to_image, chunk_elements)
+    return _t2i_ranks(image_emb, text_emb, text_to_image, chunk_elements), _i2t_ranks(
+        image_emb, text_emb, text_to_image, chunk_elements
+    )
 
 
 def _t2i_ranks(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, chunk_elements: int) -> Tensor:
@@ -110,7 +112,8 @@ def _i2t_ranks(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, chunk
         row = text_to_image[own] - s
         own_score = scores[row, own]
         best = torch.full((e - s,), float("-inf"), dtype=scores.dtype, device=device).scatter_reduce(
-            0, row, own_score, "amax")
+            0, row, own_score, "amax"
+        )
         # the best own caption; among equal scores the lowest index, as a stable sort puts it first
         candidate = torch.where(own_score == best[row], own, torch.full_like(own, n_txt))
         best_idx = torch.full((e - s,), n_txt, device=device).scatter_reduce(0, row, candidate, "amin")
@@ -119,8 +122,9 @@ def _i2t_ranks(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, chunk
     return i2t
 
 
-def retrieval_recall_at_k(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor,
-                          ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def retrieval_recall_at_k(
+    image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
     """Recall@k both ways: ``{"t2i_R@1": ..., "i2t_R@1": ...}``, fractions in [0, 1].
 
     `image_emb` [I, D] and `text_emb` [T, D] are L2-normalised; `text_to_image` [T] long maps

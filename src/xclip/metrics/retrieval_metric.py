@@ -28,8 +28,9 @@ class RetrievalRecall(Metric):
         super().__init__(**kwargs)
         self.ks = tuple(ks)
         self.images = ScoreTable(int_columns=("index",), vector_columns=("emb",), unique_by=("index",), sort=True)
-        self.captions = ScoreTable(int_columns=("image", "slot"), vector_columns=("emb",), unique_by=("image", "slot"),
-                                   sort=True)
+        self.captions = ScoreTable(
+            int_columns=("image", "slot"), vector_columns=("emb",), unique_by=("image", "slot"), sort=True
+        )
 
     def update(self, image_emb: Tensor, image_index: Tensor, text_emb: Tensor, text_image_index: Tensor) -> None:
         self.images.update(index=image_index, emb=image_emb.float())
@@ -49,8 +50,7 @@ class RetrievalRecall(Metric):
         the data was sharded, so several processes give the very numbers of one.
         """
         images, captions = self.images.rows(), self.captions.rows()
-        return (images["index"], images["emb"], captions["emb"],
-                torch.searchsorted(images["index"], captions["image"]))
+        return (images["index"], images["emb"], captions["emb"], torch.searchsorted(images["index"], captions["image"]))
 
     def compute(self) -> dict[str, float]:
         _, img, txt, position = self.ordered()
@@ -75,11 +75,16 @@ def recall_report_rows(metrics: Mapping[str, float | None], workflow: str, names
     `metrics`: one row per direction and stage, one column per K."""
     rows = []
     for stage in ("val", "test"):
-        for direction, name in (("t2i", "text->image Recall@K (over captions)"),
-                                ("i2t", "image->text Recall@K (any caption of the image)")):
+        for direction, name in (
+            ("t2i", "text->image Recall@K (over captions)"),
+            ("i2t", "image->text Recall@K (any caption of the image)"),
+        ):
             prefix = f"{stage}/{namespace}/{direction}_R@"
             keys = sorted((k for k in metrics if k.startswith(prefix)), key=lambda k: int(k.rsplit("@", 1)[1]))
             if keys:
-                rows.append(ReportRow(workflow, f"{name} [{stage}]",
-                                      {f"R@{k.rsplit('@', 1)[1]}": metrics[k] for k in keys}, keys))
+                rows.append(
+                    ReportRow(
+                        workflow, f"{name} [{stage}]", {f"R@{k.rsplit('@', 1)[1]}": metrics[k] for k in keys}, keys
+                    )
+                )
     return rows

@@ -35,8 +35,10 @@ def _prepare(pred: Tensor, truth: Tensor) -> tuple[Tensor, Tensor]:
     """Both as float64 [B, H*W], pred resized to truth's grid; inputs checked."""
     pred, truth = torch.as_tensor(pred), torch.as_tensor(truth)
     if pred.ndim != 3 or truth.ndim != 3 or pred.shape[0] != truth.shape[0]:
-        raise ValueError(f"saliency metrics need pred [B, h, w] and truth [B, H, W] with the same B, "
-                         f"got {tuple(pred.shape)} and {tuple(truth.shape)}")
+        raise ValueError(
+            f"saliency metrics need pred [B, h, w] and truth [B, H, W] with the same B, "
+            f"got {tuple(pred.shape)} and {tuple(truth.shape)}"
+        )
     pred, truth = pred.double(), truth.double()
     if not torch.isfinite(pred).all() or not torch.isfinite(truth).all():
         raise ValueError("saliency metrics got NaN or infinite values in pred or truth")

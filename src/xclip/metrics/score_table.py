@@ -46,9 +46,15 @@ class ScoreTable(Metric):
     is_differentiable = False
     full_state_update = False
 
-    def __init__(self, columns: tuple[str, ...] = (), int_columns: tuple[str, ...] = (),
-                 unique_by: tuple[str, ...] = (), vector_columns: tuple[str, ...] = (), sort: bool = False,
-                 **kwargs):
+    def __init__(
+        self,
+        columns: tuple[str, ...] = (),
+        int_columns: tuple[str, ...] = (),
+        unique_by: tuple[str, ...] = (),
+        vector_columns: tuple[str, ...] = (),
+        sort: bool = False,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         names = [*columns, *int_columns, *vector_columns]
         repeated = sorted({n for n in names if names.count(n) > 1})
@@ -60,22 +66,27 @@ class ScoreTable(Metric):
             raise ValueError("sort=True orders rows by the unique_by columns: name them")
         self.float_columns, self.int_columns = tuple(columns), tuple(int_columns)
         self.vector_columns, self.unique_by, self.sort = tuple(vector_columns), tuple(unique_by), sort
-        self._dtypes = {**dict.fromkeys(self.float_columns, torch.float64),
-                        **dict.fromkeys(self.int_columns, torch.int64),
-                        **dict.fromkeys(self.vector_columns, torch.float32)}
+        self._dtypes = {
+            **dict.fromkeys(self.float_columns, torch.float64),
+            **dict.fromkeys(self.int_columns, torch.int64),
+            **dict.fromkeys(self.vector_columns, torch.float32),
+        }
         for name in self._dtypes:
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(self, **values: Tensor) -> None:
         if set(values) != set(self._dtypes):
-            raise ValueError(f"ScoreTable.update needs exactly the columns {sorted(self._dtypes)}, "
-                             f"got {sorted(values)}")
+            raise ValueError(
+                f"ScoreTable.update needs exactly the columns {sorted(self._dtypes)}, got {sorted(values)}"
+            )
         lengths = {int(v.shape[0]) if v.ndim else -1 for v in values.values()}
         bad = [n for n, v in values.items() if v.ndim != (2 if n in self.vector_columns else 1)]
         if len(lengths) != 1 or bad:
             shapes = {n: tuple(v.shape) for n, v in values.items()}
-            raise ValueError(f"every column must be one [B] tensor ([B, D] for {list(self.vector_columns)}) of the "
-                             f"same B, got shapes {shapes}")
+            raise ValueError(
+                f"every column must be one [B] tensor ([B, D] for {list(self.vector_columns)}) of the "
+                f"same B, got shapes {shapes}"
+            )
         for name, value in values.items():
             getattr(self, name).append(value.detach().to(self._dtypes[name]))
 

@@ -38,8 +38,7 @@ class OODExplanationCallback(StageCallback):
 
     workflow = "ood"
 
-    def __init__(self, max_items: int = 4, alpha: float = 0.5, panel_px: int = 192,
-                 subdir: str = "explanations/ood"):
+    def __init__(self, max_items: int = 4, alpha: float = 0.5, panel_px: int = 192, subdir: str = "explanations/ood"):
         if max_items < 0:
             raise ValueError("max_items must be >= 0")
         super().__init__(subdir)
@@ -69,18 +68,39 @@ class OODExplanationCallback(StageCallback):
             title = explanation_title(text, "NegAlign CAM (Grad-CAM at ln_1)", item, f"{stage} / {split}")
             cam = outputs["cam"][i]
             bg = background_view(images[i], outputs["fg_mask"][i])
-            panel = figure_to_array(explanation_figure(images[i], cam.numpy(), title, alpha=self.alpha,
-                                                       extra_panels=[("background pooled (foreground dimmed)", bg)],
-                                                       panel_px=self.panel_px))
+            panel = figure_to_array(
+                explanation_figure(
+                    images[i],
+                    cam.numpy(),
+                    title,
+                    alpha=self.alpha,
+                    extra_panels=[("background pooled (foreground dimmed)", bg)],
+                    panel_px=self.panel_px,
+                )
+            )
             png = save_png(panel, out_dir / f"{stem}.png", text={"Title": title})
-            npy, _ = save_map_npy(cam.numpy(), out_dir / f"{stem}.npy", image_size=tuple(images.shape[-2:]),
-                                  extra={"text": text, "explainer": "negalign_cam", "item_id": item, "split": split,
-                                         "title": title})
+            npy, _ = save_map_npy(
+                cam.numpy(),
+                out_dir / f"{stem}.npy",
+                image_size=tuple(images.shape[-2:]),
+                extra={"text": text, "explainer": "negalign_cam", "item_id": item, "split": split, "title": title},
+            )
             self.log_image(trainer, stage, "cam", f"{split}_{item}", panel)
-            self.records.append({"split": split, "id": item, "stage": stage, "png": png.name, "npy": npy.name,
-                                  "title": title, "cam_valid": bool(outputs["cam_valid"][i]), "pred_class": pred,
-                                  "map_max": float(cam.max()), "all_zero": bool(cam.max() <= 0),
-                                  "foreground_patches": int(outputs["fg_mask"][i].sum())})
+            self.records.append(
+                {
+                    "split": split,
+                    "id": item,
+                    "stage": stage,
+                    "png": png.name,
+                    "npy": npy.name,
+                    "title": title,
+                    "cam_valid": bool(outputs["cam_valid"][i]),
+                    "pred_class": pred,
+                    "map_max": float(cam.max()),
+                    "all_zero": bool(cam.max() <= 0),
+                    "foreground_patches": int(outputs["fg_mask"][i].sum()),
+                }
+            )
 
 
 def _class_names(pl_module, batch) -> list[str]:

@@ -73,20 +73,38 @@ class OODDataModule(pl.LightningDataModule):
             base seed and extra :class:`SpuriousShapes` arguments (classes, places, correlation).
     """
 
-    def __init__(self, source: str = "shapes", data_root: str | None = None, ood_dirs: dict[str, str] | None = None,
-                 val_split: int | str = "val", test_split: int | str = "test", calib_split: int | str | None = "train",
-                 ood_test_fraction: float = 0.5, holdout_seed: int = 0, image_size: int | None = None,
-                 n_id: int = 1000, n_ood: int = 1000, n_calib: int = 500, seed: int = 0,
-                 shapes_options: dict[str, Any] | None = None, batch_size: int = 64, num_workers: int = 0):
+    def __init__(
+        self,
+        source: str = "shapes",
+        data_root: str | None = None,
+        ood_dirs: dict[str, str] | None = None,
+        val_split: int | str = "val",
+        test_split: int | str = "test",
+        calib_split: int | str | None = "train",
+        ood_test_fraction: float = 0.5,
+        holdout_seed: int = 0,
+        image_size: int | None = None,
+        n_id: int = 1000,
+        n_ood: int = 1000,
+        n_calib: int = 500,
+        seed: int = 0,
+        shapes_options: dict[str, Any] | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+    ):
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
         if source == "waterbirds" and (data_root is None or not ood_dirs):
-            raise ValueError("source 'waterbirds' needs `data_root` (the WaterBirds folder) and `ood_dirs` "
-                             "(name -> image folder, e.g. {placesbg: data/placesbg})")
+            raise ValueError(
+                "source 'waterbirds' needs `data_root` (the WaterBirds folder) and `ood_dirs` "
+                "(name -> image folder, e.g. {placesbg: data/placesbg})"
+            )
         if calib_split is not None and calib_split in (val_split, test_split):
-            raise ValueError(f"calib_split {calib_split!r} is also an evaluated split: calibration statistics must "
-                             "come from other ID data (e.g. calib_split: train)")
+            raise ValueError(
+                f"calib_split {calib_split!r} is also an evaluated split: calibration statistics must "
+                "come from other ID data (e.g. calib_split: train)"
+            )
         if not 0.0 < ood_test_fraction < 1.0:
             raise ValueError(f"ood_test_fraction must lie in (0, 1), got {ood_test_fraction}")
         self.source, self.data_root, self.ood_dirs = source, data_root, dict(ood_dirs or {})
@@ -113,17 +131,22 @@ class OODDataModule(pl.LightningDataModule):
             base = self.seed + 1000  # held-out streams, as ShapesWorldDataModule
 
             def shapes(n: int, seed: int, ood: str | None) -> SpuriousShapes:
-                return SpuriousShapes(n=n, seed=seed, image_size=self.image_size, ood=ood, split=partition,
-                                      **self.shapes_options)
+                return SpuriousShapes(
+                    n=n, seed=seed, image_size=self.image_size, ood=ood, split=partition, **self.shapes_options
+                )
 
-            return [("id", "id", shapes(self.n_id, base, None)),
-                    ("ood_background", "ood", shapes(self.n_ood, base + 1, "background")),
-                    ("ood_novel_shape", "ood", shapes(self.n_ood, base + 2, "novel_shape"))]
+            return [
+                ("id", "id", shapes(self.n_id, base, None)),
+                ("ood_background", "ood", shapes(self.n_ood, base + 1, "background")),
+                ("ood_novel_shape", "ood", shapes(self.n_ood, base + 2, "novel_shape")),
+            ]
         split = self.test_split if partition == "test" else self.val_split
         assert self.data_root is not None  # __init__ refuses source 'waterbirds' without data_root
         out: list[tuple[str, str, Dataset]] = [("id", "id", WaterBirds(self.data_root, split, self.image_size))]
-        out.extend((f"ood_{name}", "ood", self._holdout_part(ImageFolder(path, self.image_size), partition))
-                   for name, path in self.ood_dirs.items())
+        out.extend(
+            (f"ood_{name}", "ood", self._holdout_part(ImageFolder(path, self.image_size), partition))
+            for name, path in self.ood_dirs.items()
+        )
         return out
 
     def calibration_set(self) -> Dataset | None:
@@ -131,8 +154,9 @@ class OODDataModule(pl.LightningDataModule):
         if self.source == "shapes":
             if self.n_calib <= 0:
                 return None
-            return SpuriousShapes(n=self.n_calib, seed=self.seed + 2000, image_size=self.image_size,
-                                  **self.shapes_options)
+            return SpuriousShapes(
+                n=self.n_calib, seed=self.seed + 2000, image_size=self.image_size, **self.shapes_options
+            )
         if self.calib_split is None:
             return None
         assert self.data_root is not None  # __init__ refuses source 'waterbirds' without data_root

@@ -35,8 +35,10 @@ def in_set_order(rows: dict[str, Tensor], splits: Splits) -> dict[str, Tensor]:
 def report_names(splits: Splits, evaluated: str) -> dict[int, tuple[str, str]]:
     """code -> (report name, role): the evaluated partition's sets keep their names, the
     lambda-selection sets of a test run are prefixed ``val/``."""
-    return {c: (name if part == evaluated or role == "calib" else f"{part}/{name}", role)
-            for c, (part, name, role) in splits.items()}
+    return {
+        c: (name if part == evaluated or role == "calib" else f"{part}/{name}", role)
+        for c, (part, name, role) in splits.items()
+    }
 
 
 def set_masks(rows: dict[str, Tensor], splits: Splits, partition: str) -> tuple[Tensor, dict[str, Tensor]]:
@@ -45,8 +47,10 @@ def set_masks(rows: dict[str, Tensor], splits: Splits, partition: str) -> tuple[
     id_codes = [c for c, (_, role) in codes.items() if role == "id"]
     ood_codes = [c for c, (_, role) in codes.items() if role == "ood"]
     if len(id_codes) != 1 or not ood_codes:
-        raise ValueError(f"OOD evaluation needs exactly one ID split and at least one OOD split in the "
-                         f"{partition!r} partition, got {sorted(codes.values())}")
+        raise ValueError(
+            f"OOD evaluation needs exactly one ID split and at least one OOD split in the "
+            f"{partition!r} partition, got {sorted(codes.values())}"
+        )
     return rows["split"] == id_codes[0], {codes[c][0]: rows["split"] == c for c in ood_codes}
 
 
@@ -76,9 +80,16 @@ class OODEvaluation:
     stats: dict[str, tuple[float, float]] | None
 
 
-def evaluate(rows: dict[str, Tensor], splits: Splits, evaluated: str, variant: Variant, lam: float,
-             lambdas: Sequence[float], convention: Convention,
-             available: Callable[[Variant], bool]) -> OODEvaluation:
+def evaluate(
+    rows: dict[str, Tensor],
+    splits: Splits,
+    evaluated: str,
+    variant: Variant,
+    lam: float,
+    lambdas: Sequence[float],
+    convention: Convention,
+    available: Callable[[Variant], bool],
+) -> OODEvaluation:
     """Score every variant and lambda from the per-image terms in `rows` (see the module docstring).
 
     The lambda of ``negalign_selected`` is the one with the highest mean AUROC over the OOD sets of
@@ -93,8 +104,10 @@ def evaluate(rows: dict[str, Tensor], splits: Splits, evaluated: str, variant: V
     calib = rows["split"] == calib_codes[0] if calib_codes else None
     stats = zscore_stats({c: v[calib] for c, v in terms.items()}) if calib is not None and calib.any() else None
     if variant.m3 and stats is None:
-        raise ValueError("m3 is on but no ID calibration images were evaluated: give the datamodule a "
-                         "calibration set (n_calib > 0 / calib_split) or set m3 false")
+        raise ValueError(
+            "m3 is on but no ID calibration images were evaluated: give the datamodule a "
+            "calibration set (n_calib > 0 / calib_split) or set m3 false"
+        )
 
     def metrics(v: Variant, at: float, id_rows: Tensor = is_id, ood: dict[str, Tensor] = ood_masks) -> SplitMetrics:
         return variant_metrics(terms, id_rows, ood, v, at, stats, convention)
@@ -109,11 +122,27 @@ def evaluate(rows: dict[str, Tensor], splits: Splits, evaluated: str, variant: V
         if (v.m3 and stats is None) or not available(v):
             continue
         sweep = [{"lambda": x, "metrics": metrics(v, x)} for x in (lambdas if v.p_align else [0.0])]
-        ablation.append({"name": v.name, "m1": v.m1, "m2": v.m2, "m3": v.m3, "p_align": v.p_align,
-                         "metrics": metrics(v, lam if v.p_align else 0.0), "per_lambda": sweep})
-    variants = {"neglabel": metrics(Variant(), 0.0), "neglabel_star": metrics(star, 0.0),
-                "negalign": metrics(variant, lam), "negalign_selected": per_lambda[best]}
-    configured = {"s_neglabel_plain": terms["star"], "s_neglabel_star": variant_scores(terms, star, 0.0, stats),
-                  "p_align": zscored(terms, "p_align", stats) if variant.m3 else terms["p_align"],
-                  "s_final": variant_scores(terms, variant, lam, stats)}
+        ablation.append(
+            {
+                "name": v.name,
+                "m1": v.m1,
+                "m2": v.m2,
+                "m3": v.m3,
+                "p_align": v.p_align,
+                "metrics": metrics(v, lam if v.p_align else 0.0),
+                "per_lambda": sweep,
+            }
+        )
+    variants = {
+        "neglabel": metrics(Variant(), 0.0),
+        "neglabel_star": metrics(star, 0.0),
+        "negalign": metrics(variant, lam),
+        "negalign_selected": per_lambda[best],
+    }
+    configured = {
+        "s_neglabel_plain": terms["star"],
+        "s_neglabel_star": variant_scores(terms, star, 0.0, stats),
+        "p_align": zscored(terms, "p_align", stats) if variant.m3 else terms["p_align"],
+        "s_final": variant_scores(terms, variant, lam, stats),
+    }
     return OODEvaluation(variants, per_lambda, best, oracle, ablation, configured, star, stats)

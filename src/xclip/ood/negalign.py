@@ -138,10 +138,23 @@ class NegAlignScorer(nn.Module):
     object_groups: Tensor | None  # buffers (None when the toggle that needs them is off)
     neg_bg_emb: Tensor | None
 
-    def __init__(self, id_emb: Tensor, neg_emb: Tensor, *, object_idx: Tensor | None = None,
-                 neg_bg_emb: Tensor | None = None, n_groups: int = 100, seed: int = 0, tau: float = 0.01,
-                 m1_topk: int | None = None, m2_role_aware: bool = False, m3_zscore: bool = False,
-                 use_p_align: bool = True, lam: float = 1.0, k: int = 5):
+    def __init__(
+        self,
+        id_emb: Tensor,
+        neg_emb: Tensor,
+        *,
+        object_idx: Tensor | None = None,
+        neg_bg_emb: Tensor | None = None,
+        n_groups: int = 100,
+        seed: int = 0,
+        tau: float = 0.01,
+        m1_topk: int | None = None,
+        m2_role_aware: bool = False,
+        m3_zscore: bool = False,
+        use_p_align: bool = True,
+        lam: float = 1.0,
+        k: int = 5,
+    ):
         super().__init__()
         self.neglabel = NegLabelScorer(id_emb, neg_emb, n_groups, seed, tau)
         if m1_topk is not None and not 1 <= m1_topk <= n_groups:
@@ -201,8 +214,10 @@ class NegAlignScorer(nn.Module):
 
         The std is the population std (correction 0). P_align statistics need `bg_emb`.
         """
-        parts = [self._raw_terms(image_emb[i : i + batch_size], None if bg_emb is None else bg_emb[i : i + batch_size])
-                 for i in range(0, image_emb.shape[0], batch_size)]
+        parts = [
+            self._raw_terms(image_emb[i : i + batch_size], None if bg_emb is None else bg_emb[i : i + batch_size])
+            for i in range(0, image_emb.shape[0], batch_size)
+        ]
         stats = []
         for name in ("s_neglabel_star", "p_align"):
             values = torch.cat([p[name] for p in parts]).double()

@@ -87,17 +87,37 @@ class NegAlignModule(EvaluationModule):
     workflow = "ood"
     tasks = ("ood",)
 
-    def __init__(self, backbone: str | Backbone = "xclip:tiny-shapes", class_names: Sequence[str] = ("square", "circle"),
-                 id_prompts: Sequence[str] | Mapping[str, Sequence[str]] = ("the nice {}",),
-                 nouns: str | list[str] | None = None, adjectives: str | list[str] | None = None,
-                 neg_labels_dir: str | None = None, noun_templates: Sequence[str] = ("the nice {}",),
-                 adj_templates: Sequence[str] = ("This is a {} photo",), percentile: float = 0.95,
-                 keep_ratio: float = 0.15, n_groups: int = 10, seed: int = 0, tau: float = 0.01,
-                 role_tau: float = 0.05, cam_percentile: float = 80.0, dilation: int = 1, k: int = 5,
-                 m1_topk: int = 5, m1: bool = False, m2: bool = False, m3: bool = True, use_p_align: bool = True,
-                 lam: float = 1.0, lambdas: Sequence[float] = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0),
-                 convention: Convention = "neglabel", text_batch_size: int = 256, text_cache_dir: str | None = None,
-                 breakdown_csv: bool = False):
+    def __init__(
+        self,
+        backbone: str | Backbone = "xclip:tiny-shapes",
+        class_names: Sequence[str] = ("square", "circle"),
+        id_prompts: Sequence[str] | Mapping[str, Sequence[str]] = ("the nice {}",),
+        nouns: str | list[str] | None = None,
+        adjectives: str | list[str] | None = None,
+        neg_labels_dir: str | None = None,
+        noun_templates: Sequence[str] = ("the nice {}",),
+        adj_templates: Sequence[str] = ("This is a {} photo",),
+        percentile: float = 0.95,
+        keep_ratio: float = 0.15,
+        n_groups: int = 10,
+        seed: int = 0,
+        tau: float = 0.01,
+        role_tau: float = 0.05,
+        cam_percentile: float = 80.0,
+        dilation: int = 1,
+        k: int = 5,
+        m1_topk: int = 5,
+        m1: bool = False,
+        m2: bool = False,
+        m3: bool = True,
+        use_p_align: bool = True,
+        lam: float = 1.0,
+        lambdas: Sequence[float] = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0),
+        convention: Convention = "neglabel",
+        text_batch_size: int = 256,
+        text_cache_dir: str | None = None,
+        breakdown_csv: bool = False,
+    ):
         super().__init__()
         backbone, spec = resolve_backbone(backbone)
         if not lambdas:
@@ -131,8 +151,10 @@ class NegAlignModule(EvaluationModule):
         """(nouns, adjectives, mine?) from saved negative labels or the candidate word lists."""
         if self.neg_labels_dir is not None:
             folder = Path(self.neg_labels_dir)
-            nouns, adjs = (read_words(folder / NEG_LABEL_FILES[p]) if (folder / NEG_LABEL_FILES[p]).is_file() else []
-                           for p in ("noun", "adj"))
+            nouns, adjs = (
+                read_words(folder / NEG_LABEL_FILES[p]) if (folder / NEG_LABEL_FILES[p]).is_file() else []
+                for p in ("noun", "adj")
+            )
             if not nouns and not adjs:
                 raise ValueError(f"`neg_labels_dir` ({folder}) holds no words in {sorted(NEG_LABEL_FILES.values())}")
             return nouns, adjs, False
@@ -149,26 +171,49 @@ class NegAlignModule(EvaluationModule):
             return self.terms
         id_emb = id_embeddings(self.texts, self.class_names, self.id_prompts)
         nouns, adjs, mine = self._vocabulary()
-        neg = build_negatives(self.texts, id_emb, nouns, adjs, self.noun_templates, self.adj_templates, mine=mine,
-                              percentile=self.percentile, keep_ratio=self.keep_ratio, role_tau=self.role_tau)
+        neg = build_negatives(
+            self.texts,
+            id_emb,
+            nouns,
+            adjs,
+            self.noun_templates,
+            self.adj_templates,
+            mine=mine,
+            percentile=self.percentile,
+            keep_ratio=self.keep_ratio,
+            role_tau=self.role_tau,
+        )
         n_obj, n_bg = neg.roles["object"].numel(), neg.roles["background"].numel()
         has_m2, has_bg = n_obj >= self.n_groups, n_bg > 0
         self.unavailable = {}
         if not has_m2:
-            self.unavailable["m2"] = (f"only {n_obj} of {len(neg.words)} negatives lean object (r > {self.role_tau}), "
-                                      f"fewer than n_groups={self.n_groups}")
+            self.unavailable["m2"] = (
+                f"only {n_obj} of {len(neg.words)} negatives lean object (r > {self.role_tau}), "
+                f"fewer than n_groups={self.n_groups}"
+            )
         if not has_bg:
-            self.unavailable["p_align"] = (f"no negative of {len(neg.words)} leans background (r < -{self.role_tau})")
+            self.unavailable["p_align"] = f"no negative of {len(neg.words)} leans background (r < -{self.role_tau})"
         for flag, on, term in (("m2", self.variant.m2, "m2"), ("use_p_align", self.variant.p_align, "p_align")):
             if on and term in self.unavailable:
-                raise ValueError(f"`{flag}` is on but {self.unavailable[term]}: set `{flag}` false, lower "
-                                 "`role_tau` or `n_groups`, or add words")
+                raise ValueError(
+                    f"`{flag}` is on but {self.unavailable[term]}: set `{flag}` false, lower "
+                    "`role_tau` or `n_groups`, or add words"
+                )
         # scores in float64: NegLabel's sigmoid saturates near 1 in float32 and ties would hide the ranking
         id_emb, neg_emb = id_emb.double(), neg.emb.double()
-        scorer = NegAlignScorer(id_emb, neg_emb, object_idx=neg.roles["object"] if has_m2 else None,
-                                neg_bg_emb=neg_emb[neg.roles["background"]] if has_bg else None,
-                                n_groups=self.n_groups, seed=self.seed, tau=self.tau, m1_topk=self.m1_topk,
-                                m2_role_aware=has_m2, use_p_align=has_bg, k=self.k)
+        scorer = NegAlignScorer(
+            id_emb,
+            neg_emb,
+            object_idx=neg.roles["object"] if has_m2 else None,
+            neg_bg_emb=neg_emb[neg.roles["background"]] if has_bg else None,
+            n_groups=self.n_groups,
+            seed=self.seed,
+            tau=self.tau,
+            m1_topk=self.m1_topk,
+            m2_role_aware=has_m2,
+            use_p_align=has_bg,
+            k=self.k,
+        )
         self.negatives, self.terms = neg, NegAlignTerms(scorer).to(self.device)
         return self.terms
 
@@ -178,9 +223,14 @@ class NegAlignModule(EvaluationModule):
         for pos, name in NEG_LABEL_FILES.items():
             atomic_write_text(out_dir / name, "".join(f"{w}\n" for w, p in zip(neg.words, neg.pos) if p == pos))
         role_of = {i: role for role in ROLES for i in neg.roles[role].tolist()}
-        atomic_write_csv(out_dir / "neg_roles.csv", ("word", "pos", "r", "role"),
-                         ({"word": w, "pos": p, "r": f"{r:.6f}", "role": role_of[i]}
-                          for i, (w, p, r) in enumerate(zip(neg.words, neg.pos, neg.r.tolist()))))
+        atomic_write_csv(
+            out_dir / "neg_roles.csv",
+            ("word", "pos", "r", "role"),
+            (
+                {"word": w, "pos": p, "r": f"{r:.6f}", "role": role_of[i]}
+                for i, (w, p, r) in enumerate(zip(neg.words, neg.pos, neg.r.tolist()))
+            ),
+        )
         for role in ROLES:
             atomic_write_text(out_dir / f"neg_{role}.txt", "".join(f"{w}\n" for w in neg.role_words(role)))
 
@@ -221,12 +271,21 @@ class NegAlignModule(EvaluationModule):
             with torch.no_grad():
                 out = terms(feats.image_emb, feats.bg_emb)
         n = images.shape[0]
-        self.table.update(**{c: out[c] for c in TERM_COLUMNS}, split=torch.full((n,), code, device=self.device),
-                          pred_class=out["pred_class"], cam_valid=feats.cam_valid, bg_fell_back=feats.bg_fell_back,
-                          label=torch.as_tensor(batch.get("label", torch.full((n,), -1))).to(self.device),
-                          index=torch.as_tensor(batch.get("index", torch.arange(n))).to(self.device))
-        return {"cam": feats.cam.cpu(), "fg_mask": feats.fg_mask.cpu(), "cam_valid": feats.cam_valid.cpu(),
-                "pred_class": out["pred_class"].cpu()}
+        self.table.update(
+            **{c: out[c] for c in TERM_COLUMNS},
+            split=torch.full((n,), code, device=self.device),
+            pred_class=out["pred_class"],
+            cam_valid=feats.cam_valid,
+            bg_fell_back=feats.bg_fell_back,
+            label=torch.as_tensor(batch.get("label", torch.full((n,), -1))).to(self.device),
+            index=torch.as_tensor(batch.get("index", torch.arange(n))).to(self.device),
+        )
+        return {
+            "cam": feats.cam.cpu(),
+            "fg_mask": feats.fg_mask.cpu(),
+            "cam_valid": feats.cam_valid.cpu(),
+            "pred_class": out["pred_class"].cpu(),
+        }
 
     # ---- epoch end ------------------------------------------------------------------------------
     def finish(self, stage: str) -> None:
@@ -240,14 +299,18 @@ class NegAlignModule(EvaluationModule):
         evaluated = "test" if stage == "test" else "val"
         names = report_names(self._splits, evaluated)
         skipped = {c: int((skips["split"] == c).sum()) for c in names}
-        skipped_paths = {names[c][0]: sorted(paths.get((c, int(i)), "?") for i in skips["index"][skips["split"] == c])
-                         for c in names if skipped[c]}
+        skipped_paths = {
+            names[c][0]: sorted(paths.get((c, int(i)), "?") for i in skips["index"][skips["split"] == c])
+            for c in names
+            if skipped[c]
+        }
         empty = [names[c][0] for c in names if names[c][1] != "calib" and not (rows["split"] == c).any()]
         if empty:
             raise ValueError(f"no readable image in split(s) {empty} (unreadable images skipped: {skipped_paths})")
         assert self.terms is not None  # built at the pass start (_start_pass)
-        result = evaluate(rows, self._splits, evaluated, self.variant, self.lam, self.lambdas, self.convention,
-                          self.terms.available)
+        result = evaluate(
+            rows, self._splits, evaluated, self.variant, self.lam, self.lambdas, self.convention, self.terms.available
+        )
         for vname, per_split in result.variants.items():
             for split, values in per_split.items():
                 for key, value in values.items():
@@ -263,33 +326,48 @@ class NegAlignModule(EvaluationModule):
             "per_lambda": [{"lambda": lam, "metrics": m} for lam, m in zip(self.lambdas, result.per_lambda)],
             "best_lambda": self.lambdas[result.best],
             "best_lambda_chosen_on": "val",
-            "best_lambda_rule": ("highest mean AUROC over the OOD splits of the validation partition; "
-                                 f"its {evaluated} metrics are `variants.negalign_selected`"
-                                 + (" (chosen and reported on the same data: test runs keep them apart)"
-                                    if evaluated == "val" else "")),
+            "best_lambda_rule": (
+                "highest mean AUROC over the OOD splits of the validation partition; "
+                f"its {evaluated} metrics are `variants.negalign_selected`"
+                + (" (chosen and reported on the same data: test runs keep them apart)" if evaluated == "val" else "")
+            ),
             "oracle_lambda": self.lambdas[result.oracle],
             "oracle_lambda_rule": f"highest mean AUROC on the reported {evaluated} data itself: an oracle, "
-                                  "for reference only",
+            "for reference only",
             "ablation": result.ablation,
-            "ablation_unavailable": {**self.unavailable,
-                                     **({"m3": "no calibration split"} if result.stats is None else {})},
+            "ablation_unavailable": {
+                **self.unavailable,
+                **({"m3": "no calibration split"} if result.stats is None else {}),
+            },
             "zscore_stats": result.stats,
         }
         if self.trainer.is_global_zero:
-            unreadable = [(c, int(i), paths.get((c, int(i)), "?")) for c, i in zip(skips["split"].tolist(),
-                                                                                   skips["index"].tolist())]
+            unreadable = [
+                (c, int(i), paths.get((c, int(i)), "?"))
+                for c, i in zip(skips["split"].tolist(), skips["index"].tolist())
+            ]
             self._write_outputs(stage, rows, names, result, unreadable)
 
     def _config(self) -> dict[str, Any]:
         neg = self.negatives
         assert neg is not None  # built at the pass start (_start_pass)
-        return {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hparams.items()},
-                "variant": self.variant.name, "n_negatives": len(neg.words),
-                "n_roles": {r: neg.roles[r].numel() for r in ROLES}, "text_encoded": self.texts.encoded,
-                "id_names_dropped_from_nouns": self.dropped_id_names}
+        return {
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hparams.items()},
+            "variant": self.variant.name,
+            "n_negatives": len(neg.words),
+            "n_roles": {r: neg.roles[r].numel() for r in ROLES},
+            "text_encoded": self.texts.encoded,
+            "id_names_dropped_from_nouns": self.dropped_id_names,
+        }
 
-    def _write_outputs(self, stage: str, rows: dict[str, Tensor], names: dict[int, tuple[str, str]],
-                       result: OODEvaluation, unreadable: list[tuple[int, int, str]]) -> None:
+    def _write_outputs(
+        self,
+        stage: str,
+        rows: dict[str, Tensor],
+        names: dict[int, tuple[str, str]],
+        result: OODEvaluation,
+        unreadable: list[tuple[int, int, str]],
+    ) -> None:
         """Figures (PNG + TensorBoard) and, on request, the per-image CSV (unreadable images
         included, with their paths)."""
         out_dir = run_directory(self.trainer)
@@ -298,8 +376,11 @@ class NegAlignModule(EvaluationModule):
         title = f"{self.variant.name} on {self.backbone_spec}"
         figures = {"lambda_sweep": sweep_figure(self.lambdas, result.per_lambda, title)}
         curves = {}
-        for label, v, lam in (("NegLabel", Variant(), 0.0), ("NegLabel*", result.star, 0.0),
-                              (f"NegAlign lam={self.lam:g}", self.variant, self.lam)):
+        for label, v, lam in (
+            ("NegLabel", Variant(), 0.0),
+            ("NegLabel*", result.star, 0.0),
+            (f"NegAlign lam={self.lam:g}", self.variant, self.lam),
+        ):
             s = variant_scores(terms, v, lam, result.stats)
             curves[label] = {split: (s[is_id], s[m]) for split, m in ood_masks.items()}
         figures["roc"] = roc_figure(curves)
@@ -309,31 +390,48 @@ class NegAlignModule(EvaluationModule):
             for writer in tensorboard_writers(self.trainer):
                 writer.add_image(self.metric_key(stage, name), array, self.global_step, dataformats="HWC")
         if self.breakdown_csv:
-            write_breakdown(out_dir / f"{stage}_per_image.csv", rows, names, result.configured, self.class_names,
-                            unreadable)
+            write_breakdown(
+                out_dir / f"{stage}_per_image.csv", rows, names, result.configured, self.class_names, unreadable
+            )
 
     def report_rows(self, metrics: Mapping[str, float | None]) -> list[ReportRow]:
         """Console report rows: one per variant and OOD set, AUROC / FPR95 / AUPR columns."""
         res = self._results
-        names = {"neglabel": "NegLabel", "neglabel_star": f"NegLabel* ({Variant(self.variant.m1, self.variant.m2, self.variant.m3, False).name})",
-                 "negalign": f"NegAlign {self.variant.name}, lambda {self.lam:g} (configured)",
-                 "negalign_selected": f"NegAlign {self.variant.name}, lambda {res.get('best_lambda', '?'):g} "
-                                      f"(chosen on {res.get('best_lambda_chosen_on', 'val')})"
-                 if isinstance(res.get("best_lambda"), float) else "NegAlign (lambda chosen on val)"}
+        names = {
+            "neglabel": "NegLabel",
+            "neglabel_star": f"NegLabel* ({Variant(self.variant.m1, self.variant.m2, self.variant.m3, False).name})",
+            "negalign": f"NegAlign {self.variant.name}, lambda {self.lam:g} (configured)",
+            "negalign_selected": f"NegAlign {self.variant.name}, lambda {res.get('best_lambda', '?'):g} "
+            f"(chosen on {res.get('best_lambda_chosen_on', 'val')})"
+            if isinstance(res.get("best_lambda"), float)
+            else "NegAlign (lambda chosen on val)",
+        }
         columns = {"auroc": "AUROC", "fpr95": "FPR95", "aupr_in": "AUPR-in", "aupr_out": "AUPR-out"}
         rows = []
         for stage in STAGES:
             prefix = self.metric_key(stage, "")
             for variant, label in names.items():
-                for split in sorted({k[len(prefix):].split("/")[0] for k in metrics if k.startswith(prefix)
-                                     and k[len(prefix):].count("/") == 2 and k[len(prefix):].split("/")[1] == variant}):
+                for split in sorted(
+                    {
+                        k[len(prefix) :].split("/")[0]
+                        for k in metrics
+                        if k.startswith(prefix)
+                        and k[len(prefix) :].count("/") == 2
+                        and k[len(prefix) :].split("/")[1] == variant
+                    }
+                ):
                     keys = [self.metric_key(stage, f"{split}/{variant}/{m}") for m in columns]
                     keys = [k for k in keys if k in metrics]
-                    rows.append(ReportRow("OOD detection", f"{label} vs {split} [{stage}]",
-                                          {columns[k.rsplit('/', 1)[1]]: metrics[k] for k in keys}, keys))
+                    rows.append(
+                        ReportRow(
+                            "OOD detection",
+                            f"{label} vs {split} [{stage}]",
+                            {columns[k.rsplit("/", 1)[1]]: metrics[k] for k in keys},
+                            keys,
+                        )
+                    )
         return rows
 
     def extra_results(self) -> dict[str, Any]:
         """Merged into results.json by the CLI: backbone and the whole NegAlign report."""
         return {**super().extra_results(), "ood": self._results}
-

@@ -69,7 +69,8 @@ class NegAlignTerms(nn.Module):
     def available(self, variant: Variant) -> bool:
         """Whether the text side can score `variant` (M2 needs object groups, P_align background negatives)."""
         return (not variant.m2 or self.scorer.object_groups is not None) and (
-            not variant.p_align or self.scorer.neg_bg_emb is not None)
+            not variant.p_align or self.scorer.neg_bg_emb is not None
+        )
 
     def forward(self, image_emb: Tensor, bg_emb: Tensor) -> dict[str, Tensor]:
         sc, nl = self.scorer, self.scorer.neglabel
@@ -115,8 +116,9 @@ def zscored(terms: dict[str, Tensor], column: str, stats: dict[str, tuple[float,
     return (terms[column] - mean) / std
 
 
-def variant_scores(terms: dict[str, Tensor], variant: Variant, lam: float,
-                   stats: dict[str, tuple[float, float]] | None = None) -> Tensor:
+def variant_scores(
+    terms: dict[str, Tensor], variant: Variant, lam: float, stats: dict[str, tuple[float, float]] | None = None
+) -> Tensor:
     """``S_final`` [N] of `variant` at `lam` from :class:`NegAlignTerms` output (any rows).
 
     Equals ``NegAlignScorer(m1_topk=k if m1, m2_role_aware=m2, m3_zscore=m3, use_p_align=p_align,

@@ -21,8 +21,9 @@ Embed = Callable[[list[str]], Tensor]
 ROLES = ("object", "background", "ambiguous")
 
 
-def id_embeddings(embed: Embed, class_names: Sequence[str],
-                  prompts: Sequence[str] | Mapping[str, Sequence[str]]) -> Tensor:
+def id_embeddings(
+    embed: Embed, class_names: Sequence[str], prompts: Sequence[str] | Mapping[str, Sequence[str]]
+) -> Tensor:
     """ID class embeddings [C, D]: the normalised mean of each class's prompt embeddings.
 
     `prompts` is either templates with ``{}`` shared by every class, or class name -> its own
@@ -42,8 +43,10 @@ def id_embeddings(embed: Embed, class_names: Sequence[str],
         return torch.stack(rows)
     templates = list(prompts)
     if not templates or any("{}" not in t for t in templates):
-        raise ValueError(f"`id_prompts` must be templates with '{{}}' for the class name (or a class -> prompts "
-                         f"mapping), got {templates}")
+        raise ValueError(
+            f"`id_prompts` must be templates with '{{}}' for the class name (or a class -> prompts "
+            f"mapping), got {templates}"
+        )
     return zero_shot_weights(embed, class_names, templates)
 
 
@@ -69,9 +72,19 @@ def _templated(embed: Embed, words: list[str], templates: Sequence[str], field: 
     return zero_shot_weights(embed, words, templates) if words else torch.zeros(0, 0)
 
 
-def build_negatives(embed: Embed, id_emb: Tensor, nouns: list[str], adjectives: list[str],
-                    noun_templates: Sequence[str], adj_templates: Sequence[str], *, mine: bool = True,
-                    percentile: float = 0.95, keep_ratio: float = 0.15, role_tau: float = 0.05) -> Negatives:
+def build_negatives(
+    embed: Embed,
+    id_emb: Tensor,
+    nouns: list[str],
+    adjectives: list[str],
+    noun_templates: Sequence[str],
+    adj_templates: Sequence[str],
+    *,
+    mine: bool = True,
+    percentile: float = 0.95,
+    keep_ratio: float = 0.15,
+    role_tau: float = 0.05,
+) -> Negatives:
     """Embed the candidate words, keep the NegMining ones (nouns and adjectives separately, unless
     `mine` is False: saved negatives are used as they are) and split them by role.
 
@@ -91,12 +104,17 @@ def build_negatives(embed: Embed, id_emb: Tensor, nouns: list[str], adjectives: 
         noun_idx, adj_idx = torch.arange(len(nouns)), torch.arange(len(adjectives))
     words = [nouns[i] for i in noun_idx.tolist()] + [adjectives[i] for i in adj_idx.tolist()]
     if not words:
-        raise ValueError(f"NegMining kept no negatives from {len(nouns)} nouns and {len(adjectives)} adjectives "
-                         f"(keep_ratio={keep_ratio}): raise `keep_ratio` or give more words")
+        raise ValueError(
+            f"NegMining kept no negatives from {len(nouns)} nouns and {len(adjectives)} adjectives "
+            f"(keep_ratio={keep_ratio}): raise `keep_ratio` or give more words"
+        )
     parts = [e[i] for e, i in ((noun_emb, noun_idx), (adj_emb, adj_idx)) if i.numel()]
     emb = torch.cat(parts)
     pos = ["noun"] * noun_idx.numel() + ["adj"] * adj_idx.numel()
     obj, bg = ([t.format(w) for w in words for t in temps] for temps in (OBJECT_TEMPLATES, BACKGROUND_TEMPLATES))
-    r = role_scores(embed(words), embed(obj).view(len(words), len(OBJECT_TEMPLATES), -1),
-                    embed(bg).view(len(words), len(BACKGROUND_TEMPLATES), -1))
+    r = role_scores(
+        embed(words),
+        embed(obj).view(len(words), len(OBJECT_TEMPLATES), -1),
+        embed(bg).view(len(words), len(BACKGROUND_TEMPLATES), -1),
+    )
     return Negatives(words, pos, emb, r, split_roles(r, role_tau))

@@ -14,8 +14,7 @@ from torch import Tensor, nn
 _QUANTILE_ELEMENTS = 1 << 22
 
 
-def neg_mining(candidate_emb: Tensor, id_emb: Tensor, percentile: float = 0.95,
-               keep_ratio: float = 0.15) -> Tensor:
+def neg_mining(candidate_emb: Tensor, id_emb: Tensor, percentile: float = 0.95, keep_ratio: float = 0.15) -> Tensor:
     """Indices of the candidates farthest from the ID classes (NegMining).
 
     Args:
@@ -38,20 +37,21 @@ def neg_mining(candidate_emb: Tensor, id_emb: Tensor, percentile: float = 0.95,
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
     cand, ids = F.normalize(candidate_emb, dim=-1), F.normalize(id_emb, dim=-1)
     step = max(1, _QUANTILE_ELEMENTS // ids.shape[0])
-    s = torch.cat([torch.quantile(cand[i : i + step] @ ids.T, percentile, dim=1)
-                   for i in range(0, cand.shape[0], step)])
+    s = torch.cat(
+        [torch.quantile(cand[i : i + step] @ ids.T, percentile, dim=1) for i in range(0, cand.shape[0], step)]
+    )
     return torch.argsort(s, stable=True)[: int(cand.shape[0] * keep_ratio)]
 
 
-def mine_negatives(nouns_emb: Tensor, adjs_emb: Tensor, id_emb: Tensor, percentile: float = 0.95,
-                   keep_ratio: float = 0.15) -> tuple[Tensor, Tensor]:
+def mine_negatives(
+    nouns_emb: Tensor, adjs_emb: Tensor, id_emb: Tensor, percentile: float = 0.95, keep_ratio: float = 0.15
+) -> tuple[Tensor, Tensor]:
     """:func:`neg_mining` run separately on nouns [Mn, D] and adjectives [Ma, D], as NegLabel does.
 
     Returns ``(noun_idx, adj_idx)``, each indexing its own input. NegLabel's negative set is
     ``cat([nouns_emb[noun_idx], adjs_emb[adj_idx]])`` in that order.
     """
-    return (neg_mining(nouns_emb, id_emb, percentile, keep_ratio),
-            neg_mining(adjs_emb, id_emb, percentile, keep_ratio))
+    return (neg_mining(nouns_emb, id_emb, percentile, keep_ratio), neg_mining(adjs_emb, id_emb, percentile, keep_ratio))
 
 
 def group_negatives(n_neg: int, n_groups: int, seed: int = 0) -> Tensor:
@@ -69,8 +69,9 @@ def group_negatives(n_neg: int, n_groups: int, seed: int = 0) -> Tensor:
     return torch.randperm(kept, generator=generator).view(n_groups, -1)
 
 
-def neglabel_group_scores(image_emb: Tensor, id_emb: Tensor, neg_emb: Tensor, groups: Tensor,
-                          tau: float = 0.01) -> Tensor:
+def neglabel_group_scores(
+    image_emb: Tensor, id_emb: Tensor, neg_emb: Tensor, groups: Tensor, tau: float = 0.01
+) -> Tensor:
     """Per-group NegLabel scores [N, G] for images [N, D], ID labels [C, D], negatives [M, D].
 
     ``s_g(x) = sum_k e^{cos(x,y_k)/tau} / (sum_k e^{cos(x,y_k)/tau} + sum_{j in groups[g]} e^{cos(x,n_j)/tau})``,
@@ -84,8 +85,7 @@ def neglabel_group_scores(image_emb: Tensor, id_emb: Tensor, neg_emb: Tensor, gr
     return torch.sigmoid(lse_id[:, None] - lse_neg)
 
 
-def neglabel_score(image_emb: Tensor, id_emb: Tensor, neg_emb: Tensor, groups: Tensor,
-                   tau: float = 0.01) -> Tensor:
+def neglabel_score(image_emb: Tensor, id_emb: Tensor, neg_emb: Tensor, groups: Tensor, tau: float = 0.01) -> Tensor:
     """NegLabel score [N]: the mean over groups of :func:`neglabel_group_scores`.
 
     The same softmax form is used for G = 1 (the reference's ``ngroup == 1`` branch sums raw

@@ -18,8 +18,15 @@ Terms = dict[str, Tensor]
 SplitMetrics = dict[str, dict[str, float]]  # OOD split name -> {"auroc", "fpr95", "aupr_in", "aupr_out"}
 
 
-def variant_metrics(terms: Terms, is_id: Tensor, ood_masks: dict[str, Tensor], variant: Variant, lam: float,
-                    stats: dict | None, convention: Convention) -> SplitMetrics:
+def variant_metrics(
+    terms: Terms,
+    is_id: Tensor,
+    ood_masks: dict[str, Tensor],
+    variant: Variant,
+    lam: float,
+    stats: dict | None,
+    convention: Convention,
+) -> SplitMetrics:
     """OOD metrics of `variant` at `lam` for each OOD split (ID rows `is_id` [N] against each mask [N])."""
     scores = variant_scores(terms, variant, lam, stats)
     return {name: ood_metrics(scores[is_id], scores[mask], convention) for name, mask in ood_masks.items()}
@@ -29,8 +36,9 @@ def mean_auroc(metrics: SplitMetrics) -> float:
     return float(np.mean([m["auroc"] for m in metrics.values()]))
 
 
-def split_statistics(rows: dict[str, Tensor], names: dict[int, tuple[str, str]], skipped: dict[int, int],
-                     columns: dict[str, Tensor]) -> dict[str, dict[str, float | int | str]]:
+def split_statistics(
+    rows: dict[str, Tensor], names: dict[int, tuple[str, str]], skipped: dict[int, int], columns: dict[str, Tensor]
+) -> dict[str, dict[str, float | int | str]]:
     """Per split: role, image count, skipped images, the mean of each of `columns` [N], CAM valid
     rate, background fall-back rate and (where labels exist) zero-shot ID accuracy."""
     out = {}
@@ -88,12 +96,31 @@ def roc_figure(curves: dict[str, dict[str, tuple[Tensor, Tensor]]]) -> Figure:
     return fig
 
 
-BREAKDOWN_COLUMNS = ("split", "role", "index", "status", "path", "label", "s_neglabel_plain", "s_neglabel_star",
-                     "p_align", "s_final", "pred_class", "pred_class_name", "cam_valid")
+BREAKDOWN_COLUMNS = (
+    "split",
+    "role",
+    "index",
+    "status",
+    "path",
+    "label",
+    "s_neglabel_plain",
+    "s_neglabel_star",
+    "p_align",
+    "s_final",
+    "pred_class",
+    "pred_class_name",
+    "cam_valid",
+)
 
 
-def write_breakdown(path: Path, rows: dict[str, Tensor], names: dict[int, tuple[str, str]], scores: dict[str, Tensor],
-                    class_names: Sequence[str], unreadable: Sequence[tuple[int, int, str]] = ()) -> Path:
+def write_breakdown(
+    path: Path,
+    rows: dict[str, Tensor],
+    names: dict[int, tuple[str, str]],
+    scores: dict[str, Tensor],
+    class_names: Sequence[str],
+    unreadable: Sequence[tuple[int, int, str]] = (),
+) -> Path:
     """The per-image CSV: split, role, dataset index, status (``scored`` / ``unreadable``), label,
     the four scores of the configured variant (`scores`: s_neglabel_plain, s_neglabel_star,
     p_align, s_final), prediction, CAM valid; `unreadable` (split code, index, path) rows carry
@@ -103,11 +130,15 @@ def write_breakdown(path: Path, rows: dict[str, Tensor], names: dict[int, tuple[
     for i, code in enumerate(cols["split"]):
         name, role = names[code]
         record = {k: cols[k][i] for k in BREAKDOWN_COLUMNS if k in cols and k != "split"}
-        record.update(split=name, role=role, status="scored", pred_class_name=class_names[cols["pred_class"][i]],
-                      cam_valid=bool(cols["cam_valid"][i]))
+        record.update(
+            split=name,
+            role=role,
+            status="scored",
+            pred_class_name=class_names[cols["pred_class"][i]],
+            cam_valid=bool(cols["cam_valid"][i]),
+        )
         records.append(record)
     for code, index, file in unreadable:
         name, role = names[code]
         records.append({"split": name, "role": role, "index": index, "status": "unreadable", "path": file})
     return atomic_write_csv(path, BREAKDOWN_COLUMNS, records)
-

@@ -45,8 +45,10 @@ class WaterBirds(Dataset):
         self.root, self.split, self.image_size = Path(root), split_code(split), int(image_size)
         meta = self.root / "metadata.csv"
         if not meta.is_file():
-            raise FileNotFoundError(f"WaterBirds metadata {meta}: no such file (expected the dataset root with "
-                                    "metadata.csv and the 001.Black_footed_Albatross/... folders)")
+            raise FileNotFoundError(
+                f"WaterBirds metadata {meta}: no such file (expected the dataset root with "
+                "metadata.csv and the 001.Black_footed_Albatross/... folders)"
+            )
         with meta.open(newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
             missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
@@ -64,5 +66,10 @@ class WaterBirds(Dataset):
         image = load_image01(self.root / row["img_filename"], self.image_size)
         if image is None:
             return unreadable_item(int(row["img_id"]), row["img_filename"])
-        return {"image": image, "label": int(row["y"]), "place": int(row["place"]), "index": int(row["img_id"]),
-                "path": row["img_filename"]}
+        return {
+            "image": image,
+            "label": int(row["y"]),
+            "place": int(row["place"]),
+            "index": int(row["img_id"]),
+            "path": row["img_filename"],
+        }

@@ -23,17 +23,59 @@ from pathlib import Path
 # lexicographer file numbers -> names (WordNet's lexnames(5WN); a ``lexnames`` file, when present,
 # takes precedence)
 LEXNAMES: tuple[str, ...] = (
-    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact", "noun.attribute",
-    "noun.body", "noun.cognition", "noun.communication", "noun.event", "noun.feeling", "noun.food", "noun.group",
-    "noun.location", "noun.motive", "noun.object", "noun.person", "noun.phenomenon", "noun.plant",
-    "noun.possession", "noun.process", "noun.quantity", "noun.relation", "noun.shape", "noun.state",
-    "noun.substance", "noun.time", "verb.body", "verb.change", "verb.cognition", "verb.communication",
-    "verb.competition", "verb.consumption", "verb.contact", "verb.creation", "verb.emotion", "verb.motion",
-    "verb.perception", "verb.possession", "verb.social", "verb.stative", "verb.weather", "adj.ppl",
+    "adj.all",
+    "adj.pert",
+    "adv.all",
+    "noun.Tops",
+    "noun.act",
+    "noun.animal",
+    "noun.artifact",
+    "noun.attribute",
+    "noun.body",
+    "noun.cognition",
+    "noun.communication",
+    "noun.event",
+    "noun.feeling",
+    "noun.food",
+    "noun.group",
+    "noun.location",
+    "noun.motive",
+    "noun.object",
+    "noun.person",
+    "noun.phenomenon",
+    "noun.plant",
+    "noun.possession",
+    "noun.process",
+    "noun.quantity",
+    "noun.relation",
+    "noun.shape",
+    "noun.state",
+    "noun.substance",
+    "noun.time",
+    "verb.body",
+    "verb.change",
+    "verb.cognition",
+    "verb.communication",
+    "verb.competition",
+    "verb.consumption",
+    "verb.contact",
+    "verb.creation",
+    "verb.emotion",
+    "verb.motion",
+    "verb.perception",
+    "verb.possession",
+    "verb.social",
+    "verb.stative",
+    "verb.weather",
+    "adj.ppl",
 )
-DEFAULT_SOURCES = (Path("/usr/share/wordnet"), Path.home() / "nltk_data" / "corpora" / "wordnet",
-                   Path.home() / "nltk_data" / "corpora" / "wordnet.zip", Path("/usr/share/nltk_data/corpora/wordnet"),
-                   Path("/usr/share/nltk_data/corpora/wordnet.zip"))
+DEFAULT_SOURCES = (
+    Path("/usr/share/wordnet"),
+    Path.home() / "nltk_data" / "corpora" / "wordnet",
+    Path.home() / "nltk_data" / "corpora" / "wordnet.zip",
+    Path("/usr/share/nltk_data/corpora/wordnet"),
+    Path("/usr/share/nltk_data/corpora/wordnet.zip"),
+)
 NEGLABEL_LINES = 79_455  # lines of NegLabel's own noun.* + adj.* files before de-duplication (NegLabel, ICLR 2024)
 _MARKER = re.compile(r"\((a|p|ip)\)$")
 
@@ -94,13 +136,16 @@ def find_wordnet(source: str | Path | None = None) -> Path:
         if root.exists() and all(_Database(root).exists(f"data.{pos}") for pos in ("noun", "adj")):
             return root
     looked = ", ".join(str(c) for c in candidates)
-    raise WordNetError(f"no WordNet 3.0 database (data.noun + data.adj) in {looked}. Install it with "
-                       "`apt-get install wordnet-base` (Debian/Ubuntu: /usr/share/wordnet) or "
-                       "`python -m nltk.downloader wordnet` (~/nltk_data/corpora/wordnet.zip), or pass --source")
+    raise WordNetError(
+        f"no WordNet 3.0 database (data.noun + data.adj) in {looked}. Install it with "
+        "`apt-get install wordnet-base` (Debian/Ubuntu: /usr/share/wordnet) or "
+        "`python -m nltk.downloader wordnet` (~/nltk_data/corpora/wordnet.zip), or pass --source"
+    )
 
 
-def read_wordnet(source: str | Path | None = None, single_words: bool = False,
-                 no_proper_nouns: bool = False) -> WordNetLists:
+def read_wordnet(
+    source: str | Path | None = None, single_words: bool = False, no_proper_nouns: bool = False
+) -> WordNetLists:
     """Noun and adjective lemmas per lexicographer file.
 
     Args:
@@ -129,5 +174,7 @@ def read_wordnet(source: str | Path | None = None, single_words: bool = False,
                 if no_proper_nouns and any(c.isupper() for c in word):
                     continue
                 bucket[word] = None
-    return WordNetLists({name: list(words) for name, words in sorted(files.items(), key=lambda kv: lexnames.index(kv[0]))
-                         if words}, str(root))
+    return WordNetLists(
+        {name: list(words) for name, words in sorted(files.items(), key=lambda kv: lexnames.index(kv[0])) if words},
+        str(root),
+    )

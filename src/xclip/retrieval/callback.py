@@ -82,18 +82,35 @@ class RetrievalExplanationCallback(StageCallback):
     workflow = "retrieval"
     write_empty_index = True  # "no failure" is a result
 
-    def __init__(self, max_items: int = 50, seed: int = 0, n_annotators: int = 2, per_annotator: int = 20,
-                 overlap: int = 10, cards: bool = True, card_batch_size: int = 8, card_size: int = 256,
-                 log_cards: int = 4, autolabel: bool = True, labels_csv: str | None = None,
-                 improvements: bool = True, templates: Sequence[str] = DEFAULT_TEMPLATES,
-                 poolings: Sequence[str] = POOLINGS, tau: float = 0.01, rerank_k: int = 10,
-                 rerank_weight: float = 0.1, lexical: str = "tfidf", ks: Sequence[int] = (1, 5, 10),
-                 subdir: str = "failures"):
+    def __init__(
+        self,
+        max_items: int = 50,
+        seed: int = 0,
+        n_annotators: int = 2,
+        per_annotator: int = 20,
+        overlap: int = 10,
+        cards: bool = True,
+        card_batch_size: int = 8,
+        card_size: int = 256,
+        log_cards: int = 4,
+        autolabel: bool = True,
+        labels_csv: str | None = None,
+        improvements: bool = True,
+        templates: Sequence[str] = DEFAULT_TEMPLATES,
+        poolings: Sequence[str] = POOLINGS,
+        tau: float = 0.01,
+        rerank_k: int = 10,
+        rerank_weight: float = 0.1,
+        lexical: str = "tfidf",
+        ks: Sequence[int] = (1, 5, 10),
+        subdir: str = "failures",
+    ):
         super().__init__(subdir)
         unknown = [p for p in poolings if p not in POOLINGS]
         if unknown or lexical not in LEXICAL:
-            raise ValueError(f"poolings must be in {POOLINGS} (got {list(poolings)}), lexical in {LEXICAL} "
-                             f"(got {lexical!r})")
+            raise ValueError(
+                f"poolings must be in {POOLINGS} (got {list(poolings)}), lexical in {LEXICAL} (got {lexical!r})"
+            )
         if any("{}" not in t for t in templates):
             raise ValueError(f"every template needs a '{{}}' for the caption, got {list(templates)}")
         self.max_items, self.seed = max_items, seed
@@ -116,8 +133,10 @@ class RetrievalExplanationCallback(StageCallback):
         module = retrieval_member(pl_module)
         emb, gallery = getattr(module, "gallery_embeddings", None), getattr(module, "gallery", None)
         if emb is None or gallery is None:
-            rank_zero_warn(f"RetrievalExplanationCallback: {type(pl_module).__name__} has no (member with) "
-                           "gallery_embeddings/gallery after this epoch; nothing to analyse")
+            rank_zero_warn(
+                f"RetrievalExplanationCallback: {type(pl_module).__name__} has no (member with) "
+                "gallery_embeddings/gallery after this epoch; nothing to analyse"
+            )
             return None
         out = self.stage_dir(trainer, stage)
         captions, row_text_ids = _row_captions(gallery, emb.image_index, emb.text_to_image)
@@ -128,24 +147,35 @@ class RetrievalExplanationCallback(StageCallback):
         write_failures_csv(out / "failures.csv", failures, {"auto_label": auto} if auto is not None else None)
 
         sample = sample_failures(failures, self.max_items, self.seed)
-        cards = self._cards(trainer, stage, module.backbone, sample, gallery, out / "cards") \
-            if self.cards and sample else {}
+        cards = (
+            self._cards(trainer, stage, module.backbone, sample, gallery, out / "cards")
+            if self.cards and sample
+            else {}
+        )
         per_annotator, overlap = feasible_counts(len(sample), self.n_annotators, self.per_annotator, self.overlap)
         if (per_annotator, overlap) != (self.per_annotator, self.overlap):
-            rank_zero_warn(f"RetrievalExplanationCallback: {len(sample)} sampled failures; sheets get "
-                           f"per_annotator={per_annotator}, overlap={overlap} instead of {self.per_annotator}, "
-                           f"{self.overlap}")
+            rank_zero_warn(
+                f"RetrievalExplanationCallback: {len(sample)} sampled failures; sheets get "
+                f"per_annotator={per_annotator}, overlap={overlap} instead of {self.per_annotator}, "
+                f"{self.overlap}"
+            )
         assignment = assign_sheets([f.failure_id for f in sample], self.n_annotators, per_annotator, overlap, self.seed)
         write_sheets(out / "sheets", sample, assignment, cards)
         summary: dict[str, Any] = {
-            "n_captions": len(captions), "n_images": int(emb.image_emb.shape[0]), "n_failures": len(failures),
-            "n_sampled": len(sample), "n_cards": len(cards), "n_annotators": self.n_annotators,
-            "per_annotator": per_annotator, "overlap": overlap,
+            "n_captions": len(captions),
+            "n_images": int(emb.image_emb.shape[0]),
+            "n_failures": len(failures),
+            "n_sampled": len(sample),
+            "n_cards": len(cards),
+            "n_annotators": self.n_annotators,
+            "per_annotator": per_annotator,
+            "overlap": overlap,
         }
         if auto is not None:
             by_id = dict(zip((f.failure_id for f in failures), auto))
-            fill_sheets(out / "sheets", dict.fromkeys(annotator_names(self.n_annotators), by_id),
-                        out / "auto" / "sheets")
+            fill_sheets(
+                out / "sheets", dict.fromkeys(annotator_names(self.n_annotators), by_id), out / "auto" / "sheets"
+            )
             report = write_annotation_report(out / "auto" / "sheets", out / "auto")
             summary["auto_labels"] = {label: auto.count(label) for label in LABELS if label in auto}
             summary["auto_report_ambiguity"] = report["ambiguity"]
@@ -156,9 +186,15 @@ class RetrievalExplanationCallback(StageCallback):
             summary["improvements"] = rows
             self._log_png(trainer, stage, "improvements", "all", png)
         self._summary = summary
-        self.records = [{"failure_id": f.failure_id, "text_index": f.text_index, "caption": f.caption,
-                         "card": str(cards[f.failure_id].relative_to(out)) if f.failure_id in cards else None}
-                        for f in sample]
+        self.records = [
+            {
+                "failure_id": f.failure_id,
+                "text_index": f.text_index,
+                "caption": f.caption,
+                "card": str(cards[f.failure_id].relative_to(out)) if f.failure_id in cards else None,
+            }
+            for f in sample
+        ]
         self.write_index(trainer, stage)
         return summary
 
@@ -186,8 +222,9 @@ class RetrievalExplanationCallback(StageCallback):
             return {f.text_index: label for f, label in zip(failures, auto)}
         return {}
 
-    def _improvements(self, backbone, emb, captions: list[str], failure_rows: Tensor, labels: dict[int, str],
-                      row_text_ids: Tensor) -> list[dict]:
+    def _improvements(
+        self, backbone, emb, captions: list[str], failure_rows: Tensor, labels: dict[int, str], row_text_ids: Tensor
+    ) -> list[dict]:
         ranks = {"baseline": retrieval_ranks(emb.image_emb, emb.text_emb, emb.text_to_image)[0].cpu()}
         params = {"baseline": ""}
         template_emb = encode_templates(backbone, captions, self.templates)
@@ -196,8 +233,9 @@ class RetrievalExplanationCallback(StageCallback):
             ranks[name] = ensemble_t2i_ranks(emb.image_emb, template_emb, emb.text_to_image, pooling, self.tau)
             params[name] = f"K={len(self.templates)}" + (f", tau={self.tau}" if pooling == "logsumexp" else "")
         name = f"rerank_{self.lexical}"
-        ranks[name] = rerank_t2i_ranks(emb.image_emb, emb.text_emb, emb.text_to_image, captions, self.rerank_k,
-                                       self.rerank_weight, self.lexical)
+        ranks[name] = rerank_t2i_ranks(
+            emb.image_emb, emb.text_emb, emb.text_to_image, captions, self.rerank_k, self.rerank_weight, self.lexical
+        )
         params[name] = f"k={self.rerank_k}, weight={self.rerank_weight}"
         subsets = {"all": torch.arange(len(captions)), "failures": failure_rows}
         row_of = {int(g): r for r, g in enumerate(row_text_ids.tolist())}
@@ -225,16 +263,24 @@ def _row_captions(gallery, image_index: Tensor, text_to_image: Tensor) -> tuple[
     counts = torch.bincount(owner, minlength=len(gallery))
     bounds = torch.cumsum(counts, 0)
     starts, ends = (bounds - counts).tolist(), bounds.tolist()
-    ids = torch.cat([torch.arange(starts[i], ends[i]) for i in image_index.tolist()]) if len(image_index) \
+    ids = (
+        torch.cat([torch.arange(starts[i], ends[i]) for i in image_index.tolist()])
+        if len(image_index)
         else torch.empty(0, dtype=torch.long)
+    )
     if ids.numel() != text_to_image.numel():
-        raise ValueError(f"the embeddings hold {text_to_image.numel()} captions, but their images have {ids.numel()} "
-                         "in the gallery: gallery_embeddings and gallery do not match")
+        raise ValueError(
+            f"the embeddings hold {text_to_image.numel()} captions, but their images have {ids.numel()} "
+            "in the gallery: gallery_embeddings and gallery do not match"
+        )
     return [texts[j] for j in ids.tolist()], ids
 
 
 def _to_gallery(top1: dict[str, Tensor], row_text_ids: Tensor, image_index: Tensor) -> dict[str, Tensor]:
     """`top1_failures` output with embedding rows replaced by gallery caption / image indices."""
-    return {**top1, "text_index": row_text_ids[top1["text_index"]], "gt_image": image_index[top1["gt_image"]],
-            "retrieved_image": image_index[top1["retrieved_image"]]}
-
+    return {
+        **top1,
+        "text_index": row_text_ids[top1["text_index"]],
+        "gt_image": image_index[top1["gt_image"]],
+        "retrieved_image": image_index[top1["retrieved_image"]],
+    }

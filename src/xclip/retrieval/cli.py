@@ -12,8 +12,9 @@ from pathlib import Path
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``xclip annotations merge --sheets DIR --out DIR``; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="xclip annotations",
-                                     description="Merge filled failure-annotation sheets and summarise them.")
+    parser = argparse.ArgumentParser(
+        prog="xclip annotations", description="Merge filled failure-annotation sheets and summarise them."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     merge = commands.add_parser("merge", help="validate + merge sheets, agreement, category summary")
     merge.add_argument("--sheets", required=True, type=Path, help="folder with the filled <annotator>.csv sheets")
@@ -28,13 +29,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"xclip annotations: error: {err}", file=sys.stderr)
         return 1
     amb = report["ambiguity"]
-    print(f"{report['n_failures']} failures, {report['n_annotations']} labels from "
-          f"{len(report['rows_per_annotator'])} annotators, {report['n_ties']} ties (no consensus)")
+    print(
+        f"{report['n_failures']} failures, {report['n_annotations']} labels from "
+        f"{len(report['rows_per_annotator'])} annotators, {report['n_ties']} ties (no consensus)"
+    )
     for row in report["agreement"]:
-        print(f"  {row['level']:<8} {row['method']:<6} {row['annotators']:<30} n={row['n_items']:<4} "
-              f"kappa={_fmt(row['kappa'])}")
-    print(f"  ambiguous {amb['ambiguous']} : clear {amb['clear']} (ratio {_fmt(amb['ambiguous_to_clear'])}; "
-          "ties left out)")
+        print(
+            f"  {row['level']:<8} {row['method']:<6} {row['annotators']:<30} n={row['n_items']:<4} "
+            f"kappa={_fmt(row['kappa'])}"
+        )
+    print(
+        f"  ambiguous {amb['ambiguous']} : clear {amb['clear']} (ratio {_fmt(amb['ambiguous_to_clear'])}; "
+        "ties left out)"
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -20,9 +20,14 @@ class AnnotationError(ValueError):
     """An annotation file is malformed (the message names the file and the entry)."""
 
 
-def load_coco_captions(root: str | Path, annotations: str = "annotations/captions_val2017.json",
-                       images: str = "val2017", n: int | None = 5000, seed: int = 0,
-                       image_size: int = 224) -> FileGallery:
+def load_coco_captions(
+    root: str | Path,
+    annotations: str = "annotations/captions_val2017.json",
+    images: str = "val2017",
+    n: int | None = 5000,
+    seed: int = 0,
+    image_size: int = 224,
+) -> FileGallery:
     """COCO captions: a seeded random subset of `n` images (all if None) with all their captions.
 
     Args:
@@ -36,11 +41,16 @@ def load_coco_captions(root: str | Path, annotations: str = "annotations/caption
     data = _read_json(ann_path, "COCO captions")
     for field in ("images", "annotations"):
         if not isinstance(data.get(field), list):
-            raise AnnotationError(f"{ann_path}: no {field!r} list at the top level; expected the official "
-                                  "captions_*.json format ({'images': [...], 'annotations': [...]})")
+            raise AnnotationError(
+                f"{ann_path}: no {field!r} list at the top level; expected the official "
+                "captions_*.json format ({'images': [...], 'annotations': [...]})"
+            )
     files: dict[int, str] = {}
     for i, entry in enumerate(data["images"]):
-        image_id, name = _field(entry, "id", int, ann_path, f"images[{i}]"), _field(entry, "file_name", str, ann_path, f"images[{i}]")
+        image_id, name = (
+            _field(entry, "id", int, ann_path, f"images[{i}]"),
+            _field(entry, "file_name", str, ann_path, f"images[{i}]"),
+        )
         if image_id in files:
             raise AnnotationError(f"{ann_path}: images[{i}] repeats image id {image_id}")
         files[image_id] = name
@@ -57,13 +67,24 @@ def load_coco_captions(root: str | Path, annotations: str = "annotations/caption
     ids = sorted(captions)  # images without captions cannot be evaluated
     chosen = _subset(ids, n, seed, ann_path)
     _check_files(image_dir, [files[i] for i in chosen], [f"image id {i}" for i in chosen], ann_path)
-    source = {"source": "coco", "annotations": str(ann_path.resolve()), "images": str(image_dir.resolve()),
-              "subset_n": n, "subset_seed": seed}
+    source = {
+        "source": "coco",
+        "annotations": str(ann_path.resolve()),
+        "images": str(image_dir.resolve()),
+        "subset_n": n,
+        "subset_seed": seed,
+    }
     return FileGallery(image_dir, [files[i] for i in chosen], [captions[i] for i in chosen], image_size, source)
 
 
-def load_karpathy(root: str | Path, annotations: str = "dataset_coco.json", split: str = "test",
-                  n: int | None = None, seed: int = 0, image_size: int = 224) -> FileGallery:
+def load_karpathy(
+    root: str | Path,
+    annotations: str = "dataset_coco.json",
+    split: str = "test",
+    n: int | None = None,
+    seed: int = 0,
+    image_size: int = 224,
+) -> FileGallery:
     """A Karpathy split: ``{"images": [{"filepath", "filename", "split", "sentences": [{"raw"}],
     "cocoid"}]}``; image files at ``root/filepath/filename``; `n` a seeded subset (None: all).
     Images keep the file's order (the 5k test split in its usual order)."""
@@ -72,11 +93,15 @@ def load_karpathy(root: str | Path, annotations: str = "dataset_coco.json", spli
     ann_path = Path(root) / annotations
     data = _read_json(ann_path, "Karpathy split")
     if not isinstance(data.get("images"), list):
-        raise AnnotationError(f"{ann_path}: no 'images' list at the top level; expected the Karpathy "
-                              "dataset_coco.json format ({'images': [{'filepath', 'filename', 'split', 'sentences'}]})")
+        raise AnnotationError(
+            f"{ann_path}: no 'images' list at the top level; expected the Karpathy "
+            "dataset_coco.json format ({'images': [{'filepath', 'filename', 'split', 'sentences'}]})"
+        )
     files, caps, names = [], [], []
     for i, entry in enumerate(data["images"]):
-        where = f"images[{i}]" + (f" (cocoid {entry['cocoid']})" if isinstance(entry, dict) and "cocoid" in entry else "")
+        where = f"images[{i}]" + (
+            f" (cocoid {entry['cocoid']})" if isinstance(entry, dict) and "cocoid" in entry else ""
+        )
         if _field(entry, "split", str, ann_path, where) != split:
             continue
         folder = _field(entry, "filepath", str, ann_path, where) if "filepath" in entry else ""
@@ -97,15 +122,22 @@ def load_karpathy(root: str | Path, annotations: str = "dataset_coco.json", spli
         raise AnnotationError(f"{ann_path}: no image has split {split!r}")
     chosen = _subset(list(range(len(files))), n, seed, ann_path)
     _check_files(Path(root), [files[i] for i in chosen], [names[i] for i in chosen], ann_path)
-    source = {"source": "karpathy", "annotations": str(ann_path.resolve()), "images": str(Path(root).resolve()),
-              "split": split, "subset_n": n, "subset_seed": seed}
+    source = {
+        "source": "karpathy",
+        "annotations": str(ann_path.resolve()),
+        "images": str(Path(root).resolve()),
+        "split": split,
+        "subset_n": n,
+        "subset_seed": seed,
+    }
     return FileGallery(root, [files[i] for i in chosen], [caps[i] for i in chosen], image_size, source)
 
 
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"{what} annotation file {path} not found; download it and point the loader's "
-                                "root/annotations at it")
+        raise FileNotFoundError(
+            f"{what} annotation file {path} not found; download it and point the loader's root/annotations at it"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -120,8 +152,10 @@ def _field(entry: Any, name: str, kind: type, path: Path, where: str) -> Any:
         raise AnnotationError(f"{path}: {where} is a {type(entry).__name__}, expected an object")
     value = entry.get(name)
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise AnnotationError(f"{path}: {where} has {'no' if name not in entry else 'a malformed'} {name!r} "
-                              f"(expected {kind.__name__}, got {value!r}); fix or remove the entry")
+        raise AnnotationError(
+            f"{path}: {where} has {'no' if name not in entry else 'a malformed'} {name!r} "
+            f"(expected {kind.__name__}, got {value!r}); fix or remove the entry"
+        )
     return value
 
 
@@ -138,5 +172,7 @@ def _subset(items: list, n: int | None, seed: int, path: Path) -> list:
 def _check_files(image_dir: Path, files: list[str], entries: list[str], ann_path: Path) -> None:
     for name, entry in zip(files, entries):
         if not (image_dir / name).is_file():
-            raise FileNotFoundError(f"image {image_dir / name} ({entry} of {ann_path}) is missing; put the images "
-                                    f"under {image_dir} or set the loader's images directory")
+            raise FileNotFoundError(
+                f"image {image_dir / name} ({entry} of {ann_path}) is missing; put the images "
+                f"under {image_dir} or set the loader's images directory"
+            )

@@ -43,10 +43,22 @@ class RetrievalDataModule(pl.LightningDataModule):
         max_objects, captions_per_image: shapes only.
     """
 
-    def __init__(self, source: str = "shapes", n: int | None = 1000, seed: int = 0, image_size: int = 64,
-                 data_root: str | None = None, annotations: str | None = None, images: str = "val2017",
-                 val_split: str = "val", test_split: str = "test", max_objects: int = 3,
-                 captions_per_image: int = 2, batch_size: int = 128, num_workers: int = 0):
+    def __init__(
+        self,
+        source: str = "shapes",
+        n: int | None = 1000,
+        seed: int = 0,
+        image_size: int = 64,
+        data_root: str | None = None,
+        annotations: str | None = None,
+        images: str = "val2017",
+        val_split: str = "val",
+        test_split: str = "test",
+        max_objects: int = 3,
+        captions_per_image: int = 2,
+        batch_size: int = 128,
+        num_workers: int = 0,
+    ):
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"unknown retrieval source {source!r}; choose from {SOURCES}")
@@ -77,17 +89,37 @@ class RetrievalDataModule(pl.LightningDataModule):
     def _build(self, split: str) -> CaptionGallery:
         if self.source == "shapes":
             assert self.n is not None  # __init__ refuses shapes without n
-            return ShapesGallery(n=self.n, seed=self.seed + 1000, image_size=self.image_size,
-                                 max_objects=self.max_objects, captions_per_image=self.captions_per_image, split=split)
+            return ShapesGallery(
+                n=self.n,
+                seed=self.seed + 1000,
+                image_size=self.image_size,
+                max_objects=self.max_objects,
+                captions_per_image=self.captions_per_image,
+                split=split,
+            )
         assert self.data_root is not None  # __init__ refuses coco / karpathy without data_root
         if self.source == "coco":
             if split == "test":
-                raise ValueError("source 'coco' reads captions_val2017.json, which has no held-out test split: "
-                                 "run `xclip validate` on it, or use source 'karpathy' (test_split: test) for `xclip test`")
-            return load_coco_captions(self.data_root, self.annotations or "annotations/captions_val2017.json",
-                                      self.images, self.n, self.seed, self.image_size)
-        return load_karpathy(self.data_root, self.annotations or "dataset_coco.json",
-                             self.test_split if split == "test" else self.val_split, self.n, self.seed, self.image_size)
+                raise ValueError(
+                    "source 'coco' reads captions_val2017.json, which has no held-out test split: "
+                    "run `xclip validate` on it, or use source 'karpathy' (test_split: test) for `xclip test`"
+                )
+            return load_coco_captions(
+                self.data_root,
+                self.annotations or "annotations/captions_val2017.json",
+                self.images,
+                self.n,
+                self.seed,
+                self.image_size,
+            )
+        return load_karpathy(
+            self.data_root,
+            self.annotations or "dataset_coco.json",
+            self.test_split if split == "test" else self.val_split,
+            self.n,
+            self.seed,
+            self.image_size,
+        )
 
     def setup(self, stage: str) -> None:
         self.stage_split = "test" if stage == "test" else "val"

@@ -69,10 +69,23 @@ class ShapesGallery(CaptionGallery):
     """ShapesWorld retrieval gallery (the same samples as ``ShapesCaptions`` with these arguments)
     plus ``scene(i)``, the scene graph behind image `i`'s captions, for automatic failure labels."""
 
-    def __init__(self, n: int = 1000, seed: int = 1000, image_size: int = 64, max_objects: int = 3,
-                 captions_per_image: int = 2, split: str = "val"):
-        self.source = ShapesCaptions(n=n, seed=seed, image_size=image_size, max_objects=max_objects,
-                                     captions_per_image=captions_per_image, split=split)
+    def __init__(
+        self,
+        n: int = 1000,
+        seed: int = 1000,
+        image_size: int = 64,
+        max_objects: int = 3,
+        captions_per_image: int = 2,
+        split: str = "val",
+    ):
+        self.source = ShapesCaptions(
+            n=n,
+            seed=seed,
+            image_size=image_size,
+            max_objects=max_objects,
+            captions_per_image=captions_per_image,
+            split=split,
+        )
 
     def __len__(self) -> int:
         return len(self.source)
@@ -97,8 +110,15 @@ class ShapesGallery(CaptionGallery):
 
     def fingerprint(self) -> dict:
         s = self.source
-        return {"source": "shapes", "n": s.n, "seed": s.seed, "image_size": s.image_size,
-                "max_objects": s.max_objects, "captions_per_image": s.captions_per_image, "split": s.split}
+        return {
+            "source": "shapes",
+            "n": s.n,
+            "seed": s.seed,
+            "image_size": s.image_size,
+            "max_objects": s.max_objects,
+            "captions_per_image": s.captions_per_image,
+            "split": s.split,
+        }
 
 
 class FileGallery(CaptionGallery):
@@ -116,8 +136,14 @@ class FileGallery(CaptionGallery):
             part of ``fingerprint()``.
     """
 
-    def __init__(self, root: str | Path, files: list[str], captions: list[list[str]], image_size: int = 224,
-                 source: dict | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        files: list[str],
+        captions: list[list[str]],
+        image_size: int = 224,
+        source: dict | None = None,
+    ):
         if len(files) != len(captions):
             raise ValueError(f"{len(files)} image files but {len(captions)} caption lists")
         self.root, self.files, self._captions = Path(root), list(files), [list(c) for c in captions]
@@ -130,8 +156,10 @@ class FileGallery(CaptionGallery):
         """The file of image `i` (FileNotFoundError naming it and the image root if it is gone)."""
         path = self.root / self.files[i]
         if not path.is_file():
-            raise FileNotFoundError(f"gallery image {i} ({self.files[i]!r}) is missing: expected it at {path}; "
-                                    f"check the image root (now {self.root}) or re-download the images")
+            raise FileNotFoundError(
+                f"gallery image {i} ({self.files[i]!r}) is missing: expected it at {path}; "
+                f"check the image root (now {self.root}) or re-download the images"
+            )
         return path
 
     def image(self, i: int) -> Tensor:
@@ -139,8 +167,9 @@ class FileGallery(CaptionGallery):
         try:
             im = read_rgb(path)
         except ImageReadError as err:
-            raise ImageReadError(path, f"gallery image {i} cannot be decoded ({err.reason}); "
-                                 "replace the file") from None
+            raise ImageReadError(
+                path, f"gallery image {i} cannot be decoded ({err.reason}); replace the file"
+            ) from None
         return resize_center_crop(im, self.image_size)
 
     def captions(self, i: int) -> list[str]:

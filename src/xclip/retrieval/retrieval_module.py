@@ -52,8 +52,13 @@ class RetrievalModule(EvaluationModule):
     workflow = "retrieval"
     tasks = ("retrieval",)
 
-    def __init__(self, backbone: str | Backbone = "xclip:tiny-shapes", ks: tuple[int, ...] = (1, 5, 10),
-                 text_batch_size: int = 256, cache_dir: str | None = None):
+    def __init__(
+        self,
+        backbone: str | Backbone = "xclip:tiny-shapes",
+        ks: tuple[int, ...] = (1, 5, 10),
+        text_batch_size: int = 256,
+        cache_dir: str | None = None,
+    ):
         super().__init__()
         self.backbone, self.backbone_spec = resolve_backbone(backbone)
         self.ks = tuple(ks)
@@ -124,8 +129,13 @@ class RetrievalModule(EvaluationModule):
         self.recall_values = {self.metric_key(stage, k): v for k, v in metrics.items()}
         for name, value in metrics.items():
             self.log_metric(stage, name, value)  # computed from the gathered gallery: same on every process
-        if (self._cached is None and self._cache is not None and self.gallery is not None
-                and self.trainer.is_global_zero and _complete(emb, self.gallery)):
+        if (
+            self._cached is None
+            and self._cache is not None
+            and self.gallery is not None
+            and self.trainer.is_global_zero
+            and _complete(emb, self.gallery)
+        ):
             texts, _ = self.gallery.all_captions()
             self._cache.save(emb, self.gallery.keys(), texts)
 
@@ -140,8 +150,10 @@ class RetrievalModule(EvaluationModule):
         """Console report rows of this module's logged metrics (see `xclip.results`)."""
         n = self.gallery_embeddings
         size = f"{n.image_emb.shape[0]} images x {n.text_emb.shape[0]} captions" if n is not None else ""
-        return [ReportRow(row.workflow, f"{row.name} {size}".rstrip(), row.values, row.keys)
-                for row in recall_report_rows(metrics, "image-text retrieval", self.workflow)]
+        return [
+            ReportRow(row.workflow, f"{row.name} {size}".rstrip(), row.values, row.keys)
+            for row in recall_report_rows(metrics, "image-text retrieval", self.workflow)
+        ]
 
     def extra_results(self) -> dict[str, Any]:
         """Merged into results.json: the backbone, the gallery and the cache's outcome."""
@@ -183,5 +195,8 @@ def _gallery_of(datamodule: Any, split: str) -> CaptionGallery | None:
 def _complete(emb: GalleryEmbeddings, gallery: CaptionGallery) -> bool:
     """Whether `emb` covers the whole `gallery` in order (e.g. not under ``limit_val_batches``)."""
     n = len(gallery)
-    return emb.image_index.numel() == n and torch.equal(emb.image_index, torch.arange(n)) and \
-        torch.equal(emb.text_to_image, gallery.all_captions()[1])
+    return (
+        emb.image_index.numel() == n
+        and torch.equal(emb.image_index, torch.arange(n))
+        and torch.equal(emb.text_to_image, gallery.all_captions()[1])
+    )

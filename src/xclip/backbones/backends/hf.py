@@ -52,8 +52,9 @@ def load_hf(ref: str) -> Backbone:
     model_type = AutoConfig.from_pretrained(source, local_files_only=local_only).model_type
     classes = {"clip": CLIPModel, "siglip": SiglipModel, "siglip2": Siglip2Model}
     if model_type not in classes:
-        raise ValueError(f"hf:{ref}: model_type {model_type!r} is not a CLIP family xclip wraps "
-                         f"(supported: {sorted(classes)})")
+        raise ValueError(
+            f"hf:{ref}: model_type {model_type!r} is not a CLIP family xclip wraps (supported: {sorted(classes)})"
+        )
     model = classes[model_type].from_pretrained(source, attn_implementation="eager", local_files_only=local_only)
     text_cfg = model.config.text_config
     if model_type == "clip":
@@ -64,19 +65,24 @@ def load_hf(ref: str) -> Backbone:
             problem = str(err)
         if problem:
             # transformers 5 builds a near-empty tokenizer instead of failing when the files are absent.
-            log.warning("hf:%s: no usable tokenizer (%s); using the CLIP BPE tokenizer shipped with open_clip", ref,
-                        problem)
+            log.warning(
+                "hf:%s: no usable tokenizer (%s); using the CLIP BPE tokenizer shipped with open_clip", ref, problem
+            )
             tokenizer = None
         else:
             tokenizer = HFTokenizerAdapter(hf_tokenizer, text_cfg.max_position_embeddings)
     else:  # SigLIP's tokenizers have no offline stand-in: their files must be there
         if not _has_tokenizer_files(source, local_only):
-            raise ValueError(f"hf:{ref}: no usable tokenizer (no tokenizer files next to the model); save the model's "
-                             "tokenizer with save_pretrained into the same directory, or wrap_model(model, tokenizer)")
+            raise ValueError(
+                f"hf:{ref}: no usable tokenizer (no tokenizer files next to the model); save the model's "
+                "tokenizer with save_pretrained into the same directory, or wrap_model(model, tokenizer)"
+            )
         hf_tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         if len(hf_tokenizer) > text_cfg.vocab_size:
-            raise ValueError(f"hf:{ref}: no usable tokenizer: it has {len(hf_tokenizer)} tokens, the text tower "
-                             f"{text_cfg.vocab_size}")
+            raise ValueError(
+                f"hf:{ref}: no usable tokenizer: it has {len(hf_tokenizer)} tokens, the text tower "
+                f"{text_cfg.vocab_size}"
+            )
         tokenizer = HFTokenizerAdapter(hf_tokenizer, text_cfg.max_position_embeddings)
     backbone = HFCLIPBackbone(model, tokenizer)
     return HFCLIPBackbone(model, tokenizer, _preprocess(source, backbone.preprocess_cfg))
@@ -107,8 +113,10 @@ def _preprocess(source: str, default: PreprocessCfg) -> PreprocessCfg:
     """mean/std from preprocessor_config.json when available locally, else the family's default."""
     from huggingface_hub import try_to_load_from_cache
 
-    file = Path(source) / "preprocessor_config.json" if Path(source).is_dir() else try_to_load_from_cache(
-        source, "preprocessor_config.json"
+    file = (
+        Path(source) / "preprocessor_config.json"
+        if Path(source).is_dir()
+        else try_to_load_from_cache(source, "preprocessor_config.json")
     )
     if isinstance(file, (str, Path)) and Path(file).is_file():
         cfg = json.loads(Path(file).read_text())
@@ -139,13 +147,14 @@ def _wrap(model: nn.Module, tokenizer: object | None, preprocess_cfg: Preprocess
     return HFCLIPBackbone(model, adapt_tokenizer(tokenizer, context_length), preprocess_cfg)
 
 
-
-register_backend(Backend(
-    scheme="hf",
-    load=load_hf,
-    describe="hf:<hub id or save_pretrained dir>",
-    load_path=lambda path: load_hf(str(path)),
-    claims_path=_claims_path,
-    claims_model=_claims_model,
-    wrap=_wrap,
-))
+register_backend(
+    Backend(
+        scheme="hf",
+        load=load_hf,
+        describe="hf:<hub id or save_pretrained dir>",
+        load_path=lambda path: load_hf(str(path)),
+        claims_path=_claims_path,
+        claims_model=_claims_model,
+        wrap=_wrap,
+    )
+)

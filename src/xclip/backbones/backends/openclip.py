@@ -46,11 +46,17 @@ def load_openclip(ref: str) -> Backbone:
             # open_clip only warns and builds GELU; weights trained with QuickGELU then drift.
             log.warning(
                 "openclip:%s/%s: the %r weights were trained with QuickGELU; building with force_quick_gelu=True "
-                "(use %s-quickgelu to silence this)", arch, weights, weights, arch,
+                "(use %s-quickgelu to silence this)",
+                arch,
+                weights,
+                weights,
+                arch,
             )
             model_cfg["quick_gelu"] = True
         file = _cached_weights(arch, weights, pretrained_cfg)
-        preprocess = {k: pretrained_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pretrained_cfg}
+        preprocess = {
+            k: pretrained_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pretrained_cfg
+        }
         model = open_clip.create_model(
             arch, pretrained=file, force_quick_gelu=model_cfg.get("quick_gelu", False), force_preprocess_cfg=preprocess
         )
@@ -99,7 +105,8 @@ def _cached_weights(arch: str, tag: str, pretrained_cfg: dict) -> str:
         sources.append(f"{url} into {url_cache}/")
     ensure_online(
         f"openclip:{arch}/{tag}: the pretrained weights are not in the local cache",
-        "Download them on a connected machine: " + ", or ".join(sources)
+        "Download them on a connected machine: "
+        + ", or ".join(sources)
         + f"; or pass the weights file directly: openclip:{arch}//path/to/{filename}",
         hub_address() if hub else url_address(url),
     )
@@ -126,10 +133,12 @@ def _wrap(model: nn.Module, tokenizer: object | None, preprocess_cfg: Preprocess
     return OpenCLIPBackbone(model, adapt_tokenizer(tokenizer, text_context_length(model)), preprocess_cfg)
 
 
-register_backend(Backend(
-    scheme="openclip",
-    load=load_openclip,
-    describe="openclip:<arch>[/<tag or weights file>]",
-    claims_model=_claims_model,
-    wrap=_wrap,
-))
+register_backend(
+    Backend(
+        scheme="openclip",
+        load=load_openclip,
+        describe="openclip:<arch>[/<tag or weights file>]",
+        claims_model=_claims_model,
+        wrap=_wrap,
+    )
+)

@@ -67,8 +67,11 @@ def save_checkpoint(
     """
     if isinstance(preprocess_cfg, dict):
         preprocess_cfg = PreprocessCfg.from_dict(preprocess_cfg)
-    config = {"model_cfg": model_cfg, "preprocess": preprocess_cfg.to_dict(),
-              "tokenizer": {"context_length": int(context_length)}}
+    config = {
+        "model_cfg": model_cfg,
+        "preprocess": preprocess_cfg.to_dict(),
+        "tokenizer": {"context_length": int(context_length)},
+    }
     return save_folder(path, ARCHITECTURE, config, model.state_dict(), dtype=dtype, overwrite=overwrite)
 
 
@@ -135,10 +138,12 @@ def _claims_path(path: Path) -> bool:
     return is_checkpoint_dir(path) and not (config.is_file() and "model_type" in read_json(config))
 
 
-register_backend(Backend(
-    scheme="xclip",
-    load=lambda name: load_checkpoint(_named_checkpoint(name)),
-    describe="xclip:<name> for a folder under checkpoints/",
-    load_path=load_checkpoint,
-    claims_path=_claims_path,
-))
+register_backend(
+    Backend(
+        scheme="xclip",
+        load=lambda name: load_checkpoint(_named_checkpoint(name)),
+        describe="xclip:<name> for a folder under checkpoints/",
+        load_path=load_checkpoint,
+        claims_path=_claims_path,
+    )
+)

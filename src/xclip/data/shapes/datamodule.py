@@ -93,9 +93,19 @@ class ShapesWorldDataModule(pl.LightningDataModule):
         task_options: extra constructor arguments per task, e.g. ``{"spurious": {"ood": "background"}}``.
     """
 
-    def __init__(self, val_tasks: list[str] | None = None, train_task: str | None = None, image_size: int = 64,
-                 seed: int = 0, n_train: int = 100_000, n_val: int = 1000, n_test: int | None = None,
-                 batch_size: int = 128, num_workers: int = 0, task_options: dict[str, dict[str, Any]] | None = None):
+    def __init__(
+        self,
+        val_tasks: list[str] | None = None,
+        train_task: str | None = None,
+        image_size: int = 64,
+        seed: int = 0,
+        n_train: int = 100_000,
+        n_val: int = 1000,
+        n_test: int | None = None,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        task_options: dict[str, dict[str, Any]] | None = None,
+    ):
         super().__init__()
         self.val_tasks = list(val_tasks if val_tasks is not None else ["classification", "retrieval"])
         for task in self.val_tasks + ([train_task] if train_task else []):
@@ -108,8 +118,11 @@ class ShapesWorldDataModule(pl.LightningDataModule):
 
     def dataset(self, task: str, split: str = "val") -> Dataset:
         """The dataset of `task` for ``split`` (``train``, ``val`` or ``test``)."""
-        n, seed = {"train": (self.n_train, self.seed), "val": (self.n_val, self.seed + 1000),
-                   "test": (self.n_test, self.seed + 1000)}[split]
+        n, seed = {
+            "train": (self.n_train, self.seed),
+            "val": (self.n_val, self.seed + 1000),
+            "test": (self.n_test, self.seed + 1000),
+        }[split]
         return TASKS[task](n=n, seed=seed, image_size=self.image_size, split=split, **self.task_options.get(task, {}))
 
     def _loader(self, task: str, split: str) -> DataLoader:
@@ -117,8 +130,15 @@ class ShapesWorldDataModule(pl.LightningDataModule):
         batch = self.batch_size // 2 if task == "pretrain" else self.batch_size
         if split != "train":  # whole batches per process under DDP: the single-process numbers
             return eval_loader(self.dataset(task, split), batch, _Tagged(task), self.num_workers)
-        return DataLoader(self.dataset(task, split), batch_size=batch, shuffle=True, num_workers=self.num_workers,
-                          collate_fn=_Tagged(task), persistent_workers=self.num_workers > 0, drop_last=True)
+        return DataLoader(
+            self.dataset(task, split),
+            batch_size=batch,
+            shuffle=True,
+            num_workers=self.num_workers,
+            collate_fn=_Tagged(task),
+            persistent_workers=self.num_workers > 0,
+            drop_last=True,
+        )
 
     def train_dataloader(self) -> DataLoader:
         if self.train_task is None:

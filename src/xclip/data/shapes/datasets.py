@@ -73,8 +73,15 @@ class ShapesCaptions(_Sized):
     Item: ``{"image": [3,S,S], "captions": list[str], "index": int}``.
     """
 
-    def __init__(self, n: int = 1000, seed: int = 0, image_size: int = 64, max_objects: int = 3,
-                 captions_per_image: int = 2, split: str = "val"):
+    def __init__(
+        self,
+        n: int = 1000,
+        seed: int = 0,
+        image_size: int = 64,
+        max_objects: int = 3,
+        captions_per_image: int = 2,
+        split: str = "val",
+    ):
         super().__init__(n, seed, image_size, split)
         self.max_objects, self.captions_per_image = max_objects, captions_per_image
 
@@ -137,15 +144,25 @@ class ShapesPretrain(_Sized):
     Item: ``{"image": [2,3,S,S], "captions": [2 str]}``; the collate flattens twins into the batch.
     """
 
-    def __init__(self, n: int = 100_000, seed: int = 0, image_size: int = 64, max_objects: int = 3,
-                 short_caption_p: float = 0.5, split: str = "train", twin_edits: str = "shape_colour",
-                 relative_caption_p: float = 0.0):
+    def __init__(
+        self,
+        n: int = 100_000,
+        seed: int = 0,
+        image_size: int = 64,
+        max_objects: int = 3,
+        short_caption_p: float = 0.5,
+        split: str = "train",
+        twin_edits: str = "shape_colour",
+        relative_caption_p: float = 0.0,
+    ):
         super().__init__(n, seed, image_size, split)
         if twin_edits not in TWIN_EDITS:
             raise ValueError(f"twin_edits must be one of {TWIN_EDITS}, got {twin_edits!r}")
         if not 0.0 <= relative_caption_p <= 1.0 or (relative_caption_p > 0 and twin_edits != "all"):
-            raise ValueError(f"relative_caption_p must be in [0, 1] and needs twin_edits='all', got "
-                             f"{relative_caption_p} with twin_edits={twin_edits!r}")
+            raise ValueError(
+                f"relative_caption_p must be in [0, 1] and needs twin_edits='all', got "
+                f"{relative_caption_p} with twin_edits={twin_edits!r}"
+            )
         self.max_objects, self.short_caption_p = max_objects, short_caption_p
         self.twin_edits, self.relative_caption_p = twin_edits, relative_caption_p
 
@@ -239,9 +256,17 @@ class SpuriousShapes(_Sized):
     "place", "mask", "index"}``.
     """
 
-    def __init__(self, n: int = 1000, seed: int = 0, image_size: int = 64, classes: tuple[str, ...] = ("square", "circle"),
-                 places: tuple[str, ...] = ("land", "water"), correlation: float = 0.95, ood: str | None = None,
-                 split: str = "val"):
+    def __init__(
+        self,
+        n: int = 1000,
+        seed: int = 0,
+        image_size: int = 64,
+        classes: tuple[str, ...] = ("square", "circle"),
+        places: tuple[str, ...] = ("land", "water"),
+        correlation: float = 0.95,
+        ood: str | None = None,
+        split: str = "val",
+    ):
         super().__init__(n, seed, image_size, split)
         unknown = [c for c in classes if c not in SHAPES]
         if unknown or len(classes) != len(places):
@@ -267,8 +292,13 @@ class SpuriousShapes(_Sized):
             scene = Scene(place, (sample_object(rng, [], shapes=shapes),))
             label = -1 if self.ood else y
         image, instances = render(scene, self.image_size, rng)
-        return {"image": image_tensor(image), "label": label, "place": place_idx,
-                "mask": torch.from_numpy(instances > 0), "index": index}
+        return {
+            "image": image_tensor(image),
+            "label": label,
+            "place": place_idx,
+            "mask": torch.from_numpy(instances > 0),
+            "index": index,
+        }
 
 
 CIR_KINDS = EDIT_KINDS
@@ -307,7 +337,9 @@ class ShapesCIR(_Sized):
     def __init__(self, n: int = 600, seed: int = 0, image_size: int = 64, max_objects: int = 2, split: str = "val"):
         super().__init__(n, seed, image_size, split)
         if not 1 <= max_objects <= 2:
-            raise ValueError(f"CIR references hold 1 or 2 objects (so an edited scene fits), got max_objects={max_objects}")
+            raise ValueError(
+                f"CIR references hold 1 or 2 objects (so an edited scene fits), got max_objects={max_objects}"
+            )
         self.max_objects = max_objects
         self._sets: dict[int, CIRSet] = {}
 
@@ -334,8 +366,13 @@ class ShapesCIR(_Sized):
                     if all(e is not None for e in edited):
                         break
                     edited = []
-            self._sets[r] = CIRSet(ref, i, tuple(e[0] for e in edited), tuple(e[1] for e in edited),
-                                   tuple(relative_caption(e[1]) for e in edited))
+            self._sets[r] = CIRSet(
+                ref,
+                i,
+                tuple(e[0] for e in edited),
+                tuple(e[1] for e in edited),
+                tuple(relative_caption(e[1]) for e in edited),
+            )
         return self._sets[r]
 
     def triplet(self, index: int) -> tuple[Scene, str, Scene, str]:
@@ -353,8 +390,13 @@ class ShapesCIR(_Sized):
     def __getitem__(self, index: int) -> dict:
         _, text, _, kind = self.triplet(index)
         r, k = divmod(index, len(CIR_KINDS))
-        return {"reference": image_tensor(self.render_slot(r, 0)[0]), "target": image_tensor(self.render_slot(r, 1 + k)[0]),
-                "caption": text, "kind": kind, "index": index}
+        return {
+            "reference": image_tensor(self.render_slot(r, 0)[0]),
+            "target": image_tensor(self.render_slot(r, 1 + k)[0]),
+            "caption": text,
+            "kind": kind,
+            "index": index,
+        }
 
 
 @dataclass(frozen=True)
@@ -395,13 +437,20 @@ class ShapesCIRCO(_Sized):
             rng = self._rng("circo", index)
             ref = sample_scene(rng, n_objects=1)
             obj = ref.objects[0]
-            loose = LooseQuery(obj.shape, _other(rng, tuple(COLOURS), obj.colour), tuple(SIZES)[int(rng.integers(2))],
-                               BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))])
-            planted = tuple(_scene_with(rng, loose.shape, loose.colour, loose.size, loose.background)
-                            for _ in range(self.n_planted))
+            loose = LooseQuery(
+                obj.shape,
+                _other(rng, tuple(COLOURS), obj.colour),
+                tuple(SIZES)[int(rng.integers(2))],
+                BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))],
+            )
+            planted = tuple(
+                _scene_with(rng, loose.shape, loose.colour, loose.size, loose.background) for _ in range(self.n_planted)
+            )
             other_shape = _other(rng, SHAPES, loose.shape)
-            negatives = (_scene_with(rng, other_shape, loose.colour, loose.size, loose.background, loose),
-                         _scene_with(rng, loose.shape, obj.colour, loose.size, loose.background, loose))
+            negatives = (
+                _scene_with(rng, other_shape, loose.colour, loose.size, loose.background, loose),
+                _scene_with(rng, loose.shape, obj.colour, loose.size, loose.background, loose),
+            )
             self._queries[index] = CIRCOQuery(ref, loose, planted, negatives)
         return self._queries[index]
 
@@ -413,12 +462,18 @@ class ShapesCIRCO(_Sized):
     def __getitem__(self, index: int) -> dict:
         q = self.query(index)
         images = [image_tensor(self.render_slot(index, s)[0]) for s in range(len(q.scenes()))]
-        return {"reference": images[0], "planted": torch.stack(images[1 : 1 + len(q.planted)]),
-                "negatives": torch.stack(images[1 + len(q.planted):]), "caption": q.loose.caption(), "index": index}
+        return {
+            "reference": images[0],
+            "planted": torch.stack(images[1 : 1 + len(q.planted)]),
+            "negatives": torch.stack(images[1 + len(q.planted) :]),
+            "caption": q.loose.caption(),
+            "index": index,
+        }
 
 
-def _scene_with(rng: np.random.Generator, shape: str, colour: str, size: str, background: str,
-                avoid: LooseQuery | None = None) -> Scene:
+def _scene_with(
+    rng: np.random.Generator, shape: str, colour: str, size: str, background: str, avoid: LooseQuery | None = None
+) -> Scene:
     """A scene on `background` with a (shape, colour, size) object and maybe one random other object;
     with `avoid`, none that satisfies it (redrawn)."""
     while True:
@@ -469,9 +524,14 @@ class ShapesFaithfulness(_Sized):
             images.append(image)
             masks.append(mask)
             errors.append(kind)
-        return {"prompt": caption(scene), "images": image_tensor(np.stack(images)), "errors": errors,
-                "error_masks": torch.from_numpy(np.stack(masks)),
-                "faithful": torch.tensor([e == "none" for e in errors]), "index": index}
+        return {
+            "prompt": caption(scene),
+            "images": image_tensor(np.stack(images)),
+            "errors": errors,
+            "error_masks": torch.from_numpy(np.stack(masks)),
+            "faithful": torch.tensor([e == "none" for e in errors]),
+            "index": index,
+        }
 
 
 def _with_error(scene: Scene, kind: str, rng: np.random.Generator, size: int) -> tuple[Scene, np.ndarray, str]:
@@ -514,9 +574,16 @@ class ShapesMultimodal(_Sized):
         obj = scene.objects[0]
         image, _ = render(scene, self.image_size, rng)
         size_word = f"{obj.size} " if rng.random() < 0.5 else ""
-        text = article(f"a {size_word}{obj.colour} object {position_phrase(obj)} {BACKGROUND_PHRASES[scene.background]}")
-        return {"image": image_tensor(image), "text": text, "type": SHAPES.index(obj.shape),
-                "severity": tuple(SIZES).index(obj.size), "index": index}
+        text = article(
+            f"a {size_word}{obj.colour} object {position_phrase(obj)} {BACKGROUND_PHRASES[scene.background]}"
+        )
+        return {
+            "image": image_tensor(image),
+            "text": text,
+            "type": SHAPES.index(obj.shape),
+            "severity": tuple(SIZES).index(obj.size),
+            "index": index,
+        }
 
 
 # Note templates of `ShapesNotes`: every word but the background's name is shared by all the
@@ -562,6 +629,11 @@ class ShapesNotes(_Sized):
     def __getitem__(self, index: int) -> dict:
         obj, background, note, rng = self.record(index)
         image, instances = render(Scene("plain", (obj,)), self.image_size, rng)
-        return {"image": image_tensor(image), "text": note,
-                "labels": {"shape": SHAPES.index(obj.shape), "background": BACKGROUNDS.index(background)},
-                "mask": torch.from_numpy(instances == 1), "deciding_word": background, "index": index}
+        return {
+            "image": image_tensor(image),
+            "text": note,
+            "labels": {"shape": SHAPES.index(obj.shape), "background": BACKGROUNDS.index(background)},
+            "mask": torch.from_numpy(instances == 1),
+            "deciding_word": background,
+            "index": index,
+        }

@@ -66,8 +66,13 @@ def _other(rng: np.random.Generator, options, current):
     return rest[int(rng.integers(len(rest)))]
 
 
-def _free_spot(rng: np.random.Generator, placed: list[ShapeObject], template: ShapeObject, avoid_phrase: str | None,
-               tries: int = 60) -> ShapeObject | None:
+def _free_spot(
+    rng: np.random.Generator,
+    placed: list[ShapeObject],
+    template: ShapeObject,
+    avoid_phrase: str | None,
+    tries: int = 60,
+) -> ShapeObject | None:
     """`template` at a random spot clear of `placed` (and, with `avoid_phrase`, in another 3 x 3 cell)."""
     r = template.radius
     for _ in range(tries):
@@ -113,8 +118,9 @@ def apply_edit(scene: Scene, kind: str, index: int, rng: np.random.Generator) ->
     moved = _free_spot(rng, rest, obj, position_phrase(obj))
     if moved is None:
         return None
-    return scene.with_object(index, cx=moved.cx, cy=moved.cy), Edit(kind, index, position_phrase(obj),
-                                                                      position_phrase(moved), obj)
+    return scene.with_object(index, cx=moved.cx, cy=moved.cy), Edit(
+        kind, index, position_phrase(obj), position_phrase(moved), obj
+    )
 
 
 def relative_caption(edit: Edit, phrasing: int = 0, reverse: bool = False) -> str:
@@ -143,10 +149,16 @@ def relative_caption(edit: Edit, phrasing: int = 0, reverse: bool = False) -> st
         return f"has a {new} {o.colour} {o.shape}{joint}a {old} one"
     if edit.kind == "count":
         if new == "2":
-            return f"has two {o.colour} {_plural(o.shape)} instead of one" if phrasing == 0 else \
-                f"also has a second {o.colour} {o.shape}"
-        return f"has one {o.colour} {o.shape} instead of two" if phrasing == 0 else \
-            f"has only one {o.colour} {o.shape}, not two"
+            return (
+                f"has two {o.colour} {_plural(o.shape)} instead of one"
+                if phrasing == 0
+                else f"also has a second {o.colour} {o.shape}"
+            )
+        return (
+            f"has one {o.colour} {o.shape} instead of two"
+            if phrasing == 0
+            else f"has only one {o.colour} {o.shape}, not two"
+        )
     return f"has the {o.colour} {o.shape} {new}{joint}{old}"
 
 
@@ -165,8 +177,9 @@ def satisfies_edit(reference: Scene, edit: Edit, candidate: Scene) -> bool:
     items = Counter(objects)
     if edit.kind == "count":
         have = Counter(got)
-        return any(have - Counter([extra]) == items and have[extra] > items[extra] for extra in have
-                   if extra[:3] == old[:3])
+        return any(
+            have - Counter([extra]) == items and have[extra] > items[extra] for extra in have if extra[:3] == old[:3]
+        )
     items[old] -= 1
     changed = list(old)
     changed[{"shape": 0, "colour": 1, "size": 2, "position": 3}[edit.kind]] = edit.new
@@ -190,4 +203,5 @@ class LooseQuery:
 
     def satisfied_by(self, scene: Scene) -> bool:
         return scene.background == self.background and any(
-            (o.shape, o.colour, o.size) == (self.shape, self.colour, self.size) for o in scene.objects)
+            (o.shape, o.colour, o.size) == (self.shape, self.colour, self.size) for o in scene.objects
+        )

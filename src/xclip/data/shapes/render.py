@@ -64,7 +64,7 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndar
     if shape == "heart":
         u = dx / (0.82 * r)
         v = -dy / (0.82 * r) + 0.15
-        return (u * u + v * v - 1) ** 3 - u * u * v ** 3 <= 0
+        return (u * u + v * v - 1) ** 3 - u * u * v**3 <= 0
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -94,7 +94,7 @@ def render(scene: Scene, size: int = 64, rng: np.random.Generator | None = None)
     texture crop; without it the crop is fixed.
     """
     tex = _texture(scene.background, size)
-    oy, ox = (rng.integers(0, size, size=2) if rng is not None else (0, 0))
+    oy, ox = rng.integers(0, size, size=2) if rng is not None else (0, 0)
     image = tex[oy : oy + size, ox : ox + size].copy()
     instances = np.zeros((size, size), np.int8)
     scratch = np.zeros((size, size), bool)

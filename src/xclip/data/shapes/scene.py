@@ -22,8 +22,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SIZES: dict[str, float] = {"small": 0.13, "large": 0.21}  # radius as a fraction of the image side
 # How far each shape reaches from its centre, in radii (square corners, triangle tips poke out).
-EXTENTS: dict[str, float] = {"circle": 1.0, "square": 1.17, "triangle": 1.16, "star": 1.0, "cross": 1.05,
-                             "heart": 1.1}
+EXTENTS: dict[str, float] = {"circle": 1.0, "square": 1.17, "triangle": 1.16, "star": 1.0, "cross": 1.05, "heart": 1.1}
 BACKGROUNDS: tuple[str, ...] = ("plain", "water", "land", "sky", "sand")
 BACKGROUND_PHRASES: dict[str, str] = {
     "plain": "on a plain background",
@@ -69,7 +68,7 @@ class Scene:
     background: str
     objects: tuple[ShapeObject, ...] = field(default_factory=tuple)
 
-    def with_object(self, index: int, **changes) -> "Scene":
+    def with_object(self, index: int, **changes) -> Scene:
         """A copy with object `index` changed (e.g. ``colour="blue"``)."""
         objects = list(self.objects)
         objects[index] = replace(objects[index], **changes)
@@ -89,8 +88,7 @@ class Scene:
         return {
             "background": self.background,
             "objects": [
-                {"shape": o.shape, "colour": o.colour, "size": o.size, "cx": o.cx, "cy": o.cy}
-                for o in self.objects
+                {"shape": o.shape, "colour": o.colour, "size": o.size, "cx": o.cx, "cy": o.cy} for o in self.objects
             ],
             "relations": [[i, r, j] for i, r, j in self.relations()],
         }
@@ -116,10 +114,7 @@ def position_phrase(obj: ShapeObject) -> str:
 
 
 def _fits(objects: list[ShapeObject], cand: ShapeObject, margin: float) -> bool:
-    return all(
-        np.hypot(o.cx - cand.cx, o.cy - cand.cy) >= o.extent + cand.extent + margin
-        for o in objects
-    )
+    return all(np.hypot(o.cx - cand.cx, o.cy - cand.cy) >= o.extent + cand.extent + margin for o in objects)
 
 
 def sample_object(
@@ -250,7 +245,9 @@ def short_caption(scene: Scene, style: int) -> str:
     for g in groups:
         o = scene.objects[g[0]]
         noun = o.shape if len(g) == 1 else _plural(o.shape)
-        parts.append(article(f"{COUNT_WORDS[len(g)]} {noun}" if style == 1 else f"{COUNT_WORDS[len(g)]} {o.colour} {noun}"))
+        parts.append(
+            article(f"{COUNT_WORDS[len(g)]} {noun}" if style == 1 else f"{COUNT_WORDS[len(g)]} {o.colour} {noun}")
+        )
     text = parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
     if style == 2:
         text = f"{text} {BACKGROUND_PHRASES[scene.background]}"

@@ -16,8 +16,24 @@ from xclip.retrieval.failures.sheets import assign_sheets, write_sheets
 from xclip.retrieval.failures.taxonomy import CATEGORIES, LABELS, parse_label
 
 __all__ = [
-    "CATEGORIES", "LABELS", "SheetError", "Failure", "assign_sheets", "autolabel", "autolabel_failures",
-    "cohen_kappa", "ensemble_t2i_ranks", "failure_records", "fleiss_kappa", "merge_annotations", "pairwise_cohen",
-    "parse_label", "read_sheet_dir", "rerank_t2i_ranks", "sample_failures", "top1_failures", "write_cards",
+    "CATEGORIES",
+    "LABELS",
+    "SheetError",
+    "Failure",
+    "assign_sheets",
+    "autolabel",
+    "autolabel_failures",
+    "cohen_kappa",
+    "ensemble_t2i_ranks",
+    "failure_records",
+    "fleiss_kappa",
+    "merge_annotations",
+    "pairwise_cohen",
+    "parse_label",
+    "read_sheet_dir",
+    "rerank_t2i_ranks",
+    "sample_failures",
+    "top1_failures",
+    "write_cards",
     "write_sheets",
 ]

@@ -48,8 +48,10 @@ class SheetError(ValueError):
     def __init__(self, issues: Sequence[AnnotationIssue]):
         self.issues = list(issues)
         lines = "\n  ".join(str(i) for i in self.issues)
-        super().__init__(f"{len(self.issues)} problem(s) in the annotation sheets:\n  {lines}\n"
-                         f"Accepted labels: {', '.join(LABELS)} (or their short codes, see taxonomy.txt)")
+        super().__init__(
+            f"{len(self.issues)} problem(s) in the annotation sheets:\n  {lines}\n"
+            f"Accepted labels: {', '.join(LABELS)} (or their short codes, see taxonomy.txt)"
+        )
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,11 @@ def read_sheet(path: str | Path) -> SheetContents:
                 issues.append(AnnotationIssue(str(path), line, "failure_id", fid, "empty failure id"))
                 continue
             if fid in first_row:
-                issues.append(AnnotationIssue(str(path), line, "failure_id", fid,
-                                              f"duplicate failure id (first at row {first_row[fid]})"))
+                issues.append(
+                    AnnotationIssue(
+                        str(path), line, "failure_id", fid, f"duplicate failure id (first at row {first_row[fid]})"
+                    )
+                )
                 continue
             first_row[fid] = line
             label = parse_label(raw)
@@ -129,12 +134,19 @@ def read_sheets(paths: Sequence[str | Path], assignment: Mapping[str, Sequence[s
             continue
         path, contents = sheets[annotator]
         header_ok = not any(i.row == 1 for i in contents.issues)
-        issues += [AnnotationIssue(str(path), 0, "failure_id", fid, "assigned failure has no row in this sheet")
-                   for fid in ids if header_ok and fid not in contents.failure_ids]
+        issues += [
+            AnnotationIssue(str(path), 0, "failure_id", fid, "assigned failure has no row in this sheet")
+            for fid in ids
+            if header_ok and fid not in contents.failure_ids
+        ]
         assigned = set(ids)
-        issues += [AnnotationIssue(str(path), row, "failure_id", fid,
-                                   f"failure not assigned to {annotator} in {ASSIGNMENT_FILE}")
-                   for fid, row in contents.failure_ids.items() if fid not in assigned]
+        issues += [
+            AnnotationIssue(
+                str(path), row, "failure_id", fid, f"failure not assigned to {annotator} in {ASSIGNMENT_FILE}"
+            )
+            for fid, row in contents.failure_ids.items()
+            if fid not in assigned
+        ]
     if issues:
         raise SheetError(issues)
     return annotations
@@ -147,7 +159,9 @@ def read_sheet_dir(sheet_dir: str | Path) -> list[Annotation]:
     if not paths:
         raise FileNotFoundError(f"no annotation sheets (*.csv) in {sheet_dir}")
     assignment_file = sheet_dir / ASSIGNMENT_FILE
-    assignment = json.loads(assignment_file.read_text(encoding="utf-8"))["sheets"] if assignment_file.is_file() else None
+    assignment = (
+        json.loads(assignment_file.read_text(encoding="utf-8"))["sheets"] if assignment_file.is_file() else None
+    )
     return read_sheets(paths, assignment)
 
 
@@ -189,8 +203,16 @@ def merge_annotations(annotations: Sequence[Annotation]) -> list[MergedFailure]:
     out = []
     for fid, rows in sorted(grouped.items()):
         label, tied = consensus([a.label for a in rows])
-        out.append(MergedFailure(fid, {a.annotator: a.label for a in rows}, label, tied, rows[0].meta,
-                                 {a.annotator: a.note for a in rows if a.note}))
+        out.append(
+            MergedFailure(
+                fid,
+                {a.annotator: a.label for a in rows},
+                label,
+                tied,
+                rows[0].meta,
+                {a.annotator: a.note for a in rows if a.note},
+            )
+        )
     return out
 
 
@@ -217,15 +239,33 @@ def write_merged_csv(path: str | Path, merged: Sequence[MergedFailure]) -> Path:
     label, then one ``label_<annotator>`` column per annotator (blank where that annotator did not
     label the failure), and the annotators' notes."""
     annotators = sorted({a for m in merged for a in m.labels})
-    columns = ["failure_id", *META_COLUMNS, "label", "category", "tie", "n_annotators", "n_agree",
-               *(f"label_{a}" for a in annotators), "notes"]
+    columns = [
+        "failure_id",
+        *META_COLUMNS,
+        "label",
+        "category",
+        "tie",
+        "n_annotators",
+        "n_agree",
+        *(f"label_{a}" for a in annotators),
+        "notes",
+    ]
     path = Path(path)
-    rows = [{"failure_id": m.failure_id, **{c: m.meta.get(c, "") for c in META_COLUMNS},
-             "card": os.path.relpath(m.meta["card"], path.parent.absolute()) if m.meta.get("card") else "",
-             "label": m.label or "", "category": category(m.label) if m.label else "", "tie": " | ".join(m.tied),
-             "n_annotators": len(m.labels), "n_agree": m.n_agree,
-             **{f"label_{a}": m.labels.get(a, "") for a in annotators},
-             "notes": "; ".join(f"{a}: {note}" for a, note in sorted(m.notes.items()))} for m in merged]
+    rows = [
+        {
+            "failure_id": m.failure_id,
+            **{c: m.meta.get(c, "") for c in META_COLUMNS},
+            "card": os.path.relpath(m.meta["card"], path.parent.absolute()) if m.meta.get("card") else "",
+            "label": m.label or "",
+            "category": category(m.label) if m.label else "",
+            "tie": " | ".join(m.tied),
+            "n_annotators": len(m.labels),
+            "n_agree": m.n_agree,
+            **{f"label_{a}": m.labels.get(a, "") for a in annotators},
+            "notes": "; ".join(f"{a}: {note}" for a, note in sorted(m.notes.items())),
+        }
+        for m in merged
+    ]
     return atomic_write_csv(path, columns, rows)
 
 
@@ -240,7 +280,9 @@ def read_merged_labels(path: str | Path) -> dict[int, str]:
                 continue
             label, text_index = parse_label(row.get("label") or ""), (row.get("text_index") or "").strip()
             if label is None or not text_index.isdigit():
-                raise ValueError(f"{path}, row {reader.line_num}: needs a text_index and a taxonomy label, got "
-                                 f"{text_index!r}, {row.get('label')!r}")
+                raise ValueError(
+                    f"{path}, row {reader.line_num}: needs a text_index and a taxonomy label, got "
+                    f"{text_index!r}, {row.get('label')!r}"
+                )
             labels[int(text_index)] = label
     return labels

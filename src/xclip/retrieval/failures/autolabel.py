@@ -27,8 +27,9 @@ _VARIANTS = (0, 1)  # caption() has two paraphrases (variant % 2)
 def captions_true_of(scene: Scene) -> set[str]:
     """Every caption ShapesWorld can write for `scene`: each paraphrase for each object order
     (the generator words groups in drawing order, which the image does not show)."""
-    return {caption(Scene(scene.background, order), v)
-            for order in itertools.permutations(scene.objects) for v in _VARIANTS}
+    return {
+        caption(Scene(scene.background, order), v) for order in itertools.permutations(scene.objects) for v in _VARIANTS
+    }
 
 
 def _signature(scene: Scene) -> tuple:
@@ -47,8 +48,9 @@ def autolabel(caption_text: str, gt_scene: Scene, retrieved_scene: Scene) -> str
         return OBJECT
     if shapes_gt != shapes_ret:
         return COUNT
-    if Counter((o.shape, o.colour, o.size) for o in gt_scene.objects) != \
-            Counter((o.shape, o.colour, o.size) for o in retrieved_scene.objects):
+    if Counter((o.shape, o.colour, o.size) for o in gt_scene.objects) != Counter(
+        (o.shape, o.colour, o.size) for o in retrieved_scene.objects
+    ):
         return ATTRIBUTE
     if gt_scene.background != retrieved_scene.background:
         return CONTEXT

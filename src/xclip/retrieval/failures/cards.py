@@ -16,8 +16,9 @@ from xclip.explain.render import explanation_title, figure_to_array, panels_figu
 from xclip.retrieval.failures.extract import Failure
 
 
-def caption_maps(explainer: GradECLIP, captions: Sequence[str], gt_images01: Tensor,
-                 retrieved_images01: Tensor) -> tuple[Tensor, Tensor]:
+def caption_maps(
+    explainer: GradECLIP, captions: Sequence[str], gt_images01: Tensor, retrieved_images01: Tensor
+) -> tuple[Tensor, Tensor]:
     """Grad-ECLIP maps of each caption on its ground-truth and on its retrieved image.
 
     Args:
@@ -35,9 +36,16 @@ def caption_maps(explainer: GradECLIP, captions: Sequence[str], gt_images01: Ten
     return maps[:n], maps[n:]
 
 
-def render_card(failure: Failure, gt_image01: Tensor, gt_map: Tensor, retrieved_image01: Tensor,
-                retrieved_map: Tensor, cell_size: int = 256, alpha: float = 0.5,
-                explainer_name: str = "grad_eclip") -> np.ndarray:
+def render_card(
+    failure: Failure,
+    gt_image01: Tensor,
+    gt_map: Tensor,
+    retrieved_image01: Tensor,
+    retrieved_map: Tensor,
+    cell_size: int = 256,
+    alpha: float = 0.5,
+    explainer_name: str = "grad_eclip",
+) -> np.ndarray:
     """One card, uint8 [H, W, 3]: titled with the caption, the explainer, the failure id and the
     image keys; the ground-truth (left) and retrieved (right) images with the caption's map, each
     with its cosine and its map's raw maximum, and a colour bar.
@@ -47,15 +55,27 @@ def render_card(failure: Failure, gt_image01: Tensor, gt_map: Tensor, retrieved_
         gt_map, retrieved_map: [gh, gw] raw maps.
         cell_size: side of each displayed image.
     """
-    title = explanation_title(failure.caption, explainer_name, failure.failure_id,
-                              f"gt {failure.gt_key} (rank {failure.gt_rank + 1}) vs {failure.retrieved_key}")
-    panels = [(f"ground truth, cos {failure.gt_score:.3f}", gt_image01, gt_map.numpy()),
-              (f"retrieved top-1, cos {failure.retrieved_score:.3f}", retrieved_image01, retrieved_map.numpy())]
+    title = explanation_title(
+        failure.caption,
+        explainer_name,
+        failure.failure_id,
+        f"gt {failure.gt_key} (rank {failure.gt_rank + 1}) vs {failure.retrieved_key}",
+    )
+    panels = [
+        (f"ground truth, cos {failure.gt_score:.3f}", gt_image01, gt_map.numpy()),
+        (f"retrieved top-1, cos {failure.retrieved_score:.3f}", retrieved_image01, retrieved_map.numpy()),
+    ]
     return figure_to_array(panels_figure(panels, title, alpha=alpha, panel_px=cell_size))
 
 
-def write_cards(explainer: GradECLIP, failures: Sequence[Failure], image_of: Callable[[int], Tensor],
-                out_dir: str | Path, batch_size: int = 8, cell_size: int = 256) -> dict[str, Path]:
+def write_cards(
+    explainer: GradECLIP,
+    failures: Sequence[Failure],
+    image_of: Callable[[int], Tensor],
+    out_dir: str | Path,
+    batch_size: int = 8,
+    cell_size: int = 256,
+) -> dict[str, Path]:
     """Render a card per failure into ``out_dir/<failure_id>.png`` (atomic writes).
 
     Args:
@@ -73,8 +93,15 @@ def write_cards(explainer: GradECLIP, failures: Sequence[Failure], image_of: Cal
         retrieved = torch.stack([image_of(f.retrieved_image) for f in batch])
         gt_maps, retrieved_maps = caption_maps(explainer, [f.caption for f in batch], gt, retrieved)
         for i, f in enumerate(batch):
-            card = render_card(f, gt[i], gt_maps[i], retrieved[i], retrieved_maps[i], cell_size=cell_size,
-                               explainer_name=explainer.name)
+            card = render_card(
+                f,
+                gt[i],
+                gt_maps[i],
+                retrieved[i],
+                retrieved_maps[i],
+                cell_size=cell_size,
+                explainer_name=explainer.name,
+            )
             title = explanation_title(f.caption, explainer.name, f.failure_id)
             paths[f.failure_id] = save_png(card, out_dir / f"{f.failure_id}.png", text={"Title": title})
     return paths

@@ -45,8 +45,9 @@ def failure_id(text_index: int) -> str:
     return f"t{int(text_index):06d}"
 
 
-def top1_failures(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor,
-                  chunk_elements: int = _CHUNK_ELEMENTS) -> dict[str, Tensor]:
+def top1_failures(
+    image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, chunk_elements: int = _CHUNK_ELEMENTS
+) -> dict[str, Tensor]:
     """Every caption whose image is not its top-1, in caption order.
 
     Args:
@@ -70,17 +71,28 @@ def top1_failures(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor,
         retrieved[s : s + step] = best.indices
         retrieved_score[s : s + step] = best.values
         gt_score[s : s + step] = scores.gather(1, gt[s : s + step, None])[:, 0]
-    return {"text_index": text_index.cpu(), "gt_image": gt.cpu(), "retrieved_image": retrieved.cpu(),
-            "gt_rank": t2i_rank[text_index].cpu(), "gt_score": gt_score.float().cpu(),
-            "retrieved_score": retrieved_score.float().cpu()}
+    return {
+        "text_index": text_index.cpu(),
+        "gt_image": gt.cpu(),
+        "retrieved_image": retrieved.cpu(),
+        "gt_rank": t2i_rank[text_index].cpu(),
+        "gt_score": gt_score.float().cpu(),
+        "retrieved_score": retrieved_score.float().cpu(),
+    }
 
 
 def failure_records(top1: dict[str, Tensor], captions: Sequence[str], image_keys: Sequence[str]) -> list[Failure]:
     """`top1_failures` output as `Failure` rows, with the captions' text and the images' keys."""
-    rows = zip(*(top1[k].tolist() for k in ("text_index", "gt_image", "retrieved_image", "gt_score",
-                                             "retrieved_score", "gt_rank")))
-    return [Failure(failure_id(t), t, captions[t], gt, image_keys[gt], ret, image_keys[ret], gs, rs, rank)
-            for t, gt, ret, gs, rs, rank in rows]
+    rows = zip(
+        *(
+            top1[k].tolist()
+            for k in ("text_index", "gt_image", "retrieved_image", "gt_score", "retrieved_score", "gt_rank")
+        )
+    )
+    return [
+        Failure(failure_id(t), t, captions[t], gt, image_keys[gt], ret, image_keys[ret], gs, rs, rank)
+        for t, gt, ret, gs, rs, rank in rows
+    ]
 
 
 def sample_failures(failures: Sequence[Failure], n: int, seed: int) -> list[Failure]:
@@ -91,11 +103,11 @@ def sample_failures(failures: Sequence[Failure], n: int, seed: int) -> list[Fail
     return [failures[i] for i in sorted(picked.tolist())]
 
 
-def write_failures_csv(path: str | Path, failures: Sequence[Failure],
-                       extra: dict[str, Sequence[str]] | None = None) -> Path:
+def write_failures_csv(
+    path: str | Path, failures: Sequence[Failure], extra: dict[str, Sequence[str]] | None = None
+) -> Path:
     """Write `failures` as CSV (`FAILURE_COLUMNS`, then one column per `extra` entry, e.g.
     ``{"auto_label": [...]}``, one value per failure)."""
     extra = dict(extra or {})
     rows = [{**asdict(f), **{k: v[i] for k, v in extra.items()}} for i, f in enumerate(failures)]
     return atomic_write_csv(path, [*FAILURE_COLUMNS, *extra], rows)
-

@@ -72,8 +72,14 @@ def pool_scores(scores: Tensor, pooling: str, tau: float = 0.01) -> Tensor:
     raise ValueError(f"unknown pooling {pooling!r}; choose from {POOLINGS}")
 
 
-def ensemble_t2i_ranks(image_emb: Tensor, template_emb: Tensor, text_to_image: Tensor, pooling: str,
-                       tau: float = 0.01, chunk_elements: int = _CHUNK_ELEMENTS) -> Tensor:
+def ensemble_t2i_ranks(
+    image_emb: Tensor,
+    template_emb: Tensor,
+    text_to_image: Tensor,
+    pooling: str,
+    tau: float = 0.01,
+    chunk_elements: int = _CHUNK_ELEMENTS,
+) -> Tensor:
     """Rank of each caption's image under pooled template scores.
 
     Args:
@@ -104,8 +110,12 @@ def _count_matrix(docs: Sequence[Sequence[str]], vocabulary: Mapping[str, int]) 
         rows += [i] * len(doc)
         cols += [vocabulary[w] for w in doc]
     values = torch.ones(len(rows))
-    return torch.sparse_coo_tensor(torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1), values,
-                                   (len(docs), len(vocabulary)), check_invariants=True).coalesce()
+    return torch.sparse_coo_tensor(
+        torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1),
+        values,
+        (len(docs), len(vocabulary)),
+        check_invariants=True,
+    ).coalesce()
 
 
 def lexical_scores(query_counts: Tensor, doc_counts: Tensor, idf: Tensor, lexical: str) -> Tensor:
@@ -119,9 +129,16 @@ def lexical_scores(query_counts: Tensor, doc_counts: Tensor, idf: Tensor, lexica
     raise ValueError(f"unknown lexical similarity {lexical!r}; choose from {LEXICAL}")
 
 
-def rerank_t2i_ranks(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, captions: Sequence[str],
-                     k: int = 10, weight: float = 0.1, lexical: str = "tfidf",
-                     chunk_elements: int = _CHUNK_ELEMENTS) -> Tensor:
+def rerank_t2i_ranks(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    text_to_image: Tensor,
+    captions: Sequence[str],
+    k: int = 10,
+    weight: float = 0.1,
+    lexical: str = "tfidf",
+    chunk_elements: int = _CHUNK_ELEMENTS,
+) -> Tensor:
     """Rank of each caption's image after re-ranking its top-`k` images by
     ``score + weight * lexical(query, other captions of the candidate)``; images beyond the top
     k keep their CLIP rank.
@@ -155,8 +172,9 @@ def rerank_t2i_ranks(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor,
         queries = query_counts.index_select(0, torch.arange(s, s + len(gt))).to_dense()  # [c, V]
         docs = doc_counts.index_select(0, top.flatten()).to_dense().view(len(gt), k, -1)  # [c, k, V]
         docs = docs - (top == gt[:, None]).unsqueeze(-1).float() * queries[:, None]  # leave the query out
-        lex = lexical_scores(queries[:, None].expand_as(docs).reshape(len(gt) * k, -1),
-                             docs.reshape(len(gt) * k, -1), idf, lexical).view(len(gt), k)
+        lex = lexical_scores(
+            queries[:, None].expand_as(docs).reshape(len(gt) * k, -1), docs.reshape(len(gt) * k, -1), idf, lexical
+        ).view(len(gt), k)
         order = torch.sort(top_scores + weight * lex, dim=1, descending=True, stable=True).indices
         reranked = top.gather(1, order)
         hit = reranked == gt[:, None]
@@ -170,8 +188,12 @@ def recall_from_ranks(ranks: Tensor, ks: Sequence[int]) -> dict[str, float]:
     return {f"R@{k}": (ranks < k).sum().item() / n if n else float("nan") for k in ks}
 
 
-def improvement_rows(ranks: Mapping[str, Tensor], subsets: Mapping[str, Tensor], ks: Sequence[int] = (1, 5, 10),
-                     params: Mapping[str, str] | None = None) -> list[dict]:
+def improvement_rows(
+    ranks: Mapping[str, Tensor],
+    subsets: Mapping[str, Tensor],
+    ks: Sequence[int] = (1, 5, 10),
+    params: Mapping[str, str] | None = None,
+) -> list[dict]:
     """Recall@K of every method on every subset: one row per (method, subset).
 
     Args:
@@ -180,8 +202,17 @@ def improvement_rows(ranks: Mapping[str, Tensor], subsets: Mapping[str, Tensor],
         params: method name -> its parameters, for the ``params`` column.
     """
     params = dict(params or {})
-    return [{"method": method, "params": params.get(method, ""), "subset": subset, "n_queries": int(idx.numel()),
-             **recall_from_ranks(r[idx], ks)} for method, r in ranks.items() for subset, idx in subsets.items()]
+    return [
+        {
+            "method": method,
+            "params": params.get(method, ""),
+            "subset": subset,
+            "n_queries": int(idx.numel()),
+            **recall_from_ranks(r[idx], ks),
+        }
+        for method, r in ranks.items()
+        for subset, idx in subsets.items()
+    ]
 
 
 def improvements_chart(rows: Sequence[dict], k: int = 1) -> Figure:
@@ -197,8 +228,9 @@ def improvements_chart(rows: Sequence[dict], k: int = 1) -> Figure:
         heights = [value.get((method, s), math.nan) for s in subsets]
         ax.bar([i + (m - (len(methods) - 1) / 2) * width for i in range(len(subsets))], heights, width, label=method)
     ax.set_xticks(range(len(subsets)))
-    ax.set_xticklabels([f"{s}\n(n={next(r['n_queries'] for r in rows if r['subset'] == s)})" for s in subsets],
-                       fontsize=7)
+    ax.set_xticklabels(
+        [f"{s}\n(n={next(r['n_queries'] for r in rows if r['subset'] == s)})" for s in subsets], fontsize=7
+    )
     ax.set_ylabel(f"text->image R@{k}")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, ncol=2)

@@ -51,13 +51,32 @@ def write_annotation_report(sheet_dir: str | Path, out_dir: str | Path) -> dict:
     write_merged_csv(out_dir / "merged.csv", merged)
     categories = categories_by_annotator(annotations)
     rows = []
-    for level, labels, vocabulary in (("category", categories, CATEGORIES),
-                                      ("label", labels_by_annotator(annotations), LABELS)):
-        rows += [{"level": level, "method": "cohen", "annotators": f"{p.annotator_a}+{p.annotator_b}",
-                  "n_items": p.n_items, "observed": p.observed, "kappa": p.kappa} for p in pairwise_cohen(labels)]
+    for level, labels, vocabulary in (
+        ("category", categories, CATEGORIES),
+        ("label", labels_by_annotator(annotations), LABELS),
+    ):
+        rows += [
+            {
+                "level": level,
+                "method": "cohen",
+                "annotators": f"{p.annotator_a}+{p.annotator_b}",
+                "n_items": p.n_items,
+                "observed": p.observed,
+                "kappa": p.kappa,
+            }
+            for p in pairwise_cohen(labels)
+        ]
         n_shared, fleiss = fleiss_on_shared(labels, vocabulary)
-        rows.append({"level": level, "method": "fleiss", "annotators": "all", "n_items": n_shared, "observed": "",
-                     "kappa": fleiss})
+        rows.append(
+            {
+                "level": level,
+                "method": "fleiss",
+                "annotators": "all",
+                "n_items": n_shared,
+                "observed": "",
+                "kappa": fleiss,
+            }
+        )
     atomic_write_csv(out_dir / "agreement.csv", AGREEMENT_COLUMNS, rows)
     ties = [m for m in merged if m.is_tie]
     summary = write_summary(out_dir, [m.label for m in merged if m.label is not None])  # None: a tie

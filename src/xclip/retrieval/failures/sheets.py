@@ -22,8 +22,18 @@ from xclip.retrieval.failures.taxonomy import accepted_spellings
 
 LABEL_COLUMN = "label"
 NOTE_COLUMN = "note"
-SHEET_COLUMNS: tuple[str, ...] = ("failure_id", "text_index", "card", "caption", "gt_key", "retrieved_key",
-                                  "gt_score", "retrieved_score", LABEL_COLUMN, NOTE_COLUMN)
+SHEET_COLUMNS: tuple[str, ...] = (
+    "failure_id",
+    "text_index",
+    "card",
+    "caption",
+    "gt_key",
+    "retrieved_key",
+    "gt_score",
+    "retrieved_score",
+    LABEL_COLUMN,
+    NOTE_COLUMN,
+)
 ASSIGNMENT_FILE = "assignment.json"
 
 
@@ -48,8 +58,9 @@ def feasible_counts(n_available: int, n_annotators: int, per_annotator: int, ove
     return min(per_annotator, (n_available - overlap) // max(n_annotators, 1)), overlap
 
 
-def assign_sheets(failure_ids: Sequence[str], n_annotators: int, per_annotator: int, overlap: int,
-                  seed: int) -> SheetAssignment:
+def assign_sheets(
+    failure_ids: Sequence[str], n_annotators: int, per_annotator: int, overlap: int, seed: int
+) -> SheetAssignment:
     """Split failures among annotators: `overlap` shared ones plus `per_annotator` own ones each
     (disjoint), drawn with `seed`; each sheet's rows are shuffled so shared rows are interleaved.
 
@@ -57,12 +68,15 @@ def assign_sheets(failure_ids: Sequence[str], n_annotators: int, per_annotator: 
         ValueError: fewer than ``overlap + n_annotators * per_annotator`` failures.
     """
     if n_annotators < 1 or per_annotator < 0 or overlap < 0:
-        raise ValueError(f"need n_annotators >= 1, per_annotator >= 0, overlap >= 0; got {n_annotators}, "
-                         f"{per_annotator}, {overlap}")
+        raise ValueError(
+            f"need n_annotators >= 1, per_annotator >= 0, overlap >= 0; got {n_annotators}, {per_annotator}, {overlap}"
+        )
     needed = overlap + n_annotators * per_annotator
     if needed > len(failure_ids):
-        raise ValueError(f"{n_annotators} annotators x {per_annotator} failures + {overlap} shared need {needed} "
-                         f"failures, only {len(failure_ids)} are available")
+        raise ValueError(
+            f"{n_annotators} annotators x {per_annotator} failures + {overlap} shared need {needed} "
+            f"failures, only {len(failure_ids)} are available"
+        )
     rng = np.random.default_rng(seed)
     order = [failure_ids[i] for i in rng.permutation(len(failure_ids))[:needed]]
     shared, own = order[:overlap], order[overlap:]
@@ -73,8 +87,12 @@ def assign_sheets(failure_ids: Sequence[str], n_annotators: int, per_annotator: 
     return SheetAssignment(sheets, shared)
 
 
-def write_sheets(out_dir: str | Path, failures: Sequence[Failure], assignment: SheetAssignment,
-                 cards: Mapping[str, str | Path] | None = None) -> list[Path]:
+def write_sheets(
+    out_dir: str | Path,
+    failures: Sequence[Failure],
+    assignment: SheetAssignment,
+    cards: Mapping[str, str | Path] | None = None,
+) -> list[Path]:
     """Write one empty-label CSV per annotator (`SHEET_COLUMNS`), ``assignment.json`` and
     ``taxonomy.txt`` into `out_dir`. `cards` maps failure ids to card files, written relative to
     `out_dir` (blank without cards). Returns the sheet paths."""
@@ -87,9 +105,20 @@ def write_sheets(out_dir: str | Path, failures: Sequence[Failure], assignment: S
         for fid in ids:
             f = by_id[fid]
             card = os.path.relpath(cards[fid], out_dir) if fid in cards else ""
-            rows.append({"failure_id": fid, "text_index": f.text_index, "card": card, "caption": f.caption,
-                         "gt_key": f.gt_key, "retrieved_key": f.retrieved_key, "gt_score": f"{f.gt_score:.4f}",
-                         "retrieved_score": f"{f.retrieved_score:.4f}", LABEL_COLUMN: "", NOTE_COLUMN: ""})
+            rows.append(
+                {
+                    "failure_id": fid,
+                    "text_index": f.text_index,
+                    "card": card,
+                    "caption": f.caption,
+                    "gt_key": f.gt_key,
+                    "retrieved_key": f.retrieved_key,
+                    "gt_score": f"{f.gt_score:.4f}",
+                    "retrieved_score": f"{f.retrieved_score:.4f}",
+                    LABEL_COLUMN: "",
+                    NOTE_COLUMN: "",
+                }
+            )
         paths.append(atomic_write_csv(out_dir / f"{name}.csv", SHEET_COLUMNS, rows))
     payload = {"sheets": assignment.sheets, "overlap": assignment.overlap}
     atomic_write_text(out_dir / ASSIGNMENT_FILE, json.dumps(payload, indent=2) + "\n")

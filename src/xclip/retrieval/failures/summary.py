@@ -25,8 +25,15 @@ def label_distribution(labels: Sequence[str]) -> list[dict]:
     if unknown:
         raise ValueError(f"not canonical labels: {sorted(unknown)}")
     n = len(labels)
-    return [{"label": label, "category": category(label), "count": counts[label],
-             "fraction": counts[label] / n if n else float("nan")} for label in LABELS]
+    return [
+        {
+            "label": label,
+            "category": category(label),
+            "count": counts[label],
+            "fraction": counts[label] / n if n else float("nan"),
+        }
+        for label in LABELS
+    ]
 
 
 def ambiguity(labels: Sequence[str]) -> dict:
@@ -35,8 +42,13 @@ def ambiguity(labels: Sequence[str]) -> dict:
     n_amb = sum(is_ambiguous(label) for label in labels)
     n_clear = len(labels) - n_amb
     ratio = n_amb / n_clear if n_clear else (float("inf") if n_amb else float("nan"))
-    return {"n_failures": len(labels), "ambiguous": n_amb, "clear": n_clear,
-            "ambiguous_fraction": n_amb / len(labels) if labels else float("nan"), "ambiguous_to_clear": ratio}
+    return {
+        "n_failures": len(labels),
+        "ambiguous": n_amb,
+        "clear": n_clear,
+        "ambiguous_fraction": n_amb / len(labels) if labels else float("nan"),
+        "ambiguous_to_clear": ratio,
+    }
 
 
 def distribution_chart(distribution: Sequence[dict], ambiguity_row: dict, title: str = "failure categories") -> Figure:
@@ -51,8 +63,11 @@ def distribution_chart(distribution: Sequence[dict], ambiguity_row: dict, title:
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("failures")
-    ax.set_title(f"{title} (n={ambiguity_row['n_failures']}, ambiguous {ambiguity_row['ambiguous']} : "
-                 f"clear {ambiguity_row['clear']})", fontsize=9)
+    ax.set_title(
+        f"{title} (n={ambiguity_row['n_failures']}, ambiguous {ambiguity_row['ambiguous']} : "
+        f"clear {ambiguity_row['clear']})",
+        fontsize=9,
+    )
     fig.tight_layout()
     return fig
 

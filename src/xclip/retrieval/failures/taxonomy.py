@@ -50,9 +50,7 @@ def _key(text: str) -> str:
 
 
 _SPELLINGS: dict[str, str] = {
-    _key(spelling): label
-    for label, code in SHORT_CODES.items()
-    for spelling in (label, code, *_ALIASES.get(label, ()))
+    _key(spelling): label for label, code in SHORT_CODES.items() for spelling in (label, code, *_ALIASES.get(label, ()))
 }
 
 
@@ -77,6 +75,9 @@ def accepted_spellings() -> str:
     """A human-readable list of the labels and their short codes (written next to the sheets)."""
     lines = ["label (long spelling)        short code", "-" * 40]
     lines += [f"{label:<28} {code}" for label, code in SHORT_CODES.items()]
-    lines += ["", "Case, spaces and punctuation are ignored: 'Ambiguous (near-duplicate)' == 'amb_n'.",
-              "One label per failure; unsure -> Ambiguous."]
+    lines += [
+        "",
+        "Case, spaces and punctuation are ignored: 'Ambiguous (near-duplicate)' == 'amb_n'.",
+        "One label per failure; unsure -> Ambiguous.",
+    ]
     return "\n".join(lines) + "\n"
