@@ -1,4 +1,7 @@
-"""`ShapesWorldDataModule`: ShapesWorld datasets for every workflow behind one LightningDataModule."""
+"""`ShapesWorldDataModule`: the ShapesWorld datasets of the zero-shot, retrieval, OOD and pretraining
+workflows (the modules of the demo suite) behind one LightningDataModule, each batch tagged with its
+task. CIR, faithfulness and distillation batches have schemas of their own and come from their
+workflow's datamodule."""
 
 from __future__ import annotations
 
@@ -11,10 +14,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from xclip.data.sampling import eval_loader
 from xclip.data.shapes.datasets import (
     ShapesCaptions,
-    ShapesCIR,
     ShapesClassification,
-    ShapesFaithfulness,
-    ShapesMultimodal,
     ShapesPretrain,
     SpuriousShapes,
 )
@@ -23,10 +23,14 @@ TASKS: dict[str, type[Dataset]] = {
     "retrieval": ShapesCaptions,
     "classification": ShapesClassification,
     "spurious": SpuriousShapes,
-    "cir": ShapesCIR,
-    "faithfulness": ShapesFaithfulness,
-    "multimodal": ShapesMultimodal,
     "pretrain": ShapesPretrain,
+}
+
+# workflows whose ShapesWorld batches come from their own datamodule (one schema per task tag)
+OWN_DATAMODULES = {
+    "cir": "xclip.cir.CIRDataModule",
+    "faithfulness": "xclip.faithfulness.TiPAIDataModule",
+    "multimodal": "xclip.distill.DistillDataModule",
 }
 
 
@@ -53,15 +57,7 @@ def collate_pretrain(items: list[dict]) -> dict:
     }
 
 
-def collate_faithfulness(items: list[dict]) -> dict:
-    """Stack tensors; keep prompts and per-rendering error names as lists."""
-    out = default_collate([{k: v for k, v in it.items() if k not in ("prompt", "errors")} for it in items])
-    out["prompt"] = [it["prompt"] for it in items]
-    out["errors"] = [it["errors"] for it in items]
-    return out
-
-
-_COLLATES = {"retrieval": collate_captions, "pretrain": collate_pretrain, "faithfulness": collate_faithfulness}
+_COLLATES = {"retrieval": collate_captions, "pretrain": collate_pretrain}
 
 
 class _Tagged:
@@ -81,7 +77,7 @@ class ShapesWorldDataModule(pl.LightningDataModule):
 
     Args:
         val_tasks: datasets for validate/test, one dataloader each, in order
-            (``retrieval``, ``classification``, ``spurious``, ``cir``, ``faithfulness``, ``multimodal``).
+            (``retrieval``, ``classification``, ``spurious``).
         train_task: the dataset for fit (``pretrain`` for the tiny CLIP), or None.
         image_size: render resolution (any size; 64 is the tiny checkpoint's).
         seed: training seed; validation sets use ``seed + 1000`` so they never share a sample
@@ -109,6 +105,11 @@ class ShapesWorldDataModule(pl.LightningDataModule):
         super().__init__()
         self.val_tasks = list(val_tasks if val_tasks is not None else ["classification", "retrieval"])
         for task in self.val_tasks + ([train_task] if train_task else []):
+            if task in OWN_DATAMODULES:
+                raise ValueError(
+                    f"ShapesWorld task {task!r} has a batch schema of its own: use "
+                    f"{OWN_DATAMODULES[task]} instead of ShapesWorldDataModule"
+                )
             if task not in TASKS:
                 raise ValueError(f"unknown ShapesWorld task {task!r}; choose from {sorted(TASKS)}")
         self.train_task, self.image_size, self.seed = train_task, image_size, seed
