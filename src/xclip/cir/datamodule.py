@@ -137,11 +137,12 @@ class CIRDataModule(pl.LightningDataModule):
         n: ShapesWorld single-edit queries per split (6 per reference set: the gallery holds 7 images
             per set; see `ShapesCIRBenchmark`).
         n_circo: ShapesWorld CIRCO-style queries per split (each plants 5 gallery images).
-        seed: ShapesWorld seed of the evaluation queries.
+        seed: the base seed, as in every ShapesWorld datamodule: the evaluation queries use
+            ``seed + 1000`` (the test split in its own key family), phi's training images ``seed``.
         image_size: image side S (ShapesWorld render size; files: shorter side resized, centre crop).
         val_split, test_split: the dataset's split names (defaults per source).
         categories: FashionIQ categories.
-        n_train, train_seed, train_max_objects: phi training images (ShapesCaptions, train split).
+        n_train, train_max_objects: phi training images (ShapesCaptions, train split).
         concept_kind: ShapesWorld concepts of the training images (``shape`` or ``object``,
             see `xclip.cir.concepts`).
         pad_ratio: files only: SEARLE's target pad (1.25); None for CLIP's plain resize + crop.
@@ -153,13 +154,12 @@ class CIRDataModule(pl.LightningDataModule):
         source: str = "shapes",
         data_root: str | None = None,
         n: int = 600,
-        seed: int = 1000,
+        seed: int = 0,
         image_size: int = 64,
         val_split: str | None = None,
         test_split: str | None = None,
         categories: list[str] | None = None,
         n_train: int = 2000,
-        train_seed: int = 0,
         train_max_objects: int = 3,
         concept_kind: str = "shape",
         pad_ratio: float | None = 1.25,
@@ -182,7 +182,7 @@ class CIRDataModule(pl.LightningDataModule):
         self.n_circo = n_circo
         self.val_split, self.test_split = val_split or defaults[0], test_split or defaults[1]
         self.categories = list(categories or FASHIONIQ_CATEGORIES)
-        self.n_train, self.train_seed, self.train_max_objects = n_train, train_seed, train_max_objects
+        self.n_train, self.train_max_objects = n_train, train_max_objects
         self.concept_kind, self.pad_ratio = concept_kind, pad_ratio
         self.batch_size, self.num_workers = batch_size, num_workers
         self.skip_gallery_images = False
@@ -202,7 +202,7 @@ class CIRDataModule(pl.LightningDataModule):
         if split not in self._benchmarks:
             name = self.val_split if split == "val" else self.test_split
             if self.source == "shapes":
-                bench = ShapesCIRBenchmark(self.n, self.seed, self.image_size, split=split, n_circo=self.n_circo)
+                bench = ShapesCIRBenchmark(self.n, self.seed + 1000, self.image_size, split=split, n_circo=self.n_circo)
             elif self.source == "cirr":
                 bench = load_cirr(self.data_root, name, self.image_size, pad_ratio=self.pad_ratio)
             elif self.source == "circo":
@@ -216,7 +216,7 @@ class CIRDataModule(pl.LightningDataModule):
     def training_images(self) -> PhiTrainingImages:
         if self._training is None:
             self._training = PhiTrainingImages(
-                self.n_train, self.train_seed, self.image_size, self.train_max_objects, self.concept_kind
+                self.n_train, self.seed, self.image_size, self.train_max_objects, self.concept_kind
             )
         return self._training
 
