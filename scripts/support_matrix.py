@@ -61,30 +61,6 @@ HEADERS = [
     "TiPAI dense",
 ]
 
-# the families of tests/shared/test_families.py (kept in step with its FAMILIES)
-TEST_FAMILIES = {
-    "openai-vit": "ViT-B-32",
-    "siglip": "ViT-B-16-SigLIP",
-    "pe-core": "PE-Core-B-16",
-    "eva02": "EVA02-B-16",
-    "eva02-postnorm": "EVA02-E-14",
-    "mobileclip-vit": "MobileCLIP-B",
-    "mobileclip-fastvit": "MobileCLIP-S1",
-    "convnext": "convnext_base",
-    "swin": "swin_base_patch4_window7_224",
-    "vitamin": "ViTamin-S",
-    "resnet": "RN50",
-    "coca": "coca_ViT-B-32",
-    "clipa": "ViT-H-14-CLIPA",
-    "worldwide-eos": "ViT-L-14-worldwide",
-    "roberta-text": "roberta-ViT-B-32",
-    "mt5-text": "mt5-base-ViT-B-32",
-    "nllb-text-siglip": "nllb-clip-base-siglip",
-    "hf-clip": "hf:CLIPModel",
-    "hf-siglip": "hf:SiglipModel",
-    "hf-siglip2": "hf:Siglip2Model",
-}
-
 
 def build(name: str):
     from xclip.backbones import wrap_model
@@ -199,12 +175,14 @@ def main() -> None:
     args = parser.parse_args()
     import open_clip
 
+    from xclip.backbones.reduced import FAMILIES
+
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     names = args.archs or [*open_clip.list_models(), "hf:CLIPModel", "hf:SiglipModel", "hf:Siglip2Model"]
     signatures = {}
-    for family, arch in TEST_FAMILIES.items():
+    for family, arch in FAMILIES.items():
         signatures.setdefault(signature(build(arch)), family)
     rows, reasons = [], {}
     for name in names:

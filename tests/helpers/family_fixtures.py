@@ -9,31 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from xclip.backbones import Backbone, wrap_model
-from xclip.backbones.reduced import offline_tokenizer_for, reduced_hf, reduced_openclip
+from xclip.backbones.reduced import FAMILIES, offline_tokenizer_for, reduced_hf, reduced_openclip
 
-# family -> the open_clip architecture it is reduced from ("hf-*": a transformers model)
-FAMILIES = {
-    "openai-vit": "ViT-B-32",
-    "siglip": "ViT-B-16-SigLIP",
-    "pe-core": "PE-Core-B-16",
-    "eva02": "EVA02-B-16",
-    "eva02-postnorm": "EVA02-E-14",
-    "mobileclip-vit": "MobileCLIP-B",
-    "mobileclip-fastvit": "MobileCLIP-S1",
-    "convnext": "convnext_base",
-    "swin": "swin_base_patch4_window7_224",
-    "vitamin": "ViTamin-S",
-    "resnet": "RN50",
-    "coca": "coca_ViT-B-32",
-    "clipa": "ViT-H-14-CLIPA",
-    "worldwide-eos": "ViT-L-14-worldwide",
-    "roberta-text": "roberta-ViT-B-32",
-    "mt5-text": "mt5-base-ViT-B-32",
-    "nllb-text-siglip": "nllb-clip-base-siglip",
-    "hf-clip": "hf:CLIPModel",
-    "hf-siglip": "hf:SiglipModel",
-    "hf-siglip2": "hf:Siglip2Model",
-}
 AVERAGE_POOLED = {"mobileclip-fastvit", "convnext", "swin", "vitamin", "clipa"}
 UNTRACED_TEXT = {"roberta-text", "mt5-text", "nllb-text-siglip"}
 

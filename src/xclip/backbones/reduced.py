@@ -195,6 +195,31 @@ def reduced_openclip(arch: str, seed: int = 0) -> nn.Module:
 
 HF_CLASSES = ("CLIPModel", "SiglipModel", "Siglip2Model")
 
+# one architecture per family of towers, reduced for the family tests and the support matrix
+# ("hf:<class>": a transformers model of that class)
+FAMILIES = {
+    "openai-vit": "ViT-B-32",
+    "siglip": "ViT-B-16-SigLIP",
+    "pe-core": "PE-Core-B-16",
+    "eva02": "EVA02-B-16",
+    "eva02-postnorm": "EVA02-E-14",
+    "mobileclip-vit": "MobileCLIP-B",
+    "mobileclip-fastvit": "MobileCLIP-S1",
+    "convnext": "convnext_base",
+    "swin": "swin_base_patch4_window7_224",
+    "vitamin": "ViTamin-S",
+    "resnet": "RN50",
+    "coca": "coca_ViT-B-32",
+    "clipa": "ViT-H-14-CLIPA",
+    "worldwide-eos": "ViT-L-14-worldwide",
+    "roberta-text": "roberta-ViT-B-32",
+    "mt5-text": "mt5-base-ViT-B-32",
+    "nllb-text-siglip": "nllb-clip-base-siglip",
+    "hf-clip": "hf:CLIPModel",
+    "hf-siglip": "hf:SiglipModel",
+    "hf-siglip2": "hf:Siglip2Model",
+}
+
 
 def reduced_hf(kind: str, seed: int = 0) -> tuple[nn.Module, Any]:
     """A small random-init transformers ``CLIPModel`` / ``SiglipModel`` / ``Siglip2Model`` (eval
