@@ -14,15 +14,14 @@ from timm.models.vision_transformer import VisionTransformer, _create_vision_tra
 from torch import Tensor, nn
 
 # timm looks these up by the entry point's module (no pretrained weights: random init only)
+_SHAPES_CFG = {
+    "input_size": (3, 64, 64),
+    "num_classes": 0,
+    "mean": (0.48145466, 0.4578275, 0.40821073),
+    "std": (0.26862954, 0.26130258, 0.27577711),
+}
 default_cfgs = generate_default_cfgs(
-    {
-        "xclip_vit_siglip_shapes_64": {
-            "input_size": (3, 64, 64),
-            "num_classes": 0,
-            "mean": (0.48145466, 0.4578275, 0.40821073),
-            "std": (0.26862954, 0.26130258, 0.27577711),
-        },
-    }
+    {"xclip_vit_siglip_shapes_64": _SHAPES_CFG, "xclip_vit_siglip_shapes_64_reg4": _SHAPES_CFG}
 )
 
 
@@ -47,6 +46,27 @@ def xclip_vit_siglip_shapes_64(pretrained: bool = False, **kwargs) -> VisionTran
         norm_layer=partial(nn.LayerNorm, eps=1e-5),
     )
     return _create_vision_transformer("xclip_vit_siglip_shapes_64", pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def xclip_vit_siglip_shapes_64_reg4(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """`xclip_vit_siglip_shapes_64` with four register tokens (Darcet et al., ICLR 2024, "Vision
+    Transformers Need Registers"): prefix tokens without position embeddings that the blocks can
+    use as scratch space; the ``map`` head attends the patch tokens only."""
+    args = dict(
+        img_size=64,
+        patch_size=8,
+        embed_dim=192,
+        depth=5,
+        num_heads=3,
+        class_token=False,
+        reg_tokens=4,
+        no_embed_class=True,
+        global_pool="map",
+        pre_norm=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-5),
+    )
+    return _create_vision_transformer("xclip_vit_siglip_shapes_64_reg4", pretrained=pretrained, **dict(args, **kwargs))
 
 
 _BLOCK_NAMES = {
