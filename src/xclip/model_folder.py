@@ -19,7 +19,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -174,7 +174,10 @@ def read_folder(path: str | Path, architectures: str | Iterable[str]) -> ModelFo
     return ModelFolder(path, read_config(path, architectures), read_weights(path))
 
 
-def load_state(module: torch.nn.Module, folder: ModelFolder) -> torch.nn.Module:
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+
+
+def load_state(module: ModuleT, folder: ModelFolder) -> ModuleT:
     """Load `folder`'s weights into `module` strictly; a mismatch names the folder's files."""
     try:
         module.load_state_dict(folder.tensors, strict=True)

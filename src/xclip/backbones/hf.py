@@ -10,6 +10,8 @@ spatial shape and a padding mask), which xclip builds from ``[N, 3, H, W]`` imag
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, TypeAlias, cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,13 +29,41 @@ from .base import (
 from .sequence import SequenceTextTower, SequenceVisionTower
 from .tokenizers import ClipBPETokenizer, HFTokenizerAdapter
 
+if TYPE_CHECKING:
+    # transformers ships type information: the towers name the classes they read so that mypy checks
+    # the attribute access; a branch that holds one family only (by the tower's `kind`) casts to it
+    from transformers import CLIPModel, Siglip2Model, SiglipModel
+    from transformers.models.clip.modeling_clip import (
+        CLIPEncoderLayer,
+        CLIPTextModel,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+    )
+    from transformers.models.siglip.modeling_siglip import (
+        SiglipEncoderLayer,
+        SiglipMultiheadAttentionPoolingHead,
+        SiglipTextModel,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
+    from transformers.models.siglip2.modeling_siglip2 import (
+        Siglip2EncoderLayer,
+        Siglip2MultiheadAttentionPoolingHead,
+        Siglip2TextModel,
+        Siglip2VisionConfig,
+        Siglip2VisionModel,
+    )
+
+    HFModel: TypeAlias = CLIPModel | SiglipModel | Siglip2Model
+    HFEncoderLayer: TypeAlias = CLIPEncoderLayer | SiglipEncoderLayer | Siglip2EncoderLayer
+
 __all__ = ["HFCLIPBackbone", "HFTokenizerAdapter"]
 
 CLIP_BPE_VOCAB = 49408
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
-def _block_view(layer: nn.Module) -> BlockView:
+def _block_view(layer: HFEncoderLayer) -> BlockView:
     attn = layer.self_attn
 
     def qkv(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -59,6 +89,18 @@ def _block_view(layer: nn.Module) -> BlockView:
     )
 
 
+def _block_views(layers: nn.ModuleList) -> list[BlockView]:
+    # an encoder's ModuleList holds the encoder layers of its own family
+    return [_block_view(cast("HFEncoderLayer", layer)) for layer in layers]
+
+
+def _config_int(value: int | list[int] | tuple[int, int] | None, name: str) -> int:
+    """A vision config's size, which xclip reads as one int (square images and patches)."""
+    if value is None or isinstance(value, (list, tuple)):
+        raise UnsupportedFamily(f"HF vision config with {name}={value!r}: xclip reads one int (square inputs)")
+    return int(value)
+
+
 def _kind(model: nn.Module) -> str:
     name = type(model).__name__
     if name not in ("CLIPModel", "SiglipModel", "Siglip2Model"):
@@ -68,14 +110,23 @@ def _kind(model: nn.Module) -> str:
     return name
 
 
+def text_context_length(model: nn.Module) -> int:
+    """The text position table's length of a CLIPModel / SiglipModel / Siglip2Model."""
+    _kind(model)
+    return cast("HFModel", model).text_model.config.max_position_embeddings
+
+
 # ---- image towers -------------------------------------------------------------------------------------
 class HFVisionTower(SequenceVisionTower):
     """The vision model of a CLIPModel (class token) or SiglipModel / Siglip2Model (attention-pool head)."""
 
-    def __init__(self, model: nn.Module, kind: str):
+    module: CLIPVisionModel | SiglipVisionModel | Siglip2VisionModel
+    model: HFModel
+
+    def __init__(self, model: HFModel, kind: str):
         super().__init__(model.vision_model)
         self.model, self.kind = model, kind
-        self.cfg = model.config.vision_config
+        self.cfg: CLIPVisionConfig | SiglipVisionConfig | Siglip2VisionConfig = self.module.config
         if kind == "CLIPModel":
             self.prefix, self.pooling, self.family = 1, "class token", "HF CLIP ViT (class token)"
         else:
@@ -87,12 +138,12 @@ class HFVisionTower(SequenceVisionTower):
     @property
     def image_size(self) -> int:
         if self.kind == "Siglip2Model":
-            return round(self.cfg.num_patches**0.5) * self.cfg.patch_size
-        return int(self.cfg.image_size)
+            return round(cast("Siglip2VisionConfig", self.cfg).num_patches ** 0.5) * self.patch_size
+        return _config_int(cast("CLIPVisionConfig | SiglipVisionConfig", self.cfg).image_size, "image_size")
 
     @property
     def patch_size(self) -> int:
-        return int(self.cfg.patch_size)
+        return _config_int(self.cfg.patch_size, "patch_size")
 
     @property
     def token_width(self) -> int:
@@ -115,8 +166,9 @@ class HFVisionTower(SequenceVisionTower):
     def encode(self, images: Tensor) -> Tensor:
         if self.kind == "Siglip2Model":
             patches, mask, shapes = self._naflex(images)
+            siglip2 = cast("Siglip2Model", self.model)
             return _features(
-                self.model.get_image_features(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes)
+                siglip2.get_image_features(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes)
             )
         out = _features(self.model.get_image_features(pixel_values=images))
         return out
@@ -130,26 +182,32 @@ class HFVisionTower(SequenceVisionTower):
         default = (self.image_size // self.patch_size,) * 2
         if self.kind == "SiglipModel":
             return emb(images, interpolate_pos_encoding=grid != default)
+        clip = cast("CLIPVisionModel", vm)  # the SigLIP kinds returned above
         if grid == default:
-            return vm.pre_layrnorm(emb(images))
-        x = emb.patch_embedding(images.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
-        cls = emb.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        pos = resize_position_embedding(emb.position_embedding.weight, grid)
-        return vm.pre_layrnorm(torch.cat([cls, x], dim=1) + pos.to(x.dtype))
+            return clip.pre_layrnorm(emb(images))
+        clip_emb = clip.embeddings
+        x = clip_emb.patch_embedding(images.to(clip_emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = clip_emb.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        pos = resize_position_embedding(clip_emb.position_embedding.weight, grid)
+        return clip.pre_layrnorm(torch.cat([cls, x], dim=1) + pos.to(x.dtype))
 
     def blocks(self, grid: tuple[int, int]) -> list[BlockView]:
-        return [_block_view(layer) for layer in self.module.encoder.layers]
+        return _block_views(self.module.encoder.layers)
 
     # CLIP: post_layernorm + visual_projection on the class token
     def head(self, x: Tensor) -> Tensor:
-        return self.model.visual_projection(self.module.post_layernorm(x))
+        return cast("CLIPModel", self.model).visual_projection(self.module.post_layernorm(x))
 
     # SigLIP: post_layernorm, then the probe's attention pool; no projection after it
     def final_norm(self, x: Tensor) -> Tensor:
         return self.module.post_layernorm(x)
 
+    def _pool_head(self) -> SiglipMultiheadAttentionPoolingHead | Siglip2MultiheadAttentionPoolingHead:
+        # SigLIP towers only: __init__ refused one without its head (vision_use_head=False)
+        return cast("SiglipVisionModel | Siglip2VisionModel", self.module).head
+
     def pool_qkv(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        pool = self.module.head
+        pool = self._pool_head()
         attn = pool.attention
         heads = attn.num_heads
         wq, wk, wv = attn.in_proj_weight.chunk(3)
@@ -158,7 +216,7 @@ class HFVisionTower(SequenceVisionTower):
         return q, head_view(F.linear(tokens, wk, bk), heads), head_view(F.linear(tokens, wv, bv), heads)
 
     def pool_tail(self, attn_out: Tensor) -> Tensor:
-        pool = self.module.head
+        pool = self._pool_head()
         x = pool.attention.out_proj(attn_out)
         return x + pool.mlp(pool.layernorm(x))
 
@@ -168,7 +226,10 @@ class HFTextTower(SequenceTextTower):
     """CLIPTextModel (causal, EOT pooling, projection) or the SigLIP text model (no causal mask,
     the last position of the padded sequence, a linear head)."""
 
-    def __init__(self, model: nn.Module, kind: str):
+    module: CLIPTextModel | SiglipTextModel | Siglip2TextModel
+    model: HFModel
+
+    def __init__(self, model: HFModel, kind: str):
         super().__init__(model.text_model)
         self.model, self.kind = model, kind
         self.causal = kind == "CLIPModel"
@@ -180,7 +241,7 @@ class HFTextTower(SequenceTextTower):
 
     @property
     def width(self) -> int:
-        return int(self.model.config.text_config.hidden_size)
+        return int(self.module.config.hidden_size)
 
     def encode(self, tokens: Tensor) -> Tensor:
         return _features(self.model.get_text_features(input_ids=tokens))
@@ -196,19 +257,23 @@ class HFTextTower(SequenceTextTower):
         return x, torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu(1)
 
     def blocks(self) -> list[BlockView]:
-        return [_block_view(layer) for layer in self.module.encoder.layers]
+        return _block_views(self.module.encoder.layers)
 
     def pool_index(self, tokens: Tensor) -> Tensor:
         if not self.causal:
             return torch.full_like(tokens[:, 0], tokens.shape[1] - 1)
-        eos = self.module.eos_token_id
+        eos = cast("CLIPTextModel", self.module).eos_token_id
         if eos == 2:  # legacy configs: EOT is the largest id
             return tokens.argmax(dim=-1)
+        if not isinstance(eos, int):
+            raise ValueError(f"HF CLIP text config eos_token_id={eos!r}: EOT pooling needs one token id")
         return (tokens == eos).int().argmax(dim=-1)
 
     def head(self, x: Tensor, pool_index: Tensor) -> Tensor:
         pooled = self.module.final_layer_norm(x[torch.arange(x.shape[0], device=x.device), pool_index])
-        return self.model.text_projection(pooled) if self.causal else self.module.head(pooled)
+        if self.causal:
+            return cast("CLIPModel", self.model).text_projection(pooled)
+        return cast("SiglipTextModel | Siglip2TextModel", self.module).head(pooled)
 
     def trims_padding(self) -> bool:
         return self.causal
@@ -225,8 +290,9 @@ class HFCLIPBackbone(Backbone):
         self, model: nn.Module, tokenizer: TextTokenizer | None = None, preprocess_cfg: PreprocessCfg | None = None
     ):
         kind = _kind(model)
-        vision, text = HFVisionTower(model, kind), HFTextTower(model, kind)
-        tcfg = model.config.text_config
+        hf_model = cast("HFModel", model)  # _kind refused any other class
+        vision, text = HFVisionTower(hf_model, kind), HFTextTower(hf_model, kind)
+        tcfg = text.module.config
         if tokenizer is None:
             if tcfg.vocab_size != CLIP_BPE_VOCAB:
                 raise ValueError(
@@ -239,5 +305,9 @@ class HFCLIPBackbone(Backbone):
             preprocess_cfg = (
                 PreprocessCfg(vision.image_size) if clip else PreprocessCfg(vision.image_size, SIGLIP_MEAN, SIGLIP_STD)
             )
-        embed_dim = model.config.projection_dim if kind == "CLIPModel" else model.text_model.head.out_features
+        if kind == "CLIPModel":
+            embed_dim = cast("CLIPModel", hf_model).projection_dim
+            assert embed_dim is not None  # CLIPModel built its projections with it
+        else:
+            embed_dim = cast("SiglipTextModel | Siglip2TextModel", text.module).head.out_features
         super().__init__(model, tokenizer, preprocess_cfg, vision, text, int(embed_dim))

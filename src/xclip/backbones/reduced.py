@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypedDict
 
 import open_clip
 import torch
@@ -138,7 +138,7 @@ def small_hf_text_config(name: str):
     """A small transformers config of the model family behind a hub name (offline)."""
     from transformers import M2M100Config, MT5Config, RobertaConfig, XLMRobertaConfig
 
-    small = dict(vocab_size=OFFLINE_VOCAB_SIZE, **offline_special_ids("t5" if "mt5" in name else "xlmr"))
+    ids = offline_special_ids("t5" if "mt5" in name else "xlmr")
     if "mt5" in name:
         return MT5Config(
             d_model=WIDTH,
@@ -147,8 +147,9 @@ def small_hf_text_config(name: str):
             num_layers=2,
             num_decoder_layers=1,
             num_heads=2,
-            decoder_start_token_id=small["pad_token_id"],
-            **small,
+            decoder_start_token_id=ids["pad_token_id"],
+            vocab_size=OFFLINE_VOCAB_SIZE,
+            **ids,
         )
     if "nllb" in name:
         return M2M100Config(
@@ -160,7 +161,8 @@ def small_hf_text_config(name: str):
             encoder_ffn_dim=64,
             decoder_ffn_dim=64,
             max_position_embeddings=128,
-            **small,
+            vocab_size=OFFLINE_VOCAB_SIZE,
+            **ids,
         )
     if "xlm-roberta" in name:
         return XLMRobertaConfig(
@@ -169,7 +171,8 @@ def small_hf_text_config(name: str):
             num_attention_heads=2,
             intermediate_size=64,
             max_position_embeddings=80,
-            **small,
+            vocab_size=OFFLINE_VOCAB_SIZE,
+            **ids,
         )
     if "roberta" in name:
         return RobertaConfig(
@@ -178,7 +181,8 @@ def small_hf_text_config(name: str):
             num_attention_heads=2,
             intermediate_size=64,
             max_position_embeddings=80,
-            **small,
+            vocab_size=OFFLINE_VOCAB_SIZE,
+            **ids,
         )
     raise NotImplementedError(f"no small config for the Hugging Face text tower {name!r}")
 
@@ -240,10 +244,10 @@ def reduced_hf(kind: str, seed: int = 0) -> tuple[nn.Module, Any]:
         patch_size=8, hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2, num_attention_heads=2
     )
     if kind == "CLIPModel":
-        config = transformers.CLIPConfig(
+        clip_config = transformers.CLIPConfig(
             text_config={**text, "vocab_size": 49408}, vision_config={**vision, "image_size": 32}, projection_dim=16
         )
-        return transformers.CLIPModel(config).eval(), None
+        return transformers.CLIPModel(clip_config).eval(), None
     ids = offline_special_ids("siglip")
     special = dict(
         vocab_size=OFFLINE_VOCAB_SIZE,
@@ -251,6 +255,7 @@ def reduced_hf(kind: str, seed: int = 0) -> tuple[nn.Module, Any]:
         eos_token_id=ids["eos_token_id"],
         bos_token_id=None,
     )
+    config: transformers.SiglipConfig | transformers.Siglip2Config
     if kind == "SiglipModel":
         config = transformers.SiglipConfig(text_config={**text, **special}, vision_config={**vision, "image_size": 32})
     else:
@@ -278,7 +283,15 @@ _KINDS = {
 }
 
 
-def offline_special_ids(kind: str) -> dict[str, int]:
+class SpecialIds(TypedDict):
+    """The special token ids of a transformers config."""
+
+    pad_token_id: int
+    eos_token_id: int
+    bos_token_id: int
+
+
+def offline_special_ids(kind: str) -> SpecialIds:
     """pad / eos / bos ids of an offline stand-in kind."""
     specials, _, pad = _KINDS[kind]
     return {

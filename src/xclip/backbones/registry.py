@@ -111,12 +111,12 @@ def _load_local(spec: str) -> Backbone:
             f"{spec!r}: no such file or directory ({path}); expected an xclip checkpoint "
             f"directory (or a save_pretrained one), or a spec with a known scheme ({kinds})"
         )
-    candidates = [b for b in backends() if b.load_path is not None]
-    for backend in candidates:
+    candidates = [(b, b.load_path) for b in backends() if b.load_path is not None]
+    for backend, load_path in candidates:
         if backend.claims_path is not None and backend.claims_path(path):
-            return backend.load_path(path)
+            return load_path(path)
     # nothing recognised the directory: the fallback backend (the first that loads paths) names the problem
-    return candidates[0].load_path(path)
+    return candidates[0][1](path)
 
 
 def wrap_model(
@@ -132,7 +132,7 @@ def wrap_model(
     if isinstance(preprocess_cfg, dict):
         preprocess_cfg = PreprocessCfg.from_dict(preprocess_cfg)
     for backend in backends():
-        if backend.claims_model is not None and backend.claims_model(model):
+        if backend.claims_model is not None and backend.wrap is not None and backend.claims_model(model):
             return backend.wrap(model, tokenizer, preprocess_cfg)
     kinds = [b.scheme for b in backends() if b.claims_model is not None]
     raise TypeError(

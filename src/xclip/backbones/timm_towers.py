@@ -14,7 +14,7 @@ encode, and every map explainer refuses them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor, nn
@@ -32,10 +32,10 @@ from .sequence import SequenceVisionTower
 if TYPE_CHECKING:
     from open_clip.timm_model import TimmModel
     from timm.models.convnext import ConvNeXt
-    from timm.models.eva import Eva
+    from timm.models.eva import Eva, EvaBlock, EvaBlockPostNorm
     from timm.models.fastvit import FastVit
     from timm.models.swin_transformer import SwinTransformer
-    from timm.models.vision_transformer import VisionTransformer
+    from timm.models.vision_transformer import Block, VisionTransformer
 
 
 def _unsupported(what: str) -> UnsupportedFamily:
@@ -56,6 +56,13 @@ def _side(size) -> int:
 
 
 # ---- timm attention and blocks ----------------------------------------------------------------------
+def _num_heads(attn: nn.Module) -> int:
+    heads = attn.num_heads
+    if not isinstance(heads, int):
+        raise _unsupported(f"a {type(attn).__name__} without an int num_heads")
+    return heads
+
+
 def _attention_qkv(attn: nn.Module, rope: Tensor | None) -> Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]:
     """q, k, v [N, L, W] of a timm ``Attention`` / ``EvaAttention`` / ``AttentionRope``, per-head norms
     and rotary embeddings applied exactly as the module does."""
@@ -63,7 +70,7 @@ def _attention_qkv(attn: nn.Module, rope: Tensor | None) -> Callable[[Tensor], t
         raise _unsupported("gated attention")
     if getattr(attn, "num_kv_groups", 1) > 1:
         raise _unsupported("grouped-query attention")
-    heads = attn.num_heads
+    heads = _num_heads(attn)
     npt = getattr(attn, "num_prefix_tokens", 0)
     half = getattr(attn, "rotate_half", False)
 
@@ -71,25 +78,28 @@ def _attention_qkv(attn: nn.Module, rope: Tensor | None) -> Callable[[Tensor], t
         from timm.layers import apply_rot_embed_cat
 
         n, length, _ = h.shape
-        if getattr(attn, "qkv", None) is not None:
+        fused_proj = getattr(attn, "qkv", None)
+        if fused_proj is not None:
             q_bias = getattr(attn, "q_bias", None)
             if q_bias is None:
-                fused = attn.qkv(h)
+                fused = fused_proj(h)
             else:
-                bias = torch.cat((q_bias, attn.k_bias, attn.v_bias))
+                bias = torch.cat((q_bias, attn.get_buffer("k_bias"), attn.get_parameter("v_bias")))
                 fused = (
-                    attn.qkv(h) + bias
+                    fused_proj(h) + bias
                     if getattr(attn, "qkv_bias_separate", False)
-                    else nn.functional.linear(h, attn.qkv.weight, bias)
+                    else nn.functional.linear(h, fused_proj.weight, bias)
                 )
             q, k, v = fused.reshape(n, length, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         else:
-            q, k, v = (head_view(p(h), heads) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-        q, k = attn.q_norm(q), attn.k_norm(k)
+            projections = (attn.get_submodule(name) for name in ("q_proj", "k_proj", "v_proj"))
+            q, k, v = (head_view(p(h), heads) for p in projections)
+        q, k = attn.get_submodule("q_norm")(q), attn.get_submodule("k_norm")(k)
         if rope is not None:
             q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2).type_as(v)
             k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2).type_as(v)
-        return tuple(t.transpose(1, 2).reshape(n, length, -1) for t in (q, k, v))
+        q, k, v = (t.transpose(1, 2).reshape(n, length, -1) for t in (q, k, v))
+        return q, k, v
 
     return qkv
 
@@ -105,7 +115,8 @@ def timm_block_view(block: nn.Module, rope: Tensor | None) -> BlockView:
     name = type(block).__name__
     if name not in ("Block", "EvaBlock", "EvaBlockPostNorm"):
         raise _unsupported(f"{name} blocks (only Block / EvaBlock / EvaBlockPostNorm)")
-    attn = block.attn
+    attn = block.get_submodule("attn")
+    heads = _num_heads(attn)
     identity = nn.Identity()
 
     def out_proj(a):
@@ -113,15 +124,16 @@ def timm_block_view(block: nn.Module, rope: Tensor | None) -> BlockView:
 
     qkv = _attention_qkv(attn, rope)
     if name == "Block":
+        vit_block = cast("Block", block)  # by its class name
         return BlockView(
-            ln_1=block.norm1,
+            ln_1=vit_block.norm1,
             qkv=qkv,
-            num_heads=attn.num_heads,
+            num_heads=heads,
             out_proj=out_proj,
-            ls_1=block.ls1,
-            ln_2=block.norm2,
-            mlp=block.mlp,
-            ls_2=block.ls2,
+            ls_1=vit_block.ls1,
+            ln_2=vit_block.norm2,
+            mlp=vit_block.mlp,
+            ls_2=vit_block.ls2,
             native=lambda x, mask: block(x),
         )  # vision blocks run without a mask
 
@@ -129,26 +141,28 @@ def timm_block_view(block: nn.Module, rope: Tensor | None) -> BlockView:
         return block(x, rope=rope)
 
     if name == "EvaBlockPostNorm":
+        post_norm = cast("EvaBlockPostNorm", block)  # by its class name
         return BlockView(
             ln_1=identity,
             qkv=qkv,
-            num_heads=attn.num_heads,
+            num_heads=heads,
             out_proj=out_proj,
-            ls_1=block.norm1,
+            ls_1=post_norm.norm1,
             ln_2=identity,
-            mlp=block.mlp,
-            ls_2=block.norm2,
+            mlp=post_norm.mlp,
+            ls_2=post_norm.norm2,
             native=native,
         )
+    eva_block = cast("EvaBlock", block)  # the remaining accepted class name
     return BlockView(
-        ln_1=block.norm1,
+        ln_1=eva_block.norm1,
         qkv=qkv,
-        num_heads=attn.num_heads,
+        num_heads=heads,
         out_proj=out_proj,
-        ls_1=_scale(block.gamma_1),
-        ln_2=block.norm2,
-        mlp=block.mlp,
-        ls_2=_scale(block.gamma_2),
+        ls_1=_scale(eva_block.gamma_1),
+        ln_2=eva_block.norm2,
+        mlp=eva_block.mlp,
+        ls_2=_scale(eva_block.gamma_2),
         native=native,
     )
 
@@ -298,7 +312,10 @@ class TimmFeatureMapTower(VisionTower):
 
     @property
     def patch_size(self) -> int:
-        return int(self.trunk.feature_info[-1]["reduction"])
+        reduction = self.trunk.feature_info[-1]["reduction"]  # timm types feature_info as dicts of objects
+        if not isinstance(reduction, int):
+            raise _unsupported(f"a {type(self.trunk).__name__} trunk whose last stage has no int reduction")
+        return reduction
 
     @property
     def token_width(self) -> int:
@@ -321,7 +338,8 @@ class TimmFeatureMapTower(VisionTower):
         feats = self.trunk.forward_features(images)
         if not self.channels_last:
             feats = feats.permute(0, 2, 3, 1)
-        grid = tuple(feats.shape[1:3])
+        h, w = feats.shape[1:3]
+        grid = (h, w)
         tokens = feats.flatten(1, 2)  # [N, h*w, C]
 
         def forward(t: Tensor) -> Tensor:

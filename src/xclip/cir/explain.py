@@ -104,8 +104,8 @@ class CIRExplainer:
         reference, candidates = reference.to(bb.device), candidates.to(bb.device)
         with explaining(bb.model), explaining(self.phi), self.grad_eclip.autocast():
             with torch.no_grad():
-                ref_pool = bb.trace_image(reference, n_blocks=1).pool.attention
-                cand_pool = bb.trace_image(candidates, n_blocks=1).pool.attention
+                ref_pool = bb.trace_image(reference, n_blocks=1).pool_attention()
+                cand_pool = bb.trace_image(candidates, n_blocks=1).pool_attention()
             cls_r = ref_pool.attn_out.detach().requires_grad_(True)
             cls_c = cand_pool.attn_out.detach().requires_grad_(True)
             with torch.enable_grad():

@@ -27,13 +27,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from huggingface_hub import try_to_load_from_cache
 from torch import Tensor, nn
 
 from xclip.distill.clip_tower import is_openclip_checkpoint, load_clip_vision_tower
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 VISION_POOLING = {
     "mobilevit": "pooler",
@@ -87,7 +90,7 @@ def _config_from_dict(spec: dict[str, Any]):
     return AutoConfig.for_model(spec["model_type"], **fields)
 
 
-def _load_model(spec: str | dict[str, Any], kind: str) -> tuple[nn.Module, str | None]:
+def _load_model(spec: str | dict[str, Any], kind: str) -> tuple[PreTrainedModel, str | None]:
     """(the tower's model, where it was loaded from: a folder or hub id, or None when built from a config)."""
     import transformers
     from transformers import AutoConfig, AutoModel
@@ -111,8 +114,9 @@ def _load_model(spec: str | dict[str, Any], kind: str) -> tuple[nn.Module, str |
     if config.model_type in COMPOSITE:
         cls = getattr(transformers, COMPOSITE[config.model_type][0 if kind == "vision" else 1])
         return cls.from_pretrained(source, local_files_only=local_only), source
-    kwargs = {"add_pooling_layer": False} if config.model_type in NO_POOLER else {}
-    return AutoModel.from_pretrained(source, local_files_only=local_only, **kwargs), source
+    if config.model_type in NO_POOLER:
+        return AutoModel.from_pretrained(source, local_files_only=local_only, add_pooling_layer=False), source
+    return AutoModel.from_pretrained(source, local_files_only=local_only), source
 
 
 def _image_preprocessing(source: str | None, spec: str | dict[str, Any]) -> tuple[list[float], list[float], bool]:
@@ -124,6 +128,7 @@ def _image_preprocessing(source: str | None, spec: str | dict[str, Any]) -> tupl
             list(spec.get("image_std", (0.5, 0.5, 0.5))),
             bool(spec.get("flip_channel_order", False)),
         )
+    assert source is not None  # _load_model names where a str spec was loaded from
     file = (
         Path(source) / "preprocessor_config.json"
         if Path(source).is_dir()
@@ -170,6 +175,9 @@ class TowerOutput:
 class VisionTower(nn.Module):
     """An HF vision model: ``pixel_values(images01)`` normalises [0, 1] images the model's way;
     ``forward(pixel_values [B,3,H,W])`` -> `TowerOutput` (pooled [B, F], tokens [B, L, F])."""
+
+    mean: Tensor  # [1, 3, 1, 1] buffers
+    std: Tensor
 
     def __init__(self, spec: str | dict[str, Any]):
         super().__init__()
@@ -228,6 +236,8 @@ class TextTower(nn.Module):
     (token embeddings = ``word_embeddings(input_ids)``; position and type embeddings are added
     inside, as for ids). ``embedding_layer`` is the module whose output Captum's LayerIG attributes to."""
 
+    model: PreTrainedModel
+
     def __init__(self, spec: str | dict[str, Any], pooling: str = "cls"):
         super().__init__()
         model_type = spec.get("model_type") if isinstance(spec, dict) else None
@@ -251,11 +261,17 @@ class TextTower(nn.Module):
 
     @property
     def word_embeddings(self) -> nn.Embedding:
-        return self.model.get_input_embeddings()
+        embeddings = self.model.get_input_embeddings()
+        if not isinstance(embeddings, nn.Embedding):
+            raise ValueError(
+                f"text tower {self.model_type!r}: its input embeddings are a {type(embeddings).__name__}, "
+                "not an nn.Embedding; use a BERT-family model"
+            )
+        return embeddings
 
     @property
     def embedding_layer(self) -> nn.Module:
-        return self.model.embeddings
+        return self.model.get_submodule("embeddings")
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """[B, T] ids -> [B, T, D] token embeddings (the input of `forward_embeds`)."""
@@ -271,9 +287,10 @@ class TextTower(nn.Module):
             from transformers.masking_utils import create_bidirectional_mask
 
             m = self.model
-            hidden = m.embeddings(inputs_embeds=token_embeds)
+            hidden = m.get_submodule("embeddings")(inputs_embeds=token_embeds)
             mask = create_bidirectional_mask(config=m.config, inputs_embeds=hidden, attention_mask=attention_mask)
-            hidden = m.final_layer_norm(m.encoder(inputs_embeds=hidden, attention_mask=mask).last_hidden_state)
+            encoded = m.get_submodule("encoder")(inputs_embeds=hidden, attention_mask=mask).last_hidden_state
+            hidden = m.get_submodule("final_layer_norm")(encoded)
             return self._pool(hidden, attention_mask)
         return self._pool(
             self.model(inputs_embeds=token_embeds, attention_mask=attention_mask).last_hidden_state, attention_mask

@@ -84,8 +84,8 @@ class GAME(Explainer):
             if cls:
                 grads = per_text_gradients(target_fn(trace.embedding, text_emb), block_attn, pairs)  # [K, N, H, L, L]
                 relevance = rollout([a.detach() for a in block_attn], [g.transpose(0, 1) for g in grads])
-                return relevance[:, :, 0, trace.pool.prefix :].reshape(images.shape[0], -1, *trace.grid)
-            attention = trace.pool.attention
+                return relevance[:, :, 0, trace.traced_pool().prefix :].reshape(images.shape[0], -1, *trace.grid)
+            attention = trace.pool_attention()
             probs = attention.probs if attention.probs.requires_grad else attention.probs.detach().requires_grad_(True)
             emb = attention.tail(torch.einsum("nhl,nhld->nhd", probs, attention.v).flatten(1))
             grads = per_text_gradients(target_fn(emb, text_emb), [*block_attn, probs], pairs)
@@ -95,7 +95,7 @@ class GAME(Explainer):
                 relevance = rollout([a.detach() for a in block_attn], grads[:-1])  # [N, K, L, L]
                 missing = relevance.shape[-1] - cam.shape[-1]  # trunk prefix tokens the pool does not attend
                 cam = (F.pad(cam, (missing, 0))[:, :, None] @ relevance)[:, :, 0]
-                prefix = trace.pool.prefix
+                prefix = trace.traced_pool().prefix
             else:
                 prefix = attention.prefix
             return cam[:, :, prefix:].reshape(images.shape[0], -1, *trace.grid)

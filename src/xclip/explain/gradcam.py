@@ -28,6 +28,7 @@ from xclip.backbones.base import (
     attention_readout,
     head_view,
 )
+from xclip.backbones.sequence import SequenceVisionTower
 from xclip.explain.base import Explainer, Texts, explaining, per_text_gradients
 from xclip.explain.targets import Target
 
@@ -104,14 +105,15 @@ class GradCAM(Explainer):
         already run (``trace_image(images, 1).blocks[-1].x_in``): [N, K, gh, gw] (or [N, 1, gh, gw]
         with `pairs`). Only the last block's class-token row is recomputed. `grid`: the images'
         patch grid (default: the model's own, `backbone.grid_size`)."""
-        if self.backbone.vision.pooling != "class token":
+        vision = self.backbone.vision
+        if vision.pooling != "class token" or not isinstance(vision, SequenceVisionTower):
             raise UnsupportedFamily(
                 f"maps_from_block_input needs a class-token ViT, not {self.backbone.vision.family}: "
                 "use maps_from_trace(backbone.trace_image(images, 1), texts)"
             )
         target_fn = self.target_fn(target)
         view = self.backbone.vision_blocks()[-1]
-        prefix = self.backbone.vision.prefix
+        prefix = vision.prefix
         gh, gw = grid or self.backbone.grid_size
         if gh * gw != x_in.shape[1] - prefix:
             raise ValueError(f"x_in has {x_in.shape[1] - prefix} patch tokens, not a {gh}x{gw} grid: pass grid=")

@@ -70,6 +70,7 @@ from xclip.backbones.base import (
     UnsupportedFamily,
     trace_block,
 )
+from xclip.backbones.sequence import SequenceTextTower
 from xclip.explain.base import Explainer, Texts, as_text_list, check_pairs, explaining, minmax, per_text_gradients
 from xclip.explain.targets import Target, cosine
 
@@ -219,7 +220,7 @@ class GradECLIP(Explainer):
             with torch.no_grad():
                 if trace is None:
                     trace = self.backbone.trace_image(images, n_blocks=1)
-                attention = trace.pool.attention if self.mode == "model" else self._reference_attention(trace)
+                attention = trace.pool_attention() if self.mode == "model" else self._reference_attention(trace)
             read_out = attention.attn_out.detach().requires_grad_(True)
             with torch.enable_grad():
                 emb = attention.tail(read_out)
@@ -253,7 +254,13 @@ class GradECLIP(Explainer):
 
         q, k = view.out_proj(last.q)[:, None], view.out_proj(last.k)[:, None]
         return PoolAttention(
-            q[:, :, 0], k, last.v[:, None], last.attn_weights[:, :, 0], last.attn_out[:, 0], trace.pool.prefix, tail
+            q[:, :, 0],
+            k,
+            last.v[:, None],
+            last.attn_weights[:, :, 0],
+            last.attn_out[:, 0],
+            trace.traced_pool().prefix,
+            tail,
         )
 
     # ---- texts -------------------------------------------------------------------------------
@@ -283,6 +290,7 @@ class GradECLIP(Explainer):
             with torch.enable_grad():
                 trace = self._trace_text(tokens, pseudo_tokens)
                 raw = self._text_scores(trace, target_fn, img_emb)  # [N, K, L']
+        assert trace.content is not None  # Backbone.trace_text marks every text's content
         return self._package(texts, tokens, raw, trace.content)
 
     def _trace_text(self, tokens: Tensor, pseudo_tokens: Tensor | None = None) -> TextTrace:
@@ -291,7 +299,9 @@ class GradECLIP(Explainer):
         trace = self.backbone.trace_text(tokens, n_blocks=self.text_blocks, pseudo_tokens=pseudo_tokens)
         if self.mode == "model":
             return trace
-        if self.backbone.text.causal is False or trace.attn_mask is not None and trace.attn_mask.ndim != 2:
+        text = self.backbone.text
+        causal_mask = text.causal is not False and (trace.attn_mask is None or trace.attn_mask.ndim == 2)
+        if not (causal_mask and isinstance(text, SequenceTextTower)):
             raise UnsupportedFamily(
                 f"Grad-ECLIP mode='reference' reproduces the official code for OpenAI CLIP's "
                 f"causal text tower, not {self.backbone.text.family}: use mode='model'"
@@ -302,7 +312,7 @@ class GradECLIP(Explainer):
         for view in views:
             blocks.append(trace_block(_single_head(view), x, trace.attn_mask))
             x = blocks[-1].x_out
-        return replace(trace, blocks=blocks, embedding=self.backbone.text.head(x, trace.eot_index))
+        return replace(trace, blocks=blocks, embedding=text.head(x, trace.eot_index))
 
     def _text_scores(self, trace: TextTrace, target_fn: Target, img_emb: Tensor) -> Tensor:
         """Summed per-layer Grad-ECLIP scores of every position, ReLU after the sum: [N, K, L']."""
@@ -310,6 +320,7 @@ class GradECLIP(Explainer):
         n, kk = img_emb.shape[0], txt_emb.shape[0]
         outs = [b.attn_out for b in blocks]
         scores = target_fn(img_emb, txt_emb)  # [N, K]
+        grads: Sequence[Tensor]
         if target_fn is cosine:
             # column k depends on text k only: one batched backward per image is exact
             eye = torch.eye(n, dtype=scores.dtype, device=scores.device)
@@ -325,10 +336,13 @@ class GradECLIP(Explainer):
         # the keys the pooled row attends to (causal: up to EOT; padding masks; SigLIP: all);
         # the reference min-maxes over all positions
         key_mask = _pooled_row_keys(trace.attn_mask, eot, blocks[0].x_in.shape[1]) if self.mode == "model" else None
-        total = 0.0
+        total: Tensor | None = None
         for view, block, grad in zip(self.backbone.text_blocks()[-len(blocks) :], blocks, grads):
             q, k, v = self._qkv_heads(view, block)  # [K, H, L, dh]
-            total = total + text_layer_scores(grad[:, rows, eot], q[rows, :, eot], k, v, key_mask)
+            layer = text_layer_scores(grad[:, rows, eot], q[rows, :, eot], k, v, key_mask)
+            total = layer if total is None else total + layer
+        if total is None:
+            raise ValueError("Grad-ECLIP text scores need at least one traced text block (text_blocks >= 1)")
         return F.relu(total.detach().float())
 
     def _qkv_heads(self, view: BlockView, trace: BlockTrace) -> tuple[Tensor, Tensor, Tensor]:

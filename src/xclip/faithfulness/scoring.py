@@ -146,7 +146,8 @@ class TiPAIScorer:
     def dense(self, images01: Tensor, text_emb: Tensor) -> TiPAIScores:
         """One traced forward: the global score, the patch-token similarity and the Grad-ECLIP map
         (reusing the pass), both maps resampled to [N, G, G]."""
-        size = tuple(images01.shape[-2:])
+        h, w = images01.shape[-2:]
+        size = (h, w)
         # validation runs under inference_mode; Grad-ECLIP's vector-Jacobian product needs autograd
         with torch.inference_mode(False), explaining(self.backbone):
             x = self.backbone.normalize(images01.clone())

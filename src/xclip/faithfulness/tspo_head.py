@@ -125,8 +125,10 @@ class TSPOHead(nn.Module):
             nn.GELU(),
             nn.Linear(hidden // 2, 1),
         )
-        nn.init.zeros_(self.global_mlp[-1].weight)  # start exactly at the zero-shot ranking
-        nn.init.zeros_(self.global_mlp[-1].bias)
+        last = self.global_mlp[-1]
+        assert isinstance(last, nn.Linear)  # built just above
+        nn.init.zeros_(last.weight)  # start exactly at the zero-shot ranking
+        nn.init.zeros_(last.bias)
 
     def forward(self, f: HeadFeatures) -> tuple[Tensor, Tensor]:
         """-> (reward [N], patch error logits [N, P])."""

@@ -88,6 +88,7 @@ class TSPOHeadModule(ExportMixin, EvaluationModule):
     tasks = ("tspo",)
     shipped_folder = "checkpoints/tspo-head-tiny-shapes"
     not_hyperparameters = EXPORT_ARGUMENTS
+    backbone: Backbone  # set through __dict__ in __init__: not a submodule
 
     def __init__(
         self,
@@ -111,6 +112,7 @@ class TSPOHeadModule(ExportMixin, EvaluationModule):
         # the frozen backbone only sizes the head and is fingerprinted in the export: kept out of the
         # module tree so Lightning checkpoints hold the head alone
         self.__dict__["backbone"] = backbone
+        self.patch_weight, self.residual_penalty, self.log_prompts = patch_weight, residual_penalty, log_prompts
         width = self.backbone.token_width
         if head_checkpoint is not None:
             self.head = load_head(head_checkpoint)
@@ -148,7 +150,7 @@ class TSPOHeadModule(ExportMixin, EvaluationModule):
         patch = torch.nn.functional.mse_loss(logits.sigmoid(), batch["patch_target"].to(logits))
         residual = reward - self.head.scale * (batch["image"] * batch["text"][:, None]).sum(-1)  # g [B, R]
         residual_loss = residual.pow(2).mean()
-        loss = bt + self.hparams.patch_weight * patch + self.hparams.residual_penalty * residual_loss
+        loss = bt + self.patch_weight * patch + self.residual_penalty * residual_loss
         acc = pairwise_accuracy(reward[:, i].flatten().detach(), reward[:, j].flatten().detach(), p.flatten())
         return {
             "loss": loss,
@@ -195,7 +197,7 @@ class TSPOHeadModule(ExportMixin, EvaluationModule):
         )
         if self._figure_batch is None:  # the epoch's first batch
             self._figure_batch = {
-                k: v[: self.hparams.log_prompts].detach().cpu()
+                k: v[: self.log_prompts].detach().cpu()
                 for k, v in {**batch, "prob": logits.sigmoid()}.items()
                 if isinstance(v, Tensor)
             }
@@ -232,7 +234,7 @@ class TSPOHeadModule(ExportMixin, EvaluationModule):
 
     def _log_figure(self, stage: str) -> None:
         batch, dm = self._figure_batch, getattr(self.trainer, "datamodule", None)
-        if batch is None or not self.trainer.is_global_zero or not hasattr(dm, "dataset"):
+        if batch is None or not self.trainer.is_global_zero or dm is None or not hasattr(dm, "dataset"):
             return
         data = dm.dataset("test" if stage == "test" else "val")
         gh, gw = self.head.patch_grid
@@ -251,7 +253,7 @@ class TSPOHeadModule(ExportMixin, EvaluationModule):
                         crops,
                     )
                 )
-        array = figure_to_array(patch_prediction_figure(rows[: 4 * self.hparams.log_prompts], (gh, gw)))
+        array = figure_to_array(patch_prediction_figure(rows[: 4 * self.log_prompts], (gh, gw)))
         for writer in tensorboard_writers(self.trainer):
             writer.add_image(
                 self.metric_key(stage, "tspo/patch_predictions"), array, self.global_step, dataformats="HWC"

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 def load_hf(ref: str) -> Backbone:
     """``<hub id or dir>`` -> an HF backbone (model class from the config, its tokenizer if usable)."""
     from huggingface_hub import constants as hf_constants
-    from transformers import (
+    from transformers import (  # type: ignore[attr-defined]  # CLIPTokenizerFast: a runtime-only alias in transformers 5
         AutoConfig,
         AutoTokenizer,
         CLIPModel,
@@ -50,13 +50,17 @@ def load_hf(ref: str) -> Backbone:
                 hub_address(),
             )
     model_type = AutoConfig.from_pretrained(source, local_files_only=local_only).model_type
-    classes = {"clip": CLIPModel, "siglip": SiglipModel, "siglip2": Siglip2Model}
+    classes: dict[str, type[CLIPModel | SiglipModel | Siglip2Model]] = {
+        "clip": CLIPModel,
+        "siglip": SiglipModel,
+        "siglip2": Siglip2Model,
+    }
     if model_type not in classes:
         raise ValueError(
             f"hf:{ref}: model_type {model_type!r} is not a CLIP family xclip wraps (supported: {sorted(classes)})"
         )
     model = classes[model_type].from_pretrained(source, attn_implementation="eager", local_files_only=local_only)
-    text_cfg = model.config.text_config
+    text_cfg = model.text_model.config
     if model_type == "clip":
         try:
             hf_tokenizer = CLIPTokenizerFast.from_pretrained(source, local_files_only=local_only)
@@ -140,11 +144,10 @@ def _claims_model(model: nn.Module) -> bool:
 
 
 def _wrap(model: nn.Module, tokenizer: object | None, preprocess_cfg: PreprocessCfg | None) -> Backbone:
-    from ..hf import HFCLIPBackbone
+    from ..hf import HFCLIPBackbone, text_context_length
     from ..tokenizers import adapt_tokenizer
 
-    context_length = model.config.text_config.max_position_embeddings
-    return HFCLIPBackbone(model, adapt_tokenizer(tokenizer, context_length), preprocess_cfg)
+    return HFCLIPBackbone(model, adapt_tokenizer(tokenizer, text_context_length(model)), preprocess_cfg)
 
 
 register_backend(

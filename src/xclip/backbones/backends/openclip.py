@@ -61,11 +61,11 @@ def load_openclip(ref: str) -> Backbone:
             arch, pretrained=file, force_quick_gelu=model_cfg.get("quick_gelu", False), force_preprocess_cfg=preprocess
         )
     else:
-        file = Path(weights).expanduser()
-        if file.is_file():
-            model = open_clip.create_model(arch, pretrained=str(file))
+        weights_file = Path(weights).expanduser()
+        if weights_file.is_file():
+            model = open_clip.create_model(arch, pretrained=str(weights_file))
         elif looks_like_path(weights) or "/" in weights:
-            raise FileNotFoundError(f"openclip:{ref}: weights file {file} does not exist")
+            raise FileNotFoundError(f"openclip:{ref}: weights file {weights_file} does not exist")
         else:
             raise ValueError(
                 f"openclip:{ref}: {weights!r} is neither a pretrained tag of {arch} nor an existing file; "

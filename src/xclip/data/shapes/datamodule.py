@@ -17,9 +17,10 @@ from xclip.data.shapes.datasets import (
     ShapesClassification,
     ShapesPretrain,
     SpuriousShapes,
+    _Sized,
 )
 
-TASKS: dict[str, type[Dataset]] = {
+TASKS: dict[str, type[_Sized]] = {
     "retrieval": ShapesCaptions,
     "classification": ShapesClassification,
     "spurious": SpuriousShapes,

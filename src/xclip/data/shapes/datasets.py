@@ -47,6 +47,18 @@ from xclip.data.shapes.scene import (
 )
 
 
+def _first_object(
+    rng: np.random.Generator,
+    shapes: tuple[str, ...] = SHAPES,
+    colours: tuple[str, ...] = tuple(COLOURS),
+    sizes: tuple[str, ...] = tuple(SIZES),
+) -> ShapeObject:
+    """`sample_object` on an empty canvas (its defaults), which places it at the first try."""
+    obj = sample_object(rng, [], shapes=shapes, colours=colours, sizes=sizes)
+    assert obj is not None  # nothing placed to overlap
+    return obj
+
+
 class _Sized(Dataset):
     """`n` samples of one stream under `seed`; ``split="test"`` draws them from the test key
     family of :func:`sample_rng`, disjoint from every training and validation sample."""
@@ -202,7 +214,10 @@ def _edited_twin(scene: Scene, rng: np.random.Generator) -> tuple[Scene, Edit]:
     if kind in ("count", "position") and sum(o.noun == scene.objects[i].noun for o in scene.objects) > 1:
         kind = "colour"  # "the red circle" / "two red circles instead of one" need a unique noun
     edited = apply_edit(scene, kind, i, rng)
-    return edited if edited is not None else apply_edit(scene, "colour", i, rng)
+    if edited is None:
+        edited = apply_edit(scene, "colour", i, rng)
+        assert edited is not None  # a colour edit keeps the object's outline: it always fits
+    return edited
 
 
 # CLIP's tiny text tower reads 32 tokens (30 between start and end); every ShapesWorld word is one
@@ -289,7 +304,7 @@ class SpuriousShapes(_Sized):
             scene, label = Scene(place, ()), -1
         else:
             shapes = self.novel_shapes if self.ood == "novel_shape" else (self.classes[y],)
-            scene = Scene(place, (sample_object(rng, [], shapes=shapes),))
+            scene = Scene(place, (_first_object(rng, shapes=shapes),))
             label = -1 if self.ood else y
         image, instances = render(scene, self.image_size, rng)
         return {
@@ -477,7 +492,7 @@ def _scene_with(
     """A scene on `background` with a (shape, colour, size) object and maybe one random other object;
     with `avoid`, none that satisfies it (redrawn)."""
     while True:
-        first = sample_object(rng, [], shapes=(shape,), colours=(colour,), sizes=(size,))
+        first = _first_object(rng, shapes=(shape,), colours=(colour,), sizes=(size,))
         objects = [first]
         if rng.random() < 0.5:
             other = sample_object(rng, objects)
@@ -616,7 +631,7 @@ class ShapesNotes(_Sized):
     def record(self, index: int) -> tuple[ShapeObject, str, str, np.random.Generator]:
         """(the object, the background label, the note, the generator positioned for rendering)."""
         rng = self._rng("notes", index)
-        obj = sample_object(rng, [])
+        obj = _first_object(rng)
         background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
         template = NOTE_TEMPLATES[int(rng.integers(len(NOTE_TEMPLATES)))]
         note = template.format(size=obj.size, colour=obj.colour, position=position_phrase(obj), background=background)

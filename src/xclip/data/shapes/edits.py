@@ -54,6 +54,12 @@ class Edit:
     new: str
     obj: ShapeObject | None = None
 
+    def edited_object(self) -> ShapeObject:
+        """`obj`, which every edit but a background one carries."""
+        if self.obj is None:
+            raise ValueError(f"a {self.kind!r} edit needs the edited object (obj), got None")
+        return self.obj
+
 
 def describe(scene: Scene) -> tuple[str, tuple[tuple[str, str, str, str], ...]]:
     """What words can say about a scene: its background and the sorted (shape, colour, size,
@@ -140,7 +146,7 @@ def relative_caption(edit: Edit, phrasing: int = 0, reverse: bool = False) -> st
         if phrasing == 1:
             return f"is the same but {BACKGROUND_PHRASES[new]}"
         return f"is {BACKGROUND_PHRASES[new]} instead of {BACKGROUND_PHRASES[old]}"
-    o = edit.obj
+    o = edit.edited_object()
     if edit.kind == "colour":
         return f"has {article(f'a {new} {o.shape}')}{joint}{article(f'a {old} one')}"
     if edit.kind == "shape":
@@ -170,7 +176,7 @@ def satisfies_edit(reference: Scene, edit: Edit, candidate: Scene) -> bool:
     got_bg, got = describe(candidate)
     if edit.kind == "background":
         return (got_bg, got) == (edit.new, objects)
-    o = edit.obj
+    o = edit.edited_object()
     old = (o.shape, o.colour, o.size, position_phrase(o))
     if got_bg != bg:
         return False
@@ -183,7 +189,8 @@ def satisfies_edit(reference: Scene, edit: Edit, candidate: Scene) -> bool:
     items[old] -= 1
     changed = list(old)
     changed[{"shape": 0, "colour": 1, "size": 2, "position": 3}[edit.kind]] = edit.new
-    items[tuple(changed)] += 1
+    shape, colour, size, position = changed
+    items[(shape, colour, size, position)] += 1
     return Counter(got) == +items
 
 
