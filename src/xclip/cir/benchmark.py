@@ -353,7 +353,10 @@ class ShapesCIRBenchmark(CIRBenchmark):
         return image_tensor(self.single.render_slot(query // len(CIR_KINDS), 0)[0])
 
     def target_image(self, query: int) -> Tensor:
-        return self.gallery_image(self.index_of(self.queries[query].target))
+        target = self.queries[query].target
+        if target is None:
+            raise ValueError(f"query {query} has no single target (a CIRCO-style query: use its ground_truth)")
+        return self.gallery_image(self.index_of(target))
 
     def scenes(self, query: int) -> tuple[Scene, Scene, str]:
         """(reference scene, target scene, kind) of a query (kind ``circo`` for CIRCO-style ones)."""

@@ -120,14 +120,17 @@ class CIRModule(CIREvaluation):
         image = F.normalize(features, dim=-1)
         for method in self.methods:
             if method == "searle":
+                assert self.phi is not None  # __init__ loads phi for every method in NEEDS_PHI
                 out[method] = query_features(self.backbone, self.phi(features), captions)
             elif method == "searle_oti":
                 out[method] = query_features(self.backbone, self._oti_tokens(features, batch["index"]), captions)
             elif method == "image":
                 out[method] = image
             elif method == "text":
+                assert text is not None  # embedded above whenever text or image_text is a method
                 out[method] = text
             else:
+                assert text is not None
                 out[method] = F.normalize(image + text, dim=-1)
         return {k: v.float() for k, v in out.items()}
 

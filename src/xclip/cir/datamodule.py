@@ -201,14 +201,16 @@ class CIRDataModule(pl.LightningDataModule):
             raise ValueError(f"split must be 'val' or 'test', got {split!r}")
         if split not in self._benchmarks:
             name = self.val_split if split == "val" else self.test_split
+            root = str(self.data_root)  # checked in __init__ for every file source
+            bench: CIRBenchmark
             if self.source == "shapes":
                 bench = ShapesCIRBenchmark(self.n, self.seed + 1000, self.image_size, split=split, n_circo=self.n_circo)
             elif self.source == "cirr":
-                bench = load_cirr(self.data_root, name, self.image_size, pad_ratio=self.pad_ratio)
+                bench = load_cirr(root, name, self.image_size, pad_ratio=self.pad_ratio)
             elif self.source == "circo":
-                bench = load_circo(self.data_root, name, self.image_size, pad_ratio=self.pad_ratio)
+                bench = load_circo(root, name, self.image_size, pad_ratio=self.pad_ratio)
             else:
-                bench = load_fashioniq(self.data_root, name, self.categories, self.image_size, pad_ratio=self.pad_ratio)
+                bench = load_fashioniq(root, name, self.categories, self.image_size, pad_ratio=self.pad_ratio)
             self._benchmarks[split] = bench
         return self._benchmarks[split]
 

@@ -114,18 +114,18 @@ class CIREvaluation(EvaluationModule):
     def setup(self, stage: str) -> None:
         data = getattr(self.trainer, "datamodule", None)
         split = "test" if stage == "test" else "val"
-        self.benchmark = data.benchmark_for(split) if hasattr(data, "benchmark_for") else None
+        self.benchmark = data.benchmark_for(split) if data is not None and hasattr(data, "benchmark_for") else None
         self._cache, self._cached = None, None
         if self.cache_dir is None or self.benchmark is None:
             return
-        self._cache = EmbeddingCache(self.cache_dir, self.cache_key())
+        self._cache = EmbeddingCache(self.cache_dir, self.cache_key(self.benchmark))
         cached = self._cache.load(self.benchmark.gallery_keys, [])
         if self.trainer.strategy.reduce_boolean_decision(cached is not None, all=True):
             self._cached = cached
-        if hasattr(data, "skip_gallery_images"):
+        if data is not None and hasattr(data, "skip_gallery_images"):
             data.skip_gallery_images = self._cached is not None
 
-    def cache_key(self) -> dict[str, Any]:
+    def cache_key(self, benchmark: CIRBenchmark) -> dict[str, Any]:
         """The gallery embeddings depend on: model spec and weights, preprocessing, precision, gallery."""
         return {
             "kind": "cir-gallery",
@@ -133,7 +133,7 @@ class CIREvaluation(EvaluationModule):
             "weights_sha256": weights_fingerprint(self.backbone),
             "preprocess": self.backbone.preprocess_cfg.to_dict(),
             "precision": str(self.trainer.precision),
-            "gallery": self.benchmark.fingerprint(),
+            "gallery": benchmark.fingerprint(),
         }
 
     # ---- steps -----------------------------------------------------------------------------

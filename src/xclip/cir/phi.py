@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -57,7 +58,7 @@ class Phi(nn.Module):
     def forward(self, image_features: Tensor) -> Tensor:
         if image_features.ndim != 2 or image_features.shape[1] != self.input_dim:
             raise ValueError(f"phi expects image features [N, {self.input_dim}], got {tuple(image_features.shape)}")
-        return self.layers(image_features.to(self.layers[0].weight.dtype))
+        return self.layers(image_features.to(next(self.layers.parameters()).dtype))
 
     @classmethod
     def for_backbone(cls, backbone: Backbone, dropout: float = 0.5) -> Phi:
@@ -158,7 +159,7 @@ def load_searle_phi(source: str | Path = "ViT-B/32", download: bool = False) -> 
 
 def save_searle_state(phi: Phi, path: str | Path, epoch: int | None = None) -> Path:
     """Write `phi` in SEARLE's own layout (``{"Phi": state_dict[, "epoch"]}``), for SEARLE's scripts."""
-    blob = {"Phi": {k: v.detach().cpu() for k, v in phi.state_dict().items()}}
+    blob: dict[str, Any] = {"Phi": {k: v.detach().cpu() for k, v in phi.state_dict().items()}}
     if epoch is not None:
         blob["epoch"] = int(epoch)
     path = Path(path)

@@ -242,8 +242,8 @@ def write_submissions(
     if bench.name == "cirr":
         rows = _without_reference(ranked, bench.reference_index()[qi])
         members = bench.members_index()[qi]
-        full = {"version": "rc2", "metric": "recall"}
-        subset = {"version": "rc2", "metric": "recall_subset"}
+        full: dict[str, Any] = {"version": "rc2", "metric": "recall"}
+        subset: dict[str, Any] = {"version": "rc2", "metric": "recall_subset"}
         for q, row, mem in zip(qi.tolist(), rows, members):
             pair = bench.queries[q].query_id
             allowed = {int(m) for m in mem if int(m) >= 0}

@@ -54,6 +54,8 @@ class ClipPretrainModule(ExportMixin, ZeroShotEvaluation):
 
     shipped_folder = "checkpoints/tiny-shapes"
     not_hyperparameters = EXPORT_ARGUMENTS
+    mean: Tensor
+    std: Tensor
 
     def __init__(
         self,
@@ -87,6 +89,8 @@ class ClipPretrainModule(ExportMixin, ZeroShotEvaluation):
             self._load_initial_weights(Path(init_checkpoint))
         if warm_start:
             self._warm_start(Path(warm_start))
+        self.lock_image_tower, self.context_length = lock_image_tower, context_length
+        self.image_mean, self.image_std = list(image_mean), list(image_std)
         if lock_image_tower:
             self.model.visual.requires_grad_(False)
         self.register_buffer("mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
@@ -129,7 +133,7 @@ class ClipPretrainModule(ExportMixin, ZeroShotEvaluation):
         return normalized(self.model.encode_text(self.tokenize(texts)))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        with torch.set_grad_enabled(not self.hparams.lock_image_tower):
+        with torch.set_grad_enabled(not self.lock_image_tower):
             img = self.embed_images(batch["image"])
         txt = self.embed_texts(batch["texts"])
         scale = self.model.logit_scale.exp().clamp(max=100.0)
@@ -165,10 +169,10 @@ class ClipPretrainModule(ExportMixin, ZeroShotEvaluation):
             self.model_cfg,
             {
                 "image_size": self.model_cfg["vision_cfg"]["image_size"],
-                "mean": list(self.hparams.image_mean),
-                "std": list(self.hparams.image_std),
+                "mean": self.image_mean,
+                "std": self.image_std,
             },
-            self.hparams.context_length,
+            self.context_length,
             path,
             overwrite=self.overwrite,
         )

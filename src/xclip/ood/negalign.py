@@ -137,6 +137,7 @@ class NegAlignScorer(nn.Module):
 
     object_groups: Tensor | None  # buffers (None when the toggle that needs them is off)
     neg_bg_emb: Tensor | None
+    zscore_stats: Tensor
 
     def __init__(
         self,
@@ -179,6 +180,7 @@ class NegAlignScorer(nn.Module):
         group_scores = self.neglabel.group_scores(image_emb)
         plain = group_scores.mean(dim=1)
         if self.m2_role_aware:
+            assert self.object_groups is not None  # __init__ builds them whenever m2_role_aware is on
             nl = self.neglabel
             group_scores = neglabel_group_scores(image_emb, nl.id_emb, nl.neg_emb, self.object_groups, nl.tau)
         if self.m1_topk is not None:
@@ -218,11 +220,14 @@ class NegAlignScorer(nn.Module):
             self._raw_terms(image_emb[i : i + batch_size], None if bg_emb is None else bg_emb[i : i + batch_size])
             for i in range(0, image_emb.shape[0], batch_size)
         ]
-        stats = []
+        stats: dict[str, tuple[float, float] | None] = {}
         for name in ("s_neglabel_star", "p_align"):
             values = torch.cat([p[name] for p in parts]).double()
-            stats.append(None if values.isnan().any() else (values.mean().item(), values.std(correction=0).item()))
-        self.set_zscore_stats(*stats)
+            stats[name] = None if values.isnan().any() else (values.mean().item(), values.std(correction=0).item())
+        star = stats["s_neglabel_star"]
+        if star is None:
+            raise ValueError("fit_zscore: NegLabel* is NaN for some ID images (check the image embeddings)")
+        self.set_zscore_stats(star, stats["p_align"])
 
     def components(self, image_emb: Tensor, bg_emb: Tensor | None = None) -> dict[str, Tensor]:
         """Every term for images [N, D] (backgrounds [N, D]), each [N], so a lambda sweep reuses them.
