@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from xclip.explain.render import constant_map_label as constant_label
 from xclip.faithfulness.figures import (
     CMAP,
     NEUTRAL,
-    constant_label,
     heatmap_rgb,
     prompt_figure,
 )

@@ -27,6 +27,7 @@ import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
@@ -53,6 +54,33 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # conversions
 # --------------------------------------------------------------------------------------------
+
+
+def constant_map_label(map_: torch.Tensor | np.ndarray) -> str | None:
+    """``"all-zero map"`` / ``"constant map (v)"`` for a map holding one value (it has no maximum,
+    so a colour scale would paint it as uniformly bad or good), else None."""
+    values = np.asarray(_to_numpy(map_), dtype=np.float64)
+    lo, hi = float(values.min()), float(values.max())
+    if hi > lo:
+        return None
+    return "all-zero map" if hi == 0.0 else f"constant map ({hi:.3g})"
+
+
+def draw_map_label(ax: Axes, label: str, fontsize: float = 10) -> None:
+    """`label` in a dark box at the centre of the matplotlib axes `ax` (over the painted map)."""
+    ax.text(
+        0.5,
+        0.5,
+        label,
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+        fontsize=fontsize,
+        color="white",
+        bbox={"facecolor": "black", "alpha": 0.7, "edgecolor": "none", "pad": 2},
+    )
+
+
 def _to_numpy(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
@@ -269,22 +297,12 @@ def panels_figure(
             raw = np.nan_to_num(
                 np.asarray(_to_numpy(map_), dtype=np.float64).squeeze(), nan=0.0, posinf=0.0, neginf=0.0
             )
-            lo, hi = float(raw.min()), float(raw.max())
+            hi = float(raw.max())
             shown = overlay(shown, raw, alpha=alpha, cmap=cmap)
             caption = f"{caption}\nraw max {hi:.3g}"
-            if not hi > lo:
-                label = "all-zero map" if hi == 0.0 else f"constant map ({hi:.3g})"
-                ax.text(
-                    0.5,
-                    0.5,
-                    label,
-                    transform=ax.transAxes,
-                    ha="center",
-                    va="center",
-                    fontsize=10,
-                    color="white",
-                    bbox={"facecolor": "black", "alpha": 0.7, "edgecolor": "none"},
-                )
+            label = constant_map_label(raw)
+            if label:
+                draw_map_label(ax, label)
         ax.imshow(shown)
         ax.set_xticks([])
         ax.set_yticks([])

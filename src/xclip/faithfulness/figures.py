@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
+from xclip.explain.render import constant_map_label, draw_map_label
 from xclip.faithfulness.grid import cells_to_pixels
 
 CMAP = "RdYlGn"  # red = bad, yellow, green = good
@@ -47,14 +48,6 @@ def heatmap_rgb(grid: Tensor, size: tuple[int, int], lo: float, hi: float) -> np
     if not hi > lo:  # one value on the whole scale: nothing is better or worse than anything else
         return np.broadcast_to(np.asarray(NEUTRAL), (*painted.shape, 3)).copy()
     return matplotlib.colormaps[CMAP](np.clip((painted - lo) / (hi - lo), 0, 1))[..., :3]
-
-
-def constant_label(grid: Tensor) -> str | None:
-    """``"all-zero map"`` / ``"constant map (v)"`` for a map holding one value, else None."""
-    lo, hi = float(grid.min()), float(grid.max())
-    if hi > lo:
-        return None
-    return "all-zero map" if hi == 0.0 else f"constant map ({hi:.3g})"
 
 
 def overlay_rgb(image01: Tensor, grid: Tensor, lo: float, hi: float, alpha: float = 0.5) -> np.ndarray:
@@ -108,19 +101,9 @@ def prompt_figure(
                     ax.imshow(heatmap_rgb(maps[name][i], (images01.shape[-2], images01.shape[-1]), *scales[name]))
                 else:
                     ax.imshow(np.clip(overlay_rgb(images01[i], maps[name][i], *scales[name], alpha), 0, 1))
-                label = constant_label(maps[name][i])
+                label = constant_map_label(maps[name][i])
                 if label:
-                    ax.text(
-                        0.5,
-                        0.5,
-                        label,
-                        transform=ax.transAxes,
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="white",
-                        bbox={"facecolor": "black", "alpha": 0.7, "edgecolor": "none", "pad": 2},
-                    )
+                    draw_map_label(ax, label, fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
