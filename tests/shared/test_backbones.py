@@ -583,3 +583,24 @@ def test_shipped_checkpoints_load_their_files_tensor_for_tensor():
         assert state.keys() == stored.keys()
         for key, value in stored.items():
             assert torch.equal(state[key], value.float() if value.is_floating_point() else value), (name, key)
+
+
+def test_shipped_checkpoints_trace_to_their_own_embedding_and_a_patch_grid():
+    """The traced forward the explainers use pools to the model's own embedding on every shipped
+    open_clip checkpoint (the SigLIP-style one: register tokens dropped, the `map` head's query)."""
+    from xclip.backbones import checkpoints_dir
+
+    names = sorted(
+        p.name
+        for p in checkpoints_dir().iterdir()
+        if (p / "config.json").is_file() and '"architecture": "openclip"' in (p / "config.json").read_text()
+    )
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for name in names:
+        bb = load_backbone(f"xclip:{name}")
+        x = bb.normalize(images)
+        with torch.no_grad():
+            trace = bb.trace_image(x, 1)
+            own = bb.model.encode_image(x)
+        torch.testing.assert_close(trace.embedding, own, atol=1e-5, rtol=0, msg=name)
+        assert trace.grid == (8, 8) and trace.patch_tokens.shape[1] == 64, name

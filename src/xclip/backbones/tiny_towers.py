@@ -2,7 +2,7 @@
 (``vision_cfg.timm_model_name``) like any timm model and `open_clip.model.CLIP(**cfg)` builds them.
 
 Importing `xclip.backbones` registers them; the shipped ``checkpoints/tiny-shapes-siglip`` uses
-``xclip_vit_siglip_shapes_64``.
+``xclip_vit_siglip_shapes_64_reg4``.
 """
 
 from __future__ import annotations
