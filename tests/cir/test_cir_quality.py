@@ -1,4 +1,4 @@
-"""The issue's ShapesWorld criteria on the held-out CIR benchmark, at the README's sizes (slow: tens
+"""The issue's ShapesWorld criteria on the held-out CIR benchmark, at the docs' sizes (slow: tens
 of minutes on 2 CPU cores, SEARLE-OTI included), with the backbone and phi that
 configs/cir_shapes.yaml names: SEARLE (phi) and SEARLE-OTI against the baselines on R_subset@1,
 R@1 and R@5, and the explanation criteria (B on the modified object, C on the shared one, ``$`` in

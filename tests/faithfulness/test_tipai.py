@@ -379,7 +379,7 @@ def test_two_processes_give_the_single_process_numbers_and_database(shapes_run, 
 def test_dense_and_crop_worst_cells_agree_on_the_error_more_than_chance(bb):
     """On 30 held-out prompts (7x7 grid): the share of erroneous images where both methods' worst
     cells touch the error, against the share two independent random cells would reach, with a
-    one-sided binomial test (README: 0.150 vs 0.045 on 100 prompts)."""
+    one-sided binomial test (docs/workflows/faithfulness.md: 0.150 vs 0.045 on 100 prompts)."""
     import math
 
     from xclip.faithfulness.localisation import error_cells, localisation

@@ -1,7 +1,7 @@
 """Explanation quality on ShapesWorld with the shipped checkpoint, in the relative form the project
 settled on: a map must follow the text (point at the object the text names rather than the other
 one) by a margin, and by a margin more than the same explainer on a random-init model of the same
-architecture. Single-object pointing is reported in the README, not floored: on an 8x8 grid it
+architecture. Single-object pointing is reported in docs/explanations.md, not floored: on an 8x8 grid it
 measures the tiny checkpoint more than the explainer."""
 
 import open_clip
@@ -14,7 +14,7 @@ from xclip.explain.quality import auc, deletion_insertion_curves, pointing_game,
 from xclip.explain.shapes_eval import cosine_score_fn, evaluate_explainer, paired_maps, probe_set, sanity_correlation
 
 N_SINGLE = 150
-N_TWO = 300  # the README table's n
+N_TWO = 300  # the n of the table in docs/explanations.md
 EXPLAINERS = {
     "grad_eclip": lambda bb: GradECLIP(bb),
     "grad_eclip_reference": lambda bb: GradECLIP(bb, mode="reference"),
@@ -41,7 +41,7 @@ def named_minus_other(explainer, backbone, double) -> tuple[float, float]:
 def test_the_map_follows_the_text(setup, name):
     """Two-object probes (exact pointing game, n = 300): the map's maximum lands on the named
     object at least 0.30 more often than on the other one, and that difference beats the same
-    explainer on the random-init model by at least 0.25 (README: 0.39 / 0.40 / 0.37 trained,
+    explainer on the random-init model by at least 0.25 (docs/explanations.md: 0.39 / 0.40 / 0.37 trained,
     about -0.07 random init)."""
     trained, random_init, _, double = setup
     named, other = named_minus_other(EXPLAINERS[name](trained), trained, double)
