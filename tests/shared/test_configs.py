@@ -20,7 +20,6 @@ OVERLAYS = {
     "pretrain_tiny_shapes_stage2.yaml",
     "pretrain_tiny_shapes_stage3.yaml",
     "pretrain_tiny_shapes_siglip.yaml",
-    "pretrain_tiny_shapes_siglip_stage2.yaml",
     "pretrain_tiny_shapes_cir.yaml",
 }
 STAGES = {"pretrain_tiny_shapes_stage2.yaml", "pretrain_tiny_shapes_stage3.yaml"}
@@ -206,14 +205,3 @@ def test_siglip_recipe_builds_a_sigmoid_model_warm_started_from_tiny_shapes(tmp_
     assert module.model.logit_bias is not None and module.model.visual.trunk.attn_pool is not None
     assert module.model.text_pool_type == "last" and module.model.attn_mask is None  # non-causal, last position
     assert module.export_path is not None and module.export_dir is None  # never over the shipped folder
-
-
-def test_siglip_stage_two_restarts_from_the_shipped_siglip_model(tmp_path):
-    cli = build(
-        ["pretrain_tiny_shapes.yaml", "pretrain_tiny_shapes_siglip.yaml", "pretrain_tiny_shapes_siglip_stage2.yaml"],
-        overrides("pretrain_tiny_shapes.yaml", {}, tmp_path),
-    )
-    module = cli.model
-    assert module.hparams.init_checkpoint == "checkpoints/tiny-shapes-siglip" and module.hparams.warm_start is None
-    assert module.model.visual.trunk.num_reg_tokens == 4 and module.model.logit_bias is not None
-    assert module.export_path is not None and module.export_dir is None
