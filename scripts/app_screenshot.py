@@ -1,4 +1,4 @@
-"""A screenshot of ``xclip app`` for the README: starts the app on a TiPAI database, opens it in
+"""A screenshot of ``xclip app`` for the docs (docs/tipai_app.png): starts the app on a TiPAI database, opens it in
 Debian's headless Chromium, selects a prompt and saves the page.
 
     python scripts/app_screenshot.py --db runs/tipai_shapes/tipai.db --head checkpoints/tspo-head-tiny-shapes \

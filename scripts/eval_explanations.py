@@ -7,7 +7,7 @@ points at them often: the table shows how much of a score the training earned).
 
 Explainers a family refuses (Grad-ECLIP's reference mode outside OpenAI-style ViTs) are left out.
 
-Writes `<out>.json` and `<out>.md` (the table in the README).
+Writes `<out>.json` and `<out>.md` (the table in docs/explanations.md).
 """
 
 from __future__ import annotations

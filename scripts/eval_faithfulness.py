@@ -5,7 +5,8 @@ the error masks, for the shipped checkpoint and a random-init model of the same 
     python scripts/eval_faithfulness.py --n 100 --out outputs/tipai_eval
 
 Runs ``TiPAIModule`` through ``Trainer.test`` (the numbers ``xclip test --config
-configs/tipai_shapes.yaml`` reports) and writes ``<out>.json`` and ``<out>.md`` (the README table).
+configs/tipai_shapes.yaml`` reports) and writes ``<out>.json`` and ``<out>.md`` (the table in
+docs/workflows/faithfulness.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""NegLabel vs NegAlign on ShapesWorld with the shipped checkpoint: the README's OOD tables.
+"""NegLabel vs NegAlign on ShapesWorld with the shipped checkpoint: the OOD tables of docs/workflows/ood.md.
 
     python scripts/eval_ood.py                       # writes outputs/ood_table.{md,json}
     python scripts/eval_ood.py --backbone checkpoints/other --n 500

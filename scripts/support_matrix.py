@@ -1,4 +1,4 @@
-"""The README's support matrix, generated: every architecture of open_clip's registry and the three
+"""The support matrix of docs/backbones.md, generated: every architecture of open_clip's registry and the three
 Hugging Face classes, built small and offline, run through every explainer and workflow probe.
 
     python scripts/support_matrix.py                      # print the table and the counts
