@@ -34,16 +34,29 @@ def sequence_first_twin(model: CLIP) -> CLIP:
     return twin.eval()
 
 
-def tiny_hf_clip(seed: int = 0) -> CLIPModel:
+def randomise_biases(model: torch.nn.Module) -> None:
+    """Both libraries initialise biases (and LayerNorm gains) to 0 / 1; make them generic so that,
+    e.g., leaving out the out_proj bias in the reference mode's q/k projection is detectable."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+            elif p.ndim == 1 and ("ln" in name or "norm" in name) and name.endswith("weight"):
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+
+
+def tiny_hf_clip(seed: int = 0, text_layers: int = 3, generic_biases: bool = False, **text_overrides) -> CLIPModel:
+    """A transformers CLIPModel (32 px, patch 8, width 64); `generic_biases`: see `randomise_biases`."""
     torch.manual_seed(seed)
     cfg = CLIPConfig(
         text_config=dict(
             vocab_size=49408,
             hidden_size=64,
             intermediate_size=128,
-            num_hidden_layers=3,
+            num_hidden_layers=text_layers,
             num_attention_heads=4,
             max_position_embeddings=16,
+            **text_overrides,
         ),
         vision_config=dict(
             image_size=32,
@@ -55,7 +68,10 @@ def tiny_hf_clip(seed: int = 0) -> CLIPModel:
         ),
         projection_dim=32,
     )
-    return CLIPModel(cfg).eval()
+    model = CLIPModel(cfg)
+    if generic_biases:
+        randomise_biases(model)
+    return model.eval()
 
 
 def clip_hf_tokenizer() -> CLIPTokenizerFast:

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
-from transformers import CLIPConfig, CLIPModel
+from tiny_models import randomise_biases, tiny_hf_clip
 
 from xclip.backbones import wrap_model
 from xclip.explain import GAME, ClassSoftmax, GradCAM, GradECLIP, RandomMap, cosine
@@ -41,17 +41,6 @@ def one_thread():
 
 
 # ---- tiny models ---------------------------------------------------------------------------
-def randomise_biases(model: torch.nn.Module) -> None:
-    """Both libraries initialise biases (and LayerNorm gains) to 0 / 1; make them generic so that,
-    e.g., leaving out the out_proj bias in the reference mode's q/k projection is detectable."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-            elif p.ndim == 1 and ("ln" in name or "norm" in name) and name.endswith("weight"):
-                p.mul_(1 + 0.2 * torch.randn_like(p))
-
-
 def tiny_clip(seed: int = 0) -> CLIP:
     torch.manual_seed(seed)
     model = CLIP(
@@ -59,33 +48,6 @@ def tiny_clip(seed: int = 0) -> CLIP:
         vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=3, head_width=16),  # 4 heads
         text_cfg=dict(context_length=16, vocab_size=49408, width=64, heads=4, layers=3),
     )
-    randomise_biases(model)
-    return model.eval()
-
-
-def tiny_hf_clip(seed: int = 0, **text_overrides) -> CLIPModel:
-    torch.manual_seed(seed)
-    cfg = CLIPConfig(
-        text_config=dict(
-            vocab_size=49408,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=16,
-            **text_overrides,
-        ),
-        vision_config=dict(
-            image_size=32,
-            patch_size=8,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-        ),
-        projection_dim=32,
-    )
-    model = CLIPModel(cfg)
     randomise_biases(model)
     return model.eval()
 
@@ -102,7 +64,7 @@ def bb(oc_model):
 
 @pytest.fixture(scope="module")
 def hf_bb():
-    return wrap_model(tiny_hf_clip())
+    return wrap_model(tiny_hf_clip(text_layers=2, generic_biases=True))
 
 
 @pytest.fixture(scope="module")
@@ -787,7 +749,7 @@ def test_state_restored_when_target_raises(images):
 
 
 def test_train_mode_dropout_does_not_reach_image_maps(images):
-    model = tiny_hf_clip(attention_dropout=0.5)
+    model = tiny_hf_clip(text_layers=2, generic_biases=True, attention_dropout=0.5)
     backbone = wrap_model(model)
     eval_maps = GradECLIP(backbone).image_maps(images, TEXTS)
     assert_nontrivial(eval_maps)
