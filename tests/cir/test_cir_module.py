@@ -199,7 +199,8 @@ def test_ddp_two_processes_equal_single_process(single, phi_dir, tmp_path):
     assert results["metrics"] == single["metrics"]
 
 
-def _fixture_run(tmp_path: Path, config: Path, phi_dir: Path, stage: str, source_root: Path) -> dict:
+def _fixture_run(tmp_path: Path, config: Path, phi_dir: Path, stage: str, source_root: Path, *extra: str) -> dict:
+    """`stage` of a real-data config on a fixture folder with the tiny CLIP; its results.json."""
     main(
         [
             stage,
@@ -226,6 +227,7 @@ def _fixture_run(tmp_path: Path, config: Path, phi_dir: Path, stage: str, source
             "--trainer.callbacks",
             "[]",
             *QUIET,
+            *extra,
         ]
     )
     return json.loads(max((tmp_path / "logs").glob("*/version_*/results.json")).read_text())
@@ -234,36 +236,7 @@ def _fixture_run(tmp_path: Path, config: Path, phi_dir: Path, stage: str, source
 def test_cirr_fixture_validate_and_test_submission(tmp_path, phi_dir):
     write_cirr(tmp_path / "CIRR")
     # the fixture's 9-image gallery cannot give Recall@50: ask for the K it can
-    main(
-        [
-            "validate",
-            "--config",
-            str(CIRR),
-            "--model.init_args.backbone",
-            "xclip:tiny-shapes",
-            "--model.init_args.phi",
-            str(phi_dir),
-            "--model.init_args.cache_dir",
-            "null",
-            "--model.init_args.ks",
-            "[1, 2, 5]",
-            "--data.init_args.data_root",
-            str(tmp_path / "CIRR"),
-            "--data.init_args.image_size",
-            "64",
-            "--data.init_args.num_workers",
-            "0",
-            "--data.init_args.batch_size",
-            "4",
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.logger.init_args.save_dir",
-            str(tmp_path / "logs"),
-            "--trainer.callbacks",
-            "[]",
-            *QUIET,
-        ]
-    )
+    _fixture_run(tmp_path, CIRR, phi_dir, "validate", tmp_path / "CIRR", "--model.init_args.ks", "[1, 2, 5]")
     val = results_of(tmp_path)
     assert set(val["cir"]["metrics"]["searle"]) == {"R@1", "R@2", "R@5", "R_subset@1", "R_subset@2", "R_subset@3"}
     test = _fixture_run(tmp_path / "t", CIRR, phi_dir, "test", tmp_path / "CIRR")
@@ -287,37 +260,16 @@ def test_cirr_unreadable_reference_and_target_count_as_misses(tmp_path, phi_dir,
     broken = {entries[0]["reference"], entries[3]["target_hard"]}  # query 10's reference, query 13's target
     for name in broken:
         (tmp_path / "CIRR" / "dev" / f"{name}.png").write_bytes(b"not a png")
-    main(
-        [
-            "validate",
-            "--config",
-            str(CIRR),
-            "--model.init_args.backbone",
-            "xclip:tiny-shapes",
-            "--model.init_args.phi",
-            str(phi_dir),
-            "--model.init_args.cache_dir",
-            "null",
-            "--model.init_args.ks",
-            "[1, 2, 5]",
-            "--model.init_args.methods",
-            "[image]",
-            "--data.init_args.data_root",
-            str(tmp_path / "CIRR"),
-            "--data.init_args.image_size",
-            "64",
-            "--data.init_args.num_workers",
-            "0",
-            "--data.init_args.batch_size",
-            "4",
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.logger.init_args.save_dir",
-            str(tmp_path / "logs"),
-            "--trainer.callbacks",
-            "[]",
-            *QUIET,
-        ]
+    _fixture_run(
+        tmp_path,
+        CIRR,
+        phi_dir,
+        "validate",
+        tmp_path / "CIRR",
+        "--model.init_args.ks",
+        "[1, 2, 5]",
+        "--model.init_args.methods",
+        "[image]",
     )  # an unreadable target ended the run ("rank the whole gallery")
     cir = results_of(tmp_path)["cir"]
     assert cir["benchmark"] == {
@@ -416,64 +368,12 @@ def test_nan_embeddings_are_refused_naming_the_image(tmp_path, phi_dir, monkeypa
 
 def test_circo_and_fashioniq_fixtures_validate(tmp_path, phi_dir):
     write_circo(tmp_path / "CIRCO")
-    main(
-        [
-            "validate",
-            "--config",
-            str(CIRCO),
-            "--model.init_args.backbone",
-            "xclip:tiny-shapes",
-            "--model.init_args.phi",
-            str(phi_dir),
-            "--model.init_args.cache_dir",
-            "null",
-            "--model.init_args.ks",
-            "[1, 5, 10]",
-            "--data.init_args.data_root",
-            str(tmp_path / "CIRCO"),
-            "--data.init_args.image_size",
-            "64",
-            "--data.init_args.num_workers",
-            "0",
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.logger.init_args.save_dir",
-            str(tmp_path / "logs"),
-            *QUIET,
-        ]
-    )
+    _fixture_run(tmp_path, CIRCO, phi_dir, "validate", tmp_path / "CIRCO", "--model.init_args.ks", "[1, 5, 10]")
     circo = results_of(tmp_path)["cir"]["metrics"]["searle"]
     assert set(circo) == {"mAP@1", "mAP@5", "mAP@10", "R@1", "R@5", "R@10"}
     write_fashioniq(tmp_path / "FIQ")
-    main(
-        [
-            "validate",
-            "--config",
-            str(FIQ),
-            "--model.init_args.backbone",
-            "xclip:tiny-shapes",
-            "--model.init_args.phi",
-            str(phi_dir),
-            "--model.init_args.cache_dir",
-            "null",
-            "--model.init_args.ks",
-            "[1, 5]",
-            "--data.init_args.data_root",
-            str(tmp_path / "FIQ"),
-            "--data.init_args.image_size",
-            "64",
-            "--data.init_args.num_workers",
-            "0",
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.logger.init_args.save_dir",
-            str(tmp_path / "fiq_logs"),
-            *QUIET,
-        ]
-    )
-    fiq = json.loads(next((tmp_path / "fiq_logs").glob("*/version_*/results.json")).read_text())["cir"]["metrics"][
-        "text"
-    ]
+    _fixture_run(tmp_path / "fiq", FIQ, phi_dir, "validate", tmp_path / "FIQ", "--model.init_args.ks", "[1, 5]")
+    fiq = results_of(tmp_path / "fiq")["cir"]["metrics"]["text"]
     assert set(fiq) == {f"{c}_R@{k}" for c in ("dress", "shirt", "toptee") for k in (1, 5)} | {"R@1", "R@5"}
     assert fiq["R@5"] == pytest.approx((fiq["dress_R@5"] + fiq["shirt_R@5"] + fiq["toptee_R@5"]) / 3)
 
