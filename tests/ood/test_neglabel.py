@@ -317,6 +317,12 @@ def test_fit_zscore_on_id_validation_data():
         assert comps[key].mean().item() == pytest.approx(0, abs=1e-9)
         assert comps[key].std(correction=0).item() == pytest.approx(1, abs=1e-9)
 
+    # NaN ID images give no NegLabel* statistics: refused by name, not left NaN until scoring
+    broken = images.clone()
+    broken[2] = math.nan
+    with pytest.raises(ValueError, match="fit_zscore: NegLabel\\* is NaN"):
+        scorer.fit_zscore(broken, backgrounds)
+
 
 def test_negalign_argument_checks():
     _, ids, negs = hand_problem()
